@@ -1,0 +1,6 @@
+//! The proxy's model and its logic: Services and Endpoints in, desired kernel state out, and the
+//! smallest set of operations that moves the kernel from what it has to what it should have.
+//!
+//! Pure logic plus one apply loop: this crate never opens a socket or runs a process itself;
+//! the kernel backends are traits it is handed.
+#![forbid(unsafe_code)]

@@ -1,0 +1,157 @@
+//! The resolved configuration: kube-proxy's defaults, then the `--config` file, then flags.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::flags::{LogFormat, NodePortAddress, ProxyFlags, ProxyMode};
+
+/// Everything the daemon needs to know, with every default filled in.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "one field per boolean setting kube-proxy has"
+)]
+pub struct ProxyConfig {
+    pub mode: ProxyMode,
+    pub kubeconfig: Option<PathBuf>,
+    pub master: Option<String>,
+    pub hostname_override: Option<String>,
+    pub cluster_cidrs: Vec<IpNet>,
+    pub scheduler: ipvs::Scheduler,
+    pub sync_period: Duration,
+    pub min_sync_period: Duration,
+    pub exclude_cidrs: Vec<IpNet>,
+    pub strict_arp: bool,
+    pub tcp_timeout: Duration,
+    pub tcpfin_timeout: Duration,
+    pub udp_timeout: Duration,
+    pub masquerade_all: bool,
+    pub masquerade_bit: u8,
+    pub nodeport_addresses: Vec<NodePortAddress>,
+    pub healthz_bind_address: SocketAddr,
+    pub metrics_bind_address: SocketAddr,
+    pub cleanup: bool,
+    pub verbosity: u8,
+    pub log_format: LogFormat,
+    pub manifests: Option<PathBuf>,
+    pub node_ips: Vec<IpAddr>,
+}
+
+impl Default for ProxyConfig {
+    /// kube-proxy's defaults for ipvs mode.
+    fn default() -> Self {
+        ProxyConfig {
+            mode: ProxyMode::Ipvs,
+            kubeconfig: None,
+            master: None,
+            hostname_override: None,
+            cluster_cidrs: Vec::new(),
+            scheduler: ipvs::Scheduler::RoundRobin,
+            sync_period: Duration::from_secs(30),
+            min_sync_period: Duration::ZERO,
+            exclude_cidrs: Vec::new(),
+            strict_arp: false,
+            tcp_timeout: Duration::ZERO,
+            tcpfin_timeout: Duration::ZERO,
+            udp_timeout: Duration::ZERO,
+            masquerade_all: false,
+            masquerade_bit: 14,
+            nodeport_addresses: Vec::new(),
+            healthz_bind_address: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 10256),
+            metrics_bind_address: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 10249),
+            cleanup: false,
+            verbosity: 0,
+            log_format: LogFormat::Text,
+            manifests: None,
+            node_ips: Vec::new(),
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Lays the flags that were given over `self`.
+    #[must_use]
+    pub fn with_flags(mut self, flags: &ProxyFlags) -> Self {
+        let f = flags.clone();
+        macro_rules! take {
+            ($($field:ident <- $flag:ident),* $(,)?) => {$(
+                if let Some(v) = f.$flag { self.$field = v; }
+            )*};
+        }
+        take!(
+            mode <- proxy_mode,
+            cluster_cidrs <- cluster_cidr,
+            scheduler <- ipvs_scheduler,
+            sync_period <- ipvs_sync_period,
+            min_sync_period <- ipvs_min_sync_period,
+            exclude_cidrs <- ipvs_exclude_cidrs,
+            strict_arp <- ipvs_strict_arp,
+            tcp_timeout <- ipvs_tcp_timeout,
+            tcpfin_timeout <- ipvs_tcpfin_timeout,
+            udp_timeout <- ipvs_udp_timeout,
+            masquerade_all <- masquerade_all,
+            masquerade_bit <- masquerade_bit,
+            nodeport_addresses <- nodeport_addresses,
+            healthz_bind_address <- healthz_bind_address,
+            metrics_bind_address <- metrics_bind_address,
+            cleanup <- cleanup,
+            verbosity <- verbosity,
+            log_format <- log_format,
+        );
+        if f.kubeconfig.is_some() {
+            self.kubeconfig = f.kubeconfig;
+        }
+        if f.master.is_some() {
+            self.master = f.master;
+        }
+        if f.hostname_override.is_some() {
+            self.hostname_override = f.hostname_override;
+        }
+        if f.manifests.is_some() {
+            self.manifests = f.manifests;
+        }
+        if !f.node_ips.is_empty() {
+            self.node_ips = f.node_ips;
+        }
+        self
+    }
+
+    /// The packet mark that asks for masquerading (`1 << --masquerade-bit`, 0x4000 by default).
+    #[must_use]
+    pub fn masquerade_mark(&self) -> u32 {
+        1u32 << self.masquerade_bit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn defaults_are_kube_proxys() {
+        let cfg = ProxyConfig::default();
+        assert_eq!(cfg.sync_period, Duration::from_secs(30));
+        assert_eq!(cfg.masquerade_mark(), 0x4000);
+        assert_eq!(cfg.healthz_bind_address.to_string(), "0.0.0.0:10256");
+        assert_eq!(cfg.metrics_bind_address.to_string(), "127.0.0.1:10249");
+        assert_eq!(cfg.scheduler, ipvs::Scheduler::RoundRobin);
+    }
+
+    #[test]
+    fn given_flags_override_and_absent_flags_keep() {
+        let cli = crate::flags::Cli::try_parse_from([
+            "ipvs-proxy",
+            "--masquerade-bit=15",
+            "--ipvs-scheduler=lc",
+        ])
+        .unwrap();
+        let cfg = ProxyConfig::default().with_flags(&cli.flags);
+        assert_eq!(cfg.masquerade_mark(), 0x8000);
+        assert_eq!(cfg.scheduler, ipvs::Scheduler::LeastConnection);
+        assert_eq!(cfg.sync_period, Duration::from_secs(30));
+    }
+}

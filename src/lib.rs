@@ -1,0 +1,8 @@
+//! The ipvs-proxy daemon: flags and configuration, wiring of the crates, health and metrics.
+//!
+//! The binary is thin: `main.rs` parses flags and hands over to this library; the work is done
+//! in the `ipvs`, `netif`, `iptables`, `reconciler` and `controllers` crates.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod flags;
