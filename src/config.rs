@@ -72,6 +72,22 @@ impl Default for ProxyConfig {
 }
 
 impl ProxyConfig {
+    /// kube-proxy's order: defaults, then the `--config` file if one is named, then the flags
+    /// that were given. Returns the configuration and the unknown fields of the file, for the
+    /// caller to warn about once logging is up.
+    pub fn resolve(
+        flags: &ProxyFlags,
+    ) -> Result<(ProxyConfig, Vec<String>), crate::config_file::ConfigFileError> {
+        let mut config = ProxyConfig::default();
+        let mut unknown = Vec::new();
+        if let Some(path) = &flags.config {
+            let file = crate::config_file::ConfigFile::load(path)?;
+            config = config.with_file(&file.config);
+            unknown = file.unknown_fields;
+        }
+        Ok((config.with_flags(flags), unknown))
+    }
+
     /// Lays the flags that were given over `self`.
     #[must_use]
     pub fn with_flags(mut self, flags: &ProxyFlags) -> Self {

@@ -138,7 +138,7 @@ pub struct ProxyFlags {
     #[arg(long, value_name = "BIT", value_parser = clap::value_parser!(u8).range(0..=31))]
     pub masquerade_bit: Option<u8>,
 
-    /// The addresses NodePorts are served on: CIDRs (comma-separated) or "primary".
+    /// The addresses NodePorts are served on: CIDRs (comma-separated), "primary" or "all".
     /// [default: every node address]
     #[arg(long, value_name = "CIDRS", value_delimiter = ',', value_parser = parse_nodeport_address)]
     pub nodeport_addresses: Option<Vec<NodePortAddress>>,
@@ -182,8 +182,10 @@ pub struct ProxyFlags {
 pub enum NodePortAddress {
     /// Node addresses inside this range.
     Cidr(IpNet),
-    /// The node's primary address of each family.
+    /// The node's primary address of each family (`primary`).
     Primary,
+    /// Every node address (`all`, the default when the list is empty).
+    All,
 }
 
 /// Parses a Go-style duration as kube-proxy's flags take it: `30s`, `1m0s`, `2h22m`, `500ms`.
@@ -202,11 +204,12 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
         .map_err(|_| format!("invalid CIDR {s:?}; use e.g. 10.244.0.0/16 or fd00::/64"))
 }
 
-fn parse_nodeport_address(s: &str) -> Result<NodePortAddress, String> {
-    if s.trim() == "primary" {
-        Ok(NodePortAddress::Primary)
-    } else {
-        parse_cidr(s).map(NodePortAddress::Cidr)
+pub fn parse_nodeport_address(s: &str) -> Result<NodePortAddress, String> {
+    match s.trim() {
+        "primary" => Ok(NodePortAddress::Primary),
+        "all" => Ok(NodePortAddress::All),
+        "localhost" => Err("\"localhost\" NodePorts are only served by kube-proxy's iptables mode (IPv4); IPVS cannot serve them".to_owned()),
+        other => parse_cidr(other).map(NodePortAddress::Cidr),
     }
 }
 

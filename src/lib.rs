@@ -5,4 +5,6 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod config_file;
 pub mod flags;
+pub mod logging;

@@ -1,0 +1,545 @@
+//! The `--config` file: kube-proxy's `KubeProxyConfiguration` (kubeproxy.config.k8s.io/v1alpha1).
+//!
+//! The same file a kube-proxy DaemonSet mounts from its ConfigMap works here. Fields that only
+//! matter to other proxy modes or platforms are accepted and ignored; fields nobody knows are
+//! reported (they are usually typos, and kube-proxy's strict decoding rejects them); values that
+//! do not parse are rejected with the field's path, e.g. `ipvs.syncPeriod`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde::de::{self, Deserializer};
+
+use crate::config::ProxyConfig;
+use crate::flags::{self, NodePortAddress, ProxyMode};
+
+/// The API group and version this file format belongs to.
+pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
+/// The kind of object the file holds.
+pub const KIND: &str = "KubeProxyConfiguration";
+
+/// A `--config` file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        /// The dotted path of the offending field (`.` for the document itself).
+        field: String,
+        message: String,
+    },
+}
+
+/// A parsed configuration file, and the fields in it that no version of kube-proxy knows.
+#[derive(Debug)]
+pub struct ConfigFile {
+    pub config: KubeProxyConfiguration,
+    /// Dotted paths of fields that were ignored because nothing knows them.
+    pub unknown_fields: Vec<String>,
+}
+
+/// The subset of `KubeProxyConfiguration` ipvs-proxy acts on, plus every other field kube-proxy
+/// defines (kept so that they are recognised, not reported as unknown).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeProxyConfiguration {
+    pub api_version: Option<String>,
+    pub kind: Option<String>,
+    pub mode: Option<ModeField>,
+    #[serde(default)]
+    pub client_connection: ClientConnection,
+    #[serde(default)]
+    pub logging: Logging,
+    pub hostname_override: Option<String>,
+    #[serde(default, deserialize_with = "opt_bind_address")]
+    pub healthz_bind_address: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "opt_bind_address")]
+    pub metrics_bind_address: Option<SocketAddr>,
+    #[serde(
+        default,
+        rename = "clusterCIDR",
+        deserialize_with = "opt_cidr_list_string"
+    )]
+    pub cluster_cidr: Option<Vec<IpNet>>,
+    #[serde(default, deserialize_with = "opt_nodeport_addresses")]
+    pub node_port_addresses: Option<Vec<NodePortAddress>>,
+    #[serde(default)]
+    pub iptables: IptablesSection,
+    #[serde(default)]
+    pub ipvs: IpvsSection,
+
+    // Known to kube-proxy, meaningless to an IPVS proxy on Linux: accepted, not used.
+    pub feature_gates: Option<serde_yaml::Value>,
+    pub bind_address: Option<serde_yaml::Value>,
+    pub bind_address_hard_fail: Option<serde_yaml::Value>,
+    pub enable_profiling: Option<serde_yaml::Value>,
+    pub show_hidden_metrics_for_version: Option<serde_yaml::Value>,
+    pub nftables: Option<serde_yaml::Value>,
+    pub winkernel: Option<serde_yaml::Value>,
+    pub detect_local_mode: Option<serde_yaml::Value>,
+    pub detect_local: Option<serde_yaml::Value>,
+    pub oom_score_adj: Option<serde_yaml::Value>,
+    pub conntrack: Option<serde_yaml::Value>,
+    pub config_sync_period: Option<serde_yaml::Value>,
+    pub port_range: Option<serde_yaml::Value>,
+    pub windows_run_as_service: Option<serde_yaml::Value>,
+}
+
+/// `mode:` — empty means "the default".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModeField(pub Option<ProxyMode>);
+
+impl<'de> Deserialize<'de> for ModeField {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "" => Ok(ModeField(None)),
+            "ipvs" => Ok(ModeField(Some(ProxyMode::Ipvs))),
+            "iptables" => Ok(ModeField(Some(ProxyMode::Iptables))),
+            other => Err(de::Error::custom(format!(
+                "unsupported proxy mode {other:?}; ipvs-proxy runs \"ipvs\" or \"iptables\""
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientConnection {
+    pub kubeconfig: Option<String>,
+    pub accept_content_types: Option<serde_yaml::Value>,
+    pub content_type: Option<serde_yaml::Value>,
+    pub qps: Option<serde_yaml::Value>,
+    pub burst: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Logging {
+    pub format: Option<String>,
+    pub verbosity: Option<u8>,
+    pub flush_frequency: Option<serde_yaml::Value>,
+    pub options: Option<serde_yaml::Value>,
+    pub vmodule: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IptablesSection {
+    pub masquerade_all: Option<bool>,
+    #[serde(default, deserialize_with = "opt_masquerade_bit")]
+    pub masquerade_bit: Option<u8>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub sync_period: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub min_sync_period: Option<Duration>,
+    pub localhost_node_ports: Option<serde_yaml::Value>,
+    #[serde(rename = "snatNodeInternalIP")]
+    pub snat_node_internal_ip: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IpvsSection {
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub sync_period: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub min_sync_period: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_scheduler")]
+    pub scheduler: Option<ipvs::Scheduler>,
+    #[serde(default, rename = "excludeCIDRs", deserialize_with = "opt_cidr_list")]
+    pub exclude_cidrs: Option<Vec<IpNet>>,
+    #[serde(rename = "strictARP")]
+    pub strict_arp: Option<bool>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub tcp_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub tcp_fin_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub udp_timeout: Option<Duration>,
+}
+
+/// Runs one of the flag parsers on a string field, so the file and the command line accept
+/// exactly the same values.
+fn with_parser<'de, D, T>(d: D, parse: fn(&str) -> Result<T, String>) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    match Option::<String>::deserialize(d)? {
+        None => Ok(None),
+        Some(s) if s.trim().is_empty() => Ok(None),
+        Some(s) => parse(s.trim()).map(Some).map_err(de::Error::custom),
+    }
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    with_parser(d, flags::parse_duration)
+}
+
+fn opt_bind_address<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    with_parser(d, flags::parse_bind_address)
+}
+
+fn opt_scheduler<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ipvs::Scheduler>, D::Error> {
+    with_parser(d, flags::parse_scheduler)
+}
+
+/// `clusterCIDR` is one string, comma-separated for dual-stack.
+fn opt_cidr_list_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<IpNet>>, D::Error> {
+    with_parser(d, |s| s.split(',').map(flags::parse_cidr).collect())
+}
+
+fn opt_cidr_list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<IpNet>>, D::Error> {
+    Option::<Vec<String>>::deserialize(d)?
+        .map(|list| {
+            list.iter()
+                .map(|s| flags::parse_cidr(s).map_err(de::Error::custom))
+                .collect()
+        })
+        .transpose()
+}
+
+fn opt_nodeport_addresses<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<NodePortAddress>>, D::Error> {
+    Option::<Vec<String>>::deserialize(d)?
+        .map(|list| {
+            list.iter()
+                .map(|s| flags::parse_nodeport_address(s).map_err(de::Error::custom))
+                .collect()
+        })
+        .transpose()
+}
+
+fn opt_masquerade_bit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u8>, D::Error> {
+    match Option::<i64>::deserialize(d)? {
+        None => Ok(None),
+        Some(bit @ 0..=31) => Ok(Some(u8::try_from(bit).expect("0..=31 fits in u8"))),
+        Some(bit) => Err(de::Error::custom(format!(
+            "masqueradeBit {bit} is outside 0..=31"
+        ))),
+    }
+}
+
+/// A dotted field path as serde reports it, `.` for the document root.
+struct FieldPath(String);
+
+impl fmt::Display for FieldPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl ConfigFile {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|(field, message)| ConfigFileError::Invalid {
+            path: path.to_owned(),
+            field: field.0,
+            message,
+        })
+    }
+
+    fn parse(text: &str) -> Result<ConfigFile, (FieldPath, String)> {
+        let mut unknown_fields = Vec::new();
+        let document = serde_yaml::Deserializer::from_str(text);
+        let mut record = |path: serde_ignored::Path<'_>| unknown_fields.push(path.to_string());
+        let ignored = serde_ignored::Deserializer::new(document, &mut record);
+        let config: KubeProxyConfiguration =
+            serde_path_to_error::deserialize(ignored).map_err(|e| {
+                let field = FieldPath(e.path().to_string());
+                let message = e.into_inner().to_string();
+                // serde_yaml appends " at line N column M"; the field path says where already,
+                // but the line helps in a long file, so keep it.
+                (field, message)
+            })?;
+        match config.api_version.as_deref() {
+            Some(API_VERSION) => {}
+            other => {
+                return Err((
+                    FieldPath("apiVersion".into()),
+                    format!("expected {API_VERSION:?}, found {other:?}"),
+                ));
+            }
+        }
+        match config.kind.as_deref() {
+            Some(KIND) => {}
+            other => {
+                return Err((
+                    FieldPath("kind".into()),
+                    format!("expected {KIND:?}, found {other:?}"),
+                ));
+            }
+        }
+        if let Some(format) = config.logging.format.as_deref()
+            && !matches!(format, "" | "text" | "json")
+        {
+            return Err((
+                FieldPath("logging.format".into()),
+                format!("unsupported log format {format:?}; use \"text\" or \"json\""),
+            ));
+        }
+        if config.ipvs.sync_period == Some(Duration::ZERO) {
+            return Err((
+                FieldPath("ipvs.syncPeriod".into()),
+                "must be greater than 0".into(),
+            ));
+        }
+        Ok(ConfigFile {
+            config,
+            unknown_fields,
+        })
+    }
+}
+
+impl ProxyConfig {
+    /// Lays the values a configuration file sets over `self`.
+    #[must_use]
+    pub fn with_file(mut self, file: &KubeProxyConfiguration) -> Self {
+        fn set<T: Clone>(target: &mut T, value: Option<&T>) {
+            if let Some(v) = value {
+                *target = v.clone();
+            }
+        }
+        if let Some(ModeField(Some(mode))) = file.mode {
+            self.mode = mode;
+        }
+        if let Some(path) = file
+            .client_connection
+            .kubeconfig
+            .as_deref()
+            .filter(|p| !p.is_empty())
+        {
+            self.kubeconfig = Some(PathBuf::from(path));
+        }
+        if let Some(name) = file.hostname_override.as_deref().filter(|n| !n.is_empty()) {
+            self.hostname_override = Some(name.to_owned());
+        }
+        set(
+            &mut self.healthz_bind_address,
+            file.healthz_bind_address.as_ref(),
+        );
+        set(
+            &mut self.metrics_bind_address,
+            file.metrics_bind_address.as_ref(),
+        );
+        set(&mut self.cluster_cidrs, file.cluster_cidr.as_ref());
+        set(
+            &mut self.nodeport_addresses,
+            file.node_port_addresses.as_ref(),
+        );
+        set(
+            &mut self.masquerade_all,
+            file.iptables.masquerade_all.as_ref(),
+        );
+        set(
+            &mut self.masquerade_bit,
+            file.iptables.masquerade_bit.as_ref(),
+        );
+        // One proxier runs at a time: its own section's periods apply.
+        let (sync, min_sync) = match self.mode {
+            ProxyMode::Ipvs => (file.ipvs.sync_period, file.ipvs.min_sync_period),
+            ProxyMode::Iptables => (file.iptables.sync_period, file.iptables.min_sync_period),
+        };
+        set(&mut self.sync_period, sync.as_ref());
+        set(&mut self.min_sync_period, min_sync.as_ref());
+        set(&mut self.scheduler, file.ipvs.scheduler.as_ref());
+        set(&mut self.exclude_cidrs, file.ipvs.exclude_cidrs.as_ref());
+        set(&mut self.strict_arp, file.ipvs.strict_arp.as_ref());
+        set(&mut self.tcp_timeout, file.ipvs.tcp_timeout.as_ref());
+        set(&mut self.tcpfin_timeout, file.ipvs.tcp_fin_timeout.as_ref());
+        set(&mut self.udp_timeout, file.ipvs.udp_timeout.as_ref());
+        set(&mut self.verbosity, file.logging.verbosity.as_ref());
+        match file.logging.format.as_deref() {
+            Some("json") => self.log_format = flags::LogFormat::Json,
+            Some("text") => self.log_format = flags::LogFormat::Text,
+            _ => {}
+        }
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What kubeadm writes into the kube-proxy ConfigMap, switched to ipvs mode.
+    const KUBEADM_CONFIG: &str = r#"
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+bindAddress: 0.0.0.0
+bindAddressHardFail: false
+clientConnection:
+  acceptContentTypes: ""
+  burst: 0
+  contentType: ""
+  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
+  qps: 0
+clusterCIDR: 10.244.0.0/16,fd00:10:244::/56
+configSyncPeriod: 0s
+conntrack:
+  maxPerCore: null
+  min: null
+  tcpCloseWaitTimeout: null
+  tcpEstablishedTimeout: null
+detectLocal:
+  bridgeInterface: ""
+  interfaceNamePrefix: ""
+detectLocalMode: ""
+enableProfiling: false
+healthzBindAddress: ""
+hostnameOverride: ""
+iptables:
+  localhostNodePorts: null
+  masqueradeAll: false
+  masqueradeBit: null
+  minSyncPeriod: 0s
+  syncPeriod: 0s
+ipvs:
+  excludeCIDRs: null
+  minSyncPeriod: 1s
+  scheduler: "lc"
+  strictARP: true
+  syncPeriod: 1m0s
+  tcpFinTimeout: 0s
+  tcpTimeout: 0s
+  udpTimeout: 0s
+logging:
+  flushFrequency: 0
+  options:
+    json:
+      infoBufferSize: "0"
+  verbosity: 0
+metricsBindAddress: ""
+mode: "ipvs"
+nodePortAddresses: null
+oomScoreAdj: null
+portRange: ""
+showHiddenMetricsForVersion: ""
+winkernel:
+  enableDSR: false
+  forwardHealthCheckVip: false
+  networkName: ""
+  rootHnsEndpointName: ""
+  sourceVip: ""
+"#;
+
+    fn parse(text: &str) -> Result<ConfigFile, String> {
+        ConfigFile::parse(text).map_err(|(field, message)| format!("{field}: {message}"))
+    }
+
+    #[test]
+    fn kubeadm_configmap_is_read_with_kube_proxy_defaults_for_empty_fields() {
+        let file = parse(KUBEADM_CONFIG).unwrap();
+        assert_eq!(file.unknown_fields, Vec::<String>::new());
+        let cfg = ProxyConfig::default().with_file(&file.config);
+        assert_eq!(cfg.mode, ProxyMode::Ipvs);
+        assert_eq!(cfg.scheduler, ipvs::Scheduler::LeastConnection);
+        assert!(cfg.strict_arp);
+        assert_eq!(cfg.sync_period, Duration::from_secs(60));
+        assert_eq!(cfg.min_sync_period, Duration::from_secs(1));
+        assert_eq!(cfg.cluster_cidrs.len(), 2);
+        assert_eq!(
+            cfg.kubeconfig.as_deref(),
+            Some(Path::new("/var/lib/kube-proxy/kubeconfig.conf"))
+        );
+        // Empty strings and nulls keep the defaults, as kube-proxy's defaulting does.
+        assert_eq!(
+            cfg.healthz_bind_address,
+            ProxyConfig::default().healthz_bind_address
+        );
+        assert_eq!(cfg.masquerade_bit, 14);
+        assert_eq!(cfg.hostname_override, None);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        use clap::Parser;
+        let file = parse(KUBEADM_CONFIG).unwrap();
+        let cli = flags::Cli::try_parse_from([
+            "ipvs-proxy",
+            "--ipvs-scheduler=rr",
+            "--ipvs-strict-arp=false",
+        ])
+        .unwrap();
+        let cfg = ProxyConfig::default()
+            .with_file(&file.config)
+            .with_flags(&cli.flags);
+        assert_eq!(cfg.scheduler, ipvs::Scheduler::RoundRobin);
+        assert!(!cfg.strict_arp);
+        assert_eq!(
+            cfg.sync_period,
+            Duration::from_secs(60),
+            "file value kept where no flag was given"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_reported_by_path() {
+        let text = format!("{KUBEADM_CONFIG}\nipvsTypo: 1\n");
+        let text = text.replace("  strictARP: true", "  strictARP: true\n  schedular: sh");
+        let file = parse(&text).unwrap();
+        assert_eq!(
+            file.unknown_fields,
+            vec!["ipvs.schedular".to_owned(), "ipvsTypo".to_owned()]
+        );
+    }
+
+    #[test]
+    fn invalid_values_are_rejected_with_the_field_path() {
+        for (from, to, field) in [
+            ("syncPeriod: 1m0s", "syncPeriod: often", "ipvs.syncPeriod"),
+            (
+                "scheduler: \"lc\"",
+                "scheduler: \"fastest\"",
+                "ipvs.scheduler",
+            ),
+            (
+                "clusterCIDR: 10.244.0.0/16",
+                "clusterCIDR: 10.244.0.0/99",
+                "clusterCIDR",
+            ),
+            (
+                "masqueradeBit: null",
+                "masqueradeBit: 40",
+                "iptables.masqueradeBit",
+            ),
+            ("mode: \"ipvs\"", "mode: \"userspace\"", "mode"),
+            ("strictARP: true", "strictARP: maybe", "ipvs.strictARP"),
+            ("syncPeriod: 1m0s", "syncPeriod: 0s", "ipvs.syncPeriod"),
+            (
+                "kind: KubeProxyConfiguration",
+                "kind: KubeletConfiguration",
+                "kind",
+            ),
+        ] {
+            let text = KUBEADM_CONFIG.replacen(from, to, 1);
+            assert_ne!(text, KUBEADM_CONFIG, "fixture lacks {from:?}");
+            let err = parse(&text).unwrap_err();
+            assert!(err.starts_with(&format!("{field}: ")), "{to:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn unreadable_file_names_its_path() {
+        let err = ConfigFile::load(Path::new("/nonexistent/kube-proxy.yaml")).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/kube-proxy.yaml"),
+            "{err}"
+        );
+    }
+}
