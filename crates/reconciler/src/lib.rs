@@ -4,3 +4,12 @@
 //! Pure logic plus one apply loop: this crate never opens a socket or runs a process itself;
 //! the kernel backends are traits it is handed.
 #![forbid(unsafe_code)]
+
+pub mod model;
+pub mod state;
+
+pub use model::{
+    Conditions, Endpoint, EndpointPort, EndpointSlice, NodeFacts, Protocol, SchedulerChoice,
+    ServiceName, ServicePort, ServicePortName, ServiceType, SessionAffinity, TrafficPolicy,
+};
+pub use state::{ClusterState, SliceName};

@@ -1,0 +1,261 @@
+//! The proxy's own model of the cluster: what kube-proxy calls a `ServicePort` and an
+//! `Endpoint`, plus the facts about this node. No Kubernetes types: the controllers convert
+//! API objects into these.
+//!
+//! Strings are shared (`Arc<str>`) and per-Service address lists are shared between the ports
+//! of one Service (`Arc<[..]>`), so 10,000 Services × 10 endpoints stay a few megabytes.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+pub use ipvs::Scheduler;
+
+/// A transport protocol a Service port uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// Lower-case, as ipset entries (`tcp:80`) and `-p` write it.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A Service's namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceName {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+}
+
+impl ServiceName {
+    #[must_use]
+    pub fn new(namespace: &str, name: &str) -> Self {
+        ServiceName {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One port of one Service: kube-proxy's `ServicePortName` (namespace/name:port, protocol).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePortName {
+    pub service: ServiceName,
+    /// The port's name; empty for a Service's single unnamed port.
+    pub port: Arc<str>,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServicePortName {
+    /// As kube-proxy prints it: `ns/name:port` (`ns/name` when the port has no name).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.port.is_empty() {
+            write!(f, "{}", self.service)
+        } else {
+            write!(f, "{}:{}", self.service, self.port)
+        }
+    }
+}
+
+/// `spec.type`, for the types a proxy programs (ExternalName is never converted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum ServiceType {
+    #[default]
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+}
+
+/// `externalTrafficPolicy` / `internalTrafficPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+/// `sessionAffinity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum SessionAffinity {
+    #[default]
+    None,
+    /// `ClientIP`, with `sessionAffinityConfig.clientIP.timeoutSeconds` (default 10800).
+    ClientIp { timeout_seconds: u32 },
+}
+
+impl SessionAffinity {
+    /// kube-proxy's default sticky time: three hours.
+    pub const DEFAULT_TIMEOUT_SECONDS: u32 = 10_800;
+}
+
+/// The scheduler a Service asks for through an annotation.
+///
+/// Kept unresolved in the model so that the planner, which picks the scheduler, is the one
+/// place that reports an unknown name (naming the Service) and falls back to the default.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum SchedulerChoice {
+    /// No annotation: `--ipvs-scheduler`.
+    #[default]
+    Default,
+    /// A scheduler the kernel knows.
+    Named(Scheduler),
+    /// An annotation the kernel would not understand; the raw value, for the report.
+    Unknown(Arc<str>),
+}
+
+impl SchedulerChoice {
+    /// Parses an annotation value (surrounding white space ignored).
+    #[must_use]
+    pub fn from_annotation(value: &str) -> Self {
+        match value.trim().parse::<Scheduler>() {
+            Ok(s) => SchedulerChoice::Named(s),
+            Err(_) => SchedulerChoice::Unknown(value.into()),
+        }
+    }
+}
+
+/// One (Service, port): everything the proxy programs for it.
+///
+/// Address lists are per Service, shared by its ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: ServicePortName,
+    pub service_type: ServiceType,
+    /// `spec.ports[].port`.
+    pub port: u16,
+    /// `spec.clusterIPs`: one per family, primary first.
+    pub cluster_ips: Arc<[IpAddr]>,
+    /// `spec.externalIPs`.
+    pub external_ips: Arc<[IpAddr]>,
+    /// `status.loadBalancer.ingress[].ip` (VIP mode only: `ipMode: Proxy` ingresses are left out).
+    pub load_balancer_ips: Arc<[IpAddr]>,
+    /// `spec.loadBalancerSourceRanges`.
+    pub load_balancer_source_ranges: Arc<[IpNet]>,
+    /// `spec.ports[].nodePort`, for NodePort and LoadBalancer types.
+    pub node_port: Option<u16>,
+    /// `spec.healthCheckNodePort` (LoadBalancer with externalTrafficPolicy Local).
+    pub health_check_node_port: Option<u16>,
+    pub session_affinity: SessionAffinity,
+    pub external_traffic_policy: TrafficPolicy,
+    pub internal_traffic_policy: TrafficPolicy,
+    pub scheduler: SchedulerChoice,
+}
+
+impl ServicePort {
+    /// Whether traffic from outside the cluster can reach it (externalIPs, LoadBalancer IPs or
+    /// a NodePort): only then does `externalTrafficPolicy` mean anything.
+    #[must_use]
+    pub fn externally_accessible(&self) -> bool {
+        self.node_port.is_some()
+            || !self.external_ips.is_empty()
+            || !self.load_balancer_ips.is_empty()
+    }
+
+    /// `externalTrafficPolicy: Local` on a Service that is externally reachable.
+    #[must_use]
+    pub fn external_policy_local(&self) -> bool {
+        self.externally_accessible() && self.external_traffic_policy == TrafficPolicy::Local
+    }
+
+    /// `internalTrafficPolicy: Local`.
+    #[must_use]
+    pub fn internal_policy_local(&self) -> bool {
+        self.internal_traffic_policy == TrafficPolicy::Local
+    }
+}
+
+/// The conditions of an endpoint (`endpoints[].conditions`), with the API's defaults applied
+/// (a missing `ready` or `serving` is true, a missing `terminating` false).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "the three EndpointSlice conditions"
+)]
+pub struct Conditions {
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl Default for Conditions {
+    fn default() -> Self {
+        Conditions {
+            ready: true,
+            serving: true,
+            terminating: false,
+        }
+    }
+}
+
+/// One backend address of one port: kube-proxy's `Endpoint`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub conditions: Conditions,
+    /// `endpoints[].nodeName`: decides whether the endpoint is local to this node.
+    pub node_name: Option<Arc<str>>,
+    /// `endpoints[].zone`, kept for topology-aware routing.
+    pub zone: Option<Arc<str>>,
+}
+
+impl Endpoint {
+    /// Whether it runs on the node named `node`.
+    #[must_use]
+    pub fn is_local(&self, node: &str) -> bool {
+        self.node_name.as_deref() == Some(node)
+    }
+}
+
+/// One port of an EndpointSlice, with the endpoints that serve it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointPort {
+    /// Matches the Service port of the same name (empty for an unnamed port).
+    pub name: Arc<str>,
+    pub protocol: Protocol,
+    pub endpoints: Arc<[Endpoint]>,
+}
+
+/// An EndpointSlice, reduced to what the proxy needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSlice {
+    /// From the `kubernetes.io/service-name` label.
+    pub service: ServiceName,
+    pub ports: Vec<EndpointPort>,
+}
+
+/// Facts about one node.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeFacts {
+    pub name: Arc<str>,
+    /// `status.addresses`: InternalIP ones first, then ExternalIP, each in the API's order
+    /// (kube-proxy's primary-address order).
+    pub addresses: Vec<IpAddr>,
+    /// `topology.kubernetes.io/zone`.
+    pub zone: Option<Arc<str>>,
+}
