@@ -7,4 +7,7 @@
 pub mod config;
 pub mod config_file;
 pub mod flags;
+pub mod health;
+pub mod http;
 pub mod logging;
+pub mod metrics;

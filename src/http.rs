@@ -1,0 +1,154 @@
+//! The two HTTP servers kube-proxy runs, at the same addresses and paths:
+//! - health (`--healthz-bind-address`, 0.0.0.0:10256): `/healthz`, `/livez`;
+//! - metrics (`--metrics-bind-address`, 127.0.0.1:10249): `/metrics`, `/healthz`,
+//!   `/proxyMode`, `/configz`.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::net::TcpListener;
+
+use crate::flags::ProxyMode;
+use crate::health::{Health, HealthReport};
+use crate::metrics::{CodeLabel, Metrics};
+
+/// What the servers read; the daemon updates it.
+#[derive(Debug)]
+pub struct ServerState {
+    pub health: Health,
+    pub metrics: Arc<Metrics>,
+    /// The proxier actually running (the iptables fallback may replace ipvs).
+    pub mode: RwLock<ProxyMode>,
+    /// The running configuration, as `/configz` shows it.
+    pub configz: serde_json::Value,
+}
+
+type Shared = Arc<ServerState>;
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_nanos(t).to_string()
+}
+
+fn health_response(report: &HealthReport, ok: bool) -> (StatusCode, Response) {
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "lastUpdated": report.last_updated.map(rfc3339).unwrap_or_default(),
+        "currentTime": rfc3339(report.current_time),
+        "nodeEligible": report.node_eligible,
+        "synced": report.synced,
+    });
+    (
+        code,
+        (
+            code,
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response(),
+    )
+}
+
+async fn healthz(State(state): State<Shared>) -> Response {
+    let report = state.health.report(SystemTime::now());
+    let (code, response) = health_response(&report, report.healthz_ok());
+    state
+        .metrics
+        .healthz_requests
+        .get_or_create(&CodeLabel {
+            code: code.as_u16(),
+        })
+        .inc();
+    response
+}
+
+async fn livez(State(state): State<Shared>) -> Response {
+    let report = state.health.report(SystemTime::now());
+    let (code, response) = health_response(&report, report.livez_ok());
+    state
+        .metrics
+        .livez_requests
+        .get_or_create(&CodeLabel {
+            code: code.as_u16(),
+        })
+        .inc();
+    response
+}
+
+async fn metrics(State(state): State<Shared>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn proxy_mode(State(state): State<Shared>) -> String {
+    let mode = *state
+        .mode
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match mode {
+        ProxyMode::Ipvs => "ipvs".to_owned(),
+        ProxyMode::Iptables => "iptables".to_owned(),
+    }
+}
+
+async fn configz(State(state): State<Shared>) -> Response {
+    let body = serde_json::json!({ "kubeproxy.config.k8s.io": state.configz });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// `/healthz` and `/livez`.
+pub fn health_router(state: Shared) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .with_state(state)
+}
+
+/// `/metrics`, `/proxyMode`, `/configz`, and a plain `/healthz` that says the server is up.
+pub fn metrics_router(state: Shared) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/proxyMode", get(proxy_mode))
+        .route("/configz", get(configz))
+        .with_state(state)
+}
+
+/// Binds `addr` and serves `router` until the task is dropped. A port of 0 binds nothing,
+/// as kube-proxy treats an empty bind address.
+pub async fn serve(addr: SocketAddr, router: Router) -> std::io::Result<Option<SocketAddr>> {
+    if addr.port() == 0 {
+        return Ok(None);
+    }
+    serve_on(TcpListener::bind(addr).await?, router).map(Some)
+}
+
+/// Serves `router` on a bound listener until the task is dropped.
+pub fn serve_on(listener: TcpListener, router: Router) -> std::io::Result<SocketAddr> {
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, router).await {
+            tracing::error!(%error, "HTTP server on {local} stopped");
+        }
+    });
+    Ok(local)
+}

@@ -1,0 +1,143 @@
+//! The health and metrics servers over real HTTP on loopback, as a kubelet probe or a Prometheus
+//! scrape sees them.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use ipvs_proxy::flags::ProxyMode;
+use ipvs_proxy::health::Health;
+use ipvs_proxy::http::{ServerState, health_router, metrics_router, serve_on};
+use ipvs_proxy::metrics::Metrics;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A plain HTTP/1.1 GET; returns the status code and the body.
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+        .await
+        .expect("response within 5 s")
+        .unwrap();
+    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+async fn start(
+    health: Health,
+    metrics: Arc<Metrics>,
+) -> (std::net::SocketAddr, std::net::SocketAddr) {
+    let state = Arc::new(ServerState {
+        health,
+        metrics,
+        mode: RwLock::new(ProxyMode::Ipvs),
+        configz: serde_json::json!({"mode": "ipvs"}),
+    });
+    let h = serve_on(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        health_router(state.clone()),
+    )
+    .unwrap();
+    let m = serve_on(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        metrics_router(state),
+    )
+    .unwrap();
+    (h, m)
+}
+
+#[tokio::test]
+async fn healthz_is_unavailable_until_the_first_sync_then_fails_on_a_stuck_sync_and_recovers() {
+    let timeout = Duration::from_millis(300);
+    let health = Health::new(timeout, SystemTime::now());
+    let metrics = Arc::new(Metrics::new());
+    let (addr, metrics_addr) = start(health.clone(), metrics).await;
+
+    let (code, body) = get(addr, "/healthz").await;
+    assert_eq!(code, 503, "not ready before the first sync: {body}");
+    assert_eq!(
+        get(addr, "/livez").await.0,
+        200,
+        "alive while within the timeout"
+    );
+
+    health.synced(SystemTime::now());
+    let (code, body) = get(addr, "/healthz").await;
+    assert_eq!(code, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["nodeEligible"], true);
+    assert!(json["lastUpdated"].as_str().unwrap().ends_with('Z'));
+
+    // A change is queued and the sync never comes: both fail once the timeout passes.
+    health.queued(SystemTime::now());
+    tokio::time::sleep(timeout + Duration::from_millis(50)).await;
+    assert_eq!(get(addr, "/healthz").await.0, 503);
+    assert_eq!(get(addr, "/livez").await.0, 503);
+
+    health.synced(SystemTime::now());
+    assert_eq!(get(addr, "/healthz").await.0, 200);
+    assert_eq!(get(addr, "/livez").await.0, 200);
+
+    // A node being deleted fails healthz (no LB traffic) but not livez (no restart).
+    health.set_node_eligible(false);
+    assert_eq!(get(addr, "/healthz").await.0, 503);
+    assert_eq!(get(addr, "/livez").await.0, 200);
+
+    let (_, text) = get(metrics_addr, "/metrics").await;
+    assert!(
+        text.contains("kubeproxy_proxy_healthz_total{code=\"503\"} 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kubeproxy_proxy_healthz_total{code=\"200\"} 2"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn metrics_server_serves_prometheus_text_proxy_mode_and_configz() {
+    let metrics = Arc::new(Metrics::new());
+    let (_, addr) = start(
+        Health::new(Duration::from_secs(60), SystemTime::now()),
+        metrics.clone(),
+    )
+    .await;
+
+    let (code, before) = get(addr, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(
+        before.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 0"),
+        "{before}"
+    );
+    metrics.observe_sync(Duration::from_millis(5), false, SystemTime::now());
+    let (_, after) = get(addr, "/metrics").await;
+    assert!(
+        after.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 1"),
+        "{after}"
+    );
+    assert!(
+        after.contains("kubeproxy_sync_partial_proxy_rules_duration_seconds_count 1"),
+        "{after}"
+    );
+    // Every sample line is `name{labels} value` with a numeric value.
+    for line in after
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "not a sample: {line:?}");
+    }
+
+    assert_eq!(get(addr, "/proxyMode").await, (200, "ipvs".to_owned()));
+    assert_eq!(get(addr, "/healthz").await, (200, "ok".to_owned()));
+    let (code, configz) = get(addr, "/configz").await;
+    assert_eq!(code, 200);
+    let json: serde_json::Value = serde_json::from_str(&configz).unwrap();
+    assert_eq!(json["kubeproxy.config.k8s.io"]["mode"], "ipvs");
+}
