@@ -1,6 +1,65 @@
 //! Netfilter for the proxy: typed iptables rules and ipsets, rendered to `iptables-restore` and
 //! `ipset restore` input and applied with one process per apply.
 //!
-//! Only the proxy's own chains and sets (the KUBE-* names) are ever written or deleted; a user's
-//! rules survive every sync. No Kubernetes types here.
+//! Only the proxy's own chains and sets (the KUBE-* names in [`chain`] and [`ipset::PROXY_SETS`])
+//! are ever written or deleted; a user's rules survive every sync. No Kubernetes types here.
+//!
+//! - [`rule`], [`table`], [`chain`]: one rule, rendered exactly as `iptables-save` prints it.
+//! - [`ruleset`]: what one `iptables-restore --noflush` run changes.
+//! - [`ipset`]: sets and their `ipset save` / `ipset restore` text.
 #![forbid(unsafe_code)]
+
+pub mod chain;
+pub mod ipset;
+pub mod rule;
+pub mod ruleset;
+pub mod table;
+
+pub use ipset::{IpSet, SetEntry, SetHeader, SetOp, SetPatch, SetType};
+pub use rule::{AddrMatch, AddrType, MarkOp, Match, Protocol, Recent, Rule, Target};
+pub use ruleset::{Ruleset, TablePatch};
+pub use table::{Family, Table};
+
+/// What can go wrong rendering or applying netfilter state.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A patch would write or delete a chain the proxy does not own.
+    #[error("refusing to touch chain {chain} in table {table}: not one of the proxy's chains")]
+    NotOwned {
+        /// The table.
+        table: Table,
+        /// The chain.
+        chain: String,
+    },
+    /// A patch would write or destroy a set the proxy does not own.
+    #[error("refusing to touch ipset {0}: not one of the proxy's sets")]
+    SetNotOwned(String),
+    /// An entry does not fit its set's type or family.
+    #[error("entry {entry} does not fit ipset {set}")]
+    BadEntry {
+        /// The set.
+        set: String,
+        /// The entry.
+        entry: String,
+    },
+    /// A tool could not be started.
+    #[error("cannot run {tool}")]
+    Spawn {
+        /// The command.
+        tool: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A tool ran and failed.
+    #[error("{tool} failed ({status}): {stderr}")]
+    Tool {
+        /// The command.
+        tool: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// What it printed on stderr (trimmed).
+        stderr: String,
+    },
+}

@@ -1,0 +1,517 @@
+//! ipsets, typed, rendered as `ipset save` prints them and as `ipset restore -exist` reads them.
+//!
+//! A set's entries are kept sorted (by address, then protocol and port), so the same content
+//! always renders to the same text. Sizes follow the content: kube-proxy's fixed `maxelem 65536`
+//! is kept as the floor (so small clusters read the same), and grows to the next power of two
+//! above twice the entry count.
+
+use std::collections::BTreeSet;
+use std::fmt::{self, Write as _};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::Error;
+use crate::rule::Protocol;
+use crate::table::Family;
+
+/// The ipset names kube-proxy's ipvs mode uses; the IPv6 twin of each is the same name with
+/// `KUBE-` replaced by `KUBE-6-`. Only these (and their temporary swap twins) are ever written
+/// or destroyed.
+pub const PROXY_SETS: &[&str] = &[
+    "KUBE-CLUSTER-IP",
+    "KUBE-LOOP-BACK",
+    "KUBE-EXTERNAL-IP",
+    "KUBE-EXTERNAL-IP-LOCAL",
+    "KUBE-LOAD-BALANCER",
+    "KUBE-LOAD-BALANCER-LOCAL",
+    "KUBE-LOAD-BALANCER-FW",
+    "KUBE-LOAD-BALANCER-SOURCE-CIDR",
+    "KUBE-LOAD-BALANCER-SOURCE-IP",
+    "KUBE-NODE-PORT-TCP",
+    "KUBE-NODE-PORT-LOCAL-TCP",
+    "KUBE-NODE-PORT-UDP",
+    "KUBE-NODE-PORT-LOCAL-UDP",
+    "KUBE-NODE-PORT-SCTP-HASH",
+    "KUBE-NODE-PORT-LOCAL-SCTP-HASH",
+    "KUBE-HEALTH-CHECK-NODE-PORT",
+    "KUBE-IPVS-IPS",
+];
+
+/// The temporary twin a resize fills before `swap`: the same name with `KUBE-` spelled
+/// `KUBE~`, so it is as long as the original and still recognisably the proxy's.
+#[must_use]
+pub fn swap_name(name: &str) -> String {
+    name.replacen("KUBE-", "KUBE~", 1)
+}
+
+/// The longest set name the kernel accepts (IPSET_MAXNAMELEN - 1).
+pub const MAX_SET_NAME_LEN: usize = 31;
+
+/// Whether `name` is a set the proxy owns (see [`PROXY_SETS`]).
+#[must_use]
+pub fn is_proxy_set(name: &str) -> bool {
+    let base = name
+        .strip_prefix("KUBE~")
+        .map_or_else(|| name.to_owned(), |rest| format!("KUBE-{rest}"));
+    let v4 = base
+        .strip_prefix("KUBE-6-")
+        .map_or_else(|| base.clone(), |rest| format!("KUBE-{rest}"));
+    PROXY_SETS.contains(&v4.as_str())
+}
+
+/// An ipset type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum SetType {
+    /// `hash:ip`
+    HashIp,
+    /// `hash:ip,port`
+    HashIpPort,
+    /// `hash:ip,port,ip`
+    HashIpPortIp,
+    /// `hash:ip,port,net`
+    HashIpPortNet,
+    /// `hash:net`
+    HashNet,
+    /// `bitmap:port` (range 0-65535)
+    BitmapPort,
+}
+
+impl SetType {
+    /// The type name `ipset create` takes.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SetType::HashIp => "hash:ip",
+            SetType::HashIpPort => "hash:ip,port",
+            SetType::HashIpPortIp => "hash:ip,port,ip",
+            SetType::HashIpPortNet => "hash:ip,port,net",
+            SetType::HashNet => "hash:net",
+            SetType::BitmapPort => "bitmap:port",
+        }
+    }
+
+    /// Whether `entry` has the shape this type stores.
+    #[must_use]
+    pub fn accepts(self, entry: &SetEntry) -> bool {
+        matches!(
+            (self, entry),
+            (SetType::HashIp, SetEntry::Ip(_))
+                | (SetType::HashIpPort, SetEntry::IpPort(..))
+                | (SetType::HashIpPortIp, SetEntry::IpPortIp(..))
+                | (SetType::HashIpPortNet, SetEntry::IpPortNet(..))
+                | (SetType::HashNet, SetEntry::Net(_))
+                | (SetType::BitmapPort, SetEntry::Port(_))
+        )
+    }
+}
+
+impl fmt::Display for SetType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One member of a set, in the shape of its set's type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetEntry {
+    /// `10.96.0.10` (hash:ip)
+    Ip(IpAddr),
+    /// `10.96.0.10,tcp:80` (hash:ip,port)
+    IpPort(IpAddr, Protocol, u16),
+    /// `10.244.1.5,tcp:8080,10.244.1.5` (hash:ip,port,ip)
+    IpPortIp(IpAddr, Protocol, u16, IpAddr),
+    /// `10.96.0.10,tcp:80,192.168.0.0/16` (hash:ip,port,net)
+    IpPortNet(IpAddr, Protocol, u16, IpNet),
+    /// `10.0.0.0/8` (hash:net; a host network prints without its prefix, as `ipset save` does)
+    Net(IpNet),
+    /// `30080` (bitmap:port)
+    Port(u16),
+}
+
+impl fmt::Display for SetEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SetEntry::Ip(ip) => write!(f, "{ip}"),
+            SetEntry::IpPort(ip, p, port) => write!(f, "{ip},{p}:{port}"),
+            SetEntry::IpPortIp(ip, p, port, ip2) => write!(f, "{ip},{p}:{port},{ip2}"),
+            SetEntry::IpPortNet(ip, p, port, net) => {
+                write!(f, "{ip},{p}:{port},")?;
+                write_net(f, net)
+            }
+            SetEntry::Net(net) => write_net(f, net),
+            SetEntry::Port(port) => write!(f, "{port}"),
+        }
+    }
+}
+
+fn write_net(f: &mut fmt::Formatter<'_>, net: &IpNet) -> fmt::Result {
+    if net.prefix_len() == net.max_prefix_len() {
+        write!(f, "{}", net.addr())
+    } else {
+        write!(f, "{}/{}", net.network(), net.prefix_len())
+    }
+}
+
+/// A set's identity and parameters: the `create` line.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SetHeader {
+    /// The set name.
+    pub name: String,
+    /// The set type.
+    pub kind: SetType,
+    /// The family (ignored by bitmap:port).
+    pub family: Family,
+    /// `hashsize` (hash types; a power of two).
+    pub hashsize: u32,
+    /// `maxelem` (hash types).
+    pub maxelem: u32,
+}
+
+impl SetHeader {
+    /// The header for a set of `kind` holding `len` entries, sized from its content.
+    #[must_use]
+    pub fn sized(name: impl Into<String>, kind: SetType, family: Family, len: usize) -> SetHeader {
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
+        let maxelem = len
+            .saturating_mul(2)
+            .checked_next_power_of_two()
+            .unwrap_or(u32::MAX)
+            .max(65_536);
+        let hashsize = (len / 4)
+            .checked_next_power_of_two()
+            .unwrap_or(1 << 30)
+            .max(1024);
+        SetHeader {
+            name: name.into(),
+            kind,
+            family,
+            hashsize,
+            maxelem,
+        }
+    }
+
+    /// Writes `create NAME TYPE …` (without `-exist`; `ipset restore -exist` supplies it).
+    pub fn write_create(&self, name: &str, out: &mut String) {
+        let _ = write!(out, "create {name} {}", self.kind);
+        if self.kind == SetType::BitmapPort {
+            out.push_str(" range 0-65535\n");
+        } else {
+            let _ = writeln!(
+                out,
+                " family {} hashsize {} maxelem {}",
+                self.family.ipset_family(),
+                self.hashsize,
+                self.maxelem
+            );
+        }
+    }
+}
+
+/// A set with its content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpSet {
+    /// Name and parameters.
+    pub header: SetHeader,
+    /// Members, sorted.
+    pub entries: BTreeSet<SetEntry>,
+}
+
+impl IpSet {
+    /// A set holding `entries`, sized from them.
+    #[must_use]
+    pub fn new(
+        name: impl Into<String>,
+        kind: SetType,
+        family: Family,
+        entries: BTreeSet<SetEntry>,
+    ) -> IpSet {
+        IpSet {
+            header: SetHeader::sized(name, kind, family, entries.len()),
+            entries,
+        }
+    }
+
+    /// The set's name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.header.name
+    }
+
+    /// Checks the name (owned, short enough) and that every entry fits the type and family.
+    pub fn validate(&self) -> Result<(), Error> {
+        let name = self.name();
+        if !is_proxy_set(name) || name.len() > MAX_SET_NAME_LEN {
+            return Err(Error::SetNotOwned(name.to_owned()));
+        }
+        for e in &self.entries {
+            if !self.header.kind.accepts(e) || !family_fits(self.header.family, e) {
+                return Err(Error::BadEntry {
+                    set: name.to_owned(),
+                    entry: e.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the set as `ipset save` prints it: the `create` line, then one `add` per entry.
+    pub fn write_save(&self, out: &mut String) {
+        self.header.write_create(self.name(), out);
+        for e in &self.entries {
+            let _ = writeln!(out, "add {} {e}", self.name());
+        }
+    }
+}
+
+fn family_fits(family: Family, e: &SetEntry) -> bool {
+    let addrs: [Option<IpAddr>; 2] = match e {
+        SetEntry::Ip(a) | SetEntry::IpPort(a, ..) => [Some(*a), None],
+        SetEntry::IpPortIp(a, _, _, b) => [Some(*a), Some(*b)],
+        SetEntry::IpPortNet(a, _, _, n) => [Some(*a), Some(n.addr())],
+        SetEntry::Net(n) => [Some(n.addr()), None],
+        SetEntry::Port(_) => [None, None],
+    };
+    addrs.into_iter().flatten().all(|a| Family::of(a) == family)
+}
+
+/// One line of `ipset restore` input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SetOp {
+    /// `create NAME …` (a no-op under `-exist` if the set exists with the same parameters).
+    Create(SetHeader),
+    /// `create KUBE~… …`: the temporary twin a resize fills (see [`swap_name`]).
+    CreateSwap(SetHeader),
+    /// `add NAME ENTRY`
+    Add(String, SetEntry),
+    /// `del NAME ENTRY`
+    Del(String, SetEntry),
+    /// `swap A B`
+    Swap(String, String),
+    /// `flush NAME`
+    Flush(String),
+    /// `destroy NAME`
+    Destroy(String),
+}
+
+impl SetOp {
+    fn set_name(&self) -> &str {
+        match self {
+            SetOp::Create(h) | SetOp::CreateSwap(h) => &h.name,
+            SetOp::Add(n, _)
+            | SetOp::Del(n, _)
+            | SetOp::Swap(n, _)
+            | SetOp::Flush(n)
+            | SetOp::Destroy(n) => n,
+        }
+    }
+
+    fn write(&self, out: &mut String) {
+        match self {
+            SetOp::Create(h) => h.write_create(&h.name, out),
+            SetOp::CreateSwap(h) => h.write_create(&swap_name(&h.name), out),
+            SetOp::Add(n, e) => {
+                let _ = writeln!(out, "add {n} {e}");
+            }
+            SetOp::Del(n, e) => {
+                let _ = writeln!(out, "del {n} {e}");
+            }
+            SetOp::Swap(a, b) => {
+                let _ = writeln!(out, "swap {a} {b}");
+            }
+            SetOp::Flush(n) => {
+                let _ = writeln!(out, "flush {n}");
+            }
+            SetOp::Destroy(n) => {
+                let _ = writeln!(out, "destroy {n}");
+            }
+        }
+    }
+}
+
+/// A batch of set operations for one `ipset restore -exist` run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SetPatch {
+    /// The operations, in order.
+    pub ops: Vec<SetOp>,
+}
+
+impl SetPatch {
+    /// Appends the operations that turn `old` (what was last applied, if anything) into `new`:
+    /// only the changed entries when the parameters are equal; otherwise the content is built
+    /// in a temporary twin and swapped in, so the set is never seen half-filled.
+    pub fn update(&mut self, old: Option<&IpSet>, new: &IpSet) {
+        let name = new.name().to_owned();
+        match old {
+            Some(old) if old.header == new.header => {
+                for e in old.entries.difference(&new.entries) {
+                    self.ops.push(SetOp::Del(name.clone(), *e));
+                }
+                for e in new.entries.difference(&old.entries) {
+                    self.ops.push(SetOp::Add(name.clone(), *e));
+                }
+            }
+            Some(_) => {
+                let swap = swap_name(&name);
+                self.ops.push(SetOp::Destroy(swap.clone()));
+                self.ops.push(SetOp::CreateSwap(new.header.clone()));
+                for e in &new.entries {
+                    self.ops.push(SetOp::Add(swap.clone(), *e));
+                }
+                self.ops.push(SetOp::Swap(swap.clone(), name));
+                self.ops.push(SetOp::Destroy(swap));
+            }
+            None => {
+                self.ops.push(SetOp::Create(new.header.clone()));
+                self.ops.push(SetOp::Flush(name.clone()));
+                for e in &new.entries {
+                    self.ops.push(SetOp::Add(name.clone(), *e));
+                }
+            }
+        }
+    }
+
+    /// Appends the removal of a set the proxy no longer wants (after no rule references it).
+    pub fn remove(&mut self, name: &str) {
+        self.ops.push(SetOp::Flush(name.to_owned()));
+        self.ops.push(SetOp::Destroy(name.to_owned()));
+    }
+
+    /// Whether there is nothing to do.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Refuses any operation on a set the proxy does not own.
+    pub fn check_ownership(&self) -> Result<(), Error> {
+        match self.ops.iter().find(|op| !is_proxy_set(op.set_name())) {
+            Some(op) => Err(Error::SetNotOwned(op.set_name().to_owned())),
+            None => Ok(()),
+        }
+    }
+
+    /// The `ipset restore -exist` input.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(self.ops.len() * 48);
+        for op in &self.ops {
+            op.write(&mut out);
+        }
+        out
+    }
+}
+
+/// Renders sets as `ipset save` prints them, sorted by name.
+#[must_use]
+pub fn render_save<'a>(sets: impl IntoIterator<Item = &'a IpSet>) -> String {
+    let mut sets: Vec<&IpSet> = sets.into_iter().collect();
+    sets.sort_by(|a, b| a.name().cmp(b.name()));
+    let mut out = String::new();
+    for s in sets {
+        s.write_save(&mut out);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn ip(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+    }
+
+    #[test]
+    fn save_prints_create_then_sorted_adds() {
+        let entries = [
+            SetEntry::IpPort(ip(10, 96, 0, 10), Protocol::Udp, 53),
+            SetEntry::IpPort(ip(10, 96, 0, 1), Protocol::Tcp, 443),
+            SetEntry::IpPort(ip(10, 96, 0, 10), Protocol::Tcp, 53),
+        ];
+        let set = IpSet::new(
+            "KUBE-CLUSTER-IP",
+            SetType::HashIpPort,
+            Family::V4,
+            entries.into(),
+        );
+        set.validate().unwrap();
+        assert_eq!(
+            render_save([&set]),
+            "create KUBE-CLUSTER-IP hash:ip,port family inet hashsize 1024 maxelem 65536\n\
+             add KUBE-CLUSTER-IP 10.96.0.1,tcp:443\n\
+             add KUBE-CLUSTER-IP 10.96.0.10,tcp:53\n\
+             add KUBE-CLUSTER-IP 10.96.0.10,udp:53\n"
+        );
+    }
+
+    #[test]
+    fn every_type_renders_its_entry_shape() {
+        let net: IpNet = "192.168.0.0/16".parse().unwrap();
+        let host: IpNet = "1.2.3.4/32".parse().unwrap();
+        let cases = [
+            (SetEntry::Ip(ip(10, 0, 0, 1)), "10.0.0.1"),
+            (
+                SetEntry::IpPortIp(ip(10, 0, 0, 1), Protocol::Tcp, 80, ip(10, 0, 0, 1)),
+                "10.0.0.1,tcp:80,10.0.0.1",
+            ),
+            (
+                SetEntry::IpPortNet(ip(10, 0, 0, 1), Protocol::Sctp, 80, net),
+                "10.0.0.1,sctp:80,192.168.0.0/16",
+            ),
+            (SetEntry::Net(host), "1.2.3.4"),
+            (SetEntry::Port(30080), "30080"),
+        ];
+        for (e, text) in cases {
+            assert_eq!(e.to_string(), text);
+        }
+        let mut out = String::new();
+        SetHeader::sized("KUBE-NODE-PORT-TCP", SetType::BitmapPort, Family::V4, 3)
+            .write_create("KUBE-NODE-PORT-TCP", &mut out);
+        assert_eq!(out, "create KUBE-NODE-PORT-TCP bitmap:port range 0-65535\n");
+    }
+
+    #[test]
+    fn sizes_grow_with_content() {
+        let h = SetHeader::sized("KUBE-CLUSTER-IP", SetType::HashIpPort, Family::V4, 100_000);
+        assert_eq!((h.hashsize, h.maxelem), (32_768, 262_144));
+    }
+
+    #[test]
+    fn update_sends_only_the_difference() {
+        let a = IpSet::new(
+            "KUBE-LOOP-BACK",
+            SetType::HashIp,
+            Family::V4,
+            [SetEntry::Ip(ip(1, 1, 1, 1)), SetEntry::Ip(ip(2, 2, 2, 2))].into(),
+        );
+        let b = IpSet::new(
+            "KUBE-LOOP-BACK",
+            SetType::HashIp,
+            Family::V4,
+            [SetEntry::Ip(ip(2, 2, 2, 2)), SetEntry::Ip(ip(3, 3, 3, 3))].into(),
+        );
+        let mut p = SetPatch::default();
+        p.update(Some(&a), &b);
+        assert_eq!(
+            p.render(),
+            "del KUBE-LOOP-BACK 1.1.1.1\nadd KUBE-LOOP-BACK 3.3.3.3\n"
+        );
+        p.check_ownership().unwrap();
+    }
+
+    #[test]
+    fn only_proxy_sets_are_owned() {
+        assert!(is_proxy_set("KUBE-CLUSTER-IP"));
+        assert!(is_proxy_set("KUBE-6-CLUSTER-IP"));
+        assert!(is_proxy_set("KUBE~CLUSTER-IP"));
+        assert!(!is_proxy_set("my-blocklist"));
+        assert!(!is_proxy_set("KUBE-SOMETHING-ELSE"));
+        let mut p = SetPatch::default();
+        p.remove("my-blocklist");
+        assert!(p.check_ownership().is_err());
+    }
+}
