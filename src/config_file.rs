@@ -247,7 +247,12 @@ impl ConfigFile {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text).map_err(|(field, message)| ConfigFileError::Invalid {
+        Self::parse_str(path, &text)
+    }
+
+    /// Parses configuration text; `path` names its origin in errors.
+    pub fn parse_str(path: &Path, text: &str) -> Result<ConfigFile, ConfigFileError> {
+        Self::parse(text).map_err(|(field, message)| ConfigFileError::Invalid {
             path: path.to_owned(),
             field: field.0,
             message,
