@@ -7,17 +7,26 @@
 //! - [`rule`], [`table`], [`chain`]: one rule, rendered exactly as `iptables-save` prints it.
 //! - [`ruleset`]: what one `iptables-restore --noflush` run changes.
 //! - [`ipset`]: sets and their `ipset save` / `ipset restore` text.
+//! - [`runner`]: one `iptables-restore --noflush --wait` / `ipset restore -exist` per apply;
+//!   [`detect_flavour`] picks legacy or nft as kube-proxy's iptables wrapper does.
+//! - [`saved`], [`cleanup`]: reading `iptables-save` back; removing only what the proxy owns.
 #![forbid(unsafe_code)]
 
 pub mod chain;
+pub mod cleanup;
 pub mod ipset;
 pub mod rule;
 pub mod ruleset;
+pub mod runner;
+pub mod saved;
 pub mod table;
 
+pub use cleanup::{CleanupReport, cleanup};
 pub use ipset::{IpSet, SetEntry, SetHeader, SetOp, SetPatch, SetType};
 pub use rule::{AddrMatch, AddrType, MarkOp, Match, Protocol, Recent, Rule, Target};
 pub use ruleset::{Ruleset, TablePatch};
+pub use runner::{Flavour, Runner, detect_flavour};
+pub use saved::Saved;
 pub use table::{Family, Table};
 
 /// What can go wrong rendering or applying netfilter state.

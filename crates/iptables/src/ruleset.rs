@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use crate::Error;
 use crate::chain::is_proxy_chain;
 use crate::rule::Rule;
+use crate::saved::rule_chain_and_target;
 use crate::table::Table;
 
 /// Changes to one table, applied together and atomically by one `iptables-restore`.
@@ -22,8 +23,9 @@ pub struct TablePatch {
     pub delete: Vec<String>,
     /// Jump rules to insert at the top of built-in chains (`-I CHAIN 1 …`), in order.
     pub insert_jumps: Vec<Rule>,
-    /// Rules to delete from built-in chains by their spec (`-D CHAIN …`).
-    pub delete_jumps: Vec<Rule>,
+    /// Jump rules to delete from built-in chains, as `iptables-save` printed them (`-A CHAIN …`;
+    /// written as `-D CHAIN …`).
+    pub delete_saved: Vec<String>,
 }
 
 impl TablePatch {
@@ -33,7 +35,7 @@ impl TablePatch {
         self.chains.is_empty()
             && self.delete.is_empty()
             && self.insert_jumps.is_empty()
-            && self.delete_jumps.is_empty()
+            && self.delete_saved.is_empty()
     }
 
     /// The number of rule lines this patch writes.
@@ -41,7 +43,7 @@ impl TablePatch {
     pub fn rule_count(&self) -> usize {
         self.chains.values().map(Vec::len).sum::<usize>()
             + self.insert_jumps.len()
-            + self.delete_jumps.len()
+            + self.delete_saved.len()
     }
 
     /// Refuses a patch that would write or delete a chain the proxy does not own, or touch a
@@ -62,13 +64,21 @@ impl TablePatch {
         if let Some(name) = self.delete.iter().find(|n| !is_proxy_chain(table, n)) {
             return Err(not_owned(name));
         }
-        for r in self.insert_jumps.iter().chain(&self.delete_jumps) {
+        for r in &self.insert_jumps {
             let to_own = r
                 .target
                 .jump_chain()
                 .is_some_and(|c| is_proxy_chain(table, c));
             if !table.is_builtin(&r.chain) || !to_own {
                 return Err(not_owned(&r.chain));
+            }
+        }
+        for line in &self.delete_saved {
+            let Some((chain, target)) = rule_chain_and_target(line) else {
+                return Err(not_owned(line));
+            };
+            if !table.is_builtin(chain) || !target.is_some_and(|c| is_proxy_chain(table, c)) {
+                return Err(not_owned(chain));
             }
         }
         Ok(())
@@ -89,8 +99,9 @@ impl TablePatch {
             out.push_str(name);
             out.push_str(" - [0:0]\n");
         }
-        for r in &self.delete_jumps {
-            r.write_with("-D", out);
+        for line in &self.delete_saved {
+            out.push_str("-D ");
+            out.push_str(line.strip_prefix("-A ").unwrap_or(line));
             out.push('\n');
         }
         for rules in self.chains.values() {

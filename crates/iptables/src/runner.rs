@@ -1,0 +1,251 @@
+//! Running the tools: one `iptables-restore` / `ipset restore` process per apply, fed on stdin.
+//!
+//! A [`Runner`] is bound to one iptables flavour (legacy or nft) and, optionally, to a named
+//! network namespace (`ip netns exec NAME …`), which is how the tests program a "node".
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use crate::Error;
+use crate::ipset::SetPatch;
+use crate::ruleset::Ruleset;
+use crate::saved::Saved;
+use crate::table::{Family, Table};
+
+/// Which iptables backend the tools program: the legacy x_tables or nf_tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Flavour {
+    /// `iptables-legacy*` (`xtables-legacy-multi`)
+    Legacy,
+    /// `iptables-nft*` (`xtables-nft-multi`)
+    Nft,
+}
+
+impl Flavour {
+    /// Both flavours.
+    pub const ALL: [Flavour; 2] = [Flavour::Legacy, Flavour::Nft];
+
+    /// `legacy` or `nft`, as in the tool names.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flavour::Legacy => "legacy",
+            Flavour::Nft => "nft",
+        }
+    }
+
+    /// The tool for `family` and `verb` (`save`, `restore`), e.g. `ip6tables-nft-restore`.
+    #[must_use]
+    pub fn tool(self, family: Family, verb: &str) -> String {
+        format!("{}-{}-{verb}", family.tool(), self.as_str())
+    }
+}
+
+/// Runs the netfilter tools, in the current network namespace or a named one.
+#[derive(Debug, Clone)]
+pub struct Runner {
+    flavour: Flavour,
+    netns: Option<String>,
+}
+
+impl Runner {
+    /// A runner for `flavour` in the current network namespace.
+    #[must_use]
+    pub fn new(flavour: Flavour) -> Runner {
+        Runner {
+            flavour,
+            netns: None,
+        }
+    }
+
+    /// The same runner, running every tool inside the named network namespace
+    /// (`ip netns exec NAME`).
+    #[must_use]
+    pub fn in_netns(mut self, name: impl Into<String>) -> Runner {
+        self.netns = Some(name.into());
+        self
+    }
+
+    /// The flavour this runner programs.
+    #[must_use]
+    pub fn flavour(&self) -> Flavour {
+        self.flavour
+    }
+
+    /// A runner of the other flavour in the same namespace.
+    #[must_use]
+    pub fn with_flavour(&self, flavour: Flavour) -> Runner {
+        Runner {
+            flavour,
+            netns: self.netns.clone(),
+        }
+    }
+
+    fn command(&self, program: &str, args: &[&str]) -> (Command, String) {
+        let mut cmd;
+        if let Some(ns) = &self.netns {
+            cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns, program]);
+        } else {
+            cmd = Command::new(program);
+        }
+        cmd.args(args);
+        (
+            cmd,
+            format!("{program} {}", args.join(" "))
+                .trim_end()
+                .to_owned(),
+        )
+    }
+
+    fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Error> {
+        let (mut cmd, tool) = self.command(program, args);
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let spawn = |source| Error::Spawn {
+            tool: tool.clone(),
+            source,
+        };
+        let mut child = cmd.spawn().map_err(spawn)?;
+        if let Some(input) = stdin {
+            // The writer is dropped at the end of this block, closing stdin.
+            let mut pipe = child.stdin.take().expect("stdin was piped");
+            let written = pipe.write_all(input.as_bytes());
+            drop(pipe);
+            if let Err(e) = written {
+                // The tool exited early; its stderr below says why.
+                tracing::debug!(%tool, error = %e, "writing to the tool's stdin failed");
+            }
+        }
+        let out = child.wait_with_output().map_err(spawn)?;
+        if !out.status.success() {
+            return Err(Error::Tool {
+                tool,
+                status: out.status,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Feeds `input` to `iptables-restore --noflush --wait` (or the ip6tables one): one process,
+    /// one atomic commit per table.
+    pub fn restore(&self, family: Family, input: &str) -> Result<(), Error> {
+        let tool = self.flavour.tool(family, "restore");
+        self.run(&tool, &["--noflush", "--wait"], Some(input))
+            .map(drop)
+    }
+
+    /// Checks `ruleset` only touches the proxy's chains, then applies it with one
+    /// [`Runner::restore`]. An empty ruleset runs nothing.
+    pub fn apply(&self, family: Family, ruleset: &Ruleset) -> Result<(), Error> {
+        ruleset.check_ownership()?;
+        if ruleset.is_empty() {
+            return Ok(());
+        }
+        let input = ruleset.render();
+        tracing::debug!(
+            flavour = self.flavour.as_str(),
+            ?family,
+            rules = ruleset.rule_count(),
+            bytes = input.len(),
+            "iptables-restore"
+        );
+        self.restore(family, &input)
+    }
+
+    /// `iptables-save` (all tables, or one with `-t`), as text.
+    pub fn save_text(&self, family: Family, table: Option<Table>) -> Result<String, Error> {
+        let tool = self.flavour.tool(family, "save");
+        match table {
+            Some(t) => self.run(&tool, &["-t", t.as_str()], None),
+            None => self.run(&tool, &[], None),
+        }
+    }
+
+    /// `iptables-save`, parsed into chains and rules per table.
+    pub fn save(&self, family: Family, table: Option<Table>) -> Result<Saved, Error> {
+        Ok(Saved::parse(&self.save_text(family, table)?))
+    }
+
+    /// Feeds `patch` to `ipset restore -exist`, after checking it only touches the proxy's sets.
+    pub fn ipset_restore(&self, patch: &SetPatch) -> Result<(), Error> {
+        patch.check_ownership()?;
+        if patch.is_empty() {
+            return Ok(());
+        }
+        self.run("ipset", &["restore", "-exist"], Some(&patch.render()))
+            .map(drop)
+    }
+
+    /// The names of every ipset in the namespace (`ipset list -n`).
+    pub fn ipset_names(&self) -> Result<Vec<String>, Error> {
+        let out = self.run("ipset", &["list", "-n"], None)?;
+        Ok(out
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect())
+    }
+}
+
+/// Decides which flavour the node uses, as kube-proxy's iptables wrapper does: the flavour
+/// holding kubelet's `KUBE-IPTABLES-HINT` or `KUBE-KUBELET-CANARY` chain (nft checked first,
+/// in the mangle table); failing that, the flavour with more rules (`-A` lines) over both
+/// families, nft on a tie.
+#[must_use]
+pub fn detect_flavour(netns: Option<&str>) -> Flavour {
+    let runner = |f| {
+        let r = Runner::new(f);
+        match netns {
+            Some(ns) => r.in_netns(ns),
+            None => r,
+        }
+    };
+    let nft = runner(Flavour::Nft);
+    let legacy = runner(Flavour::Legacy);
+    let hint = |text: &str| {
+        text.lines().any(|l| {
+            l.starts_with(":KUBE-IPTABLES-HINT ") || l.starts_with(":KUBE-KUBELET-CANARY ")
+        })
+    };
+    let texts = |r: &Runner, table: Option<Table>| -> Vec<String> {
+        Family::ALL
+            .iter()
+            .filter_map(|f| r.save_text(*f, table).ok())
+            .collect()
+    };
+    if texts(&nft, Some(Table::Mangle)).iter().any(|t| hint(t)) {
+        return Flavour::Nft;
+    }
+    // Without `-t`: asking legacy for the mangle table would create it in the kernel.
+    let legacy_all = texts(&legacy, None);
+    if legacy_all.iter().any(|t| hint(t)) {
+        return Flavour::Legacy;
+    }
+    let rules = |texts: &[String]| {
+        texts
+            .iter()
+            .flat_map(|t| t.lines())
+            .filter(|l| l.starts_with('-'))
+            .count()
+    };
+    let nft_rules = rules(&texts(&nft, None));
+    let legacy_rules = rules(&legacy_all);
+    tracing::debug!(
+        legacy_rules,
+        nft_rules,
+        "no kubelet hint chain; choosing the flavour with more rules"
+    );
+    if legacy_rules > nft_rules {
+        Flavour::Legacy
+    } else {
+        Flavour::Nft
+    }
+}
