@@ -3,3 +3,36 @@
 //! IPVS only sees packets addressed to the node itself, so every Service VIP is bound to a
 //! dummy link. This crate owns that one link; it must never change any other link or any
 //! address on another link, and it knows nothing of Kubernetes.
+//!
+//! ```no_run
+//! use std::collections::BTreeSet;
+//! use netif::{DummyLink, KUBE_IPVS0};
+//!
+//! # fn main() -> Result<(), netif::Error> {
+//! let mut link = DummyLink::ensure(KUBE_IPVS0)?; // ip link add kube-ipvs0 type dummy
+//! let desired: BTreeSet<_> = ["10.96.0.10".parse().unwrap(), "fd00::10".parse().unwrap()].into();
+//! let report = link.sync(&desired)?; // ip addr add/del .../32 dev kube-ipvs0, in batches
+//! assert!(report.is_complete());
+//! link.remove(&["10.96.0.10".parse().unwrap()])?; // one Service gone: no re-listing
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Requests are pipelined: hundreds of `RTM_NEWADDR`/`RTM_DELADDR` leave in one `sendmsg`,
+//! answers are read back in bulk and matched by sequence number (see `connection`). The API is
+//! blocking and the handle is `Send`, for a dedicated kernel thread. The socket (and so the
+//! link) belongs to the network namespace of the thread that opened the handle.
+//!
+//! `unsafe` is denied except in `sys`, two `setsockopt` calls that `netlink-sys` lacks.
+#![deny(unsafe_code)]
+
+mod address;
+mod connection;
+mod error;
+mod link;
+mod request;
+mod sys;
+
+pub use address::{AddressOp, AddressResult, Outcome, SyncReport, host_prefix};
+pub use error::{AddressError, Error};
+pub use link::{DummyLink, KUBE_IPVS0};
