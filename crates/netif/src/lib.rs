@@ -29,6 +29,8 @@
 mod address;
 mod connection;
 mod error;
+#[cfg(test)]
+mod host_kernel_tests;
 mod link;
 mod request;
 mod sys;

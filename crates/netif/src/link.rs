@@ -125,6 +125,20 @@ impl DummyLink {
         self.index
     }
 
+    /// A handle on any link, dummy or not: lets the host's kernel tests (which have veth but
+    /// no dummy) drive the address code.
+    #[cfg(test)]
+    pub(crate) fn any_link_for_tests(name: &str) -> Result<Self, Error> {
+        let mut connection = Connection::open()?;
+        let found =
+            find(&mut connection, name)?.ok_or_else(|| Error::InvalidName(name.to_owned()))?;
+        Ok(Self {
+            name: name.to_owned(),
+            index: found.index,
+            connection,
+        })
+    }
+
     fn from_found(connection: Connection, name: &str, found: Found) -> Result<Self, Error> {
         match found.kind {
             Some(InfoKind::Dummy) => Ok(Self {
