@@ -1,0 +1,188 @@
+//! `cargo xtask vm`: run a command as root in a VM whose kernel has IPVS.
+//!
+//! The host kernel has neither IPVS nor dummy links and cannot load modules, so every
+//! kernel claim is checked in Debian's cloud kernel under qemu (TCG, no network card).
+//! The kernel and a base initramfs are cached under `target/vm/`; each boot appends a small
+//! archive with the command and the project's files, so a cached boot takes seconds.
+
+mod cpio;
+mod host;
+mod initramfs;
+mod kernel;
+mod qemu;
+
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+
+pub use initramfs::RunFiles;
+pub use qemu::Outcome;
+
+/// Settings of one boot, shared by `vm`, `vm-test` and `bench`.
+#[derive(Debug, clap::Args)]
+pub struct VmOptions {
+    /// Copy this host file or folder into the VM at the same absolute path (repeatable).
+    #[arg(long = "include", value_name = "PATH")]
+    pub includes: Vec<PathBuf>,
+    /// Kill the VM after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// The VM's memory.
+    #[arg(long, value_name = "MiB", default_value_t = 2048)]
+    pub memory: u32,
+    /// Show the kernel's boot messages and /init's own output.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+/// Host environment variables passed on to the command.
+const FORWARDED_ENV: &[&str] = &[
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+    "RUST_LIB_BACKTRACE",
+    "RUST_TEST_THREADS",
+    "NO_COLOR",
+];
+
+/// Exit status when the VM itself failed (crashed, printed no exit marker).
+pub const EXIT_VM_FAILED: i32 = 125;
+/// Exit status when the VM was killed at the timeout, like timeout(1).
+pub const EXIT_TIMED_OUT: i32 = 124;
+
+/// One boot: the files to bring and the shell command to run in `cwd`.
+#[derive(Debug)]
+pub struct Run<'a> {
+    pub options: &'a VmOptions,
+    pub default_timeout: Duration,
+    /// The workspace's target directory; the cache lives in `target/vm/`.
+    pub target_dir: &'a Path,
+    pub files: RunFiles,
+    pub cwd: PathBuf,
+}
+
+impl Run<'_> {
+    /// Boots the VM, streams the command's output (each line offered to `on_line`, which
+    /// says whether to print it) and returns how it ended.
+    pub fn boot(mut self, on_line: &mut dyn FnMut(&str) -> bool) -> Result<Outcome> {
+        let cache = self.target_dir.join("vm");
+        fs::create_dir_all(&cache)?;
+        let (kernel, base) = {
+            // One builder at a time; the others wait, then find the cache ready.
+            let lock = File::create(cache.join("lock"))?;
+            lock.lock().context("locking the VM cache")?;
+            let packages = host::ensure_packages()?;
+            let kernel = kernel::ensure(&cache)?;
+            let base = initramfs::ensure_base(&cache, &kernel, &packages)?;
+            (kernel, base)
+        };
+
+        let nonce = nonce();
+        let run_dir = TempDir(cache.join(format!("run-{nonce}")));
+        fs::create_dir_all(&run_dir.0)?;
+        let mut env = String::new();
+        let _ = writeln!(env, "XTASK_NONCE={nonce}");
+        let _ = writeln!(env, "XTASK_VERBOSE={}", u8::from(self.options.verbose));
+        let _ = writeln!(
+            env,
+            "XTASK_CWD={}",
+            shell_quote(&self.cwd.to_string_lossy())
+        );
+        // Colours only when a person is watching.
+        let term = std::env::var("TERM")
+            .ok()
+            .filter(|_| std::io::stdout().is_terminal());
+        let _ = writeln!(
+            env,
+            "export TERM={}",
+            shell_quote(term.as_deref().unwrap_or("dumb"))
+        );
+        for name in FORWARDED_ENV {
+            if let Ok(value) = std::env::var(name) {
+                let _ = writeln!(env, "export {name}={}", shell_quote(&value));
+            }
+        }
+        self.files.env = env;
+        for include in &self.options.includes {
+            self.files.includes.push(std::path::absolute(include)?);
+        }
+        let initrd = run_dir.0.join("initrd.cpio");
+        initramfs::write_run_initrd(&base, &self.files, &initrd)?;
+
+        let timeout = self
+            .options
+            .timeout
+            .map_or(self.default_timeout, Duration::from_secs);
+        let outcome = qemu::run(
+            &qemu::Boot {
+                kernel: &kernel.vmlinuz,
+                initrd: &initrd,
+                memory_mib: self.options.memory,
+                timeout,
+                verbose: self.options.verbose,
+                nonce: &nonce,
+            },
+            on_line,
+        )?;
+        match outcome {
+            Outcome::Exited(_) => {}
+            Outcome::Crashed => {
+                eprintln!("vm: the VM stopped without reporting the command's exit status")
+            }
+            Outcome::TimedOut => {
+                eprintln!(
+                    "vm: timed out after {} s; killed the VM (raise it with --timeout SECS)",
+                    timeout.as_secs()
+                );
+            }
+        }
+        Ok(outcome)
+    }
+}
+
+impl Outcome {
+    /// The exit status xtask passes on.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::Exited(status) => *status,
+            Outcome::Crashed => EXIT_VM_FAILED,
+            Outcome::TimedOut => EXIT_TIMED_OUT,
+        }
+    }
+}
+
+/// A shell command line running `argv` as given (no further expansion).
+pub fn shell_command(argv: &[String]) -> String {
+    argv.iter()
+        .map(|arg| shell_quote(arg))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Quotes a string for sh: `it's` becomes `'it'\''s'`.
+pub fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+fn nonce() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{}-{:x}",
+        std::process::id(),
+        initramfs::fnv1a(&nanos.to_le_bytes())
+    )
+}
+
+/// A folder removed when the run ends, however it ends.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
