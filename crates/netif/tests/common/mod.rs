@@ -74,10 +74,11 @@ pub fn link_exists(dev: &str) -> bool {
 }
 
 /// Host addresses as `ip` prints them ("10.96.0.10/32", "fd00::10/128").
-pub fn host_forms<'a>(addresses: impl IntoIterator<Item = &'a str>) -> BTreeSet<String> {
+pub fn host_forms<S: AsRef<str>>(addresses: impl IntoIterator<Item = S>) -> BTreeSet<String> {
     addresses
         .into_iter()
         .map(|a| {
+            let a = a.as_ref();
             if a.contains(':') {
                 format!("{a}/128")
             } else {
