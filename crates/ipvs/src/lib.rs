@@ -3,8 +3,33 @@
 //! This crate speaks the kernel's "IPVS" generic-netlink family (include/uapi/linux/ip_vs.h)
 //! directly, pipelining many requests per `sendmsg`. It knows nothing of Kubernetes and must
 //! never import Kubernetes types; it never touches links, addresses or netfilter.
+//!
+//! - [`VirtualServer`], [`RealServer`] and [`Op`] print as their `ipvsadm -Sn` lines and parse
+//!   back from them ([`parse_rules`]).
+//! - [`Handle`] is one socket in one network namespace: [`Handle::apply`] programs a batch and
+//!   returns one result per op; [`Handle::dump`] reads the whole table back.
 #![forbid(unsafe_code)]
 
+mod codec;
+mod config;
+mod dest;
+mod error;
+mod handle;
+mod netlink;
+mod op;
 mod scheduler;
+mod service;
+mod stats;
+mod text;
 
+pub use config::{Info, Timeouts};
+pub use dest::{Forwarding, RealServer, RealServerEntry, Tunnel, TunnelChecksum, TunnelType};
+pub use error::Error;
+pub use handle::{DEFAULT_TIMEOUT, Handle, TableEntry};
+pub use op::Op;
 pub use scheduler::{Scheduler, UnknownScheduler};
+pub use service::{
+    Family, Persistence, Protocol, ServiceFlags, ServiceKey, VirtualServer, VirtualServerEntry,
+};
+pub use stats::{Connections, Stats};
+pub use text::{ParseError, parse_rules};
