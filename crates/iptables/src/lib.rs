@@ -10,11 +10,14 @@
 //! - [`runner`]: one `iptables-restore --noflush --wait` / `ipset restore -exist` per apply;
 //!   [`detect_flavour`] picks legacy or nft as kube-proxy's iptables wrapper does.
 //! - [`saved`], [`cleanup`]: reading `iptables-save` back; removing only what the proxy owns.
+//! - [`proxier`]: kube-proxy's iptables mode (the fallback when IPVS is missing), rendered
+//!   from plain service-port descriptions and synced incrementally.
 #![forbid(unsafe_code)]
 
 pub mod chain;
 pub mod cleanup;
 pub mod ipset;
+pub mod proxier;
 pub mod rule;
 pub mod ruleset;
 pub mod runner;

@@ -95,10 +95,10 @@ impl Saved {
 
     /// Adds to `ruleset` the insertion of each of `jumps` (rules in built-in chains) that is
     /// missing here. A jump counts as present when the same built-in chain already jumps to
-    /// the same target, whatever its matches, so a sync never stacks duplicates.
+    /// the same target, whatever its matches, so a sync never stacks duplicates. Each is
+    /// inserted at the top in turn, as kube-proxy does, so the last listed ends up first.
     pub fn add_missing_jumps(&self, table: Table, jumps: &[Rule], ruleset: &mut Ruleset) {
-        // Inserted at position 1 one by one, so insert in reverse to keep the given order.
-        for j in jumps.iter().rev() {
+        for j in jumps {
             let Some(target) = j.target.jump_chain() else {
                 continue;
             };

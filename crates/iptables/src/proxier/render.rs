@@ -1,0 +1,786 @@
+//! The rules of kube-proxy's iptables mode, computed from [`ServiceSpec`]s.
+//!
+//! Each service port renders on its own into a [`ServiceRules`]: its fragments of the shared
+//! chains (KUBE-SERVICES, KUBE-NODEPORTS, …) and its own chains (KUBE-SVC-…, KUBE-SEP-…). The
+//! shared chains are the fragments concatenated in service order. That split is what lets a
+//! sync rewrite only what one Service changed.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::names::{endpoint_chain, external_chain, firewall_chain, local_chain, service_chain};
+use super::{Backend, ProxierConfig, ServiceSpec};
+use crate::rule::{AddrType, MarkOp, Match, Protocol, Recent, Rule, Target};
+use crate::ruleset::Ruleset;
+use crate::table::{Family, Table};
+
+const SERVICES: &str = "KUBE-SERVICES";
+const EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
+const NODEPORTS: &str = "KUBE-NODEPORTS";
+const POSTROUTING: &str = "KUBE-POSTROUTING";
+const MARK_MASQ: &str = "KUBE-MARK-MASQ";
+const FORWARD: &str = "KUBE-FORWARD";
+const FIREWALL: &str = "KUBE-PROXY-FIREWALL";
+
+/// The shared chains a service port adds rules to, in the order their fragments are kept.
+pub const SHARED_CHAINS: [(Table, &str); 6] = [
+    (Table::Nat, SERVICES),
+    (Table::Nat, NODEPORTS),
+    (Table::Filter, SERVICES),
+    (Table::Filter, EXTERNAL_SERVICES),
+    (Table::Filter, NODEPORTS),
+    (Table::Filter, FIREWALL),
+];
+
+/// What one service port contributes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceRules {
+    /// Its rules in each of [`SHARED_CHAINS`], same index.
+    pub shared: [Vec<Rule>; 6],
+    /// Its own nat chains (KUBE-SVC, KUBE-SVL, KUBE-EXT, KUBE-FW, KUBE-SEP), by name.
+    pub chains: BTreeMap<String, Vec<Rule>>,
+}
+
+/// The whole rule set for one family.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rendered {
+    /// Per service port, by (name, protocol).
+    pub services: BTreeMap<(String, Protocol), ServiceRules>,
+    /// Whether per-endpoint comments are written (off in large-cluster mode).
+    pub comments: bool,
+}
+
+/// Renders every service port of `config.family` (ports without a ClusterIP of that family
+/// are left out, as kube-proxy's per-family proxier never sees them).
+#[must_use]
+pub fn render(config: &ProxierConfig, specs: &[ServiceSpec]) -> Rendered {
+    let comments = use_comments(config, specs);
+    let services = specs
+        .iter()
+        .filter_map(|s| render_service(config, s, comments).map(|r| (s.key(), r)))
+        .collect();
+    Rendered { services, comments }
+}
+
+/// Whether per-endpoint comments are written: kube-proxy drops them above 1000 endpoints.
+pub(crate) fn use_comments(config: &ProxierConfig, specs: &[ServiceSpec]) -> bool {
+    let endpoints: usize = specs.iter().map(|s| s.backends.len()).sum();
+    endpoints <= config.large_cluster_endpoints
+}
+
+fn host(addr: IpAddr) -> IpNet {
+    IpNet::from(addr)
+}
+
+/// Renders one service port; `None` when it has no ClusterIP of the proxier's family.
+#[must_use]
+#[allow(
+    clippy::too_many_lines,
+    reason = "one straight walk through kube-proxy's per-service rules reads best unbroken"
+)]
+pub fn render_service(
+    config: &ProxierConfig,
+    spec: &ServiceSpec,
+    comments: bool,
+) -> Option<ServiceRules> {
+    let family = config.family;
+    let of_family = |a: &IpAddr| Family::of(*a) == family;
+    let cluster_ips: Vec<IpAddr> = spec.cluster_ips.iter().copied().filter(of_family).collect();
+    if cluster_ips.is_empty() {
+        return None;
+    }
+    let external_ips: Vec<IpAddr> = spec
+        .external_ips
+        .iter()
+        .copied()
+        .filter(of_family)
+        .collect();
+    let lb_ips: Vec<IpAddr> = spec
+        .load_balancer_ips
+        .iter()
+        .copied()
+        .filter(of_family)
+        .collect();
+    let ranges: Vec<IpNet> = spec
+        .source_ranges
+        .iter()
+        .copied()
+        .filter(|n| of_family(&n.addr()))
+        .collect();
+    let mut backends: Vec<Backend> = spec
+        .backends
+        .iter()
+        .copied()
+        .filter(|b| of_family(&b.addr.ip()))
+        .collect();
+    backends.sort();
+    backends.dedup_by_key(|b| b.addr);
+
+    let name = spec.name.as_str();
+    let proto = spec.protocol;
+    let p = proto.as_str();
+    let cluster_policy_chain = service_chain(name, p);
+    let local_policy_chain = local_chain(name, p);
+    let ext_chain = external_chain(name, p);
+    let fw_chain = firewall_chain(name, p);
+
+    let externally_accessible =
+        spec.node_port.is_some() || !external_ips.is_empty() || !lb_ips.is_empty();
+    let external_local = spec.external_local && externally_accessible;
+    let internal_local = spec.internal_local;
+    let uses_cluster = !internal_local || (externally_accessible && !external_local);
+    let uses_local = internal_local || external_local;
+
+    // kube-proxy's CategorizeEndpoints: ready endpoints, else serving-and-terminating ones.
+    let pick = |f: &dyn Fn(&Backend) -> bool| -> Vec<Backend> {
+        let ready: Vec<Backend> = backends
+            .iter()
+            .copied()
+            .filter(|b| b.ready && f(b))
+            .collect();
+        if ready.is_empty() {
+            backends
+                .iter()
+                .copied()
+                .filter(|b| b.serving && b.terminating && f(b))
+                .collect()
+        } else {
+            ready
+        }
+    };
+    let cluster_endpoints = if uses_cluster {
+        pick(&|_| true)
+    } else {
+        Vec::new()
+    };
+    let local_endpoints = if uses_local {
+        pick(&|b| b.local)
+    } else {
+        Vec::new()
+    };
+    let has_endpoints = backends
+        .iter()
+        .any(|b| b.ready || (b.serving && b.terminating));
+    let has_endpoints = if uses_cluster && !uses_local {
+        !cluster_endpoints.is_empty()
+    } else {
+        has_endpoints
+    };
+    let mut reachable: Vec<Backend> = cluster_endpoints
+        .iter()
+        .chain(&local_endpoints)
+        .copied()
+        .collect();
+    reachable.sort();
+    reachable.dedup_by_key(|b| b.addr);
+
+    let uses_cluster_chain = uses_cluster && !cluster_endpoints.is_empty();
+    let uses_local_chain = uses_local && !local_endpoints.is_empty();
+    let (internal_chain, has_internal) = if internal_local {
+        (
+            &local_policy_chain,
+            has_endpoints && !local_endpoints.is_empty(),
+        )
+    } else {
+        (&cluster_policy_chain, has_endpoints)
+    };
+    let (external_policy_chain, has_external) = if external_local {
+        (
+            &local_policy_chain,
+            has_endpoints && !local_endpoints.is_empty(),
+        )
+    } else {
+        (&cluster_policy_chain, has_endpoints)
+    };
+    let uses_ext_chain = has_endpoints && externally_accessible;
+    let uses_fw_chain = has_endpoints && !lb_ips.is_empty() && !ranges.is_empty();
+    let lb_chain = if uses_fw_chain { &fw_chain } else { &ext_chain };
+
+    let reject = Target::Reject(family.port_unreachable());
+    let (internal_filter, internal_comment) = if has_endpoints {
+        (Target::Drop, format!("{name} has no local endpoints"))
+    } else {
+        (reject.clone(), format!("{name} has no endpoints"))
+    };
+    let (external_filter, external_comment) = (internal_filter.clone(), internal_comment.clone());
+
+    let mut out = ServiceRules::default();
+    let [
+        nat_services,
+        nat_nodeports,
+        filter_services,
+        filter_external,
+        filter_nodeports,
+        filter_firewall,
+    ] = &mut out.shared;
+    let to = |chain: &str, ip: IpAddr, comment: &str, target: Target| {
+        Rule::new(chain, target)
+            .destination(host(ip))
+            .protocol(proto)
+            .comment(comment)
+            .with(Match::Port {
+                protocol: proto,
+                sport: None,
+                dport: Some(spec.port),
+            })
+    };
+
+    for &ip in &cluster_ips {
+        if has_internal {
+            let c = format!("{name} cluster IP");
+            nat_services.push(to(SERVICES, ip, &c, Target::Jump(internal_chain.clone())));
+        } else {
+            filter_services.push(to(SERVICES, ip, &internal_comment, internal_filter.clone()));
+        }
+    }
+    for &ip in &external_ips {
+        if has_endpoints {
+            let c = format!("{name} external IP");
+            nat_services.push(to(SERVICES, ip, &c, Target::Jump(ext_chain.clone())));
+        }
+        if !has_external {
+            filter_external.push(to(
+                EXTERNAL_SERVICES,
+                ip,
+                &external_comment,
+                external_filter.clone(),
+            ));
+        }
+    }
+    for &ip in &lb_ips {
+        if has_endpoints {
+            let c = format!("{name} loadbalancer IP");
+            nat_services.push(to(SERVICES, ip, &c, Target::Jump(lb_chain.clone())));
+        }
+        if uses_fw_chain {
+            let c = format!("{name} traffic not accepted by {fw_chain}");
+            filter_firewall.push(to(FIREWALL, ip, &c, Target::Drop));
+        }
+    }
+    if !has_external {
+        for &ip in &lb_ips {
+            filter_external.push(to(
+                EXTERNAL_SERVICES,
+                ip,
+                &external_comment,
+                external_filter.clone(),
+            ));
+        }
+    }
+    if let Some(node_port) = spec.node_port {
+        let port_match = Match::Port {
+            protocol: proto,
+            sport: None,
+            dport: Some(node_port),
+        };
+        if has_endpoints {
+            nat_nodeports.push(
+                Rule::jump(NODEPORTS, ext_chain.clone())
+                    .protocol(proto)
+                    .comment(name)
+                    .with(port_match.clone()),
+            );
+        }
+        if !has_external {
+            filter_external.push(
+                Rule::new(EXTERNAL_SERVICES, external_filter.clone())
+                    .protocol(proto)
+                    .comment(external_comment.clone())
+                    .with(Match::AddrType {
+                        negated: false,
+                        source: false,
+                        kind: AddrType::Local,
+                    })
+                    .with(port_match),
+            );
+        }
+    }
+    if let Some(hc) = spec.health_check_node_port {
+        filter_nodeports.push(
+            Rule::new(NODEPORTS, Target::Accept)
+                .protocol(Protocol::Tcp)
+                .comment(format!("{name} health check node port"))
+                .with(Match::Port {
+                    protocol: Protocol::Tcp,
+                    sport: None,
+                    dport: Some(hc),
+                }),
+        );
+    }
+
+    // Internal traffic: masquerade off-cluster (or all) sources to the ClusterIP.
+    let mut internal_masq = Vec::new();
+    if has_internal {
+        for &ip in &cluster_ips {
+            let c = format!("{name} cluster IP");
+            let r = to(internal_chain, ip, &c, Target::Jump(MARK_MASQ.into()));
+            if config.masquerade_all {
+                internal_masq.push(r);
+            } else if let Some(cidr) = config.cluster_cidr {
+                internal_masq.push(r.not_source(cidr));
+            }
+        }
+    }
+
+    if uses_ext_chain {
+        let mut rules = Vec::new();
+        let local_src = || Match::AddrType {
+            negated: false,
+            source: true,
+            kind: AddrType::Local,
+        };
+        if external_local {
+            if let Some(cidr) = config.cluster_cidr {
+                rules.push(
+                    Rule::jump(&ext_chain, cluster_policy_chain.clone())
+                        .source(cidr)
+                        .comment(format!("pod traffic for {name} external destinations")),
+                );
+            }
+            rules.push(
+                Rule::jump(&ext_chain, MARK_MASQ)
+                    .comment(format!(
+                        "masquerade LOCAL traffic for {name} external destinations"
+                    ))
+                    .with(local_src()),
+            );
+            rules.push(
+                Rule::jump(&ext_chain, cluster_policy_chain.clone())
+                    .comment(format!(
+                        "route LOCAL traffic for {name} external destinations"
+                    ))
+                    .with(local_src()),
+            );
+        } else {
+            rules.push(Rule::jump(&ext_chain, MARK_MASQ).comment(format!(
+                "masquerade traffic for {name} external destinations"
+            )));
+        }
+        if has_external {
+            rules.push(Rule::jump(&ext_chain, external_policy_chain.clone()));
+        }
+        out.chains.insert(ext_chain.clone(), rules);
+    }
+
+    if uses_fw_chain {
+        let c = format!("{name} loadbalancer IP");
+        let mut rules: Vec<Rule> = ranges
+            .iter()
+            .map(|r| {
+                Rule::jump(&fw_chain, ext_chain.clone())
+                    .source(*r)
+                    .comment(c.clone())
+            })
+            .collect();
+        // A request from the node itself to a VIP bound locally comes back from the VIP.
+        let from_node = ranges
+            .iter()
+            .any(|r| config.node_port_addresses.iter().any(|a| r.contains(a)));
+        if from_node {
+            rules.extend(lb_ips.iter().map(|ip| {
+                Rule::jump(&fw_chain, ext_chain.clone())
+                    .source(host(*ip))
+                    .comment(c.clone())
+            }));
+        }
+        rules.push(Rule::new(&fw_chain, Target::None).comment(format!(
+            "other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL"
+        )));
+        out.chains.insert(fw_chain.clone(), rules);
+    }
+
+    let ep_chain = |b: &Backend| endpoint_chain(name, p, &b.addr.to_string());
+    let mut policy_chain = |chain: &str, eps: &[Backend], masq: Vec<Rule>| {
+        let mut rules: Vec<Rule> = masq.into_iter().filter(|r| r.chain == chain).collect();
+        let comment = |b: &Backend, r: Rule| {
+            if comments {
+                r.comment(format!("{name} -> {}", b.addr))
+            } else {
+                r
+            }
+        };
+        if let Some(seconds) = spec.affinity_seconds {
+            for b in eps {
+                let sep = ep_chain(b);
+                let r = comment(b, Rule::jump(chain, sep.clone())).with(Match::Recent {
+                    action: Recent::Rcheck { seconds },
+                    name: sep,
+                    ipv6: family == Family::V6,
+                });
+                rules.push(r);
+            }
+        }
+        let n = eps.len();
+        for (i, b) in eps.iter().enumerate() {
+            let mut r = comment(b, Rule::jump(chain, ep_chain(b)));
+            if i + 1 < n {
+                r = r.with(Match::OneIn(u32::try_from(n - i).unwrap_or(u32::MAX)));
+            }
+            rules.push(r);
+        }
+        out.chains.insert(chain.to_owned(), rules);
+    };
+    if uses_cluster_chain {
+        policy_chain(
+            &cluster_policy_chain,
+            &cluster_endpoints,
+            internal_masq.clone(),
+        );
+    }
+    if uses_local_chain {
+        policy_chain(&local_policy_chain, &local_endpoints, internal_masq);
+    }
+
+    for b in &reachable {
+        let sep = ep_chain(b);
+        let comment = |r: Rule| if comments { r.comment(name) } else { r };
+        let hairpin = comment(Rule::jump(&sep, MARK_MASQ).source(host(b.addr.ip())));
+        let mut dnat = comment(Rule::new(&sep, Target::Dnat(b.addr)).protocol(proto));
+        if spec.affinity_seconds.is_some() {
+            dnat = dnat.with(Match::Recent {
+                action: Recent::Set,
+                name: sep.clone(),
+                ipv6: family == Family::V6,
+            });
+        }
+        dnat = dnat.with(Match::Port {
+            protocol: proto,
+            sport: None,
+            dport: None,
+        });
+        out.chains.insert(sep, vec![hairpin, dnat]);
+    }
+    Some(out)
+}
+
+impl Rendered {
+    /// The jump rules kube-proxy keeps at the top of built-in chains, per table, in order.
+    #[must_use]
+    pub fn builtin_jumps() -> Vec<(Table, Rule)> {
+        let new = || Match::Conntrack {
+            negated: false,
+            states: "NEW",
+        };
+        let j = |chain: &str, to: &str, comment: &str| Rule::jump(chain, to).comment(comment);
+        let jn = |chain: &str, to: &str, comment: &str| {
+            Rule::jump(chain, to).with(new()).comment(comment)
+        };
+        let external = "kubernetes externally-visible service portals";
+        let portals = "kubernetes service portals";
+        let firewall = "kubernetes load balancer firewall";
+        vec![
+            (Table::Filter, jn("INPUT", EXTERNAL_SERVICES, external)),
+            (Table::Filter, jn("FORWARD", EXTERNAL_SERVICES, external)),
+            (
+                Table::Filter,
+                j("INPUT", NODEPORTS, "kubernetes health check service ports"),
+            ),
+            (Table::Filter, jn("FORWARD", SERVICES, portals)),
+            (Table::Filter, jn("OUTPUT", SERVICES, portals)),
+            (
+                Table::Filter,
+                j("FORWARD", FORWARD, "kubernetes forwarding rules"),
+            ),
+            (Table::Filter, jn("INPUT", FIREWALL, firewall)),
+            (Table::Filter, jn("OUTPUT", FIREWALL, firewall)),
+            (Table::Filter, jn("FORWARD", FIREWALL, firewall)),
+            (Table::Nat, j("OUTPUT", SERVICES, portals)),
+            (Table::Nat, j("PREROUTING", SERVICES, portals)),
+            (
+                Table::Nat,
+                j("POSTROUTING", POSTROUTING, "kubernetes postrouting rules"),
+            ),
+        ]
+    }
+
+    /// The fixed chains and their rules (KUBE-POSTROUTING, KUBE-MARK-MASQ, KUBE-FORWARD).
+    #[must_use]
+    pub fn base_chains(config: &ProxierConfig) -> Vec<(Table, String, Vec<Rule>)> {
+        let mark = config.masquerade_mark();
+        let mut forward = Vec::new();
+        if config.drop_invalid {
+            forward.push(Rule::new(FORWARD, Target::Drop).with(Match::Conntrack {
+                negated: false,
+                states: "INVALID",
+            }));
+        }
+        forward.push(
+            Rule::new(FORWARD, Target::Accept)
+                .comment("kubernetes forwarding rules")
+                .with(Match::Mark {
+                    negated: false,
+                    value: mark,
+                    mask: mark,
+                }),
+        );
+        forward.push(
+            Rule::new(FORWARD, Target::Accept)
+                .comment("kubernetes forwarding conntrack rule")
+                .with(Match::Conntrack {
+                    negated: false,
+                    states: "RELATED,ESTABLISHED",
+                }),
+        );
+        vec![
+            (Table::Filter, FORWARD.to_owned(), forward),
+            (
+                Table::Nat,
+                MARK_MASQ.to_owned(),
+                vec![Rule::new(MARK_MASQ, Target::Mark(MarkOp::Or(mark)))],
+            ),
+            (
+                Table::Nat,
+                POSTROUTING.to_owned(),
+                vec![
+                    Rule::new(POSTROUTING, Target::Return).with(Match::Mark {
+                        negated: true,
+                        value: mark,
+                        mask: mark,
+                    }),
+                    Rule::new(POSTROUTING, Target::Mark(MarkOp::Xor(mark))),
+                    Rule::new(
+                        POSTROUTING,
+                        Target::Masquerade {
+                            random_fully: config.random_fully,
+                        },
+                    )
+                    .comment("kubernetes service traffic requiring SNAT"),
+                ],
+            ),
+        ]
+    }
+
+    /// The rules of shared chain `index` of [`SHARED_CHAINS`]: every service's fragment in
+    /// order, and for nat KUBE-SERVICES the final jump to KUBE-NODEPORTS.
+    #[must_use]
+    pub fn shared_chain(&self, config: &ProxierConfig, index: usize) -> Vec<Rule> {
+        let mut rules: Vec<Rule> = self
+            .services
+            .values()
+            .flat_map(|s| s.shared[index].iter().cloned())
+            .collect();
+        if SHARED_CHAINS[index] == (Table::Nat, SERVICES) {
+            let comment =
+                "kubernetes service nodeports; NOTE: this must be the last rule in this chain";
+            if config.node_port_addresses.is_empty() {
+                rules.push(Rule::jump(SERVICES, NODEPORTS).comment(comment).with(
+                    Match::AddrType {
+                        negated: false,
+                        source: false,
+                        kind: AddrType::Local,
+                    },
+                ));
+            } else {
+                for a in &config.node_port_addresses {
+                    rules.push(
+                        Rule::jump(SERVICES, NODEPORTS)
+                            .destination(host(*a))
+                            .comment(comment),
+                    );
+                }
+            }
+        }
+        rules
+    }
+
+    /// Every chain the proxier writes, with its rules, as a full-sync restore patch (without
+    /// the built-in jumps, which depend on what the kernel already has).
+    #[must_use]
+    pub fn full_ruleset(&self, config: &ProxierConfig) -> Ruleset {
+        let mut rs = Ruleset::default();
+        for (table, name, rules) in Rendered::base_chains(config) {
+            rs.table(table).chains.insert(name, rules);
+        }
+        for (i, (table, name)) in SHARED_CHAINS.iter().enumerate() {
+            rs.table(*table)
+                .chains
+                .insert((*name).to_owned(), self.shared_chain(config, i));
+        }
+        let nat = rs.table(Table::Nat);
+        for s in self.services.values() {
+            for (name, rules) in &s.chains {
+                nat.chains.insert(name.clone(), rules.clone());
+            }
+        }
+        rs
+    }
+
+    /// The rule set as `iptables-save` would print the proxy's part of it: per table, the
+    /// chain declarations sorted, the built-in jumps, then each chain's rules in name order.
+    #[must_use]
+    pub fn save_text(&self, config: &ProxierConfig) -> String {
+        let rs = self.full_ruleset(config);
+        let jumps = Rendered::builtin_jumps();
+        let mut out = String::new();
+        for (table, patch) in &rs.tables {
+            let _ = writeln!(out, "*{table}");
+            for name in patch.chains.keys() {
+                let _ = writeln!(out, ":{name} - [0:0]");
+            }
+            for builtin in table.builtin_chains() {
+                // kube-proxy inserts each at the top, so the last listed is printed first.
+                for (_, r) in jumps
+                    .iter()
+                    .rev()
+                    .filter(|(t, r)| t == table && r.chain == *builtin)
+                {
+                    let _ = writeln!(out, "{r}");
+                }
+            }
+            for rules in patch.chains.values() {
+                for r in rules {
+                    let _ = writeln!(out, "{r}");
+                }
+            }
+            out.push_str("COMMIT\n");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxier::Backend;
+
+    fn config() -> ProxierConfig {
+        ProxierConfig {
+            cluster_cidr: Some("10.0.0.0/8".parse().unwrap()),
+            ..ProxierConfig::default()
+        }
+    }
+
+    fn lines(r: &Rendered, cfg: &ProxierConfig) -> Vec<String> {
+        r.save_text(cfg).lines().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn cluster_ip_renders_kube_proxys_chains_and_names() {
+        let cfg = config();
+        let mut s = ServiceSpec::cluster_ip(
+            "ns1/svc1:p80",
+            Protocol::Tcp,
+            "172.30.0.41".parse().unwrap(),
+            80,
+        );
+        s.backends
+            .push(Backend::ready("10.180.0.1:80".parse().unwrap(), false));
+        let out = lines(&render(&cfg, &[s]), &cfg);
+        for want in [
+            "-A KUBE-SERVICES -d 172.30.0.41/32 -p tcp -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O",
+            "-A KUBE-SVC-XPGD46QRK7WJZT7O ! -s 10.0.0.0/8 -d 172.30.0.41/32 -p tcp -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp --dport 80 -j KUBE-MARK-MASQ",
+            "-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 -> 10.180.0.1:80\" -j KUBE-SEP-SXIVWICOYRO3J4NJ",
+            "-A KUBE-SEP-SXIVWICOYRO3J4NJ -s 10.180.0.1/32 -m comment --comment \"ns1/svc1:p80\" -j KUBE-MARK-MASQ",
+            "-A KUBE-SEP-SXIVWICOYRO3J4NJ -p tcp -m comment --comment \"ns1/svc1:p80\" -m tcp -j DNAT --to-destination 10.180.0.1:80",
+            "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000",
+            "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+            "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS",
+        ] {
+            assert!(
+                out.iter().any(|l| l == want),
+                "missing {want}\nin:\n{}",
+                out.join("\n")
+            );
+        }
+    }
+
+    #[test]
+    fn probabilities_are_one_in_n_down_to_an_unconditional_last() {
+        let cfg = config();
+        let mut s = ServiceSpec::cluster_ip(
+            "ns/s:http",
+            Protocol::Tcp,
+            "10.96.0.10".parse().unwrap(),
+            80,
+        );
+        for i in 1..=4 {
+            s.backends.push(Backend::ready(
+                format!("10.244.0.{i}:8080").parse().unwrap(),
+                false,
+            ));
+        }
+        let svc = service_chain("ns/s:http", "tcp");
+        let r = render(&cfg, &[s]);
+        let chain = &r.services.values().next().unwrap().chains[&svc];
+        let probs: Vec<String> = chain
+            .iter()
+            .map(ToString::to_string)
+            .filter(|l| l.contains("KUBE-SEP-"))
+            .map(|l| {
+                l.split("--probability ")
+                    .nth(1)
+                    .map_or("-".into(), |p| p.split(' ').next().unwrap().to_owned())
+            })
+            .collect();
+        assert_eq!(probs, ["0.2500000000", "0.3333333333", "0.5000000000", "-"]);
+    }
+
+    #[test]
+    fn no_endpoints_rejects_in_the_filter_table() {
+        let cfg = config();
+        let mut s = ServiceSpec::cluster_ip(
+            "ns/empty:p",
+            Protocol::Tcp,
+            "10.96.0.20".parse().unwrap(),
+            80,
+        );
+        s.node_port = Some(30020);
+        let out = lines(&render(&cfg, &[s]), &cfg);
+        assert!(out.contains(&"-A KUBE-SERVICES -d 10.96.0.20/32 -p tcp -m comment --comment \"ns/empty:p has no endpoints\" -m tcp --dport 80 -j REJECT --reject-with icmp-port-unreachable".to_owned()));
+        assert!(out.contains(&"-A KUBE-EXTERNAL-SERVICES -p tcp -m comment --comment \"ns/empty:p has no endpoints\" -m addrtype --dst-type LOCAL -m tcp --dport 30020 -j REJECT --reject-with icmp-port-unreachable".to_owned()));
+        assert!(!out.iter().any(|l| l.contains("KUBE-SVC-")));
+    }
+
+    #[test]
+    fn external_local_uses_only_local_endpoints_and_keeps_the_source() {
+        let cfg = config();
+        let mut s = ServiceSpec::cluster_ip(
+            "ns/web:http",
+            Protocol::Tcp,
+            "10.96.0.30".parse().unwrap(),
+            80,
+        );
+        s.node_port = Some(30030);
+        s.external_local = true;
+        s.backends
+            .push(Backend::ready("10.244.1.1:80".parse().unwrap(), true));
+        s.backends
+            .push(Backend::ready("10.244.2.1:80".parse().unwrap(), false));
+        let r = render(&cfg, &[s]);
+        let rules = r.services.values().next().unwrap();
+        let ext = &rules.chains[&external_chain("ns/web:http", "tcp")];
+        assert_eq!(
+            ext.last().unwrap().target,
+            Target::Jump(local_chain("ns/web:http", "tcp"))
+        );
+        assert!(
+            !ext.iter()
+                .any(|r| r.target == Target::Jump(MARK_MASQ.into()) && r.matches.len() == 1)
+        );
+        let svl = &rules.chains[&local_chain("ns/web:http", "tcp")];
+        assert_eq!(svl.len(), 1, "one local endpoint, unconditional: {svl:?}");
+    }
+
+    #[test]
+    fn affinity_checks_recent_before_balancing() {
+        let cfg = config();
+        let mut s =
+            ServiceSpec::cluster_ip("ns/a:p", Protocol::Tcp, "10.96.0.40".parse().unwrap(), 80);
+        s.affinity_seconds = Some(10_800);
+        s.backends
+            .push(Backend::ready("10.244.0.1:80".parse().unwrap(), false));
+        let out = lines(&render(&cfg, &[s]), &cfg);
+        let sep = endpoint_chain("ns/a:p", "tcp", "10.244.0.1:80");
+        let want = format!(
+            "-m recent --rcheck --seconds 10800 --reap --name {sep} --mask 255.255.255.255 --rsource -j {sep}"
+        );
+        assert!(out.iter().any(|l| l.ends_with(&want)), "{out:#?}");
+        assert!(
+            out.iter()
+                .any(|l| l.contains("-m recent --set --name") && l.contains("DNAT"))
+        );
+    }
+}
