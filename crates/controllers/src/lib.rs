@@ -3,3 +3,10 @@
 //!
 //! Controllers never touch the kernel.
 #![forbid(unsafe_code)]
+
+pub mod convert;
+pub mod manifests;
+pub mod source;
+
+pub use manifests::{ManifestError, Snapshot, read_dir};
+pub use source::{Affected, Event, Kind, Object, ObjectKey, apply, apply_all};

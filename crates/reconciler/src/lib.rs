@@ -5,11 +5,22 @@
 //! the kernel backends are traits it is handed.
 #![forbid(unsafe_code)]
 
+pub mod ipsets;
+pub mod ipvs_rules;
+pub mod ipvs_state;
 pub mod model;
+pub mod plan;
+mod render;
 pub mod state;
 
+pub use ipsets::KubeSet;
+pub use ipvs_state::{RealServer, VirtualServer, VirtualServerKey};
 pub use model::{
     Conditions, Endpoint, EndpointPort, EndpointSlice, NodeFacts, Protocol, SchedulerChoice,
     ServiceName, ServicePort, ServicePortName, ServiceType, SessionAffinity, TrafficPolicy,
+};
+pub use plan::{
+    NodePortFilter, Plan, PlanConfig, PlanWarning, PlannedVirtualServer, Planner, ServicePlan,
+    node_port_addresses,
 };
 pub use state::{ClusterState, SliceName};

@@ -1,0 +1,352 @@
+//! Kubernetes objects → the reconciler's model, with kube-proxy's filtering.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use reconciler::model::{
+    Conditions, Endpoint, EndpointPort, EndpointSlice as SliceModel, NodeFacts, Protocol,
+    SchedulerChoice, ServiceName, ServicePort, ServicePortName, ServiceType, SessionAffinity,
+    TrafficPolicy,
+};
+use reconciler::plan::{KUBE_ROUTER_SCHEDULER_ANNOTATION, SCHEDULER_ANNOTATION};
+use reconciler::state::SliceName;
+
+/// Services with this label belong to another proxy (kube-proxy ignores them too).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The label kube-proxy's EndpointSlice watch excludes (headless Services' slices).
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// The annotation kube-proxy reads when `spec.loadBalancerSourceRanges` is empty.
+pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+/// The node label with its zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Why a Service produces no ServicePorts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Skipped {
+    #[error("headless (clusterIP: None)")]
+    Headless,
+    #[error("type ExternalName")]
+    ExternalName,
+    #[error("labelled {SERVICE_PROXY_NAME_LABEL}={0}: served by another proxy")]
+    OtherProxy(String),
+    #[error("no clusterIP")]
+    NoClusterIp,
+}
+
+/// The Service's namespace and name (`default` when the manifest leaves the namespace out).
+#[must_use]
+pub fn service_name(svc: &Service) -> ServiceName {
+    ServiceName {
+        namespace: svc
+            .metadata
+            .namespace
+            .as_deref()
+            .unwrap_or("default")
+            .into(),
+        name: svc.metadata.name.as_deref().unwrap_or("").into(),
+    }
+}
+
+fn parse_ips(values: &[String], what: &str, svc: &ServiceName) -> Arc<[IpAddr]> {
+    values
+        .iter()
+        .filter_map(|v| {
+            let ip = v.trim().parse::<IpAddr>().ok();
+            if ip.is_none() {
+                tracing::warn!(service = %svc, value = %v, "ignoring invalid {what}");
+            }
+            ip
+        })
+        .collect()
+}
+
+/// One `ServicePort` per port of `svc`, or why the Service is skipped.
+#[allow(
+    clippy::too_many_lines,
+    reason = "one pass over the Service's fields, in the order the model lists them"
+)]
+pub fn service_ports(svc: &Service) -> Result<Vec<ServicePort>, Skipped> {
+    let name = service_name(svc);
+    if let Some(proxy) = svc
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
+    {
+        return Err(Skipped::OtherProxy(proxy.clone()));
+    }
+    let Some(spec) = &svc.spec else {
+        return Err(Skipped::NoClusterIp);
+    };
+    let service_type = match spec.type_.as_deref() {
+        Some("ExternalName") => return Err(Skipped::ExternalName),
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        _ => ServiceType::ClusterIp,
+    };
+    let cluster_ip_strings: Vec<String> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.clone(),
+        _ => spec.cluster_ip.iter().cloned().collect(),
+    };
+    if cluster_ip_strings.first().map(String::as_str) == Some("None") {
+        return Err(Skipped::Headless);
+    }
+    let cluster_ips = parse_ips(&cluster_ip_strings, "clusterIP", &name);
+    if cluster_ips.is_empty() {
+        return Err(Skipped::NoClusterIp);
+    }
+    let external_ips = parse_ips(
+        spec.external_ips.as_deref().unwrap_or_default(),
+        "externalIP",
+        &name,
+    );
+    // VIP-mode ingresses only: `ipMode: Proxy` means the load balancer proxies, so the node
+    // must not capture its address (kube-proxy skips them too).
+    let ingress: Vec<String> = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .map(|ing| {
+            ing.iter()
+                .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+                .filter_map(|i| i.ip.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let load_balancer_ips = parse_ips(&ingress, "loadBalancer ingress IP", &name);
+    let annotations = svc.metadata.annotations.as_ref();
+    let mut range_strings: Vec<String> =
+        spec.load_balancer_source_ranges.clone().unwrap_or_default();
+    if range_strings.is_empty()
+        && let Some(a) = annotations.and_then(|a| a.get(SOURCE_RANGES_ANNOTATION))
+    {
+        range_strings = a.split(',').map(str::to_owned).collect();
+    }
+    let load_balancer_source_ranges: Arc<[IpNet]> = range_strings
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| {
+            let net = s.parse::<IpNet>().ok().map(|n| n.trunc());
+            if net.is_none() {
+                tracing::warn!(service = %name, value = %s, "ignoring invalid loadBalancerSourceRange");
+            }
+            net
+        })
+        .collect();
+    let policy = |p: Option<&str>| {
+        if p == Some("Local") {
+            TrafficPolicy::Local
+        } else {
+            TrafficPolicy::Cluster
+        }
+    };
+    let session_affinity = if spec.session_affinity.as_deref() == Some("ClientIP") {
+        let timeout = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .filter(|t| *t > 0)
+            .unwrap_or(SessionAffinity::DEFAULT_TIMEOUT_SECONDS);
+        SessionAffinity::ClientIp {
+            timeout_seconds: timeout,
+        }
+    } else {
+        SessionAffinity::None
+    };
+    let scheduler = annotations
+        .and_then(|a| {
+            a.get(SCHEDULER_ANNOTATION)
+                .or_else(|| a.get(KUBE_ROUTER_SCHEDULER_ANNOTATION))
+        })
+        .map_or(SchedulerChoice::Default, |v| {
+            SchedulerChoice::from_annotation(v)
+        });
+    let externally_typed = matches!(
+        service_type,
+        ServiceType::NodePort | ServiceType::LoadBalancer
+    );
+    let health_check_node_port = spec
+        .health_check_node_port
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0);
+
+    let mut out = Vec::new();
+    for p in spec.ports.as_deref().unwrap_or_default() {
+        let protocol = match p.protocol.as_deref() {
+            None | Some("TCP") => Protocol::Tcp,
+            Some("UDP") => Protocol::Udp,
+            Some("SCTP") => Protocol::Sctp,
+            Some(other) => {
+                tracing::warn!(service = %name, protocol = other, "ignoring port with unknown protocol");
+                continue;
+            }
+        };
+        let Some(port) = u16::try_from(p.port).ok().filter(|p| *p != 0) else {
+            tracing::warn!(service = %name, port = p.port, "ignoring invalid port");
+            continue;
+        };
+        out.push(ServicePort {
+            name: ServicePortName {
+                service: name.clone(),
+                port: p.name.as_deref().unwrap_or("").into(),
+                protocol,
+            },
+            service_type,
+            port,
+            cluster_ips: cluster_ips.clone(),
+            external_ips: external_ips.clone(),
+            load_balancer_ips: load_balancer_ips.clone(),
+            load_balancer_source_ranges: load_balancer_source_ranges.clone(),
+            node_port: p
+                .node_port
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|n| externally_typed && *n != 0),
+            health_check_node_port,
+            session_affinity,
+            external_traffic_policy: policy(spec.external_traffic_policy.as_deref()),
+            internal_traffic_policy: policy(spec.internal_traffic_policy.as_deref()),
+            scheduler: scheduler.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// The slice's identity (namespace, name).
+#[must_use]
+pub fn slice_name(slice: &EndpointSlice) -> SliceName {
+    (
+        slice
+            .metadata
+            .namespace
+            .as_deref()
+            .unwrap_or("default")
+            .into(),
+        slice.metadata.name.as_deref().unwrap_or("").into(),
+    )
+}
+
+/// An endpoint's address, conditions, node and zone, before it is paired with a port.
+type Address = (IpAddr, Conditions, Option<Arc<str>>, Option<Arc<str>>);
+
+/// The model of an EndpointSlice; `None` when it names no Service or holds FQDNs.
+#[must_use]
+pub fn endpoint_slice(slice: &EndpointSlice) -> Option<SliceModel> {
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))?;
+    if slice.address_type == "FQDN" {
+        return None;
+    }
+    let (namespace, _) = slice_name(slice);
+    let service = ServiceName {
+        namespace,
+        name: service.as_str().into(),
+    };
+    // Node and zone strings are shared by every port of the slice.
+    let mut shared: Vec<Arc<str>> = Vec::new();
+    let mut intern = |s: &str| -> Arc<str> {
+        if let Some(a) = shared.iter().find(|a| &***a == s) {
+            return a.clone();
+        }
+        let a: Arc<str> = s.into();
+        shared.push(a.clone());
+        a
+    };
+    let addrs: Vec<Address> = slice
+        .endpoints
+        .iter()
+        .filter_map(|e| {
+            // kube-proxy uses the first address of an endpoint.
+            let ip = e.addresses.first()?.parse::<IpAddr>().ok()?;
+            let c = e.conditions.as_ref();
+            let conditions = Conditions {
+                ready: c.and_then(|c| c.ready).unwrap_or(true),
+                serving: c.and_then(|c| c.serving).unwrap_or(true),
+                terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+            };
+            Some((
+                ip,
+                conditions,
+                e.node_name.as_deref().map(&mut intern),
+                e.zone.as_deref().map(&mut intern),
+            ))
+        })
+        .collect();
+    let ports = slice
+        .ports
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| {
+            let port = u16::try_from(p.port?).ok().filter(|p| *p != 0)?;
+            let protocol = match p.protocol.as_deref() {
+                None | Some("TCP") => Protocol::Tcp,
+                Some("UDP") => Protocol::Udp,
+                Some("SCTP") => Protocol::Sctp,
+                Some(_) => return None,
+            };
+            Some(EndpointPort {
+                name: p.name.as_deref().unwrap_or("").into(),
+                protocol,
+                endpoints: addrs
+                    .iter()
+                    .map(|(ip, conditions, node, zone)| Endpoint {
+                        ip: *ip,
+                        port,
+                        conditions: *conditions,
+                        node_name: node.clone(),
+                        zone: zone.clone(),
+                    })
+                    .collect(),
+            })
+        })
+        .collect();
+    Some(SliceModel { service, ports })
+}
+
+/// A Node's facts: its name, InternalIP addresses then ExternalIP ones, and its zone.
+#[must_use]
+pub fn node_facts(node: &Node) -> NodeFacts {
+    let addresses = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .map(|addrs| {
+            let of = |kind: &'static str| {
+                addrs
+                    .iter()
+                    .filter(move |a| a.type_ == kind)
+                    .filter_map(|a| a.address.parse::<IpAddr>().ok())
+            };
+            let mut v: Vec<IpAddr> = of("InternalIP").chain(of("ExternalIP")).collect();
+            let mut seen = Vec::new();
+            v.retain(|a| {
+                let new = !seen.contains(a);
+                seen.push(*a);
+                new
+            });
+            v
+        })
+        .unwrap_or_default();
+    NodeFacts {
+        name: node.metadata.name.as_deref().unwrap_or("").into(),
+        addresses,
+        zone: node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(ZONE_LABEL))
+            .map(|z| z.as_str().into()),
+    }
+}

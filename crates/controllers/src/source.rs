@@ -1,0 +1,137 @@
+//! What every source produces: objects applied and objects deleted, as [`Event`]s, folded
+//! into a [`ClusterState`] by [`apply`]. The manifest directory and (later) the kube-rs
+//! watchers both speak this, so the sync engine does not care where objects come from.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use reconciler::model::ServiceName;
+use reconciler::state::ClusterState;
+
+use crate::convert::{endpoint_slice, node_facts, service_name, service_ports, slice_name};
+
+/// The kinds a proxy reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+/// An object's identity: kind, namespace (empty for Nodes) and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+}
+
+/// One API object of a kind the proxy reads.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+    Node(Box<Node>),
+}
+
+impl Object {
+    #[must_use]
+    pub fn key(&self) -> ObjectKey {
+        let (kind, meta) = match self {
+            Object::Service(o) => (Kind::Service, &o.metadata),
+            Object::EndpointSlice(o) => (Kind::EndpointSlice, &o.metadata),
+            Object::Node(o) => (Kind::Node, &o.metadata),
+        };
+        let namespace = match kind {
+            Kind::Node => "",
+            _ => meta.namespace.as_deref().unwrap_or("default"),
+        };
+        ObjectKey {
+            kind,
+            namespace: namespace.into(),
+            name: meta.name.as_deref().unwrap_or("").into(),
+        }
+    }
+}
+
+/// A change reported by a source.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Created or updated.
+    Apply(Object),
+    /// Gone.
+    Delete(ObjectKey),
+}
+
+/// What an event changed: the Services whose plans must be recomputed, and whether node
+/// facts changed (which affects every NodePort).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Affected {
+    pub services: Vec<ServiceName>,
+    pub nodes: bool,
+}
+
+impl Affected {
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && !self.nodes
+    }
+
+    fn merge(&mut self, other: Affected) {
+        for s in other.services {
+            if !self.services.contains(&s) {
+                self.services.push(s);
+            }
+        }
+        self.nodes |= other.nodes;
+    }
+}
+
+/// Folds one event into `state`. Skipped Services (headless, ExternalName, another proxy's,
+/// no ClusterIP) are held as absent, so a Service that becomes skipped is removed.
+pub fn apply(state: &mut ClusterState, event: Event) -> Affected {
+    let mut out = Affected::default();
+    match event {
+        Event::Apply(Object::Service(svc)) => {
+            let name = service_name(&svc);
+            let ports = match service_ports(&svc) {
+                Ok(ports) => ports,
+                Err(why) => {
+                    tracing::debug!(service = %name, %why, "service skipped");
+                    Vec::new()
+                }
+            };
+            out.services.extend(state.upsert_service(name, ports));
+        }
+        Event::Apply(Object::EndpointSlice(slice)) => {
+            let key = slice_name(&slice);
+            match endpoint_slice(&slice) {
+                Some(model) => out.services = state.upsert_slice(key, model),
+                None => out.services.extend(state.remove_slice(&key)),
+            }
+        }
+        Event::Apply(Object::Node(node)) => out.nodes = state.upsert_node(node_facts(&node)),
+        Event::Delete(key) => match key.kind {
+            Kind::Service => out.services.extend(state.remove_service(&ServiceName {
+                namespace: key.namespace,
+                name: key.name,
+            })),
+            Kind::EndpointSlice => {
+                out.services
+                    .extend(state.remove_slice(&(key.namespace, key.name)));
+            }
+            Kind::Node => out.nodes = state.remove_node(&key.name),
+        },
+    }
+    out
+}
+
+/// Folds many events; returns everything they affected.
+pub fn apply_all(state: &mut ClusterState, events: impl IntoIterator<Item = Event>) -> Affected {
+    let mut out = Affected::default();
+    for e in events {
+        out.merge(apply(state, e));
+    }
+    out
+}

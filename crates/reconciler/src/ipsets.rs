@@ -1,0 +1,172 @@
+//! The KUBE-* ipsets of kube-proxy's ipvs mode, with kube-proxy's names, types and comments
+//! (pkg/proxy/ipvs/ipset.go), so `ipset list` and runbooks read the same.
+
+use std::collections::BTreeSet;
+
+use iptables::{Family, IpSet, SetEntry, SetType};
+
+/// One of the ipvs-mode sets. Order is kube-proxy's `ipsetInfo` order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KubeSet {
+    LoopBack,
+    ClusterIp,
+    ExternalIp,
+    ExternalIpLocal,
+    LoadBalancer,
+    LoadBalancerFw,
+    LoadBalancerLocal,
+    LoadBalancerSourceIp,
+    LoadBalancerSourceCidr,
+    NodePortTcp,
+    NodePortLocalTcp,
+    NodePortUdp,
+    NodePortLocalUdp,
+    NodePortSctp,
+    NodePortLocalSctp,
+    HealthCheckNodePort,
+    IpvsIps,
+}
+
+impl KubeSet {
+    pub const ALL: [KubeSet; 17] = [
+        KubeSet::LoopBack,
+        KubeSet::ClusterIp,
+        KubeSet::ExternalIp,
+        KubeSet::ExternalIpLocal,
+        KubeSet::LoadBalancer,
+        KubeSet::LoadBalancerFw,
+        KubeSet::LoadBalancerLocal,
+        KubeSet::LoadBalancerSourceIp,
+        KubeSet::LoadBalancerSourceCidr,
+        KubeSet::NodePortTcp,
+        KubeSet::NodePortLocalTcp,
+        KubeSet::NodePortUdp,
+        KubeSet::NodePortLocalUdp,
+        KubeSet::NodePortSctp,
+        KubeSet::NodePortLocalSctp,
+        KubeSet::HealthCheckNodePort,
+        KubeSet::IpvsIps,
+    ];
+
+    /// The IPv4 name.
+    #[must_use]
+    pub fn base_name(self) -> &'static str {
+        match self {
+            KubeSet::LoopBack => "KUBE-LOOP-BACK",
+            KubeSet::ClusterIp => "KUBE-CLUSTER-IP",
+            KubeSet::ExternalIp => "KUBE-EXTERNAL-IP",
+            KubeSet::ExternalIpLocal => "KUBE-EXTERNAL-IP-LOCAL",
+            KubeSet::LoadBalancer => "KUBE-LOAD-BALANCER",
+            KubeSet::LoadBalancerFw => "KUBE-LOAD-BALANCER-FW",
+            KubeSet::LoadBalancerLocal => "KUBE-LOAD-BALANCER-LOCAL",
+            KubeSet::LoadBalancerSourceIp => "KUBE-LOAD-BALANCER-SOURCE-IP",
+            KubeSet::LoadBalancerSourceCidr => "KUBE-LOAD-BALANCER-SOURCE-CIDR",
+            KubeSet::NodePortTcp => "KUBE-NODE-PORT-TCP",
+            KubeSet::NodePortLocalTcp => "KUBE-NODE-PORT-LOCAL-TCP",
+            KubeSet::NodePortUdp => "KUBE-NODE-PORT-UDP",
+            KubeSet::NodePortLocalUdp => "KUBE-NODE-PORT-LOCAL-UDP",
+            KubeSet::NodePortSctp => "KUBE-NODE-PORT-SCTP-HASH",
+            KubeSet::NodePortLocalSctp => "KUBE-NODE-PORT-LOCAL-SCTP-HASH",
+            KubeSet::HealthCheckNodePort => "KUBE-HEALTH-CHECK-NODE-PORT",
+            KubeSet::IpvsIps => "KUBE-IPVS-IPS",
+        }
+    }
+
+    /// The name in `family`: IPv6 sets are `KUBE-6-…`, cut to the kernel's 31 characters, as
+    /// kube-proxy names them (`KUBE-6-LOAD-BALANCER-SOURCE-CID`).
+    #[must_use]
+    pub fn name(self, family: Family) -> String {
+        match family {
+            Family::V4 => self.base_name().to_owned(),
+            Family::V6 => {
+                let mut n = self.base_name().replacen("KUBE-", "KUBE-6-", 1);
+                n.truncate(31);
+                n
+            }
+        }
+    }
+
+    #[must_use]
+    pub fn set_type(self) -> SetType {
+        match self {
+            KubeSet::LoopBack | KubeSet::LoadBalancerSourceIp => SetType::HashIpPortIp,
+            KubeSet::LoadBalancerSourceCidr => SetType::HashIpPortNet,
+            KubeSet::NodePortTcp
+            | KubeSet::NodePortLocalTcp
+            | KubeSet::NodePortUdp
+            | KubeSet::NodePortLocalUdp
+            | KubeSet::HealthCheckNodePort => SetType::BitmapPort,
+            KubeSet::IpvsIps => SetType::HashIp,
+            _ => SetType::HashIpPort,
+        }
+    }
+
+    /// kube-proxy's comment, used in the iptables rules that match the set.
+    #[must_use]
+    pub fn comment(self) -> &'static str {
+        match self {
+            KubeSet::LoopBack => {
+                "Kubernetes endpoints dst ip:port, source ip for solving hairpin purpose"
+            }
+            KubeSet::ClusterIp => "Kubernetes service cluster ip + port for masquerade purpose",
+            KubeSet::ExternalIp => {
+                "Kubernetes service external ip + port for masquerade and filter purpose"
+            }
+            KubeSet::ExternalIpLocal => {
+                "Kubernetes service external ip + port with externalTrafficPolicy=local"
+            }
+            KubeSet::LoadBalancer => "Kubernetes service lb portal",
+            KubeSet::LoadBalancerFw => {
+                "Kubernetes service load balancer ip + port for load balancer with sourceRange"
+            }
+            KubeSet::LoadBalancerLocal => {
+                "Kubernetes service load balancer ip + port with externalTrafficPolicy=local"
+            }
+            KubeSet::LoadBalancerSourceIp => {
+                "Kubernetes service load balancer ip + port + source IP for packet filter purpose"
+            }
+            KubeSet::LoadBalancerSourceCidr => {
+                "Kubernetes service load balancer ip + port + source cidr for packet filter purpose"
+            }
+            KubeSet::NodePortTcp => "Kubernetes nodeport TCP port for masquerade purpose",
+            KubeSet::NodePortLocalTcp => {
+                "Kubernetes nodeport TCP port with externalTrafficPolicy=local"
+            }
+            KubeSet::NodePortUdp => "Kubernetes nodeport UDP port for masquerade purpose",
+            KubeSet::NodePortLocalUdp => {
+                "Kubernetes nodeport UDP port with externalTrafficPolicy=local"
+            }
+            KubeSet::NodePortSctp => {
+                "Kubernetes nodeport SCTP port for masquerade purpose with type 'hash ip:port'"
+            }
+            KubeSet::NodePortLocalSctp => {
+                "Kubernetes nodeport SCTP port with externalTrafficPolicy=local with type 'hash ip:port'"
+            }
+            KubeSet::HealthCheckNodePort => "Kubernetes health check node port",
+            KubeSet::IpvsIps => "Addresses on the ipvs interface",
+        }
+    }
+
+    /// The set with its entries, sized from them (no fixed 65536 cap).
+    #[must_use]
+    pub fn to_ipset(self, family: Family, entries: &BTreeSet<SetEntry>) -> IpSet {
+        IpSet::new(self.name(family), self.set_type(), family, entries.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_set_names_are_kube_proxys_truncated_names() {
+        assert_eq!(KubeSet::ClusterIp.name(Family::V6), "KUBE-6-CLUSTER-IP");
+        assert_eq!(
+            KubeSet::LoadBalancerSourceCidr.name(Family::V6),
+            "KUBE-6-LOAD-BALANCER-SOURCE-CID"
+        );
+        for set in KubeSet::ALL {
+            assert!(set.name(Family::V6).len() <= 31);
+        }
+    }
+}

@@ -1,0 +1,556 @@
+//! The desired kernel state: from the model and the node's configuration, exactly what
+//! kube-proxy's ipvs mode programs — IPVS virtual and real servers, the addresses bound to
+//! `kube-ipvs0`, the KUBE-* ipsets and the small ipvs-mode iptables rule set.
+//!
+//! Planning is per Service ([`Planner::plan_service`]) so that a sync engine can recompute just
+//! the Services that changed; [`Plan`] is the union of the Service plans plus the fixed rules.
+//! Semantics decisions are in `docs/model.md`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use iptables::{Family, SetEntry};
+
+use crate::ipsets::KubeSet;
+use crate::ipvs_state::{
+    FLAG_PERSISTENT, FLAG_SOURCE_HASH, RealServer, VirtualServer, VirtualServerKey,
+};
+use crate::model::{
+    Endpoint, Protocol, Scheduler, SchedulerChoice, ServiceName, ServicePort, ServicePortName,
+    SessionAffinity,
+};
+use crate::state::ClusterState;
+
+/// Annotation that picks a Service's IPVS scheduler (ours).
+pub const SCHEDULER_ANNOTATION: &str = "ipvs-proxy.io/scheduler";
+/// kube-router's annotation for the same, accepted so its users can migrate.
+pub const KUBE_ROUTER_SCHEDULER_ANNOTATION: &str = "kube-router.io/service.scheduler";
+
+/// The node and flag settings planning depends on.
+#[derive(Debug, Clone)]
+pub struct PlanConfig {
+    /// `--ipvs-scheduler`.
+    pub scheduler: Scheduler,
+    /// `--masquerade-all`.
+    pub masquerade_all: bool,
+    /// `--masquerade-bit`.
+    pub masquerade_bit: u8,
+    /// `--cluster-cidr` (the first of each family is used, as kube-proxy's local detector does).
+    pub cluster_cidrs: Vec<IpNet>,
+    /// This node's name: endpoints with this `nodeName` are local.
+    pub node_name: Arc<str>,
+    /// Every address of this node, primary of each family first. Used to recognise an
+    /// externalIP or LoadBalancer IP that is already a node address (not bound to kube-ipvs0)
+    /// and for the "node may reach its own LoadBalancer" source-range check.
+    pub node_addresses: Vec<IpAddr>,
+    /// The addresses NodePorts are served on (see [`node_port_addresses`]).
+    pub node_port_ips: Vec<IpAddr>,
+    /// The families programmed (kube-proxy runs one proxier per family).
+    pub families: Vec<Family>,
+    /// Whether `MASQUERADE` gets `--random-fully` (iptables ≥ 1.6.2 has it).
+    pub random_fully: bool,
+}
+
+impl Default for PlanConfig {
+    fn default() -> Self {
+        PlanConfig {
+            scheduler: Scheduler::RoundRobin,
+            masquerade_all: false,
+            masquerade_bit: 14,
+            cluster_cidrs: Vec::new(),
+            node_name: "".into(),
+            node_addresses: Vec::new(),
+            node_port_ips: Vec::new(),
+            families: vec![Family::V4],
+            random_fully: true,
+        }
+    }
+}
+
+impl PlanConfig {
+    /// `1 << --masquerade-bit` (0x4000 by default).
+    #[must_use]
+    pub fn masquerade_mark(&self) -> u32 {
+        1u32 << self.masquerade_bit
+    }
+
+    /// The node's primary address of `family` (kube-proxy's `nodeIP`).
+    #[must_use]
+    pub fn primary_ip(&self, family: Family) -> Option<IpAddr> {
+        self.node_addresses
+            .iter()
+            .chain(&self.node_port_ips)
+            .copied()
+            .find(|a| Family::of(*a) == family)
+    }
+
+    /// The `--cluster-cidr` of `family`, if any.
+    #[must_use]
+    pub fn cluster_cidr(&self, family: Family) -> Option<IpNet> {
+        self.cluster_cidrs
+            .iter()
+            .copied()
+            .find(|n| Family::of(n.addr()) == family)
+    }
+}
+
+/// `--nodeport-addresses`, in the model's terms.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodePortFilter {
+    /// Addresses inside these ranges.
+    pub cidrs: Vec<IpNet>,
+    /// `primary`: the node's primary address of each family.
+    pub primary: bool,
+}
+
+/// The addresses NodePorts are served on: kube-proxy's rule applied to the addresses we know
+/// (`--node-ip` if given, else the Node object's). An empty filter means every address;
+/// loopback addresses are never used. Order is kept (primary first), duplicates dropped.
+#[must_use]
+pub fn node_port_addresses(addresses: &[IpAddr], filter: &NodePortFilter) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    let all = filter.cidrs.is_empty() && !filter.primary;
+    for (i, addr) in addresses.iter().enumerate() {
+        if addr.is_loopback() || out.contains(addr) {
+            continue;
+        }
+        let primary = !addresses[..i]
+            .iter()
+            .any(|a| Family::of(*a) == Family::of(*addr));
+        if all || (filter.primary && primary) || filter.cidrs.iter().any(|c| c.contains(addr)) {
+            out.push(*addr);
+        }
+    }
+    out
+}
+
+/// Something planning noticed that an operator should hear about; planning went on.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PlanWarning {
+    /// A Service's scheduler annotation names no IPVS scheduler; the default is used.
+    UnknownScheduler {
+        service: ServiceName,
+        value: Arc<str>,
+        fallback: Scheduler,
+    },
+    /// Two Service ports claim the same virtual server; the first (by name) keeps it.
+    VirtualServerConflict {
+        key: VirtualServerKey,
+        kept: ServicePortName,
+        dropped: ServicePortName,
+    },
+}
+
+impl fmt::Display for PlanWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PlanWarning::UnknownScheduler {
+                service,
+                value,
+                fallback,
+            } => write!(
+                f,
+                "service {service}: unknown IPVS scheduler {value:?} in annotation; using {fallback} (known: rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, mh, fo, ovf, twos)"
+            ),
+            PlanWarning::VirtualServerConflict { key, kept, dropped } => write!(
+                f,
+                "virtual server {}:{}/{} is claimed by {kept} and {dropped}; keeping {kept}",
+                key.address, key.port, key.protocol
+            ),
+        }
+    }
+}
+
+/// One virtual server with its real servers and the Service port it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedVirtualServer {
+    pub virtual_server: VirtualServer,
+    /// Sorted, unique.
+    pub real_servers: Vec<RealServer>,
+    pub owner: ServicePortName,
+    /// Whether the address is bound to kube-ipvs0 (false for NodePorts and for externalIPs or
+    /// LoadBalancer IPs that already belong to the node).
+    pub bound: bool,
+}
+
+/// Everything one Service contributes to the kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServicePlan {
+    pub virtual_servers: Vec<PlannedVirtualServer>,
+    /// Addresses to bind to kube-ipvs0.
+    pub addresses: BTreeSet<IpAddr>,
+    /// Entries per set and family.
+    pub set_entries: BTreeSet<(Family, KubeSet, SetEntry)>,
+    /// LoadBalancer (ip, protocol, port) the node itself must not reach (source ranges that do
+    /// not include the node): KUBE-IPVS-OUT-FILTER rules.
+    pub lb_no_node_access: BTreeSet<(IpAddr, Protocol, u16)>,
+    pub warnings: Vec<PlanWarning>,
+}
+
+/// The whole desired state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub virtual_servers: BTreeMap<VirtualServerKey, PlannedVirtualServer>,
+    /// kube-ipvs0's addresses.
+    pub addresses: BTreeSet<IpAddr>,
+    /// Every set of every planned family (empty ones included), with its entries.
+    pub sets: BTreeMap<(Family, KubeSet), BTreeSet<SetEntry>>,
+    pub lb_no_node_access: BTreeSet<(IpAddr, Protocol, u16)>,
+    pub warnings: Vec<PlanWarning>,
+}
+
+impl Plan {
+    /// An empty plan with every set of `families` present.
+    #[must_use]
+    pub fn empty(families: &[Family]) -> Self {
+        let mut plan = Plan::default();
+        for &family in families {
+            for set in KubeSet::ALL {
+                plan.sets.insert((family, set), BTreeSet::new());
+            }
+        }
+        plan
+    }
+
+    /// Adds one Service's plan. A virtual server already claimed keeps its first owner.
+    pub fn insert(&mut self, service: ServicePlan) {
+        for vs in service.virtual_servers {
+            let key = vs.virtual_server.key;
+            if let Some(existing) = self.virtual_servers.get(&key) {
+                self.warnings.push(PlanWarning::VirtualServerConflict {
+                    key,
+                    kept: existing.owner.clone(),
+                    dropped: vs.owner,
+                });
+                continue;
+            }
+            self.virtual_servers.insert(key, vs);
+        }
+        self.addresses.extend(service.addresses);
+        for (family, set, entry) in service.set_entries {
+            self.sets.entry((family, set)).or_default().insert(entry);
+        }
+        self.lb_no_node_access.extend(service.lb_no_node_access);
+        self.warnings.extend(service.warnings);
+    }
+
+    /// The number of real servers over all virtual servers.
+    #[must_use]
+    pub fn real_server_count(&self) -> usize {
+        self.virtual_servers
+            .values()
+            .map(|v| v.real_servers.len())
+            .sum()
+    }
+}
+
+/// Computes plans from the model.
+#[derive(Debug, Clone)]
+pub struct Planner {
+    pub config: PlanConfig,
+}
+
+/// Which endpoints serve a virtual server.
+struct EndpointChoice<'a> {
+    cluster: Vec<&'a Endpoint>,
+    local: Vec<&'a Endpoint>,
+}
+
+impl EndpointChoice<'_> {
+    /// kube-proxy ipvs: node-local VIPs use the local endpoints, and fall back to the cluster
+    /// endpoints when there are none (see docs/model.md).
+    fn for_vip(&self, only_local: bool) -> &[&Endpoint] {
+        if only_local && !self.local.is_empty() {
+            &self.local
+        } else {
+            &self.cluster
+        }
+    }
+}
+
+/// Ready endpoints; when there are none, the serving-and-terminating ones.
+fn usable<'a>(eps: impl Iterator<Item = &'a Endpoint> + Clone) -> Vec<&'a Endpoint> {
+    let ready: Vec<_> = eps.clone().filter(|e| e.conditions.ready).collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    eps.filter(|e| e.conditions.serving && e.conditions.terminating)
+        .collect()
+}
+
+impl Planner {
+    #[must_use]
+    pub fn new(config: PlanConfig) -> Self {
+        Planner { config }
+    }
+
+    /// The whole plan for `state`, Services in name order.
+    #[must_use]
+    pub fn plan(&self, state: &ClusterState) -> Plan {
+        let mut plan = Plan::empty(&self.config.families);
+        for (_, ports) in state.services() {
+            plan.insert(self.plan_service(ports, |p| state.endpoints(p)));
+        }
+        plan.finish(&self.config.families);
+        plan
+    }
+
+    /// The scheduler for a Service, and a warning if its annotation was not understood.
+    fn scheduler(&self, port: &ServicePort) -> (Scheduler, Option<PlanWarning>) {
+        match &port.scheduler {
+            SchedulerChoice::Default => (self.config.scheduler, None),
+            SchedulerChoice::Named(s) => (*s, None),
+            SchedulerChoice::Unknown(value) => (
+                self.config.scheduler,
+                Some(PlanWarning::UnknownScheduler {
+                    service: port.name.service.clone(),
+                    value: value.clone(),
+                    fallback: self.config.scheduler,
+                }),
+            ),
+        }
+    }
+
+    /// What the ports of one Service contribute. `endpoints` gives a port's endpoints
+    /// (normally [`ClusterState::endpoints`]).
+    pub fn plan_service(
+        &self,
+        ports: &[ServicePort],
+        endpoints: impl Fn(&ServicePortName) -> Vec<Endpoint>,
+    ) -> ServicePlan {
+        let mut out = ServicePlan::default();
+        for port in ports {
+            let (scheduler, warning) = self.scheduler(port);
+            if let Some(w) = warning
+                && !out.warnings.contains(&w)
+            {
+                out.warnings.push(w);
+            }
+            let eps = endpoints(&port.name);
+            for &family in &self.config.families {
+                self.plan_port_family(port, scheduler, &eps, family, &mut out);
+            }
+        }
+        out
+    }
+
+    #[allow(
+        clippy::too_many_lines,
+        reason = "one pass over a port's VIPs, in kube-proxy's order, reads best in one place"
+    )]
+    fn plan_port_family(
+        &self,
+        port: &ServicePort,
+        scheduler: Scheduler,
+        eps: &[Endpoint],
+        family: Family,
+        out: &mut ServicePlan,
+    ) {
+        let of_family = |ip: &&IpAddr| Family::of(**ip) == family;
+        // kube-proxy's per-family proxier skips a Service with no ClusterIP of its family.
+        let Some(&cluster_ip) = port.cluster_ips.iter().find(of_family) else {
+            return;
+        };
+        let node = &*self.config.node_name;
+        let proto = ipt_protocol(port.name.protocol);
+        let fam_eps = eps.iter().filter(|e| Family::of(e.ip) == family);
+
+        // Hairpin: a local endpoint reaching its own Service is masqueraded.
+        for e in fam_eps.clone().filter(|e| e.is_local(node)) {
+            out.set_entries.insert((
+                family,
+                KubeSet::LoopBack,
+                SetEntry::IpPortIp(e.ip, proto, e.port, e.ip),
+            ));
+        }
+
+        let internal_local = port.internal_policy_local();
+        let external_local = port.external_policy_local();
+        let uses_cluster = !internal_local || (port.externally_accessible() && !external_local);
+        let uses_local = internal_local || external_local;
+        let choice = EndpointChoice {
+            cluster: if uses_cluster {
+                usable(fam_eps.clone())
+            } else {
+                Vec::new()
+            },
+            local: if uses_local {
+                usable(fam_eps.clone().filter(|e| e.is_local(node)))
+            } else {
+                Vec::new()
+            },
+        };
+
+        let (mut flags, mut timeout) = (0, 0);
+        if let SessionAffinity::ClientIp { timeout_seconds } = port.session_affinity {
+            flags |= FLAG_PERSISTENT;
+            timeout = timeout_seconds;
+        }
+        if scheduler == Scheduler::Maglev {
+            flags |= FLAG_SOURCE_HASH;
+        }
+        let add_vs =
+            |out: &mut ServicePlan, address: IpAddr, vport: u16, only_local: bool, bound: bool| {
+                let mut real_servers: Vec<RealServer> = choice
+                    .for_vip(only_local)
+                    .iter()
+                    .map(|e| RealServer {
+                        address: e.ip,
+                        port: e.port,
+                        weight: 1,
+                    })
+                    .collect();
+                real_servers.sort_unstable();
+                real_servers.dedup();
+                out.virtual_servers.push(PlannedVirtualServer {
+                    virtual_server: VirtualServer {
+                        key: VirtualServerKey {
+                            address,
+                            port: vport,
+                            protocol: port.name.protocol,
+                        },
+                        scheduler,
+                        flags,
+                        timeout,
+                    },
+                    real_servers,
+                    owner: port.name.clone(),
+                    bound,
+                });
+                if bound {
+                    out.addresses.insert(address);
+                    out.set_entries
+                        .insert((family, KubeSet::IpvsIps, SetEntry::Ip(address)));
+                }
+            };
+
+        // ClusterIP.
+        out.set_entries.insert((
+            family,
+            KubeSet::ClusterIp,
+            SetEntry::IpPort(cluster_ip, proto, port.port),
+        ));
+        add_vs(out, cluster_ip, port.port, internal_local, true);
+
+        // externalIPs.
+        for &ip in port.external_ips.iter().filter(of_family) {
+            let set = if external_local {
+                KubeSet::ExternalIpLocal
+            } else {
+                KubeSet::ExternalIp
+            };
+            out.set_entries
+                .insert((family, set, SetEntry::IpPort(ip, proto, port.port)));
+            let bind = !self.config.node_addresses.contains(&ip);
+            add_vs(out, ip, port.port, external_local, bind);
+        }
+
+        // LoadBalancer ingress IPs.
+        let ranges: Vec<IpNet> = port
+            .load_balancer_source_ranges
+            .iter()
+            .copied()
+            .filter(|n| Family::of(n.addr()) == family)
+            .collect();
+        for &ip in port.load_balancer_ips.iter().filter(of_family) {
+            let entry = SetEntry::IpPort(ip, proto, port.port);
+            out.set_entries
+                .insert((family, KubeSet::LoadBalancer, entry));
+            if external_local {
+                out.set_entries
+                    .insert((family, KubeSet::LoadBalancerLocal, entry));
+            }
+            if !ranges.is_empty() {
+                out.set_entries
+                    .insert((family, KubeSet::LoadBalancerFw, entry));
+                let node_ip = self.config.primary_ip(family);
+                let mut allow_from_node = false;
+                for net in &ranges {
+                    out.set_entries.insert((
+                        family,
+                        KubeSet::LoadBalancerSourceCidr,
+                        SetEntry::IpPortNet(ip, proto, port.port, *net),
+                    ));
+                    allow_from_node |= node_ip.is_some_and(|n| net.contains(&n));
+                }
+                if allow_from_node {
+                    out.set_entries.insert((
+                        family,
+                        KubeSet::LoadBalancerSourceIp,
+                        SetEntry::IpPortIp(ip, proto, port.port, ip),
+                    ));
+                } else {
+                    out.lb_no_node_access
+                        .insert((ip, port.name.protocol, port.port));
+                }
+            }
+            let bind = !self.config.node_addresses.contains(&ip);
+            add_vs(out, ip, port.port, external_local, bind);
+        }
+
+        // NodePort on every node address of the family.
+        let node_ips: Vec<IpAddr> = self
+            .config
+            .node_port_ips
+            .iter()
+            .copied()
+            .filter(|a| Family::of(*a) == family)
+            .collect();
+        if let Some(node_port) = port.node_port
+            && !node_ips.is_empty()
+        {
+            let (set, local_set) = match port.name.protocol {
+                Protocol::Tcp => (KubeSet::NodePortTcp, KubeSet::NodePortLocalTcp),
+                Protocol::Udp => (KubeSet::NodePortUdp, KubeSet::NodePortLocalUdp),
+                Protocol::Sctp => (KubeSet::NodePortSctp, KubeSet::NodePortLocalSctp),
+            };
+            let entries: Vec<SetEntry> = if port.name.protocol == Protocol::Sctp {
+                node_ips
+                    .iter()
+                    .map(|ip| SetEntry::IpPort(*ip, proto, node_port))
+                    .collect()
+            } else {
+                vec![SetEntry::Port(node_port)]
+            };
+            for e in entries {
+                out.set_entries.insert((family, set, e));
+                if external_local {
+                    out.set_entries.insert((family, local_set, e));
+                }
+            }
+            for ip in node_ips {
+                add_vs(out, ip, node_port, external_local, false);
+            }
+        }
+
+        if let Some(hc) = port.health_check_node_port {
+            out.set_entries
+                .insert((family, KubeSet::HealthCheckNodePort, SetEntry::Port(hc)));
+        }
+    }
+}
+
+impl Plan {
+    /// Makes sure every set of `families` is present (the plan of an empty cluster still has
+    /// its sets and rules).
+    pub fn finish(&mut self, families: &[Family]) {
+        for &family in families {
+            for set in KubeSet::ALL {
+                self.sets.entry((family, set)).or_default();
+            }
+        }
+    }
+}
+
+/// The iptables crate's protocol for a model protocol.
+#[must_use]
+pub fn ipt_protocol(p: Protocol) -> iptables::Protocol {
+    match p {
+        Protocol::Tcp => iptables::Protocol::Tcp,
+        Protocol::Udp => iptables::Protocol::Udp,
+        Protocol::Sctp => iptables::Protocol::Sctp,
+    }
+}

@@ -1,0 +1,436 @@
+//! The engine against in-memory kernels that answer as the real ones do (EEXIST, ESRCH, ...).
+//! The same behaviours are proven against the real kernel in the VM tests.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ipvs::{Connections, Op, RealServer, RealServerEntry, Scheduler, ServiceKey, Stats, VirtualServer};
+
+use super::*;
+
+#[derive(Debug, Default)]
+struct FakeIpvs {
+    table: BTreeMap<ServiceKey, (VirtualServer, BTreeMap<SocketAddr, RealServerEntry>)>,
+    log: Vec<String>,
+}
+
+fn object(op: &Op) -> String {
+    op.to_string()
+}
+
+impl IpvsKernel for FakeIpvs {
+    fn dump(&mut self) -> Result<Vec<(VirtualServer, Vec<RealServerEntry>)>, ipvs::Error> {
+        Ok(self.table.values().map(|(vs, r)| (vs.clone(), r.values().cloned().collect())).collect())
+    }
+
+    fn real_servers(&mut self, key: &ServiceKey) -> Result<Vec<RealServerEntry>, ipvs::Error> {
+        Ok(self.table.get(key).map(|(_, r)| r.values().cloned().collect()).unwrap_or_default())
+    }
+
+    fn apply(&mut self, ops: &[Op]) -> Vec<Result<(), ipvs::Error>> {
+        ops.iter()
+            .map(|op| {
+                self.log.push(op.to_string());
+                match op {
+                    Op::AddService(vs) => {
+                        if vs.scheduler == Scheduler::TwoRandomChoices {
+                            return Err(ipvs::Error::SchedulerMissing { object: object(op), scheduler: "twos".into() });
+                        }
+                        if self.table.contains_key(&vs.key) {
+                            return Err(ipvs::Error::AlreadyExists { object: object(op) });
+                        }
+                        self.table.insert(vs.key, (vs.clone(), BTreeMap::new()));
+                    }
+                    Op::UpdateService(vs) => {
+                        let Some(e) = self.table.get_mut(&vs.key) else {
+                            return Err(ipvs::Error::NoSuchService { object: object(op) });
+                        };
+                        e.0 = vs.clone();
+                    }
+                    Op::DeleteService(key) => {
+                        if self.table.remove(key).is_none() {
+                            return Err(ipvs::Error::NoSuchService { object: object(op) });
+                        }
+                    }
+                    Op::AddDest(key, rs) | Op::UpdateDest(key, rs) => {
+                        let Some(e) = self.table.get_mut(key) else {
+                            return Err(ipvs::Error::NoSuchService { object: object(op) });
+                        };
+                        let exists = e.1.contains_key(&rs.addr);
+                        match (op, exists) {
+                            (Op::AddDest(..), true) => return Err(ipvs::Error::AlreadyExists { object: object(op) }),
+                            (Op::UpdateDest(..), false) => {
+                                return Err(ipvs::Error::NoSuchDestination { object: object(op) });
+                            }
+                            _ => {}
+                        }
+                        let connections = e.1.get(&rs.addr).map(|r| r.connections).unwrap_or_default();
+                        e.1.insert(rs.addr, RealServerEntry { server: *rs, connections, stats: Stats::default() });
+                    }
+                    Op::DeleteDest(key, addr) => {
+                        let Some(e) = self.table.get_mut(key) else {
+                            return Err(ipvs::Error::NoSuchService { object: object(op) });
+                        };
+                        if e.1.remove(addr).is_none() {
+                            return Err(ipvs::Error::NoSuchDestination { object: object(op) });
+                        }
+                    }
+                    _ => unreachable!("no other ops are made"),
+                }
+                Ok(())
+            })
+            .collect()
+    }
+}
+
+impl FakeIpvs {
+    fn save(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (vs, reals) in self.table.values() {
+            out.push(vs.to_string());
+            for r in reals.values() {
+                out.push(r.server.line(&vs.key).to_string());
+            }
+        }
+        out
+    }
+
+    fn set_connections(&mut self, key: &ServiceKey, addr: SocketAddr, active: u32, inactive: u32) {
+        let entry = self.table.get_mut(key).unwrap().1.get_mut(&addr).unwrap();
+        entry.connections = Connections { active, inactive, persistent: 0 };
+    }
+}
+
+#[derive(Debug, Default)]
+struct FakeAddresses {
+    bound: BTreeSet<IpAddr>,
+    calls: usize,
+}
+
+impl AddressKernel for FakeAddresses {
+    fn list(&mut self) -> Result<BTreeSet<IpAddr>, BackendError> {
+        Ok(self.bound.clone())
+    }
+    fn add(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>> {
+        self.calls += 1;
+        addrs.iter().map(|a| {
+            self.bound.insert(*a);
+            Ok(())
+        }).collect()
+    }
+    fn remove(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>> {
+        self.calls += 1;
+        addrs.iter().map(|a| {
+            self.bound.remove(a);
+            Ok(())
+        }).collect()
+    }
+}
+
+#[derive(Debug, Default)]
+struct FakeNetfilter {
+    entries: BTreeSet<SetEntry>,
+    full_syncs: usize,
+}
+
+impl NetfilterKernel for FakeNetfilter {
+    fn full(&mut self, entries: &BTreeSet<SetEntry>) -> Result<(), BackendError> {
+        self.full_syncs += 1;
+        self.entries = entries.clone();
+        Ok(())
+    }
+    fn partial(&mut self, added: &[SetEntry], removed: &[SetEntry]) -> Result<(), BackendError> {
+        for e in removed {
+            assert!(self.entries.remove(e), "removing an absent entry {e}");
+        }
+        for e in added {
+            assert!(self.entries.insert(e.clone()), "adding a present entry {e}");
+        }
+        Ok(())
+    }
+}
+
+type TestSyncer = Syncer<FakeIpvs, FakeAddresses, FakeNetfilter>;
+
+fn syncer() -> TestSyncer {
+    Syncer::new(FakeIpvs::default(), FakeAddresses::default(), FakeNetfilter::default(), SyncOptions::default())
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn svc(name: &str) -> ServiceName {
+    ServiceName::new("default", name)
+}
+
+/// A ClusterIP Service `vip:port` over `backends` (`ip:port`), as the planner would make it.
+fn target(vip: &str, port: u16, scheduler: Scheduler, backends: &[&str]) -> ServiceTarget {
+    let key = ServiceKey::tcp(ip(vip), port);
+    ServiceTarget {
+        virtual_servers: vec![(
+            VirtualServer::new(key, scheduler),
+            backends.iter().map(|b| RealServer::masquerade(b.parse().unwrap())).collect(),
+        )],
+        addresses: vec![ip(vip)],
+        set_entries: vec![SetEntry { set: "KUBE-CLUSTER-IP".into(), entry: format!("{vip},tcp:{port}").into() }],
+    }
+}
+
+fn udp_target(vip: &str, port: u16, backends: &[&str]) -> ServiceTarget {
+    let key = ServiceKey::udp(ip(vip), port);
+    ServiceTarget {
+        virtual_servers: vec![(
+            VirtualServer::new(key, Scheduler::RoundRobin),
+            backends.iter().map(|b| RealServer::masquerade(b.parse().unwrap())).collect(),
+        )],
+        addresses: vec![ip(vip)],
+        set_entries: vec![],
+    }
+}
+
+const RR: Scheduler = Scheduler::RoundRobin;
+
+#[test]
+fn first_full_sync_programs_everything_and_a_second_changes_nothing() {
+    let mut s = syncer();
+    let now = Instant::now();
+    let all = vec![(svc("web"), target("10.96.0.10", 80, RR, &["10.244.1.5:8080", "10.244.2.5:8080"]))];
+    let report = s.full_sync(all.clone(), now);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        s.ipvs.save(),
+        [
+            "-A -t 10.96.0.10:80 -s rr",
+            "-a -t 10.96.0.10:80 -r 10.244.1.5:8080 -m -w 1",
+            "-a -t 10.96.0.10:80 -r 10.244.2.5:8080 -m -w 1",
+        ]
+    );
+    assert_eq!(s.addresses.bound, BTreeSet::from([ip("10.96.0.10")]));
+    assert_eq!(s.netfilter.entries.len(), 1);
+
+    let report = s.full_sync(all, now);
+    assert_eq!(report.ipvs_ops, 0, "{:?}", s.ipvs.log);
+    assert_eq!(report.addresses_added + report.addresses_removed, 0);
+}
+
+#[test]
+fn changing_one_service_touches_only_that_service() {
+    let mut s = syncer();
+    let now = Instant::now();
+    let mut all: Vec<_> = (0..100)
+        .map(|i| (svc(&format!("s{i}")), target(&format!("10.96.1.{i}"), 80, RR, &["10.244.0.1:80"])))
+        .collect();
+    s.full_sync(all.clone(), now);
+    s.ipvs.log.clear();
+
+    all[42].1 = target("10.96.1.42", 80, RR, &["10.244.0.1:80", "10.244.0.2:80"]);
+    let report = s.sync(vec![all[42].clone()], now);
+    assert!(report.errors.is_empty());
+    assert_eq!(s.ipvs.log, ["-a -t 10.96.1.42:80 -r 10.244.0.2:80 -m -w 1"]);
+    assert_eq!(report.addresses_added + report.addresses_removed, 0);
+}
+
+#[test]
+fn removed_tcp_endpoint_drains_before_delete() {
+    let mut s = syncer();
+    let t0 = Instant::now();
+    let key = ServiceKey::tcp(ip("10.96.0.10"), 80);
+    let gone: SocketAddr = "10.244.3.5:8080".parse().unwrap();
+    s.full_sync(vec![(svc("web"), target("10.96.0.10", 80, RR, &["10.244.1.5:8080", "10.244.3.5:8080"]))], t0);
+    s.ipvs.set_connections(&key, gone, 1, 0);
+
+    s.sync(vec![(svc("web"), target("10.96.0.10", 80, RR, &["10.244.1.5:8080"]))], t0);
+    assert!(s.ipvs.save().contains(&"-a -t 10.96.0.10:80 -r 10.244.3.5:8080 -m -w 0".to_owned()));
+    assert_eq!(s.counts().draining, 1);
+
+    // Still connected: stays.
+    assert_eq!(s.drain(t0 + Duration::from_secs(5)).drained, 0);
+    assert_eq!(s.ipvs.table[&key].1.len(), 2);
+    // Connections end: deleted.
+    s.ipvs.set_connections(&key, gone, 0, 0);
+    assert_eq!(s.drain(t0 + Duration::from_secs(6)).drained, 1);
+    assert_eq!(s.ipvs.save(), ["-A -t 10.96.0.10:80 -s rr", "-a -t 10.96.0.10:80 -r 10.244.1.5:8080 -m -w 1"]);
+    assert_eq!(s.counts(), Counts { virtual_servers: 1, real_servers: 1, draining: 0 });
+}
+
+#[test]
+fn draining_is_bounded_by_the_timeout() {
+    let mut s = syncer();
+    let t0 = Instant::now();
+    let key = ServiceKey::tcp(ip("10.96.0.10"), 80);
+    let stuck: SocketAddr = "10.244.3.5:8080".parse().unwrap();
+    s.full_sync(vec![(svc("web"), target("10.96.0.10", 80, RR, &["10.244.3.5:8080"]))], t0);
+    s.ipvs.set_connections(&key, stuck, 3, 1);
+    s.sync(vec![(svc("web"), target("10.96.0.10", 80, RR, &[]))], t0);
+    assert_eq!(s.drain(t0 + Duration::from_secs(899)).drained, 0);
+    assert_eq!(s.drain(t0 + Duration::from_secs(900)).drained, 1);
+}
+
+#[test]
+fn endpoint_that_comes_back_while_draining_is_restored() {
+    let mut s = syncer();
+    let t0 = Instant::now();
+    let key = ServiceKey::tcp(ip("10.96.0.10"), 80);
+    let both = ["10.244.1.5:8080", "10.244.3.5:8080"];
+    s.full_sync(vec![(svc("web"), target("10.96.0.10", 80, RR, &both))], t0);
+    s.ipvs.set_connections(&key, both[1].parse().unwrap(), 1, 0);
+    s.sync(vec![(svc("web"), target("10.96.0.10", 80, RR, &both[..1]))], t0);
+    s.sync(vec![(svc("web"), target("10.96.0.10", 80, RR, &both))], t0);
+    assert!(s.ipvs.save().contains(&"-a -t 10.96.0.10:80 -r 10.244.3.5:8080 -m -w 1".to_owned()));
+    assert_eq!(s.counts().draining, 0);
+    assert_eq!(s.drain(t0 + Duration::from_secs(1000)).drained, 0, "not deleted after all");
+}
+
+#[test]
+fn removed_udp_endpoint_is_deleted_at_once() {
+    let mut s = syncer();
+    let now = Instant::now();
+    s.full_sync(vec![(svc("dns"), udp_target("10.96.0.53", 53, &["10.244.1.5:53", "10.244.2.5:53"]))], now);
+    s.sync(vec![(svc("dns"), udp_target("10.96.0.53", 53, &["10.244.1.5:53"]))], now);
+    assert_eq!(s.ipvs.save(), ["-A -u 10.96.0.53:53 -s rr", "-a -u 10.96.0.53:53 -r 10.244.1.5:53 -m -w 1"]);
+    assert_eq!(s.counts().draining, 0);
+}
+
+#[test]
+fn deleted_service_loses_its_virtual_server_address_and_set_entries() {
+    let mut s = syncer();
+    let now = Instant::now();
+    s.full_sync(
+        vec![
+            (svc("a"), target("10.96.0.10", 80, RR, &["10.244.1.5:80"])),
+            (svc("b"), target("10.96.0.11", 80, RR, &["10.244.1.6:80"])),
+        ],
+        now,
+    );
+    let report = s.sync(vec![(svc("a"), ServiceTarget::default())], now);
+    assert!(report.errors.is_empty());
+    assert_eq!(s.ipvs.save(), ["-A -t 10.96.0.11:80 -s rr", "-a -t 10.96.0.11:80 -r 10.244.1.6:80 -m -w 1"]);
+    assert_eq!(s.addresses.bound, BTreeSet::from([ip("10.96.0.11")]));
+    assert_eq!(s.netfilter.entries.iter().map(ToString::to_string).collect::<Vec<_>>(), ["KUBE-CLUSTER-IP 10.96.0.11,tcp:80"]);
+}
+
+#[test]
+fn an_address_shared_by_two_services_stays_until_both_are_gone() {
+    let mut s = syncer();
+    let now = Instant::now();
+    s.full_sync(
+        vec![
+            (svc("http"), target("192.0.2.10", 80, RR, &["10.244.1.5:80"])),
+            (svc("https"), target("192.0.2.10", 443, RR, &["10.244.1.5:443"])),
+        ],
+        now,
+    );
+    s.sync(vec![(svc("http"), ServiceTarget::default())], now);
+    assert!(s.addresses.bound.contains(&ip("192.0.2.10")));
+    s.sync(vec![(svc("https"), ServiceTarget::default())], now);
+    assert!(s.addresses.bound.is_empty());
+}
+
+#[test]
+fn scheduler_change_updates_the_virtual_server_in_place() {
+    let mut s = syncer();
+    let now = Instant::now();
+    s.full_sync(vec![(svc("web"), target("10.96.0.10", 80, RR, &["10.244.1.5:80"]))], now);
+    s.ipvs.log.clear();
+    s.sync(vec![(svc("web"), target("10.96.0.10", 80, Scheduler::LeastConnection, &["10.244.1.5:80"]))], now);
+    assert_eq!(s.ipvs.log, ["-E -t 10.96.0.10:80 -s lc"]);
+}
+
+#[test]
+fn full_sync_repairs_drift_and_leaves_foreign_virtual_servers_alone() {
+    let mut s = syncer();
+    let now = Instant::now();
+    let all = vec![(svc("web"), target("10.96.0.10", 80, RR, &["10.244.1.5:80"]))];
+    s.full_sync(all.clone(), now);
+    // By hand: ours deleted, a foreign one added outside our VIPs, one inside an excluded range.
+    s.ipvs.table.clear();
+    let foreign = VirtualServer::new(ServiceKey::tcp(ip("192.168.50.1"), 22), RR);
+    s.ipvs.table.insert(foreign.key, (foreign.clone(), BTreeMap::new()));
+    let report = s.full_sync(all, now);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        s.ipvs.save(),
+        ["-A -t 10.96.0.10:80 -s rr", "-a -t 10.96.0.10:80 -r 10.244.1.5:80 -m -w 1", "-A -t 192.168.50.1:22 -s rr"]
+    );
+}
+
+#[test]
+fn excluded_cidrs_are_never_touched_even_on_kube_ipvs0() {
+    let mut s = Syncer::new(
+        FakeIpvs::default(),
+        FakeAddresses::default(),
+        FakeNetfilter::default(),
+        SyncOptions { exclude_cidrs: vec!["10.100.0.0/16".parse().unwrap()], ..SyncOptions::default() },
+    );
+    let excluded = VirtualServer::new(ServiceKey::tcp(ip("10.100.0.1"), 80), RR);
+    s.ipvs.table.insert(excluded.key, (excluded, BTreeMap::new()));
+    s.addresses.bound.insert(ip("10.100.0.1"));
+    let stale = VirtualServer::new(ServiceKey::tcp(ip("10.96.0.99"), 80), RR);
+    s.ipvs.table.insert(stale.key, (stale, BTreeMap::new()));
+    s.addresses.bound.insert(ip("10.96.0.99"));
+    s.full_sync(vec![], Instant::now());
+    assert_eq!(s.ipvs.save(), ["-A -t 10.100.0.1:80 -s rr"], "stale one on kube-ipvs0 removed, excluded one kept");
+}
+
+#[test]
+fn restart_adopts_the_kernel_without_interrupting_it_and_restores_zero_weights() {
+    let now = Instant::now();
+    let all = vec![(svc("web"), target("10.96.0.10", 80, RR, &["10.244.1.5:80", "10.244.2.5:80"]))];
+    let mut first = syncer();
+    first.full_sync(all.clone(), now);
+    // The previous run had started draining 10.244.2.5 when it was killed.
+    let key = ServiceKey::tcp(ip("10.96.0.10"), 80);
+    first.ipvs.table.get_mut(&key).unwrap().1.get_mut(&"10.244.2.5:80".parse().unwrap()).unwrap().server.weight = 0;
+
+    let mut second = Syncer::new(
+        std::mem::take(&mut first.ipvs),
+        std::mem::take(&mut first.addresses),
+        FakeNetfilter::default(),
+        SyncOptions::default(),
+    );
+    second.ipvs.log.clear();
+    let report = second.full_sync(all, now);
+    assert!(report.errors.is_empty());
+    assert_eq!(second.ipvs.log, ["-e -t 10.96.0.10:80 -r 10.244.2.5:80 -m -w 1"], "no delete, no re-add");
+}
+
+#[test]
+fn a_refused_operation_is_reported_for_its_service_and_the_rest_is_applied() {
+    let mut s = syncer();
+    let now = Instant::now();
+    let report = s.full_sync(
+        vec![
+            (svc("odd"), target("10.96.0.20", 80, Scheduler::TwoRandomChoices, &["10.244.1.5:80"])),
+            (svc("web"), target("10.96.0.10", 80, RR, &["10.244.1.5:80"])),
+        ],
+        now,
+    );
+    assert!(report.needs_full_sync());
+    let err = &report.errors[0];
+    assert_eq!(err.service, Some(svc("odd")));
+    assert_eq!(err.kind, "scheduler_missing");
+    assert!(err.to_string().contains("default/odd"), "{err}");
+    assert!(s.ipvs.save().contains(&"-A -t 10.96.0.10:80 -s rr".to_owned()));
+    // The failed one is retried on the next sync rather than assumed present.
+    s.ipvs.log.clear();
+    s.full_sync(vec![(svc("odd"), target("10.96.0.20", 80, Scheduler::RoundRobin, &["10.244.1.5:80"]))], now);
+    assert!(s.ipvs.log.contains(&"-A -t 10.96.0.20:80 -s rr".to_owned()), "{:?}", s.ipvs.log);
+}
+
+#[test]
+fn two_services_claiming_one_virtual_server_is_reported_not_fought_over() {
+    let mut s = syncer();
+    let now = Instant::now();
+    let report = s.full_sync(
+        vec![
+            (svc("a"), target("192.0.2.1", 80, RR, &["10.244.1.5:80"])),
+            (svc("b"), target("192.0.2.1", 80, RR, &["10.244.9.9:80"])),
+        ],
+        now,
+    );
+    assert_eq!(report.errors.len(), 1);
+    assert_eq!(report.errors[0].service, Some(svc("b")));
+    assert_eq!(s.ipvs.save()[1], "-a -t 192.0.2.1:80 -r 10.244.1.5:80 -m -w 1");
+}

@@ -1,0 +1,199 @@
+//! `ipvs-proxy plan`: compute the desired kernel state from a source and print it in the
+//! kernel tools' own formats, without touching the kernel.
+
+use std::io::Write;
+use std::net::IpAddr;
+
+use controllers::manifests::read_dir;
+use iptables::Family;
+use reconciler::plan::{NodePortFilter, PlanConfig, Planner, node_port_addresses};
+use reconciler::state::ClusterState;
+
+use crate::config::ProxyConfig;
+use crate::flags::{NodePortAddress, PlanArgs, PlanSection, ProxyMode};
+
+/// Exit status: the plan was printed.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: nothing could be read (or the configuration is invalid).
+pub const EXIT_NOTHING_READ: u8 = 1;
+/// Exit status: the request cannot be served (bad flags, mode not available).
+pub const EXIT_USAGE: u8 = 2;
+
+/// This node's name: `--hostname-override`, else the kernel's host name, lower-cased as
+/// kube-proxy does.
+fn node_name(config: &ProxyConfig) -> String {
+    config
+        .hostname_override
+        .clone()
+        .unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        })
+        .to_lowercase()
+}
+
+/// The planner's settings from the daemon's configuration and what the source says about
+/// this node.
+#[must_use]
+pub fn plan_config(config: &ProxyConfig, state: &ClusterState) -> PlanConfig {
+    let node_name = node_name(config);
+    let node_addresses: Vec<IpAddr> = if config.node_ips.is_empty() {
+        state
+            .node(&node_name)
+            .map(|n| n.addresses.clone())
+            .unwrap_or_default()
+    } else {
+        config.node_ips.clone()
+    };
+    // `all` (or an empty list) means every node address: the empty filter.
+    let filter = if config.nodeport_addresses.contains(&NodePortAddress::All) {
+        NodePortFilter::default()
+    } else {
+        NodePortFilter {
+            cidrs: config
+                .nodeport_addresses
+                .iter()
+                .filter_map(|a| match a {
+                    NodePortAddress::Cidr(n) => Some(*n),
+                    NodePortAddress::Primary | NodePortAddress::All => None,
+                })
+                .collect(),
+            primary: config
+                .nodeport_addresses
+                .contains(&NodePortAddress::Primary),
+        }
+    };
+    let node_port_ips = node_port_addresses(&node_addresses, &filter);
+    // One proxier per family in use: the node's families and the Services' ClusterIP families.
+    let mut families = Vec::new();
+    for family in Family::ALL {
+        let node_has = node_addresses.iter().any(|a| Family::of(*a) == family);
+        let services_have = state.services().any(|(_, ports)| {
+            ports
+                .iter()
+                .any(|p| p.cluster_ips.iter().any(|ip| Family::of(*ip) == family))
+        });
+        if node_has || services_have {
+            families.push(family);
+        }
+    }
+    if families.is_empty() {
+        families.push(Family::V4);
+    }
+    PlanConfig {
+        scheduler: config.scheduler,
+        masquerade_all: config.masquerade_all,
+        masquerade_bit: config.masquerade_bit,
+        cluster_cidrs: config.cluster_cidrs.clone(),
+        node_name: node_name.into(),
+        node_addresses,
+        node_port_ips,
+        families,
+        random_fully: true,
+    }
+}
+
+/// Runs `plan`, writing the plan to `out` and reports to `err`. Returns the exit status.
+pub fn run(args: &PlanArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+    let config = match ProxyConfig::resolve(&args.flags) {
+        Ok((config, unknown)) => {
+            for field in unknown {
+                let _ = writeln!(err, "warning: unknown field in --config file: {field}");
+            }
+            config
+        }
+        Err(e) => {
+            let _ = writeln!(err, "error: {e}");
+            return EXIT_NOTHING_READ;
+        }
+    };
+    let Some(dir) = &config.manifests else {
+        let _ = writeln!(
+            err,
+            "error: plan needs a source: --manifests DIR (reading from a cluster is not supported by plan yet)"
+        );
+        return EXIT_USAGE;
+    };
+    let snapshot = match read_dir(dir) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(err, "error: {e}: {}", e.source);
+            return EXIT_NOTHING_READ;
+        }
+    };
+    for e in &snapshot.errors {
+        let _ = writeln!(err, "warning: {e}");
+    }
+    if snapshot.objects.is_empty() {
+        let _ = writeln!(
+            err,
+            "error: no Service, EndpointSlice or Node could be read from {} ({} files)",
+            dir.display(),
+            snapshot.files
+        );
+        return EXIT_NOTHING_READ;
+    }
+    let mut state = ClusterState::new();
+    controllers::apply_all(&mut state, snapshot.events());
+    let plan_config = plan_config(&config, &state);
+    if plan_config.node_port_ips.is_empty() {
+        let _ = writeln!(
+            err,
+            "warning: no address for node {:?} (no Node object of that name, no --node-ip): NodePorts are not planned",
+            &*plan_config.node_name
+        );
+    }
+
+    if config.mode == ProxyMode::Iptables {
+        // Hook for the iptables proxier (issue 7): render its rule set for `state` here.
+        let _ = writeln!(
+            err,
+            "error: plan --proxy-mode iptables: the iptables proxier's rules are not available yet"
+        );
+        return EXIT_USAGE;
+    }
+
+    let plan = Planner::new(plan_config.clone()).plan(&state);
+    for w in &plan.warnings {
+        let _ = writeln!(err, "warning: {w}");
+    }
+    let iptables = || {
+        let mut s = String::new();
+        for (i, family) in plan_config.families.iter().enumerate() {
+            if i > 0 || (args.only.is_none() && *family == Family::V6) {
+                s.push_str(match family {
+                    Family::V4 => "# iptables-save\n",
+                    Family::V6 => "# ip6tables-save\n",
+                });
+            }
+            s.push_str(&plan.render_iptables(&plan_config, *family));
+        }
+        s
+    };
+    let text = match args.only {
+        Some(PlanSection::Ipvs) => plan.render_ipvsadm(),
+        Some(PlanSection::Addresses) => plan.render_addresses(),
+        Some(PlanSection::Ipsets) => plan.render_ipsets(),
+        Some(PlanSection::Iptables) => iptables(),
+        None => {
+            let v4_header = if plan_config.families.first() == Some(&Family::V4) {
+                "# iptables-save\n"
+            } else {
+                ""
+            };
+            format!(
+                "# ipvsadm -Sn\n{}# kube-ipvs0\n{}# ipset save\n{}{v4_header}{}",
+                plan.render_ipvsadm(),
+                plan.render_addresses(),
+                plan.render_ipsets(),
+                iptables()
+            )
+        }
+    };
+    if out.write_all(text.as_bytes()).is_err() {
+        return EXIT_NOTHING_READ;
+    }
+    EXIT_OK
+}
