@@ -589,7 +589,7 @@ mod tests {
         let entry = decode_service(msg.genl().unwrap().1).unwrap();
         assert_eq!(
             entry.server.to_string(),
-            "-A -u 10.96.0.53:53 -s sh -b sh-port -p 300 -M 255.255.255.0"
+            "-A -u 10.96.0.53:53 -s sh -p 300 -M 255.255.255.0 -b sh-port"
         );
         assert_eq!(entry.stats.connections, 7);
         assert_eq!(entry.stats.bytes_in, 1 << 40);

@@ -292,32 +292,14 @@ pub(crate) fn sched_flag_names(scheduler: Scheduler) -> [&'static str; 3] {
     }
 }
 
-/// The service part after `-A <key>`: `-s rr -b sh-port -p 300 -M 255.255.255.0 --pe sip -o`.
+/// The service part after `-A <key>`, in `ipvsadm -Sn`'s order:
+/// `-s sh -p 300 -M 255.255.255.0 --pe sip -o -b sh-port`.
 pub(crate) struct ServiceOptions<'a>(pub(crate) &'a VirtualServer);
 
 impl fmt::Display for ServiceOptions<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let vs = self.0;
         write!(f, "-s {}", vs.scheduler)?;
-        let sched_bits = [
-            ServiceFlags::SCHED1,
-            ServiceFlags::SCHED2,
-            ServiceFlags::SCHED3,
-        ];
-        if sched_bits.iter().any(|b| vs.flags.contains(*b)) {
-            f.write_str(" -b ")?;
-            let names = sched_flag_names(vs.scheduler);
-            let mut first = true;
-            for (bit, name) in sched_bits.iter().zip(names) {
-                if vs.flags.contains(*bit) {
-                    if !first {
-                        f.write_str(",")?;
-                    }
-                    f.write_str(name)?;
-                    first = false;
-                }
-            }
-        }
         if let Some(p) = vs.persistence {
             write!(f, " -p {}", p.timeout)?;
             let family = vs.key.family();
@@ -337,6 +319,25 @@ impl fmt::Display for ServiceOptions<'_> {
         }
         if vs.flags.contains(ServiceFlags::ONE_PACKET) {
             f.write_str(" -o")?;
+        }
+        let sched_bits = [
+            ServiceFlags::SCHED1,
+            ServiceFlags::SCHED2,
+            ServiceFlags::SCHED3,
+        ];
+        if sched_bits.iter().any(|b| vs.flags.contains(*b)) {
+            f.write_str(" -b ")?;
+            let names = sched_flag_names(vs.scheduler);
+            let mut first = true;
+            for (bit, name) in sched_bits.iter().zip(names) {
+                if vs.flags.contains(*bit) {
+                    if !first {
+                        f.write_str(",")?;
+                    }
+                    f.write_str(name)?;
+                    first = false;
+                }
+            }
         }
         Ok(())
     }

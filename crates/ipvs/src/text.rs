@@ -1,6 +1,6 @@
 //! Reading `ipvsadm` rule lines (`ipvsadm -Sn` output, `ipvsadm -R` input) back into [`Op`]s.
 //!
-//! Defaults are `ipvsadm`'s: scheduler wlc, direct routing, weight 1, `-p` alone is 300
+//! Defaults are `ipvsadm`'s: scheduler wlc, direct routing, weight 1, `-p` alone is 360
 //! seconds, persistence per client address.
 
 use crate::Scheduler;
@@ -102,9 +102,9 @@ fn parse(line: &str) -> Result<Op, String> {
                     .map_err(|e: crate::UnknownScheduler| e.to_string())?;
             }
             "-p" | "--persistent" => {
-                // The timeout is optional: `-p` alone is ipvsadm's 300 seconds.
+                // The timeout is optional: `-p` alone is ipvsadm's 360 seconds.
                 let explicit = tokens.next_if(|t| t.bytes().all(|b| b.is_ascii_digit()));
-                timeout = Some(explicit.map_or(Ok(300), |t| number(tok, t))?);
+                timeout = Some(explicit.map_or(Ok(360), |t| number(tok, t))?);
             }
             "-M" | "--netmask" => netmask = Some(value(tok)?),
             "-b" | "--sched-flags" => sched_flags = Some(value(tok)?),
@@ -281,11 +281,12 @@ mod tests {
         "-A -u 10.96.0.53:53 -s rr -p 300",
         "-A -u 10.96.0.53:53 -s wrr -p 300 -M 255.255.255.0 -o",
         "-A -t [fd00::10]:443 -s sh -b sh-port",
-        "-A -t [fd00::10]:443 -s mh -b mh-fallback,mh-port -p 60 -M 64",
+        "-A -t [fd00::10]:443 -s mh -p 60 -M 64 -b mh-fallback,mh-port",
         "-A -f 42 -s rr",
         "-A -f 42 -6 -s lblcr",
         "-A --sctp-service 10.96.0.20:3868 -s nq",
         "-A -u 10.96.0.30:5060 -s rr -p 300 --pe sip",
+        "-A -u 10.96.0.31:5060 -s sh -p 30 --pe sip -o -b sh-port",
         "-a -t 10.96.0.10:80 -r 10.244.1.5:8080 -m -w 1",
         "-a -t 10.96.0.10:80 -r 10.244.1.6:80 -g -w 0",
         "-a -t 10.96.0.10:80 -r 192.168.10.5:80 -i -w 3 --tun-type ipip",
@@ -312,7 +313,7 @@ mod tests {
         let op: Op = "--add-service --tcp-service 10.0.0.1:80 --persistent"
             .parse()
             .unwrap();
-        assert_eq!(op.to_string(), "-A -t 10.0.0.1:80 -s wlc -p 300");
+        assert_eq!(op.to_string(), "-A -t 10.0.0.1:80 -s wlc -p 360");
         let op: Op = "-a -t 10.0.0.1:80 -r 10.0.0.2".parse().unwrap();
         assert_eq!(op.to_string(), "-a -t 10.0.0.1:80 -r 10.0.0.2:80 -g -w 1");
     }
