@@ -63,6 +63,28 @@ impl VirtualServer {
     }
 }
 
+impl VirtualServer {
+    /// The `ipvs` crate's value for this virtual server, ready for netlink.
+    #[must_use]
+    pub fn to_ipvs(&self) -> ipvs::VirtualServer {
+        let protocol = match self.key.protocol {
+            Protocol::Tcp => ipvs::Protocol::Tcp,
+            Protocol::Udp => ipvs::Protocol::Udp,
+            Protocol::Sctp => ipvs::Protocol::Sctp,
+        };
+        let key = ipvs::ServiceKey::Addr {
+            protocol,
+            addr: SocketAddr::new(self.key.address, self.key.port),
+        };
+        let mut vs = ipvs::VirtualServer::new(key, self.scheduler);
+        if self.persistent() {
+            vs = vs.with_persistence(self.timeout);
+        }
+        vs.flags = ipvs::ServiceFlags::from_bits_truncate(self.flags);
+        vs
+    }
+}
+
 impl fmt::Display for VirtualServer {
     /// The `ipvsadm -Sn` line: `-A -t 10.96.0.10:80 -s rr -p 10800`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -101,6 +123,14 @@ pub struct RealServer {
 }
 
 impl RealServer {
+    /// The `ipvs` crate's value: a masqueraded destination of this weight.
+    #[must_use]
+    pub fn to_ipvs(&self) -> ipvs::RealServer {
+        let mut rs = ipvs::RealServer::masquerade(SocketAddr::new(self.address, self.port));
+        rs.weight = self.weight;
+        rs
+    }
+
     /// The `ipvsadm -Sn` line under `vs`: `-a -t 10.96.0.10:80 -r 10.244.1.5:8080 -m -w 1`.
     #[must_use]
     pub fn ipvsadm_line(&self, vs: &VirtualServerKey) -> String {
@@ -169,6 +199,8 @@ mod tests {
             ),
         ] {
             assert_eq!(v.to_string(), want);
+            // The ipvs crate prints the value it would program the same way.
+            assert_eq!(v.to_ipvs().to_string(), want);
         }
     }
 

@@ -119,7 +119,7 @@ pub fn node_port_addresses(addresses: &[IpAddr], filter: &NodePortFilter) -> Vec
         }
         let primary = !addresses[..i]
             .iter()
-            .any(|a| Family::of(*a) == Family::of(*addr));
+            .any(|a| !a.is_loopback() && Family::of(*a) == Family::of(*addr));
         if all || (filter.primary && primary) || filter.cidrs.iter().any(|c| c.contains(addr)) {
             out.push(*addr);
         }
@@ -554,3 +554,7 @@ pub fn ipt_protocol(p: Protocol) -> iptables::Protocol {
         Protocol::Sctp => iptables::Protocol::Sctp,
     }
 }
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

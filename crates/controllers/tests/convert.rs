@@ -1,0 +1,306 @@
+//! Kubernetes objects → model, and the manifest-directory source.
+
+use std::path::Path;
+
+use controllers::manifests::{Snapshot, parse_into, read_dir};
+use controllers::source::{Event, Kind, Object};
+use reconciler::model::{
+    Protocol, Scheduler, SchedulerChoice, ServiceType, SessionAffinity, TrafficPolicy,
+};
+use reconciler::{ClusterState, ServiceName, ServicePortName};
+
+fn parse(text: &str) -> Snapshot {
+    let mut snap = Snapshot::default();
+    parse_into(Path::new("test.yaml"), text, &mut snap);
+    snap
+}
+
+fn state(text: &str) -> ClusterState {
+    let snap = parse(text);
+    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+    let mut st = ClusterState::new();
+    controllers::apply_all(&mut st, snap.events());
+    st
+}
+
+const WEB: &str = r"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop, annotations: {ipvs-proxy.io/scheduler: lc}}
+spec:
+  type: LoadBalancer
+  clusterIPs: [10.96.0.20, 'fd00::20']
+  externalIPs: [198.51.100.50]
+  externalTrafficPolicy: Local
+  internalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  loadBalancerSourceRanges: [' 203.0.113.0/24 ']
+  sessionAffinity: ClientIP
+  ports:
+    - {name: http, port: 80, nodePort: 30080}
+    - {name: dns, port: 53, protocol: UDP, nodePort: 30053}
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.100}, {ip: 198.51.100.101, ipMode: Proxy}, {hostname: lb.example.com}]
+";
+
+#[test]
+fn service_converts_to_one_service_port_per_port_with_every_field() {
+    let st = state(WEB);
+    let ports = st.service(&ServiceName::new("shop", "web")).unwrap();
+    assert_eq!(ports.len(), 2);
+    let p = &ports[0];
+    assert_eq!(&*p.name.port, "http");
+    assert_eq!(p.name.protocol, Protocol::Tcp);
+    assert_eq!(ports[1].name.protocol, Protocol::Udp);
+    assert_eq!(p.service_type, ServiceType::LoadBalancer);
+    assert_eq!(p.cluster_ips.len(), 2);
+    assert_eq!(p.external_ips[0].to_string(), "198.51.100.50");
+    // ipMode: Proxy and hostname-only ingresses are not VIPs.
+    assert_eq!(p.load_balancer_ips.len(), 1);
+    assert_eq!(
+        p.load_balancer_source_ranges[0].to_string(),
+        "203.0.113.0/24"
+    );
+    assert_eq!(p.node_port, Some(30080));
+    assert_eq!(p.health_check_node_port, Some(32000));
+    assert_eq!(
+        p.session_affinity,
+        SessionAffinity::ClientIp {
+            timeout_seconds: 10_800
+        }
+    );
+    assert_eq!(p.external_traffic_policy, TrafficPolicy::Local);
+    assert_eq!(p.internal_traffic_policy, TrafficPolicy::Local);
+    assert_eq!(
+        p.scheduler,
+        SchedulerChoice::Named(Scheduler::LeastConnection)
+    );
+    // Address lists are shared between the ports of one Service.
+    assert!(std::sync::Arc::ptr_eq(
+        &p.cluster_ips,
+        &ports[1].cluster_ips
+    ));
+}
+
+#[test]
+fn services_kube_proxy_skips_are_skipped() {
+    // (case, manifest)
+    for (case, doc) in [
+        ("headless", "spec: {clusterIP: None, ports: [{port: 80}]}"),
+        (
+            "ExternalName",
+            "spec: {type: ExternalName, externalName: x.example.com}",
+        ),
+        ("no ClusterIP", "spec: {ports: [{port: 80}]}"),
+        (
+            "another proxy's",
+            "metadata: {name: s, labels: {service.kubernetes.io/service-proxy-name: other}}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}",
+        ),
+    ] {
+        let text = if doc.starts_with("metadata") {
+            format!("apiVersion: v1\nkind: Service\n{doc}\n")
+        } else {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s}}\n{doc}\n")
+        };
+        assert_eq!(state(&text).service_count(), 0, "{case}");
+    }
+}
+
+#[test]
+fn kube_router_scheduler_annotation_is_accepted_and_unknown_names_are_kept_for_the_report() {
+    for (annotation, want) in [
+        (
+            "kube-router.io/service.scheduler: sh",
+            SchedulerChoice::Named(Scheduler::SourceHashing),
+        ),
+        (
+            "ipvs-proxy.io/scheduler: fastest",
+            SchedulerChoice::Unknown("fastest".into()),
+        ),
+    ] {
+        let st = state(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s, annotations: {{{annotation}}}}}\nspec: {{clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}\n"
+        ));
+        let ports = st.service(&ServiceName::new("default", "s")).unwrap();
+        assert_eq!(ports[0].scheduler, want);
+    }
+}
+
+#[test]
+fn client_ip_timeout_is_taken_from_the_config() {
+    let st = state(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  clusterIP: 10.96.0.1\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n  ports: [{port: 80}]\n",
+    );
+    let ports = st.service(&ServiceName::new("default", "s")).unwrap();
+    assert_eq!(
+        ports[0].session_affinity,
+        SessionAffinity::ClientIp {
+            timeout_seconds: 60
+        }
+    );
+}
+
+#[test]
+fn endpoint_slices_match_ports_by_name_and_default_their_conditions() {
+    let st = state(
+        r"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}]
+endpoints:
+  - {addresses: [10.244.1.5], nodeName: node-a, zone: z1}
+  - {addresses: [10.244.2.7], conditions: {ready: false, serving: true, terminating: true}}
+",
+    );
+    let port = ServicePortName {
+        service: ServiceName::new("shop", "web"),
+        port: "dns".into(),
+        protocol: Protocol::Udp,
+    };
+    let eps = st.endpoints(&port);
+    assert_eq!(eps.len(), 2);
+    assert_eq!(eps[0].port, 5353);
+    assert!(eps[0].conditions.ready && !eps[0].conditions.terminating);
+    assert!(eps[0].is_local("node-a"));
+    assert_eq!(eps[0].zone.as_deref(), Some("z1"));
+    assert!(!eps[1].conditions.ready && eps[1].conditions.terminating);
+    let wrong_protocol = ServicePortName {
+        protocol: Protocol::Tcp,
+        ..port
+    };
+    assert!(st.endpoints(&wrong_protocol).is_empty());
+}
+
+#[test]
+fn node_addresses_list_internal_ips_before_external_ones() {
+    let st = state(
+        r"
+apiVersion: v1
+kind: Node
+metadata: {name: node-a, labels: {topology.kubernetes.io/zone: z1}}
+status:
+  addresses:
+    - {type: ExternalIP, address: 198.51.100.10}
+    - {type: Hostname, address: node-a}
+    - {type: InternalIP, address: 192.168.56.10}
+",
+    );
+    let n = st.node("node-a").unwrap();
+    let addrs: Vec<String> = n.addresses.iter().map(ToString::to_string).collect();
+    assert_eq!(addrs, ["192.168.56.10", "198.51.100.10"]);
+    assert_eq!(n.zone.as_deref(), Some("z1"));
+}
+
+#[test]
+fn multi_document_files_and_lists_load_and_other_kinds_are_ignored() {
+    let snap = parse(
+        r"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: c}
+---
+apiVersion: v1
+kind: List
+items:
+  - {apiVersion: v1, kind: Service, metadata: {name: a}, spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}}
+  - {apiVersion: v1, kind: Node, metadata: {name: n}}
+---
+",
+    );
+    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+    let kinds: Vec<Kind> = snap.objects.keys().map(|k| k.kind).collect();
+    assert_eq!(kinds, [Kind::Service, Kind::Node]);
+}
+
+#[test]
+fn malformed_document_is_reported_with_file_and_index_and_the_rest_loads() {
+    let snap = parse(
+        r"
+apiVersion: v1
+kind: Service
+metadata: {name: good}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bad}
+spec: {ports: [{port: eighty}]}
+---
+apiVersion: v1
+kind: Service
+spec: {clusterIP: 10.96.0.3}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n}
+",
+    );
+    assert_eq!(snap.objects.len(), 2);
+    let errs: Vec<String> = snap.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert!(
+        errs[0].starts_with("test.yaml: document 1: invalid Service"),
+        "{}",
+        errs[0]
+    );
+    assert!(
+        errs[1].starts_with("test.yaml: document 2: Service without metadata.name"),
+        "{}",
+        errs[1]
+    );
+}
+
+#[test]
+fn yaml_syntax_error_keeps_documents_before_it() {
+    let snap = parse("apiVersion: v1\nkind: Node\nmetadata: {name: n}\n---\nkind: [unclosed\n");
+    assert_eq!(snap.objects.len(), 1);
+    assert_eq!(snap.errors[0].document, 1);
+}
+
+#[test]
+fn rereading_yields_only_the_differences_as_events() {
+    let before = parse(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: b}\n",
+    );
+    let after = parse(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: b, labels: {x: y}}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: c}\n",
+    );
+    let events = after.events_since(&before);
+    assert_eq!(events.len(), 3);
+    assert!(matches!(&events[0], Event::Delete(k) if &*k.name == "a"));
+    assert!(
+        events[1..]
+            .iter()
+            .all(|e| matches!(e, Event::Apply(Object::Node(_))))
+    );
+    assert!(after.events_since(&after).is_empty());
+}
+
+#[test]
+fn service_that_becomes_headless_is_removed_from_the_state() {
+    let mut st = state(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n",
+    );
+    let headless = parse(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: None, ports: [{port: 80}]}\n",
+    );
+    let affected = controllers::apply_all(&mut st, headless.events());
+    assert_eq!(affected.services, [ServiceName::new("default", "s")]);
+    assert_eq!(st.service_count(), 0);
+}
+
+#[test]
+fn the_shipped_examples_load_without_errors() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../manifests/examples");
+    let snap = read_dir(&dir).unwrap();
+    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+    assert!(snap.files >= 5);
+}
+
+#[test]
+fn unreadable_directory_is_an_error() {
+    assert!(read_dir(Path::new("/nonexistent/manifests")).is_err());
+}
