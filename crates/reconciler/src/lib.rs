@@ -12,6 +12,7 @@ pub mod model;
 pub mod plan;
 mod render;
 pub mod state;
+pub mod sync;
 
 pub use ipsets::KubeSet;
 pub use ipvs_state::{RealServer, VirtualServer, VirtualServerKey};

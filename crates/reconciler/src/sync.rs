@@ -18,13 +18,16 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use iptables::Family;
 use ipvs::{Op, RealServer, RealServerEntry, ServiceKey, VirtualServer};
 
-use crate::model::ServiceName;
+use crate::ipsets::KubeSet;
+use crate::ipvs_state::RealServer as PlannedRealServer;
+use crate::model::{Protocol, ServiceName};
+use crate::plan::ServicePlan;
 
 /// An error from a backend other than IPVS, boxed: the engine only reports it.
 pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
@@ -48,24 +51,48 @@ pub trait AddressKernel {
     fn remove(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>>;
 }
 
-/// The ipsets (and, on a full sync, the iptables rules that use them).
+/// The ipsets and the small iptables rule set that uses them.
 pub trait NetfilterKernel {
-    /// Makes every proxy set hold exactly `entries` and rewrites the proxy's chains.
-    fn full(&mut self, entries: &BTreeSet<SetEntry>) -> Result<(), BackendError>;
-    /// Adds and deletes single entries.
-    fn partial(&mut self, added: &[SetEntry], removed: &[SetEntry]) -> Result<(), BackendError>;
+    /// Makes every proxy set hold exactly the `Set` members of `entries`, and rewrites the
+    /// proxy's chains.
+    fn full(&mut self, entries: &BTreeSet<NetfilterEntry>) -> Result<(), BackendError>;
+    /// Adds and deletes members; rewrites the chains only if the rules they imply changed (a
+    /// set became empty or non-empty, a LoadBalancer out-filter came or went).
+    fn partial(
+        &mut self,
+        added: &[NetfilterEntry],
+        removed: &[NetfilterEntry],
+    ) -> Result<(), BackendError>;
 }
 
-/// One member of one ipset, as `ipset add SET ENTRY` writes it.
+/// One fact the ipvs-mode netfilter state is made of.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SetEntry {
-    pub set: Arc<str>,
-    pub entry: Arc<str>,
+pub enum NetfilterEntry {
+    /// A member of one of kube-proxy's ipsets (`ipset add KUBE-CLUSTER-IP 10.96.0.10,tcp:80`).
+    Set {
+        family: Family,
+        set: KubeSet,
+        entry: iptables::SetEntry,
+    },
+    /// A LoadBalancer (ip, protocol, port) the node itself may not reach: a
+    /// KUBE-IPVS-OUT-FILTER rule.
+    NoNodeAccess {
+        ip: IpAddr,
+        protocol: Protocol,
+        port: u16,
+    },
 }
 
-impl fmt::Display for SetEntry {
+impl fmt::Display for NetfilterEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.set, self.entry)
+        match self {
+            NetfilterEntry::Set { family, set, entry } => {
+                write!(f, "{} {entry}", set.name(*family))
+            }
+            NetfilterEntry::NoNodeAccess { ip, protocol, port } => {
+                write!(f, "out-filter {ip},{protocol}:{port}")
+            }
+        }
     }
 }
 
@@ -75,12 +102,47 @@ pub struct ServiceTarget {
     pub virtual_servers: Vec<(VirtualServer, Vec<RealServer>)>,
     /// Addresses for `kube-ipvs0`.
     pub addresses: Vec<IpAddr>,
-    pub set_entries: Vec<SetEntry>,
+    pub netfilter: Vec<NetfilterEntry>,
 }
 
 impl ServiceTarget {
     fn is_empty(&self) -> bool {
-        self.virtual_servers.is_empty() && self.addresses.is_empty() && self.set_entries.is_empty()
+        self.virtual_servers.is_empty() && self.addresses.is_empty() && self.netfilter.is_empty()
+    }
+}
+
+impl From<ServicePlan> for ServiceTarget {
+    fn from(plan: ServicePlan) -> Self {
+        ServiceTarget {
+            virtual_servers: plan
+                .virtual_servers
+                .iter()
+                .map(|v| {
+                    (
+                        v.virtual_server.to_ipvs(),
+                        v.real_servers
+                            .iter()
+                            .map(PlannedRealServer::to_ipvs)
+                            .collect(),
+                    )
+                })
+                .collect(),
+            addresses: plan.addresses.into_iter().collect(),
+            netfilter: plan
+                .set_entries
+                .into_iter()
+                .map(|(family, set, entry)| NetfilterEntry::Set { family, set, entry })
+                .chain(
+                    plan.lb_no_node_access
+                        .into_iter()
+                        .map(|(ip, protocol, port)| NetfilterEntry::NoNodeAccess {
+                            ip,
+                            protocol,
+                            port,
+                        }),
+                )
+                .collect(),
+        }
     }
 }
 
@@ -173,7 +235,7 @@ pub struct Syncer<I, A, N> {
     owner: HashMap<ServiceKey, ServiceName>,
     address_refs: HashMap<IpAddr, u32>,
     bound: HashSet<IpAddr>,
-    set_refs: HashMap<SetEntry, u32>,
+    set_refs: HashMap<NetfilterEntry, u32>,
     /// Real servers at weight 0, with the instant they are deleted regardless.
     draining: HashMap<(ServiceKey, SocketAddr), Instant>,
 }
@@ -186,8 +248,8 @@ struct Pending {
     op_owner: Vec<Option<ServiceName>>,
     add_addrs: BTreeSet<IpAddr>,
     del_addrs: BTreeSet<IpAddr>,
-    add_entries: BTreeSet<SetEntry>,
-    del_entries: BTreeSet<SetEntry>,
+    add_entries: BTreeSet<NetfilterEntry>,
+    del_entries: BTreeSet<NetfilterEntry>,
     errors: Vec<SyncError>,
 }
 
@@ -214,7 +276,13 @@ fn ipvs_error_kind(e: &ipvs::Error) -> &'static str {
 }
 
 fn is_tcp(key: &ServiceKey) -> bool {
-    matches!(key, ServiceKey::Addr { protocol: ipvs::Protocol::Tcp, .. })
+    matches!(
+        key,
+        ServiceKey::Addr {
+            protocol: ipvs::Protocol::Tcp,
+            ..
+        }
+    )
 }
 
 impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
@@ -249,14 +317,24 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
     }
 
     fn excluded(&self, ip: IpAddr) -> bool {
-        self.options.exclude_cidrs.iter().any(|net| net.contains(&ip))
+        self.options
+            .exclude_cidrs
+            .iter()
+            .any(|net| net.contains(&ip))
     }
 
     /// Re-reads the kernel, then programs every Service in `targets` and removes whatever the
     /// proxy owns that no Service wants. Used at start (adopting a previous run's state without
     /// flushing it) and every `--ipvs-sync-period`.
-    pub fn full_sync(&mut self, targets: Vec<(ServiceName, ServiceTarget)>, now: Instant) -> SyncReport {
-        let mut report = SyncReport { services: targets.len(), ..SyncReport::default() };
+    pub fn full_sync(
+        &mut self,
+        targets: Vec<(ServiceName, ServiceTarget)>,
+        now: Instant,
+    ) -> SyncReport {
+        let mut report = SyncReport {
+            services: targets.len(),
+            ..SyncReport::default()
+        };
         let dump = match self.ipvs.dump() {
             Ok(d) => d,
             Err(e) => {
@@ -282,20 +360,27 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             }
         };
 
-        let wanted: HashSet<ServiceKey> =
-            targets.iter().flat_map(|(_, t)| t.virtual_servers.iter().map(|(vs, _)| vs.key)).collect();
+        let wanted: HashSet<ServiceKey> = targets
+            .iter()
+            .flat_map(|(_, t)| t.virtual_servers.iter().map(|(vs, _)| vs.key))
+            .collect();
         let programmed: HashSet<ServiceKey> = self.kernel.keys().copied().collect();
         self.kernel = dump
             .into_iter()
             .filter(|(vs, _)| match vs.key {
                 ServiceKey::Addr { addr, .. } => {
                     !self.excluded(addr.ip())
-                        && (bound.contains(&addr.ip()) || wanted.contains(&vs.key) || programmed.contains(&vs.key))
+                        && (bound.contains(&addr.ip())
+                            || wanted.contains(&vs.key)
+                            || programmed.contains(&vs.key))
                 }
-                _ => false,
+                ServiceKey::Fwmark { .. } => false,
             })
             .map(|(server, reals)| {
-                let real = reals.into_iter().map(|r| (r.server.addr, r.server)).collect();
+                let real = reals
+                    .into_iter()
+                    .map(|r| (r.server.addr, r.server))
+                    .collect();
                 (server.key, KernelVs { server, real })
             })
             .collect();
@@ -305,15 +390,23 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         self.set_refs.clear();
         self.bound = bound.into_iter().collect();
         let kernel = &self.kernel;
-        self.draining
-            .retain(|(key, addr), _| kernel.get(key).is_some_and(|vs| vs.real.get(addr).is_some_and(|r| r.weight == 0)));
+        self.draining.retain(|(key, addr), _| {
+            kernel
+                .get(key)
+                .is_some_and(|vs| vs.real.get(addr).is_some_and(|r| r.weight == 0))
+        });
 
         let mut pending = Pending::default();
         for (name, target) in targets {
             self.plan_service(&name, target, now, &mut pending);
         }
         // Whatever the proxy owns that no Service claimed.
-        let orphans: Vec<ServiceKey> = self.kernel.keys().filter(|k| !self.owner.contains_key(k)).copied().collect();
+        let orphans: Vec<ServiceKey> = self
+            .kernel
+            .keys()
+            .filter(|k| !self.owner.contains_key(k))
+            .copied()
+            .collect();
         for key in orphans {
             self.kernel.remove(&key);
             self.draining.retain(|(k, _), _| *k != key);
@@ -326,7 +419,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         }
         pending.add_entries.clear();
         pending.del_entries.clear();
-        let entries: BTreeSet<SetEntry> = self.set_refs.keys().cloned().collect();
+        let entries: BTreeSet<NetfilterEntry> = self.set_refs.keys().cloned().collect();
         if let Err(e) = self.netfilter.full(&entries) {
             pending.errors.push(SyncError {
                 service: None,
@@ -343,13 +436,20 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
 
     /// Programs the changed Services only. A Service that is gone has an empty target.
     pub fn sync(&mut self, changes: Vec<(ServiceName, ServiceTarget)>, now: Instant) -> SyncReport {
-        let mut report = SyncReport { services: changes.len(), ..SyncReport::default() };
+        let mut report = SyncReport {
+            services: changes.len(),
+            ..SyncReport::default()
+        };
         let mut pending = Pending::default();
         for (name, target) in changes {
             self.plan_service(&name, target, now, &mut pending);
         }
-        let added: Vec<SetEntry> = std::mem::take(&mut pending.add_entries).into_iter().collect();
-        let removed: Vec<SetEntry> = std::mem::take(&mut pending.del_entries).into_iter().collect();
+        let added: Vec<NetfilterEntry> = std::mem::take(&mut pending.add_entries)
+            .into_iter()
+            .collect();
+        let removed: Vec<NetfilterEntry> = std::mem::take(&mut pending.del_entries)
+            .into_iter()
+            .collect();
         if !added.is_empty() || !removed.is_empty() {
             match self.netfilter.partial(&added, &removed) {
                 Ok(()) => {
@@ -393,7 +493,9 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                 let deadline = self.draining[&(key, addr)];
                 let done = match reals.iter().find(|r| r.server.addr == addr) {
                     None => true,
-                    Some(r) => r.connections.active + r.connections.inactive == 0 || now >= deadline,
+                    Some(r) => {
+                        r.connections.active + r.connections.inactive == 0 || now >= deadline
+                    }
                 };
                 if done {
                     self.draining.remove(&(key, addr));
@@ -410,10 +512,17 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         report
     }
 
-    fn plan_service(&mut self, name: &ServiceName, new: ServiceTarget, now: Instant, p: &mut Pending) {
+    fn plan_service(
+        &mut self,
+        name: &ServiceName,
+        new: ServiceTarget,
+        now: Instant,
+        p: &mut Pending,
+    ) {
         let old = self.services.remove(name).unwrap_or_default();
 
-        let new_keys: HashSet<ServiceKey> = new.virtual_servers.iter().map(|(vs, _)| vs.key).collect();
+        let new_keys: HashSet<ServiceKey> =
+            new.virtual_servers.iter().map(|(vs, _)| vs.key).collect();
         for (vs, reals) in &new.virtual_servers {
             match self.owner.get(&vs.key) {
                 Some(other) if other != name => {
@@ -421,7 +530,10 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                         service: Some(name.clone()),
                         backend: "ipvs",
                         kind: "conflict",
-                        message: format!("virtual server {} is already used by service {other}", vs.key),
+                        message: format!(
+                            "virtual server {} is already used by service {other}",
+                            vs.key
+                        ),
                     });
                     continue;
                 }
@@ -465,8 +577,8 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             }
         }
 
-        let old_entries: HashSet<&SetEntry> = old.set_entries.iter().collect();
-        let new_entries: HashSet<&SetEntry> = new.set_entries.iter().collect();
+        let old_entries: HashSet<&NetfilterEntry> = old.netfilter.iter().collect();
+        let new_entries: HashSet<&NetfilterEntry> = new.netfilter.iter().collect();
         for e in new_entries.difference(&old_entries) {
             let refs = self.set_refs.entry((*e).clone()).or_insert(0);
             *refs += 1;
@@ -502,7 +614,10 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         let key = vs.key;
         let entry = self.kernel.entry(key).or_insert_with(|| {
             p.push(Op::AddService(vs.clone()), Some(name));
-            KernelVs { server: vs.clone(), real: HashMap::new() }
+            KernelVs {
+                server: vs.clone(),
+                real: HashMap::new(),
+            }
         });
         if entry.server != *vs {
             p.push(Op::UpdateService(vs.clone()), Some(name));
@@ -518,7 +633,12 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             entry.real.insert(rs.addr, *rs);
             self.draining.remove(&(key, rs.addr));
         }
-        let gone: Vec<SocketAddr> = entry.real.keys().filter(|a| !wanted.contains_key(a)).copied().collect();
+        let gone: Vec<SocketAddr> = entry
+            .real
+            .keys()
+            .filter(|a| !wanted.contains_key(a))
+            .copied()
+            .collect();
         for addr in gone {
             if self.draining.contains_key(&(key, addr)) {
                 continue;
@@ -529,7 +649,8 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                     rs.weight = 0;
                     p.push(Op::UpdateDest(key, *rs), Some(name));
                 }
-                self.draining.insert((key, addr), now + self.options.drain_timeout);
+                self.draining
+                    .insert((key, addr), now + self.options.drain_timeout);
             } else {
                 entry.real.remove(&addr);
                 p.push(Op::DeleteDest(key, addr), Some(name));

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use ipvs::{Connections, Op, RealServer, RealServerEntry, Scheduler, ServiceKey, Stats, VirtualServer};
+use ipvs::{
+    Connections, Op, RealServer, RealServerEntry, Scheduler, ServiceKey, Stats, VirtualServer,
+};
 
 use super::*;
 
@@ -21,11 +23,19 @@ fn object(op: &Op) -> String {
 
 impl IpvsKernel for FakeIpvs {
     fn dump(&mut self) -> Result<Vec<(VirtualServer, Vec<RealServerEntry>)>, ipvs::Error> {
-        Ok(self.table.values().map(|(vs, r)| (vs.clone(), r.values().cloned().collect())).collect())
+        Ok(self
+            .table
+            .values()
+            .map(|(vs, r)| (vs.clone(), r.values().cloned().collect()))
+            .collect())
     }
 
     fn real_servers(&mut self, key: &ServiceKey) -> Result<Vec<RealServerEntry>, ipvs::Error> {
-        Ok(self.table.get(key).map(|(_, r)| r.values().cloned().collect()).unwrap_or_default())
+        Ok(self
+            .table
+            .get(key)
+            .map(|(_, r)| r.values().cloned().collect())
+            .unwrap_or_default())
     }
 
     fn apply(&mut self, ops: &[Op]) -> Vec<Result<(), ipvs::Error>> {
@@ -35,7 +45,10 @@ impl IpvsKernel for FakeIpvs {
                 match op {
                     Op::AddService(vs) => {
                         if vs.scheduler == Scheduler::TwoRandomChoices {
-                            return Err(ipvs::Error::SchedulerMissing { object: object(op), scheduler: "twos".into() });
+                            return Err(ipvs::Error::SchedulerMissing {
+                                object: object(op),
+                                scheduler: "twos".into(),
+                            });
                         }
                         if self.table.contains_key(&vs.key) {
                             return Err(ipvs::Error::AlreadyExists { object: object(op) });
@@ -59,14 +72,24 @@ impl IpvsKernel for FakeIpvs {
                         };
                         let exists = e.1.contains_key(&rs.addr);
                         match (op, exists) {
-                            (Op::AddDest(..), true) => return Err(ipvs::Error::AlreadyExists { object: object(op) }),
+                            (Op::AddDest(..), true) => {
+                                return Err(ipvs::Error::AlreadyExists { object: object(op) });
+                            }
                             (Op::UpdateDest(..), false) => {
                                 return Err(ipvs::Error::NoSuchDestination { object: object(op) });
                             }
                             _ => {}
                         }
-                        let connections = e.1.get(&rs.addr).map(|r| r.connections).unwrap_or_default();
-                        e.1.insert(rs.addr, RealServerEntry { server: *rs, connections, stats: Stats::default() });
+                        let connections =
+                            e.1.get(&rs.addr).map(|r| r.connections).unwrap_or_default();
+                        e.1.insert(
+                            rs.addr,
+                            RealServerEntry {
+                                server: *rs,
+                                connections,
+                                stats: Stats::default(),
+                            },
+                        );
                     }
                     Op::DeleteDest(key, addr) => {
                         let Some(e) = self.table.get_mut(key) else {
@@ -98,7 +121,11 @@ impl FakeIpvs {
 
     fn set_connections(&mut self, key: &ServiceKey, addr: SocketAddr, active: u32, inactive: u32) {
         let entry = self.table.get_mut(key).unwrap().1.get_mut(&addr).unwrap();
-        entry.connections = Connections { active, inactive, persistent: 0 };
+        entry.connections = Connections {
+            active,
+            inactive,
+            persistent: 0,
+        };
     }
 }
 
@@ -114,33 +141,43 @@ impl AddressKernel for FakeAddresses {
     }
     fn add(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>> {
         self.calls += 1;
-        addrs.iter().map(|a| {
-            self.bound.insert(*a);
-            Ok(())
-        }).collect()
+        addrs
+            .iter()
+            .map(|a| {
+                self.bound.insert(*a);
+                Ok(())
+            })
+            .collect()
     }
     fn remove(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>> {
         self.calls += 1;
-        addrs.iter().map(|a| {
-            self.bound.remove(a);
-            Ok(())
-        }).collect()
+        addrs
+            .iter()
+            .map(|a| {
+                self.bound.remove(a);
+                Ok(())
+            })
+            .collect()
     }
 }
 
 #[derive(Debug, Default)]
 struct FakeNetfilter {
-    entries: BTreeSet<SetEntry>,
+    entries: BTreeSet<NetfilterEntry>,
     full_syncs: usize,
 }
 
 impl NetfilterKernel for FakeNetfilter {
-    fn full(&mut self, entries: &BTreeSet<SetEntry>) -> Result<(), BackendError> {
+    fn full(&mut self, entries: &BTreeSet<NetfilterEntry>) -> Result<(), BackendError> {
         self.full_syncs += 1;
         self.entries = entries.clone();
         Ok(())
     }
-    fn partial(&mut self, added: &[SetEntry], removed: &[SetEntry]) -> Result<(), BackendError> {
+    fn partial(
+        &mut self,
+        added: &[NetfilterEntry],
+        removed: &[NetfilterEntry],
+    ) -> Result<(), BackendError> {
         for e in removed {
             assert!(self.entries.remove(e), "removing an absent entry {e}");
         }
@@ -154,7 +191,12 @@ impl NetfilterKernel for FakeNetfilter {
 type TestSyncer = Syncer<FakeIpvs, FakeAddresses, FakeNetfilter>;
 
 fn syncer() -> TestSyncer {
-    Syncer::new(FakeIpvs::default(), FakeAddresses::default(), FakeNetfilter::default(), SyncOptions::default())
+    Syncer::new(
+        FakeIpvs::default(),
+        FakeAddresses::default(),
+        FakeNetfilter::default(),
+        SyncOptions::default(),
+    )
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -171,10 +213,17 @@ fn target(vip: &str, port: u16, scheduler: Scheduler, backends: &[&str]) -> Serv
     ServiceTarget {
         virtual_servers: vec![(
             VirtualServer::new(key, scheduler),
-            backends.iter().map(|b| RealServer::masquerade(b.parse().unwrap())).collect(),
+            backends
+                .iter()
+                .map(|b| RealServer::masquerade(b.parse().unwrap()))
+                .collect(),
         )],
         addresses: vec![ip(vip)],
-        set_entries: vec![SetEntry { set: "KUBE-CLUSTER-IP".into(), entry: format!("{vip},tcp:{port}").into() }],
+        netfilter: vec![NetfilterEntry::Set {
+            family: Family::V4,
+            set: KubeSet::ClusterIp,
+            entry: iptables::SetEntry::IpPort(ip(vip), iptables::Protocol::Tcp, port),
+        }],
     }
 }
 
@@ -183,10 +232,13 @@ fn udp_target(vip: &str, port: u16, backends: &[&str]) -> ServiceTarget {
     ServiceTarget {
         virtual_servers: vec![(
             VirtualServer::new(key, Scheduler::RoundRobin),
-            backends.iter().map(|b| RealServer::masquerade(b.parse().unwrap())).collect(),
+            backends
+                .iter()
+                .map(|b| RealServer::masquerade(b.parse().unwrap()))
+                .collect(),
         )],
         addresses: vec![ip(vip)],
-        set_entries: vec![],
+        netfilter: vec![],
     }
 }
 
@@ -196,7 +248,15 @@ const RR: Scheduler = Scheduler::RoundRobin;
 fn first_full_sync_programs_everything_and_a_second_changes_nothing() {
     let mut s = syncer();
     let now = Instant::now();
-    let all = vec![(svc("web"), target("10.96.0.10", 80, RR, &["10.244.1.5:8080", "10.244.2.5:8080"]))];
+    let all = vec![(
+        svc("web"),
+        target(
+            "10.96.0.10",
+            80,
+            RR,
+            &["10.244.1.5:8080", "10.244.2.5:8080"],
+        ),
+    )];
     let report = s.full_sync(all.clone(), now);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(
@@ -220,7 +280,12 @@ fn changing_one_service_touches_only_that_service() {
     let mut s = syncer();
     let now = Instant::now();
     let mut all: Vec<_> = (0..100)
-        .map(|i| (svc(&format!("s{i}")), target(&format!("10.96.1.{i}"), 80, RR, &["10.244.0.1:80"])))
+        .map(|i| {
+            (
+                svc(&format!("s{i}")),
+                target(&format!("10.96.1.{i}"), 80, RR, &["10.244.0.1:80"]),
+            )
+        })
         .collect();
     s.full_sync(all.clone(), now);
     s.ipvs.log.clear();
@@ -238,11 +303,32 @@ fn removed_tcp_endpoint_drains_before_delete() {
     let t0 = Instant::now();
     let key = ServiceKey::tcp(ip("10.96.0.10"), 80);
     let gone: SocketAddr = "10.244.3.5:8080".parse().unwrap();
-    s.full_sync(vec![(svc("web"), target("10.96.0.10", 80, RR, &["10.244.1.5:8080", "10.244.3.5:8080"]))], t0);
+    s.full_sync(
+        vec![(
+            svc("web"),
+            target(
+                "10.96.0.10",
+                80,
+                RR,
+                &["10.244.1.5:8080", "10.244.3.5:8080"],
+            ),
+        )],
+        t0,
+    );
     s.ipvs.set_connections(&key, gone, 1, 0);
 
-    s.sync(vec![(svc("web"), target("10.96.0.10", 80, RR, &["10.244.1.5:8080"]))], t0);
-    assert!(s.ipvs.save().contains(&"-a -t 10.96.0.10:80 -r 10.244.3.5:8080 -m -w 0".to_owned()));
+    s.sync(
+        vec![(
+            svc("web"),
+            target("10.96.0.10", 80, RR, &["10.244.1.5:8080"]),
+        )],
+        t0,
+    );
+    assert!(
+        s.ipvs
+            .save()
+            .contains(&"-a -t 10.96.0.10:80 -r 10.244.3.5:8080 -m -w 0".to_owned())
+    );
     assert_eq!(s.counts().draining, 1);
 
     // Still connected: stays.
@@ -251,8 +337,21 @@ fn removed_tcp_endpoint_drains_before_delete() {
     // Connections end: deleted.
     s.ipvs.set_connections(&key, gone, 0, 0);
     assert_eq!(s.drain(t0 + Duration::from_secs(6)).drained, 1);
-    assert_eq!(s.ipvs.save(), ["-A -t 10.96.0.10:80 -s rr", "-a -t 10.96.0.10:80 -r 10.244.1.5:8080 -m -w 1"]);
-    assert_eq!(s.counts(), Counts { virtual_servers: 1, real_servers: 1, draining: 0 });
+    assert_eq!(
+        s.ipvs.save(),
+        [
+            "-A -t 10.96.0.10:80 -s rr",
+            "-a -t 10.96.0.10:80 -r 10.244.1.5:8080 -m -w 1"
+        ]
+    );
+    assert_eq!(
+        s.counts(),
+        Counts {
+            virtual_servers: 1,
+            real_servers: 1,
+            draining: 0
+        }
+    );
 }
 
 #[test]
@@ -261,7 +360,13 @@ fn draining_is_bounded_by_the_timeout() {
     let t0 = Instant::now();
     let key = ServiceKey::tcp(ip("10.96.0.10"), 80);
     let stuck: SocketAddr = "10.244.3.5:8080".parse().unwrap();
-    s.full_sync(vec![(svc("web"), target("10.96.0.10", 80, RR, &["10.244.3.5:8080"]))], t0);
+    s.full_sync(
+        vec![(
+            svc("web"),
+            target("10.96.0.10", 80, RR, &["10.244.3.5:8080"]),
+        )],
+        t0,
+    );
     s.ipvs.set_connections(&key, stuck, 3, 1);
     s.sync(vec![(svc("web"), target("10.96.0.10", 80, RR, &[]))], t0);
     assert_eq!(s.drain(t0 + Duration::from_secs(899)).drained, 0);
@@ -276,20 +381,46 @@ fn endpoint_that_comes_back_while_draining_is_restored() {
     let both = ["10.244.1.5:8080", "10.244.3.5:8080"];
     s.full_sync(vec![(svc("web"), target("10.96.0.10", 80, RR, &both))], t0);
     s.ipvs.set_connections(&key, both[1].parse().unwrap(), 1, 0);
-    s.sync(vec![(svc("web"), target("10.96.0.10", 80, RR, &both[..1]))], t0);
+    s.sync(
+        vec![(svc("web"), target("10.96.0.10", 80, RR, &both[..1]))],
+        t0,
+    );
     s.sync(vec![(svc("web"), target("10.96.0.10", 80, RR, &both))], t0);
-    assert!(s.ipvs.save().contains(&"-a -t 10.96.0.10:80 -r 10.244.3.5:8080 -m -w 1".to_owned()));
+    assert!(
+        s.ipvs
+            .save()
+            .contains(&"-a -t 10.96.0.10:80 -r 10.244.3.5:8080 -m -w 1".to_owned())
+    );
     assert_eq!(s.counts().draining, 0);
-    assert_eq!(s.drain(t0 + Duration::from_secs(1000)).drained, 0, "not deleted after all");
+    assert_eq!(
+        s.drain(t0 + Duration::from_secs(1000)).drained,
+        0,
+        "not deleted after all"
+    );
 }
 
 #[test]
 fn removed_udp_endpoint_is_deleted_at_once() {
     let mut s = syncer();
     let now = Instant::now();
-    s.full_sync(vec![(svc("dns"), udp_target("10.96.0.53", 53, &["10.244.1.5:53", "10.244.2.5:53"]))], now);
-    s.sync(vec![(svc("dns"), udp_target("10.96.0.53", 53, &["10.244.1.5:53"]))], now);
-    assert_eq!(s.ipvs.save(), ["-A -u 10.96.0.53:53 -s rr", "-a -u 10.96.0.53:53 -r 10.244.1.5:53 -m -w 1"]);
+    s.full_sync(
+        vec![(
+            svc("dns"),
+            udp_target("10.96.0.53", 53, &["10.244.1.5:53", "10.244.2.5:53"]),
+        )],
+        now,
+    );
+    s.sync(
+        vec![(svc("dns"), udp_target("10.96.0.53", 53, &["10.244.1.5:53"]))],
+        now,
+    );
+    assert_eq!(
+        s.ipvs.save(),
+        [
+            "-A -u 10.96.0.53:53 -s rr",
+            "-a -u 10.96.0.53:53 -r 10.244.1.5:53 -m -w 1"
+        ]
+    );
     assert_eq!(s.counts().draining, 0);
 }
 
@@ -306,9 +437,22 @@ fn deleted_service_loses_its_virtual_server_address_and_set_entries() {
     );
     let report = s.sync(vec![(svc("a"), ServiceTarget::default())], now);
     assert!(report.errors.is_empty());
-    assert_eq!(s.ipvs.save(), ["-A -t 10.96.0.11:80 -s rr", "-a -t 10.96.0.11:80 -r 10.244.1.6:80 -m -w 1"]);
+    assert_eq!(
+        s.ipvs.save(),
+        [
+            "-A -t 10.96.0.11:80 -s rr",
+            "-a -t 10.96.0.11:80 -r 10.244.1.6:80 -m -w 1"
+        ]
+    );
     assert_eq!(s.addresses.bound, BTreeSet::from([ip("10.96.0.11")]));
-    assert_eq!(s.netfilter.entries.iter().map(ToString::to_string).collect::<Vec<_>>(), ["KUBE-CLUSTER-IP 10.96.0.11,tcp:80"]);
+    assert_eq!(
+        s.netfilter
+            .entries
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["KUBE-CLUSTER-IP 10.96.0.11,tcp:80"]
+    );
 }
 
 #[test]
@@ -317,8 +461,14 @@ fn an_address_shared_by_two_services_stays_until_both_are_gone() {
     let now = Instant::now();
     s.full_sync(
         vec![
-            (svc("http"), target("192.0.2.10", 80, RR, &["10.244.1.5:80"])),
-            (svc("https"), target("192.0.2.10", 443, RR, &["10.244.1.5:443"])),
+            (
+                svc("http"),
+                target("192.0.2.10", 80, RR, &["10.244.1.5:80"]),
+            ),
+            (
+                svc("https"),
+                target("192.0.2.10", 443, RR, &["10.244.1.5:443"]),
+            ),
         ],
         now,
     );
@@ -332,9 +482,23 @@ fn an_address_shared_by_two_services_stays_until_both_are_gone() {
 fn scheduler_change_updates_the_virtual_server_in_place() {
     let mut s = syncer();
     let now = Instant::now();
-    s.full_sync(vec![(svc("web"), target("10.96.0.10", 80, RR, &["10.244.1.5:80"]))], now);
+    s.full_sync(
+        vec![(svc("web"), target("10.96.0.10", 80, RR, &["10.244.1.5:80"]))],
+        now,
+    );
     s.ipvs.log.clear();
-    s.sync(vec![(svc("web"), target("10.96.0.10", 80, Scheduler::LeastConnection, &["10.244.1.5:80"]))], now);
+    s.sync(
+        vec![(
+            svc("web"),
+            target(
+                "10.96.0.10",
+                80,
+                Scheduler::LeastConnection,
+                &["10.244.1.5:80"],
+            ),
+        )],
+        now,
+    );
     assert_eq!(s.ipvs.log, ["-E -t 10.96.0.10:80 -s lc"]);
 }
 
@@ -347,12 +511,18 @@ fn full_sync_repairs_drift_and_leaves_foreign_virtual_servers_alone() {
     // By hand: ours deleted, a foreign one added outside our VIPs, one inside an excluded range.
     s.ipvs.table.clear();
     let foreign = VirtualServer::new(ServiceKey::tcp(ip("192.168.50.1"), 22), RR);
-    s.ipvs.table.insert(foreign.key, (foreign.clone(), BTreeMap::new()));
+    s.ipvs
+        .table
+        .insert(foreign.key, (foreign.clone(), BTreeMap::new()));
     let report = s.full_sync(all, now);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(
         s.ipvs.save(),
-        ["-A -t 10.96.0.10:80 -s rr", "-a -t 10.96.0.10:80 -r 10.244.1.5:80 -m -w 1", "-A -t 192.168.50.1:22 -s rr"]
+        [
+            "-A -t 10.96.0.10:80 -s rr",
+            "-a -t 10.96.0.10:80 -r 10.244.1.5:80 -m -w 1",
+            "-A -t 192.168.50.1:22 -s rr"
+        ]
     );
 }
 
@@ -362,27 +532,48 @@ fn excluded_cidrs_are_never_touched_even_on_kube_ipvs0() {
         FakeIpvs::default(),
         FakeAddresses::default(),
         FakeNetfilter::default(),
-        SyncOptions { exclude_cidrs: vec!["10.100.0.0/16".parse().unwrap()], ..SyncOptions::default() },
+        SyncOptions {
+            exclude_cidrs: vec!["10.100.0.0/16".parse().unwrap()],
+            ..SyncOptions::default()
+        },
     );
     let excluded = VirtualServer::new(ServiceKey::tcp(ip("10.100.0.1"), 80), RR);
-    s.ipvs.table.insert(excluded.key, (excluded, BTreeMap::new()));
+    s.ipvs
+        .table
+        .insert(excluded.key, (excluded, BTreeMap::new()));
     s.addresses.bound.insert(ip("10.100.0.1"));
     let stale = VirtualServer::new(ServiceKey::tcp(ip("10.96.0.99"), 80), RR);
     s.ipvs.table.insert(stale.key, (stale, BTreeMap::new()));
     s.addresses.bound.insert(ip("10.96.0.99"));
     s.full_sync(vec![], Instant::now());
-    assert_eq!(s.ipvs.save(), ["-A -t 10.100.0.1:80 -s rr"], "stale one on kube-ipvs0 removed, excluded one kept");
+    assert_eq!(
+        s.ipvs.save(),
+        ["-A -t 10.100.0.1:80 -s rr"],
+        "stale one on kube-ipvs0 removed, excluded one kept"
+    );
 }
 
 #[test]
 fn restart_adopts_the_kernel_without_interrupting_it_and_restores_zero_weights() {
     let now = Instant::now();
-    let all = vec![(svc("web"), target("10.96.0.10", 80, RR, &["10.244.1.5:80", "10.244.2.5:80"]))];
+    let all = vec![(
+        svc("web"),
+        target("10.96.0.10", 80, RR, &["10.244.1.5:80", "10.244.2.5:80"]),
+    )];
     let mut first = syncer();
     first.full_sync(all.clone(), now);
     // The previous run had started draining 10.244.2.5 when it was killed.
     let key = ServiceKey::tcp(ip("10.96.0.10"), 80);
-    first.ipvs.table.get_mut(&key).unwrap().1.get_mut(&"10.244.2.5:80".parse().unwrap()).unwrap().server.weight = 0;
+    first
+        .ipvs
+        .table
+        .get_mut(&key)
+        .unwrap()
+        .1
+        .get_mut(&"10.244.2.5:80".parse().unwrap())
+        .unwrap()
+        .server
+        .weight = 0;
 
     let mut second = Syncer::new(
         std::mem::take(&mut first.ipvs),
@@ -393,7 +584,11 @@ fn restart_adopts_the_kernel_without_interrupting_it_and_restores_zero_weights()
     second.ipvs.log.clear();
     let report = second.full_sync(all, now);
     assert!(report.errors.is_empty());
-    assert_eq!(second.ipvs.log, ["-e -t 10.96.0.10:80 -r 10.244.2.5:80 -m -w 1"], "no delete, no re-add");
+    assert_eq!(
+        second.ipvs.log,
+        ["-e -t 10.96.0.10:80 -r 10.244.2.5:80 -m -w 1"],
+        "no delete, no re-add"
+    );
 }
 
 #[test]
@@ -402,7 +597,15 @@ fn a_refused_operation_is_reported_for_its_service_and_the_rest_is_applied() {
     let now = Instant::now();
     let report = s.full_sync(
         vec![
-            (svc("odd"), target("10.96.0.20", 80, Scheduler::TwoRandomChoices, &["10.244.1.5:80"])),
+            (
+                svc("odd"),
+                target(
+                    "10.96.0.20",
+                    80,
+                    Scheduler::TwoRandomChoices,
+                    &["10.244.1.5:80"],
+                ),
+            ),
             (svc("web"), target("10.96.0.10", 80, RR, &["10.244.1.5:80"])),
         ],
         now,
@@ -412,11 +615,25 @@ fn a_refused_operation_is_reported_for_its_service_and_the_rest_is_applied() {
     assert_eq!(err.service, Some(svc("odd")));
     assert_eq!(err.kind, "scheduler_missing");
     assert!(err.to_string().contains("default/odd"), "{err}");
-    assert!(s.ipvs.save().contains(&"-A -t 10.96.0.10:80 -s rr".to_owned()));
+    assert!(
+        s.ipvs
+            .save()
+            .contains(&"-A -t 10.96.0.10:80 -s rr".to_owned())
+    );
     // The failed one is retried on the next sync rather than assumed present.
     s.ipvs.log.clear();
-    s.full_sync(vec![(svc("odd"), target("10.96.0.20", 80, Scheduler::RoundRobin, &["10.244.1.5:80"]))], now);
-    assert!(s.ipvs.log.contains(&"-A -t 10.96.0.20:80 -s rr".to_owned()), "{:?}", s.ipvs.log);
+    s.full_sync(
+        vec![(
+            svc("odd"),
+            target("10.96.0.20", 80, Scheduler::RoundRobin, &["10.244.1.5:80"]),
+        )],
+        now,
+    );
+    assert!(
+        s.ipvs.log.contains(&"-A -t 10.96.0.20:80 -s rr".to_owned()),
+        "{:?}",
+        s.ipvs.log
+    );
 }
 
 #[test]
@@ -432,5 +649,8 @@ fn two_services_claiming_one_virtual_server_is_reported_not_fought_over() {
     );
     assert_eq!(report.errors.len(), 1);
     assert_eq!(report.errors[0].service, Some(svc("b")));
-    assert_eq!(s.ipvs.save()[1], "-a -t 192.0.2.1:80 -r 10.244.1.5:80 -m -w 1");
+    assert_eq!(
+        s.ipvs.save()[1],
+        "-a -t 192.0.2.1:80 -r 10.244.1.5:80 -m -w 1"
+    );
 }
