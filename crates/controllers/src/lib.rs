@@ -9,4 +9,4 @@ pub mod manifests;
 pub mod source;
 
 pub use manifests::{ManifestError, Snapshot, read_dir};
-pub use source::{Affected, Event, Kind, Object, ObjectKey, apply, apply_all};
+pub use source::{Affected, Event, Kind, Object, ObjectKey, SourceUpdate, apply, apply_all};

@@ -64,6 +64,18 @@ pub enum Event {
     Delete(ObjectKey),
 }
 
+/// What a source sends the proxier. Every source — the manifest directory, the Kubernetes
+/// API watchers — speaks this, so the proxier cannot tell them apart.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceUpdate {
+    /// Changes to fold in, applied together (one sync sees all of them or none). A relist
+    /// arrives as one batch: applies for what is listed, deletes for what no longer is.
+    Events(Vec<Event>),
+    /// Every initial list is complete. The proxier programs nothing before this: programming
+    /// a partial view would delete live Services on every node.
+    InitialSyncDone,
+}
+
 /// What an event changed: the Services whose plans must be recomputed, and whether node
 /// facts changed (which affects every NodePort).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
