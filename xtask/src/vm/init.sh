@@ -29,7 +29,7 @@ echo /usr/sbin/modprobe > /proc/sys/kernel/modprobe
 /usr/bin/ip link set lo up
 
 ipvs_modules=$(cd "/lib/modules/$(uname -r)/kernel/net/netfilter/ipvs" && ls | sed -n 's/\.ko.*$//p')
-say "loading modules: $ipvs_modules"
+say "loading modules:" $ipvs_modules
 /usr/sbin/modprobe -a $ipvs_modules dummy veth \
     nf_conntrack nf_nat nf_tables nft_compat nft_chain_nat \
     ip_tables ip6_tables iptable_filter iptable_nat iptable_mangle \

@@ -13,6 +13,8 @@ use anyhow::{Context, Result, bail};
 use super::host;
 
 const META_PACKAGE: &str = "linux-image-cloud-amd64";
+/// Changes (its modification time) whenever `apt-get update` brings new package lists.
+const APT_LISTS: &str = "/var/lib/apt/lists";
 
 /// An unpacked kernel in the cache.
 #[derive(Debug)]
@@ -30,7 +32,7 @@ pub struct Kernel {
 /// there yet. The caller holds the cache lock.
 pub fn ensure(cache: &Path) -> Result<Kernel> {
     let kernels = cache.join("kernel");
-    let package = match current_package() {
+    let package = match current_package(&kernels) {
         Ok(package) => package,
         Err(error) => {
             // Offline, or apt's lists are gone: any kernel we already have will do.
@@ -57,8 +59,28 @@ pub fn ensure(cache: &Path) -> Result<Kernel> {
     })
 }
 
-/// The versioned kernel package the meta package currently depends on.
-fn current_package() -> Result<String> {
+/// The versioned kernel package the meta package currently depends on. apt-cache takes a
+/// second or more, so its answer is kept in `kernel/resolved` until apt's lists change.
+fn current_package(kernels: &Path) -> Result<String> {
+    let lists_changed = fs::metadata(APT_LISTS).and_then(|m| m.modified()).ok();
+    let remembered = kernels.join("resolved");
+    let stamp = lists_changed.map(|t| format!("{t:?}"));
+    if let (Some(stamp), Ok(text)) = (&stamp, fs::read_to_string(&remembered))
+        && let Some((package, when)) = text.trim().split_once(' ')
+        && when == stamp
+        && kernels.join(package).join("vmlinuz").exists()
+    {
+        return Ok(package.to_owned());
+    }
+    let package = ask_apt()?;
+    if let Some(stamp) = stamp {
+        fs::create_dir_all(kernels)?;
+        fs::write(&remembered, format!("{package} {stamp}\n"))?;
+    }
+    Ok(package)
+}
+
+fn ask_apt() -> Result<String> {
     for attempt in 0..2 {
         if attempt == 1 {
             host::apt_update()?;

@@ -80,6 +80,7 @@ impl Run<'_> {
             (kernel, base)
         };
 
+        remove_abandoned_runs(&cache);
         let nonce = nonce();
         let run_dir = TempDir(cache.join(format!("run-{nonce}")));
         fs::create_dir_all(&run_dir.0)?;
@@ -130,7 +131,7 @@ impl Run<'_> {
         match outcome {
             Outcome::Exited(_) => {}
             Outcome::Crashed => {
-                eprintln!("vm: the VM stopped without reporting the command's exit status")
+                eprintln!("vm: the VM stopped without reporting the command's exit status");
             }
             Outcome::TimedOut => {
                 eprintln!(
@@ -176,6 +177,26 @@ fn nonce() -> String {
         std::process::id(),
         initramfs::fnv1a(&nanos.to_le_bytes())
     )
+}
+
+/// Removes the folders of runs whose xtask was killed (Ctrl-C skips destructors).
+fn remove_abandoned_runs(cache: &Path) {
+    let Ok(entries) = fs::read_dir(cache) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("run-"))
+            .and_then(|n| n.split('-').next())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// A folder removed when the run ends, however it ends.

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -33,23 +33,70 @@ pub struct Boot<'a> {
     pub nonce: &'a str,
 }
 
+/// `panic=-1`: a panicking kernel reboots at once, and `-no-reboot` makes that qemu's exit.
+const KERNEL_ARGS: &str = "console=ttyS0 panic=-1 rdinit=/init";
+/// Only warnings and worse from the kernel.
+const QUIET_KERNEL_ARGS: &str = "console=ttyS0 panic=-1 rdinit=/init quiet";
+
 /// Lines of boot noise kept to show when the VM dies before the command starts.
 const BOOT_LOG_LINES: usize = 60;
 
 /// Boots the VM and streams its console. Each line of the command's output is given to
 /// `on_line`, which returns whether to print it.
 pub fn run(boot: &Boot, on_line: &mut dyn FnMut(&str) -> bool) -> Result<Outcome> {
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg,thread=multi",
-            "-cpu",
-            "max",
-            "-smp",
-            "2",
-            "-nographic",
-            "-no-reboot",
-        ])
+    let mut child = spawn(boot)?;
+    let (received, reader) = read_lines(child.stdout.take().expect("piped stdout"));
+    let mut console = Console::new(boot, on_line);
+    let deadline = Instant::now() + boot.timeout;
+    let mut timed_out = false;
+    loop {
+        match received.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                if console.take(line) && !boot.verbose {
+                    break;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                timed_out = true;
+                break;
+            }
+        }
+    }
+
+    if !timed_out {
+        // /init powers off right after its marker, and a dead VM closes its console just
+        // before qemu exits: give it a moment to do so by itself.
+        let grace = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < grace && child.try_wait()?.is_none() {
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = child.kill();
+    let status = child.wait()?;
+    drop(received);
+    let _ = reader.join();
+
+    let outcome = match console.exit_status {
+        Some(status) => Outcome::Exited(status),
+        None if timed_out => Outcome::TimedOut,
+        None => Outcome::Crashed,
+    };
+    // A VM that died while booting explains itself only in the noise we hid.
+    if !console.started && !boot.verbose && !matches!(outcome, Outcome::Exited(_)) {
+        eprintln!("vm: the command never started (qemu: {status}); the console said:");
+        for line in console.boot_log {
+            let printable: String = line.chars().filter(|c| !c.is_control()).collect();
+            eprintln!("  | {printable}");
+        }
+    }
+    Ok(outcome)
+}
+
+fn spawn(boot: &Boot) -> Result<Child> {
+    Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2"])
+        .args(["-nographic", "-no-reboot"])
         // Never a network card: test traffic stays inside the VM.
         .args(["-nic", "none"])
         .arg("-m")
@@ -59,15 +106,21 @@ pub fn run(boot: &Boot, on_line: &mut dyn FnMut(&str) -> bool) -> Result<Outcome
         .arg("-initrd")
         .arg(boot.initrd)
         .arg("-append")
-        .arg("console=ttyS0 panic=-1 quiet rdinit=/init")
+        .arg(if boot.verbose {
+            KERNEL_ARGS
+        } else {
+            QUIET_KERNEL_ARGS
+        })
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .context("starting qemu-system-x86_64")?;
+        .context("starting qemu-system-x86_64")
+}
 
+/// Reads the serial console on a thread, one line (without its `\r\n`) per message.
+fn read_lines(console: ChildStdout) -> (mpsc::Receiver<String>, thread::JoinHandle<()>) {
     let (lines, received) = mpsc::channel();
-    let console = child.stdout.take().expect("piped stdout");
     let reader = thread::spawn(move || {
         let mut console = BufReader::new(console);
         let mut line = Vec::new();
@@ -81,82 +134,67 @@ pub fn run(boot: &Boot, on_line: &mut dyn FnMut(&str) -> bool) -> Result<Outcome
             line.clear();
         }
     });
+    (received, reader)
+}
 
-    let start_marker = format!("XTASK-VM-START-{}", boot.nonce);
-    let exit_marker = format!("XTASK-VM-EXIT-{} ", boot.nonce);
-    let deadline = Instant::now() + boot.timeout;
-    let mut boot_log = VecDeque::new();
-    let mut started = false;
-    let mut outcome = None;
-    let stdout = std::io::stdout();
-    loop {
-        let wait = deadline.saturating_duration_since(Instant::now());
-        let line = match received.recv_timeout(wait) {
-            Ok(line) => line,
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                outcome = Some(Outcome::TimedOut);
-                break;
-            }
-        };
+/// Sorts console lines: boot noise (hidden unless verbose), the command's output, markers.
+struct Console<'a> {
+    start_marker: String,
+    exit_marker: String,
+    verbose: bool,
+    on_line: &'a mut dyn FnMut(&str) -> bool,
+    started: bool,
+    exit_status: Option<i32>,
+    boot_log: VecDeque<String>,
+}
+
+impl<'a> Console<'a> {
+    fn new(boot: &Boot, on_line: &'a mut dyn FnMut(&str) -> bool) -> Self {
+        Self {
+            start_marker: format!("XTASK-VM-START-{}", boot.nonce),
+            exit_marker: format!("XTASK-VM-EXIT-{} ", boot.nonce),
+            verbose: boot.verbose,
+            on_line,
+            started: false,
+            exit_status: None,
+            boot_log: VecDeque::new(),
+        }
+    }
+
+    /// Takes one line; returns true once the command's exit marker has been seen.
+    fn take(&mut self, line: String) -> bool {
         // The marker may follow output that did not end in a newline.
-        if let Some(at) = line.find(&exit_marker) {
-            let before = &line[..at];
-            if !before.is_empty() && on_line(before) {
-                let _ = writeln!(stdout.lock(), "{before}");
+        if let Some(at) = line.find(&self.exit_marker) {
+            if at > 0 {
+                self.command_output(&line[..at]);
             }
-            let status = line[at + exit_marker.len()..].trim().parse().unwrap_or(1);
-            outcome = Some(Outcome::Exited(status));
-            if !boot.verbose {
-                break;
-            }
-            continue;
-        }
-        if !started && line.ends_with(&start_marker) {
-            started = true;
-            continue;
-        }
-        if started && outcome.is_none() {
-            if on_line(&line) {
-                let _ = writeln!(stdout.lock(), "{line}");
-            }
-        } else if boot.verbose {
-            let _ = writeln!(stdout.lock(), "{line}");
-        } else {
-            boot_log.push_back(line);
-            if boot_log.len() > BOOT_LOG_LINES {
-                boot_log.pop_front();
-            }
-        }
-    }
-
-    match outcome {
-        Some(Outcome::Exited(_)) => {
-            // /init powers off right after the marker; give it a moment, then make sure.
-            let grace = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < grace && child.try_wait()?.is_none() {
-                thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-        }
-        _ => {
-            let _ = child.kill();
-        }
-    }
-    let status = child.wait()?;
-    drop(received);
-    let _ = reader.join();
-
-    let outcome = outcome.unwrap_or(Outcome::Crashed);
-    if matches!(outcome, Outcome::Crashed) && !boot.verbose {
-        if !started {
-            eprintln!(
-                "vm: the VM stopped before the command started ({status}); its console said:"
+            self.exit_status = Some(
+                line[at + self.exit_marker.len()..]
+                    .trim()
+                    .parse()
+                    .unwrap_or(1),
             );
+            return true;
         }
-        for line in boot_log {
-            eprintln!("  | {line}");
+        if !self.started && line.ends_with(&self.start_marker) {
+            self.started = true;
+        } else if self.started && self.exit_status.is_none() {
+            self.command_output(&line);
+        } else if self.verbose {
+            let _ = writeln!(std::io::stdout().lock(), "{line}");
+        } else {
+            self.boot_log.push_back(line);
+            if self.boot_log.len() > BOOT_LOG_LINES {
+                self.boot_log.pop_front();
+            }
+        }
+        self.exit_status.is_some()
+    }
+
+    fn command_output(&mut self, line: &str) {
+        if (self.on_line)(line) {
+            // A closed stdout (`| head`) must not stop the VM's bookkeeping.
+            let _ = writeln!(std::io::stdout().lock(), "{line}");
         }
     }
-    Ok(outcome)
 }
