@@ -7,6 +7,7 @@
 pub mod convert;
 pub mod manifests;
 pub mod source;
+pub mod watch;
 
 pub use manifests::{ManifestError, Snapshot, read_dir};
 pub use source::{Affected, Event, Kind, Object, ObjectKey, SourceUpdate, apply, apply_all};

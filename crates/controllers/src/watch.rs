@@ -1,0 +1,351 @@
+//! Following a manifest directory as it changes (`ipvs-proxy --manifests DIR`).
+//!
+//! inotify says which files changed; only those are re-read, and their objects are sent as one
+//! batch of [`Event`]s (objects that left a file are deleted unless another file still defines
+//! them). What is kept per file is a hash of its text and the keys of its objects, not the
+//! objects: the proxier's `ClusterState` holds the model, and drops re-applied objects that did
+//! not change, so re-reading a file costs only its own parse.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+
+use crate::manifests::{DirError, Snapshot, is_manifest, parse_into};
+use crate::source::{Event, ObjectKey, SourceUpdate};
+
+/// How long to wait after a change for the rest of a burst (an editor writes a file in
+/// several steps; `kubectl`-style tools write many files at once).
+const SETTLE: Duration = Duration::from_millis(2);
+
+#[derive(Debug, Clone)]
+struct FileEntry {
+    hash: u64,
+    keys: Vec<ObjectKey>,
+}
+
+/// What each file under the directory defines.
+#[derive(Debug, Default)]
+pub struct DirIndex {
+    files: BTreeMap<PathBuf, FileEntry>,
+    owners: HashMap<ObjectKey, BTreeSet<PathBuf>>,
+}
+
+fn text_hash(text: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+fn manifest_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            manifest_files(&path, out)?;
+        } else if is_manifest(&path) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+fn is_hidden(path: &Path, root: &Path) -> bool {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .components()
+        .any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
+}
+
+impl DirIndex {
+    /// Reads every manifest under `dir`; returns the index and the events of a first load.
+    pub fn load(dir: &Path) -> Result<(DirIndex, Vec<Event>), DirError> {
+        let mut index = DirIndex::default();
+        let events = index.rescan(dir)?;
+        Ok((index, events))
+    }
+
+    /// Re-reads the whole directory (after a watch error, or at start).
+    pub fn rescan(&mut self, dir: &Path) -> Result<Vec<Event>, DirError> {
+        let mut files = Vec::new();
+        manifest_files(dir, &mut files).map_err(|source| DirError {
+            dir: dir.to_owned(),
+            source,
+        })?;
+        files.sort();
+        let mut paths: BTreeSet<PathBuf> = files.into_iter().collect();
+        paths.extend(self.files.keys().cloned());
+        Ok(self.update(paths))
+    }
+
+    /// Re-reads `paths` (files that changed, appeared or disappeared) and returns the events
+    /// that bring a model up to date.
+    pub fn update(&mut self, paths: impl IntoIterator<Item = PathBuf>) -> Vec<Event> {
+        let mut applies: BTreeMap<ObjectKey, crate::source::Object> = BTreeMap::new();
+        let mut lost: BTreeSet<ObjectKey> = BTreeSet::new();
+        let mut queue: Vec<PathBuf> = paths.into_iter().collect();
+        let mut forced: BTreeSet<PathBuf> = BTreeSet::new();
+        while let Some(path) = queue.pop() {
+            let text = if is_manifest(&path) {
+                std::fs::read_to_string(&path).ok()
+            } else {
+                None
+            };
+            let hash = text.as_deref().map(text_hash);
+            let old = self.files.get(&path).cloned();
+            if !forced.contains(&path) && old.as_ref().map(|e| e.hash) == hash && hash.is_some() {
+                continue;
+            }
+            let mut snap = Snapshot::default();
+            if let Some(text) = &text {
+                parse_into(&path, text, &mut snap);
+            }
+            for error in &snap.errors {
+                tracing::warn!(%error, "manifest skipped");
+            }
+            let keys: Vec<ObjectKey> = snap.objects.keys().cloned().collect();
+            for key in old.iter().flat_map(|e| &e.keys) {
+                if snap.objects.contains_key(key) {
+                    continue;
+                }
+                let owners = self.owners.entry(key.clone()).or_default();
+                owners.remove(&path);
+                if let Some(other) = owners.iter().next() {
+                    // Still defined elsewhere: that file's version is the one that holds.
+                    if forced.insert(other.clone()) {
+                        queue.push(other.clone());
+                    }
+                } else {
+                    self.owners.remove(key);
+                    lost.insert(key.clone());
+                }
+            }
+            for (key, object) in snap.objects {
+                self.owners
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(path.clone());
+                lost.remove(&key);
+                applies.insert(key, object);
+            }
+            match hash {
+                Some(hash) => {
+                    self.files.insert(path, FileEntry { hash, keys });
+                }
+                None => {
+                    self.files.remove(&path);
+                }
+            }
+        }
+        let mut events: Vec<Event> = lost.into_iter().map(Event::Delete).collect();
+        events.extend(applies.into_values().map(Event::Apply));
+        events
+    }
+
+    /// How many objects the directory defines.
+    #[must_use]
+    pub fn object_count(&self) -> usize {
+        self.owners.len()
+    }
+}
+
+/// Errors that stop the watch.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error(transparent)]
+    Dir(#[from] DirError),
+    #[error("cannot watch {dir}: {source}")]
+    Notify {
+        dir: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+}
+
+/// Sends the directory's objects, then `InitialSyncDone`, then a batch per change, until the
+/// receiver is dropped.
+pub async fn watch_dir(dir: PathBuf, tx: UnboundedSender<SourceUpdate>) -> Result<(), WatchError> {
+    let (fs_tx, mut fs_rx) = unbounded_channel::<notify::Result<notify::Event>>();
+    // Watch before the first read, so a change made during it is not missed.
+    let mut watcher = notify::recommended_watcher(move |event| {
+        let _ = fs_tx.send(event);
+    })
+    .map_err(|source| WatchError::Notify {
+        dir: dir.clone(),
+        source,
+    })?;
+    watcher
+        .watch(&dir, RecursiveMode::Recursive)
+        .map_err(|source| WatchError::Notify {
+            dir: dir.clone(),
+            source,
+        })?;
+
+    let (mut index, events) = DirIndex::load(&dir)?;
+    tracing::info!(dir = %dir.display(), objects = index.object_count(), "manifests read");
+    if tx.send(SourceUpdate::Events(events)).is_err()
+        || tx.send(SourceUpdate::InitialSyncDone).is_err()
+    {
+        return Ok(());
+    }
+    while let Some(first) = fs_rx.recv().await {
+        let mut changed: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut rescan = false;
+        let mut note = |event: notify::Result<notify::Event>| match event {
+            Ok(e) => {
+                if e.need_rescan() {
+                    rescan = true;
+                }
+                changed.extend(e.paths.into_iter().filter(|p| !is_hidden(p, &dir)));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "watching the manifests directory; re-reading it");
+                rescan = true;
+            }
+        };
+        note(first);
+        tokio::time::sleep(SETTLE).await;
+        while let Ok(event) = fs_rx.try_recv() {
+            note(event);
+        }
+        // A directory that appeared (or moved in) is read whole.
+        rescan |= changed.iter().any(|p| p.is_dir());
+        let events = if rescan {
+            match index.rescan(&dir) {
+                Ok(events) => events,
+                Err(error) => {
+                    tracing::error!(%error, "manifests directory unreadable; keeping the last state");
+                    continue;
+                }
+            }
+        } else {
+            index.update(changed)
+        };
+        if !events.is_empty() && tx.send(SourceUpdate::Events(events)).is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::Kind;
+
+    const SVC_A: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: default}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{port: 80}]\n";
+    const SVC_B: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: default}\nspec:\n  clusterIP: 10.96.0.11\n  ports: [{port: 80}]\n";
+
+    fn names(events: &[Event]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                Event::Apply(o) => format!("apply {}", o.key().name),
+                Event::Delete(k) => format!("delete {}", k.name),
+            })
+            .collect()
+    }
+
+    struct TempDir(PathBuf);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    fn tempdir(tag: &str) -> TempDir {
+        let dir =
+            std::env::temp_dir().join(format!("ipvs-proxy-watch-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    #[test]
+    fn only_changed_files_are_reread_and_unchanged_ones_send_nothing() {
+        let dir = tempdir("reread");
+        std::fs::write(dir.0.join("a.yaml"), SVC_A).unwrap();
+        std::fs::write(dir.0.join("b.yaml"), SVC_B).unwrap();
+        let (mut index, events) = DirIndex::load(&dir.0).unwrap();
+        assert_eq!(names(&events), ["apply a", "apply b"]);
+        assert!(
+            index.update([dir.0.join("a.yaml")]).is_empty(),
+            "same text: nothing to send"
+        );
+        std::fs::write(
+            dir.0.join("a.yaml"),
+            SVC_A.replace("port: 80", "port: 8080"),
+        )
+        .unwrap();
+        assert_eq!(names(&index.update([dir.0.join("a.yaml")])), ["apply a"]);
+    }
+
+    #[test]
+    fn a_removed_file_deletes_its_objects_unless_another_file_defines_them() {
+        let dir = tempdir("remove");
+        std::fs::write(dir.0.join("a.yaml"), SVC_A).unwrap();
+        std::fs::write(
+            dir.0.join("copy-of-a.yaml"),
+            SVC_A.replace("10.96.0.10", "10.96.0.12"),
+        )
+        .unwrap();
+        std::fs::write(dir.0.join("b.yaml"), SVC_B).unwrap();
+        let (mut index, _) = DirIndex::load(&dir.0).unwrap();
+        std::fs::remove_file(dir.0.join("b.yaml")).unwrap();
+        let events = index.update([dir.0.join("b.yaml")]);
+        assert!(
+            matches!(&events[..], [Event::Delete(k)] if k.kind == Kind::Service && &*k.name == "b")
+        );
+        std::fs::remove_file(dir.0.join("copy-of-a.yaml")).unwrap();
+        let events = index.update([dir.0.join("copy-of-a.yaml")]);
+        assert_eq!(
+            names(&events),
+            ["apply a"],
+            "the other file's definition is re-applied, not deleted"
+        );
+    }
+
+    #[test]
+    fn a_malformed_file_is_reported_and_the_rest_keeps_its_objects() {
+        let dir = tempdir("malformed");
+        std::fs::write(dir.0.join("a.yaml"), SVC_A).unwrap();
+        let (mut index, _) = DirIndex::load(&dir.0).unwrap();
+        std::fs::write(
+            dir.0.join("broken.yaml"),
+            "kind: Service\nmetadata: [oops\n",
+        )
+        .unwrap();
+        assert!(index.update([dir.0.join("broken.yaml")]).is_empty());
+        assert_eq!(index.object_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn watching_sends_the_first_read_then_each_change() {
+        let dir = tempdir("watch");
+        std::fs::write(dir.0.join("a.yaml"), SVC_A).unwrap();
+        let (tx, mut rx) = unbounded_channel();
+        let task = tokio::spawn(watch_dir(dir.0.clone(), tx));
+        let next = async |rx: &mut tokio::sync::mpsc::UnboundedReceiver<SourceUpdate>| {
+            tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("an update within 5 s")
+                .unwrap()
+        };
+        assert!(matches!(next(&mut rx).await, SourceUpdate::Events(e) if names(&e) == ["apply a"]));
+        assert_eq!(next(&mut rx).await, SourceUpdate::InitialSyncDone);
+        std::fs::write(dir.0.join("b.yaml"), SVC_B).unwrap();
+        assert!(matches!(next(&mut rx).await, SourceUpdate::Events(e) if names(&e) == ["apply b"]));
+        std::fs::remove_file(dir.0.join("a.yaml")).unwrap();
+        assert!(
+            matches!(next(&mut rx).await, SourceUpdate::Events(e) if names(&e) == ["delete a"])
+        );
+        drop(rx);
+        task.abort();
+    }
+}
