@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -86,7 +86,8 @@ fn run_vm(options: &vm::VmOptions, no_build: bool, command: &[String]) -> Result
     let bin = if no_build {
         Vec::new()
     } else {
-        cargo::release_binaries(&workspace)?
+        cargo::release_binaries(&workspace)
+            .context("building the project's release binaries (--no-build skips them)")?
     };
     let run = vm::Run {
         options,

@@ -371,8 +371,13 @@ pub fn write_run_initrd(base: &Path, run: &RunFiles, output: &Path) -> Result<()
     archive.file(Path::new("/xtask/run.env"), 0o644, run.env.as_bytes())?;
     archive.file(Path::new("/xtask/run.sh"), 0o755, run.script.as_bytes())?;
     for bin in &run.bin {
-        let name = bin.file_name().context("a binary without a name")?;
-        archive.copy_file(&Path::new("/xtask/bin").join(name), bin)?;
+        let on_path =
+            Path::new("/xtask/bin").join(bin.file_name().context("a binary without a name")?);
+        if run.includes.contains(bin) {
+            archive.symlink(&on_path, bin)?; // debug binaries are large: one copy is enough
+        } else {
+            archive.copy_file(&on_path, bin)?;
+        }
     }
     let skip = |path: &Path| run.exclude.iter().any(|e| e == path);
     let mut elves = run.bin.clone();

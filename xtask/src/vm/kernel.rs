@@ -5,6 +5,7 @@
 //! unpacked with `dpkg -x` (never installed), then `depmod` indexes its modules.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -126,6 +127,8 @@ fn download(package: &str, kernels: &Path, dir: &Path) -> Result<()> {
     let temp = kernels.join(format!(".download-{}", std::process::id()));
     let _ = fs::remove_dir_all(&temp);
     fs::create_dir_all(&temp)?;
+    // apt-get download hands the fetch to its unprivileged _apt user, who must write here.
+    fs::set_permissions(&temp, fs::Permissions::from_mode(0o777))?;
     let run = |command: &mut Command| -> Result<()> {
         let status = command
             .status()
@@ -135,7 +138,6 @@ fn download(package: &str, kernels: &Path, dir: &Path) -> Result<()> {
         }
         Ok(())
     };
-    // apt-get download drops privileges to _apt when it can; it cannot write into target/.
     run(Command::new("apt-get")
         .args(["download", "--quiet", package])
         .current_dir(&temp)

@@ -108,7 +108,10 @@ impl Run<'_> {
         }
         self.files.env = env;
         for include in &self.options.includes {
-            self.files.includes.push(std::path::absolute(include)?);
+            // Physical paths, like the working directory the command starts in.
+            let path = fs::canonicalize(include)
+                .with_context(|| format!("--include {}", include.display()))?;
+            self.files.includes.push(path);
         }
         let initrd = run_dir.0.join("initrd.cpio");
         initramfs::write_run_initrd(&base, &self.files, &initrd)?;
