@@ -57,6 +57,9 @@ pub(crate) struct Connection {
     sequence: u32,
     tx: Vec<u8>,
     rx: Vec<u8>,
+    /// Batches whose answers overran the receive queue, for the tests of that path.
+    #[cfg(test)]
+    pub(crate) overruns: usize,
 }
 
 impl std::fmt::Debug for Connection {
@@ -98,7 +101,16 @@ impl Connection {
             sequence,
             tx: Vec::with_capacity(64 << 10),
             rx: Vec::with_capacity(RECEIVE_CHUNK),
+            #[cfg(test)]
+            overruns: 0,
         })
+    }
+
+    /// Shrinks the receive buffer to the kernel's minimum so that a batch of errors overruns
+    /// it: the tests of the overrun path use this.
+    #[cfg(test)]
+    pub(crate) fn starve_receive_buffer_for_tests(&self) {
+        crate::sys::set_receive_buffer_exact(self.socket.as_fd(), 0).expect("SO_RCVBUF");
     }
 
     fn next_sequence(&mut self) -> u32 {
@@ -125,7 +137,7 @@ impl Connection {
         self.send()?;
         let mut answers = Vec::new();
         loop {
-            self.receive().map_err(|e| receive_error(e, command))?;
+            self.receive(0).map_err(|e| receive_error(e, command))?;
             for packet in Packets::new(&self.rx) {
                 let packet = packet.map_err(|reason| Error::Decode {
                     command: command(),
@@ -165,7 +177,7 @@ impl Connection {
         let mut answers = Vec::new();
         let mut interrupted = false;
         loop {
-            self.receive().map_err(|e| receive_error(e, command))?;
+            self.receive(0).map_err(|e| receive_error(e, command))?;
             for packet in Packets::new(&self.rx) {
                 let packet = packet.map_err(|reason| Error::Decode {
                     command: command(),
@@ -237,7 +249,11 @@ impl Connection {
         let mut overrun = false;
         let mut finished = false;
         while !finished {
-            match self.receive() {
+            // rtnetlink handles a batch inside our sendmsg, so once the queue has overrun,
+            // every answer that survived is already queued: drain without waiting, since the
+            // last acknowledgement may be among the lost.
+            let flags = if overrun { libc::MSG_DONTWAIT } else { 0 };
+            match self.receive(flags) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                     overrun = true;
@@ -265,6 +281,10 @@ impl Connection {
             }
         }
         if overrun {
+            #[cfg(test)]
+            {
+                self.overruns += 1;
+            }
             tracing::warn!(
                 requests = replies.len(),
                 "rtnetlink receive queue overrun; reading the kernel's state back"
@@ -292,10 +312,10 @@ impl Connection {
     }
 
     /// Reads one datagram (one or more netlink messages) into `rx`.
-    fn receive(&mut self) -> io::Result<()> {
+    fn receive(&mut self, flags: libc::c_int) -> io::Result<()> {
         loop {
             self.rx.clear();
-            match self.socket.recv(&mut self.rx, libc::MSG_TRUNC) {
+            match self.socket.recv(&mut self.rx, libc::MSG_TRUNC | flags) {
                 Ok(n) if n > self.rx.capacity() => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,

@@ -149,3 +149,36 @@ fn ten_thousand_addresses_in_batches() {
         eprintln!("10000 addresses: up {up:?}, down {down:?}");
     });
 }
+
+#[test]
+fn answers_lost_to_a_receive_queue_overrun_are_settled_from_the_kernels_state() {
+    in_new_netns(|| {
+        let mut link = veth_link();
+        let present: Vec<IpAddr> = (0..400).map(v4).collect();
+        let absent: Vec<IpAddr> = (1000..1400).map(v4).collect();
+        link.add(&present).expect("add");
+        link.connection.starve_receive_buffer_for_tests();
+        // 400 EEXIST errors cannot fit a 2 KiB queue: most answers are lost.
+        let mixed: Vec<IpAddr> = present.iter().chain(&absent).copied().collect();
+        let started = std::time::Instant::now();
+        let results = link.add(&mixed).expect("add");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "no wait for a lost ack"
+        );
+        assert_eq!(results.len(), 800);
+        assert!(link.connection.overruns > 0, "the queue did overrun");
+        assert!(
+            results.iter().all(Result::is_ok),
+            "{:?}",
+            results.iter().find(|r| r.is_err())
+        );
+        assert_eq!(ip_addresses("vip0").len(), 800);
+        let results = link.remove(&mixed).expect("remove");
+        assert!(results.iter().all(Result::is_ok));
+        let results = link.remove(&mixed).expect("remove again: all errors");
+        assert!(results.iter().all(Result::is_ok));
+        assert!(ip_addresses("vip0").is_empty());
+        assert_eq!(ip_addresses("other0").len(), 1);
+    });
+}

@@ -25,6 +25,12 @@ pub(crate) fn set_receive_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result
         .or_else(|_| set_option(fd, libc::SO_RCVBUF, &bytes))
 }
 
+/// Sets `SO_RCVBUF` as given (the kernel doubles it and applies its minimum).
+#[cfg(test)]
+pub(crate) fn set_receive_buffer_exact(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
+    set_option(fd, libc::SO_RCVBUF, &bytes)
+}
+
 fn set_option<T>(fd: BorrowedFd<'_>, name: libc::c_int, value: &T) -> io::Result<()> {
     let len = libc::socklen_t::try_from(size_of::<T>()).map_err(|_| io::ErrorKind::InvalidInput)?;
     // SAFETY: `fd` is a live socket for the duration of the borrow; `value` points to a
