@@ -364,9 +364,9 @@ pub struct RunFiles {
 }
 
 /// Writes the boot's initrd: a copy of the base followed by the run archive.
-pub fn write_run_initrd(base: &Path, run: &RunFiles, output: &Path) -> Result<()> {
+pub fn write_run_initrd(mut base: File, run: &RunFiles, output: &Path) -> Result<()> {
     let mut file = File::create(output)?;
-    io::copy(&mut File::open(base)?, &mut file)?;
+    io::copy(&mut base, &mut file)?;
     let mut archive = Archive::append_to(file);
     archive.file(Path::new("/xtask/run.env"), 0o644, run.env.as_bytes())?;
     archive.file(Path::new("/xtask/run.sh"), 0o755, run.script.as_bytes())?;

@@ -76,7 +76,8 @@ impl Run<'_> {
             lock.lock().context("locking the VM cache")?;
             let packages = host::ensure_packages()?;
             let kernel = kernel::ensure(&cache)?;
-            let base = initramfs::ensure_base(&cache, &kernel, &packages)?;
+            // Opened under the lock: a concurrent run with another recipe may replace it.
+            let base = File::open(initramfs::ensure_base(&cache, &kernel, &packages)?)?;
             (kernel, base)
         };
 
@@ -114,7 +115,7 @@ impl Run<'_> {
             self.files.includes.push(path);
         }
         let initrd = run_dir.0.join("initrd.cpio");
-        initramfs::write_run_initrd(&base, &self.files, &initrd)?;
+        initramfs::write_run_initrd(base, &self.files, &initrd)?;
 
         let timeout = self
             .options
