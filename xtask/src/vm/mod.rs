@@ -73,7 +73,13 @@ impl Run<'_> {
         let (kernel, base) = {
             // One builder at a time; the others wait, then find the cache ready.
             let lock = File::create(cache.join("lock"))?;
-            lock.lock().context("locking the VM cache")?;
+            if lock.try_lock().is_err() {
+                eprintln!(
+                    "vm: waiting for another run to finish preparing {}",
+                    cache.display()
+                );
+                lock.lock().context("locking the VM cache")?;
+            }
             let packages = host::ensure_packages()?;
             let kernel = kernel::ensure(&cache)?;
             // Opened under the lock: a concurrent run with another recipe may replace it.
