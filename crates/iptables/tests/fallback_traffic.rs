@@ -1,0 +1,628 @@
+//! The iptables proxier with real TCP traffic between network namespaces on the host:
+//! a client, a "node" holding the rules, and three backend "pods" behind veth pairs.
+//!
+//! Needs root (it creates network namespaces); skips with a message otherwise. Every address
+//! lives only inside the namespaces the test creates, and a guard deletes them even on failure.
+//! Backends and the client are this test binary itself, re-run inside a namespace with
+//! `ip netns exec` and selected by an environment variable (the `helper_*` tests).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use iptables::proxier::{Backend, Proxier, ProxierConfig, ServiceSpec};
+use iptables::{Family, Flavour, Protocol, Runner, cleanup, detect_flavour};
+
+const SERVE_ENV: &str = "IPTABLES_TEST_SERVE";
+const CLIENT_ENV: &str = "IPTABLES_TEST_CLIENT";
+
+/// Backend "pod": answers each connection on :8080 with its name and the peer address it saw.
+/// Exits when its stdin closes (the test dropped it).
+#[test]
+fn helper_backend_server() {
+    let Ok(name) = std::env::var(SERVE_ENV) else {
+        return;
+    };
+    std::thread::spawn(|| {
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        std::process::exit(0);
+    });
+    let listener = TcpListener::bind("0.0.0.0:8080").expect("bind :8080");
+    // libtest has printed "test helper_backend_server ... " without a newline.
+    println!("\nREADY");
+    std::io::stdout().flush().unwrap();
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let peer = conn
+            .peer_addr()
+            .map(|p| p.ip().to_string())
+            .unwrap_or_default();
+        let _ = writeln!(conn, "{name} {peer}");
+    }
+}
+
+/// Client: `ADDR COUNT` → COUNT sequential connections, one `RESP <name> <peer>` or
+/// `ERR <kind> <millis>` line each.
+#[test]
+fn helper_client() {
+    let Ok(spec) = std::env::var(CLIENT_ENV) else {
+        return;
+    };
+    let (addr, count) = spec.split_once(' ').unwrap();
+    let addr: SocketAddr = addr.parse().unwrap();
+    let count: usize = count.parse().unwrap();
+    println!();
+    for _ in 0..count {
+        let start = Instant::now();
+        let line = match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Ok(mut s) => {
+                s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                let mut text = String::new();
+                match s.read_to_string(&mut text) {
+                    Ok(_) => format!("RESP {}", text.trim()),
+                    Err(e) => format!("ERR {:?} {}", e.kind(), start.elapsed().as_millis()),
+                }
+            }
+            Err(e) => format!("ERR {:?} {}", e.kind(), start.elapsed().as_millis()),
+        };
+        println!("{line}");
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sh_out(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The namespaces of one scenario; deleted on drop, servers stopped first.
+struct Lab {
+    node: String,
+    client: String,
+    pods: Vec<String>,
+    servers: Vec<Child>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        for ns in self.pods.iter().chain([&self.node, &self.client]) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+const NODE_IP: &str = "192.0.2.1";
+const CLIENT_IP: &str = "192.0.2.2";
+
+impl Lab {
+    #[allow(
+        clippy::too_many_lines,
+        reason = "the topology reads best as one list of ip commands"
+    )]
+    fn new(tag: &str) -> Lab {
+        let id = format!(
+            "ipt{}-{}{}",
+            std::process::id(),
+            tag,
+            LABS.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut lab = Lab {
+            node: format!("{id}-node"),
+            client: format!("{id}-client"),
+            pods: (0..3).map(|i| format!("{id}-pod{i}")).collect(),
+            servers: Vec::new(),
+        };
+        for ns in lab.pods.iter().chain([&lab.node, &lab.client]) {
+            sh(&["ip", "netns", "add", ns]);
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        let node = lab.node.clone();
+        // No ICMP redirects: VIPs without endpoints are forwarded back out towards the client,
+        // and a redirect would use up the per-host ICMP budget REJECT's answer needs.
+        for setting in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.send_redirects=0",
+            "net.ipv4.conf.default.send_redirects=0",
+        ] {
+            sh(&["ip", "netns", "exec", &node, "sysctl", "-qw", setting]);
+        }
+        // client <-> node
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "link",
+            "add",
+            "nc0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &lab.client,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{NODE_IP}/24"),
+            "dev",
+            "nc0",
+        ]);
+        sh(&["ip", "-n", &node, "link", "set", "nc0", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &lab.client,
+            "addr",
+            "add",
+            &format!("{CLIENT_IP}/24"),
+            "dev",
+            "eth0",
+        ]);
+        sh(&["ip", "-n", &lab.client, "link", "set", "eth0", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &lab.client,
+            "route",
+            "add",
+            "default",
+            "via",
+            NODE_IP,
+        ]);
+        // Unrouted service VIPs leave the node towards the client (as to a default gateway),
+        // so they cross FORWARD, where kube-proxy's filter rules sit.
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "route",
+            "add",
+            "10.96.0.0/16",
+            "via",
+            CLIENT_IP,
+        ]);
+        // node <-> pods
+        for (i, pod) in lab.pods.iter().enumerate() {
+            let link = format!("np{i}");
+            sh(&[
+                "ip", "-n", &node, "link", "add", &link, "type", "veth", "peer", "name", "eth0",
+                "netns", pod,
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("10.244.{i}.1/24"),
+                "dev",
+                &link,
+            ]);
+            sh(&["ip", "-n", &node, "link", "set", &link, "up"]);
+            sh(&[
+                "ip",
+                "-n",
+                pod,
+                "addr",
+                "add",
+                &format!("10.244.{i}.2/24"),
+                "dev",
+                "eth0",
+            ]);
+            sh(&["ip", "-n", pod, "link", "set", "eth0", "up"]);
+            sh(&[
+                "ip",
+                "-n",
+                pod,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.244.{i}.1"),
+            ]);
+        }
+        let exe = std::env::current_exe().unwrap();
+        for (i, pod) in lab.pods.clone().iter().enumerate() {
+            let mut child = Command::new("ip")
+                .args(["netns", "exec", pod])
+                .arg(&exe)
+                .args([
+                    "helper_backend_server",
+                    "--exact",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(SERVE_ENV, format!("pod{i}"))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+            lab.servers.push(child);
+            assert!(
+                lines.any(|l| l.is_ok_and(|l| l.trim() == "READY")),
+                "backend pod{i} did not start"
+            );
+        }
+        lab
+    }
+
+    /// `count` connections from the client namespace to `addr`.
+    fn requests(&self, addr: &str, count: usize) -> Vec<String> {
+        eprintln!("{}: {count} requests to {addr}", self.node);
+        let exe = std::env::current_exe().unwrap();
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.client])
+            .arg(&exe)
+            .args([
+                "helper_client",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CLIENT_ENV, format!("{addr} {count}"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("RESP ") || l.starts_with("ERR "))
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(lines.len(), count, "client output: {text}");
+        lines
+    }
+
+    /// Per backend name, how many answers; and the peer addresses the backends saw.
+    fn tally(lines: &[String]) -> (BTreeMap<String, usize>, Vec<String>) {
+        let mut counts = BTreeMap::new();
+        let mut peers = Vec::new();
+        for l in lines {
+            let mut w = l.split(' ');
+            assert_eq!(w.next(), Some("RESP"), "failed request: {l}");
+            *counts.entry(w.next().unwrap().to_owned()).or_insert(0) += 1;
+            peers.push(w.next().unwrap_or("").to_owned());
+        }
+        (counts, peers)
+    }
+
+    fn ipt(&self, flavour: Flavour, args: &[&str]) {
+        let tool = format!("iptables-{}", flavour.as_str());
+        let mut full = vec!["ip", "netns", "exec", &self.node, &tool];
+        full.extend_from_slice(args);
+        sh(&full);
+    }
+
+    fn save(&self, flavour: Flavour) -> String {
+        sh_out(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.node,
+            &format!("iptables-{}-save", flavour.as_str()),
+        ])
+    }
+}
+
+fn backend(i: u8, local: bool) -> Backend {
+    Backend::ready(SocketAddr::new(IpAddr::from([10, 244, i, 2]), 8080), local)
+}
+
+fn services(web_backends: &[u8]) -> Vec<ServiceSpec> {
+    let all = |s: &mut ServiceSpec, which: &[u8]| {
+        // pod0 and pod1 run on this node; pod2 stands for a pod on another node.
+        s.backends = which.iter().map(|&i| backend(i, i < 2)).collect();
+    };
+    let mut web =
+        ServiceSpec::cluster_ip("test/web:http", Protocol::Tcp, [10, 96, 0, 10].into(), 80);
+    web.node_port = Some(30080);
+    all(&mut web, web_backends);
+    let mut local =
+        ServiceSpec::cluster_ip("test/local:http", Protocol::Tcp, [10, 96, 0, 11].into(), 80);
+    local.node_port = Some(30081);
+    local.external_local = true;
+    all(&mut local, &[0, 1, 2]);
+    let mut sticky = ServiceSpec::cluster_ip(
+        "test/sticky:http",
+        Protocol::Tcp,
+        [10, 96, 0, 12].into(),
+        80,
+    );
+    sticky.affinity_seconds = Some(10_800);
+    all(&mut sticky, &[0, 1, 2]);
+    let mut empty =
+        ServiceSpec::cluster_ip("test/empty:http", Protocol::Tcp, [10, 96, 0, 13].into(), 80);
+    empty.node_port = Some(30083);
+    vec![web, local, sticky, empty]
+}
+
+const USER_RULES: [(&str, &str); 2] = [
+    ("nat", "-A POSTROUTING -j USER-NAT"),
+    ("filter", "-A INPUT -j USER-FILTER"),
+];
+
+fn assert_user_rules(lab: &Lab, flavour: Flavour, when: &str) {
+    let saved = lab.save(flavour);
+    for (_, rule) in USER_RULES {
+        assert!(
+            saved.lines().any(|l| l == rule),
+            "{when}: user rule `{rule}` is gone:\n{saved}"
+        );
+    }
+    for line in [
+        ":USER-NAT - [0:0]",
+        ":USER-FILTER - [0:0]",
+        "-A USER-NAT -d 203.0.113.7/32 -j RETURN",
+        "-A USER-FILTER -s 203.0.113.7/32 -j ACCEPT",
+    ] {
+        assert!(
+            saved
+                .lines()
+                .any(|l| l.starts_with(line.split(" [").next().unwrap())),
+            "{when}: `{line}` is gone:\n{saved}"
+        );
+    }
+}
+
+#[allow(
+    clippy::too_many_lines,
+    reason = "one scenario, checked step by step on the same lab"
+)]
+fn scenario(flavour: Flavour) {
+    if !is_root() {
+        eprintln!("skipping: needs root to create network namespaces");
+        return;
+    }
+    let lab = Lab::new(flavour.as_str());
+    // A user's own chains and rules, in nat and filter, before the proxy runs.
+    for (table, chain, rule) in [
+        ("nat", "USER-NAT", "-d 203.0.113.7/32 -j RETURN"),
+        ("filter", "USER-FILTER", "-s 203.0.113.7/32 -j ACCEPT"),
+    ] {
+        lab.ipt(flavour, &["-t", table, "-N", chain]);
+        let mut args = vec!["-t", table, "-A", chain];
+        args.extend(rule.split(' '));
+        lab.ipt(flavour, &args);
+    }
+    for (table, rule) in USER_RULES {
+        let mut args = vec!["-t", table];
+        args.extend(rule.split(' '));
+        lab.ipt(flavour, &args);
+    }
+
+    let runner = Runner::new(flavour).in_netns(&lab.node);
+    let config = ProxierConfig {
+        cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
+        ..ProxierConfig::default()
+    };
+    let mut proxier = Proxier::new(config);
+    let stats = proxier
+        .sync(&runner, &services(&[0, 1, 2]), true)
+        .expect("full sync");
+    assert!(stats.full);
+    assert_user_rules(&lab, flavour, "after the first sync");
+    // A second full sync adds no duplicate jumps.
+    proxier
+        .sync(&runner, &services(&[0, 1, 2]), true)
+        .expect("second full sync");
+    let saved = lab.save(flavour);
+    let portals = saved
+        .lines()
+        .filter(|l| l.starts_with("-A PREROUTING") && l.ends_with("-j KUBE-SERVICES"))
+        .count();
+    assert_eq!(portals, 1, "jump duplicated:\n{saved}");
+
+    // ClusterIP: 300 requests spread over the three backends.
+    let (counts, _) = Lab::tally(&lab.requests("10.96.0.10:80", 300));
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for (pod, n) in &counts {
+        assert!(
+            (60..=141).contains(n),
+            "{pod} got {n} of 300 (want 20%..47%): {counts:?}"
+        );
+    }
+
+    // NodePort, Cluster policy: the backend sees the node (SNAT), not the client.
+    let (counts, peers) = Lab::tally(&lab.requests(&format!("{NODE_IP}:30080"), 60));
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(
+        peers
+            .iter()
+            .all(|p| p.starts_with("10.244.") && p.ends_with(".1")),
+        "{peers:?}"
+    );
+
+    // NodePort, externalTrafficPolicy=Local: the real client address, local endpoints only.
+    let (counts, peers) = Lab::tally(&lab.requests(&format!("{NODE_IP}:30081"), 60));
+    assert!(
+        !counts.contains_key("pod2"),
+        "a remote endpoint served Local traffic: {counts:?}"
+    );
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert!(peers.iter().all(|p| p == CLIENT_IP), "{peers:?}");
+
+    // ClientIP affinity: one client, one backend.
+    let (counts, _) = Lab::tally(&lab.requests("10.96.0.12:80", 30));
+    assert_eq!(counts.len(), 1, "affinity broken: {counts:?}");
+
+    // No endpoints: refused at once, for the ClusterIP and the NodePort.
+    for addr in ["10.96.0.13:80".to_owned(), format!("{NODE_IP}:30083")] {
+        let lines = lab.requests(&addr, 1);
+        let w: Vec<&str> = lines[0].split(' ').collect();
+        if w[1] != "ConnectionRefused" {
+            eprintln!(
+                "{}",
+                sh_out(&[
+                    "ip",
+                    "netns",
+                    "exec",
+                    &lab.node,
+                    &format!("iptables-{}-save", flavour.as_str()),
+                    "-c"
+                ])
+            );
+            eprintln!(
+                "{}",
+                sh_out(&["ip", "netns", "exec", &lab.node, "nstat", "-az"])
+            );
+            eprintln!(
+                "{}",
+                sh_out(&[
+                    "ip",
+                    "netns",
+                    "exec",
+                    &lab.node,
+                    "sysctl",
+                    "-a",
+                    "--pattern",
+                    "redirects"
+                ])
+            );
+        }
+        assert_eq!(&w[..2], ["ERR", "ConnectionRefused"], "{addr}: {lines:?}");
+        assert!(
+            w[2].parse::<u64>().unwrap() < 1000,
+            "{addr}: not at once: {lines:?}"
+        );
+    }
+
+    // Partial sync: pod2 leaves the web Service; only its chains change.
+    let stats = proxier
+        .sync(&runner, &services(&[0, 1]), false)
+        .expect("partial sync");
+    assert!(!stats.full);
+    assert_eq!(stats.changed_services, 1);
+    assert_eq!(
+        (stats.chains_written, stats.chains_deleted),
+        (1, 1),
+        "{stats:?}"
+    );
+    let (counts, _) = Lab::tally(&lab.requests("10.96.0.10:80", 60));
+    assert_eq!(
+        counts.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["pod0", "pod1"]
+    );
+    assert_user_rules(&lab, flavour, "after a partial sync");
+
+    // The Service gains endpoints: the REJECT goes, traffic flows.
+    let mut specs = services(&[0, 1]);
+    specs[3].backends = vec![backend(1, true)];
+    proxier.sync(&runner, &specs, false).expect("partial sync");
+    let (counts, _) = Lab::tally(&lab.requests("10.96.0.13:80", 5));
+    assert_eq!(counts.get("pod1"), Some(&5));
+
+    // Cleanup: every KUBE-* chain of ours is gone, the user's rules stay.
+    let report = cleanup(&runner);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let saved = lab.save(flavour);
+    assert!(!saved.contains("KUBE-"), "left behind:\n{saved}");
+    assert_user_rules(&lab, flavour, "after cleanup");
+    let lines = lab.requests("10.96.0.10:80", 1);
+    assert!(
+        lines[0].starts_with("ERR"),
+        "service still answers after cleanup: {lines:?}"
+    );
+}
+
+#[test]
+fn fallback_proxier_serves_real_traffic_with_iptables_legacy() {
+    scenario(Flavour::Legacy);
+}
+
+#[test]
+fn fallback_proxier_serves_real_traffic_with_iptables_nft() {
+    scenario(Flavour::Nft);
+}
+
+struct Ns(String);
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+#[test]
+fn flavour_detection_follows_kubelets_hint_then_rule_counts() {
+    if !is_root() {
+        eprintln!("skipping: needs root to create network namespaces");
+        return;
+    }
+    let lab_ns = format!("ipt{}-detect", std::process::id());
+    sh(&["ip", "netns", "add", &lab_ns]);
+    let ns = Ns(lab_ns);
+    assert_eq!(
+        detect_flavour(Some(&ns.0)),
+        Flavour::Nft,
+        "empty: nft on a tie"
+    );
+    let legacy = |args: &[&str]| {
+        let mut full = vec!["ip", "netns", "exec", &ns.0, "iptables-legacy"];
+        full.extend_from_slice(args);
+        sh(&full);
+    };
+    legacy(&["-A", "INPUT", "-s", "203.0.113.1/32", "-j", "ACCEPT"]);
+    assert_eq!(
+        detect_flavour(Some(&ns.0)),
+        Flavour::Legacy,
+        "more legacy rules"
+    );
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns.0,
+        "iptables-nft",
+        "-t",
+        "mangle",
+        "-N",
+        "KUBE-IPTABLES-HINT",
+    ]);
+    assert_eq!(
+        detect_flavour(Some(&ns.0)),
+        Flavour::Nft,
+        "kubelet's hint wins"
+    );
+    let _ = Family::V4;
+}
