@@ -279,4 +279,26 @@ mod tests {
         let names = [(0, "p/vm_x".to_owned())].into();
         assert_eq!(report.summarize(&names, &Outcome::Exited(0)), 1);
     }
+
+    #[test]
+    fn a_binary_that_never_reported_fails_the_run() {
+        let report = Report {
+            statuses: [(0, 0)].into(),
+            counts: [(
+                0,
+                Counts {
+                    passed: 2,
+                    failed: 0,
+                    ignored: 0,
+                },
+            )]
+            .into(),
+        };
+        let names = [(0, "p/vm_a".to_owned()), (1, "p/vm_b".to_owned())].into();
+        assert_eq!(report.summarize(&names, &Outcome::Exited(0)), 1);
+        assert_eq!(
+            report.summarize(&names, &Outcome::TimedOut),
+            vm::EXIT_TIMED_OUT
+        );
+    }
 }

@@ -217,3 +217,14 @@ impl Drop for TempDir {
         let _ = fs::remove_dir_all(&self.0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_reach_the_shell_word_for_word() {
+        let argv = ["sh", "-c", "echo it's $HOME"].map(String::from);
+        assert_eq!(shell_command(&argv), r"'sh' '-c' 'echo it'\''s $HOME'");
+    }
+}
