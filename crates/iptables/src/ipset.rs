@@ -54,10 +54,16 @@ pub fn is_proxy_set(name: &str) -> bool {
     let base = name
         .strip_prefix("KUBE~")
         .map_or_else(|| name.to_owned(), |rest| format!("KUBE-{rest}"));
-    let v4 = base
-        .strip_prefix("KUBE-6-")
-        .map_or_else(|| base.clone(), |rest| format!("KUBE-{rest}"));
-    PROXY_SETS.contains(&v4.as_str())
+    match base.strip_prefix("KUBE-6-") {
+        // IPv6 names are the IPv4 ones with `KUBE-6-`, cut to 31 characters as kube-proxy
+        // cuts them (KUBE-6-LOAD-BALANCER-SOURCE-CID).
+        Some(rest) => PROXY_SETS.iter().any(|set| {
+            let mut v6 = format!("KUBE-6-{}", &set["KUBE-".len()..]);
+            v6.truncate(MAX_SET_NAME_LEN);
+            v6 == format!("KUBE-6-{rest}")
+        }),
+        None => PROXY_SETS.contains(&base.as_str()),
+    }
 }
 
 /// An ipset type.
@@ -508,6 +514,9 @@ mod tests {
         assert!(is_proxy_set("KUBE-CLUSTER-IP"));
         assert!(is_proxy_set("KUBE-6-CLUSTER-IP"));
         assert!(is_proxy_set("KUBE~CLUSTER-IP"));
+        assert!(is_proxy_set("KUBE-6-LOAD-BALANCER-SOURCE-CID"), "kube-proxy's truncated IPv6 name");
+        assert!(is_proxy_set("KUBE~6-LOAD-BALANCER-SOURCE-CID"));
+        assert!(!is_proxy_set("KUBE-6-LOAD-BALANCER-SOURCE"));
         assert!(!is_proxy_set("my-blocklist"));
         assert!(!is_proxy_set("KUBE-SOMETHING-ELSE"));
         let mut p = SetPatch::default();
