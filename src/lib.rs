@@ -4,11 +4,14 @@
 //! in the `ipvs`, `netif`, `iptables`, `reconciler` and `controllers` crates.
 #![forbid(unsafe_code)]
 
+pub mod backends;
 pub mod config;
 pub mod config_file;
+pub mod daemon;
 pub mod flags;
 pub mod health;
 pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod plan;
+pub mod proxier;

@@ -18,9 +18,24 @@ fn main() -> ExitCode {
             ))
         }
         None => {
-            let _config = ProxyConfig::default().with_flags(&cli.flags);
-            eprintln!("ipvs-proxy: the daemon is not implemented yet");
-            ExitCode::FAILURE
+            let (config, unknown) = match ProxyConfig::resolve(&cli.flags) {
+                Ok(resolved) => resolved,
+                Err(e) => {
+                    eprintln!("ipvs-proxy: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            ipvs_proxy::logging::init(config.verbosity, config.log_format);
+            for field in unknown {
+                tracing::warn!(field, "unknown field in the --config file, ignored");
+            }
+            match ipvs_proxy::daemon::run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

@@ -43,7 +43,7 @@ echo; echo "+ six requests to http://$VIP/"
 for n in 1 2 3 4 5 6; do
     printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 2 "$VIP" 80 | tail -n 1
 done
-echo; echo "+ curl 127.0.0.1:10249/proxyMode"; printf 'GET /proxyMode HTTP/1.0\r\n\r\n' | nc -w 2 127.0.0.1 10249 | tail -n 1; echo
+echo; echo "+ GET 127.0.0.1:10249/proxyMode"; (printf 'GET /proxyMode HTTP/1.0\r\n\r\n'; sleep 1) | nc -w 2 127.0.0.1 10249 | tail -n 1; echo
 kill -TERM "$PROXY"
 wait "$PROXY" || { echo "ipvs-proxy exited with $?"; cat /tmp/ipvs-proxy.log; exit 1; }
 echo; echo "+ ipvs-proxy's log"; cat /tmp/ipvs-proxy.log

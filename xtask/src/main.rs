@@ -38,6 +38,12 @@ enum Task {
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
     },
+    /// The main job on the bundled example, in the VM: ipvs-proxy follows manifests/examples,
+    /// then `ipvsadm -ln` and requests answered through a ClusterIP by three pods.
+    Demo {
+        #[command(flatten)]
+        options: vm::VmOptions,
+    },
     /// Build the VM tests (tests/vm_*.rs) and run them in one VM.
     VmTest(test::VmTestArgs),
     /// Run every test: the host's (`cargo test --workspace`), then the VM's.
@@ -71,6 +77,18 @@ fn run(task: Task) -> Result<i32> {
             no_build,
             command,
         } => run_vm(&options, no_build, &command),
+        Task::Demo { mut options } => {
+            let workspace = cargo::Workspace::load()?;
+            let script = workspace.root.join("xtask/scripts/demo.sh");
+            let examples = workspace.root.join("manifests/examples");
+            options.includes.extend([script.clone(), examples.clone()]);
+            let command = [
+                "sh".to_owned(),
+                script.display().to_string(),
+                examples.display().to_string(),
+            ];
+            run_vm(&options, false, &command)
+        }
         Task::VmTest(args) => test::vm_test(&args),
         Task::Test(args) => test::all(&args),
         Task::Bench {

@@ -307,6 +307,11 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         &mut self.ipvs
     }
 
+    /// The netfilter backend, to hand it new node facts.
+    pub fn netfilter_mut(&mut self) -> &mut N {
+        &mut self.netfilter
+    }
+
     #[must_use]
     pub fn counts(&self) -> Counts {
         Counts {

@@ -1,0 +1,258 @@
+//! The daemon: start-up checks, the kernel settings kube-proxy makes, the HTTP servers, the
+//! source, the proxier thread, and a clean stop on SIGTERM/SIGINT that leaves the kernel state
+//! in place (so a restart or an upgrade never drops traffic).
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use controllers::SourceUpdate;
+use iptables::{Runner, detect_flavour};
+use reconciler::state::ClusterState;
+use reconciler::sync::{SyncOptions, Syncer};
+use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+use tokio::sync::watch;
+
+use crate::backends::{IpvsNetfilter, KernelAddresses, KernelIpvs};
+use crate::config::ProxyConfig;
+use crate::flags::ProxyMode;
+use crate::health::Health;
+use crate::http::{ServerState, health_router, metrics_router, serve};
+use crate::metrics::Metrics;
+use crate::plan::plan_config;
+use crate::proxier::ProxierLoop;
+
+/// Why IPVS cannot be used on this node, if it cannot.
+#[derive(Debug)]
+pub struct IpvsUnavailable(pub String);
+
+/// kube-proxy's check, done for real: the IPVS family resolves, and a probe virtual server
+/// with the configured scheduler can be added and deleted (this also loads the scheduler's
+/// module). The probe is a firewall-mark service, so no address is ever claimed.
+pub fn check_ipvs(scheduler: ipvs::Scheduler) -> Result<ipvs::Handle, IpvsUnavailable> {
+    let mut handle = ipvs::Handle::new().map_err(|e| IpvsUnavailable(e.to_string()))?;
+    for mark in (0x7fff_ff00u32..0x7fff_ff10).rev() {
+        let probe = ipvs::VirtualServer::new(
+            ipvs::ServiceKey::Fwmark {
+                family: ipvs::Family::V4,
+                mark,
+            },
+            scheduler,
+        );
+        match handle.add_service(&probe) {
+            Ok(()) => {
+                if let Err(e) = handle.delete_service(&probe.key) {
+                    tracing::warn!(error = %e, "deleting the IPVS probe service");
+                }
+                return Ok(handle);
+            }
+            Err(ipvs::Error::AlreadyExists { .. }) => {}
+            Err(e) => return Err(IpvsUnavailable(e.to_string())),
+        }
+    }
+    Err(IpvsUnavailable(
+        "no free firewall mark for the probe service".into(),
+    ))
+}
+
+/// One `/proc/sys` setting, as kube-proxy makes it; failures are logged, not fatal.
+fn sysctl(path: &str, value: &str) {
+    let file = format!("/proc/sys/{path}");
+    match std::fs::read_to_string(&file) {
+        Ok(current) if current.trim() == value => {}
+        _ => match std::fs::write(&file, value) {
+            Ok(()) => tracing::info!(sysctl = path, value, "set"),
+            Err(e) => tracing::warn!(sysctl = path, value, error = %e, "cannot set"),
+        },
+    }
+}
+
+/// The kernel's release as (major, minor), from `/proc/sys/kernel/osrelease`.
+fn kernel_version() -> Option<(u32, u32)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let mut parts = release.trim().split(['.', '-']);
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// The sysctls kube-proxy's ipvs mode sets.
+fn ipvs_sysctls(config: &ProxyConfig) {
+    // Let IPVS see conntrack, so iptables' NAT and masquerading apply to its traffic.
+    sysctl("net/ipv4/vs/conntrack", "1");
+    // Drop connections to deleted real servers at once instead of black-holing them.
+    sysctl("net/ipv4/vs/expire_nodest_conn", "1");
+    sysctl("net/ipv4/vs/expire_quiescent_template", "1");
+    sysctl("net/ipv4/ip_forward", "1");
+    // Older kernels delay reused connections by a second with conn_reuse_mode=1.
+    if kernel_version().is_some_and(|v| v < (5, 9)) {
+        sysctl("net/ipv4/vs/conn_reuse_mode", "0");
+    }
+    if config.strict_arp {
+        sysctl("net/ipv4/conf/all/arp_ignore", "1");
+        sysctl("net/ipv4/conf/all/arp_announce", "2");
+    }
+}
+
+fn seconds(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}
+
+/// Starts the source that feeds the proxier: the manifest directory, or the Kubernetes API.
+fn start_source(config: &ProxyConfig, tx: UnboundedSender<SourceUpdate>) -> anyhow::Result<()> {
+    if let Some(dir) = config.manifests.clone() {
+        tokio::spawn(async move {
+            if let Err(error) = controllers::watch::watch_dir(dir, tx).await {
+                tracing::error!(%error, "manifest source stopped");
+            }
+        });
+        return Ok(());
+    }
+    // TODO(kube source): the Kubernetes API watchers (controllers) are wired here.
+    bail!(
+        "no source: give --manifests DIR (the Kubernetes API source is not available in this build)"
+    )
+}
+
+/// The configuration as `/configz` shows it.
+fn configz(config: &ProxyConfig, mode: ProxyMode) -> serde_json::Value {
+    serde_json::json!({
+        "mode": match mode { ProxyMode::Ipvs => "ipvs", ProxyMode::Iptables => "iptables" },
+        "hostnameOverride": config.hostname_override.clone().unwrap_or_default(),
+        "clusterCIDR": config.cluster_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        "healthzBindAddress": config.healthz_bind_address.to_string(),
+        "metricsBindAddress": config.metrics_bind_address.to_string(),
+        "iptables": {
+            "masqueradeAll": config.masquerade_all,
+            "masqueradeBit": config.masquerade_bit,
+        },
+        "ipvs": {
+            "scheduler": config.scheduler.name(),
+            "syncPeriod": humantime::format_duration(config.sync_period).to_string(),
+            "minSyncPeriod": humantime::format_duration(config.min_sync_period).to_string(),
+            "excludeCIDRs": config.exclude_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "strictARP": config.strict_arp,
+            "tcpTimeout": humantime::format_duration(config.tcp_timeout).to_string(),
+            "tcpFinTimeout": humantime::format_duration(config.tcpfin_timeout).to_string(),
+            "udpTimeout": humantime::format_duration(config.udp_timeout).to_string(),
+        },
+    })
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(config: ProxyConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve_until_stopped(config))
+}
+
+async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
+    let handle = match config.mode {
+        ProxyMode::Ipvs => match check_ipvs(config.scheduler) {
+            Ok(handle) => handle,
+            Err(IpvsUnavailable(why)) => {
+                tracing::warn!(reason = %why, "IPVS is unavailable; --proxy-mode=iptables is not implemented in this build");
+                bail!("IPVS is unavailable: {why}");
+            }
+        },
+        ProxyMode::Iptables => bail!("--proxy-mode=iptables is not implemented in this build"),
+    };
+    tracing::info!(mode = "ipvs", scheduler = %config.scheduler, "using the IPVS proxier");
+    let mut handle = handle;
+    ipvs_sysctls(&config);
+    let timeouts = ipvs::Timeouts {
+        tcp: seconds(config.tcp_timeout),
+        tcp_fin: seconds(config.tcpfin_timeout),
+        udp: seconds(config.udp_timeout),
+    };
+    if timeouts
+        != (ipvs::Timeouts {
+            tcp: 0,
+            tcp_fin: 0,
+            udp: 0,
+        })
+    {
+        // Zero leaves the kernel's value, as with ipvsadm --set.
+        handle
+            .set_timeouts(&timeouts)
+            .context("setting IPVS timeouts")?;
+    }
+    let link = netif::DummyLink::ensure(netif::KUBE_IPVS0).context("creating kube-ipvs0")?;
+    let flavour = detect_flavour(None);
+    tracing::info!(flavour = flavour.as_str(), "iptables");
+    let netfilter = IpvsNetfilter::new(
+        Runner::new(flavour),
+        plan_config(&config, &ClusterState::new()),
+    );
+    let syncer = Syncer::new(
+        KernelIpvs(handle),
+        KernelAddresses(link),
+        netfilter,
+        SyncOptions {
+            exclude_cidrs: config.exclude_cidrs.clone(),
+            ..SyncOptions::default()
+        },
+    );
+
+    let health = Health::new(2 * config.sync_period, SystemTime::now());
+    let metrics = Arc::new(Metrics::new());
+    let state = Arc::new(ServerState {
+        health: health.clone(),
+        metrics: metrics.clone(),
+        mode: RwLock::new(ProxyMode::Ipvs),
+        configz: configz(&config, ProxyMode::Ipvs),
+    });
+    if let Some(addr) = serve(config.healthz_bind_address, health_router(state.clone()))
+        .await
+        .with_context(|| {
+            format!(
+                "binding --healthz-bind-address {}",
+                config.healthz_bind_address
+            )
+        })?
+    {
+        tracing::info!(%addr, "serving /healthz and /livez");
+    }
+    if let Some(addr) = serve(config.metrics_bind_address, metrics_router(state))
+        .await
+        .with_context(|| {
+            format!(
+                "binding --metrics-bind-address {}",
+                config.metrics_bind_address
+            )
+        })?
+    {
+        tracing::info!(%addr, "serving /metrics");
+    }
+
+    let (tx, rx) = unbounded_channel();
+    start_source(&config, tx)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let runtime = tokio::runtime::Handle::current();
+    let proxier = ProxierLoop::new(config, syncer, health, metrics);
+    let thread = std::thread::Builder::new()
+        .name("proxier".into())
+        .spawn(move || proxier.run(&runtime, rx, stop_rx))
+        .context("starting the proxier thread")?;
+
+    wait_for_signal().await?;
+    let _ = stop_tx.send(true);
+    tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .context("joining the proxier")?
+        .map_err(|_| anyhow::anyhow!("the proxier thread panicked"))?;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "stopping");
+    Ok(())
+}
