@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod convert;
+pub mod kube_source;
 pub mod manifests;
 pub mod source;
 pub mod watch;

@@ -74,6 +74,12 @@ pub enum SourceUpdate {
     /// Every initial list is complete. The proxier programs nothing before this: programming
     /// a partial view would delete live Services on every node.
     InitialSyncDone,
+    /// Whether this node should receive load-balancer traffic: false while its Node is being
+    /// deleted (deletionTimestamp set), is tainted `ToBeDeletedByClusterAutoscaler`, or is gone.
+    /// kube-proxy's /healthz fails then, so that load balancers drain the node first. Sent by
+    /// the Kubernetes API source when it first knows and whenever it changes; a source that
+    /// never sends it leaves the node eligible.
+    NodeEligible(bool),
 }
 
 /// What an event changed: the Services whose plans must be recomputed, and whether node
