@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backends;
+pub mod cleanup;
 pub mod config;
 pub mod config_file;
 pub mod daemon;

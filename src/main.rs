@@ -29,6 +29,24 @@ fn main() -> ExitCode {
             for field in unknown {
                 tracing::warn!(field, "unknown field in the --config file, ignored");
             }
+            if config.cleanup {
+                let report = ipvs_proxy::cleanup::cleanup(&config);
+                tracing::info!(
+                    virtual_servers = report.virtual_servers,
+                    link_deleted = report.link_deleted,
+                    chains = report.chains,
+                    sets = report.sets,
+                    "cleanup done"
+                );
+                for error in &report.errors {
+                    tracing::error!("cleanup: {error}");
+                }
+                return if report.errors.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                };
+            }
             match ipvs_proxy::daemon::run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
