@@ -1,0 +1,505 @@
+//! The daemon end to end, in the VM: `ipvs-proxy --manifests DIR` on a real IPVS kernel, with
+//! "pods" (network namespaces with a server that answers with its own name) behind ClusterIPs,
+//! checked the way an operator would (`ipvsadm -Sn`, `ip addr`, `ipset list`) and with real
+//! TCP and UDP traffic. Runs only in the VM: `cargo xtask vm-test -p ipvs-proxy -- daemon`.
+//! The tests share the VM's kernel and take turns (a lock); each resets the kernel before and
+//! after itself.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use support::{
+    Connection, Daemon, Kernel, Pod, ServiceSpec, TempDir, ask_tcp, ask_udp, ipset_members,
+    ipvs_lines, ipvs_lines_of, kube_ipvs0_addresses, run, wait_until,
+};
+
+const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
+const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 7);
+const POD_C: Ipv4Addr = Ipv4Addr::new(10, 244, 3, 9);
+
+/// Three pods, a manifest directory and a place for the daemon's log.
+struct Cluster {
+    pods: Vec<Pod>,
+    dir: TempDir,
+    logs: TempDir,
+}
+
+impl Cluster {
+    fn new(tag: &str) -> Cluster {
+        Cluster {
+            pods: vec![
+                Pod::start(&format!("{tag}-a"), POD_A),
+                Pod::start(&format!("{tag}-b"), POD_B),
+                Pod::start(&format!("{tag}-c"), POD_C),
+            ],
+            dir: TempDir::new(&format!("{tag}-manifests")),
+            logs: TempDir::new(&format!("{tag}-logs")),
+        }
+    }
+
+    fn names(&self, which: &[usize]) -> BTreeSet<String> {
+        which.iter().map(|&i| self.pods[i].name.clone()).collect()
+    }
+
+    fn start(&self, extra: &[&str]) -> Daemon {
+        Daemon::start(self.dir.path(), &self.logs.path().join("daemon.log"), extra)
+    }
+}
+
+fn web(endpoints: &[Ipv4Addr]) -> ServiceSpec<'_> {
+    ServiceSpec {
+        name: "web",
+        vip: "10.96.0.20",
+        port: 80,
+        protocols: &["TCP"],
+        endpoints,
+        scheduler: None,
+        affinity_seconds: None,
+    }
+}
+
+fn vip(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::new(10, 96, 0, 20), port))
+}
+
+/// Waits until the `ipvsadm -Sn` lines of `service` are exactly `want`.
+fn wait_for_ipvs(daemon: &Daemon, service: &str, want: &[&str]) {
+    let mut want: Vec<String> = want.iter().map(|s| (*s).to_owned()).collect();
+    want.sort();
+    wait_until(
+        &format!("ipvsadm -Sn to show {service} as {want:#?}"),
+        || ipvs_lines_of(service) == want,
+        || {
+            format!(
+                "ipvsadm -Sn:\n{}\ndaemon log:\n{}",
+                ipvs_lines().join("\n"),
+                daemon.log()
+            )
+        },
+    );
+}
+
+/// The pods that answered `n` new TCP connections.
+fn tcp_answers(to: SocketAddr, n: usize) -> BTreeSet<String> {
+    (0..n)
+        .map(|i| ask_tcp(to).unwrap_or_else(|e| panic!("TCP request {i} to {to}: {e}")))
+        .collect()
+}
+
+fn tcp_answer_list(to: SocketAddr, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| ask_tcp(to).unwrap_or_else(|e| panic!("TCP request {i} to {to}: {e}")))
+        .collect()
+}
+
+const WEB_ABC: [&str; 4] = [
+    "-A -t 10.96.0.20:80 -s rr",
+    "-a -t 10.96.0.20:80 -r 10.244.1.5:8080 -m -w 1",
+    "-a -t 10.96.0.20:80 -r 10.244.2.7:8080 -m -w 1",
+    "-a -t 10.96.0.20:80 -r 10.244.3.9:8080 -m -w 1",
+];
+
+#[test]
+#[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
+fn daemon_three_endpoints_answer_over_tcp_and_udp() {
+    let _kernel = Kernel::take();
+    let cluster = Cluster::new("three");
+    let spec = ServiceSpec {
+        protocols: &["TCP", "UDP"],
+        ..web(&[POD_A, POD_B, POD_C])
+    };
+    cluster.dir.write("web.yaml", &spec.yaml());
+    let daemon = cluster.start(&[]);
+
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &WEB_ABC);
+    wait_for_ipvs(
+        &daemon,
+        "-u 10.96.0.20:80",
+        &[
+            "-A -u 10.96.0.20:80 -s rr",
+            "-a -u 10.96.0.20:80 -r 10.244.1.5:8080 -m -w 1",
+            "-a -u 10.96.0.20:80 -r 10.244.2.7:8080 -m -w 1",
+            "-a -u 10.96.0.20:80 -r 10.244.3.9:8080 -m -w 1",
+        ],
+    );
+    assert_eq!(kube_ipvs0_addresses(), ["10.96.0.20/32"]);
+    assert_eq!(
+        ipset_members("KUBE-CLUSTER-IP"),
+        ["10.96.0.20,tcp:80", "10.96.0.20,udp:80"]
+    );
+
+    let all = cluster.names(&[0, 1, 2]);
+    assert_eq!(tcp_answers(vip(80), 6), all, "TCP: every pod answers");
+    let udp: BTreeSet<String> = (0..6)
+        .map(|i| ask_udp(vip(80)).unwrap_or_else(|e| panic!("UDP request {i}: {e}")))
+        .collect();
+    assert_eq!(udp, all, "UDP: every pod answers");
+}
+
+#[test]
+#[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
+fn daemon_scale_down_drains_the_removed_endpoint() {
+    let _kernel = Kernel::take();
+    let cluster = Cluster::new("drain");
+    cluster
+        .dir
+        .write("web.yaml", &web(&[POD_A, POD_B, POD_C]).yaml());
+    let daemon = cluster.start(&[]);
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &WEB_ABC);
+
+    // An open connection, to whichever pod: that pod is the one scaled away.
+    let mut open = Connection::open(vip(80)).expect("connecting to the ClusterIP");
+    let first = open.ask().expect("asking on the open connection");
+    let gone = cluster
+        .pods
+        .iter()
+        .position(|p| p.name == first)
+        .unwrap_or_else(|| panic!("unknown answer {first:?}"));
+    let kept: Vec<usize> = (0..3).filter(|&i| i != gone).collect();
+    let gone_ip = cluster.pods[gone].ip;
+    let kept_ips: Vec<Ipv4Addr> = kept.iter().map(|&i| cluster.pods[i].ip).collect();
+    cluster.dir.write("web.yaml", &web(&kept_ips).yaml());
+
+    let mut draining: Vec<String> = WEB_ABC.iter().map(|s| (*s).to_owned()).collect();
+    for line in &mut draining {
+        if line.contains(&format!("-r {gone_ip}:")) {
+            *line = line.replace("-w 1", "-w 0");
+        }
+    }
+    let draining: Vec<&str> = draining.iter().map(String::as_str).collect();
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &draining);
+
+    assert_eq!(
+        open.ask().expect("the draining connection keeps working"),
+        first
+    );
+    assert_eq!(
+        tcp_answers(vip(80), 6),
+        cluster.names(&kept),
+        "new connections go only to the two kept pods"
+    );
+    // Still there while the connection lives.
+    std::thread::sleep(Duration::from_secs(2));
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &draining);
+    assert_eq!(open.ask().expect("still working"), first);
+
+    open.reset();
+    let after: Vec<String> = WEB_ABC
+        .iter()
+        .filter(|l| !l.contains(&format!("-r {gone_ip}:")))
+        .map(|s| (*s).to_owned())
+        .collect();
+    let after: Vec<&str> = after.iter().map(String::as_str).collect();
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &after);
+    assert_eq!(tcp_answers(vip(80), 6), cluster.names(&kept));
+}
+
+#[test]
+#[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
+fn daemon_follows_port_scheduler_and_affinity_edits() {
+    let _kernel = Kernel::take();
+    let cluster = Cluster::new("edit");
+    let endpoints = [POD_A, POD_B, POD_C];
+    cluster.dir.write("web.yaml", &web(&endpoints).yaml());
+    let daemon = cluster.start(&[]);
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &WEB_ABC);
+
+    // The port.
+    let moved = ServiceSpec {
+        port: 81,
+        ..web(&endpoints)
+    };
+    cluster.dir.write("web.yaml", &moved.yaml());
+    let web81: Vec<String> = WEB_ABC.iter().map(|l| l.replace(":80 ", ":81 ")).collect();
+    let web81: Vec<&str> = web81.iter().map(String::as_str).collect();
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:81", &web81);
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &[]);
+    assert_eq!(
+        ipset_members("KUBE-CLUSTER-IP"),
+        ["10.96.0.20,tcp:81"],
+        "the set follows the port"
+    );
+    assert_eq!(tcp_answers(vip(81), 6), cluster.names(&[0, 1, 2]));
+
+    // The scheduler.
+    let lc = ServiceSpec {
+        scheduler: Some("lc"),
+        ..moved
+    };
+    cluster.dir.write("web.yaml", &lc.yaml());
+    let web81_lc: Vec<String> = web81.iter().map(|l| l.replace("-s rr", "-s lc")).collect();
+    let web81_lc: Vec<&str> = web81_lc.iter().map(String::as_str).collect();
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:81", &web81_lc);
+
+    // ClientIP affinity, back on rr: every connection from this client lands on one pod.
+    let sticky = ServiceSpec {
+        scheduler: None,
+        affinity_seconds: Some(600),
+        ..lc
+    };
+    cluster.dir.write("web.yaml", &sticky.yaml());
+    let web81_p: Vec<String> = web81
+        .iter()
+        .map(|l| l.replace("-s rr", "-s rr -p 600"))
+        .collect();
+    let web81_p: Vec<&str> = web81_p.iter().map(String::as_str).collect();
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:81", &web81_p);
+    let answers = tcp_answer_list(vip(81), 6);
+    assert_eq!(
+        answers.iter().collect::<BTreeSet<_>>().len(),
+        1,
+        "with ClientIP affinity one pod answers every connection: {answers:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
+fn daemon_deleted_service_leaves_nothing() {
+    let _kernel = Kernel::take();
+    let cluster = Cluster::new("delete");
+    cluster
+        .dir
+        .write("web.yaml", &web(&[POD_A, POD_B, POD_C]).yaml());
+    let other = ServiceSpec {
+        name: "other",
+        vip: "10.96.0.30",
+        ..web(&[POD_A])
+    };
+    cluster.dir.write("other.yaml", &other.yaml());
+    let daemon = cluster.start(&[]);
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &WEB_ABC);
+    wait_for_ipvs(
+        &daemon,
+        "-t 10.96.0.30:80",
+        &[
+            "-A -t 10.96.0.30:80 -s rr",
+            "-a -t 10.96.0.30:80 -r 10.244.1.5:8080 -m -w 1",
+        ],
+    );
+    assert_eq!(kube_ipvs0_addresses(), ["10.96.0.20/32", "10.96.0.30/32"]);
+
+    cluster.dir.remove("web.yaml");
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &[]);
+    wait_until(
+        "the VIP to leave kube-ipvs0",
+        || kube_ipvs0_addresses() == ["10.96.0.30/32"],
+        || format!("{:?}\n{}", kube_ipvs0_addresses(), daemon.log()),
+    );
+    assert_eq!(ipset_members("KUBE-CLUSTER-IP"), ["10.96.0.30,tcp:80"]);
+    assert_eq!(
+        ipvs_lines(),
+        [
+            "-A -t 10.96.0.30:80 -s rr",
+            "-a -t 10.96.0.30:80 -r 10.244.1.5:8080 -m -w 1",
+        ],
+        "the other Service is untouched"
+    );
+    assert!(
+        ask_tcp(vip(80)).is_err(),
+        "nothing answers on the deleted ClusterIP"
+    );
+}
+
+#[test]
+#[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
+fn daemon_restart_after_sigkill_keeps_connections() {
+    let _kernel = Kernel::take();
+    let cluster = Cluster::new("restart");
+    cluster
+        .dir
+        .write("web.yaml", &web(&[POD_A, POD_B, POD_C]).yaml());
+    let dns = ServiceSpec {
+        name: "dns",
+        vip: "10.96.0.10",
+        port: 53,
+        protocols: &["TCP", "UDP"],
+        ..web(&[POD_B])
+    };
+    cluster.dir.write("dns.yaml", &dns.yaml());
+    let mut daemon = cluster.start(&[]);
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &WEB_ABC);
+    wait_for_ipvs(
+        &daemon,
+        "-u 10.96.0.10:53",
+        &[
+            "-A -u 10.96.0.10:53 -s rr",
+            "-a -u 10.96.0.10:53 -r 10.244.2.7:8080 -m -w 1",
+        ],
+    );
+    let planned = plan_ipvs(&cluster);
+    assert_eq!(ipvs_lines(), planned);
+
+    // Three connections that talk all along, one per pod.
+    let mut open: Vec<(Connection, String)> = (0..3)
+        .map(|_| {
+            let mut c = Connection::open(vip(80)).expect("connecting");
+            let who = c.ask().expect("first answer");
+            (c, who)
+        })
+        .collect();
+    let talk = |open: &mut Vec<(Connection, String)>, when: &str| {
+        for (c, who) in open.iter_mut() {
+            let answer = c
+                .ask()
+                .unwrap_or_else(|e| panic!("connection to {who} broke {when}: {e}"));
+            assert_eq!(&answer, who, "{when}");
+        }
+    };
+
+    daemon.kill();
+    talk(&mut open, "after SIGKILL");
+    let daemon = cluster.start(&[]);
+    wait_until(
+        "the restarted daemon's first sync",
+        || daemon.log().matches("synced").count() >= 2,
+        || daemon.log(),
+    );
+    talk(&mut open, "after the restart");
+    assert_eq!(
+        ipvs_lines(),
+        planned,
+        "no duplicate or missing virtual server"
+    );
+    assert_eq!(kube_ipvs0_addresses(), ["10.96.0.10/32", "10.96.0.20/32"]);
+    // And it still follows changes.
+    cluster.dir.write("web.yaml", &web(&[POD_A, POD_B]).yaml());
+    wait_until(
+        "POD_C to drain after the restart",
+        || {
+            ipvs_lines_of("-t 10.96.0.20:80")
+                .iter()
+                .any(|l| l.contains("-r 10.244.3.9:8080 -m -w 0"))
+        },
+        || format!("{:#?}\n{}", ipvs_lines(), daemon.log()),
+    );
+    talk(&mut open, "after the change");
+}
+
+/// What `ipvs-proxy plan --only ipvs` says the cluster's IPVS table should be, sorted.
+fn plan_ipvs(cluster: &Cluster) -> Vec<String> {
+    let dir = cluster.dir.path().to_string_lossy().into_owned();
+    let mut lines: Vec<String> = run(
+        support::DAEMON,
+        &[
+            "plan",
+            "--manifests",
+            &dir,
+            "--hostname-override",
+            "node-a",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--only",
+            "ipvs",
+        ],
+    )
+    .lines()
+    .map(str::to_owned)
+    .collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+#[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
+fn daemon_full_resync_restores_its_own_and_leaves_others() {
+    let _kernel = Kernel::take();
+    let cluster = Cluster::new("resync");
+    cluster
+        .dir
+        .write("web.yaml", &web(&[POD_A, POD_B, POD_C]).yaml());
+    let daemon = cluster.start(&["--ipvs-sync-period", "2s"]);
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &WEB_ABC);
+
+    // Someone else's virtual server, on an address the proxy never bound.
+    run("ipvsadm", &["-A", "-t", "10.99.0.1:80", "-s", "wlc"]);
+    run(
+        "ipvsadm",
+        &[
+            "-a",
+            "-t",
+            "10.99.0.1:80",
+            "-r",
+            "10.244.9.9:80",
+            "-m",
+            "-w",
+            "3",
+        ],
+    );
+    // And one of the proxy's, deleted by hand.
+    run("ipvsadm", &["-D", "-t", "10.96.0.20:80"]);
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &WEB_ABC);
+    // Another full resync or two, to be sure the foreign one survives them.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        ipvs_lines_of("-t 10.99.0.1:80"),
+        [
+            "-A -t 10.99.0.1:80 -s wlc",
+            "-a -t 10.99.0.1:80 -r 10.244.9.9:80 -m -w 3",
+        ],
+        "the foreign virtual server is untouched\n{}",
+        daemon.log()
+    );
+    assert_eq!(tcp_answers(vip(80), 6), cluster.names(&[0, 1, 2]));
+}
+
+#[test]
+#[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
+fn daemon_reports_a_malformed_manifest_and_keeps_working() {
+    let _kernel = Kernel::take();
+    let cluster = Cluster::new("malformed");
+    cluster
+        .dir
+        .write("web.yaml", &web(&[POD_A, POD_B, POD_C]).yaml());
+    let mut daemon = cluster.start(&[]);
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &WEB_ABC);
+
+    cluster.dir.write(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: broken\n  spec: [unclosed\n",
+    );
+    wait_until(
+        "the daemon to report broken.yaml",
+        || {
+            daemon
+                .log()
+                .lines()
+                .any(|l| l.contains("broken.yaml") && l.contains("WARN"))
+        },
+        || daemon.log(),
+    );
+    assert!(daemon.alive(), "the daemon is still running");
+    assert_eq!(ipvs_lines(), WEB_ABC, "nothing changed in the kernel");
+
+    // Everything else keeps working: an edit is followed, traffic flows.
+    cluster.dir.write("web.yaml", &web(&[POD_A, POD_B]).yaml());
+    wait_until(
+        "the edit after the malformed file",
+        || {
+            ipvs_lines_of("-t 10.96.0.20:80")
+                .iter()
+                .any(|l| l.contains("-r 10.244.3.9:8080 -m -w 0"))
+        },
+        || format!("{:#?}\n{}", ipvs_lines(), daemon.log()),
+    );
+    let other = ServiceSpec {
+        name: "other",
+        vip: "10.96.0.30",
+        ..web(&[POD_C])
+    };
+    cluster.dir.write("other.yaml", &other.yaml());
+    wait_for_ipvs(
+        &daemon,
+        "-t 10.96.0.30:80",
+        &[
+            "-A -t 10.96.0.30:80 -s rr",
+            "-a -t 10.96.0.30:80 -r 10.244.3.9:8080 -m -w 1",
+        ],
+    );
+    assert_eq!(
+        ask_tcp(SocketAddr::from((Ipv4Addr::new(10, 96, 0, 30), 80))).expect("other answers"),
+        cluster.pods[2].name
+    );
+}
