@@ -2,7 +2,7 @@
 //! and remove them again, IPv4 and IPv6, against the floor of `ip -batch` doing the same in the
 //! same VM. Each case is run R times on a freshly created link, ours and the floor taking
 //! turns to go first; the median is reported. Ends with one summary line per case:
-//! `bench netif add-10000 ours=0.21s floor=0.35s ratio=0.60`.
+//! `bench netif-add 10000 ours=0.21s floor=0.35s ratio=0.60`.
 //!
 //! Both sides do the same kernel work, message for message (`RTM_NEWADDR`/`RTM_DELADDR` with
 //! `IFA_LOCAL` and `IFA_ADDRESS`); ours saves the syscalls (hundreds of requests per `sendmsg`,
@@ -181,13 +181,15 @@ fn main() -> Result<()> {
             median(runs.iter().map(|r| r.0.1).collect()),
             median(runs.iter().map(|r| r.1.1).collect()),
         );
-        summary.push((format!("{family}add-{}", options.count), add));
-        summary.push((format!("{family}remove-{}", options.count), remove));
+        summary.push((format!("netif-{family}add"), add));
+        summary.push((format!("netif-{family}remove"), remove));
     }
     DummyLink::delete(KUBE_IPVS0)?;
-    for (case, (ours, floor)) in summary {
+    // DESIGN.md's summary format: the bench's name, then the case as a plain size.
+    for (name, (ours, floor)) in summary {
         println!(
-            "bench netif {case} ours={:.3}s floor={:.3}s ratio={:.2}",
+            "bench {name} {} ours={:.3}s floor={:.3}s ratio={:.2}",
+            options.count,
             ours.as_secs_f64(),
             floor.as_secs_f64(),
             ours.as_secs_f64() / floor.as_secs_f64()
