@@ -97,7 +97,10 @@ fn seconds(d: Duration) -> u32 {
 }
 
 /// Starts the source that feeds the proxier: the manifest directory, or the Kubernetes API.
-fn start_source(config: &ProxyConfig, tx: UnboundedSender<SourceUpdate>) -> anyhow::Result<()> {
+async fn start_source(
+    config: &ProxyConfig,
+    tx: UnboundedSender<SourceUpdate>,
+) -> anyhow::Result<()> {
     if let Some(dir) = config.manifests.clone() {
         tokio::spawn(async move {
             if let Err(error) = controllers::watch::watch_dir(dir, tx).await {
@@ -106,10 +109,21 @@ fn start_source(config: &ProxyConfig, tx: UnboundedSender<SourceUpdate>) -> anyh
         });
         return Ok(());
     }
-    // TODO(kube source): the Kubernetes API watchers (controllers) are wired here.
-    bail!(
-        "no source: give --manifests DIR (the Kubernetes API source is not available in this build)"
-    )
+    let client =
+        controllers::kube_source::client(config.kubeconfig.as_deref(), config.master.as_deref())
+            .await
+            .context("connecting to the Kubernetes API")?;
+    let node_name = crate::plan::node_name(config);
+    if node_name.is_empty() {
+        bail!("no node name: set --hostname-override");
+    }
+    tracing::info!(node = %node_name, "following the Kubernetes API");
+    tokio::spawn(async move {
+        if let Err(error) = controllers::kube_source::run(client, node_name, tx).await {
+            tracing::error!(%error, "Kubernetes API source stopped");
+        }
+    });
+    Ok(())
 }
 
 /// The configuration as `/configz` shows it.
@@ -227,7 +241,7 @@ async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
     }
 
     let (tx, rx) = unbounded_channel();
-    start_source(&config, tx)?;
+    start_source(&config, tx).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let runtime = tokio::runtime::Handle::current();
     let proxier = ProxierLoop::new(config, syncer, health, metrics);

@@ -21,7 +21,7 @@ pub const EXIT_USAGE: u8 = 2;
 
 /// This node's name: `--hostname-override`, else the kernel's host name, lower-cased as
 /// kube-proxy does.
-fn node_name(config: &ProxyConfig) -> String {
+pub(crate) fn node_name(config: &ProxyConfig) -> String {
     config
         .hostname_override
         .clone()
@@ -95,6 +95,46 @@ pub fn plan_config(config: &ProxyConfig, state: &ClusterState) -> PlanConfig {
     }
 }
 
+/// The objects of a manifest directory; `None` (reported to `err`) when nothing could be read.
+fn read_manifests(dir: &std::path::Path, err: &mut dyn Write) -> Option<Vec<controllers::Event>> {
+    let snapshot = match read_dir(dir) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(err, "error: {e}: {}", e.source);
+            return None;
+        }
+    };
+    for e in &snapshot.errors {
+        let _ = writeln!(err, "warning: {e}");
+    }
+    if snapshot.objects.is_empty() {
+        let _ = writeln!(
+            err,
+            "error: no Service, EndpointSlice or Node could be read from {} ({} files)",
+            dir.display(),
+            snapshot.files
+        );
+        return None;
+    }
+    Some(snapshot.events())
+}
+
+/// Lists Services, EndpointSlices and this node once from the Kubernetes API (`plan` without
+/// `--manifests`): `--kubeconfig`, `--master`, or in-cluster, as the daemon.
+fn read_cluster(config: &ProxyConfig) -> anyhow::Result<Vec<controllers::Event>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let client = controllers::kube_source::client(
+            config.kubeconfig.as_deref(),
+            config.master.as_deref(),
+        )
+        .await?;
+        Ok(controllers::kube_source::list_once(client, &node_name(config)).await?)
+    })
+}
+
 /// Runs `plan`, writing the plan to `out` and reports to `err`. Returns the exit status.
 pub fn run(args: &PlanArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     let config = match ProxyConfig::resolve(&args.flags) {
@@ -109,34 +149,21 @@ pub fn run(args: &PlanArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
             return EXIT_NOTHING_READ;
         }
     };
-    let Some(dir) = &config.manifests else {
-        let _ = writeln!(
-            err,
-            "error: plan needs a source: --manifests DIR (reading from a cluster is not supported by plan yet)"
-        );
-        return EXIT_USAGE;
+    let events = match &config.manifests {
+        Some(dir) => match read_manifests(dir, err) {
+            Some(events) => events,
+            None => return EXIT_NOTHING_READ,
+        },
+        None => match read_cluster(&config) {
+            Ok(events) => events,
+            Err(e) => {
+                let _ = writeln!(err, "error: reading from the Kubernetes API: {e:#}");
+                return EXIT_NOTHING_READ;
+            }
+        },
     };
-    let snapshot = match read_dir(dir) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = writeln!(err, "error: {e}: {}", e.source);
-            return EXIT_NOTHING_READ;
-        }
-    };
-    for e in &snapshot.errors {
-        let _ = writeln!(err, "warning: {e}");
-    }
-    if snapshot.objects.is_empty() {
-        let _ = writeln!(
-            err,
-            "error: no Service, EndpointSlice or Node could be read from {} ({} files)",
-            dir.display(),
-            snapshot.files
-        );
-        return EXIT_NOTHING_READ;
-    }
     let mut state = ClusterState::new();
-    controllers::apply_all(&mut state, snapshot.events());
+    controllers::apply_all(&mut state, events);
     let plan_config = plan_config(&config, &state);
     if plan_config.node_port_ips.is_empty() {
         let _ = writeln!(
