@@ -1,0 +1,193 @@
+//! The iptables proxier as the fallback of ipvs mode: converting the model to the
+//! `iptables::proxier` input, and deciding at start which proxier runs.
+//!
+//! `ipvs-proxy plan --proxy-mode iptables` prints [`plan_iptables`]; the daemon, when it runs
+//! the fallback, keeps an [`iptables::proxier::Proxier`] per family and calls its `sync` with
+//! [`service_specs`].
+
+use std::fmt;
+
+use iptables::Family;
+use iptables::proxier::{Backend, ProxierConfig, ServiceSpec, render};
+
+use crate::model::{Protocol, SessionAffinity, TrafficPolicy};
+use crate::state::ClusterState;
+
+/// The model's service ports, with their endpoints, as the iptables proxier takes them.
+/// `node` is this node's name (for `local`).
+#[must_use]
+pub fn service_specs(state: &ClusterState, node: &str) -> Vec<ServiceSpec> {
+    let mut specs = Vec::new();
+    for (_, ports) in state.services() {
+        for sp in ports {
+            let protocol = match sp.name.protocol {
+                Protocol::Tcp => iptables::Protocol::Tcp,
+                Protocol::Udp => iptables::Protocol::Udp,
+                Protocol::Sctp => iptables::Protocol::Sctp,
+            };
+            let backends = state
+                .endpoints(&sp.name)
+                .iter()
+                .map(|e| Backend {
+                    addr: std::net::SocketAddr::new(e.ip, e.port),
+                    ready: e.conditions.ready,
+                    serving: e.conditions.serving,
+                    terminating: e.conditions.terminating,
+                    local: e.is_local(node),
+                })
+                .collect();
+            specs.push(ServiceSpec {
+                name: sp.name.to_string(),
+                protocol,
+                port: sp.port,
+                cluster_ips: sp.cluster_ips.to_vec(),
+                external_ips: sp.external_ips.to_vec(),
+                load_balancer_ips: sp.load_balancer_ips.to_vec(),
+                source_ranges: sp.load_balancer_source_ranges.to_vec(),
+                node_port: sp.node_port,
+                health_check_node_port: sp.health_check_node_port,
+                affinity_seconds: match sp.session_affinity {
+                    SessionAffinity::ClientIp { timeout_seconds } => Some(timeout_seconds),
+                    SessionAffinity::None => None,
+                },
+                external_local: sp.external_traffic_policy == TrafficPolicy::Local,
+                internal_local: sp.internal_traffic_policy == TrafficPolicy::Local,
+                backends,
+            });
+        }
+    }
+    specs.sort_by(|a, b| (&a.name, a.protocol).cmp(&(&b.name, b.protocol)));
+    specs
+}
+
+/// What `plan --proxy-mode iptables` prints for one family: the proxier's chains as
+/// `iptables-save` prints them (sorted, deterministic).
+#[must_use]
+pub fn plan_iptables(state: &ClusterState, node: &str, config: &ProxierConfig) -> String {
+    let specs = service_specs(state, node);
+    render(config, &specs).save_text(config)
+}
+
+/// Which proxier runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// IPVS virtual servers (the default).
+    Ipvs,
+    /// kube-proxy's iptables rules (asked for, or the fallback).
+    Iptables,
+}
+
+/// Why IPVS cannot be used, from the start-up probe (resolving the "IPVS" generic-netlink
+/// family, then adding and removing a probe virtual server with the configured scheduler).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IpvsUnavailable {
+    /// The generic-netlink family "IPVS" does not resolve: the ip_vs module is not loaded.
+    FamilyMissing(String),
+    /// The probe virtual server was refused with the configured scheduler (its module is missing).
+    SchedulerMissing {
+        /// The scheduler.
+        scheduler: String,
+        /// The kernel's answer.
+        reason: String,
+    },
+    /// Any other failure of the probe.
+    ProbeFailed(String),
+}
+
+impl fmt::Display for IpvsUnavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IpvsUnavailable::FamilyMissing(e) => {
+                write!(
+                    f,
+                    "the kernel has no \"IPVS\" generic netlink family (ip_vs not loaded: {e})"
+                )
+            }
+            IpvsUnavailable::SchedulerMissing { scheduler, reason } => {
+                write!(
+                    f,
+                    "a probe virtual server with scheduler {scheduler} was refused ({reason}; module ip_vs_{scheduler} missing?)"
+                )
+            }
+            IpvsUnavailable::ProbeFailed(e) => write!(f, "the IPVS probe failed: {e}"),
+        }
+    }
+}
+
+/// Decides the proxier: `requested` iptables runs iptables; requested ipvs runs ipvs when the
+/// probe passed, else the iptables proxier with one warning naming the reason — or, with
+/// `exit_if_unavailable`, an error the daemon exits with.
+pub fn choose_mode(
+    requested: ProxyMode,
+    probe: Result<(), IpvsUnavailable>,
+    exit_if_unavailable: bool,
+) -> Result<ProxyMode, IpvsUnavailable> {
+    match (requested, probe) {
+        (ProxyMode::Iptables, _) => {
+            tracing::info!("running the iptables proxier (--proxy-mode=iptables)");
+            Ok(ProxyMode::Iptables)
+        }
+        (ProxyMode::Ipvs, Ok(())) => {
+            tracing::info!("running the ipvs proxier");
+            Ok(ProxyMode::Ipvs)
+        }
+        (ProxyMode::Ipvs, Err(why)) if exit_if_unavailable => {
+            tracing::error!("IPVS unavailable because {why}; exiting as asked");
+            Err(why)
+        }
+        (ProxyMode::Ipvs, Err(why)) => {
+            tracing::warn!("IPVS unavailable because {why}, running the iptables proxier");
+            Ok(ProxyMode::Iptables)
+        }
+    }
+}
+
+/// The proxier configuration for `family` from the daemon's flags.
+#[must_use]
+pub fn proxier_config(
+    family: Family,
+    masquerade_bit: u8,
+    masquerade_all: bool,
+    cluster_cidr: Option<ipnet::IpNet>,
+) -> ProxierConfig {
+    ProxierConfig {
+        family,
+        masquerade_bit,
+        masquerade_all,
+        cluster_cidr,
+        ..ProxierConfig::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_ipvs_falls_back_unless_told_to_exit() {
+        let why = IpvsUnavailable::FamilyMissing("ENOENT".into());
+        assert_eq!(
+            choose_mode(ProxyMode::Ipvs, Err(why.clone()), false),
+            Ok(ProxyMode::Iptables)
+        );
+        assert_eq!(
+            choose_mode(ProxyMode::Ipvs, Err(why.clone()), true),
+            Err(why)
+        );
+        assert_eq!(
+            choose_mode(ProxyMode::Ipvs, Ok(()), false),
+            Ok(ProxyMode::Ipvs)
+        );
+        assert_eq!(
+            choose_mode(ProxyMode::Iptables, Ok(()), true),
+            Ok(ProxyMode::Iptables)
+        );
+    }
+
+    #[test]
+    fn empty_state_plans_only_the_base_chains() {
+        let text = plan_iptables(&ClusterState::new(), "node-a", &ProxierConfig::default());
+        assert!(text.contains("-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000"));
+        assert!(!text.contains("KUBE-SVC-"));
+    }
+}
