@@ -5,6 +5,7 @@
 //! the kernel backends are traits it is handed.
 #![forbid(unsafe_code)]
 
+pub mod fallback;
 pub mod ipsets;
 pub mod ipvs_rules;
 pub mod ipvs_state;
