@@ -449,7 +449,7 @@ fn daemon_full_resync_restores_its_own_and_leaves_others() {
 #[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
 fn daemon_reports_a_malformed_manifest_and_keeps_working() {
     let _kernel = Kernel::take();
-    let cluster = Cluster::new("malformed");
+    let cluster = Cluster::new("bad");
     cluster
         .dir
         .write("web.yaml", &web(&[POD_A, POD_B, POD_C]).yaml());
@@ -473,17 +473,10 @@ fn daemon_reports_a_malformed_manifest_and_keeps_working() {
     assert!(daemon.alive(), "the daemon is still running");
     assert_eq!(ipvs_lines(), WEB_ABC, "nothing changed in the kernel");
 
-    // Everything else keeps working: an edit is followed, traffic flows.
+    // Everything else keeps working: an edit is followed (the removed real server has no
+    // connections, so it goes at once), traffic flows.
     cluster.dir.write("web.yaml", &web(&[POD_A, POD_B]).yaml());
-    wait_until(
-        "the edit after the malformed file",
-        || {
-            ipvs_lines_of("-t 10.96.0.20:80")
-                .iter()
-                .any(|l| l.contains("-r 10.244.3.9:8080 -m -w 0"))
-        },
-        || format!("{:#?}\n{}", ipvs_lines(), daemon.log()),
-    );
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &WEB_ABC[..3]);
     let other = ServiceSpec {
         name: "other",
         vip: "10.96.0.30",

@@ -117,6 +117,11 @@ pub struct Pod {
 
 impl Pod {
     pub fn start(name: &str, ip: Ipv4Addr) -> Pod {
+        // Link names are at most 15 bytes; the VM-side end is `veth-NAME`.
+        assert!(
+            name.len() <= 10,
+            "pod name {name:?} is too long for a link name"
+        );
         let mut pod = Pod {
             name: name.to_owned(),
             ip,

@@ -1,0 +1,442 @@
+//! `cargo xtask bench sync [SIZES…]` (in the VM): the daemon on synthetic clusters of N
+//! Services × 10 endpoints, one manifest file per Service.
+//!
+//! - cold start: from starting the daemon on a clean kernel to its first sync done (the
+//!   metrics endpoint's `kubeproxy_sync_proxy_rules_last_timestamp_seconds`), checked against
+//!   the IPVS table; the floor is the same state (from `ipvs-proxy plan --only …`) loaded on a
+//!   clean kernel by `ipvsadm -R`, `ip -batch`, `ipset restore` and `iptables-restore`;
+//! - one endpoint change: from the file's rename into the directory to the new real server in
+//!   the IPVS table (polled with the `ipvs` crate), median and p99 over 100 changes;
+//! - the daemon's peak RSS (VmHWM).
+//!
+//! The daemon is this executable run again with `--daemon` (the examples have no path to the
+//! `ipvs-proxy` binary); it is the same library code as the binary's. Default sizes: 1000
+//! 10000. Ends with, per size:
+//! `bench sync-cold <N> ours=<s>s floor=<s>s ratio=<ours/floor> rss=<MiB>MiB` and
+//! `bench sync-change <N> ours=<median s>s p99=<ms>ms`.
+
+use std::fmt::Write as _;
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Parser;
+use ipvs_proxy::flags::{Cli, Command as CliCommand, LogFormat};
+
+const ENDPOINTS: u32 = 10;
+const CHANGES: usize = 100;
+const METRICS: &str = "127.0.0.1:10299";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--daemon") {
+        return run_daemon(&args[2..]);
+    }
+    match bench(&args[1..]) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench_sync: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The daemon, as `ipvs-proxy FLAGS` runs it.
+fn run_daemon(flags: &[String]) -> ExitCode {
+    let cli =
+        Cli::parse_from(std::iter::once("ipvs-proxy").chain(flags.iter().map(String::as_str)));
+    let (config, _) = match ipvs_proxy::config::ProxyConfig::resolve(&cli.flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ipvs-proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    ipvs_proxy::logging::init(config.verbosity, config.log_format);
+    match ipvs_proxy::daemon::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let sizes: Vec<u32> = match args
+        .iter()
+        .map(|a| a.parse())
+        .collect::<Result<Vec<_>, _>>()?
+    {
+        sizes if sizes.is_empty() => vec![1000, 10_000],
+        sizes => sizes,
+    };
+    ensure!(sizes.iter().all(|&n| n <= 60_000), "at most 60000 Services");
+    let mut summary = Vec::new();
+    for &n in &sizes {
+        let dir = std::env::temp_dir().join(format!("bench-sync-{n}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let started = Instant::now();
+        for i in 0..n {
+            std::fs::write(dir.join(format!("svc-{i}.yaml")), service_yaml(i, None))?;
+        }
+        println!(
+            "{n} Services x {ENDPOINTS} endpoints: manifests written in {:.2}s",
+            started.elapsed().as_secs_f64()
+        );
+
+        reset_kernel();
+        let floor = floor(&dir)?;
+        reset_kernel();
+
+        let cold = cold_start(&dir, n)?;
+        summary.push(format!(
+            "bench sync-cold {n} ours={:.2}s floor={:.2}s ratio={:.2} rss={}MiB",
+            cold.ours.as_secs_f64(),
+            floor.as_secs_f64(),
+            cold.ours.as_secs_f64() / floor.as_secs_f64(),
+            cold.peak_rss_kib.div_ceil(1024),
+        ));
+        summary.push(format!(
+            "bench sync-change {n} ours={:.4}s p99={:.1}ms",
+            cold.change_median.as_secs_f64(),
+            cold.change_p99.as_secs_f64() * 1000.0,
+        ));
+        reset_kernel();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    for line in summary {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// Service `i`: ClusterIP 10.96.0.0/12 + i + 1, port 80/TCP, ten endpoints from 10.128.0.0/10.
+/// `moved` replaces the last endpoint's address.
+fn service_yaml(i: u32, moved: Option<Ipv4Addr>) -> String {
+    let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i + 1);
+    let mut endpoints = String::new();
+    for j in 0..ENDPOINTS {
+        let ip = match moved {
+            Some(ip) if j == ENDPOINTS - 1 => ip,
+            _ => endpoint(i, j),
+        };
+        let _ = writeln!(
+            endpoints,
+            "  - addresses: [{ip}]\n    conditions: {{ready: true}}\n    nodeName: node-{}",
+            j % 3
+        );
+    }
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: svc-{i}\n  namespace: bench\nspec:\n  clusterIP: {vip}\n  ports:\n    - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-x\n  namespace: bench\n  labels:\n    kubernetes.io/service-name: svc-{i}\naddressType: IPv4\nports:\n  - {{name: http, port: 8080, protocol: TCP}}\nendpoints:\n{endpoints}"
+    )
+}
+
+fn endpoint(i: u32, j: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * ENDPOINTS + j + 1)
+}
+
+fn vip_key(i: u32) -> ipvs::ServiceKey {
+    ipvs::ServiceKey::Addr {
+        protocol: ipvs::Protocol::Tcp,
+        addr: SocketAddr::from((
+            Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i + 1),
+            80,
+        )),
+    }
+}
+
+fn quiet(program: &str, args: &[&str]) {
+    let _ = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Everything either side programmed, gone.
+fn reset_kernel() {
+    quiet("ipvsadm", &["-C"]);
+    quiet("/bin/ip", &["link", "del", "kube-ipvs0"]);
+    for tool in ["iptables-nft", "iptables-legacy"] {
+        for table in ["nat", "filter", "mangle", "raw"] {
+            quiet(tool, &["-t", table, "-F"]);
+            quiet(tool, &["-t", table, "-X"]);
+        }
+    }
+    quiet("ipset", &["flush"]);
+    quiet("ipset", &["destroy"]);
+    quiet("/bin/ip", &["link", "set", "lo", "up"]);
+}
+
+fn common_flags(dir: &Path) -> Vec<String> {
+    vec![
+        "--manifests".into(),
+        dir.to_string_lossy().into_owned(),
+        "--hostname-override".into(),
+        "node-a".into(),
+        "--cluster-cidr".into(),
+        "10.128.0.0/10".into(),
+    ]
+}
+
+/// One section of `ipvs-proxy plan`.
+fn plan_section(dir: &Path, section: &str) -> Result<String> {
+    let mut argv = vec!["ipvs-proxy".to_owned(), "plan".into()];
+    argv.extend(common_flags(dir));
+    argv.extend(["--only".into(), section.into()]);
+    let cli = Cli::parse_from(argv);
+    let Some(CliCommand::Plan(plan)) = cli.command else {
+        bail!("not a plan command");
+    };
+    ipvs_proxy::logging::init(0, LogFormat::Text);
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let status = ipvs_proxy::plan::run(&plan, &mut out, &mut err);
+    ensure!(
+        status == ipvs_proxy::plan::EXIT_OK,
+        "plan --only {section}: {}",
+        String::from_utf8_lossy(&err)
+    );
+    Ok(String::from_utf8(out)?)
+}
+
+/// Runs `program args` with `input` on stdin; returns how long it took.
+fn feed(program: &str, args: &[&str], input: &str) -> Result<Duration> {
+    let started = Instant::now();
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {program}"))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())?;
+    let status = child.wait()?;
+    ensure!(status.success(), "{program} {args:?}: {status}");
+    Ok(started.elapsed())
+}
+
+/// The same state loaded by the kernel's own tools, on a clean kernel.
+fn floor(dir: &Path) -> Result<Duration> {
+    let ipvs = plan_section(dir, "ipvs")?;
+    let addresses = plan_section(dir, "addresses")?;
+    let ipsets = plan_section(dir, "ipsets")?;
+    let iptables = plan_section(dir, "iptables")?;
+    let batch: String = addresses.lines().fold(
+        String::from("link add kube-ipvs0 type dummy\n"),
+        |mut s, a| {
+            let _ = writeln!(s, "addr add {a} dev kube-ipvs0");
+            s
+        },
+    );
+
+    let t_ipvs = feed("ipvsadm", &["-R"], &ipvs)?;
+    let t_ip = feed("/bin/ip", &["-batch", "-"], &batch)?;
+    let t_ipset = feed("ipset", &["restore"], &ipsets)?;
+    let t_iptables = feed("iptables-restore", &["--noflush"], &iptables)?;
+    let total = t_ipvs + t_ip + t_ipset + t_iptables;
+    println!(
+        "  floor: ipvsadm -R {:.3}s ({} lines), ip -batch {:.3}s ({} addresses), ipset restore {:.3}s ({} lines), iptables-restore {:.3}s; total {:.3}s",
+        t_ipvs.as_secs_f64(),
+        ipvs.lines().count(),
+        t_ip.as_secs_f64(),
+        addresses.lines().count(),
+        t_ipset.as_secs_f64(),
+        ipsets.lines().count(),
+        t_iptables.as_secs_f64(),
+        total.as_secs_f64()
+    );
+    Ok(total)
+}
+
+struct Measured {
+    ours: Duration,
+    change_median: Duration,
+    change_p99: Duration,
+    peak_rss_kib: u64,
+}
+
+/// The daemon; killed and reaped on drop (the kernel is reset after it anyway).
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The value of an unlabelled metric, from `/metrics`.
+fn metric(name: &str) -> Option<f64> {
+    let mut stream = TcpStream::connect(METRICS).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix(field)?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+        })
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "an index into a short list"
+    )]
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+fn cold_start(dir: &Path, n: u32) -> Result<Measured> {
+    let log_path: PathBuf = std::env::temp_dir().join(format!("bench-sync-{n}.log"));
+    let log = std::fs::File::create(&log_path)?;
+    let mut flags = common_flags(dir);
+    flags.extend([
+        "--metrics-bind-address".into(),
+        METRICS.into(),
+        "--healthz-bind-address".into(),
+        "127.0.0.1:0".into(),
+    ]);
+    let exe = std::env::current_exe()?;
+    let started = Instant::now();
+    let daemon = Daemon(
+        Command::new(exe)
+            .arg("--daemon")
+            .args(&flags)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stderr(log.try_clone()?)
+            .stdout(log)
+            .spawn()?,
+    );
+    let pid = daemon.0.id();
+    let name = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
+    let deadline = started + Duration::from_secs(1200);
+    loop {
+        if metric(name).is_some_and(|t| t > 0.0) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no sync after 20 minutes; log:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ours = started.elapsed();
+    let rss_after_start = proc_status_kib(pid, "VmRSS:");
+
+    let mut handle = ipvs::Handle::with_timeout(Duration::from_secs(30))?;
+    let dump = handle.dump()?;
+    let reals: usize = dump.iter().map(|e| e.real_servers.len()).sum();
+    ensure!(
+        dump.len() == n as usize && reals == (n * ENDPOINTS) as usize,
+        "after the first sync: {} virtual servers, {reals} real servers",
+        dump.len()
+    );
+    println!(
+        "  ours: cold start {:.3}s to the first sync ({} virtual servers, {reals} real servers); RSS {} MiB",
+        ours.as_secs_f64(),
+        dump.len(),
+        rss_after_start / 1024
+    );
+    drop(dump);
+
+    let latencies = changes(&mut handle, dir, n)?;
+    let mut sorted = latencies.clone();
+    sorted.sort();
+    let change_median = percentile(&sorted, 0.5);
+    let change_p99 = percentile(&sorted, 0.99);
+    println!(
+        "  ours: one endpoint change, file to kernel, over {CHANGES}: min {:.2}ms median {:.2}ms p99 {:.2}ms max {:.2}ms",
+        sorted[0].as_secs_f64() * 1000.0,
+        change_median.as_secs_f64() * 1000.0,
+        change_p99.as_secs_f64() * 1000.0,
+        sorted[sorted.len() - 1].as_secs_f64() * 1000.0,
+    );
+    let peak_rss_kib = proc_status_kib(pid, "VmHWM:");
+    println!(
+        "  ours: peak RSS {} MiB (VmHWM), now {} MiB",
+        peak_rss_kib / 1024,
+        proc_status_kib(pid, "VmRSS:") / 1024
+    );
+    drop(daemon);
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    println!("  daemon log (start-up and first syncs):");
+    for line in log
+        .lines()
+        .filter(|l| !l.contains("drained real servers"))
+        .take(14)
+    {
+        println!("    {line}");
+    }
+    Ok(Measured {
+        ours,
+        change_median,
+        change_p99,
+        peak_rss_kib,
+    })
+}
+
+/// One endpoint change at a time: the last endpoint of a Service moves to a new address; how
+/// long each took from the file's rename to the new real server in the IPVS table.
+fn changes(handle: &mut ipvs::Handle, dir: &Path, n: u32) -> Result<Vec<Duration>> {
+    let mut latencies = Vec::with_capacity(CHANGES);
+    for k in 0..CHANGES {
+        let k32 = u32::try_from(k)?;
+        let i = (k32 * 7919) % n;
+        let moved = Ipv4Addr::new(10, 255, u8::try_from(k / 250)?, u8::try_from(k % 250 + 1)?);
+        let text = service_yaml(i, Some(moved));
+        let tmp = dir.join(format!(".svc-{i}.tmp"));
+        std::fs::write(&tmp, text)?;
+        let key = vip_key(i);
+        let target = SocketAddr::from((moved, 8080));
+        let t0 = Instant::now();
+        std::fs::rename(&tmp, dir.join(format!("svc-{i}.yaml")))?;
+        loop {
+            if handle
+                .real_servers(&key)?
+                .iter()
+                .any(|r| r.server.addr == target)
+            {
+                break;
+            }
+            ensure!(
+                t0.elapsed() < Duration::from_secs(30),
+                "change {k} not programmed after 30s"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        latencies.push(t0.elapsed());
+        // Changes are measured one by one, not coalesced.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(latencies)
+}
