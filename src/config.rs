@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::flags::{LogFormat, NodePortAddress, ProxyFlags, ProxyMode};
+use crate::flags::{IpvsFallback, LogFormat, NodePortAddress, ProxyFlags, ProxyMode};
 
 /// Everything the daemon needs to know, with every default filled in.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,6 +16,7 @@ use crate::flags::{LogFormat, NodePortAddress, ProxyFlags, ProxyMode};
 )]
 pub struct ProxyConfig {
     pub mode: ProxyMode,
+    pub ipvs_fallback: IpvsFallback,
     pub kubeconfig: Option<PathBuf>,
     pub master: Option<String>,
     pub hostname_override: Option<String>,
@@ -45,6 +46,7 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
             mode: ProxyMode::Ipvs,
+            ipvs_fallback: IpvsFallback::Iptables,
             kubeconfig: None,
             master: None,
             hostname_override: None,
@@ -99,6 +101,7 @@ impl ProxyConfig {
         }
         take!(
             mode <- proxy_mode,
+            ipvs_fallback <- ipvs_fallback,
             cluster_cidrs <- cluster_cidr,
             scheduler <- ipvs_scheduler,
             sync_period <- ipvs_sync_period,

@@ -15,12 +15,12 @@ use tokio::sync::watch;
 
 use crate::backends::{IpvsNetfilter, KernelAddresses, KernelIpvs};
 use crate::config::ProxyConfig;
-use crate::flags::ProxyMode;
+use crate::flags::{IpvsFallback, ProxyMode};
 use crate::health::Health;
 use crate::http::{ServerState, health_router, metrics_router, serve};
 use crate::metrics::Metrics;
 use crate::plan::plan_config;
-use crate::proxier::ProxierLoop;
+use crate::proxier::{Engine, IptablesEngine, IpvsEngine, ProxierLoop};
 
 /// Why IPVS cannot be used on this node, if it cannot.
 #[derive(Debug)]
@@ -161,25 +161,19 @@ pub fn run(config: ProxyConfig) -> anyhow::Result<()> {
     runtime.block_on(serve_until_stopped(config))
 }
 
-async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
-    let handle = match config.mode {
-        ProxyMode::Ipvs => match check_ipvs(config.scheduler) {
-            Ok(handle) => handle,
-            Err(IpvsUnavailable(why)) => {
-                tracing::warn!(reason = %why, "IPVS is unavailable; --proxy-mode=iptables is not implemented in this build");
-                bail!("IPVS is unavailable: {why}");
-            }
-        },
-        ProxyMode::Iptables => bail!("--proxy-mode=iptables is not implemented in this build"),
-    };
-    tracing::info!(mode = "ipvs", scheduler = %config.scheduler, "using the IPVS proxier");
-    let mut handle = handle;
-    ipvs_sysctls(&config);
+/// The IPVS proxier on this node's kernel: sysctls and timeouts set, `kube-ipvs0` made.
+fn ipvs_engine(
+    config: &ProxyConfig,
+    mut handle: ipvs::Handle,
+    runner: Runner,
+) -> anyhow::Result<Box<dyn Engine>> {
+    ipvs_sysctls(config);
     let timeouts = ipvs::Timeouts {
         tcp: seconds(config.tcp_timeout),
         tcp_fin: seconds(config.tcpfin_timeout),
         udp: seconds(config.udp_timeout),
     };
+    // Zero leaves the kernel's value, as with ipvsadm --set.
     if timeouts
         != (ipvs::Timeouts {
             tcp: 0,
@@ -187,35 +181,72 @@ async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
             udp: 0,
         })
     {
-        // Zero leaves the kernel's value, as with ipvsadm --set.
         handle
             .set_timeouts(&timeouts)
             .context("setting IPVS timeouts")?;
     }
     let link = netif::DummyLink::ensure(netif::KUBE_IPVS0).context("creating kube-ipvs0")?;
-    let flavour = detect_flavour(None);
-    tracing::info!(flavour = flavour.as_str(), "iptables");
-    let netfilter = IpvsNetfilter::new(
-        Runner::new(flavour),
-        plan_config(&config, &ClusterState::new()),
-    );
-    let syncer = Syncer::new(
+    let netfilter = IpvsNetfilter::new(runner, plan_config(config, &ClusterState::new()));
+    let options = SyncOptions {
+        exclude_cidrs: config.exclude_cidrs.clone(),
+        ..SyncOptions::default()
+    };
+    Ok(Box::new(IpvsEngine(Syncer::new(
         KernelIpvs(handle),
         KernelAddresses(link),
         netfilter,
-        SyncOptions {
-            exclude_cidrs: config.exclude_cidrs.clone(),
-            ..SyncOptions::default()
-        },
-    );
+        options,
+    ))))
+}
+
+/// Picks the proxier: IPVS when asked for and usable; otherwise kube-proxy's iptables rules
+/// (unless `--ipvs-fallback=exit`).
+fn choose_engine(config: &ProxyConfig) -> anyhow::Result<(ProxyMode, Box<dyn Engine>)> {
+    let flavour = detect_flavour(None);
+    let runner = Runner::new(flavour);
+    tracing::info!(flavour = flavour.as_str(), "iptables flavour");
+    if config.mode == ProxyMode::Iptables {
+        tracing::info!(
+            mode = "iptables",
+            "running the iptables proxier, as --proxy-mode asks"
+        );
+        sysctl("net/ipv4/ip_forward", "1");
+        return Ok((
+            ProxyMode::Iptables,
+            Box::new(IptablesEngine::new(runner, config)),
+        ));
+    }
+    match check_ipvs(config.scheduler) {
+        Ok(handle) => {
+            tracing::info!(mode = "ipvs", scheduler = %config.scheduler, "running the IPVS proxier");
+            Ok((ProxyMode::Ipvs, ipvs_engine(config, handle, runner)?))
+        }
+        Err(IpvsUnavailable(why)) if config.ipvs_fallback == IpvsFallback::Iptables => {
+            tracing::warn!(
+                mode = "iptables",
+                reason = %why,
+                "IPVS is unavailable, running the iptables proxier instead (--ipvs-fallback=exit exits instead)"
+            );
+            sysctl("net/ipv4/ip_forward", "1");
+            Ok((
+                ProxyMode::Iptables,
+                Box::new(IptablesEngine::new(runner, config)),
+            ))
+        }
+        Err(IpvsUnavailable(why)) => bail!("IPVS is unavailable: {why} (--ipvs-fallback=exit)"),
+    }
+}
+
+async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
+    let (mode, engine) = choose_engine(&config)?;
 
     let health = Health::new(2 * config.sync_period, SystemTime::now());
     let metrics = Arc::new(Metrics::new());
     let state = Arc::new(ServerState {
         health: health.clone(),
         metrics: metrics.clone(),
-        mode: RwLock::new(ProxyMode::Ipvs),
-        configz: configz(&config, ProxyMode::Ipvs),
+        mode: RwLock::new(mode),
+        configz: configz(&config, mode),
     });
     if let Some(addr) = serve(config.healthz_bind_address, health_router(state.clone()))
         .await
@@ -244,7 +275,7 @@ async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
     start_source(&config, tx).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let runtime = tokio::runtime::Handle::current();
-    let proxier = ProxierLoop::new(config, syncer, health, metrics);
+    let proxier = ProxierLoop::new(config, engine, health, metrics);
     let thread = std::thread::Builder::new()
         .name("proxier".into())
         .spawn(move || proxier.run(&runtime, rx, stop_rx))

@@ -62,6 +62,16 @@ pub enum ProxyMode {
     Iptables,
 }
 
+/// What to do in ipvs mode when the kernel has no usable IPVS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum IpvsFallback {
+    /// Run kube-proxy's iptables proxier instead, and say why in the log.
+    #[default]
+    Iptables,
+    /// Exit with an error.
+    Exit,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -78,6 +88,11 @@ pub struct ProxyFlags {
     /// Which proxy mode to use: ipvs or iptables. [default: ipvs]
     #[arg(long, value_enum, value_name = "MODE")]
     pub proxy_mode: Option<ProxyMode>,
+
+    /// In ipvs mode, when IPVS is unavailable: run the iptables proxier, or exit.
+    /// [default: iptables]
+    #[arg(long, value_enum, value_name = "WHAT")]
+    pub ipvs_fallback: Option<IpvsFallback>,
 
     /// Path to a kubeconfig file with authorization information.
     #[arg(long, value_name = "PATH")]

@@ -77,7 +77,10 @@ impl Default for Metrics {
 
 impl Metrics {
     #[must_use]
-    #[allow(clippy::too_many_lines, reason = "one registration per metric, read as a table")]
+    #[allow(
+        clippy::too_many_lines,
+        reason = "one registration per metric, read as a table"
+    )]
     pub fn new() -> Metrics {
         let mut m = Metrics {
             registry: Registry::default(),

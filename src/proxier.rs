@@ -10,12 +10,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use controllers::{Event, Kind, Object, SourceUpdate, apply_all};
-use iptables::Family;
+use iptables::proxier::Proxier;
+use iptables::{Family, Runner};
+use reconciler::fallback::{proxier_config, service_specs};
 use reconciler::model::ServiceName;
 use reconciler::plan::{PlanConfig, PlanWarning, Planner};
 use reconciler::state::ClusterState;
 use reconciler::sync::{
-    AddressKernel, IpvsKernel, NetfilterKernel, ServiceTarget, SyncReport, Syncer,
+    AddressKernel, Counts, IpvsKernel, NetfilterKernel, ServiceTarget, SyncError, SyncReport,
+    Syncer,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::watch;
@@ -30,9 +33,175 @@ const DRAIN_INTERVAL: Duration = Duration::from_secs(1);
 /// After a sync that left the kernel unlike the mirror, a full sync follows this soon.
 const REPAIR_DELAY: Duration = Duration::from_secs(1);
 
-/// What the loop needs from the ipvs-mode engine beyond [`Syncer`]: node facts changed.
+/// What the ipvs-mode netfilter backend needs to hear beyond member changes: node facts.
 pub trait Reconfigure {
     fn reconfigure(&mut self, config: &PlanConfig);
+}
+
+/// A proxier the loop drives: the IPVS one, or kube-proxy's iptables rules.
+pub trait Engine: Send {
+    /// Re-reads the kernel and programs every Service.
+    fn full_sync(
+        &mut self,
+        state: &ClusterState,
+        planner: &Planner,
+        now: Instant,
+    ) -> (SyncReport, Vec<PlanWarning>);
+    /// Programs the Services in `dirty` (a Service gone from `state` is removed).
+    fn partial_sync(
+        &mut self,
+        state: &ClusterState,
+        planner: &Planner,
+        dirty: &BTreeSet<ServiceName>,
+        now: Instant,
+    ) -> (SyncReport, Vec<PlanWarning>);
+    /// Deletes drained real servers; nothing for engines that do not drain.
+    fn drain(&mut self, _now: Instant) -> SyncReport {
+        SyncReport::default()
+    }
+    fn counts(&self) -> Counts {
+        Counts::default()
+    }
+    /// Node facts or families changed.
+    fn reconfigure(&mut self, _config: &PlanConfig) {}
+}
+
+/// The IPVS proxier: the sync engine over the kernel's IPVS, `kube-ipvs0` and netfilter.
+#[derive(Debug)]
+pub struct IpvsEngine<I, A, N>(pub Syncer<I, A, N>);
+
+impl<I, A, N> Engine for IpvsEngine<I, A, N>
+where
+    I: IpvsKernel + Send,
+    A: AddressKernel + Send,
+    N: NetfilterKernel + Reconfigure + Send,
+{
+    fn full_sync(
+        &mut self,
+        state: &ClusterState,
+        planner: &Planner,
+        now: Instant,
+    ) -> (SyncReport, Vec<PlanWarning>) {
+        let mut warnings = Vec::new();
+        let names: Vec<ServiceName> = state.services().map(|(n, _)| n.clone()).collect();
+        let targets = targets(planner, state, names.iter(), &mut warnings);
+        (self.0.full_sync(targets, now), warnings)
+    }
+
+    fn partial_sync(
+        &mut self,
+        state: &ClusterState,
+        planner: &Planner,
+        dirty: &BTreeSet<ServiceName>,
+        now: Instant,
+    ) -> (SyncReport, Vec<PlanWarning>) {
+        let mut warnings = Vec::new();
+        let targets = targets(planner, state, dirty.iter(), &mut warnings);
+        (self.0.sync(targets, now), warnings)
+    }
+
+    fn drain(&mut self, now: Instant) -> SyncReport {
+        self.0.drain(now)
+    }
+
+    fn counts(&self) -> Counts {
+        self.0.counts()
+    }
+
+    fn reconfigure(&mut self, config: &PlanConfig) {
+        self.0.netfilter_mut().reconfigure(config);
+    }
+}
+
+/// kube-proxy's iptables proxier: the fallback when IPVS is missing, or `--proxy-mode=iptables`.
+/// One rule set per family; a partial sync rewrites only the chains of changed Services.
+#[derive(Debug)]
+pub struct IptablesEngine {
+    runner: Runner,
+    masquerade_bit: u8,
+    masquerade_all: bool,
+    proxiers: Vec<Proxier>,
+}
+
+impl IptablesEngine {
+    #[must_use]
+    pub fn new(runner: Runner, config: &ProxyConfig) -> Self {
+        IptablesEngine {
+            runner,
+            masquerade_bit: config.masquerade_bit,
+            masquerade_all: config.masquerade_all,
+            proxiers: Vec::new(),
+        }
+    }
+
+    fn sync(&mut self, state: &ClusterState, planner: &Planner, full: bool) -> SyncReport {
+        if self.proxiers.len() != planner.config.families.len() {
+            self.reconfigure(&planner.config);
+        }
+        let specs = service_specs(state, &planner.config.node_name);
+        let mut report = SyncReport {
+            services: state.service_count(),
+            ..SyncReport::default()
+        };
+        // Each family's proxier takes the addresses of its own family from every spec.
+        for proxier in &mut self.proxiers {
+            let family = proxier.config().family;
+            match proxier.sync(&self.runner, &specs, full) {
+                Ok(written) => {
+                    tracing::debug!(
+                        ?family,
+                        chains = written.chains_written,
+                        deleted = written.chains_deleted,
+                        rules = written.rules,
+                        "iptables-restore"
+                    );
+                }
+                Err(e) => report.errors.push(SyncError {
+                    service: None,
+                    backend: "iptables",
+                    kind: "restore",
+                    message: format!("{family:?} rules: {e}"),
+                }),
+            }
+        }
+        report
+    }
+}
+
+impl Engine for IptablesEngine {
+    fn full_sync(
+        &mut self,
+        state: &ClusterState,
+        planner: &Planner,
+        _now: Instant,
+    ) -> (SyncReport, Vec<PlanWarning>) {
+        (self.sync(state, planner, true), Vec::new())
+    }
+
+    fn partial_sync(
+        &mut self,
+        state: &ClusterState,
+        planner: &Planner,
+        _dirty: &BTreeSet<ServiceName>,
+        _now: Instant,
+    ) -> (SyncReport, Vec<PlanWarning>) {
+        (self.sync(state, planner, false), Vec::new())
+    }
+
+    fn reconfigure(&mut self, config: &PlanConfig) {
+        self.proxiers = config
+            .families
+            .iter()
+            .map(|&family| {
+                Proxier::new(proxier_config(
+                    family,
+                    self.masquerade_bit,
+                    self.masquerade_all,
+                    config.cluster_cidr(family),
+                ))
+            })
+            .collect();
+    }
 }
 
 /// What each of `names` should have in the kernel now (an empty target for a Service gone).
@@ -65,10 +234,9 @@ struct Outcome {
 }
 
 /// The loop's state.
-#[derive(Debug)]
-pub struct ProxierLoop<I, A, N> {
+pub struct ProxierLoop {
     config: ProxyConfig,
-    syncer: Syncer<I, A, N>,
+    engine: Box<dyn Engine>,
     planner: Planner,
     state: ClusterState,
     health: Health,
@@ -86,18 +254,29 @@ pub struct ProxierLoop<I, A, N> {
     reported: BTreeSet<String>,
 }
 
-impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel + Reconfigure> ProxierLoop<I, A, N> {
+impl std::fmt::Debug for ProxierLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxierLoop")
+            .field("services", &self.state.service_count())
+            .field("dirty", &self.dirty.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProxierLoop {
+    #[must_use]
     pub fn new(
         config: ProxyConfig,
-        syncer: Syncer<I, A, N>,
+        mut engine: Box<dyn Engine>,
         health: Health,
         metrics: Arc<Metrics>,
     ) -> Self {
         let state = ClusterState::new();
         let planner = Planner::new(plan_config(&config, &state));
+        engine.reconfigure(&planner.config);
         ProxierLoop {
             config,
-            syncer,
+            engine,
             planner,
             state,
             health,
@@ -163,7 +342,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel + Reconfigure> ProxierL
                     .map_or_else(Instant::now, |l| l + self.config.min_sync_period),
             );
         }
-        if self.syncer.counts().draining > 0 {
+        if self.engine.counts().draining > 0 {
             consider(self.next_drain);
         }
         deadline
@@ -246,7 +425,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel + Reconfigure> ProxierL
             || config.node_port_ips != self.planner.config.node_port_ips
         {
             tracing::info!(node = %config.node_name, addresses = ?config.node_addresses, families = ?config.families, "node facts changed");
-            self.syncer.netfilter_mut().reconfigure(&config);
+            self.engine.reconfigure(&config);
             self.planner = Planner::new(config);
             self.next_full = Some(Instant::now());
         }
@@ -271,8 +450,8 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel + Reconfigure> ProxierL
             };
             self.finish(outcome, started.elapsed(), now);
         }
-        if self.syncer.counts().draining > 0 && now >= self.next_drain {
-            let report = self.syncer.drain(now);
+        if self.engine.counts().draining > 0 && now >= self.next_drain {
+            let report = self.engine.drain(now);
             if report.drained > 0 {
                 tracing::info!(deleted = report.drained, "drained real servers deleted");
             }
@@ -288,14 +467,11 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel + Reconfigure> ProxierL
         if config.families != self.planner.config.families
             || config.node_port_ips != self.planner.config.node_port_ips
         {
-            self.syncer.netfilter_mut().reconfigure(&config);
+            self.engine.reconfigure(&config);
             self.planner = Planner::new(config);
         }
-        let mut warnings = Vec::new();
-        let names: Vec<ServiceName> = self.state.services().map(|(n, _)| n.clone()).collect();
-        let targets = targets(&self.planner, &self.state, names.iter(), &mut warnings);
         self.dirty.clear();
-        let report = self.syncer.full_sync(targets, now);
+        let (report, warnings) = self.engine.full_sync(&self.state, &self.planner, now);
         self.next_full = Some(now + self.config.sync_period);
         Outcome {
             full: true,
@@ -305,10 +481,10 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel + Reconfigure> ProxierL
     }
 
     fn partial_sync(&mut self, now: Instant) -> Outcome {
-        let mut warnings = Vec::new();
         let dirty = std::mem::take(&mut self.dirty);
-        let targets = targets(&self.planner, &self.state, dirty.iter(), &mut warnings);
-        let report = self.syncer.sync(targets, now);
+        let (report, warnings) = self
+            .engine
+            .partial_sync(&self.state, &self.planner, &dirty, now);
         Outcome {
             full: false,
             report,
@@ -375,6 +551,9 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel + Reconfigure> ProxierL
 
     fn count_errors(&self, report: &SyncReport) {
         for e in &report.errors {
+            if matches!(e.backend, "iptables" | "netfilter") {
+                self.metrics.iptables_restore_failures.inc();
+            }
             self.metrics
                 .kernel_operation_errors
                 .get_or_create(&KernelErrorLabel {
@@ -386,7 +565,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel + Reconfigure> ProxierL
     }
 
     fn update_gauges(&self) {
-        let counts = self.syncer.counts();
+        let counts = self.engine.counts();
         let as_gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.metrics
             .virtual_servers
