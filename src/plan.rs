@@ -174,12 +174,40 @@ pub fn run(args: &PlanArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     }
 
     if config.mode == ProxyMode::Iptables {
-        // Hook for the iptables proxier (issue 7): render its rule set for `state` here.
-        let _ = writeln!(
-            err,
-            "error: plan --proxy-mode iptables: the iptables proxier's rules are not available yet"
-        );
-        return EXIT_USAGE;
+        // kube-proxy's iptables rules, per family, as `iptables-save` / `ip6tables-save` print
+        // them. `--only` takes `iptables` here (the other sections do not exist in this mode).
+        if args.only.is_some_and(|o| o != PlanSection::Iptables) {
+            let _ = writeln!(
+                err,
+                "error: --proxy-mode iptables has only the iptables section"
+            );
+            return EXIT_USAGE;
+        }
+        let mut text = String::new();
+        for family in &plan_config.families {
+            if args.only.is_none() || *family == Family::V6 {
+                text.push_str(match family {
+                    Family::V4 => "# iptables-save\n",
+                    Family::V6 => "# ip6tables-save\n",
+                });
+            }
+            let proxier = reconciler::fallback::proxier_config(
+                *family,
+                config.masquerade_bit,
+                config.masquerade_all,
+                plan_config.cluster_cidr(*family),
+            );
+            text.push_str(&reconciler::fallback::plan_iptables(
+                &state,
+                &plan_config.node_name,
+                &proxier,
+            ));
+        }
+        return if out.write_all(text.as_bytes()).is_ok() {
+            EXIT_OK
+        } else {
+            EXIT_NOTHING_READ
+        };
     }
 
     let plan = Planner::new(plan_config.clone()).plan(&state);

@@ -190,3 +190,42 @@ fn unknown_scheduler_annotation_is_reported_naming_the_service() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn iptables_mode_prints_kube_proxys_chains_with_statistic_probabilities() {
+    let text = stdout(&plan(&[
+        "--hostname-override",
+        "node-a",
+        "--proxy-mode",
+        "iptables",
+    ]));
+    let headers: Vec<&str> = text.lines().filter(|l| l.starts_with("# ")).collect();
+    assert_eq!(headers, ["# iptables-save", "# ip6tables-save"]);
+    // web (default/web:http) has three endpoints: 1/3, 1/2, then the last unconditionally.
+    let svc = text
+        .lines()
+        .find(|l| l.starts_with("-A KUBE-SERVICES -d 10.96.0.20/32"))
+        .expect("KUBE-SERVICES jumps to web's chain");
+    let chain = svc.rsplit(' ').next().unwrap();
+    assert!(chain.starts_with("KUBE-SVC-"), "{svc}");
+    let seps: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("-A {chain} ")) && l.contains("KUBE-SEP-"))
+        .collect();
+    assert_eq!(seps.len(), 3, "{seps:#?}");
+    assert!(
+        seps[0].contains("--probability 0.3333333333 "),
+        "{}",
+        seps[0]
+    );
+    assert!(
+        seps[1].contains("--probability 0.5000000000 "),
+        "{}",
+        seps[1]
+    );
+    assert!(!seps[2].contains("statistic"), "{}", seps[2]);
+    assert!(
+        !text.contains("# ipvsadm"),
+        "no IPVS state in iptables mode"
+    );
+}
