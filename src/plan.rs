@@ -183,26 +183,7 @@ pub fn run(args: &PlanArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
             );
             return EXIT_USAGE;
         }
-        let mut text = String::new();
-        for family in &plan_config.families {
-            if args.only.is_none() || *family == Family::V6 {
-                text.push_str(match family {
-                    Family::V4 => "# iptables-save\n",
-                    Family::V6 => "# ip6tables-save\n",
-                });
-            }
-            let proxier = reconciler::fallback::proxier_config(
-                *family,
-                config.masquerade_bit,
-                config.masquerade_all,
-                plan_config.cluster_cidr(*family),
-            );
-            text.push_str(&reconciler::fallback::plan_iptables(
-                &state,
-                &plan_config.node_name,
-                &proxier,
-            ));
-        }
+        let text = iptables_mode_rules(&config, &plan_config, &state, args.only.is_none());
         return if out.write_all(text.as_bytes()).is_ok() {
             EXIT_OK
         } else {
@@ -251,4 +232,35 @@ pub fn run(args: &PlanArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         return EXIT_NOTHING_READ;
     }
     EXIT_OK
+}
+
+/// kube-proxy's iptables-mode rules for every family, each under its `iptables-save` header
+/// (the IPv4 header only when `headers` asks for it, as with `--only`).
+fn iptables_mode_rules(
+    config: &ProxyConfig,
+    plan_config: &PlanConfig,
+    state: &ClusterState,
+    headers: bool,
+) -> String {
+    let mut text = String::new();
+    for family in &plan_config.families {
+        if headers || *family == Family::V6 {
+            text.push_str(match family {
+                Family::V4 => "# iptables-save\n",
+                Family::V6 => "# ip6tables-save\n",
+            });
+        }
+        let proxier = reconciler::fallback::proxier_config(
+            *family,
+            config.masquerade_bit,
+            config.masquerade_all,
+            plan_config.cluster_cidr(*family),
+        );
+        text.push_str(&reconciler::fallback::plan_iptables(
+            state,
+            &plan_config.node_name,
+            &proxier,
+        ));
+    }
+    text
 }
