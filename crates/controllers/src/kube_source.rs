@@ -326,6 +326,14 @@ pub fn node_eligible(node: &Node) -> bool {
 type ObjectStream = BoxStream<'static, watcher::Result<watcher::Event<Object>>>;
 type StreamMaker = Box<dyn Fn(bool, Backoff) -> ObjectStream + Send>;
 
+/// A list in progress: the keys listed so far and, for a relist, the objects held back until
+/// the list is complete.
+#[derive(Default)]
+struct Listing {
+    keys: HashSet<ObjectKey>,
+    objects: Vec<Object>,
+}
+
 /// One kind's watcher, and what the proxier has been told about that kind.
 struct Follower {
     kind: Kind,
@@ -336,8 +344,8 @@ struct Follower {
     streaming: bool,
     /// Keys the proxier holds for this kind: what a relist diffs against.
     known: HashSet<ObjectKey>,
-    /// Objects of a list in progress (between `Init` and `InitDone`).
-    listing: Option<Vec<Object>>,
+    /// The list in progress (between `Init` and `InitDone`).
+    listing: Option<Listing>,
     /// An error was seen since the last `Init`.
     error_since_init: bool,
     /// The first list is complete.
@@ -374,6 +382,9 @@ impl Follower {
             };
             watcher(api.clone(), config)
                 .backoff(backoff)
+                // managedFields are often as large as the rest of an object, and nothing
+                // here reads them.
+                .map_ok(|event| event.modify(|o| o.meta_mut().managed_fields = None))
                 .map_ok(move |event| match event {
                     watcher::Event::Apply(o) => watcher::Event::Apply(wrap(o)),
                     watcher::Event::Delete(o) => watcher::Event::Delete(wrap(o)),
@@ -431,15 +442,27 @@ impl Follower {
                     return;
                 }
                 tracing::debug!(?kind, streaming = self.streaming, "listing");
-                self.listing = Some(Vec::new());
+                self.listing = Some(Listing::default());
                 self.error_since_init = false;
             }
             Ok(watcher::Event::InitApply(object)) => {
-                self.listing.get_or_insert_with(Vec::new).push(object);
+                let listing = self.listing.get_or_insert_with(Listing::default);
+                let key = object.key();
+                if self.listed {
+                    listing.keys.insert(key);
+                    listing.objects.push(object);
+                } else {
+                    // Nothing is programmed before the initial sync, so the first list goes
+                    // out as it arrives: one copy of each object in memory, not two.
+                    listing.keys.insert(key.clone());
+                    self.note_node(Some(&object));
+                    self.known.insert(key);
+                    out.push(Event::Apply(object));
+                }
             }
             Ok(watcher::Event::InitDone) => {
-                let objects = self.listing.take().unwrap_or_default();
-                self.replace_all(objects, out);
+                let listing = self.listing.take().unwrap_or_default();
+                self.finish_list(listing, out);
             }
             Ok(watcher::Event::Apply(object)) => {
                 self.note_node(Some(&object));
@@ -486,34 +509,37 @@ impl Follower {
         }
     }
 
-    /// A complete list: one batch that turns what the proxier holds into what was listed.
-    fn replace_all(&mut self, objects: Vec<Object>, out: &mut Vec<Event>) {
-        let listed: HashSet<ObjectKey> = objects.iter().map(Object::key).collect();
+    /// A complete list: deletes for what the proxier holds and the list lacks, and (for a
+    /// relist) every listed object, all in the one batch that `out` becomes, so that the
+    /// kind's state is replaced at once.
+    fn finish_list(&mut self, listing: Listing, out: &mut Vec<Event>) {
         let gone: Vec<ObjectKey> = self
             .known
             .iter()
-            .filter(|k| !listed.contains(*k))
+            .filter(|k| !listing.keys.contains(*k))
             .cloned()
             .collect();
         if self.kind == Kind::Node {
-            match objects.first() {
+            match listing.objects.first() {
                 Some(node) => self.note_node(Some(node)),
                 // Gone since we last saw it: deleted. Never seen: not registered yet, and
                 // nothing says it is going away.
-                None => self.eligible = Some(self.known.is_empty()),
+                None if listing.keys.is_empty() => self.eligible = Some(gone.is_empty()),
+                // A first list: noted as it arrived.
+                None => {}
             }
         }
         tracing::debug!(
             kind = ?self.kind,
-            listed = listed.len(),
+            listed = listing.keys.len(),
             deleted = gone.len(),
             relist = self.listed,
             "list complete"
         );
-        out.reserve(gone.len() + objects.len());
+        out.reserve(gone.len() + listing.objects.len());
         out.extend(gone.into_iter().map(Event::Delete));
-        out.extend(objects.into_iter().map(Event::Apply));
-        self.known = listed;
+        out.extend(listing.objects.into_iter().map(Event::Apply));
+        self.known = listing.keys;
         self.listed = true;
     }
 

@@ -217,7 +217,7 @@ fn since(server: &ApiServer, mark: usize) -> Vec<Request> {
     server.requests()[mark..].to_vec()
 }
 
-fn lists(requests: &[Request], kind: Kind) -> usize {
+fn list_requests(requests: &[Request], kind: Kind) -> usize {
     requests
         .iter()
         .filter(|r| r.kind == kind && r.is_list())
@@ -358,30 +358,16 @@ async fn initial_sync_waits_for_a_slow_list(lists: ListStrategy) {
         1,
         "exactly one initial sync"
     );
-    // Each kind's list arrives whole, in one batch, even when it spans pages.
-    let batches = seen.batches();
-    let first_services = batches
+    // The slow kind's objects were all there by then, though they came last.
+    let last_slice_batch = seen
+        .log
         .iter()
-        .find(|b| b.iter().any(|e| e.contains("Service ")))
+        .rposition(
+            |s| matches!(s, Seen::Events(e) if e.iter().any(|e| e.contains("EndpointSlice "))),
+        )
         .unwrap();
-    assert_eq!(
-        first_services
-            .iter()
-            .filter(|e| e.contains("Service "))
-            .count(),
-        5
-    );
-    let first_slices = batches
-        .iter()
-        .find(|b| b.iter().any(|e| e.contains("EndpointSlice ")))
-        .unwrap();
-    assert_eq!(
-        first_slices
-            .iter()
-            .filter(|e| e.contains("EndpointSlice "))
-            .count(),
-        5
-    );
+    let synced_at = seen.log.iter().position(|s| *s == Seen::Synced).unwrap();
+    assert!(last_slice_batch < synced_at, "{:#?}", seen.log);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -477,10 +463,10 @@ async fn bookmarks_keep_a_quiet_watch_resumable_after_compaction() {
     assert!(after.iter().any(|r| r.kind == Kind::Node));
 }
 
-async fn gone_leads_to_one_relist(gone_as_status: bool) {
+async fn gone_leads_to_one_relist(gone_as_status: bool, lists: ListStrategy) {
     let server = small_cluster().await;
     server.knobs(|k| k.gone_as_status = gone_as_status);
-    let proxy = follow(&server, fast()).await;
+    let proxy = follow(&server, Options { lists, ..fast() }).await;
     proxy.synced().await;
 
     server.stop();
@@ -511,7 +497,7 @@ async fn gone_leads_to_one_relist(gone_as_status: bool) {
     let after = since(&server, mark);
     for kind in apiserver::kinds() {
         assert_eq!(
-            lists(&after, kind),
+            list_requests(&after, kind),
             1,
             "{kind:?}: exactly one relist: {after:#?}"
         );
@@ -552,12 +538,17 @@ async fn gone_leads_to_one_relist(gone_as_status: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_410_during_watch_leads_to_one_relist_that_drops_what_was_deleted_meanwhile() {
-    gone_leads_to_one_relist(false).await;
+    gone_leads_to_one_relist(false, ListStrategy::Auto).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_410_answered_at_watch_start_also_leads_to_one_relist() {
-    gone_leads_to_one_relist(true).await;
+    gone_leads_to_one_relist(true, ListStrategy::Auto).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_with_paginated_lists_also_leads_to_one_relist() {
+    gone_leads_to_one_relist(false, ListStrategy::Paginated).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -618,7 +609,7 @@ async fn a_thousand_changes_cost_no_request_beyond_the_open_watches() {
     );
     let all = server.requests();
     for kind in apiserver::kinds() {
-        assert_eq!(lists(&all, kind), 1, "{kind:?}: one list in all");
+        assert_eq!(list_requests(&all, kind), 1, "{kind:?}: one list in all");
     }
     let seen = proxy.seen();
     assert_eq!(seen.events_after_sync("EndpointSlice").len(), 1000);
