@@ -369,7 +369,8 @@ fn cold_start(dir: &Path, n: u32) -> Result<Measured> {
     );
     drop(dump);
 
-    let latencies = changes(&mut handle, dir, n)?;
+    let mut renames = Vec::with_capacity(CHANGES);
+    let latencies = changes(&mut handle, dir, n, &mut renames)?;
     let mut sorted = latencies.clone();
     sorted.sort();
     let change_median = percentile(&sorted, 0.5);
@@ -389,6 +390,7 @@ fn cold_start(dir: &Path, n: u32) -> Result<Measured> {
     );
     drop(daemon);
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    explain_changes(&log, &renames);
     println!("  daemon log (start-up and first syncs):");
     for line in log
         .lines()
@@ -407,7 +409,12 @@ fn cold_start(dir: &Path, n: u32) -> Result<Measured> {
 
 /// One endpoint change at a time: the last endpoint of a Service moves to a new address; how
 /// long each took from the file's rename to the new real server in the IPVS table.
-fn changes(handle: &mut ipvs::Handle, dir: &Path, n: u32) -> Result<Vec<Duration>> {
+fn changes(
+    handle: &mut ipvs::Handle,
+    dir: &Path,
+    n: u32,
+    renames: &mut Vec<std::time::SystemTime>,
+) -> Result<Vec<Duration>> {
     let mut latencies = Vec::with_capacity(CHANGES);
     for k in 0..CHANGES {
         let k32 = u32::try_from(k)?;
@@ -418,6 +425,7 @@ fn changes(handle: &mut ipvs::Handle, dir: &Path, n: u32) -> Result<Vec<Duration
         std::fs::write(&tmp, text)?;
         let key = vip_key(i);
         let target = SocketAddr::from((moved, 8080));
+        renames.push(std::time::SystemTime::now());
         let t0 = Instant::now();
         std::fs::rename(&tmp, dir.join(format!("svc-{i}.yaml")))?;
         loop {
@@ -432,11 +440,76 @@ fn changes(handle: &mut ipvs::Handle, dir: &Path, n: u32) -> Result<Vec<Duration
                 t0.elapsed() < Duration::from_secs(30),
                 "change {k} not programmed after 30s"
             );
-            std::thread::sleep(Duration::from_micros(200));
+            std::thread::sleep(Duration::from_micros(500));
         }
         latencies.push(t0.elapsed());
         // Changes are measured one by one, not coalesced.
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(latencies)
+}
+
+/// Seconds since midnight UTC of a log line's RFC 3339 timestamp (`…T12:04:29.510418Z`).
+fn log_time(line: &str) -> Option<f64> {
+    let t = line.split('T').nth(1)?.split('Z').next()?;
+    let mut parts = t.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+fn field(line: &str, name: &str) -> Option<f64> {
+    let clean: String = line
+        .split('\u{1b}')
+        .map(|p| p.split_once('m').map_or(p, |(_, r)| r))
+        .collect();
+    clean
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+}
+
+/// Splits each change's latency, from the daemon's log: rename → sync start (inotify, parse,
+/// queueing behind another sync) and the sync itself.
+fn explain_changes(log: &str, renames: &[std::time::SystemTime]) {
+    let syncs: Vec<(f64, f64, bool)> = log
+        .lines()
+        .filter(|l| l.contains(" synced "))
+        .filter_map(|l| {
+            let end = log_time(l)?;
+            let took = field(l, "took_ms")? / 1000.0;
+            Some((
+                end - took,
+                took,
+                l.contains("full\u{1b}[0m\u{1b}[2m=\u{1b}[0mtrue") || l.contains("full=true"),
+            ))
+        })
+        .collect();
+    let mut waits = Vec::new();
+    let mut tooks = Vec::new();
+    let mut behind_full = 0;
+    for r in renames {
+        let Ok(since) = r.duration_since(std::time::UNIX_EPOCH) else {
+            continue;
+        };
+        let at = since.as_secs_f64() % 86_400.0;
+        if let Some(&(start, took, full)) = syncs.iter().find(|(start, took, _)| start + took >= at)
+        {
+            waits.push(Duration::from_secs_f64((start - at).max(0.0)));
+            tooks.push(Duration::from_secs_f64(took));
+            behind_full += usize::from(full);
+        }
+    }
+    if waits.is_empty() {
+        return;
+    }
+    waits.sort();
+    tooks.sort();
+    println!(
+        "  where a change's time goes (daemon log): rename to sync start median {:.2}ms p99 {:.2}ms; sync median {:.2}ms p99 {:.2}ms; {behind_full} changes landed in a full resync",
+        percentile(&waits, 0.5).as_secs_f64() * 1000.0,
+        percentile(&waits, 0.99).as_secs_f64() * 1000.0,
+        percentile(&tooks, 0.5).as_secs_f64() * 1000.0,
+        percentile(&tooks, 0.99).as_secs_f64() * 1000.0,
+    );
 }
