@@ -20,13 +20,20 @@ fn deploy_dir() -> PathBuf {
 /// Every document of every file under manifests/deploy, as (kind, value).
 fn documents() -> Vec<(String, serde_yaml::Value)> {
     let mut out = Vec::new();
-    let mut files: Vec<_> = std::fs::read_dir(deploy_dir()).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<_> = std::fs::read_dir(deploy_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
         for doc in serde_yaml::Deserializer::from_str(&text) {
-            let value = serde_yaml::Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-            let kind = value["kind"].as_str().unwrap_or_else(|| panic!("{}: no kind", file.display())).to_owned();
+            let value = serde_yaml::Value::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            let kind = value["kind"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{}: no kind", file.display()))
+                .to_owned();
             out.push((kind, value));
         }
     }
@@ -42,8 +49,17 @@ fn one<T: serde::de::DeserializeOwned>(kind: &str) -> T {
 #[test]
 fn every_document_parses_into_its_kubernetes_type() {
     let kinds: Vec<String> = documents().into_iter().map(|(k, _)| k).collect();
-    for kind in ["DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap"] {
-        assert!(kinds.iter().any(|k| k == kind), "missing {kind} in {kinds:?}");
+    for kind in [
+        "DaemonSet",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+    ] {
+        assert!(
+            kinds.iter().any(|k| k == kind),
+            "missing {kind} in {kinds:?}"
+        );
     }
     let _: DaemonSet = one("DaemonSet");
     let _: ServiceAccount = one("ServiceAccount");
@@ -54,9 +70,16 @@ fn every_document_parses_into_its_kubernetes_type() {
 fn daemonset_passes_only_flags_the_binary_accepts() {
     let ds: DaemonSet = one("DaemonSet");
     let pod = ds.spec.unwrap().template.spec.unwrap();
-    assert_eq!(pod.host_network, Some(true), "a service proxy programs the host's network namespace");
+    assert_eq!(
+        pod.host_network,
+        Some(true),
+        "a service proxy programs the host's network namespace"
+    );
     let container = &pod.containers[0];
-    assert_eq!(container.security_context.as_ref().unwrap().privileged, Some(true));
+    assert_eq!(
+        container.security_context.as_ref().unwrap().privileged,
+        Some(true)
+    );
     // The kubelet expands $(NODE_NAME) before the binary sees it.
     let args: Vec<String> = container
         .args
@@ -78,22 +101,39 @@ fn daemonset_passes_only_flags_the_binary_accepts() {
         .iter()
         .find(|m| config_path.starts_with(&m.mount_path))
         .expect("--config points into a mounted volume");
-    let volume = pod.volumes.unwrap().into_iter().find(|v| v.name == mount.name).unwrap();
+    let volume = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == mount.name)
+        .unwrap();
     let cm_name = volume.config_map.unwrap().name;
     let cm: ConfigMap = one("ConfigMap");
     assert_eq!(cm.metadata.name.as_deref(), Some(cm_name.as_str()));
     let key = config_path.file_name().unwrap().to_str().unwrap();
-    let text = cm.data.unwrap().remove(key).unwrap_or_else(|| panic!("ConfigMap has no key {key}"));
+    let text = cm
+        .data
+        .unwrap()
+        .remove(key)
+        .unwrap_or_else(|| panic!("ConfigMap has no key {key}"));
     let file = ConfigFile::parse_str(&config_path, &text).unwrap();
     assert!(file.unknown_fields.is_empty(), "{:?}", file.unknown_fields);
-    let config = ProxyConfig::default().with_file(&file.config).with_flags(&cli.flags);
+    let config = ProxyConfig::default()
+        .with_file(&file.config)
+        .with_flags(&cli.flags);
 
     // Probes reach the health server where the configuration puts it.
     let port = config.healthz_bind_address.port();
-    for (probe, path) in [(&container.liveness_probe, "/livez"), (&container.readiness_probe, "/healthz")] {
+    for (probe, path) in [
+        (&container.liveness_probe, "/livez"),
+        (&container.readiness_probe, "/healthz"),
+    ] {
         let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
         assert_eq!(get.path.as_deref(), Some(path));
-        assert_eq!(get.port, k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i32::from(port)));
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i32::from(port))
+        );
     }
 }
 
@@ -101,11 +141,20 @@ fn daemonset_passes_only_flags_the_binary_accepts() {
 fn cluster_role_lets_the_proxy_list_and_watch_what_it_follows() {
     let role: ClusterRole = one("ClusterRole");
     let rules = role.rules.unwrap();
-    for (group, resource) in [("", "services"), ("", "nodes"), ("discovery.k8s.io", "endpointslices")] {
+    for (group, resource) in [
+        ("", "services"),
+        ("", "nodes"),
+        ("discovery.k8s.io", "endpointslices"),
+    ] {
         for verb in ["list", "watch"] {
             assert!(
-                rules.iter().any(|r| r.api_groups.as_ref().is_some_and(|g| g.iter().any(|g| g == group))
-                    && r.resources.as_ref().is_some_and(|rs| rs.iter().any(|x| x == resource))
+                rules.iter().any(|r| r
+                    .api_groups
+                    .as_ref()
+                    .is_some_and(|g| g.iter().any(|g| g == group))
+                    && r.resources
+                        .as_ref()
+                        .is_some_and(|rs| rs.iter().any(|x| x == resource))
                     && r.verbs.iter().any(|v| v == verb)),
                 "cannot {verb} {resource}"
             );
@@ -114,5 +163,8 @@ fn cluster_role_lets_the_proxy_list_and_watch_what_it_follows() {
     let binding: ClusterRoleBinding = one("ClusterRoleBinding");
     let account: ServiceAccount = one("ServiceAccount");
     assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
-    assert_eq!(binding.subjects.unwrap()[0].name, account.metadata.name.unwrap());
+    assert_eq!(
+        binding.subjects.unwrap()[0].name,
+        account.metadata.name.unwrap()
+    );
 }

@@ -514,7 +514,10 @@ mod tests {
         assert!(is_proxy_set("KUBE-CLUSTER-IP"));
         assert!(is_proxy_set("KUBE-6-CLUSTER-IP"));
         assert!(is_proxy_set("KUBE~CLUSTER-IP"));
-        assert!(is_proxy_set("KUBE-6-LOAD-BALANCER-SOURCE-CID"), "kube-proxy's truncated IPv6 name");
+        assert!(
+            is_proxy_set("KUBE-6-LOAD-BALANCER-SOURCE-CID"),
+            "kube-proxy's truncated IPv6 name"
+        );
         assert!(is_proxy_set("KUBE~6-LOAD-BALANCER-SOURCE-CID"));
         assert!(!is_proxy_set("KUBE-6-LOAD-BALANCER-SOURCE"));
         assert!(!is_proxy_set("my-blocklist"));
