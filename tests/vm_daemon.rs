@@ -410,8 +410,30 @@ fn daemon_full_resync_restores_its_own_and_leaves_others() {
     cluster
         .dir
         .write("web.yaml", &web(&[POD_A, POD_B, POD_C]).yaml());
+    // Services of other shapes, to see that a full resync of an unchanged kernel does nothing.
+    let sticky = ServiceSpec {
+        name: "sticky",
+        vip: "10.96.0.31",
+        protocols: &["TCP", "UDP"],
+        affinity_seconds: Some(600),
+        ..web(&[POD_A, POD_B])
+    };
+    cluster.dir.write("sticky.yaml", &sticky.yaml());
+    let hashed = ServiceSpec {
+        name: "hashed",
+        vip: "10.96.0.32",
+        scheduler: Some("sh"),
+        ..web(&[POD_C])
+    };
+    cluster.dir.write("hashed.yaml", &hashed.yaml());
     let daemon = cluster.start(&["--ipvs-sync-period", "2s"]);
     wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &WEB_ABC);
+    let planned = plan_ipvs(&cluster);
+    wait_until(
+        "the whole plan in the kernel",
+        || ipvs_lines() == planned,
+        || format!("{:#?}\n{planned:#?}", ipvs_lines()),
+    );
 
     // Someone else's virtual server, on an address the proxy never bound.
     run("ipvsadm", &["-A", "-t", "10.99.0.1:80", "-s", "wlc"]);
@@ -431,8 +453,13 @@ fn daemon_full_resync_restores_its_own_and_leaves_others() {
     // And one of the proxy's, deleted by hand.
     run("ipvsadm", &["-D", "-t", "10.96.0.20:80"]);
     wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &WEB_ABC);
-    // Another full resync or two, to be sure the foreign one survives them.
-    std::thread::sleep(Duration::from_secs(5));
+    // Two more full resyncs, to be sure the foreign one survives them and nothing flaps.
+    let seen = daemon.full_syncs().len();
+    wait_until(
+        "two more full resyncs",
+        || daemon.full_syncs().len() >= seen + 2,
+        || daemon.log(),
+    );
     assert_eq!(
         ipvs_lines_of("-t 10.99.0.1:80"),
         [
@@ -441,6 +468,15 @@ fn daemon_full_resync_restores_its_own_and_leaves_others() {
         ],
         "the foreign virtual server is untouched\n{}",
         daemon.log()
+    );
+    let mut all = planned.clone();
+    all.extend(ipvs_lines_of("-t 10.99.0.1:80"));
+    all.sort();
+    assert_eq!(ipvs_lines(), all);
+    let last = daemon.full_syncs().pop().expect("a full sync");
+    assert!(
+        last.contains("ipvs_ops=0") && last.contains("addresses_added=0"),
+        "a full resync of an unchanged kernel sends nothing: {last}"
     );
     assert_eq!(tcp_answers(vip(80), 6), cluster.names(&[0, 1, 2]));
 }

@@ -393,8 +393,18 @@ impl Daemon {
         }
     }
 
+    /// What the daemon logged so far, without colour codes.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    /// The `synced` lines of full syncs, oldest first.
+    pub fn full_syncs(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(" synced ") && l.contains("full=true"))
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Whether the daemon is still running.
@@ -413,6 +423,24 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Drops terminal colour sequences (`ESC [ ... m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// `ipvsadm -Sn`, one line per entry, sorted.
