@@ -348,9 +348,10 @@ pub fn ipvs_ruleset(plan: &Plan, config: &PlanConfig, family: Family) -> Ruleset
             Table::Filter,
             Rule::new(KUBE_IPVS_OUT_FILTER, Target::Drop)
                 .source_host(ip)
+                // In the order and form `iptables-save` prints the match (libxt_ipvs: the
+                // protocol as a number, a host address without /32 or /128).
                 .with(Match::Other(format!(
-                    "-m ipvs --vaddr {} --vproto {} --vport {port}",
-                    ipnet::IpNet::from(ip),
+                    "-m ipvs --vproto {} --vaddr {ip} --vport {port}",
                     ipt_protocol_number(ipt_protocol(proto)),
                 ))),
         );

@@ -287,7 +287,7 @@ fn source_ranges_fill_the_firewall_sets_and_let_the_node_in_only_when_covered() 
         let out_filter = p.render_iptables(&config(), Family::V4);
         assert_eq!(
             out_filter.contains(
-                "-A KUBE-IPVS-OUT-FILTER -s 198.51.100.100/32 -m ipvs --vaddr 198.51.100.100/32 --vproto 6 --vport 80 -j DROP"
+                "-A KUBE-IPVS-OUT-FILTER -s 198.51.100.100/32 -m ipvs --vproto 6 --vaddr 198.51.100.100 --vport 80 -j DROP"
             ),
             !node_allowed,
             "{ranges:?}\n{out_filter}"
