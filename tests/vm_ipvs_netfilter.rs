@@ -434,6 +434,97 @@ fn netfilter_load_balancer_source_ranges_allow_and_drop() {
     assert!(inside.ask(ingress).is_ok_and(|n| n == setup.pod.name));
 }
 
+/// loadBalancerSourceRanges that leave out the node's address keep the node itself out too
+/// (kube-proxy's KUBE-IPVS-OUT-FILTER: the node's own connections to the LoadBalancer IP are
+/// dropped), while ranges that include it let it in (KUBE-LOAD-BALANCER-SOURCE-IP).
+#[test]
+#[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
+fn netfilter_load_balancer_source_ranges_without_the_node_drop_the_node() {
+    let _kernel = Kernel::take();
+    let setup = Setup::new("nflbn");
+    let inside = Client::start("nflbn-in", NODE_IP, CLIENT_IP);
+    let outside = Client::start("nflbn-out", NODE_IP_2, CLIENT_IP_2);
+    let lb = |name: &str, cluster_ip: &str, ingress: &str, ranges: &str| {
+        service(
+            name,
+            cluster_ip,
+            &tcp_port(80, None),
+            &format!(
+                "  type: LoadBalancer\n  allocateLoadBalancerNodePorts: false\n  loadBalancerSourceRanges: [{ranges}]\n"
+            ),
+            &format!("status:\n  loadBalancer:\n    ingress:\n      - ip: {ingress}\n"),
+        )
+    };
+    // The node (--node-ip 192.168.56.10) is inside the first one's ranges, not the second's.
+    setup.dir.write(
+        "with.yaml",
+        &lb("with", "10.96.0.52", "192.0.2.52", "192.168.56.0/24"),
+    );
+    setup.dir.write(
+        "without.yaml",
+        &lb("without", "10.96.0.53", "192.0.2.53", "192.168.57.0/24"),
+    );
+    let daemon = setup.start();
+
+    let with = SocketAddr::from((Ipv4Addr::new(192, 0, 2, 52), 80));
+    let without = SocketAddr::from((Ipv4Addr::new(192, 0, 2, 53), 80));
+    wait_answered(&inside.name, with, &setup.pod, &daemon);
+    wait_answered(&outside.name, without, &setup.pod, &daemon);
+    let (result, _) = inside.try_connect(without, PATIENCE_CONNECT);
+    assert!(
+        matches!(&result, Err(e) if e.kind() == ErrorKind::TimedOut),
+        "{without} drops a client outside its ranges, got {result:?}"
+    );
+
+    // The node itself.
+    let mut conn = Connection::open(with).expect("the node reaches the LB whose ranges hold it");
+    assert_eq!(conn.ask().expect("asking"), setup.pod.name);
+    conn.reset();
+    let start = Instant::now();
+    let result = TcpStream::connect_timeout(&without, PATIENCE_CONNECT);
+    assert!(
+        matches!(&result, Err(e) if e.kind() == ErrorKind::TimedOut),
+        "the node's own connection to {without} is dropped, got {result:?} after {:?}\n{}",
+        start.elapsed(),
+        kernel_state(&daemon)
+    );
+    // `ipvs-proxy plan` prints the rule as iptables-save shows it.
+    let planned = run(
+        DAEMON,
+        &[
+            "plan",
+            "--only",
+            "iptables",
+            "--manifests",
+            &setup.dir.path().display().to_string(),
+            "--hostname-override",
+            "node-a",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--node-ip",
+            &NODE_IP.to_string(),
+        ],
+    );
+    let out_filter: Vec<&str> = planned
+        .lines()
+        .filter(|l| l.starts_with("-A KUBE-IPVS-OUT-FILTER"))
+        .collect();
+    assert_eq!(
+        out_filter,
+        vec![
+            "-A KUBE-IPVS-OUT-FILTER -s 192.0.2.53/32 -m ipvs --vproto 6 --vaddr 192.0.2.53 --vport 80 -j DROP"
+        ],
+        "{planned}"
+    );
+    let saved = saved_rules();
+    assert!(
+        saved.lines().any(|l| l == out_filter[0]),
+        "iptables-save shows the planned rule {:?}\n{}",
+        out_filter[0],
+        kernel_state(&daemon)
+    );
+}
+
 /// A pod reaching itself through its own ClusterIP (hairpin): KUBE-LOOP-BACK masquerades the
 /// connection, so the pod sees it come from the node and its replies go back through IPVS.
 #[test]
