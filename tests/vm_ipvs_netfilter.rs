@@ -517,6 +517,16 @@ fn netfilter_load_balancer_source_ranges_without_the_node_drop_the_node() {
         "{planned}"
     );
     let saved = saved_rules();
+    let missing: Vec<&str> = planned
+        .lines()
+        .filter(|l| l.starts_with("-A ") && !saved.lines().any(|s| s == *l))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "planned rules iptables-save does not show:\n{}\n{}",
+        missing.join("\n"),
+        kernel_state(&daemon)
+    );
     assert!(
         saved.lines().any(|l| l == out_filter[0]),
         "iptables-save shows the planned rule {:?}\n{}",
