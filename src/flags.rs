@@ -17,7 +17,9 @@ use ipnet::IpNet;
     name = "ipvs-proxy",
     version,
     about = "A Kubernetes service proxy that programs the kernel's IPVS load balancer",
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    // pflag's rule: a flag given twice takes its last value.
+    args_override_self = true
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -271,6 +273,17 @@ mod tests {
         assert_eq!(f.cluster_cidr.unwrap().len(), 2);
         assert_eq!(f.nodeport_addresses.unwrap()[0], NodePortAddress::Primary);
         assert_eq!(f.verbosity, Some(4));
+    }
+
+    #[test]
+    fn a_flag_given_twice_takes_its_last_value_as_kube_proxys_flags_do() {
+        let cli = parse(&[
+            "--metrics-bind-address=127.0.0.1:0",
+            "--metrics-bind-address",
+            "127.0.0.1:10349",
+        ])
+        .unwrap();
+        assert_eq!(cli.flags.metrics_bind_address.unwrap().port(), 10349);
     }
 
     #[test]
