@@ -104,7 +104,18 @@ pub async fn client(
             config
         }
     };
-    kube::Client::try_from(config).map_err(Error::Client)
+    kube::Client::try_from(without_tls_roots_for_http(config)).map_err(Error::Client)
+}
+
+/// kube-rs builds a TLS connector for every client, and with no CA in the configuration it
+/// loads the system's trust store, failing where there is none (a minimal image, a node without
+/// ca-certificates). A plain `http://` server needs no roots: give it an empty store, so the
+/// client builds, and a redirect to https would still fail verification.
+fn without_tls_roots_for_http(mut config: kube::Config) -> kube::Config {
+    if config.cluster_url.scheme_str() == Some("http") && config.root_cert.is_none() {
+        config.root_cert = Some(Vec::new());
+    }
+    config
 }
 
 /// A configuration that reaches `url` with no credentials (client-go's `--master` alone).
