@@ -2,6 +2,7 @@
 //! into a [`ClusterState`] by [`apply`]. The manifest directory and (later) the kube-rs
 //! watchers both speak this, so the sync engine does not care where objects come from.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -95,15 +96,6 @@ impl Affected {
     pub fn is_empty(&self) -> bool {
         self.services.is_empty() && !self.nodes
     }
-
-    fn merge(&mut self, other: Affected) {
-        for s in other.services {
-            if !self.services.contains(&s) {
-                self.services.push(s);
-            }
-        }
-        self.nodes |= other.nodes;
-    }
 }
 
 /// Folds one event into `state`. Skipped Services (headless, ExternalName, another proxy's,
@@ -148,8 +140,17 @@ pub fn apply(state: &mut ClusterState, event: Event) -> Affected {
 /// Folds many events; returns everything they affected.
 pub fn apply_all(state: &mut ClusterState, events: impl IntoIterator<Item = Event>) -> Affected {
     let mut out = Affected::default();
+    // A first list or a relist is tens of thousands of events: de-duplicate in O(1) each.
+    let mut seen: HashSet<ServiceName> = HashSet::new();
     for e in events {
-        out.merge(apply(state, e));
+        let affected = apply(state, e);
+        out.nodes |= affected.nodes;
+        out.services.extend(
+            affected
+                .services
+                .into_iter()
+                .filter(|s| seen.insert(s.clone())),
+        );
     }
     out
 }
