@@ -12,7 +12,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use crate::manifests::{DirError, Snapshot, is_manifest, parse_into};
@@ -156,6 +156,19 @@ impl DirIndex {
     }
 }
 
+/// Adds the paths a file-system event changed to `changed`; returns whether the whole
+/// directory must be read again (the kernel's queue overflowed).
+fn note_change(event: notify::Event, dir: &Path, changed: &mut BTreeSet<PathBuf>) -> bool {
+    // Reading a file (our own reads included) is no change to it; taking it for one would
+    // re-read the directory for ever.
+    if matches!(event.kind, EventKind::Access(_)) && !event.need_rescan() {
+        return false;
+    }
+    let rescan = event.need_rescan();
+    changed.extend(event.paths.into_iter().filter(|p| !is_hidden(p, dir)));
+    rescan
+}
+
 /// Errors that stop the watch.
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
@@ -199,12 +212,7 @@ pub async fn watch_dir(dir: PathBuf, tx: UnboundedSender<SourceUpdate>) -> Resul
         let mut changed: BTreeSet<PathBuf> = BTreeSet::new();
         let mut rescan = false;
         let mut note = |event: notify::Result<notify::Event>| match event {
-            Ok(e) => {
-                if e.need_rescan() {
-                    rescan = true;
-                }
-                changed.extend(e.paths.into_iter().filter(|p| !is_hidden(p, &dir)));
-            }
+            Ok(e) => rescan |= note_change(e, &dir, &mut changed),
             Err(error) => {
                 tracing::warn!(%error, "watching the manifests directory; re-reading it");
                 rescan = true;
@@ -216,7 +224,7 @@ pub async fn watch_dir(dir: PathBuf, tx: UnboundedSender<SourceUpdate>) -> Resul
             note(event);
         }
         // A directory that appeared (or moved in) is read whole.
-        rescan |= changed.iter().any(|p| p.is_dir());
+        rescan |= changed.iter().any(|p| p.is_dir() && *p != dir);
         let events = if rescan {
             match index.rescan(&dir) {
                 Ok(events) => events,
@@ -323,6 +331,34 @@ mod tests {
         .unwrap();
         assert!(index.update([dir.0.join("broken.yaml")]).is_empty());
         assert_eq!(index.object_count(), 1);
+    }
+
+    #[test]
+    fn reading_files_is_not_taken_for_a_change() {
+        let dir = tempdir("access");
+        std::fs::write(dir.0.join("a.yaml"), SVC_A).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut watcher = notify::recommended_watcher(move |e| {
+            let _ = tx.send(e);
+        })
+        .unwrap();
+        watcher.watch(&dir.0, RecursiveMode::Recursive).unwrap();
+        // What the index does on every change: read the files.
+        let (_index, _) = DirIndex::load(&dir.0).unwrap();
+        let mut changed = BTreeSet::new();
+        while let Ok(event) = rx.recv_timeout(Duration::from_millis(300)) {
+            assert!(!note_change(event.unwrap(), &dir.0, &mut changed));
+        }
+        assert!(changed.is_empty(), "reads reported as changes: {changed:?}");
+        std::fs::write(dir.0.join("a.yaml"), SVC_B).unwrap();
+        while changed.is_empty() {
+            let event = rx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("a write is seen")
+                .unwrap();
+            note_change(event, &dir.0, &mut changed);
+        }
+        assert_eq!(changed, BTreeSet::from([dir.0.join("a.yaml")]));
     }
 
     #[tokio::test]
