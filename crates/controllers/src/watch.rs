@@ -22,6 +22,9 @@ use crate::source::{Event, ObjectKey, SourceUpdate};
 /// several steps; `kubectl`-style tools write many files at once).
 const SETTLE: Duration = Duration::from_millis(2);
 
+/// Files per batch of the first read.
+const FIRST_READ_CHUNK: usize = 256;
+
 #[derive(Debug, Clone)]
 struct FileEntry {
     hash: u64,
@@ -201,11 +204,24 @@ pub async fn watch_dir(dir: PathBuf, tx: UnboundedSender<SourceUpdate>) -> Resul
             source,
         })?;
 
-    let (mut index, events) = DirIndex::load(&dir)?;
+    // The first read goes out a few hundred files at a time: the proxier programs nothing
+    // before InitialSyncDone, and the parsed API objects of 10,000 Services never need to be
+    // in memory at once.
+    let mut files = Vec::new();
+    manifest_files(&dir, &mut files).map_err(|source| DirError {
+        dir: dir.clone(),
+        source,
+    })?;
+    files.sort();
+    let mut index = DirIndex::default();
+    for chunk in files.chunks(FIRST_READ_CHUNK) {
+        let events = index.update(chunk.iter().cloned());
+        if !events.is_empty() && tx.send(SourceUpdate::Events(events)).is_err() {
+            return Ok(());
+        }
+    }
     tracing::info!(dir = %dir.display(), objects = index.object_count(), "manifests read");
-    if tx.send(SourceUpdate::Events(events)).is_err()
-        || tx.send(SourceUpdate::InitialSyncDone).is_err()
-    {
+    if tx.send(SourceUpdate::InitialSyncDone).is_err() {
         return Ok(());
     }
     while let Some(first) = fs_rx.recv().await {
