@@ -207,6 +207,15 @@ impl SyncReport {
     }
 }
 
+/// What a Service holds in the kernel, by identity only: its real servers live in the
+/// kernel mirror, not twice.
+#[derive(Debug, Clone, Default)]
+struct Footprint {
+    keys: Vec<ServiceKey>,
+    addresses: Vec<IpAddr>,
+    netfilter: Vec<NetfilterEntry>,
+}
+
 #[derive(Debug, Clone)]
 struct KernelVs {
     server: VirtualServer,
@@ -229,7 +238,7 @@ pub struct Syncer<I, A, N> {
     netfilter: N,
     options: SyncOptions,
     /// What each Service contributed at the last sync.
-    services: HashMap<ServiceName, ServiceTarget>,
+    services: HashMap<ServiceName, Footprint>,
     /// The proxy's virtual servers as the kernel has them.
     kernel: HashMap<ServiceKey, KernelVs>,
     owner: HashMap<ServiceKey, ServiceName>,
@@ -547,12 +556,12 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             self.owner.insert(vs.key, name.clone());
             self.reconcile_virtual_server(name, vs, reals, now, p);
         }
-        for (vs, _) in &old.virtual_servers {
-            if !new_keys.contains(&vs.key) && self.owner.get(&vs.key) == Some(name) {
-                self.owner.remove(&vs.key);
-                if self.kernel.remove(&vs.key).is_some() {
-                    self.draining.retain(|(k, _), _| *k != vs.key);
-                    p.push(Op::DeleteService(vs.key), Some(name));
+        for key in &old.keys {
+            if !new_keys.contains(key) && self.owner.get(key) == Some(name) {
+                self.owner.remove(key);
+                if self.kernel.remove(key).is_some() {
+                    self.draining.retain(|(k, _), _| k != key);
+                    p.push(Op::DeleteService(*key), Some(name));
                 }
             }
         }
@@ -604,7 +613,16 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         }
 
         if !new.is_empty() {
-            self.services.insert(name.clone(), new);
+            let footprint = Footprint {
+                keys: new
+                    .virtual_servers
+                    .into_iter()
+                    .map(|(vs, _)| vs.key)
+                    .collect(),
+                addresses: new.addresses,
+                netfilter: new.netfilter,
+            };
+            self.services.insert(name.clone(), footprint);
         }
     }
 
