@@ -113,9 +113,17 @@ impl DirIndex {
             for error in &snap.errors {
                 tracing::warn!(%error, "manifest skipped");
             }
-            let keys: Vec<ObjectKey> = snap.objects.keys().cloned().collect();
+            let mut keys: Vec<ObjectKey> = snap.objects.keys().cloned().collect();
+            // A file that no longer parses whole keeps the objects it had: a typo in an edit
+            // must not delete live Services. They go when the file is fixed or removed.
+            let damaged = !snap.errors.is_empty();
             for key in old.iter().flat_map(|e| &e.keys) {
                 if snap.objects.contains_key(key) {
+                    continue;
+                }
+                if damaged {
+                    tracing::warn!(file = %path.display(), object = %key.name, "kept while its file does not parse");
+                    keys.push(key.clone());
                     continue;
                 }
                 let owners = self.owners.entry(key.clone()).or_default();
@@ -332,6 +340,26 @@ mod tests {
             names(&events),
             ["apply a"],
             "the other file's definition is re-applied, not deleted"
+        );
+    }
+
+    #[test]
+    fn an_edit_that_breaks_a_file_keeps_its_objects_until_it_is_fixed() {
+        let dir = tempdir("broken-edit");
+        std::fs::write(dir.0.join("ab.yaml"), format!("{SVC_A}---\n{SVC_B}")).unwrap();
+        let (mut index, _) = DirIndex::load(&dir.0).unwrap();
+        std::fs::write(
+            dir.0.join("ab.yaml"),
+            format!("{SVC_A}---\nkind: Service\nmetadata: [oops\n"),
+        )
+        .unwrap();
+        let events = index.update([dir.0.join("ab.yaml")]);
+        assert_eq!(names(&events), ["apply a"], "b is not deleted by a typo");
+        std::fs::write(dir.0.join("ab.yaml"), SVC_A).unwrap();
+        assert_eq!(
+            names(&index.update([dir.0.join("ab.yaml")])),
+            ["delete b", "apply a"],
+            "the fixed file decides"
         );
     }
 
