@@ -10,17 +10,12 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use crate::manifests::{DirError, Snapshot, is_manifest, parse_into};
 use crate::source::{Event, ObjectKey, SourceUpdate};
-
-/// How long to wait after a change for the rest of a burst (an editor writes a file in
-/// several steps; `kubectl`-style tools write many files at once).
-const SETTLE: Duration = Duration::from_millis(2);
 
 /// Files per batch of the first read.
 const FIRST_READ_CHUNK: usize = 256;
@@ -168,16 +163,54 @@ impl DirIndex {
 }
 
 /// Adds the paths a file-system event changed to `changed`; returns whether the whole
-/// directory must be read again (the kernel's queue overflowed).
+/// directory must be read again (the kernel's queue overflowed, or kubelet swapped a mounted
+/// ConfigMap's files).
+///
+/// A file is read when its writer closes it, never while it is being written: a half-written
+/// manifest would otherwise be reported as malformed, or read empty and its Services deleted.
+/// Reads (our own included) are no change at all.
 fn note_change(event: notify::Event, dir: &Path, changed: &mut BTreeSet<PathBuf>) -> bool {
-    // Reading a file (our own reads included) is no change to it; taking it for one would
-    // re-read the directory for ever.
-    if matches!(event.kind, EventKind::Access(_)) && !event.need_rescan() {
-        return false;
+    use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
+    if event.need_rescan() {
+        return true;
     }
-    let rescan = event.need_rescan();
-    changed.extend(event.paths.into_iter().filter(|p| !is_hidden(p, dir)));
+    let renamed = matches!(event.kind, EventKind::Modify(ModifyKind::Name(_)));
+    match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
+        EventKind::Access(_) | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Metadata(_)) => {
+            return false;
+        }
+        // A new file is read at its close; a link (hard or symbolic) has no writer to wait for.
+        EventKind::Create(CreateKind::File) => {
+            changed.extend(
+                event
+                    .paths
+                    .into_iter()
+                    .filter(|p| !is_hidden(p, dir) && is_link(p)),
+            );
+            return false;
+        }
+        _ => {}
+    }
+    let mut rescan = false;
+    for path in event.paths {
+        if !is_hidden(&path, dir) {
+            changed.insert(path);
+        } else if renamed
+            && path.parent() == Some(dir)
+            && path.file_name() == Some("..data".as_ref())
+        {
+            // kubelet updates a mounted ConfigMap by renaming a new `..data` link into place;
+            // the visible files are links through it and see no event of their own.
+            rescan = true;
+        }
+    }
     rescan
+}
+
+fn is_link(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink() || m.nlink() > 1)
 }
 
 /// Errors that stop the watch.
@@ -243,7 +276,9 @@ pub async fn watch_dir(dir: PathBuf, tx: UnboundedSender<SourceUpdate>) -> Resul
             }
         };
         note(first);
-        tokio::time::sleep(SETTLE).await;
+        // Whatever else is queued joins this batch; the proxier coalesces further by
+        // --ipvs-min-sync-period.
+        tokio::task::yield_now().await;
         while let Ok(event) = fs_rx.try_recv() {
             note(event);
         }
@@ -269,6 +304,8 @@ pub async fn watch_dir(dir: PathBuf, tx: UnboundedSender<SourceUpdate>) -> Resul
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::source::Kind;
 
@@ -425,6 +462,111 @@ mod tests {
         assert!(
             matches!(next(&mut rx).await, SourceUpdate::Events(e) if names(&e) == ["delete a"])
         );
+        drop(rx);
+        task.abort();
+    }
+
+    /// The events of `dir` noted until none comes for 300 ms: the changed paths, and whether
+    /// a rescan was asked for.
+    fn drain_notes(
+        rx: &std::sync::mpsc::Receiver<notify::Result<notify::Event>>,
+        dir: &Path,
+    ) -> (BTreeSet<PathBuf>, bool) {
+        let mut changed = BTreeSet::new();
+        let mut rescan = false;
+        while let Ok(event) = rx.recv_timeout(Duration::from_millis(300)) {
+            rescan |= note_change(event.unwrap(), dir, &mut changed);
+        }
+        (changed, rescan)
+    }
+
+    fn watch(
+        dir: &Path,
+    ) -> (
+        notify::RecommendedWatcher,
+        std::sync::mpsc::Receiver<notify::Result<notify::Event>>,
+    ) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut watcher = notify::recommended_watcher(move |e| {
+            let _ = tx.send(e);
+        })
+        .unwrap();
+        watcher.watch(dir, RecursiveMode::Recursive).unwrap();
+        (watcher, rx)
+    }
+
+    #[test]
+    fn a_file_is_read_when_its_writer_closes_it_not_while_it_is_written() {
+        use std::io::Write as _;
+        let dir = tempdir("close-write");
+        let (_watcher, rx) = watch(&dir.0);
+        let path = dir.0.join("a.yaml");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let (half, rest) = SVC_A.split_at(SVC_A.len() / 2);
+        file.write_all(half.as_bytes()).unwrap();
+        file.flush().unwrap();
+        let (changed, _) = drain_notes(&rx, &dir.0);
+        assert!(
+            changed.is_empty(),
+            "a file still being written was noted: {changed:?}"
+        );
+        file.write_all(rest.as_bytes()).unwrap();
+        drop(file);
+        let (changed, rescan) = drain_notes(&rx, &dir.0);
+        assert_eq!(changed, BTreeSet::from([path]));
+        assert!(!rescan);
+    }
+
+    #[test]
+    fn links_made_into_the_directory_are_changes() {
+        let dir = tempdir("links");
+        let outside = tempdir("links-outside");
+        std::fs::write(outside.0.join("a.yaml"), SVC_A).unwrap();
+        std::fs::write(outside.0.join("b.yaml"), SVC_B).unwrap();
+        let (_watcher, rx) = watch(&dir.0);
+        std::os::unix::fs::symlink(outside.0.join("a.yaml"), dir.0.join("a.yaml")).unwrap();
+        std::fs::hard_link(outside.0.join("b.yaml"), dir.0.join("b.yaml")).unwrap();
+        let (changed, _) = drain_notes(&rx, &dir.0);
+        assert_eq!(
+            changed,
+            BTreeSet::from([dir.0.join("a.yaml"), dir.0.join("b.yaml")])
+        );
+    }
+
+    /// kubelet's layout of a mounted ConfigMap: `a.yaml -> ..data/a.yaml`, `..data -> ..v1`; an
+    /// update writes `..v2`, points `..data_tmp` at it and renames that over `..data`.
+    #[tokio::test]
+    async fn a_configmap_update_by_kubelet_is_followed() {
+        let dir = tempdir("configmap");
+        std::fs::create_dir(dir.0.join("..v1")).unwrap();
+        std::fs::write(dir.0.join("..v1/a.yaml"), SVC_A).unwrap();
+        std::os::unix::fs::symlink("..v1", dir.0.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/a.yaml", dir.0.join("a.yaml")).unwrap();
+        let (tx, mut rx) = unbounded_channel();
+        let task = tokio::spawn(watch_dir(dir.0.clone(), tx));
+        let next = async |rx: &mut tokio::sync::mpsc::UnboundedReceiver<SourceUpdate>| {
+            tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("an update within 5 s")
+                .unwrap()
+        };
+        assert!(matches!(next(&mut rx).await, SourceUpdate::Events(e) if names(&e) == ["apply a"]));
+        assert_eq!(next(&mut rx).await, SourceUpdate::InitialSyncDone);
+        std::fs::create_dir(dir.0.join("..v2")).unwrap();
+        let edited = SVC_A.replace("port: 80", "port: 8080");
+        std::fs::write(dir.0.join("..v2/a.yaml"), &edited).unwrap();
+        std::os::unix::fs::symlink("..v2", dir.0.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.0.join("..data_tmp"), dir.0.join("..data")).unwrap();
+        let update = next(&mut rx).await;
+        let SourceUpdate::Events(events) = update else {
+            panic!("expected events, got {update:?}");
+        };
+        assert_eq!(names(&events), ["apply a"]);
+        let Event::Apply(crate::source::Object::Service(svc)) = &events[0] else {
+            panic!("expected the Service, got {events:?}");
+        };
+        let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref()).unwrap();
+        assert_eq!(ports[0].port, 8080);
         drop(rx);
         task.abort();
     }
