@@ -284,6 +284,10 @@ fn ipvs_error_kind(e: &ipvs::Error) -> &'static str {
     }
 }
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 fn is_tcp(key: &ServiceKey) -> bool {
     matches!(
         key,
@@ -345,70 +349,16 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         targets: Vec<(ServiceName, ServiceTarget)>,
         now: Instant,
     ) -> SyncReport {
+        let started = Instant::now();
         let mut report = SyncReport {
             services: targets.len(),
             ..SyncReport::default()
         };
-        let dump = match self.ipvs.dump() {
-            Ok(d) => d,
-            Err(e) => {
-                report.errors.push(SyncError {
-                    service: None,
-                    backend: "ipvs",
-                    kind: ipvs_error_kind(&e),
-                    message: format!("reading the IPVS table: {e}"),
-                });
-                return report;
-            }
-        };
-        let bound = match self.addresses.list() {
-            Ok(b) => b,
-            Err(e) => {
-                report.errors.push(SyncError {
-                    service: None,
-                    backend: "addresses",
-                    kind: "list",
-                    message: format!("listing kube-ipvs0 addresses: {e}"),
-                });
-                return report;
-            }
-        };
-
-        let wanted: HashSet<ServiceKey> = targets
-            .iter()
-            .flat_map(|(_, t)| t.virtual_servers.iter().map(|(vs, _)| vs.key))
-            .collect();
-        let programmed: HashSet<ServiceKey> = self.kernel.keys().copied().collect();
-        self.kernel = dump
-            .into_iter()
-            .filter(|(vs, _)| match vs.key {
-                ServiceKey::Addr { addr, .. } => {
-                    !self.excluded(addr.ip())
-                        && (bound.contains(&addr.ip())
-                            || wanted.contains(&vs.key)
-                            || programmed.contains(&vs.key))
-                }
-                ServiceKey::Fwmark { .. } => false,
-            })
-            .map(|(server, reals)| {
-                let real = reals
-                    .into_iter()
-                    .map(|r| (r.server.addr, r.server))
-                    .collect();
-                (server.key, KernelVs { server, real })
-            })
-            .collect();
-        self.services.clear();
-        self.owner.clear();
-        self.address_refs.clear();
-        self.set_refs.clear();
-        self.bound = bound.into_iter().collect();
-        let kernel = &self.kernel;
-        self.draining.retain(|(key, addr), _| {
-            kernel
-                .get(key)
-                .is_some_and(|vs| vs.real.get(addr).is_some_and(|r| r.weight == 0))
-        });
+        if let Err(e) = self.read_kernel(&targets) {
+            report.errors.push(e);
+            return report;
+        }
+        let read = started.elapsed();
 
         let mut pending = Pending::default();
         for (name, target) in targets {
@@ -433,6 +383,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         }
         pending.add_entries.clear();
         pending.del_entries.clear();
+        let planned = started.elapsed();
         let entries: BTreeSet<NetfilterEntry> = self.set_refs.keys().cloned().collect();
         if let Err(e) = self.netfilter.full(&entries) {
             pending.errors.push(SyncError {
@@ -444,8 +395,70 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         } else {
             report.set_entries_added = entries.len();
         }
+        drop(entries);
+        let netfilter = started.elapsed();
         self.execute(pending, &mut report);
+        tracing::debug!(
+            read_kernel_ms = ms(read),
+            plan_ms = ms(planned.saturating_sub(read)),
+            netfilter_ms = ms(netfilter.saturating_sub(planned)),
+            ipvs_and_addresses_ms = ms(started.elapsed().saturating_sub(netfilter)),
+            "full sync phases"
+        );
         report
+    }
+
+    /// Reads the IPVS table and `kube-ipvs0`'s addresses, and makes them the mirror: what the
+    /// proxy owns of them (see the module's notes), with no Service's claim on it yet.
+    fn read_kernel(&mut self, targets: &[(ServiceName, ServiceTarget)]) -> Result<(), SyncError> {
+        let dump = self.ipvs.dump().map_err(|e| SyncError {
+            service: None,
+            backend: "ipvs",
+            kind: ipvs_error_kind(&e),
+            message: format!("reading the IPVS table: {e}"),
+        })?;
+        let bound = self.addresses.list().map_err(|e| SyncError {
+            service: None,
+            backend: "addresses",
+            kind: "list",
+            message: format!("listing kube-ipvs0 addresses: {e}"),
+        })?;
+        let wanted: HashSet<ServiceKey> = targets
+            .iter()
+            .flat_map(|(_, t)| t.virtual_servers.iter().map(|(vs, _)| vs.key))
+            .collect();
+        let programmed: HashSet<ServiceKey> = self.kernel.keys().copied().collect();
+        self.kernel = dump
+            .into_iter()
+            .filter(|(vs, _)| match vs.key {
+                ServiceKey::Addr { addr, .. } => {
+                    !self.excluded(addr.ip())
+                        && (bound.contains(&addr.ip())
+                            || wanted.contains(&vs.key)
+                            || programmed.contains(&vs.key))
+                }
+                ServiceKey::Fwmark { .. } => false,
+            })
+            .map(|(server, entries)| {
+                let real = entries
+                    .into_iter()
+                    .map(|r| (r.server.addr, r.server))
+                    .collect();
+                (server.key, KernelVs { server, real })
+            })
+            .collect();
+        self.services.clear();
+        self.owner.clear();
+        self.address_refs.clear();
+        self.set_refs.clear();
+        self.bound = bound.into_iter().collect();
+        let kernel = &self.kernel;
+        self.draining.retain(|(key, addr), _| {
+            kernel
+                .get(key)
+                .is_some_and(|vs| vs.real.get(addr).is_some_and(|r| r.weight == 0))
+        });
+        Ok(())
     }
 
     /// Programs the changed Services only. A Service that is gone has an empty target.
@@ -684,7 +697,13 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
     /// Sends the collected operations and records what failed.
     fn execute(&mut self, mut p: Pending, report: &mut SyncReport) {
         if !p.ops.is_empty() {
+            let started = Instant::now();
             let results = self.ipvs.apply(&p.ops);
+            tracing::debug!(
+                ops = p.ops.len(),
+                took_ms = ms(started.elapsed()),
+                "ipvs batch applied"
+            );
             report.ipvs_ops = p.ops.len();
             for ((result, op), owner) in results.into_iter().zip(&p.ops).zip(&p.op_owner) {
                 if let Err(e) = result {
@@ -709,6 +728,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                 }
             }
         }
+        let started = Instant::now();
         let add: Vec<IpAddr> = p.add_addrs.into_iter().collect();
         for (ip, result) in add.iter().zip(self.addresses.add(&add)) {
             match result {
@@ -738,6 +758,14 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                     message: format!("unbinding {ip} from kube-ipvs0: {e}"),
                 }),
             }
+        }
+        if !add.is_empty() || !del.is_empty() {
+            tracing::debug!(
+                added = add.len(),
+                removed = del.len(),
+                took_ms = ms(started.elapsed()),
+                "kube-ipvs0 addresses synced"
+            );
         }
         report.errors.append(&mut p.errors);
     }
