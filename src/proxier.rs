@@ -83,9 +83,15 @@ where
         now: Instant,
     ) -> (SyncReport, Vec<PlanWarning>) {
         let mut warnings = Vec::new();
-        let names: Vec<ServiceName> = state.services().map(|(n, _)| n.clone()).collect();
-        let targets = targets(planner, state, names.iter(), &mut warnings);
-        (self.0.full_sync(targets, now), warnings)
+        // Planned one Service at a time as the engine takes them: the whole node's plan is
+        // never in memory at once.
+        let targets = state.services().map(|(name, ports)| {
+            let plan = planner.plan_service(ports, |p| state.endpoints(p));
+            warnings.extend(plan.warnings.iter().cloned());
+            (name.clone(), ServiceTarget::from(plan))
+        });
+        let report = self.0.full_sync(targets, now);
+        (report, warnings)
     }
 
     fn partial_sync(

@@ -29,6 +29,9 @@ use crate::ipvs_state::RealServer as PlannedRealServer;
 use crate::model::{Protocol, ServiceName};
 use crate::plan::ServicePlan;
 
+/// How many IPVS operations a full sync collects before sending them.
+pub const OPS_PER_BATCH: usize = 4096;
+
 /// An error from a backend other than IPVS, boxed: the engine only reports it.
 pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -219,7 +222,60 @@ struct Footprint {
 #[derive(Debug, Clone)]
 struct KernelVs {
     server: VirtualServer,
-    real: HashMap<SocketAddr, RealServer>,
+    real: RealSet,
+}
+
+/// A virtual server's real servers, sorted by address: a tenth of a hash map's memory for the
+/// handful a Service has, and the mirror holds one per virtual server of the node.
+#[derive(Debug, Clone, Default)]
+struct RealSet(Vec<RealServer>);
+
+impl RealSet {
+    fn find(&self, addr: &SocketAddr) -> Result<usize, usize> {
+        self.0.binary_search_by(|r| r.addr.cmp(addr))
+    }
+
+    fn get(&self, addr: &SocketAddr) -> Option<&RealServer> {
+        self.find(addr).ok().map(|i| &self.0[i])
+    }
+
+    fn get_mut(&mut self, addr: &SocketAddr) -> Option<&mut RealServer> {
+        self.find(addr).ok().map(|i| &mut self.0[i])
+    }
+
+    fn insert(&mut self, rs: RealServer) {
+        match self.find(&rs.addr) {
+            Ok(i) => self.0[i] = rs,
+            Err(i) => self.0.insert(i, rs),
+        }
+    }
+
+    fn remove(&mut self, addr: &SocketAddr) -> Option<RealServer> {
+        self.find(addr).ok().map(|i| self.0.remove(i))
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Room for `n` more without growing past them (a new virtual server's first fill).
+    fn reserve_exact(&mut self, n: usize) {
+        self.0.reserve_exact(n);
+    }
+
+    fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.0.iter().map(|r| r.addr)
+    }
+}
+
+impl FromIterator<RealServer> for RealSet {
+    fn from_iter<T: IntoIterator<Item = RealServer>>(iter: T) -> Self {
+        let mut v: Vec<RealServer> = iter.into_iter().collect();
+        v.sort_by_key(|r| r.addr);
+        v.dedup_by_key(|r| r.addr);
+        v.shrink_to_fit();
+        RealSet(v)
+    }
 }
 
 /// Counts for metrics.
@@ -344,27 +400,35 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
     /// Re-reads the kernel, then programs every Service in `targets` and removes whatever the
     /// proxy owns that no Service wants. Used at start (adopting a previous run's state without
     /// flushing it) and every `--ipvs-sync-period`.
+    ///
+    /// Targets are taken one at a time and IPVS operations go out every [`OPS_PER_BATCH`], so
+    /// neither the plan of the whole node nor all its operations are ever in memory at once.
     pub fn full_sync(
         &mut self,
-        targets: Vec<(ServiceName, ServiceTarget)>,
+        targets: impl IntoIterator<Item = (ServiceName, ServiceTarget)>,
         now: Instant,
     ) -> SyncReport {
         let started = Instant::now();
-        let mut report = SyncReport {
-            services: targets.len(),
-            ..SyncReport::default()
+        let mut report = SyncReport::default();
+        let unclaimed = match self.read_kernel() {
+            Ok(unclaimed) => unclaimed,
+            Err(e) => {
+                report.errors.push(e);
+                return report;
+            }
         };
-        if let Err(e) = self.read_kernel(&targets) {
-            report.errors.push(e);
-            return report;
-        }
         let read = started.elapsed();
 
         let mut pending = Pending::default();
         for (name, target) in targets {
+            report.services += 1;
             self.plan_service(&name, target, now, &mut pending);
+            if pending.ops.len() >= OPS_PER_BATCH {
+                self.execute_ipvs(&mut pending, &mut report);
+            }
         }
-        // Whatever the proxy owns that no Service claimed.
+        // Whatever the proxy owns that no Service claimed; what it never owned leaves the
+        // mirror untouched.
         let orphans: Vec<ServiceKey> = self
             .kernel
             .keys()
@@ -373,8 +437,10 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             .collect();
         for key in orphans {
             self.kernel.remove(&key);
-            self.draining.retain(|(k, _), _| *k != key);
-            pending.push(Op::DeleteService(key), None);
+            if !unclaimed.contains(&key) {
+                self.draining.retain(|(k, _), _| *k != key);
+                pending.push(Op::DeleteService(key), None);
+            }
         }
         for ip in &self.bound {
             if !self.address_refs.contains_key(ip) {
@@ -400,17 +466,19 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         self.execute(pending, &mut report);
         tracing::debug!(
             read_kernel_ms = ms(read),
-            plan_ms = ms(planned.saturating_sub(read)),
+            plan_and_ipvs_ms = ms(planned.saturating_sub(read)),
             netfilter_ms = ms(netfilter.saturating_sub(planned)),
-            ipvs_and_addresses_ms = ms(started.elapsed().saturating_sub(netfilter)),
+            rest_ms = ms(started.elapsed().saturating_sub(netfilter)),
             "full sync phases"
         );
         report
     }
 
-    /// Reads the IPVS table and `kube-ipvs0`'s addresses, and makes them the mirror: what the
-    /// proxy owns of them (see the module's notes), with no Service's claim on it yet.
-    fn read_kernel(&mut self, targets: &[(ServiceName, ServiceTarget)]) -> Result<(), SyncError> {
+    /// Reads the IPVS table and `kube-ipvs0`'s addresses and makes them the mirror, with no
+    /// Service's claim on any of it yet. Returns the virtual servers the proxy does not own
+    /// unless a Service claims them (see the module's notes): they are dropped from the mirror,
+    /// never deleted, if none does.
+    fn read_kernel(&mut self) -> Result<HashSet<ServiceKey>, SyncError> {
         let dump = self.ipvs.dump().map_err(|e| SyncError {
             service: None,
             backend: "ipvs",
@@ -423,30 +491,22 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             kind: "list",
             message: format!("listing kube-ipvs0 addresses: {e}"),
         })?;
-        let wanted: HashSet<ServiceKey> = targets
-            .iter()
-            .flat_map(|(_, t)| t.virtual_servers.iter().map(|(vs, _)| vs.key))
-            .collect();
-        let programmed: HashSet<ServiceKey> = self.kernel.keys().copied().collect();
-        self.kernel = dump
-            .into_iter()
-            .filter(|(vs, _)| match vs.key {
-                ServiceKey::Addr { addr, .. } => {
-                    !self.excluded(addr.ip())
-                        && (bound.contains(&addr.ip())
-                            || wanted.contains(&vs.key)
-                            || programmed.contains(&vs.key))
-                }
-                ServiceKey::Fwmark { .. } => false,
-            })
-            .map(|(server, entries)| {
-                let real = entries
-                    .into_iter()
-                    .map(|r| (r.server.addr, r.server))
-                    .collect();
-                (server.key, KernelVs { server, real })
-            })
-            .collect();
+        let mut unclaimed = HashSet::new();
+        let mut kernel = HashMap::with_capacity(dump.len());
+        for (server, entries) in dump {
+            let ServiceKey::Addr { addr, .. } = server.key else {
+                continue;
+            };
+            if self.excluded(addr.ip()) {
+                continue;
+            }
+            if !bound.contains(&addr.ip()) && !self.kernel.contains_key(&server.key) {
+                unclaimed.insert(server.key);
+            }
+            let real = entries.into_iter().map(|r| r.server).collect();
+            kernel.insert(server.key, KernelVs { server, real });
+        }
+        self.kernel = kernel;
         self.services.clear();
         self.owner.clear();
         self.address_refs.clear();
@@ -458,7 +518,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                 .get(key)
                 .is_some_and(|vs| vs.real.get(addr).is_some_and(|r| r.weight == 0))
         });
-        Ok(())
+        Ok(unclaimed)
     }
 
     /// Programs the changed Services only. A Service that is gone has an empty target.
@@ -652,7 +712,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             p.push(Op::AddService(vs.clone()), Some(name));
             KernelVs {
                 server: vs.clone(),
-                real: HashMap::new(),
+                real: RealSet::default(),
             }
         });
         if entry.server != *vs {
@@ -660,20 +720,22 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             entry.server = vs.clone();
         }
         let wanted: HashMap<SocketAddr, &RealServer> = reals.iter().map(|r| (r.addr, r)).collect();
+        if entry.real.len() == 0 {
+            entry.real.reserve_exact(reals.len());
+        }
         for rs in reals {
             match entry.real.get(&rs.addr) {
                 None => p.push(Op::AddDest(key, *rs), Some(name)),
                 Some(have) if have != rs => p.push(Op::UpdateDest(key, *rs), Some(name)),
                 Some(_) => {}
             }
-            entry.real.insert(rs.addr, *rs);
+            entry.real.insert(*rs);
             self.draining.remove(&(key, rs.addr));
         }
         let gone: Vec<SocketAddr> = entry
             .real
-            .keys()
+            .addrs()
             .filter(|a| !wanted.contains_key(a))
-            .copied()
             .collect();
         for addr in gone {
             if self.draining.contains_key(&(key, addr)) {
@@ -696,6 +758,12 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
 
     /// Sends the collected operations and records what failed.
     fn execute(&mut self, mut p: Pending, report: &mut SyncReport) {
+        self.execute_ipvs(&mut p, report);
+        self.execute_addresses(p, report);
+    }
+
+    /// Sends the IPVS operations collected so far and forgets them.
+    fn execute_ipvs(&mut self, p: &mut Pending, report: &mut SyncReport) {
         if !p.ops.is_empty() {
             let started = Instant::now();
             let results = self.ipvs.apply(&p.ops);
@@ -704,7 +772,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                 took_ms = ms(started.elapsed()),
                 "ipvs batch applied"
             );
-            report.ipvs_ops = p.ops.len();
+            report.ipvs_ops += p.ops.len();
             for ((result, op), owner) in results.into_iter().zip(&p.ops).zip(&p.op_owner) {
                 if let Err(e) = result {
                     // The mirror assumed success; forget what failed so the next sync retries it.
@@ -727,7 +795,13 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                     });
                 }
             }
+            p.ops.clear();
+            p.op_owner.clear();
         }
+    }
+
+    /// Binds and unbinds the collected addresses, then records every error of the sync.
+    fn execute_addresses(&mut self, mut p: Pending, report: &mut SyncReport) {
         let started = Instant::now();
         let add: Vec<IpAddr> = p.add_addrs.into_iter().collect();
         for (ip, result) in add.iter().zip(self.addresses.add(&add)) {

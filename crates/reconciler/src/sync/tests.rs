@@ -15,6 +15,8 @@ use super::*;
 struct FakeIpvs {
     table: BTreeMap<ServiceKey, (VirtualServer, BTreeMap<SocketAddr, RealServerEntry>)>,
     log: Vec<String>,
+    /// The size of each `apply` call.
+    batches: Vec<usize>,
 }
 
 fn object(op: &Op) -> String {
@@ -39,6 +41,7 @@ impl IpvsKernel for FakeIpvs {
     }
 
     fn apply(&mut self, ops: &[Op]) -> Vec<Result<(), ipvs::Error>> {
+        self.batches.push(ops.len());
         ops.iter()
             .map(|op| {
                 self.log.push(op.to_string());
@@ -653,4 +656,40 @@ fn two_services_claiming_one_virtual_server_is_reported_not_fought_over() {
         s.ipvs.save()[1],
         "-a -t 192.0.2.1:80 -r 10.244.1.5:80 -m -w 1"
     );
+}
+
+#[test]
+fn a_full_sync_larger_than_one_batch_is_sent_in_several_and_errors_keep_their_service() {
+    let mut s = syncer();
+    let now = Instant::now();
+    // 11 operations a Service: enough Services for three batches.
+    let n = OPS_PER_BATCH * 3 / 11;
+    let backends: Vec<String> = (1..=10).map(|j| format!("10.244.0.{j}:8080")).collect();
+    let backends: Vec<&str> = backends.iter().map(String::as_str).collect();
+    let name = |i: usize| svc(&format!("s{i}"));
+    let vip = |i: usize| format!("10.96.{}.{}", i / 250, i % 250 + 1);
+    let targets = (0..n).map(|i| {
+        let scheduler = if i == n - 2 {
+            Scheduler::TwoRandomChoices
+        } else {
+            RR
+        };
+        (name(i), target(&vip(i), 80, scheduler, &backends))
+    });
+    let report = s.full_sync(targets, now);
+    assert_eq!(report.services, n);
+    assert_eq!(report.ipvs_ops, n * 11);
+    assert!(
+        s.ipvs.batches.len() >= 3 && s.ipvs.batches.iter().all(|&b| b < OPS_PER_BATCH + 11),
+        "{:?}",
+        s.ipvs.batches
+    );
+    // The refused Service (in the last batch) is named; its ten real servers fail with it.
+    assert_eq!(report.errors.len(), 11, "{:?}", report.errors);
+    assert!(report.errors.iter().all(|e| e.service == Some(name(n - 2))));
+    let saved = s.ipvs.save();
+    assert_eq!(saved.len(), (n - 1) * 11);
+    assert!(saved.contains(&format!("-A -t {}:80 -s rr", vip(n - 1))));
+    assert_eq!(s.counts().virtual_servers, n - 1);
+    assert_eq!(s.counts().real_servers, (n - 1) * 10);
 }
