@@ -30,7 +30,9 @@ struct FileEntry {
 #[derive(Debug, Default)]
 pub struct DirIndex {
     files: BTreeMap<PathBuf, FileEntry>,
-    owners: HashMap<ObjectKey, BTreeSet<PathBuf>>,
+    /// The files defining each object, sorted: almost always one, so a list, not a tree
+    /// (whose smallest node holds eleven).
+    owners: HashMap<ObjectKey, Vec<PathBuf>>,
 }
 
 fn text_hash(text: &str) -> u64 {
@@ -122,8 +124,8 @@ impl DirIndex {
                     continue;
                 }
                 let owners = self.owners.entry(key.clone()).or_default();
-                owners.remove(&path);
-                if let Some(other) = owners.iter().next() {
+                owners.retain(|p| *p != path);
+                if let Some(other) = owners.first() {
                     // Still defined elsewhere: that file's version is the one that holds.
                     if forced.insert(other.clone()) {
                         queue.push(other.clone());
@@ -134,10 +136,10 @@ impl DirIndex {
                 }
             }
             for (key, object) in snap.objects {
-                self.owners
-                    .entry(key.clone())
-                    .or_default()
-                    .insert(path.clone());
+                let owners = self.owners.entry(key.clone()).or_default();
+                if let Err(at) = owners.binary_search(&path) {
+                    owners.insert(at, path.clone());
+                }
                 lost.remove(&key);
                 applies.insert(key, object);
             }

@@ -17,7 +17,9 @@ pub type SliceName = (Arc<str>, Arc<str>);
 #[derive(Debug, Clone, Default)]
 pub struct ClusterState {
     services: BTreeMap<ServiceName, Arc<[ServicePort]>>,
-    slices: HashMap<ServiceName, BTreeMap<SliceName, EndpointSlice>>,
+    /// Each Service's slices, sorted by name: usually one, so a list, not a tree (whose
+    /// smallest node holds eleven).
+    slices: HashMap<ServiceName, Vec<(SliceName, EndpointSlice)>>,
     slice_owner: HashMap<SliceName, ServiceName>,
     nodes: BTreeMap<Arc<str>, NodeFacts>,
 }
@@ -55,16 +57,22 @@ impl ClusterState {
         if let Some(owner) = self.slice_owner.get(&name) {
             if *owner != slice.service {
                 affected.extend(self.remove_slice(&name));
-            } else if self.slices.get(owner).and_then(|m| m.get(&name)) == Some(&slice) {
+            } else if self
+                .slices
+                .get(owner)
+                .and_then(|list| list.iter().find(|(n, _)| *n == name))
+                .is_some_and(|(_, s)| *s == slice)
+            {
                 return affected;
             }
         }
         let service = slice.service.clone();
         self.slice_owner.insert(name.clone(), service.clone());
-        self.slices
-            .entry(service.clone())
-            .or_default()
-            .insert(name, slice);
+        let list = self.slices.entry(service.clone()).or_default();
+        match list.binary_search_by(|(n, _)| n.cmp(&name)) {
+            Ok(at) => list[at].1 = slice,
+            Err(at) => list.insert(at, (name, slice)),
+        }
         affected.push(service);
         affected
     }
@@ -72,7 +80,7 @@ impl ClusterState {
     pub fn remove_slice(&mut self, name: &SliceName) -> Option<ServiceName> {
         let owner = self.slice_owner.remove(name)?;
         if let Some(by_name) = self.slices.get_mut(&owner) {
-            by_name.remove(name);
+            by_name.retain(|(n, _)| n != name);
             if by_name.is_empty() {
                 self.slices.remove(&owner);
             }
@@ -127,7 +135,7 @@ impl ClusterState {
         let Some(by_name) = self.slices.get(&port.service) else {
             return out;
         };
-        for slice in by_name.values() {
+        for (_, slice) in by_name {
             for p in &slice.ports {
                 if p.name != port.port || p.protocol != port.protocol {
                     continue;
