@@ -28,6 +28,9 @@ use ipvs_proxy::flags::{Cli, Command as CliCommand, LogFormat};
 
 const ENDPOINTS: u32 = 10;
 const CHANGES: usize = 100;
+/// How long the kernel is given to free a namespace left behind (its IPVS table goes in the
+/// background) before the next measurement starts.
+const TEARDOWN: Duration = Duration::from_secs(10);
 const METRICS: &str = "127.0.0.1:10299";
 
 fn main() -> ExitCode {
@@ -89,10 +92,11 @@ fn bench(args: &[String]) -> Result<()> {
             started.elapsed().as_secs_f64()
         );
 
-        reset_kernel();
+        fresh_netns()?;
+        std::thread::sleep(TEARDOWN);
         let floor = floor(&dir)?;
-        reset_kernel();
-
+        fresh_netns()?;
+        std::thread::sleep(TEARDOWN);
         let cold = cold_start(&dir, n)?;
         summary.push(format!(
             "bench sync-cold {n} ours={:.2}s floor={:.2}s ratio={:.2} rss={}MiB",
@@ -106,7 +110,6 @@ fn bench(args: &[String]) -> Result<()> {
             cold.change_median.as_secs_f64(),
             cold.change_p99.as_secs_f64() * 1000.0,
         ));
-        reset_kernel();
         let _ = std::fs::remove_dir_all(&dir);
     }
     for line in summary {
@@ -150,27 +153,22 @@ fn vip_key(i: u32) -> ipvs::ServiceKey {
     }
 }
 
-fn quiet(program: &str, args: &[&str]) {
-    let _ = Command::new(program)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
-
-/// Everything either side programmed, gone.
-fn reset_kernel() {
-    quiet("ipvsadm", &["-C"]);
-    quiet("/bin/ip", &["link", "del", "kube-ipvs0"]);
-    for tool in ["iptables-nft", "iptables-legacy"] {
-        for table in ["nat", "filter", "mangle", "raw"] {
-            quiet(tool, &["-t", table, "-F"]);
-            quiet(tool, &["-t", table, "-X"]);
-        }
+/// Moves this thread, and every process it starts from now on, into a new network namespace
+/// with `lo` up, so each measurement starts from an empty kernel: no IPVS table, link, ipset or
+/// rule of another. A flush is not enough: the kernel keeps deleted real servers in a trash
+/// list for up to two minutes and searches that list on every real-server add, which slowed
+/// whichever side ran second several times over.
+#[allow(unsafe_code, reason = "unshare(2) has no safe wrapper in std")]
+fn fresh_netns() -> Result<()> {
+    // SAFETY: unshare takes no pointers; it only changes this thread's namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNET)");
     }
-    quiet("ipset", &["flush"]);
-    quiet("ipset", &["destroy"]);
-    quiet("/bin/ip", &["link", "set", "lo", "up"]);
+    let status = Command::new("/bin/ip")
+        .args(["link", "set", "lo", "up"])
+        .status()?;
+    ensure!(status.success(), "ip link set lo up: {status}");
+    Ok(())
 }
 
 fn common_flags(dir: &Path) -> Vec<String> {
@@ -222,7 +220,7 @@ fn feed(program: &str, args: &[&str], input: &str) -> Result<Duration> {
     Ok(started.elapsed())
 }
 
-/// The same state loaded by the kernel's own tools, on a clean kernel.
+/// The same state loaded by the kernel's own tools, in a fresh network namespace.
 fn floor(dir: &Path) -> Result<Duration> {
     let ipvs = plan_section(dir, "ipvs")?;
     let addresses = plan_section(dir, "addresses")?;
