@@ -6,7 +6,7 @@
 //! declares, fills and deletes chains it owns ([`crate::chain::is_proxy_chain`]), and edits
 //! built-in chains by inserting (`-I`) or deleting (`-D`) its own jump rules by their exact spec.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use crate::Error;
 use crate::chain::is_proxy_chain;
@@ -160,6 +160,87 @@ impl Ruleset {
             .try_for_each(|(t, p)| p.check_ownership(*t))
     }
 
+    /// The number of lines written: chain declarations, rules, and a declaration and an `-X`
+    /// per chain deleted. What an `iptables-nft-restore` run's cost grows with.
+    #[must_use]
+    pub fn line_count(&self) -> usize {
+        self.tables
+            .values()
+            .map(|t| t.chains.len() + 2 * t.delete.len() + t.rule_count())
+            .sum()
+    }
+
+    /// Splits this ruleset into restores of about `max_lines` lines each ([`Ruleset::line_count`]),
+    /// to be run one after another; a ruleset within the limit comes back whole.
+    ///
+    /// Why: `iptables-nft-restore` (1.8.x) keeps the name of every chain a restore declares or
+    /// jumps to in a sorted linked list, and walks it for every line, so one restore costs
+    /// lines × chains: the 434,000 lines and 111,000 chains of 10,000 Services × 10 endpoints
+    /// did not finish in 8 minutes. Restores of a bounded size keep the cost linear.
+    /// (`iptables-legacy-restore` must not be split: each run replaces the whole table.)
+    ///
+    /// After each restore the kernel is consistent: chains are written in an order where a
+    /// chain comes after every chain of this ruleset it jumps to, so no rewritten chain jumps
+    /// to one not yet written, and a chain not yet rewritten still jumps to chains that exist.
+    /// Then come the jumps from built-in chains (after their targets), then the chains to
+    /// delete are flushed, all of them, and only then deleted, so none is still referenced when
+    /// it goes.
+    #[must_use]
+    pub fn split(self, max_lines: usize) -> Vec<Ruleset> {
+        if self.line_count() <= max_lines {
+            return vec![self];
+        }
+        let mut out = Batches {
+            done: Vec::new(),
+            current: Ruleset::default(),
+            lines: 0,
+            max_lines,
+        };
+        let mut jumps = Vec::new();
+        let mut deletes = Vec::new();
+        for (table, patch) in self.tables {
+            let TablePatch {
+                mut chains,
+                delete,
+                insert_jumps,
+                delete_saved,
+            } = patch;
+            for name in dependency_order(&chains) {
+                if let Some(rules) = chains.remove(&name) {
+                    out.room(rules.len() + 1);
+                    out.current.table(table).chains.insert(name, rules);
+                }
+            }
+            jumps.push((table, insert_jumps, delete_saved));
+            deletes.push((table, delete));
+        }
+        for (table, insert_jumps, delete_saved) in jumps {
+            out.room(insert_jumps.len() + delete_saved.len());
+            let patch = out.current.table(table);
+            patch.insert_jumps = insert_jumps;
+            patch.delete_saved = delete_saved;
+        }
+        for (table, names) in &deletes {
+            for name in names {
+                // Declaring a chain with no rules flushes it.
+                out.room(1);
+                out.current
+                    .table(*table)
+                    .chains
+                    .insert(name.clone(), Vec::new());
+            }
+        }
+        out.finish_batch();
+        for (table, names) in deletes {
+            for name in names {
+                out.room(2);
+                out.current.table(table).delete.push(name);
+            }
+        }
+        out.finish_batch();
+        out.done
+    }
+
     /// The `iptables-restore --noflush` input, tables in a fixed order.
     #[must_use]
     pub fn render(&self) -> String {
@@ -169,6 +250,72 @@ impl Ruleset {
         }
         out
     }
+}
+
+/// Restores being filled by [`Ruleset::split`].
+struct Batches {
+    done: Vec<Ruleset>,
+    current: Ruleset,
+    lines: usize,
+    max_lines: usize,
+}
+
+impl Batches {
+    /// Makes room for `lines` more lines, starting a new restore if the current one is full.
+    fn room(&mut self, lines: usize) {
+        if self.lines > 0 && self.lines + lines > self.max_lines {
+            self.finish_batch();
+        }
+        self.lines += lines;
+    }
+
+    fn finish_batch(&mut self) {
+        let batch = std::mem::take(&mut self.current);
+        if !batch.is_empty() {
+            self.done.push(batch);
+        }
+        self.lines = 0;
+    }
+}
+
+/// The chains of `chains` in an order where every chain comes after the chains (of `chains`)
+/// it jumps to. Jumps to chains not in `chains` are ignored.
+///
+/// The walk starts from the chains nothing in `chains` jumps to (KUBE-SERVICES on a full
+/// sync) and follows their rules in order, so each Service's chains come out together (its
+/// KUBE-SEP-* chains, then its KUBE-SVC-*): a restore of a slice of this order mostly jumps to
+/// chains of the same slice.
+fn dependency_order(chains: &BTreeMap<String, Vec<Rule>>) -> Vec<String> {
+    fn visit<'a>(
+        name: &'a str,
+        chains: &'a BTreeMap<String, Vec<Rule>>,
+        seen: &mut HashSet<&'a str>,
+        out: &mut Vec<String>,
+    ) {
+        // Marked on entry: a loop (which the kernel refuses anyway) cannot recurse forever.
+        if !seen.insert(name) {
+            return;
+        }
+        if let Some((key, rules)) = chains.get_key_value(name) {
+            for target in rules.iter().filter_map(|r| r.target.jump_chain()) {
+                visit(target, chains, seen, out);
+            }
+            out.push(key.clone());
+        }
+    }
+    let targets: HashSet<&str> = chains
+        .values()
+        .flatten()
+        .filter_map(|r| r.target.jump_chain())
+        .collect();
+    let mut seen = HashSet::with_capacity(chains.len());
+    let mut out = Vec::with_capacity(chains.len());
+    let roots = chains.keys().filter(|c| !targets.contains(c.as_str()));
+    // Then whatever only a loop reaches.
+    for name in roots.chain(chains.keys()) {
+        visit(name, chains, &mut seen, &mut out);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -195,6 +342,94 @@ mod tests {
              -X KUBE-SEP-OLD\nCOMMIT\n"
         );
         rs.check_ownership().unwrap();
+    }
+
+    /// Two services' chains (SVC → SEPs → KUBE-MARK-MASQ) under KUBE-SERVICES, a stale chain
+    /// to delete and a jump from PREROUTING.
+    fn two_services() -> Ruleset {
+        let mut rs = Ruleset::default();
+        let nat = rs.table(Table::Nat);
+        let mut services = Vec::new();
+        for svc in ["KUBE-SVC-ZZZZ", "KUBE-SVC-AAAA"] {
+            let mut jumps = Vec::new();
+            for sep in 0..3 {
+                let sep = format!("KUBE-SEP-{}{sep}", &svc[9..]);
+                nat.chains
+                    .insert(sep.clone(), vec![Rule::jump(&sep, "KUBE-MARK-MASQ")]);
+                jumps.push(Rule::jump(svc, sep));
+            }
+            nat.chains.insert(svc.to_owned(), jumps);
+            services.push(Rule::jump("KUBE-SERVICES", svc));
+        }
+        nat.chains.insert("KUBE-SERVICES".into(), services);
+        nat.chains.insert(
+            "KUBE-MARK-MASQ".into(),
+            vec![Rule::new("KUBE-MARK-MASQ", Target::Return)],
+        );
+        nat.delete.push("KUBE-SEP-STALE".into());
+        nat.insert_jumps
+            .push(Rule::jump("PREROUTING", "KUBE-SERVICES"));
+        rs
+    }
+
+    #[test]
+    fn a_small_ruleset_is_not_split() {
+        let rs = two_services();
+        assert_eq!(rs.clone().split(1000), vec![rs]);
+    }
+
+    #[test]
+    fn split_writes_targets_first_keeps_services_together_and_deletes_last() {
+        let rs = two_services();
+        let parts = rs.clone().split(5);
+        assert!(parts.len() > 2, "{parts:?}");
+        // Every chain written once, with its rules whole.
+        let mut written = BTreeMap::new();
+        let mut order = Vec::new();
+        for (i, part) in parts.iter().enumerate() {
+            assert!(part.line_count() <= 5 || part.tables[&Table::Nat].chains.len() == 1);
+            for (name, rules) in &part.tables[&Table::Nat].chains {
+                if rules.is_empty() && name == "KUBE-SEP-STALE" {
+                    continue;
+                }
+                assert!(written.insert(name.clone(), (i, rules.clone())).is_none());
+                order.push(name.clone());
+            }
+        }
+        let nat = &rs.tables[&Table::Nat];
+        assert_eq!(
+            written
+                .iter()
+                .map(|(k, (_, r))| (k.clone(), r.clone()))
+                .collect::<BTreeMap<_, _>>(),
+            nat.chains
+        );
+        // No chain is written before a chain it jumps to.
+        for (name, (i, rules)) in &written {
+            for target in rules.iter().filter_map(|r| r.target.jump_chain()) {
+                assert!(written[target].0 <= *i, "{name} before {target}");
+            }
+        }
+        // Each service's chains are written next to each other.
+        let pos = |c: &str| order.iter().position(|o| o == c).unwrap();
+        assert_eq!(pos("KUBE-SVC-ZZZZ") - pos("KUBE-SEP-ZZZZ0"), 3);
+        assert_eq!(pos("KUBE-SVC-AAAA") - pos("KUBE-SEP-AAAA0"), 3);
+        // The jump from PREROUTING comes with or after KUBE-SERVICES; the stale chain is
+        // flushed in one restore and deleted in a later one, the very last.
+        let jump_at = parts
+            .iter()
+            .position(|p| !p.tables[&Table::Nat].insert_jumps.is_empty())
+            .unwrap();
+        assert!(jump_at >= written["KUBE-SERVICES"].0);
+        let flushed_at = parts
+            .iter()
+            .position(|p| p.tables[&Table::Nat].chains.contains_key("KUBE-SEP-STALE"))
+            .unwrap();
+        let last = parts.last().unwrap();
+        assert_eq!(last.tables[&Table::Nat].delete, ["KUBE-SEP-STALE"]);
+        assert!(last.tables[&Table::Nat].chains.is_empty());
+        assert!(flushed_at < parts.len() - 1);
+        assert!(parts[flushed_at].tables[&Table::Nat].chains["KUBE-SEP-STALE"].is_empty());
     }
 
     #[test]

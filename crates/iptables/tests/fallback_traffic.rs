@@ -626,3 +626,116 @@ fn flavour_detection_follows_kubelets_hint_then_rule_counts() {
     );
     let _ = Family::V4;
 }
+
+/// `count` ClusterIP Services of 10 endpoints, every tenth with a NodePort.
+fn many_services(count: u16) -> Vec<ServiceSpec> {
+    (0..count)
+        .map(|i| {
+            let [hi, lo] = i.to_be_bytes();
+            let mut s = ServiceSpec::cluster_ip(
+                format!("many/svc-{i}:http"),
+                Protocol::Tcp,
+                [10, 96, hi, lo].into(),
+                80,
+            );
+            s.node_port = (i % 10 == 0).then_some(30_000 + i / 10);
+            s.backends = (0..10u8)
+                .map(|e| {
+                    let addr = SocketAddr::new(IpAddr::from([10, 200 + e, hi, lo]), 8080);
+                    Backend::ready(addr, e % 3 == 0)
+                })
+                .collect();
+            s
+        })
+        .collect()
+}
+
+/// The proxy's lines of `iptables-save` (no comments, no counters), sorted.
+fn proxy_lines(node: &str, flavour: Flavour) -> Vec<String> {
+    let saved = sh_out(&[
+        "ip",
+        "netns",
+        "exec",
+        node,
+        &format!("iptables-{}-save", flavour.as_str()),
+    ]);
+    let mut lines: Vec<String> = saved
+        .lines()
+        .filter(|l| l.contains("KUBE-"))
+        .map(|l| l.split(" [").next().unwrap_or(l).to_owned())
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// A large iptables-nft restore goes in parts (one costs lines × chains in iptables 1.8);
+/// the parts leave exactly the rules one iptables-legacy restore writes, delete stale
+/// chains, and clean up completely.
+#[test]
+fn large_nft_restores_in_parts_program_what_one_restore_does() {
+    if !is_root() {
+        eprintln!("skipping: needs root to create network namespaces");
+        return;
+    }
+    let nft = Ns(format!("ipt{}-parts-nft", std::process::id()));
+    let legacy = Ns(format!("ipt{}-parts-legacy", std::process::id()));
+    for ns in [&nft, &legacy] {
+        sh(&["ip", "netns", "add", &ns.0]);
+    }
+    let config = ProxierConfig {
+        cluster_cidr: Some("10.192.0.0/10".parse().unwrap()),
+        ..ProxierConfig::default()
+    };
+    let runs: Vec<(Runner, Proxier, &str)> = [(Flavour::Nft, &nft), (Flavour::Legacy, &legacy)]
+        .into_iter()
+        .map(|(f, ns)| {
+            (
+                Runner::new(f).in_netns(&ns.0),
+                Proxier::new(config.clone()),
+                ns.0.as_str(),
+            )
+        })
+        .collect();
+    let mut runs = runs;
+    for (step, specs, full) in [
+        ("first full sync", many_services(1000), true),
+        (
+            "partial sync removing 600 Services",
+            many_services(400),
+            false,
+        ),
+        ("full sync removing 100 more", many_services(300), true),
+    ] {
+        let mut restores = Vec::new();
+        for (runner, proxier, _) in &mut runs {
+            let stats = proxier.sync(runner, &specs, full).expect(step);
+            restores.push(stats.restores);
+        }
+        assert!(restores[0] > 1, "{step}: nft in one restore: {restores:?}");
+        assert_eq!(restores[1], 1, "{step}: legacy split: {restores:?}");
+        let nft_lines = proxy_lines(runs[0].2, Flavour::Nft);
+        let legacy_lines = proxy_lines(runs[1].2, Flavour::Legacy);
+        assert!(nft_lines.len() > 300 * 30, "{step}: {}", nft_lines.len());
+        if nft_lines != legacy_lines {
+            let only_nft: Vec<_> = nft_lines
+                .iter()
+                .filter(|l| !legacy_lines.contains(l))
+                .take(5)
+                .collect();
+            let only_legacy: Vec<_> = legacy_lines
+                .iter()
+                .filter(|l| !nft_lines.contains(l))
+                .take(5)
+                .collect();
+            panic!(
+                "{step}: nft and legacy differ: only nft {only_nft:?}, only legacy {only_legacy:?}"
+            );
+        }
+    }
+    for (runner, _, node) in &runs {
+        let report = cleanup(runner);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(report.chains > 3000, "{}", report.chains);
+        assert_eq!(proxy_lines(node, runner.flavour()), Vec::<String>::new());
+    }
+}

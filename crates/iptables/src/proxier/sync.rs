@@ -38,6 +38,9 @@ pub struct SyncStats {
     pub rules: usize,
     /// Bytes of `iptables-restore` input.
     pub bytes: usize,
+    /// `iptables-restore` runs (more than one only for a large iptables-nft restore, see
+    /// [`Ruleset::split`]).
+    pub restores: usize,
     /// Wall time of the sync, tools included.
     pub elapsed: Duration,
 }
@@ -231,8 +234,9 @@ impl Proxier {
     }
 
     /// Syncs the kernel to `specs` through `runner`: a full sync when `full` is asked or
-    /// needed, else a partial one. One `iptables-save` (full syncs only) and at most one
-    /// `iptables-restore`. On failure the next sync is full.
+    /// needed, else a partial one. One `iptables-save` (full syncs only) and one
+    /// `iptables-restore` (a large one split into several with iptables-nft, see
+    /// [`Ruleset::split`]). On failure the next sync is full.
     pub fn sync(
         &mut self,
         runner: &Runner,
@@ -255,7 +259,8 @@ impl Proxier {
         } else {
             self.plan_partial(specs)
         };
-        let rs = &plan.ruleset;
+        let mut plan = plan;
+        let rs = std::mem::take(&mut plan.ruleset);
         let mut stats = SyncStats {
             full,
             changed_services: plan.changed,
@@ -266,11 +271,15 @@ impl Proxier {
         };
         if !rs.is_empty() {
             rs.check_ownership()?;
-            let input = rs.render();
-            stats.bytes = input.len();
-            if let Err(e) = runner.restore(family, &input) {
-                self.invalidate();
-                return Err(e);
+            match runner.apply_owned(family, rs) {
+                Ok((bytes, restores)) => {
+                    stats.bytes = bytes;
+                    stats.restores = restores;
+                }
+                Err(e) => {
+                    self.invalidate();
+                    return Err(e);
+                }
             }
         }
         self.commit(plan);
