@@ -85,7 +85,7 @@ impl TablePatch {
     }
 
     /// Writes this patch as one `*table … COMMIT` section of `iptables-restore --noflush`
-    /// input: chain declarations (sorted), deletions of jumps, the chains' rules, insertions
+    /// input: chain declarations (in descending order), deletions of jumps, the chains' rules, insertions
     /// of jumps, then flush-and-delete of removed chains.
     pub fn write(&self, table: Table, out: &mut String) {
         if self.is_empty() {
@@ -94,7 +94,12 @@ impl TablePatch {
         out.push('*');
         out.push_str(table.as_str());
         out.push('\n');
-        for name in self.chains.keys().chain(&self.delete) {
+        // Declared in descending order: iptables-nft-restore files each name into a sorted
+        // list walked from its smallest, so the smallest name first makes each step one
+        // comparison (ascending, 22,000 chains took 2.4 s instead of 0.2 s).
+        let mut declared: Vec<&String> = self.chains.keys().chain(&self.delete).collect();
+        declared.sort_unstable_by(|a, b| b.cmp(a));
+        for name in declared {
             out.push(':');
             out.push_str(name);
             out.push_str(" - [0:0]\n");

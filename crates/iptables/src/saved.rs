@@ -151,7 +151,7 @@ COMMIT
         rs.check_ownership().unwrap();
         assert_eq!(
             rs.render(),
-            "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-ABC - [0:0]\n\
+            "*nat\n:KUBE-SVC-ABC - [0:0]\n:KUBE-SERVICES - [0:0]\n\
              -D PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
              -X KUBE-SERVICES\n-X KUBE-SVC-ABC\nCOMMIT\n"
         );
