@@ -10,9 +10,10 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use notify::{EventKind, RecursiveMode, Watcher};
-use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+use tokio::sync::mpsc::UnboundedSender;
 
 use crate::manifests::{DirError, Snapshot, is_manifest, parse_into};
 use crate::source::{Event, ObjectKey, SourceUpdate};
@@ -228,13 +229,88 @@ pub enum WatchError {
     },
 }
 
+/// What the watcher works on. Changed files are read on notify's own thread as their events
+/// arrive, and their objects go straight to the proxier: no other thread is woken between a
+/// file's close and its sync.
+struct Follower {
+    dir: PathBuf,
+    index: DirIndex,
+    tx: UnboundedSender<SourceUpdate>,
+    /// Until the first read is done, changes are only noted.
+    ready: bool,
+    changed: BTreeSet<PathBuf>,
+    rescan: bool,
+}
+
+impl Follower {
+    fn note(&mut self, event: notify::Result<notify::Event>) {
+        match event {
+            Ok(e) => self.rescan |= note_change(e, &self.dir, &mut self.changed),
+            Err(error) => {
+                tracing::warn!(%error, "watching the manifests directory; re-reading it");
+                self.rescan = true;
+            }
+        }
+    }
+
+    /// Reads what changed since the last call and sends its events.
+    fn flush(&mut self) {
+        if !self.ready || (self.changed.is_empty() && !self.rescan) {
+            return;
+        }
+        let changed = std::mem::take(&mut self.changed);
+        // A directory that appeared (or moved in) is read whole.
+        let rescan = std::mem::take(&mut self.rescan)
+            || changed.iter().any(|p| p.is_dir() && *p != self.dir);
+        let started = std::time::Instant::now();
+        let files = changed.len();
+        let events = if rescan {
+            match self.index.rescan(&self.dir) {
+                Ok(events) => events,
+                Err(error) => {
+                    tracing::error!(%error, "manifests directory unreadable; keeping the last state");
+                    return;
+                }
+            }
+        } else {
+            self.index.update(changed)
+        };
+        tracing::debug!(
+            files,
+            rescan,
+            events = events.len(),
+            took_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "manifest changes read"
+        );
+        if !events.is_empty() {
+            // A closed receiver ends the watch; `watch_dir` sees it too.
+            let _ = self.tx.send(SourceUpdate::Events(events));
+        }
+    }
+}
+
+fn lock(f: &Mutex<Follower>) -> MutexGuard<'_, Follower> {
+    f.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Sends the directory's objects, then `InitialSyncDone`, then a batch per change, until the
 /// receiver is dropped.
 pub async fn watch_dir(dir: PathBuf, tx: UnboundedSender<SourceUpdate>) -> Result<(), WatchError> {
-    let (fs_tx, mut fs_rx) = unbounded_channel::<notify::Result<notify::Event>>();
-    // Watch before the first read, so a change made during it is not missed.
+    let follower = Arc::new(Mutex::new(Follower {
+        dir: dir.clone(),
+        index: DirIndex::default(),
+        tx: tx.clone(),
+        ready: false,
+        changed: BTreeSet::new(),
+        rescan: false,
+    }));
+    // Watch before the first read, so a change made during it is not missed: it waits in the
+    // kernel's queue until the read is done (an overflow there re-reads the directory).
+    let on_event = Arc::clone(&follower);
     let mut watcher = notify::recommended_watcher(move |event| {
-        let _ = fs_tx.send(event);
+        let mut f = lock(&on_event);
+        f.note(event);
+        f.flush();
     })
     .map_err(|source| WatchError::Notify {
         dir: dir.clone(),
@@ -247,66 +323,40 @@ pub async fn watch_dir(dir: PathBuf, tx: UnboundedSender<SourceUpdate>) -> Resul
             source,
         })?;
 
-    // The first read goes out a few hundred files at a time: the proxier programs nothing
-    // before InitialSyncDone, and the parsed API objects of 10,000 Services never need to be
-    // in memory at once.
-    let mut files = Vec::new();
-    manifest_files(&dir, &mut files).map_err(|source| DirError {
-        dir: dir.clone(),
-        source,
-    })?;
-    files.sort();
-    let mut index = DirIndex::default();
-    for chunk in files.chunks(FIRST_READ_CHUNK) {
-        let events = index.update(chunk.iter().cloned());
-        if !events.is_empty() && tx.send(SourceUpdate::Events(events)).is_err() {
+    {
+        let mut f = lock(&follower);
+        // The first read goes out a few hundred files at a time: the proxier programs nothing
+        // before InitialSyncDone, and the parsed API objects of 10,000 Services never need to
+        // be in memory at once.
+        let mut files = Vec::new();
+        manifest_files(&dir, &mut files).map_err(|source| DirError {
+            dir: dir.clone(),
+            source,
+        })?;
+        files.sort();
+        for chunk in files.chunks(FIRST_READ_CHUNK) {
+            let events = f.index.update(chunk.iter().cloned());
+            if !events.is_empty() && tx.send(SourceUpdate::Events(events)).is_err() {
+                return Ok(());
+            }
+        }
+        tracing::info!(dir = %dir.display(), objects = f.index.object_count(), "manifests read");
+        if tx.send(SourceUpdate::InitialSyncDone).is_err() {
             return Ok(());
         }
+        f.ready = true;
+        f.flush();
     }
-    tracing::info!(dir = %dir.display(), objects = index.object_count(), "manifests read");
-    if tx.send(SourceUpdate::InitialSyncDone).is_err() {
-        return Ok(());
-    }
-    while let Some(first) = fs_rx.recv().await {
-        let mut changed: BTreeSet<PathBuf> = BTreeSet::new();
-        let mut rescan = false;
-        let mut note = |event: notify::Result<notify::Event>| match event {
-            Ok(e) => rescan |= note_change(e, &dir, &mut changed),
-            Err(error) => {
-                tracing::warn!(%error, "watching the manifests directory; re-reading it");
-                rescan = true;
-            }
-        };
-        note(first);
-        // Whatever else is queued joins this batch; the proxier coalesces further by
-        // --ipvs-min-sync-period.
-        tokio::task::yield_now().await;
-        while let Ok(event) = fs_rx.try_recv() {
-            note(event);
-        }
-        // A directory that appeared (or moved in) is read whole.
-        rescan |= changed.iter().any(|p| p.is_dir() && *p != dir);
-        let events = if rescan {
-            match index.rescan(&dir) {
-                Ok(events) => events,
-                Err(error) => {
-                    tracing::error!(%error, "manifests directory unreadable; keeping the last state");
-                    continue;
-                }
-            }
-        } else {
-            index.update(changed)
-        };
-        if !events.is_empty() && tx.send(SourceUpdate::Events(events)).is_err() {
-            break;
-        }
-    }
+    tx.closed().await;
+    drop(watcher);
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use tokio::sync::mpsc::unbounded_channel;
 
     use super::*;
     use crate::source::Kind;
