@@ -26,6 +26,12 @@ pub struct TablePatch {
     /// Jump rules to delete from built-in chains, as `iptables-save` printed them (`-A CHAIN …`;
     /// written as `-D CHAIN …`).
     pub delete_saved: Vec<String>,
+    /// Rules deleted by their exact spec from the proxy's own chains that are not rewritten
+    /// (`-D CHAIN …`): a partial sync's edits of KUBE-SERVICES and the other shared chains.
+    pub delete_rules: Vec<Rule>,
+    /// Rules inserted at the top of the proxy's own chains that are not rewritten
+    /// (`-I CHAIN 1 …`, so KUBE-SERVICES's jump to KUBE-NODEPORTS stays last).
+    pub insert_rules: Vec<Rule>,
 }
 
 impl TablePatch {
@@ -36,6 +42,8 @@ impl TablePatch {
             && self.delete.is_empty()
             && self.insert_jumps.is_empty()
             && self.delete_saved.is_empty()
+            && self.delete_rules.is_empty()
+            && self.insert_rules.is_empty()
     }
 
     /// The number of rule lines this patch writes.
@@ -44,6 +52,8 @@ impl TablePatch {
         self.chains.values().map(Vec::len).sum::<usize>()
             + self.insert_jumps.len()
             + self.delete_saved.len()
+            + self.delete_rules.len()
+            + self.insert_rules.len()
     }
 
     /// Refuses a patch that would write or delete a chain the proxy does not own, or touch a
@@ -73,6 +83,14 @@ impl TablePatch {
                 return Err(not_owned(&r.chain));
             }
         }
+        if let Some(r) = self
+            .delete_rules
+            .iter()
+            .chain(&self.insert_rules)
+            .find(|r| table.is_builtin(&r.chain) || !is_proxy_chain(table, &r.chain))
+        {
+            return Err(not_owned(&r.chain));
+        }
         for line in &self.delete_saved {
             let Some((chain, target)) = rule_chain_and_target(line) else {
                 return Err(not_owned(line));
@@ -85,8 +103,8 @@ impl TablePatch {
     }
 
     /// Writes this patch as one `*table … COMMIT` section of `iptables-restore --noflush`
-    /// input: chain declarations (in descending order), deletions of jumps, the chains' rules, insertions
-    /// of jumps, then flush-and-delete of removed chains.
+    /// input: chain declarations (in descending order), deletions of jumps and rules, the
+    /// chains' rules, insertions of rules and jumps, then flush-and-delete of removed chains.
     pub fn write(&self, table: Table, out: &mut String) {
         if self.is_empty() {
             return;
@@ -109,14 +127,18 @@ impl TablePatch {
             out.push_str(line.strip_prefix("-A ").unwrap_or(line));
             out.push('\n');
         }
+        for r in &self.delete_rules {
+            r.write_with("-D", out);
+            out.push('\n');
+        }
         for rules in self.chains.values() {
             for r in rules {
                 r.write_with("-A", out);
                 out.push('\n');
             }
         }
-        for r in &self.insert_jumps {
-            // `-I CHAIN 1` keeps kube-proxy's behaviour: its jumps go before other rules.
+        // `-I CHAIN 1` keeps kube-proxy's behaviour for its jumps: they go before other rules.
+        for r in self.insert_rules.iter().chain(&self.insert_jumps) {
             let op = format!("-I {} 1", r.chain);
             let mut line = String::new();
             r.write_with("-A", &mut line);
@@ -187,7 +209,8 @@ impl Ruleset {
     /// After each restore the kernel is consistent: chains are written in an order where a
     /// chain comes after every chain of this ruleset it jumps to, so no rewritten chain jumps
     /// to one not yet written, and a chain not yet rewritten still jumps to chains that exist.
-    /// Then come the jumps from built-in chains (after their targets), then the chains to
+    /// Then come the jumps from built-in chains and the edits of single rules (after their
+    /// targets, before the chains they stopped jumping to are deleted), then the chains to
     /// delete are flushed, all of them, and only then deleted, so none is still referenced when
     /// it goes.
     #[must_use]
@@ -209,6 +232,8 @@ impl Ruleset {
                 delete,
                 insert_jumps,
                 delete_saved,
+                delete_rules,
+                insert_rules,
             } = patch;
             for name in dependency_order(&chains) {
                 if let Some(rules) = chains.remove(&name) {
@@ -216,14 +241,24 @@ impl Ruleset {
                     out.current.table(table).chains.insert(name, rules);
                 }
             }
-            jumps.push((table, insert_jumps, delete_saved));
+            jumps.push((
+                table,
+                insert_jumps,
+                delete_saved,
+                delete_rules,
+                insert_rules,
+            ));
             deletes.push((table, delete));
         }
-        for (table, insert_jumps, delete_saved) in jumps {
-            out.room(insert_jumps.len() + delete_saved.len());
+        for (table, insert_jumps, delete_saved, delete_rules, insert_rules) in jumps {
+            out.room(
+                insert_jumps.len() + delete_saved.len() + delete_rules.len() + insert_rules.len(),
+            );
             let patch = out.current.table(table);
             patch.insert_jumps = insert_jumps;
             patch.delete_saved = delete_saved;
+            patch.delete_rules = delete_rules;
+            patch.insert_rules = insert_rules;
         }
         for (table, names) in &deletes {
             for name in names {

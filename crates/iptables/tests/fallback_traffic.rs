@@ -697,21 +697,35 @@ fn large_nft_restores_in_parts_program_what_one_restore_does() {
         })
         .collect();
     let mut runs = runs;
-    for (step, specs, full) in [
-        ("first full sync", many_services(1000), true),
+    let mut one_in_one_out = many_services(401);
+    one_in_one_out.remove(7);
+    for (step, specs, full, parts) in [
+        ("first full sync", many_services(1000), true, true),
         (
             "partial sync removing 600 Services",
             many_services(400),
             false,
+            true,
         ),
-        ("full sync removing 100 more", many_services(300), true),
+        (
+            "partial sync adding one Service, removing one",
+            one_in_one_out,
+            false,
+            false,
+        ),
+        (
+            "full sync removing 100 more",
+            many_services(300),
+            true,
+            true,
+        ),
     ] {
         let mut restores = Vec::new();
         for (runner, proxier, _) in &mut runs {
             let stats = proxier.sync(runner, &specs, full).expect(step);
             restores.push(stats.restores);
         }
-        assert!(restores[0] > 1, "{step}: nft in one restore: {restores:?}");
+        assert_eq!(restores[0] > 1, parts, "{step}: nft restores: {restores:?}");
         assert_eq!(restores[1], 1, "{step}: legacy split: {restores:?}");
         let nft_lines = proxy_lines(runs[0].2, Flavour::Nft);
         let legacy_lines = proxy_lines(runs[1].2, Flavour::Legacy);
@@ -729,6 +743,15 @@ fn large_nft_restores_in_parts_program_what_one_restore_does() {
                 .collect();
             panic!(
                 "{step}: nft and legacy differ: only nft {only_nft:?}, only legacy {only_legacy:?}"
+            );
+        }
+        if !full {
+            // What the partial sync left is what a full sync writes (in another order).
+            let (runner, proxier, node) = &mut runs[1];
+            proxier.sync(runner, &specs, true).expect(step);
+            assert!(
+                proxy_lines(node, Flavour::Legacy) == legacy_lines,
+                "{step}: a full sync changed the rules"
             );
         }
     }
