@@ -1,7 +1,8 @@
 //! `cargo xtask bench iptables [SERVICES] [legacy|nft|both]`: the iptables proxier (the
 //! fallback when IPVS is missing) with 10,000 Services × 10 endpoints (by default), in each
 //! flavour (both by default; `BENCH_FLAVOUR=legacy|nft` also picks one): one full restore,
-//! then one endpoint changed (a partial sync), then a full resync over the existing rules.
+//! then partial syncs (one endpoint changed; one Service added, then removed), then a full
+//! resync over the existing rules.
 //! Runs in a network namespace of its own when it can create one (on the host), else in the
 //! current one (the VM), which it cleans up after each flavour. On the host:
 //! `cargo run --release -p iptables --example bench_iptables -- 10000 nft`.
@@ -11,7 +12,7 @@
 //! iptables-nft-restore of it is super-linear, hours at this size, which is why ours splits
 //! it); for the partial sync, one `iptables-restore --noflush` writing a single new chain of
 //! one rule, the least any change costs (legacy replaces the whole table in the kernel; nft
-//! re-validates every rule reachable from the built-in chains on commit). The partial's
+//! re-validates every rule reachable from the built-in chains on commit). The partial cases'
 //! `of_full` is the goal: a one-Service change under 5% of a full restore.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -126,6 +127,28 @@ fn partial_syncs(
     Ok(partial_time)
 }
 
+/// One Service added, then removed again, [`REPEATS`] times; the median time of each.
+fn service_add_remove(
+    proxier: &mut Proxier,
+    runner: &Runner,
+    services: u32,
+) -> Result<(f64, f64), Box<dyn std::error::Error>> {
+    let last = Some((services / 2, u32::try_from(REPEATS - 1)?));
+    let with = specs(services + 1, last);
+    let without = specs(services, last);
+    let (mut adds, mut removes) = (Vec::new(), Vec::new());
+    for _ in 0..REPEATS {
+        for (specs, times) in [(&with, &mut adds), (&without, &mut removes)] {
+            let start = Instant::now();
+            proxier.sync(runner, specs, false)?;
+            times.push(start.elapsed());
+        }
+    }
+    let (add, remove) = (median(adds), median(removes));
+    println!("one Service added: median {add:.4}s; removed: median {remove:.4}s");
+    Ok((add, remove))
+}
+
 /// The floor of any change: one new chain of one rule (then removed, untimed); the median
 /// of [`REPEATS`].
 fn change_floor(runner: &Runner) -> Result<f64, Box<dyn std::error::Error>> {
@@ -198,6 +221,7 @@ fn bench(flavour: Flavour, services: u32) -> Result<Vec<String>, Box<dyn std::er
     );
 
     let partial_time = partial_syncs(&mut proxier, &runner, services)?;
+    let (add_time, remove_time) = service_add_remove(&mut proxier, &runner, services)?;
     let partial_floor = change_floor(&runner)?;
 
     let last = specs(services, Some((services / 2, u32::try_from(REPEATS - 1)?)));
@@ -237,6 +261,13 @@ fn bench(flavour: Flavour, services: u32) -> Result<Vec<String>, Box<dyn std::er
         partial_time / partial_floor,
         100.0 * partial_time / full_time
     ));
+    for (case, time) in [("add-service", add_time), ("remove-service", remove_time)] {
+        summary.push(format!(
+            "bench iptables-{f}-{case} {services} ours={time:.4}s floor={partial_floor:.4}s ratio={:.2} of_full={:.2}%",
+            time / partial_floor,
+            100.0 * time / full_time
+        ));
+    }
     summary.push(format!(
         "bench iptables-{f}-resync {services} ours={resync_time:.3}s"
     ));
