@@ -494,18 +494,19 @@ mod tests {
         assert_eq!(changed, BTreeSet::from([dir.0.join("a.yaml")]));
     }
 
+    async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<SourceUpdate>) -> SourceUpdate {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("an update within 5 s")
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn watching_sends_the_first_read_then_each_change() {
         let dir = tempdir("watch");
         std::fs::write(dir.0.join("a.yaml"), SVC_A).unwrap();
         let (tx, mut rx) = unbounded_channel();
         let task = tokio::spawn(watch_dir(dir.0.clone(), tx));
-        let next = async |rx: &mut tokio::sync::mpsc::UnboundedReceiver<SourceUpdate>| {
-            tokio::time::timeout(Duration::from_secs(5), rx.recv())
-                .await
-                .expect("an update within 5 s")
-                .unwrap()
-        };
         assert!(matches!(next(&mut rx).await, SourceUpdate::Events(e) if names(&e) == ["apply a"]));
         assert_eq!(next(&mut rx).await, SourceUpdate::InitialSyncDone);
         std::fs::write(dir.0.join("b.yaml"), SVC_B).unwrap();
@@ -596,12 +597,6 @@ mod tests {
         std::os::unix::fs::symlink("..data/a.yaml", dir.0.join("a.yaml")).unwrap();
         let (tx, mut rx) = unbounded_channel();
         let task = tokio::spawn(watch_dir(dir.0.clone(), tx));
-        let next = async |rx: &mut tokio::sync::mpsc::UnboundedReceiver<SourceUpdate>| {
-            tokio::time::timeout(Duration::from_secs(5), rx.recv())
-                .await
-                .expect("an update within 5 s")
-                .unwrap()
-        };
         assert!(matches!(next(&mut rx).await, SourceUpdate::Events(e) if names(&e) == ["apply a"]));
         assert_eq!(next(&mut rx).await, SourceUpdate::InitialSyncDone);
         std::fs::create_dir(dir.0.join("..v2")).unwrap();
