@@ -12,7 +12,7 @@
 //! the resync period, and after any failure) rewrites everything, deletes stale per-Service
 //! chains found in `iptables-save`, and restores missing jumps from the built-in chains.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use super::render::{Rendered, SHARED_CHAINS, ServiceRules, render, render_service, use_comments};
@@ -62,8 +62,15 @@ pub struct SyncPlan {
     pub ruleset: Ruleset,
     full: Option<Rendered>,
     updates: Vec<(Key, Option<ServiceRules>)>,
-    specs: HashMap<Key, ServiceSpec>,
+    /// Every spec (a full sync), or only those that changed (`None`: removed).
+    specs: Specs,
     changed: usize,
+}
+
+#[derive(Debug)]
+enum Specs {
+    All(HashMap<Key, ServiceSpec>),
+    Changed(Vec<(Key, Option<ServiceSpec>)>),
 }
 
 /// kube-proxy's iptables mode for one family, incremental.
@@ -131,7 +138,7 @@ impl Proxier {
                 .collect();
             saved.add_missing_jumps(table, &jumps, &mut ruleset);
         }
-        let specs = specs.iter().map(|s| (s.key(), s.clone())).collect();
+        let specs = Specs::All(specs.iter().map(|s| (s.key(), s.clone())).collect());
         SyncPlan {
             ruleset,
             changed: rendered.services.len(),
@@ -150,17 +157,21 @@ impl Proxier {
         };
         let comments = applied.comments;
         let mut updates: Vec<(Key, Option<ServiceRules>)> = Vec::new();
-        let mut seen: HashMap<Key, ServiceSpec> = HashMap::with_capacity(specs.len());
+        let mut spec_changes = Vec::new();
+        // Only the changed specs are cloned: at 10,000 Services, cloning all took 8 ms a sync.
+        let mut seen: HashSet<Key> = HashSet::with_capacity(specs.len());
         for s in specs {
             let key = s.key();
             if self.specs.get(&key) != Some(s) {
                 updates.push((key.clone(), render_service(&self.config, s, comments)));
+                spec_changes.push((key.clone(), Some(s.clone())));
             }
-            seen.insert(key, s.clone());
+            seen.insert(key);
         }
         for key in self.specs.keys() {
-            if !seen.contains_key(key) {
+            if !seen.contains(key) {
                 updates.push((key.clone(), None));
+                spec_changes.push((key.clone(), None));
             }
         }
 
@@ -242,14 +253,24 @@ impl Proxier {
             ruleset,
             full: None,
             updates,
-            specs: seen,
+            specs: Specs::Changed(spec_changes),
             changed,
         }
     }
 
     /// Records `plan` as applied.
     pub fn commit(&mut self, plan: SyncPlan) {
-        self.specs = plan.specs;
+        match plan.specs {
+            Specs::All(all) => self.specs = all,
+            Specs::Changed(changes) => {
+                for (key, spec) in changes {
+                    match spec {
+                        Some(s) => self.specs.insert(key, s),
+                        None => self.specs.remove(&key),
+                    };
+                }
+            }
+        }
         if let Some(rendered) = plan.full {
             self.applied = Some(rendered);
             return;
