@@ -1,10 +1,12 @@
 //! What one `iptables-restore --noflush` run does to one table: chains rewritten whole,
-//! chains deleted, and jump rules into built-in chains added or removed.
+//! chains deleted, single rules of the proxy's chains deleted or inserted, and jump rules
+//! into built-in chains added or removed.
 //!
 //! With `--noflush`, declaring `:CHAIN - [0:0]` creates the chain or flushes it, and nothing
 //! else in the table is touched. That is how a user's rules survive: the proxy only ever
-//! declares, fills and deletes chains it owns ([`crate::chain::is_proxy_chain`]), and edits
-//! built-in chains by inserting (`-I`) or deleting (`-D`) its own jump rules by their exact spec.
+//! declares, fills, edits and deletes chains it owns ([`crate::chain::is_proxy_chain`]), and
+//! edits built-in chains by inserting (`-I`) or deleting (`-D`) its own jump rules by their
+//! exact spec.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -14,7 +16,8 @@ use crate::rule::Rule;
 use crate::saved::rule_chain_and_target;
 use crate::table::Table;
 
-/// Changes to one table, applied together and atomically by one `iptables-restore`.
+/// Changes to one table, applied together and atomically by one `iptables-restore` (unless
+/// iptables-nft is given a large ruleset, which goes in parts: [`Ruleset::split`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TablePatch {
     /// Chains (re)written whole, with their rules in order. Sorted by name when rendered.
