@@ -173,12 +173,15 @@ impl DirIndex {
 /// manifest would otherwise be reported as malformed, or read empty and its Services deleted.
 /// Reads (our own included) are no change at all.
 fn note_change(event: notify::Event, dir: &Path, changed: &mut BTreeSet<PathBuf>) -> bool {
-    use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
+    use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
     if event.need_rescan() {
         return true;
     }
     let renamed = matches!(event.kind, EventKind::Modify(ModifyKind::Name(_)));
     match event.kind {
+        // inotify's rename comes as From (the old name) and To (the new one), and notify adds a
+        // Both with the two names: noting that one too would read the new file twice.
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => return false,
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
         EventKind::Access(_) | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Metadata(_)) => {
             return false;
@@ -568,6 +571,23 @@ mod tests {
         let (changed, rescan) = drain_notes(&rx, &dir.0);
         assert_eq!(changed, BTreeSet::from([path]));
         assert!(!rescan);
+    }
+
+    #[test]
+    fn a_file_renamed_into_place_is_read_once() {
+        let dir = tempdir("rename");
+        let (_watcher, rx) = watch(&dir.0);
+        let tmp = dir.0.join(".a.yaml.tmp");
+        std::fs::write(&tmp, SVC_A).unwrap();
+        std::fs::rename(&tmp, dir.0.join("a.yaml")).unwrap();
+        // Each event that notes a path is one read of it.
+        let mut reads = Vec::new();
+        while let Ok(event) = rx.recv_timeout(Duration::from_millis(300)) {
+            let mut changed = BTreeSet::new();
+            note_change(event.unwrap(), &dir.0, &mut changed);
+            reads.extend(changed);
+        }
+        assert_eq!(reads, vec![dir.0.join("a.yaml")]);
     }
 
     #[test]
