@@ -92,19 +92,27 @@ fn bench(args: &[String]) -> Result<()> {
             started.elapsed().as_secs_f64()
         );
 
-        fresh_netns()?;
-        std::thread::sleep(TEARDOWN);
-        let floor = floor(&dir)?;
+        // BENCH_SYNC_NO_FLOOR=1 skips the floor, to iterate on our side alone.
+        let floor = if std::env::var_os("BENCH_SYNC_NO_FLOOR").is_some() {
+            None
+        } else {
+            fresh_netns()?;
+            std::thread::sleep(TEARDOWN);
+            Some(floor(&dir)?)
+        };
         fresh_netns()?;
         std::thread::sleep(TEARDOWN);
         let cold = cold_start(&dir, n)?;
-        summary.push(format!(
-            "bench sync-cold {n} ours={:.2}s floor={:.2}s ratio={:.2} rss={}MiB",
-            cold.ours.as_secs_f64(),
-            floor.as_secs_f64(),
-            cold.ours.as_secs_f64() / floor.as_secs_f64(),
-            cold.peak_rss_kib.div_ceil(1024),
-        ));
+        let ours = cold.ours.as_secs_f64();
+        let rss = cold.peak_rss_kib.div_ceil(1024);
+        summary.push(match floor {
+            Some(floor) => format!(
+                "bench sync-cold {n} ours={ours:.2}s floor={:.2}s ratio={:.2} rss={rss}MiB",
+                floor.as_secs_f64(),
+                ours / floor.as_secs_f64(),
+            ),
+            None => format!("bench sync-cold {n} ours={ours:.2}s rss={rss}MiB"),
+        });
         summary.push(format!(
             "bench sync-change {n} ours={:.4}s p99={:.1}ms",
             cold.change_median.as_secs_f64(),
@@ -372,6 +380,13 @@ fn cold_start(dir: &Path, n: u32) -> Result<Measured> {
     );
     drop(dump);
 
+    // BENCH_SYNC_NO_ESTIMATION=1 stops the kernel's rate estimator for the changes, to show what
+    // it costs them (see docs/sync.md).
+    if std::env::var_os("BENCH_SYNC_NO_ESTIMATION").is_some() {
+        std::fs::write("/proc/sys/net/ipv4/vs/run_estimation", "0")
+            .context("net.ipv4.vs.run_estimation")?;
+        println!("  (net.ipv4.vs.run_estimation=0 for the changes)");
+    }
     let mut renames = Vec::with_capacity(CHANGES);
     let latencies = match changes(&mut handle, dir, n, &mut renames) {
         Ok(l) => l,
@@ -401,6 +416,7 @@ fn cold_start(dir: &Path, n: u32) -> Result<Measured> {
     drop(daemon);
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     explain_changes(&log, &renames);
+    slowest_changes(&log, &renames, &latencies);
     print_log(&log);
     Ok(Measured {
         ours,
@@ -539,6 +555,29 @@ fn explain_changes(log: &str, renames: &[std::time::SystemTime]) {
             ms(&mut reading, 0.5),
             ms(&mut reading, 0.99),
         );
+    }
+}
+
+/// The daemon's log lines during the three slowest changes, to show where their time went.
+fn slowest_changes(log: &str, renames: &[std::time::SystemTime], latencies: &[Duration]) {
+    let mut order: Vec<usize> = (0..latencies.len().min(renames.len())).collect();
+    order.sort_by_key(|&k| std::cmp::Reverse(latencies[k]));
+    for &k in order.iter().take(3) {
+        let Ok(since) = renames[k].duration_since(std::time::UNIX_EPOCH) else {
+            continue;
+        };
+        let at = since.as_secs_f64() % 86_400.0;
+        let until = at + latencies[k].as_secs_f64() + 0.002;
+        println!(
+            "  slow change {k}: {:.2}ms; the daemon's lines meanwhile:",
+            latencies[k].as_secs_f64() * 1000.0
+        );
+        for line in log
+            .lines()
+            .filter(|l| log_time(l).is_some_and(|t| t >= at - 0.001 && t <= until))
+        {
+            println!("    {line}");
+        }
     }
 }
 
