@@ -47,6 +47,8 @@ const FORWARDED_ENV: &[&str] = &[
     "RUST_TEST_THREADS",
     "NO_COLOR",
 ];
+/// And every host variable whose name starts with this: benchmarks' options.
+const FORWARDED_PREFIX: &str = "BENCH_";
 
 /// Exit status when the VM itself failed (crashed, printed no exit marker).
 pub const EXIT_VM_FAILED: i32 = 125;
@@ -108,8 +110,8 @@ impl Run<'_> {
             "export TERM={}",
             shell_quote(term.as_deref().unwrap_or("dumb"))
         );
-        for name in FORWARDED_ENV {
-            if let Ok(value) = std::env::var(name) {
+        for (name, value) in std::env::vars() {
+            if FORWARDED_ENV.contains(&name.as_str()) || name.starts_with(FORWARDED_PREFIX) {
                 let _ = writeln!(env, "export {name}={}", shell_quote(&value));
             }
         }
