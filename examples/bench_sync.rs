@@ -468,6 +468,12 @@ fn changes(
     Ok(latencies)
 }
 
+/// Seconds since midnight UTC of `t`, on the scale of [`log_time`].
+fn clock_time(t: std::time::SystemTime) -> Option<f64> {
+    let since = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    Some(since.as_secs_f64() % 86_400.0)
+}
+
 /// Seconds since midnight UTC of a log line's RFC 3339 timestamp (`…T12:04:29.510418Z`).
 fn log_time(line: &str) -> Option<f64> {
     let t = line.split('T').nth(1)?.split('Z').next()?;
@@ -515,10 +521,9 @@ fn explain_changes(log: &str, renames: &[std::time::SystemTime]) {
     let mut tooks = Vec::new();
     let mut behind_full = 0;
     for r in renames {
-        let Ok(since) = r.duration_since(std::time::UNIX_EPOCH) else {
+        let Some(at) = clock_time(*r) else {
             continue;
         };
-        let at = since.as_secs_f64() % 86_400.0;
         let Some(&(start, took, full)) = syncs.iter().find(|(start, took, _)| start + took >= at)
         else {
             continue;
@@ -563,10 +568,9 @@ fn slowest_changes(log: &str, renames: &[std::time::SystemTime], latencies: &[Du
     let mut order: Vec<usize> = (0..latencies.len().min(renames.len())).collect();
     order.sort_by_key(|&k| std::cmp::Reverse(latencies[k]));
     for &k in order.iter().take(3) {
-        let Ok(since) = renames[k].duration_since(std::time::UNIX_EPOCH) else {
+        let Some(at) = clock_time(renames[k]) else {
             continue;
         };
-        let at = since.as_secs_f64() % 86_400.0;
         let until = at + latencies[k].as_secs_f64() + 0.002;
         println!(
             "  slow change {k}: {:.2}ms; the daemon's lines meanwhile:",
