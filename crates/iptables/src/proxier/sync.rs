@@ -397,11 +397,17 @@ mod tests {
             .collect()
     }
 
+    /// A proxier after a full sync of `specs(services, last_backend)`.
+    fn synced(services: u8, last_backend: u8) -> Proxier {
+        let mut p = Proxier::new(ProxierConfig::default());
+        let plan = p.plan_full(&specs(services, last_backend), &Saved::default());
+        p.commit(plan);
+        p
+    }
+
     #[test]
     fn one_endpoint_change_rewrites_one_service_chain_only() {
-        let mut p = Proxier::new(ProxierConfig::default());
-        let plan = p.plan_full(&specs(5, 3), &Saved::default());
-        p.commit(plan);
+        let mut p = synced(5, 3);
         let plan = p.plan_partial(&specs(5, 4));
         let nat = &plan.ruleset.tables[&Table::Nat];
         let written: Vec<&str> = nat.chains.keys().map(String::as_str).collect();
@@ -422,9 +428,7 @@ mod tests {
 
     #[test]
     fn removed_service_deletes_its_rule_and_chains_without_rewriting_kube_services() {
-        let mut p = Proxier::new(ProxierConfig::default());
-        let plan = p.plan_full(&specs(3, 3), &Saved::default());
-        p.commit(plan);
+        let mut p = synced(3, 3);
         let plan = p.plan_partial(&specs(2, 3));
         let nat = &plan.ruleset.tables[&Table::Nat];
         assert!(nat.chains.is_empty(), "{:?}", nat.chains.keys());
@@ -441,9 +445,7 @@ mod tests {
 
     #[test]
     fn added_service_inserts_its_rule_above_the_nodeports_jump() {
-        let mut p = Proxier::new(ProxierConfig::default());
-        let plan = p.plan_full(&specs(2, 3), &Saved::default());
-        p.commit(plan);
+        let p = synced(2, 3);
         let plan = p.plan_partial(&specs(3, 3));
         let nat = &plan.ruleset.tables[&Table::Nat];
         assert_eq!(nat.chains.len(), 4, "SVC and three SEP chains");
@@ -458,9 +460,7 @@ mod tests {
 
     #[test]
     fn many_shared_rule_changes_rewrite_the_chain() {
-        let mut p = Proxier::new(ProxierConfig::default());
-        let plan = p.plan_full(&specs(1, 3), &Saved::default());
-        p.commit(plan);
+        let p = synced(1, 3);
         let many = u8::try_from(SHARED_EDIT_LIMIT + 2).unwrap();
         let plan = p.plan_partial(&specs(many, 3));
         let nat = &plan.ruleset.tables[&Table::Nat];
