@@ -13,7 +13,7 @@ use ipnet::IpNet;
 
 use crate::Error;
 use crate::rule::Protocol;
-use crate::table::Family;
+use crate::table::{Family, FamilyNames as _};
 
 /// The ipset names kube-proxy's ipvs mode uses; the IPv6 twin of each is the same name with
 /// `KUBE-` replaced by `KUBE-6-`. Only these (and their temporary swap twins) are ever written

@@ -30,7 +30,7 @@ pub use rule::{AddrMatch, AddrType, MarkOp, Match, Protocol, Recent, Rule, Targe
 pub use ruleset::{Ruleset, TablePatch};
 pub use runner::{Flavour, Runner, detect_flavour};
 pub use saved::Saved;
-pub use table::{Family, Table};
+pub use table::{Family, FamilyNames, Table};
 
 /// What can go wrong rendering or applying netfilter state.
 #[derive(Debug, thiserror::Error)]

@@ -11,34 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
-/// A transport protocol, as after `-p`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Protocol {
-    /// `tcp`
-    Tcp,
-    /// `udp`
-    Udp,
-    /// `sctp`
-    Sctp,
-}
-
-impl Protocol {
-    /// The lowercase name `iptables` and `ipset` use.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-            Protocol::Sctp => "sctp",
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use inet::Protocol;
 
 /// An address match (`-s`/`-d`), possibly negated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -10,7 +10,7 @@ use crate::Error;
 use crate::ipset::SetPatch;
 use crate::ruleset::Ruleset;
 use crate::saved::Saved;
-use crate::table::{Family, Table};
+use crate::table::{Family, FamilyNames as _, Table};
 
 /// The most lines ([`Ruleset::line_count`]) one `iptables-nft-restore` is given; larger
 /// rulesets are split ([`Ruleset::split`]). About 300 Services of 10 endpoints. At 10,000

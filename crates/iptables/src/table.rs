@@ -64,50 +64,34 @@ impl fmt::Display for Table {
     }
 }
 
-/// The IP family: `iptables` / `ipset family inet`, or `ip6tables` / `family inet6`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Family {
-    /// IPv4.
-    V4,
-    /// IPv6.
-    V6,
+pub use inet::Family;
+
+/// How iptables and ipset spell a [`Family`].
+pub trait FamilyNames {
+    /// The tool name stem: `iptables` or `ip6tables`.
+    fn tool(self) -> &'static str;
+    /// The `ipset` family keyword: `inet` or `inet6`.
+    fn ipset_family(self) -> &'static str;
+    /// The ICMP type REJECT uses for "port unreachable" in this family.
+    fn port_unreachable(self) -> &'static str;
 }
 
-impl Family {
-    /// Both families, IPv4 first.
-    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
-
-    /// The family of an address.
-    #[must_use]
-    pub fn of(addr: std::net::IpAddr) -> Family {
-        if addr.is_ipv4() {
-            Family::V4
-        } else {
-            Family::V6
-        }
-    }
-
-    /// The tool name stem: `iptables` or `ip6tables`.
-    #[must_use]
-    pub fn tool(self) -> &'static str {
+impl FamilyNames for Family {
+    fn tool(self) -> &'static str {
         match self {
             Family::V4 => "iptables",
             Family::V6 => "ip6tables",
         }
     }
 
-    /// The `ipset` family keyword: `inet` or `inet6`.
-    #[must_use]
-    pub fn ipset_family(self) -> &'static str {
+    fn ipset_family(self) -> &'static str {
         match self {
             Family::V4 => "inet",
             Family::V6 => "inet6",
         }
     }
 
-    /// The ICMP type REJECT uses for "port unreachable" in this family.
-    #[must_use]
-    pub fn port_unreachable(self) -> &'static str {
+    fn port_unreachable(self) -> &'static str {
         match self {
             Family::V4 => "icmp-port-unreachable",
             Family::V6 => "icmp6-port-unreachable",

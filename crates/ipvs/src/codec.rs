@@ -83,7 +83,7 @@ fn put_service_key(w: &mut Writer, key: &ServiceKey) {
     w.put_u16(SVC_ATTR_AF, key.family().af());
     match key {
         ServiceKey::Addr { protocol, addr } => {
-            w.put_u16(SVC_ATTR_PROTOCOL, protocol.number());
+            w.put_u16(SVC_ATTR_PROTOCOL, u16::from(protocol.number()));
             put_addr(w, SVC_ATTR_ADDR, addr.ip());
             w.put(SVC_ATTR_PORT, &addr.port().to_be_bytes());
         }
@@ -289,7 +289,9 @@ pub(crate) fn decode_service(genl_attrs: &[u8]) -> Result<VirtualServerEntry, Er
     } else {
         {
             let number = protocol.ok_or_else(|| Error::decode("service without a protocol"))?;
-            let protocol = Protocol::from_number(number)
+            let protocol = u8::try_from(number)
+                .ok()
+                .and_then(Protocol::from_number)
                 .ok_or_else(|| Error::decode(format!("service of unknown protocol {number}")))?;
             let ip = get_addr(
                 family,

@@ -6,89 +6,14 @@ use crate::stats::Stats;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
-/// An address family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Family {
-    /// AF_INET.
-    V4,
-    /// AF_INET6 (`ipvsadm -6` for firewall-mark services).
-    V6,
-}
+pub use inet::{Family, Protocol};
 
-impl Family {
-    /// The family of an address.
-    #[must_use]
-    pub fn of(addr: IpAddr) -> Family {
-        if addr.is_ipv4() {
-            Family::V4
-        } else {
-            Family::V6
-        }
-    }
-
-    pub(crate) fn af(self) -> u16 {
-        let af = match self {
-            Family::V4 => libc::AF_INET,
-            Family::V6 => libc::AF_INET6,
-        };
-        u16::try_from(af).expect("address families fit in u16")
-    }
-
-    pub(crate) fn from_af(af: u16) -> Option<Family> {
-        match i32::from(af) {
-            libc::AF_INET => Some(Family::V4),
-            libc::AF_INET6 => Some(Family::V6),
-            _ => None,
-        }
-    }
-
-    /// The widest persistence netmask: /32 or /128.
-    #[must_use]
-    pub fn max_prefix(self) -> u8 {
-        match self {
-            Family::V4 => 32,
-            Family::V6 => 128,
-        }
-    }
-}
-
-/// A transport protocol a virtual server can listen on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Protocol {
-    /// `ipvsadm -t`.
-    Tcp,
-    /// `ipvsadm -u`.
-    Udp,
-    /// `ipvsadm --sctp-service`.
-    Sctp,
-}
-
-impl Protocol {
-    pub(crate) fn number(self) -> u16 {
-        match self {
-            Protocol::Tcp => 6,
-            Protocol::Udp => 17,
-            Protocol::Sctp => 132,
-        }
-    }
-
-    pub(crate) fn from_number(n: u16) -> Option<Protocol> {
-        match n {
-            6 => Some(Protocol::Tcp),
-            17 => Some(Protocol::Udp),
-            132 => Some(Protocol::Sctp),
-            _ => None,
-        }
-    }
-
-    /// The `ipvsadm` option that names a service of this protocol.
-    #[must_use]
-    pub fn ipvsadm_flag(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "-t",
-            Protocol::Udp => "-u",
-            Protocol::Sctp => "--sctp-service",
-        }
+/// The `ipvsadm` option that names a service of `protocol`.
+pub(crate) fn ipvsadm_flag(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Tcp => "-t",
+        Protocol::Udp => "-u",
+        Protocol::Sctp => "--sctp-service",
     }
 }
 
@@ -153,7 +78,7 @@ impl ServiceKey {
 impl fmt::Display for ServiceKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ServiceKey::Addr { protocol, addr } => write!(f, "{} {addr}", protocol.ipvsadm_flag()),
+            ServiceKey::Addr { protocol, addr } => write!(f, "{} {addr}", ipvsadm_flag(*protocol)),
             ServiceKey::Fwmark {
                 family: Family::V4,
                 mark,

@@ -10,7 +10,7 @@ use std::fmt;
 use iptables::Family;
 use iptables::proxier::{Backend, ProxierConfig, ServiceSpec, render};
 
-use crate::model::{Protocol, SessionAffinity, TrafficPolicy};
+use crate::model::{SessionAffinity, TrafficPolicy};
 use crate::state::ClusterState;
 
 /// The model's service ports, with their endpoints, as the iptables proxier takes them.
@@ -20,11 +20,6 @@ pub fn service_specs(state: &ClusterState, node: &str) -> Vec<ServiceSpec> {
     let mut specs = Vec::new();
     for (_, ports) in state.services() {
         for sp in ports {
-            let protocol = match sp.name.protocol {
-                Protocol::Tcp => iptables::Protocol::Tcp,
-                Protocol::Udp => iptables::Protocol::Udp,
-                Protocol::Sctp => iptables::Protocol::Sctp,
-            };
             let backends = state
                 .endpoints(&sp.name)
                 .iter()
@@ -38,7 +33,7 @@ pub fn service_specs(state: &ClusterState, node: &str) -> Vec<ServiceSpec> {
                 .collect();
             specs.push(ServiceSpec {
                 name: sp.name.to_string(),
-                protocol,
+                protocol: sp.name.protocol,
                 port: sp.port,
                 cluster_ips: sp.cluster_ips.to_vec(),
                 external_ips: sp.external_ips.to_vec(),

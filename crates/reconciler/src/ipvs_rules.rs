@@ -5,12 +5,11 @@
 use std::collections::BTreeMap;
 
 use iptables::{
-    AddrType, Family, MarkOp, Match, Protocol as IptProtocol, Rule, Ruleset, Table, TablePatch,
-    Target,
+    AddrType, Family, MarkOp, Match, Protocol, Rule, Ruleset, Table, TablePatch, Target,
 };
 
 use crate::ipsets::KubeSet;
-use crate::plan::{Plan, PlanConfig, ipt_protocol};
+use crate::plan::{Plan, PlanConfig};
 
 pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
 pub const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
@@ -114,7 +113,7 @@ type SetRule = (
     &'static str,
     &'static str,
     &'static str,
-    Option<IptProtocol>,
+    Option<Protocol>,
 );
 
 const SET_RULES: [SetRule; 12] = [
@@ -148,7 +147,7 @@ const SET_RULES: [SetRule; 12] = [
         KUBE_NODE_PORT,
         "RETURN",
         "dst",
-        Some(IptProtocol::Tcp),
+        Some(Protocol::Tcp),
     ),
     (
         KubeSet::NodePortTcp,
@@ -156,7 +155,7 @@ const SET_RULES: [SetRule; 12] = [
         KUBE_NODE_PORT,
         KUBE_MARK_MASQ,
         "dst",
-        Some(IptProtocol::Tcp),
+        Some(Protocol::Tcp),
     ),
     (
         KubeSet::NodePortLocalUdp,
@@ -164,7 +163,7 @@ const SET_RULES: [SetRule; 12] = [
         KUBE_NODE_PORT,
         "RETURN",
         "dst",
-        Some(IptProtocol::Udp),
+        Some(Protocol::Udp),
     ),
     (
         KubeSet::NodePortUdp,
@@ -172,7 +171,7 @@ const SET_RULES: [SetRule; 12] = [
         KUBE_NODE_PORT,
         KUBE_MARK_MASQ,
         "dst",
-        Some(IptProtocol::Udp),
+        Some(Protocol::Udp),
     ),
     (
         KubeSet::NodePortLocalSctp,
@@ -180,7 +179,7 @@ const SET_RULES: [SetRule; 12] = [
         KUBE_NODE_PORT,
         "RETURN",
         "dst,dst",
-        Some(IptProtocol::Sctp),
+        Some(Protocol::Sctp),
     ),
     (
         KubeSet::NodePortSctp,
@@ -188,7 +187,7 @@ const SET_RULES: [SetRule; 12] = [
         KUBE_NODE_PORT,
         KUBE_MARK_MASQ,
         "dst,dst",
-        Some(IptProtocol::Sctp),
+        Some(Protocol::Sctp),
     ),
     (
         KubeSet::LoadBalancerFw,
@@ -352,7 +351,7 @@ pub fn ipvs_ruleset(plan: &Plan, config: &PlanConfig, family: Family) -> Ruleset
                 // protocol as a number, a host address without /32 or /128).
                 .with(Match::Other(format!(
                     "-m ipvs --vproto {} --vaddr {ip} --vport {port}",
-                    ipt_protocol_number(ipt_protocol(proto)),
+                    proto.number(),
                 ))),
         );
     }
@@ -467,15 +466,6 @@ fn leak_chain(name: &str) -> &'static str {
         .map(|&(_, c)| c)
         .find(|c| *c == name)
         .expect("an owned chain")
-}
-
-/// `--vproto` takes the protocol number; `iptables-save` prints it as a number too.
-fn ipt_protocol_number(p: IptProtocol) -> u8 {
-    match p {
-        IptProtocol::Tcp => 6,
-        IptProtocol::Udp => 17,
-        IptProtocol::Sctp => 132,
-    }
 }
 
 /// Renders a family's rule set as `iptables-save` prints it: per table, built-in chains then

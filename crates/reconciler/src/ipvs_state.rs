@@ -67,13 +67,8 @@ impl VirtualServer {
     /// The `ipvs` crate's value for this virtual server, ready for netlink.
     #[must_use]
     pub fn to_ipvs(&self) -> ipvs::VirtualServer {
-        let protocol = match self.key.protocol {
-            Protocol::Tcp => ipvs::Protocol::Tcp,
-            Protocol::Udp => ipvs::Protocol::Udp,
-            Protocol::Sctp => ipvs::Protocol::Sctp,
-        };
         let key = ipvs::ServiceKey::Addr {
-            protocol,
+            protocol: self.key.protocol,
             addr: SocketAddr::new(self.key.address, self.key.port),
         };
         let mut vs = ipvs::VirtualServer::new(key, self.scheduler);

@@ -355,7 +355,7 @@ impl Planner {
             return;
         };
         let node = &*self.config.node_name;
-        let proto = ipt_protocol(port.name.protocol);
+        let proto = port.name.protocol;
         let fam_eps = eps.iter().filter(|e| Family::of(e.ip) == family);
 
         // Hairpin: a local endpoint reaching its own Service is masqueraded.
@@ -542,16 +542,6 @@ impl Plan {
                 self.sets.entry((family, set)).or_default();
             }
         }
-    }
-}
-
-/// The iptables crate's protocol for a model protocol.
-#[must_use]
-pub fn ipt_protocol(p: Protocol) -> iptables::Protocol {
-    match p {
-        Protocol::Tcp => iptables::Protocol::Tcp,
-        Protocol::Udp => iptables::Protocol::Udp,
-        Protocol::Sctp => iptables::Protocol::Sctp,
     }
 }
 

@@ -15,7 +15,7 @@ use super::names::{endpoint_chain, external_chain, firewall_chain, local_chain, 
 use super::{Backend, ProxierConfig, ServiceSpec};
 use crate::rule::{AddrType, MarkOp, Match, Protocol, Recent, Rule, Target};
 use crate::ruleset::Ruleset;
-use crate::table::{Family, Table};
+use crate::table::{Family, FamilyNames as _, Table};
 
 const SERVICES: &str = "KUBE-SERVICES";
 const EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
@@ -121,7 +121,7 @@ pub fn render_service(
 
     let name = spec.name.as_str();
     let proto = spec.protocol;
-    let p = proto.as_str();
+    let p = proto.name();
     let cluster_policy_chain = service_chain(name, p);
     let local_policy_chain = local_chain(name, p);
     let ext_chain = external_chain(name, p);
