@@ -229,7 +229,7 @@ impl NetfilterKernel for IpvsNetfilter {
     }
 }
 
-impl crate::proxier::Reconfigure for IpvsNetfilter {
+impl reconciler::engine::Reconfigure for IpvsNetfilter {
     /// Node facts changed (addresses, families): the next full sync renders with these.
     fn reconfigure(&mut self, config: &PlanConfig) {
         self.config = config.clone();

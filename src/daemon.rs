@@ -8,6 +8,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, bail};
 use controllers::SourceUpdate;
 use iptables::{Runner, detect_flavour};
+use reconciler::SyncLoop;
+use reconciler::engine::{Engine, IptablesEngine, IpvsEngine};
 use reconciler::state::ClusterState;
 use reconciler::sync::{SyncOptions, Syncer};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
@@ -19,8 +21,8 @@ use crate::flags::{IpvsFallback, ProxyMode};
 use crate::health::Health;
 use crate::http::{ServerState, health_router, metrics_router, serve};
 use crate::metrics::Metrics;
-use crate::plan::plan_config;
-use crate::proxier::{Engine, IptablesEngine, IpvsEngine, ProxierLoop};
+use crate::observer::Telemetry;
+use crate::plan::settings;
 
 /// Why IPVS cannot be used on this node, if it cannot.
 #[derive(Debug)]
@@ -186,7 +188,7 @@ fn ipvs_engine(
             .context("setting IPVS timeouts")?;
     }
     let link = netif::DummyLink::ensure(netif::KUBE_IPVS0).context("creating kube-ipvs0")?;
-    let netfilter = IpvsNetfilter::new(runner, plan_config(config, &ClusterState::new()));
+    let netfilter = IpvsNetfilter::new(runner, settings(config).plan_config(&ClusterState::new()));
     let options = SyncOptions {
         exclude_cidrs: config.exclude_cidrs.clone(),
         ..SyncOptions::default()
@@ -211,10 +213,7 @@ fn choose_engine(config: &ProxyConfig) -> anyhow::Result<(ProxyMode, Box<dyn Eng
             "running the iptables proxier, as --proxy-mode asks"
         );
         sysctl("net/ipv4/ip_forward", "1");
-        return Ok((
-            ProxyMode::Iptables,
-            Box::new(IptablesEngine::new(runner, config)),
-        ));
+        return Ok((ProxyMode::Iptables, Box::new(IptablesEngine::new(runner))));
     }
     match check_ipvs(config.scheduler) {
         Ok(handle) => {
@@ -228,10 +227,7 @@ fn choose_engine(config: &ProxyConfig) -> anyhow::Result<(ProxyMode, Box<dyn Eng
                 "IPVS is unavailable, running the iptables proxier instead (--ipvs-fallback=exit exits instead)"
             );
             sysctl("net/ipv4/ip_forward", "1");
-            Ok((
-                ProxyMode::Iptables,
-                Box::new(IptablesEngine::new(runner, config)),
-            ))
+            Ok((ProxyMode::Iptables, Box::new(IptablesEngine::new(runner))))
         }
         Err(IpvsUnavailable(why)) => bail!("IPVS is unavailable: {why} (--ipvs-fallback=exit)"),
     }
@@ -275,7 +271,13 @@ async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
     start_source(&config, tx).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let runtime = tokio::runtime::Handle::current();
-    let proxier = ProxierLoop::new(config, engine, health, metrics);
+    let telemetry = Telemetry { health, metrics };
+    let proxier = SyncLoop::new(
+        settings(&config),
+        engine,
+        controllers::fold,
+        Box::new(telemetry),
+    );
     let thread = std::thread::Builder::new()
         .name("proxier".into())
         .spawn(move || proxier.run(&runtime, rx, stop_rx))

@@ -14,5 +14,5 @@ pub mod health;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod observer;
 pub mod plan;
-pub mod proxier;

@@ -2,11 +2,11 @@
 //! kernel tools' own formats, without touching the kernel.
 
 use std::io::Write;
-use std::net::IpAddr;
 
 use controllers::manifests::read_dir;
 use iptables::Family;
-use reconciler::plan::{NodePortFilter, PlanConfig, Planner, node_port_addresses};
+use reconciler::Settings;
+use reconciler::plan::{NodePortFilter, PlanConfig, Planner};
 use reconciler::state::ClusterState;
 
 use crate::config::ProxyConfig;
@@ -34,21 +34,11 @@ pub(crate) fn node_name(config: &ProxyConfig) -> String {
         .to_lowercase()
 }
 
-/// The planner's settings from the daemon's configuration and what the source says about
-/// this node.
+/// What the reconciler takes from the daemon's configuration.
 #[must_use]
-pub fn plan_config(config: &ProxyConfig, state: &ClusterState) -> PlanConfig {
-    let node_name = node_name(config);
-    let node_addresses: Vec<IpAddr> = if config.node_ips.is_empty() {
-        state
-            .node(&node_name)
-            .map(|n| n.addresses.clone())
-            .unwrap_or_default()
-    } else {
-        config.node_ips.clone()
-    };
+pub fn settings(config: &ProxyConfig) -> Settings {
     // `all` (or an empty list) means every node address: the empty filter.
-    let filter = if config.nodeport_addresses.contains(&NodePortAddress::All) {
+    let node_port_filter = if config.nodeport_addresses.contains(&NodePortAddress::All) {
         NodePortFilter::default()
     } else {
         NodePortFilter {
@@ -65,33 +55,20 @@ pub fn plan_config(config: &ProxyConfig, state: &ClusterState) -> PlanConfig {
                 .contains(&NodePortAddress::Primary),
         }
     };
-    let node_port_ips = node_port_addresses(&node_addresses, &filter);
-    // One proxier per family in use: the node's families and the Services' ClusterIP families.
-    let mut families = Vec::new();
-    for family in Family::ALL {
-        let node_has = node_addresses.iter().any(|a| Family::of(*a) == family);
-        let services_have = state.services().any(|(_, ports)| {
-            ports
-                .iter()
-                .any(|p| p.cluster_ips.iter().any(|ip| Family::of(*ip) == family))
-        });
-        if node_has || services_have {
-            families.push(family);
-        }
-    }
-    if families.is_empty() {
-        families.push(Family::V4);
-    }
-    PlanConfig {
-        scheduler: config.scheduler,
-        masquerade_all: config.masquerade_all,
-        masquerade_bit: config.masquerade_bit,
-        cluster_cidrs: config.cluster_cidrs.clone(),
-        node_name: node_name.into(),
-        node_addresses,
-        node_port_ips,
-        families,
-        random_fully: true,
+    Settings {
+        plan: PlanConfig {
+            scheduler: config.scheduler,
+            masquerade_all: config.masquerade_all,
+            masquerade_bit: config.masquerade_bit,
+            cluster_cidrs: config.cluster_cidrs.clone(),
+            node_name: node_name(config).into(),
+            ..PlanConfig::default()
+        },
+        node_ips: config.node_ips.clone(),
+        node_port_filter,
+        exclude_cidrs: config.exclude_cidrs.clone(),
+        sync_period: config.sync_period,
+        min_sync_period: config.min_sync_period,
     }
 }
 
@@ -164,7 +141,7 @@ pub fn run(args: &PlanArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     };
     let mut state = ClusterState::new();
     controllers::apply_all(&mut state, events);
-    let plan_config = plan_config(&config, &state);
+    let plan_config = settings(&config).plan_config(&state);
     if plan_config.node_port_ips.is_empty() {
         let _ = writeln!(
             err,

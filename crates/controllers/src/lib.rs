@@ -11,4 +11,4 @@ pub mod source;
 pub mod watch;
 
 pub use manifests::{ManifestError, Snapshot, read_dir};
-pub use source::{Affected, Event, Kind, Object, ObjectKey, SourceUpdate, apply, apply_all};
+pub use source::{Event, Kind, Object, ObjectKey, SourceUpdate, apply, apply_all, fold};

@@ -1,5 +1,5 @@
 //! What every source produces: objects applied and objects deleted, as [`Event`]s, folded
-//! into a [`ClusterState`] by [`apply`]. The manifest directory and (later) the kube-rs
+//! into a [`ClusterState`] by [`apply`]. The manifest directory and the kube-rs
 //! watchers both speak this, so the sync engine does not care where objects come from.
 
 use std::collections::HashSet;
@@ -8,7 +8,8 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use reconciler::model::ServiceName;
-use reconciler::state::ClusterState;
+use reconciler::state::{Affected, ClusterState};
+use reconciler::sync_loop::Folded;
 
 use crate::convert::{endpoint_slice, node_facts, service_name, service_ports, slice_name};
 
@@ -65,38 +66,9 @@ pub enum Event {
     Delete(ObjectKey),
 }
 
-/// What a source sends the proxier. Every source — the manifest directory, the Kubernetes
-/// API watchers — speaks this, so the proxier cannot tell them apart.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SourceUpdate {
-    /// Changes to fold in, applied together (one sync sees all of them or none). A relist
-    /// arrives as one batch: applies for what is listed, deletes for what no longer is.
-    Events(Vec<Event>),
-    /// Every initial list is complete. The proxier programs nothing before this: programming
-    /// a partial view would delete live Services on every node.
-    InitialSyncDone,
-    /// Whether this node should receive load-balancer traffic: false while its Node is being
-    /// deleted (deletionTimestamp set), is tainted `ToBeDeletedByClusterAutoscaler`, or is gone.
-    /// kube-proxy's /healthz fails then, so that load balancers drain the node first. Sent by
-    /// the Kubernetes API source when it first knows and whenever it changes; a source that
-    /// never sends it leaves the node eligible.
-    NodeEligible(bool),
-}
-
-/// What an event changed: the Services whose plans must be recomputed, and whether node
-/// facts changed (which affects every NodePort).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Affected {
-    pub services: Vec<ServiceName>,
-    pub nodes: bool,
-}
-
-impl Affected {
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && !self.nodes
-    }
-}
+/// What a source sends the sync loop: batches of [`Event`]s, the end of the initial lists,
+/// and the node's eligibility (see [`reconciler::sync_loop::SourceUpdate`]).
+pub type SourceUpdate = reconciler::sync_loop::SourceUpdate<Vec<Event>>;
 
 /// Folds one event into `state`. Skipped Services (headless, ExternalName, another proxy's,
 /// no ClusterIP) are held as absent, so a Service that becomes skipped is removed.
@@ -153,4 +125,28 @@ pub fn apply_all(state: &mut ClusterState, events: impl IntoIterator<Item = Even
         );
     }
     out
+}
+
+/// Folds a batch of events into `state` and counts its Service and EndpointSlice changes: the
+/// function the sync loop is given for this crate's sources.
+pub fn fold(state: &mut ClusterState, events: Vec<Event>) -> Folded {
+    let (mut service_changes, mut endpoint_changes) = (0, 0);
+    for e in &events {
+        let kind = match e {
+            Event::Apply(Object::Service(_)) => Kind::Service,
+            Event::Apply(Object::EndpointSlice(_)) => Kind::EndpointSlice,
+            Event::Apply(Object::Node(_)) => Kind::Node,
+            Event::Delete(k) => k.kind,
+        };
+        match kind {
+            Kind::Service => service_changes += 1,
+            Kind::EndpointSlice => endpoint_changes += 1,
+            Kind::Node => {}
+        }
+    }
+    Folded {
+        affected: apply_all(state, events),
+        service_changes,
+        endpoint_changes,
+    }
 }

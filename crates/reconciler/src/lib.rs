@@ -5,6 +5,7 @@
 //! the kernel backends are traits it is handed.
 #![forbid(unsafe_code)]
 
+pub mod engine;
 pub mod fallback;
 pub mod ipsets;
 pub mod ipvs_rules;
@@ -12,8 +13,10 @@ pub mod ipvs_state;
 pub mod model;
 pub mod plan;
 mod render;
+pub mod settings;
 pub mod state;
 pub mod sync;
+pub mod sync_loop;
 
 pub use ipsets::KubeSet;
 pub use ipvs_state::{RealServer, VirtualServer, VirtualServerKey};
@@ -25,4 +28,6 @@ pub use plan::{
     NodePortFilter, Plan, PlanConfig, PlanWarning, PlannedVirtualServer, Planner, ServicePlan,
     node_port_addresses,
 };
-pub use state::{ClusterState, SliceName};
+pub use settings::Settings;
+pub use state::{Affected, ClusterState, SliceName};
+pub use sync_loop::{Folded, Observer, SourceUpdate, SyncLoop, SyncRecord};

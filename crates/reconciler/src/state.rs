@@ -9,6 +9,21 @@ use crate::model::{Endpoint, EndpointSlice, NodeFacts, ServiceName, ServicePort,
 /// An EndpointSlice's identity: namespace and slice name.
 pub type SliceName = (Arc<str>, Arc<str>);
 
+/// What a change to the state affected: the Services whose plans must be recomputed, and
+/// whether node facts changed (which affects every NodePort).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Affected {
+    pub services: Vec<ServiceName>,
+    pub nodes: bool,
+}
+
+impl Affected {
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && !self.nodes
+    }
+}
+
 /// Services, EndpointSlices and Nodes as a source last reported them.
 ///
 /// Every mutator returns the Service the change affects when something really changed

@@ -1,0 +1,83 @@
+//! The IPVS proxier: the sync engine over the kernel's IPVS, `kube-ipvs0` and netfilter.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use super::Engine;
+use crate::model::ServiceName;
+use crate::plan::{PlanConfig, PlanWarning, Planner};
+use crate::state::ClusterState;
+use crate::sync::{
+    AddressKernel, Counts, IpvsKernel, NetfilterKernel, ServiceTarget, SyncReport, Syncer,
+};
+
+/// What the ipvs-mode netfilter backend needs to hear beyond member changes: node facts.
+pub trait Reconfigure {
+    fn reconfigure(&mut self, config: &PlanConfig);
+}
+
+/// The IPVS proxier.
+#[derive(Debug)]
+pub struct IpvsEngine<I, A, N>(pub Syncer<I, A, N>);
+
+impl<I, A, N> Engine for IpvsEngine<I, A, N>
+where
+    I: IpvsKernel + Send,
+    A: AddressKernel + Send,
+    N: NetfilterKernel + Reconfigure + Send,
+{
+    fn full_sync(
+        &mut self,
+        state: &ClusterState,
+        planner: &Planner,
+        now: Instant,
+    ) -> (SyncReport, Vec<PlanWarning>) {
+        let mut warnings = Vec::new();
+        // Planned one Service at a time as the engine takes them: the whole node's plan is
+        // never in memory at once.
+        let targets = state.services().map(|(name, ports)| {
+            let plan = planner.plan_service(ports, |p| state.endpoints(p));
+            warnings.extend(plan.warnings.iter().cloned());
+            (name.clone(), ServiceTarget::from(plan))
+        });
+        let report = self.0.full_sync(targets, now);
+        (report, warnings)
+    }
+
+    fn partial_sync(
+        &mut self,
+        state: &ClusterState,
+        planner: &Planner,
+        dirty: &BTreeSet<ServiceName>,
+        now: Instant,
+    ) -> (SyncReport, Vec<PlanWarning>) {
+        let mut warnings = Vec::new();
+        let targets = dirty
+            .iter()
+            .map(|name| {
+                let target = match state.service(name) {
+                    Some(ports) => {
+                        let plan = planner.plan_service(ports, |p| state.endpoints(p));
+                        warnings.extend(plan.warnings.iter().cloned());
+                        ServiceTarget::from(plan)
+                    }
+                    None => ServiceTarget::default(),
+                };
+                (name.clone(), target)
+            })
+            .collect();
+        (self.0.sync(targets, now), warnings)
+    }
+
+    fn drain(&mut self, now: Instant) -> SyncReport {
+        self.0.drain(now)
+    }
+
+    fn counts(&self) -> Counts {
+        self.0.counts()
+    }
+
+    fn reconfigure(&mut self, config: &PlanConfig) {
+        self.0.netfilter_mut().reconfigure(config);
+    }
+}

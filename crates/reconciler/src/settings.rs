@@ -1,0 +1,83 @@
+//! What the daemon's flags fix for the life of the process, and the planning configuration
+//! they give together with what the cluster says about this node.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use iptables::Family;
+
+use crate::plan::{NodePortFilter, PlanConfig, node_port_addresses};
+use crate::state::ClusterState;
+
+/// The flags the reconciler reads: how to plan, what never to touch, how often to sync.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The planning settings the flags fix (scheduler, masquerading, cluster CIDRs, node
+    /// name); the node's addresses, its NodePort addresses and the families are filled in from
+    /// the cluster by [`Settings::plan_config`].
+    pub plan: PlanConfig,
+    /// `--node-ip`: the node's addresses when given, instead of the Node object's.
+    pub node_ips: Vec<IpAddr>,
+    /// `--nodeport-addresses`.
+    pub node_port_filter: NodePortFilter,
+    /// `--ipvs-exclude-cidrs`: virtual servers inside these are never touched.
+    pub exclude_cidrs: Vec<IpNet>,
+    /// `--ipvs-sync-period`: how often everything is re-read and re-programmed.
+    pub sync_period: Duration,
+    /// `--ipvs-min-sync-period`: the least time between two syncs.
+    pub min_sync_period: Duration,
+}
+
+impl Default for Settings {
+    /// kube-proxy's defaults for ipvs mode.
+    fn default() -> Self {
+        Settings {
+            plan: PlanConfig::default(),
+            node_ips: Vec::new(),
+            node_port_filter: NodePortFilter::default(),
+            exclude_cidrs: Vec::new(),
+            sync_period: Duration::from_secs(30),
+            min_sync_period: Duration::ZERO,
+        }
+    }
+}
+
+impl Settings {
+    /// The planner's configuration for the cluster as `state` has it: this node's addresses
+    /// (`--node-ip`, else the Node object's), the NodePort addresses among them, and one
+    /// family for each the node or a Service's ClusterIP has (IPv4 when there is none).
+    #[must_use]
+    pub fn plan_config(&self, state: &ClusterState) -> PlanConfig {
+        let node_addresses: Vec<IpAddr> = if self.node_ips.is_empty() {
+            state
+                .node(&self.plan.node_name)
+                .map(|n| n.addresses.clone())
+                .unwrap_or_default()
+        } else {
+            self.node_ips.clone()
+        };
+        let node_port_ips = node_port_addresses(&node_addresses, &self.node_port_filter);
+        let mut families = Vec::new();
+        for family in Family::ALL {
+            let node_has = node_addresses.iter().any(|a| Family::of(*a) == family);
+            let services_have = state.services().any(|(_, ports)| {
+                ports
+                    .iter()
+                    .any(|p| p.cluster_ips.iter().any(|ip| Family::of(*ip) == family))
+            });
+            if node_has || services_have {
+                families.push(family);
+            }
+        }
+        if families.is_empty() {
+            families.push(Family::V4);
+        }
+        PlanConfig {
+            node_addresses,
+            node_port_ips,
+            families,
+            ..self.plan.clone()
+        }
+    }
+}

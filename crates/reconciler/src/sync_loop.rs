@@ -1,0 +1,433 @@
+//! The sync loop: folds source updates into the cluster state, coalesces changes, and syncs
+//! the kernel — the changed Services at most every `--ipvs-min-sync-period`, everything (after
+//! re-reading the kernel) every `--ipvs-sync-period`, and draining real servers every second.
+//! After a sync that left the kernel unlike the mirror, a full sync follows soon to repair it.
+//!
+//! It runs on its own thread ([`SyncLoop::run`]): kernel calls are blocking and quick, and a
+//! sync must never wait behind HTTP or watch traffic. Time is a parameter of
+//! [`SyncLoop::tick`], so the loop's decisions are tested without sleeping.
+//!
+//! What the loop learns is reported to an [`Observer`] (the daemon's health and metrics); the
+//! loop neither serves nor stores them.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::watch;
+
+use crate::engine::Engine;
+use crate::model::ServiceName;
+use crate::plan::{PlanWarning, Planner};
+use crate::settings::Settings;
+use crate::state::{Affected, ClusterState};
+use crate::sync::{Counts, SyncError, SyncReport};
+
+/// How often draining real servers are checked for remaining connections.
+pub const DRAIN_INTERVAL: Duration = Duration::from_secs(1);
+/// After a sync that left the kernel unlike the mirror, a full sync follows this soon.
+pub const REPAIR_DELAY: Duration = Duration::from_secs(1);
+
+/// What a source sends the loop. Every source — the manifest directory, the Kubernetes API
+/// watchers — speaks this, so the loop cannot tell them apart. `E` is the source's batch of
+/// object changes, folded into the state by the function the loop is given.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceUpdate<E> {
+    /// Changes to fold in, applied together (one sync sees all of them or none). A relist
+    /// arrives as one batch: applies for what is listed, deletes for what no longer is.
+    Events(E),
+    /// Every initial list is complete. The loop programs nothing before this: programming
+    /// a partial view would delete live Services on every node.
+    InitialSyncDone,
+    /// Whether this node should receive load-balancer traffic: false while its Node is being
+    /// deleted (deletionTimestamp set), is tainted `ToBeDeletedByClusterAutoscaler`, or is gone.
+    /// kube-proxy's /healthz fails then, so that load balancers drain the node first. Sent by
+    /// the Kubernetes API source when it first knows and whenever it changes; a source that
+    /// never sends it leaves the node eligible.
+    NodeEligible(bool),
+}
+
+/// What folding one batch of changes into the state did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Folded {
+    /// What the batch changed in the state.
+    pub affected: Affected,
+    /// Service applies and deletes in the batch (kube-proxy's service changes).
+    pub service_changes: u64,
+    /// EndpointSlice applies and deletes in the batch.
+    pub endpoint_changes: u64,
+}
+
+/// One finished sync, as health and metrics see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncRecord {
+    pub full: bool,
+    /// How long the sync took.
+    pub took: Duration,
+    /// When it ended.
+    pub finished: SystemTime,
+    /// From the oldest change it applied arriving to the sync's end.
+    pub programming_latency: Option<Duration>,
+    /// Whether the sync could read and write the kernel. A Service the kernel refused does
+    /// not make it unhealthy; a backend that failed as a whole does.
+    pub healthy: bool,
+}
+
+/// Where the loop reports what it learns: the daemon's health and metrics.
+pub trait Observer: Send {
+    /// The node's eligibility for load-balancer traffic.
+    fn node_eligible(&self, eligible: bool);
+    /// A batch of changes arrived at `at`; `pending` are the service and endpoint changes now
+    /// waiting for a sync, this batch included.
+    fn queued(&self, folded: &Folded, pending: (u64, u64), at: SystemTime);
+    /// A sync ended; nothing is pending any more.
+    fn synced(&self, record: &SyncRecord);
+    /// Errors of a sync or a drain, each once.
+    fn errors(&self, errors: &[SyncError]);
+    /// What the engine has programmed.
+    fn counts(&self, counts: Counts);
+    /// Service ports with a Local traffic policy and no ready endpoint on this node
+    /// (internal, external), counted after each full sync.
+    fn no_local_endpoints(&self, internal: u64, external: u64);
+}
+
+/// One sync's outcome.
+struct Outcome {
+    full: bool,
+    report: SyncReport,
+    warnings: Vec<PlanWarning>,
+}
+
+/// The loop's state.
+pub struct SyncLoop<E> {
+    settings: Settings,
+    engine: Box<dyn Engine>,
+    fold: fn(&mut ClusterState, E) -> Folded,
+    observer: Box<dyn Observer>,
+    planner: Planner,
+    state: ClusterState,
+    initial_sync_done: bool,
+    dirty: BTreeSet<ServiceName>,
+    /// When the oldest change not yet applied arrived.
+    oldest_pending: Option<Instant>,
+    pending: (u64, u64),
+    last_sync: Option<Instant>,
+    next_full: Option<Instant>,
+    next_drain: Instant,
+    /// Warnings already logged, so a persistent one is said once, not every sync.
+    reported: BTreeSet<String>,
+}
+
+impl<E> std::fmt::Debug for SyncLoop<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncLoop")
+            .field("services", &self.state.service_count())
+            .field("dirty", &self.dirty.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<E> SyncLoop<E> {
+    /// A loop over `engine` that folds each batch of changes into its state with `fold` and
+    /// reports to `observer`. It programs nothing before [`SourceUpdate::InitialSyncDone`].
+    #[must_use]
+    pub fn new(
+        settings: Settings,
+        mut engine: Box<dyn Engine>,
+        fold: fn(&mut ClusterState, E) -> Folded,
+        observer: Box<dyn Observer>,
+    ) -> Self {
+        let state = ClusterState::new();
+        let planner = Planner::new(settings.plan_config(&state));
+        engine.reconfigure(&planner.config);
+        SyncLoop {
+            settings,
+            engine,
+            fold,
+            observer,
+            planner,
+            state,
+            initial_sync_done: false,
+            dirty: BTreeSet::new(),
+            oldest_pending: None,
+            pending: (0, 0),
+            last_sync: None,
+            next_full: None,
+            next_drain: Instant::now(),
+            reported: BTreeSet::new(),
+        }
+    }
+
+    /// The cluster as the loop knows it.
+    #[must_use]
+    pub fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    /// Runs until `stop` turns true or every source is gone. Blocking: call it on its own thread.
+    pub fn run(
+        mut self,
+        runtime: &tokio::runtime::Handle,
+        mut updates: UnboundedReceiver<SourceUpdate<E>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            let wait = self.next_deadline().map_or(Duration::from_secs(3600), |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            let received = runtime.block_on(async {
+                tokio::select! {
+                    update = updates.recv() => Some(update),
+                    () = tokio::time::sleep(wait) => None,
+                    _ = stop.changed() => Some(None),
+                }
+            });
+            match received {
+                Some(Some(update)) => {
+                    self.receive(update);
+                    // Everything already queued joins this sync.
+                    while let Ok(update) = updates.try_recv() {
+                        self.receive(update);
+                    }
+                }
+                Some(None) => break,
+                None => {}
+            }
+            if *stop.borrow() {
+                break;
+            }
+            self.tick(Instant::now());
+        }
+        tracing::info!("proxier stopped; the kernel state is left in place");
+    }
+
+    /// When the loop next has something to do, if anything.
+    #[must_use]
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if !self.initial_sync_done {
+            return None;
+        }
+        let mut deadline = self.next_full;
+        let mut consider = |t: Instant| deadline = Some(deadline.map_or(t, |d| d.min(t)));
+        if !self.dirty.is_empty() {
+            consider(
+                self.last_sync
+                    .map_or_else(Instant::now, |l| l + self.settings.min_sync_period),
+            );
+        }
+        if self.engine.counts().draining > 0 {
+            consider(self.next_drain);
+        }
+        deadline
+    }
+
+    /// Folds one source update into the state.
+    pub fn receive(&mut self, update: SourceUpdate<E>) {
+        match update {
+            SourceUpdate::NodeEligible(eligible) => {
+                tracing::info!(eligible, "node eligibility for load-balancer traffic");
+                self.observer.node_eligible(eligible);
+            }
+            SourceUpdate::InitialSyncDone => {
+                if !self.initial_sync_done {
+                    tracing::info!(
+                        services = self.state.service_count(),
+                        "initial state complete"
+                    );
+                }
+                self.initial_sync_done = true;
+            }
+            SourceUpdate::Events(events) => {
+                let folded = (self.fold)(&mut self.state, events);
+                if folded.affected.is_empty() {
+                    return;
+                }
+                self.pending.0 += folded.service_changes;
+                self.pending.1 += folded.endpoint_changes;
+                self.oldest_pending.get_or_insert_with(Instant::now);
+                self.observer
+                    .queued(&folded, self.pending, SystemTime::now());
+                let Affected { services, nodes } = folded.affected;
+                if nodes || self.needs_new_family(&services) {
+                    self.reconfigure();
+                }
+                self.dirty.extend(services);
+            }
+        }
+    }
+
+    /// Whether a changed Service brings a family the planner does not program yet.
+    fn needs_new_family(&self, services: &[ServiceName]) -> bool {
+        services
+            .iter()
+            .filter_map(|s| self.state.service(s))
+            .flatten()
+            .any(|p| {
+                p.cluster_ips.iter().any(|ip| {
+                    !self
+                        .planner
+                        .config
+                        .families
+                        .contains(&inet::Family::of(*ip))
+                })
+            })
+    }
+
+    /// Node facts or families changed: every Service is planned again, with a full sync.
+    fn reconfigure(&mut self) {
+        let config = self.settings.plan_config(&self.state);
+        if config.node_addresses != self.planner.config.node_addresses
+            || config.families != self.planner.config.families
+            || config.node_port_ips != self.planner.config.node_port_ips
+        {
+            tracing::info!(node = %config.node_name, addresses = ?config.node_addresses, families = ?config.families, "node facts changed");
+            self.engine.reconfigure(&config);
+            self.planner = Planner::new(config);
+            self.next_full = Some(Instant::now());
+        }
+    }
+
+    /// Syncs what is due at `now`.
+    pub fn tick(&mut self, now: Instant) {
+        if !self.initial_sync_done {
+            return;
+        }
+        let full_due = self.next_full.is_none_or(|t| now >= t);
+        let partial_due = !self.dirty.is_empty()
+            && self
+                .last_sync
+                .is_none_or(|l| now >= l + self.settings.min_sync_period);
+        if full_due || partial_due {
+            let started = Instant::now();
+            let outcome = if full_due {
+                self.full_sync(now)
+            } else {
+                self.partial_sync(now)
+            };
+            self.finish(outcome, started.elapsed(), now);
+        }
+        if self.engine.counts().draining > 0 && now >= self.next_drain {
+            let report = self.engine.drain(now);
+            if report.drained > 0 {
+                tracing::info!(deleted = report.drained, "drained real servers deleted");
+            }
+            self.observer.errors(&report.errors);
+            self.next_drain = now + DRAIN_INTERVAL;
+            self.observer.counts(self.engine.counts());
+        }
+    }
+
+    fn full_sync(&mut self, now: Instant) -> Outcome {
+        // Families and node-port addresses may have moved with the Services; replan all.
+        let config = self.settings.plan_config(&self.state);
+        if config.families != self.planner.config.families
+            || config.node_port_ips != self.planner.config.node_port_ips
+        {
+            self.engine.reconfigure(&config);
+            self.planner = Planner::new(config);
+        }
+        self.dirty.clear();
+        let (report, warnings) = self.engine.full_sync(&self.state, &self.planner, now);
+        self.next_full = Some(now + self.settings.sync_period);
+        Outcome {
+            full: true,
+            report,
+            warnings,
+        }
+    }
+
+    fn partial_sync(&mut self, now: Instant) -> Outcome {
+        let dirty = std::mem::take(&mut self.dirty);
+        let (report, warnings) = self
+            .engine
+            .partial_sync(&self.state, &self.planner, &dirty, now);
+        Outcome {
+            full: false,
+            report,
+            warnings,
+        }
+    }
+
+    fn finish(&mut self, outcome: Outcome, took: Duration, now: Instant) {
+        let Outcome {
+            full,
+            report,
+            warnings,
+        } = outcome;
+        for warning in warnings {
+            let text = warning.to_string();
+            if self.reported.insert(text.clone()) {
+                tracing::warn!("{text}");
+            }
+        }
+        for error in &report.errors {
+            tracing::error!(backend = error.backend, kind = error.kind, "{error}");
+        }
+        self.observer.errors(&report.errors);
+        tracing::info!(
+            full,
+            services = report.services,
+            ipvs_ops = report.ipvs_ops,
+            addresses_added = report.addresses_added,
+            addresses_removed = report.addresses_removed,
+            set_entries_added = report.set_entries_added,
+            set_entries_removed = report.set_entries_removed,
+            errors = report.errors.len(),
+            took_ms = took.as_secs_f64() * 1000.0,
+            "synced"
+        );
+        self.observer.synced(&SyncRecord {
+            full,
+            took,
+            finished: SystemTime::now(),
+            programming_latency: self
+                .oldest_pending
+                .take()
+                .map(|oldest| now.saturating_duration_since(oldest) + took),
+            healthy: report.errors.iter().all(|e| e.service.is_some()),
+        });
+        self.pending = (0, 0);
+        if report.needs_full_sync() {
+            let repair = now + REPAIR_DELAY.max(self.settings.min_sync_period);
+            self.next_full = Some(self.next_full.map_or(repair, |t| t.min(repair)));
+        }
+        self.last_sync = Some(now);
+        self.observer.counts(self.engine.counts());
+        if full {
+            // A walk over every Service: done with full syncs only, so a one-Service change
+            // costs the same whatever the cluster's size.
+            let (internal, external) = self.no_local_endpoints();
+            self.observer.no_local_endpoints(internal, external);
+        }
+    }
+
+    /// kube-proxy's `sync_proxy_rules_no_local_endpoints_total`: Services with a Local policy
+    /// and no endpoint on this node.
+    fn no_local_endpoints(&self) -> (u64, u64) {
+        let node = &*self.planner.config.node_name;
+        let (mut internal, mut external) = (0, 0);
+        for (_, ports) in self.state.services() {
+            for port in ports {
+                let (int_local, ext_local) =
+                    (port.internal_policy_local(), port.external_policy_local());
+                if !int_local && !ext_local {
+                    continue;
+                }
+                let has_local = self
+                    .state
+                    .endpoints(&port.name)
+                    .iter()
+                    .any(|e| e.is_local(node) && e.conditions.ready);
+                if !has_local {
+                    internal += u64::from(int_local);
+                    external += u64::from(ext_local);
+                }
+            }
+        }
+        (internal, external)
+    }
+}
+
+#[cfg(test)]
+#[path = "sync_loop_tests.rs"]
+mod tests;

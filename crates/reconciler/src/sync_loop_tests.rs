@@ -1,0 +1,431 @@
+//! The loop's decisions with an in-memory engine and observer: what syncs when.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::*;
+use crate::engine::Engine;
+use crate::model::{
+    NodeFacts, Protocol, SchedulerChoice, ServicePort, ServicePortName, ServiceType,
+    SessionAffinity, TrafficPolicy,
+};
+use crate::plan::PlanConfig;
+
+/// One call the loop made on its engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Call {
+    Full,
+    Partial(Vec<String>),
+    Drain,
+    Reconfigure(Vec<IpAddr>),
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    calls: Vec<Call>,
+    /// The next syncs fail with these errors (a `None` service: the backend as a whole).
+    fail_next: Vec<Option<&'static str>>,
+    draining: usize,
+    synced: Vec<SyncRecord>,
+    queued: Vec<(u64, u64)>,
+    errors: usize,
+    eligible: Vec<bool>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Log(Arc<Mutex<Shared>>);
+
+impl Log {
+    fn with<T>(&self, f: impl FnOnce(&mut Shared) -> T) -> T {
+        f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn take_calls(&self) -> Vec<Call> {
+        self.with(|s| std::mem::take(&mut s.calls))
+    }
+}
+
+struct FakeEngine(Log);
+
+impl FakeEngine {
+    fn report(&self) -> SyncReport {
+        let mut report = SyncReport::default();
+        if let Some(service) = self.0.with(|s| s.fail_next.pop()) {
+            report.errors.push(SyncError {
+                service: service.map(|n| ServiceName::new("ns", n)),
+                backend: "ipvs",
+                kind: "invalid_argument",
+                message: "refused".into(),
+            });
+        }
+        report
+    }
+}
+
+impl Engine for FakeEngine {
+    fn full_sync(
+        &mut self,
+        _state: &ClusterState,
+        _planner: &Planner,
+        _now: Instant,
+    ) -> (SyncReport, Vec<PlanWarning>) {
+        self.0.with(|s| s.calls.push(Call::Full));
+        (self.report(), Vec::new())
+    }
+
+    fn partial_sync(
+        &mut self,
+        _state: &ClusterState,
+        _planner: &Planner,
+        dirty: &BTreeSet<ServiceName>,
+        _now: Instant,
+    ) -> (SyncReport, Vec<PlanWarning>) {
+        let names = dirty.iter().map(|n| n.name.to_string()).collect();
+        self.0.with(|s| s.calls.push(Call::Partial(names)));
+        (self.report(), Vec::new())
+    }
+
+    fn drain(&mut self, _now: Instant) -> SyncReport {
+        self.0.with(|s| {
+            s.calls.push(Call::Drain);
+            s.draining = s.draining.saturating_sub(1);
+        });
+        SyncReport::default()
+    }
+
+    fn counts(&self) -> Counts {
+        Counts {
+            draining: self.0.with(|s| s.draining),
+            ..Counts::default()
+        }
+    }
+
+    fn reconfigure(&mut self, config: &PlanConfig) {
+        let addrs = config.node_addresses.clone();
+        self.0.with(|s| s.calls.push(Call::Reconfigure(addrs)));
+    }
+}
+
+impl Observer for Log {
+    fn node_eligible(&self, eligible: bool) {
+        self.with(|s| s.eligible.push(eligible));
+    }
+
+    fn queued(&self, _folded: &Folded, pending: (u64, u64), _at: SystemTime) {
+        self.with(|s| s.queued.push(pending));
+    }
+
+    fn synced(&self, record: &SyncRecord) {
+        self.with(|s| s.synced.push(record.clone()));
+    }
+
+    fn errors(&self, errors: &[SyncError]) {
+        self.with(|s| s.errors += errors.len());
+    }
+
+    fn counts(&self, _counts: Counts) {}
+
+    fn no_local_endpoints(&self, _internal: u64, _external: u64) {}
+}
+
+/// What a test source sends: a Service (re)defined with this ClusterIP, or this node's addresses.
+enum Change {
+    Service(&'static str, &'static str),
+    Node(&'static str),
+}
+
+fn port(name: &str, cluster_ip: &str) -> ServicePort {
+    ServicePort {
+        name: ServicePortName {
+            service: ServiceName::new("ns", name),
+            port: "p".into(),
+            protocol: Protocol::Tcp,
+        },
+        service_type: ServiceType::ClusterIp,
+        port: 80,
+        cluster_ips: Arc::from([cluster_ip.parse::<IpAddr>().unwrap()]),
+        external_ips: Arc::from([]),
+        load_balancer_ips: Arc::from([]),
+        load_balancer_source_ranges: Arc::from([]),
+        node_port: None,
+        health_check_node_port: None,
+        session_affinity: SessionAffinity::None,
+        external_traffic_policy: TrafficPolicy::Cluster,
+        internal_traffic_policy: TrafficPolicy::Cluster,
+        scheduler: SchedulerChoice::Default,
+    }
+}
+
+fn fold(state: &mut ClusterState, changes: Vec<Change>) -> Folded {
+    let mut folded = Folded::default();
+    for change in changes {
+        match change {
+            Change::Service(name, ip) => {
+                folded.service_changes += 1;
+                let name_ = ServiceName::new("ns", name);
+                folded
+                    .affected
+                    .services
+                    .extend(state.upsert_service(name_, vec![port(name, ip)]));
+            }
+            Change::Node(addr) => {
+                folded.affected.nodes |= state.upsert_node(NodeFacts {
+                    name: "node-a".into(),
+                    addresses: vec![addr.parse().unwrap()],
+                    zone: None,
+                });
+            }
+        }
+    }
+    folded
+}
+
+const MIN: Duration = Duration::from_secs(2);
+const PERIOD: Duration = Duration::from_secs(30);
+
+fn looped() -> (SyncLoop<Vec<Change>>, Log) {
+    let log = Log::default();
+    let settings = Settings {
+        plan: PlanConfig {
+            node_name: "node-a".into(),
+            ..PlanConfig::default()
+        },
+        sync_period: PERIOD,
+        min_sync_period: MIN,
+        ..Settings::default()
+    };
+    let sync_loop = SyncLoop::new(
+        settings,
+        Box::new(FakeEngine(log.clone())),
+        fold,
+        Box::new(log.clone()),
+    );
+    log.take_calls();
+    (sync_loop, log)
+}
+
+fn services(names: &[&str]) -> Call {
+    Call::Partial(names.iter().map(|n| (*n).to_owned()).collect())
+}
+
+/// A loop that has received its initial state and made its first full sync at `t0`.
+fn started() -> (SyncLoop<Vec<Change>>, Log, Instant) {
+    let (mut l, log) = looped();
+    let t0 = Instant::now();
+    l.receive(SourceUpdate::Events(vec![Change::Service(
+        "web",
+        "10.96.0.10",
+    )]));
+    l.receive(SourceUpdate::InitialSyncDone);
+    l.tick(t0);
+    assert_eq!(log.take_calls(), vec![Call::Full]);
+    log.with(|s| s.queued.clear());
+    (l, log, t0)
+}
+
+#[test]
+fn nothing_is_programmed_before_the_initial_state_is_complete() {
+    let (mut l, log) = looped();
+    let t0 = Instant::now();
+    l.receive(SourceUpdate::Events(vec![Change::Service(
+        "web",
+        "10.96.0.10",
+    )]));
+    l.tick(t0);
+    l.tick(t0 + PERIOD * 3);
+    assert_eq!(log.take_calls(), vec![]);
+    assert_eq!(l.next_deadline(), None);
+    l.receive(SourceUpdate::InitialSyncDone);
+    l.tick(t0 + PERIOD * 3);
+    assert_eq!(log.take_calls(), vec![Call::Full]);
+}
+
+#[test]
+fn changes_arriving_together_are_coalesced_into_one_partial_sync() {
+    let (mut l, log, t0) = started();
+    for (name, ip) in [("a", "10.96.0.1"), ("b", "10.96.0.2"), ("a", "10.96.0.3")] {
+        l.receive(SourceUpdate::Events(vec![Change::Service(name, ip)]));
+    }
+    assert_eq!(log.with(|s| s.queued.clone()), vec![(1, 0), (2, 0), (3, 0)]);
+    l.tick(t0 + MIN);
+    assert_eq!(log.take_calls(), vec![services(&["a", "b"])]);
+    // Nothing new: nothing to do until the next full sync.
+    l.tick(t0 + MIN * 2);
+    assert_eq!(log.take_calls(), vec![]);
+    assert_eq!(l.next_deadline(), Some(t0 + PERIOD));
+}
+
+#[test]
+fn a_change_that_changes_nothing_is_not_queued() {
+    let (mut l, log, t0) = started();
+    l.receive(SourceUpdate::Events(vec![Change::Service(
+        "web",
+        "10.96.0.10",
+    )]));
+    assert!(log.with(|s| s.queued.is_empty()));
+    l.tick(t0 + MIN);
+    assert_eq!(log.take_calls(), vec![]);
+}
+
+#[test]
+fn the_min_sync_period_is_honoured() {
+    let (mut l, log, t0) = started();
+    l.receive(SourceUpdate::Events(vec![Change::Service(
+        "a",
+        "10.96.0.1",
+    )]));
+    assert_eq!(l.next_deadline(), Some(t0 + MIN));
+    l.tick(t0 + MIN / 2);
+    assert_eq!(
+        log.take_calls(),
+        vec![],
+        "synced before the min sync period"
+    );
+    l.tick(t0 + MIN);
+    assert_eq!(log.take_calls(), vec![services(&["a"])]);
+    // The next change waits for a min period after that sync, not after the first.
+    l.receive(SourceUpdate::Events(vec![Change::Service(
+        "b",
+        "10.96.0.2",
+    )]));
+    l.tick(t0 + MIN + MIN / 2);
+    assert_eq!(log.take_calls(), vec![]);
+    assert_eq!(l.next_deadline(), Some(t0 + MIN * 2));
+    l.tick(t0 + MIN * 2);
+    assert_eq!(log.take_calls(), vec![services(&["b"])]);
+}
+
+#[test]
+fn a_full_sync_runs_every_sync_period() {
+    let (mut l, log, t0) = started();
+    l.tick(t0 + PERIOD.saturating_sub(Duration::from_millis(1)));
+    assert_eq!(log.take_calls(), vec![]);
+    l.tick(t0 + PERIOD);
+    assert_eq!(log.take_calls(), vec![Call::Full]);
+    assert_eq!(l.next_deadline(), Some(t0 + PERIOD * 2));
+    // A change pending when the full sync is due is part of it.
+    l.receive(SourceUpdate::Events(vec![Change::Service(
+        "a",
+        "10.96.0.1",
+    )]));
+    l.tick(t0 + PERIOD * 2);
+    assert_eq!(log.take_calls(), vec![Call::Full]);
+    l.tick(t0 + PERIOD * 2 + MIN);
+    assert_eq!(log.take_calls(), vec![]);
+}
+
+#[test]
+fn a_failed_sync_is_repaired_by_a_full_sync_soon_after() {
+    let (mut l, log, t0) = started();
+    log.with(|s| s.fail_next.push(Some("a")));
+    l.receive(SourceUpdate::Events(vec![Change::Service(
+        "a",
+        "10.96.0.1",
+    )]));
+    l.tick(t0 + MIN);
+    assert_eq!(log.take_calls(), vec![services(&["a"])]);
+    let repair = t0 + MIN + REPAIR_DELAY.max(MIN);
+    assert_eq!(l.next_deadline(), Some(repair));
+    l.tick(t0 + (MIN + REPAIR_DELAY.max(MIN)).saturating_sub(Duration::from_millis(1)));
+    assert_eq!(log.take_calls(), vec![]);
+    l.tick(repair);
+    assert_eq!(log.take_calls(), vec![Call::Full]);
+    // Repaired: back to the sync period.
+    assert_eq!(l.next_deadline(), Some(repair + PERIOD));
+    assert_eq!(log.with(|s| s.errors), 1);
+}
+
+#[test]
+fn only_a_backend_failure_makes_a_sync_unhealthy() {
+    let (mut l, log, t0) = started();
+    // `fail_next` pops from the end: first a Service's error, then the backend's.
+    log.with(|s| s.fail_next = vec![None, Some("a")]);
+    l.receive(SourceUpdate::Events(vec![Change::Service(
+        "a",
+        "10.96.0.1",
+    )]));
+    l.tick(t0 + MIN);
+    l.tick(t0 + MIN * 2);
+    let healthy: Vec<bool> = log.with(|s| s.synced.iter().map(|r| r.healthy).collect());
+    assert_eq!(healthy, vec![true, true, false]);
+    let full: Vec<bool> = log.with(|s| s.synced.iter().map(|r| r.full).collect());
+    assert_eq!(full, vec![true, false, true]);
+}
+
+#[test]
+fn the_programming_latency_counts_from_the_oldest_pending_change() {
+    let (mut l, log, t0) = started();
+    l.receive(SourceUpdate::Events(vec![Change::Service(
+        "a",
+        "10.96.0.1",
+    )]));
+    l.tick(Instant::now() + MIN * 5);
+    let record = log.with(|s| s.synced.last().cloned()).unwrap();
+    assert!(!record.full);
+    let latency = record.programming_latency.expect("a change was applied");
+    assert!(latency >= MIN * 5, "{latency:?}");
+    // A periodic full sync applies no change: no latency to report.
+    l.tick(t0 + PERIOD * 2);
+    let record = log.with(|s| s.synced.last().cloned()).unwrap();
+    assert!(record.full);
+    assert_eq!(record.programming_latency, None);
+}
+
+#[test]
+fn draining_real_servers_are_checked_every_drain_interval_while_any_drain() {
+    let (mut l, log, t0) = started();
+    log.with(|s| s.draining = 2);
+    assert!(l.next_deadline().is_some_and(|d| d <= t0), "a drain is due");
+    l.tick(t0);
+    assert_eq!(log.take_calls(), vec![Call::Drain]);
+    l.tick(t0 + DRAIN_INTERVAL / 2);
+    assert_eq!(
+        log.take_calls(),
+        vec![],
+        "drained again within the interval"
+    );
+    assert_eq!(l.next_deadline(), Some(t0 + DRAIN_INTERVAL));
+    l.tick(t0 + DRAIN_INTERVAL);
+    assert_eq!(log.take_calls(), vec![Call::Drain]);
+    // Nothing left draining: no more drain ticks.
+    l.tick(t0 + DRAIN_INTERVAL * 2);
+    assert_eq!(log.take_calls(), vec![]);
+    assert_eq!(l.next_deadline(), Some(t0 + PERIOD));
+}
+
+#[test]
+fn new_node_addresses_reconfigure_the_engine_and_sync_everything() {
+    let (mut l, log, t0) = started();
+    l.receive(SourceUpdate::Events(vec![Change::Node("192.168.1.10")]));
+    assert_eq!(
+        log.take_calls(),
+        vec![Call::Reconfigure(vec!["192.168.1.10".parse().unwrap()])]
+    );
+    l.tick(t0 + MIN);
+    assert_eq!(log.take_calls(), vec![Call::Full]);
+    // The same facts again change nothing.
+    l.receive(SourceUpdate::Events(vec![Change::Node("192.168.1.10")]));
+    l.tick(t0 + MIN * 2);
+    assert_eq!(log.take_calls(), vec![]);
+}
+
+#[test]
+fn a_service_of_a_new_family_reconfigures_the_engine() {
+    let (mut l, log, t0) = started();
+    l.receive(SourceUpdate::Events(vec![Change::Service(
+        "v6", "fd00::10",
+    )]));
+    assert_eq!(log.take_calls(), vec![Call::Reconfigure(vec![])]);
+    l.tick(t0 + MIN);
+    assert_eq!(log.take_calls(), vec![Call::Full]);
+}
+
+#[test]
+fn node_eligibility_goes_to_the_observer() {
+    let (mut l, log) = looped();
+    l.receive(SourceUpdate::NodeEligible(false));
+    l.receive(SourceUpdate::NodeEligible(true));
+    assert_eq!(log.with(|s| s.eligible.clone()), vec![false, true]);
+}

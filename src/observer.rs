@@ -1,0 +1,82 @@
+//! What the sync loop reports, turned into the daemon's health and kube-proxy's metrics.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use reconciler::sync::{Counts, SyncError};
+use reconciler::{Folded, Observer, SyncRecord};
+
+use crate::health::Health;
+use crate::metrics::{KernelErrorLabel, Metrics, TrafficPolicyLabel, unix_seconds};
+
+/// The loop's [`Observer`]: health for `/healthz` and `/livez`, metrics for `/metrics`.
+#[derive(Debug, Clone)]
+pub struct Telemetry {
+    pub health: Health,
+    pub metrics: Arc<Metrics>,
+}
+
+fn gauge(n: impl TryInto<i64>) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
+}
+
+impl Observer for Telemetry {
+    fn node_eligible(&self, eligible: bool) {
+        self.health.set_node_eligible(eligible);
+    }
+
+    fn queued(&self, folded: &Folded, pending: (u64, u64), at: SystemTime) {
+        let m = &self.metrics;
+        m.service_changes_total.inc_by(folded.service_changes);
+        m.endpoint_changes_total.inc_by(folded.endpoint_changes);
+        m.service_changes_pending.set(gauge(pending.0));
+        m.endpoint_changes_pending.set(gauge(pending.1));
+        self.health.queued(at);
+        m.last_queued_timestamp.set(unix_seconds(at));
+    }
+
+    fn synced(&self, record: &SyncRecord) {
+        let m = &self.metrics;
+        m.observe_sync(record.took, record.full, record.finished);
+        if let Some(latency) = record.programming_latency {
+            m.network_programming_duration
+                .observe(latency.as_secs_f64());
+        }
+        m.service_changes_pending.set(0);
+        m.endpoint_changes_pending.set(0);
+        if record.healthy {
+            self.health.synced(record.finished);
+        }
+    }
+
+    fn errors(&self, errors: &[SyncError]) {
+        for e in errors {
+            if matches!(e.backend, "iptables" | "netfilter") {
+                self.metrics.iptables_restore_failures.inc();
+            }
+            self.metrics
+                .kernel_operation_errors
+                .get_or_create(&KernelErrorLabel {
+                    backend: e.backend,
+                    kind: e.kind.to_owned(),
+                })
+                .inc();
+        }
+    }
+
+    fn counts(&self, counts: Counts) {
+        let m = &self.metrics;
+        m.virtual_servers.set(gauge(counts.virtual_servers));
+        m.real_servers.set(gauge(counts.real_servers));
+        m.real_servers_draining.set(gauge(counts.draining));
+    }
+
+    fn no_local_endpoints(&self, internal: u64, external: u64) {
+        for (traffic_policy, n) in [("internal", internal), ("external", external)] {
+            self.metrics
+                .no_local_endpoints
+                .get_or_create(&TrafficPolicyLabel { traffic_policy })
+                .set(gauge(n));
+        }
+    }
+}
