@@ -10,7 +10,7 @@ pub mod config;
 pub mod config_file;
 pub mod daemon;
 pub mod flags;
-pub mod health;
+pub use reconciler::health;
 pub mod http;
 pub mod logging;
 pub mod metrics;

@@ -7,6 +7,7 @@
 
 pub mod engine;
 pub mod fallback;
+pub mod health;
 pub mod ipsets;
 pub mod ipvs_rules;
 pub mod ipvs_state;

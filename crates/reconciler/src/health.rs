@@ -1,4 +1,5 @@
-//! kube-proxy's health semantics.
+//! kube-proxy's health semantics: what `/healthz` and `/livez` answer, from when changes were
+//! queued and when a sync last applied them.
 //!
 //! The proxier is healthy unless a change has been waiting longer than the health timeout
 //! (twice the sync period, as kube-proxy sets it) without a sync that applied it; before the
