@@ -51,14 +51,14 @@ impl Observer for Telemetry {
 
     fn errors(&self, errors: &[SyncError]) {
         for e in errors {
-            if matches!(e.backend, "iptables" | "netfilter") {
+            if matches!(e.backend(), "iptables" | "netfilter") {
                 self.metrics.iptables_restore_failures.inc();
             }
             self.metrics
                 .kernel_operation_errors
                 .get_or_create(&KernelErrorLabel {
-                    backend: e.backend,
-                    kind: e.kind.to_owned(),
+                    backend: e.backend(),
+                    kind: e.kind().to_owned(),
                 })
                 .inc();
         }

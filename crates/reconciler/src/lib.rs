@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod engine;
+mod error;
 pub mod fallback;
 pub mod health;
 pub mod ipsets;
@@ -19,6 +20,7 @@ pub mod state;
 pub mod sync;
 pub mod sync_loop;
 
+pub use error::Error;
 pub use ipsets::KubeSet;
 pub use ipvs_state::{RealServer, VirtualServer, VirtualServerKey};
 pub use model::{

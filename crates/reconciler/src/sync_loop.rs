@@ -361,7 +361,7 @@ impl<E> SyncLoop<E> {
             }
         }
         for error in &report.errors {
-            tracing::error!(backend = error.backend, kind = error.kind, "{error}");
+            tracing::error!(backend = error.backend(), kind = error.kind(), "{error}");
         }
         self.observer.errors(&report.errors);
         tracing::info!(

@@ -53,12 +53,9 @@ impl FakeEngine {
     fn report(&self) -> SyncReport {
         let mut report = SyncReport::default();
         if let Some(service) = self.0.with(|s| s.fail_next.pop()) {
-            report.errors.push(SyncError {
-                service: service.map(|n| ServiceName::new("ns", n)),
-                backend: "ipvs",
-                kind: "invalid_argument",
-                message: "refused".into(),
-            });
+            let service = service.map(|n| ServiceName::new("ns", n));
+            let error = crate::Error::Ipvs(ipvs::Error::NotAvailable);
+            report.errors.push(SyncError::new(service.as_ref(), error));
         }
         report
     }

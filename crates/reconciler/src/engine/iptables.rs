@@ -7,6 +7,7 @@ use iptables::Runner;
 use iptables::proxier::Proxier;
 
 use super::Engine;
+use crate::error::Error;
 use crate::fallback::{proxier_config, service_specs};
 use crate::model::ServiceName;
 use crate::plan::{PlanConfig, PlanWarning, Planner};
@@ -51,12 +52,10 @@ impl IptablesEngine {
                         "iptables-restore"
                     );
                 }
-                Err(e) => report.errors.push(SyncError {
-                    service: None,
-                    backend: "iptables",
-                    kind: "restore",
-                    message: format!("{family:?} rules: {e}"),
-                }),
+                Err(source) => report.errors.push(SyncError::new(
+                    None,
+                    Error::IptablesRules { family, source },
+                )),
             }
         }
         report

@@ -9,7 +9,10 @@ use ipvs::{
     Connections, Op, RealServer, RealServerEntry, Scheduler, ServiceKey, Stats, VirtualServer,
 };
 
+use iptables::Family;
+
 use super::*;
+use crate::ipsets::KubeSet;
 
 #[derive(Debug, Default)]
 struct FakeIpvs {
@@ -616,7 +619,7 @@ fn a_refused_operation_is_reported_for_its_service_and_the_rest_is_applied() {
     assert!(report.needs_full_sync());
     let err = &report.errors[0];
     assert_eq!(err.service, Some(svc("odd")));
-    assert_eq!(err.kind, "scheduler_missing");
+    assert_eq!(err.kind(), "scheduler_missing");
     assert!(err.to_string().contains("default/odd"), "{err}");
     assert!(
         s.ipvs

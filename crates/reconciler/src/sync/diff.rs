@@ -1,0 +1,183 @@
+//! One Service's target against the mirror: the operations that move the kernel there. The
+//! mirror is updated as if every operation succeeds; `send` corrects it where one fails.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use ipvs::{Op, RealServer, ServiceKey, VirtualServer};
+
+use super::mirror::{Footprint, KernelVs, RealSet};
+use super::report::SyncError;
+use super::target::ServiceTarget;
+use super::{AddressKernel, IpvsKernel, NetfilterEntry, NetfilterKernel, Pending, Syncer};
+use crate::error::Error;
+use crate::model::ServiceName;
+
+fn is_tcp(key: &ServiceKey) -> bool {
+    matches!(
+        key,
+        ServiceKey::Addr {
+            protocol: ipvs::Protocol::Tcp,
+            ..
+        }
+    )
+}
+
+impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
+    /// Diffs one Service's new target against what it had, into `p`.
+    pub(super) fn diff_service(
+        &mut self,
+        name: &ServiceName,
+        new: ServiceTarget,
+        now: Instant,
+        p: &mut Pending,
+    ) {
+        let old = self.services.remove(name).unwrap_or_default();
+
+        let new_keys: HashSet<ServiceKey> =
+            new.virtual_servers.iter().map(|(vs, _)| vs.key).collect();
+        for (vs, reals) in &new.virtual_servers {
+            match self.owner.get(&vs.key) {
+                Some(other) if other != name => {
+                    p.errors.push(SyncError::new(
+                        Some(name),
+                        Error::Conflict {
+                            key: vs.key,
+                            owner: other.clone(),
+                        },
+                    ));
+                    continue;
+                }
+                _ => {}
+            }
+            self.owner.insert(vs.key, name.clone());
+            self.reconcile_virtual_server(name, vs, reals, now, p);
+        }
+        for key in &old.keys {
+            if !new_keys.contains(key) && self.owner.get(key) == Some(name) {
+                self.owner.remove(key);
+                if self.kernel.remove(key).is_some() {
+                    self.draining.retain(|(k, _), _| k != key);
+                    p.push(Op::DeleteService(*key), Some(name));
+                }
+            }
+        }
+
+        let old_addrs: HashSet<IpAddr> = old.addresses.iter().copied().collect();
+        let new_addrs: HashSet<IpAddr> = new.addresses.iter().copied().collect();
+        for ip in new_addrs.difference(&old_addrs) {
+            let refs = self.address_refs.entry(*ip).or_insert(0);
+            *refs += 1;
+            if *refs == 1 {
+                p.del_addrs.remove(ip);
+                if !self.bound.contains(ip) {
+                    p.add_addrs.insert(*ip);
+                }
+            }
+        }
+        for ip in old_addrs.difference(&new_addrs) {
+            if let Some(refs) = self.address_refs.get_mut(ip) {
+                *refs -= 1;
+                if *refs == 0 {
+                    self.address_refs.remove(ip);
+                    p.add_addrs.remove(ip);
+                    if self.bound.contains(ip) {
+                        p.del_addrs.insert(*ip);
+                    }
+                }
+            }
+        }
+
+        let old_entries: HashSet<&NetfilterEntry> = old.netfilter.iter().collect();
+        let new_entries: HashSet<&NetfilterEntry> = new.netfilter.iter().collect();
+        for e in new_entries.difference(&old_entries) {
+            let refs = self.set_refs.entry((*e).clone()).or_insert(0);
+            *refs += 1;
+            if *refs == 1 && !p.del_entries.remove(*e) {
+                p.add_entries.insert((*e).clone());
+            }
+        }
+        for e in old_entries.difference(&new_entries) {
+            if let Some(refs) = self.set_refs.get_mut(*e) {
+                *refs -= 1;
+                if *refs == 0 {
+                    self.set_refs.remove(*e);
+                    if !p.add_entries.remove(*e) {
+                        p.del_entries.insert((*e).clone());
+                    }
+                }
+            }
+        }
+
+        if !new.is_empty() {
+            let footprint = Footprint {
+                keys: new
+                    .virtual_servers
+                    .into_iter()
+                    .map(|(vs, _)| vs.key)
+                    .collect(),
+                addresses: new.addresses,
+                netfilter: new.netfilter,
+            };
+            self.services.insert(name.clone(), footprint);
+        }
+    }
+
+    fn reconcile_virtual_server(
+        &mut self,
+        name: &ServiceName,
+        vs: &VirtualServer,
+        reals: &[RealServer],
+        now: Instant,
+        p: &mut Pending,
+    ) {
+        let key = vs.key;
+        let entry = self.kernel.entry(key).or_insert_with(|| {
+            p.push(Op::AddService(vs.clone()), Some(name));
+            KernelVs {
+                server: vs.clone(),
+                real: RealSet::default(),
+            }
+        });
+        if entry.server != *vs {
+            p.push(Op::UpdateService(vs.clone()), Some(name));
+            entry.server = vs.clone();
+        }
+        let wanted: HashMap<SocketAddr, &RealServer> = reals.iter().map(|r| (r.addr, r)).collect();
+        if entry.real.len() == 0 {
+            entry.real.reserve_exact(reals.len());
+        }
+        for rs in reals {
+            match entry.real.get(&rs.addr) {
+                None => p.push(Op::AddDest(key, *rs), Some(name)),
+                Some(have) if have != rs => p.push(Op::UpdateDest(key, *rs), Some(name)),
+                Some(_) => {}
+            }
+            entry.real.insert(*rs);
+            self.draining.remove(&(key, rs.addr));
+        }
+        let gone: Vec<SocketAddr> = entry
+            .real
+            .addrs()
+            .filter(|a| !wanted.contains_key(a))
+            .collect();
+        for addr in gone {
+            if self.draining.contains_key(&(key, addr)) {
+                continue;
+            }
+            if is_tcp(&key) {
+                let rs = entry.real.get_mut(&addr).expect("listed above");
+                if rs.weight != 0 {
+                    rs.weight = 0;
+                    p.push(Op::UpdateDest(key, *rs), Some(name));
+                }
+                self.draining
+                    .insert((key, addr), now + self.options.drain_timeout);
+            } else {
+                entry.real.remove(&addr);
+                p.push(Op::DeleteDest(key, addr), Some(name));
+            }
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! The kernel as the engine sees it: three backends, handed in, each a trait with an in-memory
+//! fake in the tests.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+
+use iptables::Family;
+use ipvs::{Op, RealServerEntry, ServiceKey, VirtualServer};
+
+use crate::ipsets::KubeSet;
+use crate::model::Protocol;
+
+/// An error from a backend other than IPVS, boxed: the engine only reports it.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The kernel's IPVS table, as the engine needs it.
+pub trait IpvsKernel {
+    /// Every virtual server with its real servers (`ipvsadm -Ln`).
+    fn dump(&mut self) -> Result<Vec<(VirtualServer, Vec<RealServerEntry>)>, ipvs::Error>;
+    /// The real servers of one virtual server, with their connection counts.
+    fn real_servers(&mut self, key: &ServiceKey) -> Result<Vec<RealServerEntry>, ipvs::Error>;
+    /// Applies a batch; one result per operation, in order.
+    fn apply(&mut self, ops: &[Op]) -> Vec<Result<(), ipvs::Error>>;
+}
+
+/// The addresses bound to `kube-ipvs0`.
+pub trait AddressKernel {
+    fn list(&mut self) -> Result<BTreeSet<IpAddr>, BackendError>;
+    /// One result per address, in order.
+    fn add(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>>;
+    /// One result per address, in order.
+    fn remove(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>>;
+}
+
+/// The ipsets and the small iptables rule set that uses them.
+pub trait NetfilterKernel {
+    /// Makes every proxy set hold exactly the `Set` members of `entries`, and rewrites the
+    /// proxy's chains.
+    fn full(&mut self, entries: &BTreeSet<NetfilterEntry>) -> Result<(), BackendError>;
+    /// Adds and deletes members; rewrites the chains only if the rules they imply changed (a
+    /// set became empty or non-empty, a LoadBalancer out-filter came or went).
+    fn partial(
+        &mut self,
+        added: &[NetfilterEntry],
+        removed: &[NetfilterEntry],
+    ) -> Result<(), BackendError>;
+}
+
+/// One fact the ipvs-mode netfilter state is made of.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NetfilterEntry {
+    /// A member of one of kube-proxy's ipsets (`ipset add KUBE-CLUSTER-IP 10.96.0.10,tcp:80`).
+    Set {
+        family: Family,
+        set: KubeSet,
+        entry: iptables::SetEntry,
+    },
+    /// A LoadBalancer (ip, protocol, port) the node itself may not reach: a
+    /// KUBE-IPVS-OUT-FILTER rule.
+    NoNodeAccess {
+        ip: IpAddr,
+        protocol: Protocol,
+        port: u16,
+    },
+}
+
+impl fmt::Display for NetfilterEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NetfilterEntry::Set { family, set, entry } => {
+                write!(f, "{} {entry}", set.name(*family))
+            }
+            NetfilterEntry::NoNodeAccess { ip, protocol, port } => {
+                write!(f, "out-filter {ip},{protocol}:{port}")
+            }
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! The sync engine: keeps the kernel equal to the plan, touching only what changed.
+//!
+//! It keeps a mirror of what it programmed (virtual servers with their real servers, the
+//! addresses on `kube-ipvs0`, the ipset entries) and, for each changed Service, diffs that
+//! Service's new target against the mirror and hands each backend the smallest list of
+//! operations. A full sync re-reads the kernel first, so drift (a virtual server deleted by
+//! hand, a real server left at weight 0 by a previous run) is repaired, and nothing the proxy
+//! does not own is touched.
+//!
+//! Ownership: a virtual server is the proxy's when its address is bound to `kube-ipvs0`, or it
+//! is one the plan wants, or one this process programmed — and it is not inside
+//! `--ipvs-exclude-cidrs`. Firewall-mark services are never the proxy's.
+//!
+//! Removed TCP real servers drain: weight 0 first, deleted once their active and inactive
+//! connections reach 0 or the drain timeout passes. UDP and SCTP ones are deleted at once, as
+//! kube-proxy does (their "connections" are only timers).
+//!
+//! - [`kernel`]: the backend traits the engine is handed, and the netfilter facts it keeps.
+//! - [`target`]: a Service's plan converted into kernel values (`ipvs` virtual and real servers,
+//!   addresses, set entries).
+//! - `mirror`: what the engine believes the kernel holds; `diff`: one Service's target against
+//!   the mirror, as operations; `send`: the operations sent, and the mirror corrected where the
+//!   kernel refused one.
+
+mod diff;
+pub mod kernel;
+mod mirror;
+mod report;
+mod send;
+pub mod target;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use ipvs::{Op, ServiceKey};
+
+pub use self::kernel::{AddressKernel, BackendError, IpvsKernel, NetfilterEntry, NetfilterKernel};
+use self::mirror::{Footprint, KernelVs};
+pub use self::report::{Counts, SyncError, SyncReport};
+pub use self::target::ServiceTarget;
+use crate::error::Error;
+use crate::model::ServiceName;
+
+/// How many IPVS operations a full sync collects before sending them.
+pub const OPS_PER_BATCH: usize = 4096;
+
+/// Settings of the engine.
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    /// How long a removed TCP real server may drain before it is deleted with connections left.
+    pub drain_timeout: Duration,
+    /// Virtual servers inside these ranges are never touched (`--ipvs-exclude-cidrs`).
+    pub exclude_cidrs: Vec<IpNet>,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        SyncOptions {
+            // IPVS's own idle timeout for established TCP: a connection silent that long is gone.
+            drain_timeout: Duration::from_secs(900),
+            exclude_cidrs: Vec::new(),
+        }
+    }
+}
+
+/// The engine. Backends are handed in; it opens nothing itself.
+#[derive(Debug)]
+pub struct Syncer<I, A, N> {
+    ipvs: I,
+    addresses: A,
+    netfilter: N,
+    options: SyncOptions,
+    /// What each Service contributed at the last sync.
+    services: HashMap<ServiceName, Footprint>,
+    /// The proxy's virtual servers as the kernel has them.
+    kernel: HashMap<ServiceKey, KernelVs>,
+    owner: HashMap<ServiceKey, ServiceName>,
+    address_refs: HashMap<IpAddr, u32>,
+    bound: HashSet<IpAddr>,
+    set_refs: HashMap<NetfilterEntry, u32>,
+    /// Real servers at weight 0, with the instant they are deleted regardless.
+    draining: HashMap<(ServiceKey, SocketAddr), Instant>,
+}
+
+/// The operations of one sync, collected before anything is sent.
+#[derive(Default)]
+struct Pending {
+    ops: Vec<Op>,
+    /// The Service each op is for, to name it in errors.
+    op_owner: Vec<Option<ServiceName>>,
+    add_addrs: BTreeSet<IpAddr>,
+    del_addrs: BTreeSet<IpAddr>,
+    add_entries: BTreeSet<NetfilterEntry>,
+    del_entries: BTreeSet<NetfilterEntry>,
+    errors: Vec<SyncError>,
+}
+
+impl Pending {
+    fn push(&mut self, op: Op, owner: Option<&ServiceName>) {
+        self.ops.push(op);
+        self.op_owner.push(owner.cloned());
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
+    pub fn new(ipvs: I, addresses: A, netfilter: N, options: SyncOptions) -> Self {
+        Syncer {
+            ipvs,
+            addresses,
+            netfilter,
+            options,
+            services: HashMap::new(),
+            kernel: HashMap::new(),
+            owner: HashMap::new(),
+            address_refs: HashMap::new(),
+            bound: HashSet::new(),
+            set_refs: HashMap::new(),
+            draining: HashMap::new(),
+        }
+    }
+
+    /// The IPVS backend, for callers that need to read the kernel directly.
+    pub fn ipvs_mut(&mut self) -> &mut I {
+        &mut self.ipvs
+    }
+
+    /// The netfilter backend, to hand it new node facts.
+    pub fn netfilter_mut(&mut self) -> &mut N {
+        &mut self.netfilter
+    }
+
+    #[must_use]
+    pub fn counts(&self) -> Counts {
+        Counts {
+            virtual_servers: self.kernel.len(),
+            real_servers: self.kernel.values().map(|vs| vs.real.len()).sum(),
+            draining: self.draining.len(),
+        }
+    }
+
+    fn excluded(&self, ip: IpAddr) -> bool {
+        self.options
+            .exclude_cidrs
+            .iter()
+            .any(|net| net.contains(&ip))
+    }
+
+    /// Re-reads the kernel, then programs every Service in `targets` and removes whatever the
+    /// proxy owns that no Service wants. Used at start (adopting a previous run's state without
+    /// flushing it) and every `--ipvs-sync-period`.
+    ///
+    /// Targets are taken one at a time and IPVS operations go out every [`OPS_PER_BATCH`], so
+    /// neither the plan of the whole node nor all its operations are ever in memory at once.
+    pub fn full_sync(
+        &mut self,
+        targets: impl IntoIterator<Item = (ServiceName, ServiceTarget)>,
+        now: Instant,
+    ) -> SyncReport {
+        let started = Instant::now();
+        let mut report = SyncReport::default();
+        let unclaimed = match self.read_kernel() {
+            Ok(unclaimed) => unclaimed,
+            Err(e) => {
+                report.errors.push(e);
+                return report;
+            }
+        };
+        let read = started.elapsed();
+
+        let mut pending = Pending::default();
+        for (name, target) in targets {
+            report.services += 1;
+            self.diff_service(&name, target, now, &mut pending);
+            if pending.ops.len() >= OPS_PER_BATCH {
+                self.execute_ipvs(&mut pending, &mut report);
+            }
+        }
+        // Whatever the proxy owns that no Service claimed; what it never owned leaves the
+        // mirror untouched.
+        let orphans: Vec<ServiceKey> = self
+            .kernel
+            .keys()
+            .filter(|k| !self.owner.contains_key(k))
+            .copied()
+            .collect();
+        for key in orphans {
+            self.kernel.remove(&key);
+            if !unclaimed.contains(&key) {
+                self.draining.retain(|(k, _), _| *k != key);
+                pending.push(Op::DeleteService(key), None);
+            }
+        }
+        for ip in &self.bound {
+            if !self.address_refs.contains_key(ip) {
+                pending.del_addrs.insert(*ip);
+            }
+        }
+        pending.add_entries.clear();
+        pending.del_entries.clear();
+        let planned = started.elapsed();
+        let entries: BTreeSet<NetfilterEntry> = self.set_refs.keys().cloned().collect();
+        if let Err(e) = self.netfilter.full(&entries) {
+            pending
+                .errors
+                .push(SyncError::new(None, Error::RestoreNetfilter(e)));
+        } else {
+            report.set_entries_added = entries.len();
+        }
+        drop(entries);
+        let netfilter = started.elapsed();
+        self.execute(pending, &mut report);
+        tracing::debug!(
+            read_kernel_ms = ms(read),
+            plan_and_ipvs_ms = ms(planned.saturating_sub(read)),
+            netfilter_ms = ms(netfilter.saturating_sub(planned)),
+            rest_ms = ms(started.elapsed().saturating_sub(netfilter)),
+            "full sync phases"
+        );
+        report
+    }
+
+    /// Reads the IPVS table and `kube-ipvs0`'s addresses and makes them the mirror, with no
+    /// Service's claim on any of it yet. Returns the virtual servers the proxy does not own
+    /// unless a Service claims them (see the module's notes): they are dropped from the mirror,
+    /// never deleted, if none does.
+    fn read_kernel(&mut self) -> Result<HashSet<ServiceKey>, SyncError> {
+        let dump = self
+            .ipvs
+            .dump()
+            .map_err(|e| SyncError::new(None, Error::ReadIpvs(e)))?;
+        let bound = self
+            .addresses
+            .list()
+            .map_err(|e| SyncError::new(None, Error::ListAddresses(e)))?;
+        let mut unclaimed = HashSet::new();
+        let mut kernel = HashMap::with_capacity(dump.len());
+        for (server, entries) in dump {
+            let ServiceKey::Addr { addr, .. } = server.key else {
+                continue;
+            };
+            if self.excluded(addr.ip()) {
+                continue;
+            }
+            if !bound.contains(&addr.ip()) && !self.kernel.contains_key(&server.key) {
+                unclaimed.insert(server.key);
+            }
+            let real = entries.into_iter().map(|r| r.server).collect();
+            kernel.insert(server.key, KernelVs { server, real });
+        }
+        self.kernel = kernel;
+        self.services.clear();
+        self.owner.clear();
+        self.address_refs.clear();
+        self.set_refs.clear();
+        self.bound = bound.into_iter().collect();
+        let kernel = &self.kernel;
+        self.draining.retain(|(key, addr), _| {
+            kernel
+                .get(key)
+                .is_some_and(|vs| vs.real.get(addr).is_some_and(|r| r.weight == 0))
+        });
+        Ok(unclaimed)
+    }
+
+    /// Programs the changed Services only. A Service that is gone has an empty target.
+    pub fn sync(&mut self, changes: Vec<(ServiceName, ServiceTarget)>, now: Instant) -> SyncReport {
+        let mut report = SyncReport {
+            services: changes.len(),
+            ..SyncReport::default()
+        };
+        let mut pending = Pending::default();
+        for (name, target) in changes {
+            self.diff_service(&name, target, now, &mut pending);
+        }
+        let added: Vec<NetfilterEntry> = std::mem::take(&mut pending.add_entries)
+            .into_iter()
+            .collect();
+        let removed: Vec<NetfilterEntry> = std::mem::take(&mut pending.del_entries)
+            .into_iter()
+            .collect();
+        if !added.is_empty() || !removed.is_empty() {
+            match self.netfilter.partial(&added, &removed) {
+                Ok(()) => {
+                    report.set_entries_added = added.len();
+                    report.set_entries_removed = removed.len();
+                }
+                Err(e) => pending
+                    .errors
+                    .push(SyncError::new(None, Error::UpdateSets(e))),
+            }
+        }
+        self.execute(pending, &mut report);
+        report
+    }
+
+    /// Deletes draining real servers whose connections have ended or whose time is up.
+    pub fn drain(&mut self, now: Instant) -> SyncReport {
+        let mut report = SyncReport::default();
+        let mut by_service: HashMap<ServiceKey, Vec<SocketAddr>> = HashMap::new();
+        for (key, addr) in self.draining.keys() {
+            by_service.entry(*key).or_default().push(*addr);
+        }
+        let mut pending = Pending::default();
+        for (key, addrs) in by_service {
+            let reals = match self.ipvs.real_servers(&key) {
+                Ok(r) => r,
+                Err(e) => {
+                    pending.errors.push(SyncError::new(
+                        self.owner.get(&key),
+                        Error::ReadRealServers { key, source: e },
+                    ));
+                    continue;
+                }
+            };
+            for addr in addrs {
+                let deadline = self.draining[&(key, addr)];
+                let done = match reals.iter().find(|r| r.server.addr == addr) {
+                    None => true,
+                    Some(r) => {
+                        r.connections.active + r.connections.inactive == 0 || now >= deadline
+                    }
+                };
+                if done {
+                    self.draining.remove(&(key, addr));
+                    if let Some(vs) = self.kernel.get_mut(&key)
+                        && vs.real.remove(&addr).is_some()
+                    {
+                        pending.push(Op::DeleteDest(key, addr), self.owner.get(&key));
+                        report.drained += 1;
+                    }
+                }
+            }
+        }
+        self.execute(pending, &mut report);
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests;

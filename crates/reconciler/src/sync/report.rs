@@ -1,0 +1,109 @@
+//! What a sync did and what went wrong, attributed to a Service where one is to blame.
+
+use std::fmt;
+
+use crate::error::{Error, chain};
+use crate::model::ServiceName;
+
+/// Something that went wrong in a sync, attributed to a Service where one is to blame.
+#[derive(Debug)]
+pub struct SyncError {
+    pub service: Option<ServiceName>,
+    pub error: Error,
+}
+
+impl SyncError {
+    #[must_use]
+    pub fn new(service: Option<&ServiceName>, error: Error) -> SyncError {
+        SyncError {
+            service: service.cloned(),
+            error,
+        }
+    }
+
+    /// `ipvs`, `addresses`, `netfilter` or `iptables`: the metric's `backend` label.
+    #[must_use]
+    pub fn backend(&self) -> &'static str {
+        match self.error {
+            Error::ReadIpvs(_)
+            | Error::ReadRealServers { .. }
+            | Error::Ipvs(_)
+            | Error::Conflict { .. } => "ipvs",
+            Error::ListAddresses(_) | Error::Bind { .. } | Error::Unbind { .. } => "addresses",
+            Error::RestoreNetfilter(_) | Error::UpdateSets(_) => "netfilter",
+            Error::IptablesRules { .. } => "iptables",
+        }
+    }
+
+    /// A short machine-readable kind, for metrics (`already_exists`, `scheduler_missing`, ...).
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match &self.error {
+            Error::ReadIpvs(e) | Error::ReadRealServers { source: e, .. } | Error::Ipvs(e) => {
+                ipvs_error_kind(e)
+            }
+            Error::Conflict { .. } => "conflict",
+            Error::ListAddresses(_) => "list",
+            Error::Bind { .. } => "add",
+            Error::Unbind { .. } => "remove",
+            Error::RestoreNetfilter(_) | Error::UpdateSets(_) | Error::IptablesRules { .. } => {
+                "restore"
+            }
+        }
+    }
+}
+
+impl fmt::Display for SyncError {
+    /// The error with its sources: `service default/odd: ...` when a Service is to blame.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(svc) = &self.service {
+            write!(f, "service {svc}: ")?;
+        }
+        f.write_str(&chain(&self.error))
+    }
+}
+
+/// What one sync did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub services: usize,
+    pub ipvs_ops: usize,
+    pub addresses_added: usize,
+    pub addresses_removed: usize,
+    pub set_entries_added: usize,
+    pub set_entries_removed: usize,
+    /// Real servers deleted after draining.
+    pub drained: usize,
+    pub errors: Vec<SyncError>,
+}
+
+impl SyncReport {
+    /// Whether the kernel may now differ from the mirror, so a full sync should follow.
+    #[must_use]
+    pub fn needs_full_sync(&self) -> bool {
+        !self.errors.is_empty()
+    }
+}
+
+/// Counts for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    pub virtual_servers: usize,
+    pub real_servers: usize,
+    pub draining: usize,
+}
+
+fn ipvs_error_kind(e: &ipvs::Error) -> &'static str {
+    match e {
+        ipvs::Error::NotAvailable => "not_available",
+        ipvs::Error::PermissionDenied { .. } => "permission_denied",
+        ipvs::Error::AlreadyExists { .. } => "already_exists",
+        ipvs::Error::NoSuchService { .. } => "no_such_service",
+        ipvs::Error::NoSuchDestination { .. } => "no_such_destination",
+        ipvs::Error::SchedulerMissing { .. } => "scheduler_missing",
+        ipvs::Error::InvalidArgument { .. } => "invalid_argument",
+        ipvs::Error::Timeout(_) => "timeout",
+        ipvs::Error::Unconfirmed { .. } => "unconfirmed",
+        _ => "other",
+    }
+}

@@ -1,0 +1,90 @@
+//! Sending the collected operations, and correcting the mirror where the kernel refused one.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use ipvs::Op;
+
+use super::report::SyncError;
+use super::{AddressKernel, IpvsKernel, NetfilterKernel, Pending, SyncReport, Syncer, ms};
+use crate::error::Error;
+
+impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
+    /// Sends the collected operations and records what failed.
+    pub(super) fn execute(&mut self, mut p: Pending, report: &mut SyncReport) {
+        self.execute_ipvs(&mut p, report);
+        self.execute_addresses(p, report);
+    }
+
+    /// Sends the IPVS operations collected so far and forgets them.
+    pub(super) fn execute_ipvs(&mut self, p: &mut Pending, report: &mut SyncReport) {
+        if !p.ops.is_empty() {
+            let started = Instant::now();
+            let results = self.ipvs.apply(&p.ops);
+            tracing::debug!(
+                ops = p.ops.len(),
+                took_ms = ms(started.elapsed()),
+                "ipvs batch applied"
+            );
+            report.ipvs_ops += p.ops.len();
+            for ((result, op), owner) in results.into_iter().zip(&p.ops).zip(&p.op_owner) {
+                if let Err(e) = result {
+                    // The mirror assumed success; forget what failed so the next sync retries it.
+                    match op {
+                        Op::AddService(vs) => {
+                            self.kernel.remove(&vs.key);
+                        }
+                        Op::AddDest(key, rs) => {
+                            if let Some(vs) = self.kernel.get_mut(key) {
+                                vs.real.remove(&rs.addr);
+                            }
+                        }
+                        _ => {}
+                    }
+                    p.errors
+                        .push(SyncError::new(owner.as_ref(), Error::Ipvs(e)));
+                }
+            }
+            p.ops.clear();
+            p.op_owner.clear();
+        }
+    }
+
+    /// Binds and unbinds the collected addresses, then records every error of the sync.
+    fn execute_addresses(&mut self, mut p: Pending, report: &mut SyncReport) {
+        let started = Instant::now();
+        let add: Vec<IpAddr> = p.add_addrs.into_iter().collect();
+        for (ip, result) in add.iter().zip(self.addresses.add(&add)) {
+            match result {
+                Ok(()) => {
+                    self.bound.insert(*ip);
+                    report.addresses_added += 1;
+                }
+                Err(source) => p
+                    .errors
+                    .push(SyncError::new(None, Error::Bind { ip: *ip, source })),
+            }
+        }
+        let del: Vec<IpAddr> = p.del_addrs.into_iter().collect();
+        for (ip, result) in del.iter().zip(self.addresses.remove(&del)) {
+            match result {
+                Ok(()) => {
+                    self.bound.remove(ip);
+                    report.addresses_removed += 1;
+                }
+                Err(source) => p
+                    .errors
+                    .push(SyncError::new(None, Error::Unbind { ip: *ip, source })),
+            }
+        }
+        if !add.is_empty() || !del.is_empty() {
+            tracing::debug!(
+                added = add.len(),
+                removed = del.len(),
+                took_ms = ms(started.elapsed()),
+                "kube-ipvs0 addresses synced"
+            );
+        }
+        report.errors.append(&mut p.errors);
+    }
+}
