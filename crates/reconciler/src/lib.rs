@@ -11,7 +11,6 @@ pub mod fallback;
 pub mod health;
 pub mod ipsets;
 pub mod ipvs_rules;
-pub mod ipvs_state;
 pub mod model;
 pub mod plan;
 mod render;
@@ -22,7 +21,6 @@ pub mod sync_loop;
 
 pub use error::Error;
 pub use ipsets::KubeSet;
-pub use ipvs_state::{RealServer, VirtualServer, VirtualServerKey};
 pub use model::{
     Conditions, Endpoint, EndpointPort, EndpointSlice, NodeFacts, Protocol, SchedulerChoice,
     ServiceName, ServicePort, ServicePortName, ServiceType, SessionAffinity, TrafficPolicy,

@@ -8,16 +8,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
 use iptables::{Family, SetEntry};
 
 use crate::ipsets::KubeSet;
-use crate::ipvs_state::{
-    FLAG_PERSISTENT, FLAG_SOURCE_HASH, RealServer, VirtualServer, VirtualServerKey,
-};
+use ipvs::{RealServer, ServiceFlags, ServiceKey, VirtualServer};
+
 use crate::model::{
     Endpoint, Protocol, Scheduler, SchedulerChoice, ServiceName, ServicePort, ServicePortName,
     SessionAffinity,
@@ -138,7 +137,7 @@ pub enum PlanWarning {
     },
     /// Two Service ports claim the same virtual server; the first (by name) keeps it.
     VirtualServerConflict {
-        key: VirtualServerKey,
+        key: VipOrder,
         kept: ServicePortName,
         dropped: ServicePortName,
     },
@@ -158,22 +157,44 @@ impl fmt::Display for PlanWarning {
             PlanWarning::VirtualServerConflict { key, kept, dropped } => write!(
                 f,
                 "virtual server {}:{}/{} is claimed by {kept} and {dropped}; keeping {kept}",
-                key.address, key.port, key.protocol
+                key.0, key.1, key.2
             ),
         }
     }
 }
 
+/// Where a planned virtual server listens, in the order `plan` prints them: address, port,
+/// protocol.
+pub type VipOrder = (IpAddr, u16, Protocol);
+
 /// One virtual server with its real servers and the Service port it serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedVirtualServer {
     pub virtual_server: VirtualServer,
-    /// Sorted, unique.
+    /// Sorted by address, unique.
     pub real_servers: Vec<RealServer>,
     pub owner: ServicePortName,
     /// Whether the address is bound to kube-ipvs0 (false for NodePorts and for externalIPs or
     /// LoadBalancer IPs that already belong to the node).
     pub bound: bool,
+}
+
+impl PlannedVirtualServer {
+    /// Its place in the plan's order.
+    #[must_use]
+    pub fn order(&self) -> VipOrder {
+        match self.virtual_server.key {
+            ServiceKey::Addr { protocol, addr } => (addr.ip(), addr.port(), protocol),
+            // The planner makes none; were there one, it would sort first.
+            ServiceKey::Fwmark { family, .. } => {
+                let any = match family {
+                    Family::V4 => IpAddr::from([0u8; 4]),
+                    Family::V6 => IpAddr::from([0u8; 16]),
+                };
+                (any, 0, Protocol::Tcp)
+            }
+        }
+    }
 }
 
 /// Everything one Service contributes to the kernel.
@@ -193,7 +214,7 @@ pub struct ServicePlan {
 /// The whole desired state.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
-    pub virtual_servers: BTreeMap<VirtualServerKey, PlannedVirtualServer>,
+    pub virtual_servers: BTreeMap<VipOrder, PlannedVirtualServer>,
     /// kube-ipvs0's addresses.
     pub addresses: BTreeSet<IpAddr>,
     /// Every set of every planned family (empty ones included), with its entries.
@@ -218,7 +239,7 @@ impl Plan {
     /// Adds one Service's plan. A virtual server already claimed keeps its first owner.
     pub fn insert(&mut self, service: ServicePlan) {
         for vs in service.virtual_servers {
-            let key = vs.virtual_server.key;
+            let key = vs.order();
             if let Some(existing) = self.virtual_servers.get(&key) {
                 self.warnings.push(PlanWarning::VirtualServerConflict {
                     key,
@@ -384,38 +405,32 @@ impl Planner {
             },
         };
 
-        let (mut flags, mut timeout) = (0, 0);
-        if let SessionAffinity::ClientIp { timeout_seconds } = port.session_affinity {
-            flags |= FLAG_PERSISTENT;
-            timeout = timeout_seconds;
-        }
-        if scheduler == Scheduler::Maglev {
-            flags |= FLAG_SOURCE_HASH;
-        }
+        let virtual_server = |address: IpAddr, vport: u16| {
+            let key = ServiceKey::Addr {
+                protocol: port.name.protocol,
+                addr: SocketAddr::new(address, vport),
+            };
+            let mut vs = VirtualServer::new(key, scheduler);
+            if let SessionAffinity::ClientIp { timeout_seconds } = port.session_affinity {
+                vs = vs.with_persistence(timeout_seconds);
+            }
+            // kube-proxy hashes on the source port too with the mh scheduler (`-b mh-port`).
+            if scheduler == Scheduler::Maglev {
+                vs.flags = ServiceFlags::SH_PORT;
+            }
+            vs
+        };
         let add_vs =
             |out: &mut ServicePlan, address: IpAddr, vport: u16, only_local: bool, bound: bool| {
                 let mut real_servers: Vec<RealServer> = choice
                     .for_vip(only_local)
                     .iter()
-                    .map(|e| RealServer {
-                        address: e.ip,
-                        port: e.port,
-                        weight: 1,
-                    })
+                    .map(|e| RealServer::masquerade(SocketAddr::new(e.ip, e.port)))
                     .collect();
-                real_servers.sort_unstable();
-                real_servers.dedup();
+                real_servers.sort_unstable_by_key(|r| r.addr);
+                real_servers.dedup_by_key(|r| r.addr);
                 out.virtual_servers.push(PlannedVirtualServer {
-                    virtual_server: VirtualServer {
-                        key: VirtualServerKey {
-                            address,
-                            port: vport,
-                            protocol: port.name.protocol,
-                        },
-                        scheduler,
-                        flags,
-                        timeout,
-                    },
+                    virtual_server: virtual_server(address, vport),
                     real_servers,
                     owner: port.name.clone(),
                     bound,

@@ -97,19 +97,12 @@ fn plan(services: Vec<(ServicePort, Vec<Endpoint>)>) -> Plan {
 
 /// The real servers of the virtual server at `addr:port/tcp`, as "ip:port" strings.
 fn reals(plan: &Plan, addr: &str, port: u16) -> Vec<String> {
-    let key = VirtualServerKey {
-        address: ip(addr),
-        port,
-        protocol: Protocol::Tcp,
-    };
+    let key = (ip(addr), port, Protocol::Tcp);
     let vs = plan
         .virtual_servers
         .get(&key)
         .unwrap_or_else(|| panic!("no virtual server {addr}:{port}\n{}", plan.render_ipvsadm()));
-    vs.real_servers
-        .iter()
-        .map(|r| std::net::SocketAddr::new(r.address, r.port).to_string())
-        .collect()
+    vs.real_servers.iter().map(|r| r.addr.to_string()).collect()
 }
 
 fn set(plan: &Plan, family: Family, set: KubeSet) -> Vec<String> {
@@ -197,7 +190,7 @@ fn single_stack_service_is_not_programmed_in_the_other_family() {
     s.node_port = Some(30080);
     s.external_ips = Arc::from([ip("fd00:1::1")]);
     let p = plan(vec![(s, vec![ready("fd00:10:244::1", NODE)])]);
-    assert!(p.virtual_servers.keys().all(|k| k.address.is_ipv4()));
+    assert!(p.virtual_servers.keys().all(|k| k.0.is_ipv4()));
     assert!(set(&p, Family::V6, KubeSet::NodePortTcp).is_empty());
 }
 
@@ -302,11 +295,7 @@ fn node_port_is_served_on_every_node_address_without_binding_it() {
     assert!(!p.addresses.contains(&ip("192.168.56.10")));
     assert_eq!(set(&p, Family::V4, KubeSet::NodePortTcp), ["30800"]);
     // IPv4-only Service: no IPv6 NodePort even though the node has an IPv6 address.
-    assert!(
-        !p.virtual_servers
-            .keys()
-            .any(|k| k.address == ip("fd00:56::10"))
-    );
+    assert!(!p.virtual_servers.keys().any(|k| k.0 == ip("fd00:56::10")));
 }
 
 #[test]
@@ -328,7 +317,7 @@ fn node_port_without_node_addresses_is_left_out() {
     };
     let p = plan_with(cfg, vec![(load_balancer(&[]), vec![])]);
     assert!(set(&p, Family::V4, KubeSet::NodePortTcp).is_empty());
-    assert!(!p.virtual_servers.keys().any(|k| k.port == 30800));
+    assert!(!p.virtual_servers.keys().any(|k| k.1 == 30800));
 }
 
 #[test]
@@ -683,11 +672,36 @@ proptest! {
         let cfg = config();
         let p = plan(cluster);
         for (key, vs) in &p.virtual_servers {
-            let vip_ok = p.addresses.contains(&key.address) || cfg.node_port_ips.contains(&key.address);
+            let vip_ok = p.addresses.contains(&key.0) || cfg.node_port_ips.contains(&key.0);
             prop_assert!(vip_ok, "{:?} neither bound nor a node address", key);
             for rs in &vs.real_servers {
-                prop_assert_eq!(rs.address.is_ipv4(), key.address.is_ipv4());
+                prop_assert_eq!(rs.addr.is_ipv4(), key.0.is_ipv4());
             }
         }
     }
+}
+
+#[test]
+fn planned_virtual_servers_print_as_ipvsadm_save() {
+    let mut sctp = svc("sctp", &["10.96.0.11"], 80);
+    sctp.name.protocol = Protocol::Sctp;
+    sctp.session_affinity = SessionAffinity::ClientIp {
+        timeout_seconds: 10800,
+    };
+    let mut udp = svc("udp", &["fd00::10"], 80);
+    udp.name.protocol = Protocol::Udp;
+    udp.scheduler = SchedulerChoice::Named(Scheduler::LeastConnection);
+    let web = svc("web", &["10.96.0.10"], 80);
+    let p = plan(vec![
+        (sctp, vec![]),
+        (udp, vec![]),
+        (web, vec![ready("10.244.1.5", NODE)]),
+    ]);
+    assert_eq!(
+        p.render_ipvsadm(),
+        "-A -t 10.96.0.10:80 -s rr\n\
+         -a -t 10.96.0.10:80 -r 10.244.1.5:8080 -m -w 1\n\
+         -A --sctp-service 10.96.0.11:80 -s rr -p 10800\n\
+         -A -u [fd00::10]:80 -s lc\n"
+    );
 }

@@ -16,8 +16,7 @@ impl Plan {
         for vs in self.virtual_servers.values() {
             let _ = writeln!(out, "{}", vs.virtual_server);
             for rs in &vs.real_servers {
-                out.push_str(&rs.ipvsadm_line(&vs.virtual_server.key));
-                out.push('\n');
+                let _ = writeln!(out, "{}", rs.line(&vs.virtual_server.key));
             }
         }
         out

@@ -5,7 +5,6 @@ use std::net::IpAddr;
 use ipvs::{RealServer, VirtualServer};
 
 use super::kernel::NetfilterEntry;
-use crate::ipvs_state::RealServer as PlannedRealServer;
 use crate::plan::ServicePlan;
 
 /// Everything one Service puts into the kernel.
@@ -28,16 +27,8 @@ impl From<ServicePlan> for ServiceTarget {
         ServiceTarget {
             virtual_servers: plan
                 .virtual_servers
-                .iter()
-                .map(|v| {
-                    (
-                        v.virtual_server.to_ipvs(),
-                        v.real_servers
-                            .iter()
-                            .map(PlannedRealServer::to_ipvs)
-                            .collect(),
-                    )
-                })
+                .into_iter()
+                .map(|v| (v.virtual_server, v.real_servers))
                 .collect(),
             addresses: plan.addresses.into_iter().collect(),
             netfilter: plan
