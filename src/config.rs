@@ -138,6 +138,32 @@ impl ProxyConfig {
         self
     }
 
+    /// The configuration as `/configz` shows it.
+    #[must_use]
+    pub fn configz(&self, mode: ProxyMode) -> serde_json::Value {
+        serde_json::json!({
+            "mode": match mode { ProxyMode::Ipvs => "ipvs", ProxyMode::Iptables => "iptables" },
+            "hostnameOverride": self.hostname_override.clone().unwrap_or_default(),
+            "clusterCIDR": self.cluster_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            "healthzBindAddress": self.healthz_bind_address.to_string(),
+            "metricsBindAddress": self.metrics_bind_address.to_string(),
+            "iptables": {
+                "masqueradeAll": self.masquerade_all,
+                "masqueradeBit": self.masquerade_bit,
+            },
+            "ipvs": {
+                "scheduler": self.scheduler.name(),
+                "syncPeriod": humantime::format_duration(self.sync_period).to_string(),
+                "minSyncPeriod": humantime::format_duration(self.min_sync_period).to_string(),
+                "excludeCIDRs": self.exclude_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "strictARP": self.strict_arp,
+                "tcpTimeout": humantime::format_duration(self.tcp_timeout).to_string(),
+                "tcpFinTimeout": humantime::format_duration(self.tcpfin_timeout).to_string(),
+                "udpTimeout": humantime::format_duration(self.udp_timeout).to_string(),
+            },
+        })
+    }
+
     /// The packet mark that asks for masquerading (`1 << --masquerade-bit`, 0x4000 by default).
     #[must_use]
     pub fn masquerade_mark(&self) -> u32 {

@@ -24,39 +24,6 @@ use crate::metrics::Metrics;
 use crate::observer::Telemetry;
 use crate::plan::settings;
 
-/// Why IPVS cannot be used on this node, if it cannot.
-#[derive(Debug)]
-pub struct IpvsUnavailable(pub String);
-
-/// kube-proxy's check, done for real: the IPVS family resolves, and a probe virtual server
-/// with the configured scheduler can be added and deleted (this also loads the scheduler's
-/// module). The probe is a firewall-mark service, so no address is ever claimed.
-pub fn check_ipvs(scheduler: ipvs::Scheduler) -> Result<ipvs::Handle, IpvsUnavailable> {
-    let mut handle = ipvs::Handle::new().map_err(|e| IpvsUnavailable(e.to_string()))?;
-    for mark in (0x7fff_ff00u32..0x7fff_ff10).rev() {
-        let probe = ipvs::VirtualServer::new(
-            ipvs::ServiceKey::Fwmark {
-                family: ipvs::Family::V4,
-                mark,
-            },
-            scheduler,
-        );
-        match handle.add_service(&probe) {
-            Ok(()) => {
-                if let Err(e) = handle.delete_service(&probe.key) {
-                    tracing::warn!(error = %e, "deleting the IPVS probe service");
-                }
-                return Ok(handle);
-            }
-            Err(ipvs::Error::AlreadyExists { .. }) => {}
-            Err(e) => return Err(IpvsUnavailable(e.to_string())),
-        }
-    }
-    Err(IpvsUnavailable(
-        "no free firewall mark for the probe service".into(),
-    ))
-}
-
 /// One `/proc/sys` setting, as kube-proxy makes it; failures are logged, not fatal.
 fn sysctl(path: &str, value: &str) {
     let file = format!("/proc/sys/{path}");
@@ -128,31 +95,6 @@ async fn start_source(
     Ok(())
 }
 
-/// The configuration as `/configz` shows it.
-fn configz(config: &ProxyConfig, mode: ProxyMode) -> serde_json::Value {
-    serde_json::json!({
-        "mode": match mode { ProxyMode::Ipvs => "ipvs", ProxyMode::Iptables => "iptables" },
-        "hostnameOverride": config.hostname_override.clone().unwrap_or_default(),
-        "clusterCIDR": config.cluster_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
-        "healthzBindAddress": config.healthz_bind_address.to_string(),
-        "metricsBindAddress": config.metrics_bind_address.to_string(),
-        "iptables": {
-            "masqueradeAll": config.masquerade_all,
-            "masqueradeBit": config.masquerade_bit,
-        },
-        "ipvs": {
-            "scheduler": config.scheduler.name(),
-            "syncPeriod": humantime::format_duration(config.sync_period).to_string(),
-            "minSyncPeriod": humantime::format_duration(config.min_sync_period).to_string(),
-            "excludeCIDRs": config.exclude_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "strictARP": config.strict_arp,
-            "tcpTimeout": humantime::format_duration(config.tcp_timeout).to_string(),
-            "tcpFinTimeout": humantime::format_duration(config.tcpfin_timeout).to_string(),
-            "udpTimeout": humantime::format_duration(config.udp_timeout).to_string(),
-        },
-    })
-}
-
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config: ProxyConfig) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -215,12 +157,12 @@ fn choose_engine(config: &ProxyConfig) -> anyhow::Result<(ProxyMode, Box<dyn Eng
         sysctl("net/ipv4/ip_forward", "1");
         return Ok((ProxyMode::Iptables, Box::new(IptablesEngine::new(runner))));
     }
-    match check_ipvs(config.scheduler) {
+    match ipvs::Handle::probe(config.scheduler) {
         Ok(handle) => {
             tracing::info!(mode = "ipvs", scheduler = %config.scheduler, "running the IPVS proxier");
             Ok((ProxyMode::Ipvs, ipvs_engine(config, handle, runner)?))
         }
-        Err(IpvsUnavailable(why)) if config.ipvs_fallback == IpvsFallback::Iptables => {
+        Err(why) if config.ipvs_fallback == IpvsFallback::Iptables => {
             tracing::warn!(
                 mode = "iptables",
                 reason = %why,
@@ -229,7 +171,7 @@ fn choose_engine(config: &ProxyConfig) -> anyhow::Result<(ProxyMode, Box<dyn Eng
             sysctl("net/ipv4/ip_forward", "1");
             Ok((ProxyMode::Iptables, Box::new(IptablesEngine::new(runner))))
         }
-        Err(IpvsUnavailable(why)) => bail!("IPVS is unavailable: {why} (--ipvs-fallback=exit)"),
+        Err(why) => bail!("IPVS is unavailable: {why} (--ipvs-fallback=exit)"),
     }
 }
 
@@ -242,7 +184,7 @@ async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
         health: health.clone(),
         metrics: metrics.clone(),
         mode: RwLock::new(mode),
-        configz: configz(&config, mode),
+        configz: config.configz(mode),
     });
     if let Some(addr) = serve(config.healthz_bind_address, health_router(state.clone()))
         .await

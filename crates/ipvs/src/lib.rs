@@ -17,6 +17,7 @@ mod error;
 mod handle;
 mod netlink;
 mod op;
+mod probe;
 mod scheduler;
 mod service;
 mod stats;
