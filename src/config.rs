@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use reconciler::Settings;
+use reconciler::plan::{NodePortFilter, PlanConfig};
+
 use crate::flags::{IpvsFallback, LogFormat, NodePortAddress, ProxyFlags, ProxyMode};
 
 /// Everything the daemon needs to know, with every default filled in.
@@ -136,6 +139,60 @@ impl ProxyConfig {
             self.node_ips = f.node_ips;
         }
         self
+    }
+
+    /// This node's name: `--hostname-override`, else the kernel's host name, lower-cased as
+    /// kube-proxy does.
+    #[must_use]
+    pub fn node_name(&self) -> String {
+        self.hostname_override
+            .clone()
+            .unwrap_or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned()
+            })
+            .to_lowercase()
+    }
+
+    /// What the reconciler takes from the daemon's configuration.
+    #[must_use]
+    pub fn settings(&self) -> Settings {
+        let config = self;
+        // `all` (or an empty list) means every node address: the empty filter.
+        let node_port_filter = if config.nodeport_addresses.contains(&NodePortAddress::All) {
+            NodePortFilter::default()
+        } else {
+            NodePortFilter {
+                cidrs: config
+                    .nodeport_addresses
+                    .iter()
+                    .filter_map(|a| match a {
+                        NodePortAddress::Cidr(n) => Some(*n),
+                        NodePortAddress::Primary | NodePortAddress::All => None,
+                    })
+                    .collect(),
+                primary: config
+                    .nodeport_addresses
+                    .contains(&NodePortAddress::Primary),
+            }
+        };
+        Settings {
+            plan: PlanConfig {
+                scheduler: config.scheduler,
+                masquerade_all: config.masquerade_all,
+                masquerade_bit: config.masquerade_bit,
+                cluster_cidrs: config.cluster_cidrs.clone(),
+                node_name: config.node_name().into(),
+                ..PlanConfig::default()
+            },
+            node_ips: config.node_ips.clone(),
+            node_port_filter,
+            exclude_cidrs: config.exclude_cidrs.clone(),
+            sync_period: config.sync_period,
+            min_sync_period: config.min_sync_period,
+        }
     }
 
     /// The configuration as `/configz` shows it.

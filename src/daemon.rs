@@ -22,7 +22,6 @@ use crate::health::Health;
 use crate::http::{ServerState, health_router, metrics_router, serve};
 use crate::metrics::Metrics;
 use crate::observer::Telemetry;
-use crate::plan::settings;
 
 /// One `/proc/sys` setting, as kube-proxy makes it; failures are logged, not fatal.
 fn sysctl(path: &str, value: &str) {
@@ -82,7 +81,7 @@ async fn start_source(
         controllers::kube_source::client(config.kubeconfig.as_deref(), config.master.as_deref())
             .await
             .context("connecting to the Kubernetes API")?;
-    let node_name = crate::plan::node_name(config);
+    let node_name = config.node_name();
     if node_name.is_empty() {
         bail!("no node name: set --hostname-override");
     }
@@ -130,7 +129,7 @@ fn ipvs_engine(
             .context("setting IPVS timeouts")?;
     }
     let link = netif::DummyLink::ensure(netif::KUBE_IPVS0).context("creating kube-ipvs0")?;
-    let netfilter = IpvsNetfilter::new(runner, settings(config).plan_config(&ClusterState::new()));
+    let netfilter = IpvsNetfilter::new(runner, config.settings().plan_config(&ClusterState::new()));
     let options = SyncOptions {
         exclude_cidrs: config.exclude_cidrs.clone(),
         ..SyncOptions::default()
@@ -215,7 +214,7 @@ async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Handle::current();
     let telemetry = Telemetry { health, metrics };
     let proxier = SyncLoop::new(
-        settings(&config),
+        config.settings(),
         engine,
         controllers::fold,
         Box::new(telemetry),

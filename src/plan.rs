@@ -5,12 +5,11 @@ use std::io::Write;
 
 use controllers::manifests::read_dir;
 use iptables::Family;
-use reconciler::Settings;
-use reconciler::plan::{NodePortFilter, PlanConfig, Planner};
+use reconciler::plan::{PlanConfig, Planner};
 use reconciler::state::ClusterState;
 
 use crate::config::ProxyConfig;
-use crate::flags::{NodePortAddress, PlanArgs, PlanSection, ProxyMode};
+use crate::flags::{PlanArgs, PlanSection, ProxyMode};
 
 /// Exit status: the plan was printed.
 pub const EXIT_OK: u8 = 0;
@@ -18,59 +17,6 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_NOTHING_READ: u8 = 1;
 /// Exit status: the request cannot be served (bad flags, mode not available).
 pub const EXIT_USAGE: u8 = 2;
-
-/// This node's name: `--hostname-override`, else the kernel's host name, lower-cased as
-/// kube-proxy does.
-pub(crate) fn node_name(config: &ProxyConfig) -> String {
-    config
-        .hostname_override
-        .clone()
-        .unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .unwrap_or_default()
-                .trim()
-                .to_owned()
-        })
-        .to_lowercase()
-}
-
-/// What the reconciler takes from the daemon's configuration.
-#[must_use]
-pub fn settings(config: &ProxyConfig) -> Settings {
-    // `all` (or an empty list) means every node address: the empty filter.
-    let node_port_filter = if config.nodeport_addresses.contains(&NodePortAddress::All) {
-        NodePortFilter::default()
-    } else {
-        NodePortFilter {
-            cidrs: config
-                .nodeport_addresses
-                .iter()
-                .filter_map(|a| match a {
-                    NodePortAddress::Cidr(n) => Some(*n),
-                    NodePortAddress::Primary | NodePortAddress::All => None,
-                })
-                .collect(),
-            primary: config
-                .nodeport_addresses
-                .contains(&NodePortAddress::Primary),
-        }
-    };
-    Settings {
-        plan: PlanConfig {
-            scheduler: config.scheduler,
-            masquerade_all: config.masquerade_all,
-            masquerade_bit: config.masquerade_bit,
-            cluster_cidrs: config.cluster_cidrs.clone(),
-            node_name: node_name(config).into(),
-            ..PlanConfig::default()
-        },
-        node_ips: config.node_ips.clone(),
-        node_port_filter,
-        exclude_cidrs: config.exclude_cidrs.clone(),
-        sync_period: config.sync_period,
-        min_sync_period: config.min_sync_period,
-    }
-}
 
 /// The objects of a manifest directory; `None` (reported to `err`) when nothing could be read.
 fn read_manifests(dir: &std::path::Path, err: &mut dyn Write) -> Option<Vec<controllers::Event>> {
@@ -108,7 +54,7 @@ fn read_cluster(config: &ProxyConfig) -> anyhow::Result<Vec<controllers::Event>>
             config.master.as_deref(),
         )
         .await?;
-        Ok(controllers::kube_source::list_once(client, &node_name(config)).await?)
+        Ok(controllers::kube_source::list_once(client, &config.node_name()).await?)
     })
 }
 
@@ -141,7 +87,7 @@ pub fn run(args: &PlanArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     };
     let mut state = ClusterState::new();
     controllers::apply_all(&mut state, events);
-    let plan_config = settings(&config).plan_config(&state);
+    let plan_config = config.settings().plan_config(&state);
     if plan_config.node_port_ips.is_empty() {
         let _ = writeln!(
             err,
