@@ -1,7 +1,8 @@
 //! Logging with `tracing`, levelled like kube-proxy's `-v`.
 //!
-//! neli, rtnetlink and kube log through the `log` crate; the subscriber bridges them so one
-//! `-v` controls everything. `RUST_LOG`, when set, overrides the mapping.
+//! Some dependencies log through the `log` crate instead (netlink-sys, netlink-packet-route,
+//! notify, and rustls under kube); the subscriber bridges them so one `-v` controls
+//! everything. `RUST_LOG`, when set, overrides the mapping.
 
 use tracing_subscriber::EnvFilter;
 

@@ -4,13 +4,14 @@
 use crate::config::{Info, Timeouts};
 use crate::dest::{Forwarding, RealServer, RealServerEntry, Tunnel, TunnelChecksum, TunnelType};
 use crate::error::Error;
-use crate::netlink::{Writer, attrs, get_be16, get_counter, get_str, get_u8, get_u16, get_u32};
 use crate::op::Op;
 use crate::service::{
     Family, Persistence, Protocol, ServiceFlags, ServiceKey, VirtualServer, VirtualServerEntry,
     prefix_to_mask,
 };
 use crate::stats::{Connections, Stats};
+use netlink::Writer;
+use netlink::frame::{attrs, find, get_be16, get_counter, get_str, get_u8, get_u16, get_u32};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 pub(crate) const FAMILY_NAME: &str = "IPVS";
@@ -165,7 +166,7 @@ pub(crate) fn encode_op(w: &mut Writer, family_id: u16, flags: u16, seq: u32, op
         Op::UpdateDest(..) => CMD_SET_DEST,
         Op::DeleteDest(..) => CMD_DEL_DEST,
     };
-    let start = w.begin(family_id, flags, seq, cmd, VERSION);
+    let start = w.begin_genl(family_id, flags, seq, cmd, VERSION);
     match op {
         Op::AddService(vs) | Op::UpdateService(vs) => put_service_full(w, vs),
         Op::DeleteService(key) => put_service_nest(w, key),
@@ -190,7 +191,7 @@ pub(crate) fn encode_simple(
     cmd: u8,
     key: Option<&ServiceKey>,
 ) {
-    let start = w.begin(family_id, flags, seq, cmd, VERSION);
+    let start = w.begin_genl(family_id, flags, seq, cmd, VERSION);
     if let Some(key) = key {
         put_service_nest(w, key);
     }
@@ -198,21 +199,11 @@ pub(crate) fn encode_simple(
 }
 
 pub(crate) fn encode_timeouts(w: &mut Writer, family_id: u16, flags: u16, seq: u32, t: &Timeouts) {
-    let start = w.begin(family_id, flags, seq, CMD_SET_CONFIG, VERSION);
+    let start = w.begin_genl(family_id, flags, seq, CMD_SET_CONFIG, VERSION);
     w.put_u32(CMD_ATTR_TIMEOUT_TCP, t.tcp);
     w.put_u32(CMD_ATTR_TIMEOUT_TCP_FIN, t.tcp_fin);
     w.put_u32(CMD_ATTR_TIMEOUT_UDP, t.udp);
     w.end(start);
-}
-
-fn find(data: &[u8], want: u16) -> Result<Option<&[u8]>, Error> {
-    for attr in attrs(data) {
-        let (kind, value) = attr?;
-        if kind == want {
-            return Ok(Some(value));
-        }
-    }
-    Ok(None)
 }
 
 fn get_addr(family: Family, value: &[u8]) -> Result<IpAddr, Error> {
@@ -449,14 +440,14 @@ mod tests {
     //! ip_vs_genl_fill_service / ip_vs_genl_fill_dest reply, written out by hand.
     use super::*;
     use crate::Scheduler;
-    use crate::netlink::{NLM_F_ACK, NLM_F_REQUEST, messages};
+    use netlink::frame::{NLM_F_ACK, NLM_F_REQUEST, messages};
 
     const FAMILY: u16 = 0x1a;
 
     fn encode(op: &Op) -> Vec<u8> {
         let mut w = Writer::default();
         encode_op(&mut w, FAMILY, NLM_F_REQUEST | NLM_F_ACK, 42, op);
-        w.buf
+        w.into_bytes()
     }
 
     /// `-A -t 10.96.0.10:80 -s rr -p 10800`.
@@ -565,7 +556,7 @@ mod tests {
     #[test]
     fn service_reply_decodes() {
         let mut w = Writer::default();
-        let start = w.begin(FAMILY, 2, 9, CMD_NEW_SERVICE, VERSION);
+        let start = w.begin_genl(FAMILY, 2, 9, CMD_NEW_SERVICE, VERSION);
         let nest = w.nest_begin(CMD_ATTR_SERVICE);
         w.put_u16(SVC_ATTR_AF, 2);
         w.put_u16(SVC_ATTR_PROTOCOL, 17);
@@ -587,7 +578,7 @@ mod tests {
         w.nest_end(s);
         w.nest_end(nest);
         w.end(start);
-        let msg = messages(&w.buf).next().unwrap().unwrap();
+        let msg = messages(w.as_bytes()).next().unwrap().unwrap();
         let entry = decode_service(msg.genl().unwrap().1).unwrap();
         assert_eq!(
             entry.server.to_string(),
@@ -600,7 +591,7 @@ mod tests {
     #[test]
     fn dest_reply_decodes_with_tunnel_and_counts() {
         let mut w = Writer::default();
-        let start = w.begin(FAMILY, 2, 9, CMD_NEW_DEST, VERSION);
+        let start = w.begin_genl(FAMILY, 2, 9, CMD_NEW_DEST, VERSION);
         let nest = w.nest_begin(CMD_ATTR_DEST);
         w.put(DEST_ATTR_ADDR, &[192, 168, 10, 5]);
         w.put(DEST_ATTR_PORT, &[0, 80]);
@@ -617,7 +608,7 @@ mod tests {
         w.put_u16(DEST_ATTR_ADDR_FAMILY, 2);
         w.nest_end(nest);
         w.end(start);
-        let msg = messages(&w.buf).next().unwrap().unwrap();
+        let msg = messages(w.as_bytes()).next().unwrap().unwrap();
         let entry = decode_dest(msg.genl().unwrap().1, Family::V4).unwrap();
         assert_eq!(
             entry.server.to_string(),

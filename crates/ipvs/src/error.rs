@@ -85,6 +85,18 @@ pub enum Error {
     Decode(String),
 }
 
+/// The shared netlink engine's failures, as this crate has always named them.
+impl From<netlink::Error> for Error {
+    fn from(err: netlink::Error) -> Self {
+        match err {
+            netlink::Error::Socket { source, .. } => Error::Io(source),
+            netlink::Error::Timeout(after) => Error::Timeout(after),
+            netlink::Error::Decode(what) => Error::Decode(what),
+            other => Error::Io(io::Error::other(other.to_string())),
+        }
+    }
+}
+
 /// Which kind of object an errno refers to; ENOENT means different things for each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Target {

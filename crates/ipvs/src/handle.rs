@@ -1,11 +1,11 @@
 //! The handle: one generic-netlink socket to the kernel's IPVS family, in the network namespace
 //! of the thread that opened it.
 //!
-//! Changes are pipelined: [`Handle::apply`] writes many requests back to back into one
-//! `sendmsg`, without asking for acknowledgements except on the last one. The kernel handles
-//! the messages of a `sendmsg` in order, inside the call, and answers only the failures (and
-//! the last request), so one receive usually confirms a whole window; a failure is matched to
-//! its request by sequence number.
+//! Changes are pipelined by the shared `netlink` engine: [`Handle::apply`] writes many
+//! requests back to back into one `sendmsg`, without asking for acknowledgements except on the
+//! last one. The kernel handles the messages of a `sendmsg` in order, inside the call, and
+//! answers only the failures (and the last request), so one receive usually confirms a whole
+//! window; a failure is matched to its request by sequence number.
 
 use crate::codec::{
     self, CMD_FLUSH, CMD_GET_CONFIG, CMD_GET_DEST, CMD_GET_INFO, CMD_GET_SERVICE, CMD_ZERO,
@@ -13,23 +13,17 @@ use crate::codec::{
 use crate::config::{Info, Timeouts};
 use crate::dest::{RealServer, RealServerEntry};
 use crate::error::{Error, Target};
-use crate::netlink::{
-    self, CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME, CTRL_CMD_GETFAMILY, GENL_ID_CTRL, NLM_F_ACK,
-    NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP, NLMSG_OVERRUN, Writer,
-};
 use crate::op::Op;
 use crate::service::{ServiceKey, VirtualServer, VirtualServerEntry};
-use socket2::{Domain, Protocol, Socket, Type};
-use std::io::{self, Read};
+use netlink::frame::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
+use netlink::{BatchError, End, Flow, Limits, Reply, Socket, Writer};
+use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 /// The default bound on every wait for the kernel.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Receive buffer per datagram. The kernel sizes dump datagrams to the largest buffer a reader
-/// has offered, capped near 32 KiB, so 64 KiB never truncates one.
-const RECV_BUF: usize = 64 * 1024;
 /// Socket buffers asked for; the kernel caps them at `net.core.[rw]mem_max` (doubled).
 const SOCKET_BUF: usize = 8 * 1024 * 1024;
 /// What one unanswered error costs in the receive buffer (the skb's truesize, rounded up): a
@@ -49,10 +43,9 @@ pub struct TableEntry {
 struct Connection {
     socket: Socket,
     family_id: u16,
-    /// Requests per `sendmsg` in [`Handle::apply`].
-    window: usize,
-    /// Bytes per `sendmsg`: the kernel refuses a message larger than its send buffer.
-    max_batch: usize,
+    /// Requests and bytes per `sendmsg` in [`Handle::apply`]: as many errors as fit the
+    /// receive buffer, and no more bytes than the send buffer takes.
+    limits: Limits,
 }
 
 /// How a request is answered.
@@ -83,9 +76,6 @@ enum Failure {
 pub struct Handle {
     connection: Option<Connection>,
     timeout: Duration,
-    seq: u32,
-    writer: Writer,
-    recv_buf: Vec<u8>,
 }
 
 impl Handle {
@@ -101,40 +91,37 @@ impl Handle {
         let mut handle = Handle {
             connection: None,
             timeout,
-            seq: 1,
-            writer: Writer::default(),
-            recv_buf: vec![0; RECV_BUF],
         };
         handle.connect()?;
         Ok(handle)
     }
 
-    fn connect(&mut self) -> Result<&Connection, Error> {
+    fn connect(&mut self) -> Result<&mut Connection, Error> {
         if self.connection.is_none() {
-            let socket = Socket::new(
-                Domain::from(libc::AF_NETLINK),
-                Type::from(libc::SOCK_RAW),
-                Some(Protocol::from(libc::NETLINK_GENERIC)),
-            )
-            .map_err(Error::Io)?;
-            socket
-                .set_read_timeout(Some(self.timeout))
-                .map_err(Error::Io)?;
-            socket
-                .set_write_timeout(Some(self.timeout))
-                .map_err(Error::Io)?;
-            // Larger buffers are an optimisation; what the kernel grants is read back below.
-            let _ = socket.set_recv_buffer_size(SOCKET_BUF);
-            let _ = socket.set_send_buffer_size(SOCKET_BUF);
-            let rcvbuf = socket.recv_buffer_size().map_err(Error::Io)?;
-            let sndbuf = socket.send_buffer_size().map_err(Error::Io)?;
-            let family_id = self.resolve_family(&socket)?;
-            let window = (rcvbuf / ERROR_TRUESIZE).clamp(16, 4096);
-            let max_batch = (sndbuf / 2).clamp(4096, 1 << 20);
+            let mut socket = Socket::open(&netlink::Options {
+                protocol: netlink::NETLINK_GENERIC,
+                timeout: self.timeout,
+                receive_buffer: SOCKET_BUF,
+                force_receive_buffer: false,
+                send_buffer: Some(SOCKET_BUF),
+                cap_ack_and_strict_check: false,
+            })?;
+            let rcvbuf = socket.receive_buffer()?;
+            let sndbuf = socket.send_buffer()?;
+            // `genl ctrl get name IPVS`: the family id is per boot, resolved per handle.
+            let family_id = match netlink::genl::resolve_family(&mut socket, codec::FAMILY_NAME)? {
+                Ok(id) => id,
+                Err(libc::ENOENT) => return Err(Error::NotAvailable),
+                Err(errno) => return Err(Error::Io(io::Error::from_raw_os_error(errno))),
+            };
+            let limits = Limits {
+                requests: (rcvbuf / ERROR_TRUESIZE).clamp(16, 4096),
+                bytes: (sndbuf / 2).clamp(4096, 1 << 20),
+            };
             tracing::debug!(
                 family_id,
-                window,
-                max_batch,
+                window = limits.requests,
+                max_batch = limits.bytes,
                 rcvbuf,
                 sndbuf,
                 "IPVS netlink socket open"
@@ -142,56 +129,10 @@ impl Handle {
             self.connection = Some(Connection {
                 socket,
                 family_id,
-                window,
-                max_batch,
+                limits,
             });
         }
-        Ok(self.connection.as_ref().expect("just set"))
-    }
-
-    /// `genl ctrl get name IPVS`: the family id is per boot, resolved per handle.
-    fn resolve_family(&mut self, socket: &Socket) -> Result<u16, Error> {
-        let seq = self.next_seq(1);
-        self.writer.buf.clear();
-        let start = self
-            .writer
-            .begin(GENL_ID_CTRL, NLM_F_REQUEST, seq, CTRL_CMD_GETFAMILY, 1);
-        self.writer
-            .put_str(CTRL_ATTR_FAMILY_NAME, codec::FAMILY_NAME);
-        self.writer.end(start);
-        send(socket, &self.writer.buf)?;
-        loop {
-            let len = recv(socket, &mut self.recv_buf, self.timeout)?;
-            for msg in netlink::messages(&self.recv_buf[..len]) {
-                let msg = msg?;
-                if msg.seq != seq {
-                    continue;
-                }
-                if msg.msg_type == NLMSG_ERROR {
-                    return match msg.errno()? {
-                        libc::ENOENT => Err(Error::NotAvailable),
-                        errno => Err(Error::Io(io::Error::from_raw_os_error(errno))),
-                    };
-                }
-                let (_, body) = msg.genl()?;
-                for attr in netlink::attrs(body) {
-                    let (kind, value) = attr?;
-                    if kind == CTRL_ATTR_FAMILY_ID {
-                        return netlink::get_u16(value);
-                    }
-                }
-                return Err(Error::decode("family reply without an id"));
-            }
-        }
-    }
-
-    fn next_seq(&mut self, count: usize) -> u32 {
-        let first = self.seq;
-        // Wrapping is fine: replies are matched by distance from the window's first number.
-        self.seq = self
-            .seq
-            .wrapping_add(u32::try_from(count).unwrap_or(u32::MAX));
-        first
+        Ok(self.connection.as_mut().expect("just set"))
     }
 
     /// Sends one request and hands each reply message's (command, attributes) to `on_reply`.
@@ -201,63 +142,30 @@ impl Handle {
         build: impl FnOnce(&mut Writer, u16, u16, u32),
         mut on_reply: impl FnMut(u8, &[u8]) -> Result<(), Error>,
     ) -> Result<(), Failure> {
-        self.connect().map_err(Failure::Broken)?;
-        let seq = self.next_seq(1);
-        let Handle {
-            connection,
-            writer,
-            recv_buf,
-            timeout,
-            ..
-        } = self;
-        let conn = connection.as_ref().expect("connected above");
+        let conn = self.connect().map_err(Failure::Broken)?;
+        let family_id = conn.family_id;
         let flags = match expect {
             Expect::Ack => NLM_F_REQUEST | NLM_F_ACK,
             Expect::One => NLM_F_REQUEST,
             Expect::Dump => NLM_F_REQUEST | NLM_F_DUMP,
         };
-        writer.buf.clear();
-        build(writer, conn.family_id, flags, seq);
-        let outcome = (|| -> Result<Result<(), i32>, Error> {
-            send(&conn.socket, &writer.buf)?;
-            loop {
-                let len = recv(&conn.socket, recv_buf, *timeout)?;
-                for msg in netlink::messages(&recv_buf[..len]) {
-                    let msg = msg?;
-                    if msg.seq != seq {
-                        tracing::debug!(seq = msg.seq, "ignoring a stale netlink message");
-                        continue;
-                    }
-                    match msg.msg_type {
-                        NLMSG_NOOP => {}
-                        NLMSG_ERROR => {
-                            let errno = msg.errno()?;
-                            return Ok(if errno == 0 { Ok(()) } else { Err(errno) });
-                        }
-                        NLMSG_DONE => {
-                            // A dump's end; it may carry the dump's error.
-                            let errno = if msg.payload.len() >= 4 {
-                                msg.errno()?
-                            } else {
-                                0
-                            };
-                            return Ok(if errno == 0 { Ok(()) } else { Err(errno) });
-                        }
-                        NLMSG_OVERRUN => return Err(Error::decode("netlink overrun")),
-                        _ => {
-                            let (cmd, body) = msg.genl()?;
-                            on_reply(cmd, body)?;
-                            if expect == Expect::One {
-                                return Ok(Ok(()));
-                            }
-                        }
-                    }
-                }
-            }
-        })();
+        let outcome = conn.socket.request(
+            |w, seq| build(w, family_id, flags, seq),
+            |msg| {
+                let (cmd, body) = msg.genl()?;
+                on_reply(cmd, body)?;
+                Ok::<_, Error>(if expect == Expect::One {
+                    Flow::Stop
+                } else {
+                    Flow::Continue
+                })
+            },
+        );
         match outcome {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(errno)) => Err(Failure::Errno(errno)),
+            Ok(answer) => match answer.end {
+                End::Ack | End::Stopped | End::Done(0) => Ok(()),
+                End::Failed(errno) | End::Done(errno) => Err(Failure::Errno(errno)),
+            },
             Err(err) => {
                 self.drop_socket(&err);
                 Err(Failure::Broken(err))
@@ -291,76 +199,37 @@ impl Handle {
 
     /// Sends as many of `ops` as fit in one window and returns their results.
     fn apply_window(&mut self, ops: &[Op]) -> Vec<Result<(), Error>> {
-        let Handle {
-            connection,
-            writer,
-            recv_buf,
-            timeout,
-            seq,
-            ..
-        } = self;
-        let conn = connection.as_ref().expect("connected by apply");
-        let base = *seq;
-        writer.buf.clear();
-        let mut count = 0;
-        let mut last_start = 0;
-        while count < ops.len() && count < conn.window && writer.buf.len() < conn.max_batch {
-            last_start = writer.buf.len();
-            let op_seq = base.wrapping_add(u32::try_from(count).expect("window fits u32"));
-            codec::encode_op(writer, conn.family_id, NLM_F_REQUEST, op_seq, &ops[count]);
-            count += 1;
-        }
-        *seq = base.wrapping_add(u32::try_from(count).expect("window fits u32"));
-        // Only the last request asks for an acknowledgement: it closes the window.
-        let flags_at = last_start + 6;
-        let flags =
-            u16::from_ne_bytes([writer.buf[flags_at], writer.buf[flags_at + 1]]) | NLM_F_ACK;
-        writer.buf[flags_at..flags_at + 2].copy_from_slice(&flags.to_ne_bytes());
-
-        let ops = &ops[..count];
-        let mut answers: Vec<Option<Result<(), Error>>> = (0..count).map(|_| None).collect();
-        let outcome = (|| -> Result<(), Error> {
-            send(&conn.socket, &writer.buf)?;
-            loop {
-                let len = recv(&conn.socket, recv_buf, *timeout)?;
-                let mut closed = false;
-                for msg in netlink::messages(&recv_buf[..len]) {
-                    let msg = msg?;
-                    let k = msg.seq.wrapping_sub(base) as usize;
-                    if msg.msg_type != NLMSG_ERROR || k >= count {
-                        continue;
-                    }
-                    let errno = msg.errno()?;
-                    answers[k] = Some(if errno == 0 {
-                        Ok(())
-                    } else {
-                        Err(op_error(errno, &ops[k]))
-                    });
-                    closed |= k == count - 1;
-                }
-                if closed {
-                    return Ok(());
-                }
-            }
-        })();
-        match outcome {
-            // Unanswered requests before the last one succeeded: failures are always answered.
-            Ok(()) => answers.into_iter().map(|a| a.unwrap_or(Ok(()))).collect(),
-            Err(err) => {
+        let conn = self.connection.as_mut().expect("connected by apply");
+        let family_id = conn.family_id;
+        let sent = conn.socket.batch(conn.limits, ops.len(), |i, w, seq| {
+            codec::encode_op(w, family_id, NLM_F_REQUEST, seq, &ops[i]);
+        });
+        match sent {
+            Ok(replies) => replies
+                .into_iter()
+                .zip(ops)
+                .map(|(reply, op)| match reply {
+                    Reply::Done => Ok(()),
+                    Reply::Failed(errno) => Err(op_error(errno, op)),
+                    // A receive-queue overrun: the caller reads the table back.
+                    Reply::Lost => Err(Error::Unconfirmed {
+                        object: op.to_string(),
+                    }),
+                })
+                .collect(),
+            Err(BatchError { error, answers }) => {
+                let err = Error::from(error);
                 let sent = !matches!(err, Error::Io(_)) || answers.iter().any(Option::is_some);
                 let results = answers
                     .into_iter()
                     .zip(ops)
-                    .map(|(a, op)| {
-                        a.unwrap_or_else(|| {
-                            if sent {
-                                Err(Error::Unconfirmed {
-                                    object: op.to_string(),
-                                })
-                            } else {
-                                Err(replicate(&err))
-                            }
-                        })
+                    .map(|(answer, op)| match answer {
+                        Some(Reply::Done) => Ok(()),
+                        Some(Reply::Failed(errno)) => Err(op_error(errno, op)),
+                        Some(Reply::Lost) | None if sent => Err(Error::Unconfirmed {
+                            object: op.to_string(),
+                        }),
+                        Some(Reply::Lost) | None => Err(replicate(&err)),
                     })
                     .collect();
                 self.drop_socket(&err);
@@ -568,31 +437,6 @@ impl Handle {
                 },
             )
         })
-    }
-}
-
-fn send(socket: &Socket, buf: &[u8]) -> Result<(), Error> {
-    // Netlink sends a datagram whole or not at all.
-    socket.send(buf).map_err(Error::Io)?;
-    Ok(())
-}
-
-fn recv(socket: &Socket, buf: &mut [u8], timeout: Duration) -> Result<usize, Error> {
-    loop {
-        match (&*socket).read(buf) {
-            Ok(0) => return Err(Error::Io(io::Error::from(io::ErrorKind::UnexpectedEof))),
-            Ok(len) => return Ok(len),
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err)
-                if matches!(
-                    err.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(Error::Timeout(timeout));
-            }
-            Err(err) => return Err(Error::Io(err)),
-        }
     }
 }
 

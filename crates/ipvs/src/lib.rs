@@ -1,8 +1,10 @@
 //! IPVS over generic netlink: the kernel's virtual servers and real servers, as `ipvsadm` sees them.
 //!
-//! This crate speaks the kernel's "IPVS" generic-netlink family (include/uapi/linux/ip_vs.h)
-//! directly, pipelining many requests per `sendmsg`. It knows nothing of Kubernetes and must
-//! never import Kubernetes types; it never touches links, addresses or netfilter.
+//! This crate holds the kernel's "IPVS" generic-netlink family (include/uapi/linux/ip_vs.h):
+//! its commands and attributes, written from and read into the types below. The socket, the
+//! framing and the pipelining (many requests per `sendmsg`) are the shared `netlink` crate's.
+//! It knows nothing of Kubernetes and must never import Kubernetes types; it never touches
+//! links, addresses or netfilter.
 //!
 //! - [`VirtualServer`], [`RealServer`] and [`Op`] print as their `ipvsadm -Sn` lines and parse
 //!   back from them ([`parse_rules`]).
@@ -15,7 +17,6 @@ mod config;
 mod dest;
 mod error;
 mod handle;
-mod netlink;
 mod op;
 mod probe;
 mod scheduler;

@@ -112,7 +112,7 @@ impl DummyLink {
         for _ in 0..DUMP_ATTEMPTS {
             let (answers, interrupted) = self
                 .connection
-                .dump(request::get_addresses(index), &command)?;
+                .dump(&request::get_addresses(index), &command)?;
             if interrupted {
                 continue;
             }

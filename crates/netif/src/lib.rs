@@ -19,11 +19,13 @@
 //! ```
 //!
 //! Requests are pipelined: hundreds of `RTM_NEWADDR`/`RTM_DELADDR` leave in one `sendmsg`,
-//! answers are read back in bulk and matched by sequence number (see `connection`). The API is
-//! blocking and the handle is `Send`, for a dedicated kernel thread. The socket (and so the
-//! link) belongs to the network namespace of the thread that opened the handle.
+//! answers are read back in bulk and matched by sequence number, by the shared `netlink`
+//! crate's engine; this crate keeps only the rtnetlink messages (through
+//! netlink-packet-route) and what they mean for the link. The API is blocking and the handle
+//! is `Send`, for a dedicated kernel thread. The socket (and so the link) belongs to the
+//! network namespace of the thread that opened the handle.
 //!
-//! `unsafe` is denied except in `sys`, two `setsockopt` calls that `netlink-sys` lacks.
+//! `unsafe` is denied; only the host kernel tests allow it, for `unshare(2)`.
 #![deny(unsafe_code)]
 
 mod address;
@@ -33,7 +35,6 @@ mod error;
 mod host_kernel_tests;
 mod link;
 mod request;
-mod sys;
 
 pub use address::{AddressOp, AddressResult, Outcome, SyncReport, host_prefix};
 pub use error::{AddressError, Error};

@@ -45,7 +45,7 @@ impl DummyLink {
             return Self::from_found(connection, name, found);
         }
         let created = connection.call(
-            request::new_dummy_link(name),
+            &request::new_dummy_link(name),
             NLM_F_CREATE | NLM_F_EXCL,
             &|| format!("ip link add {name} type dummy"),
         );
@@ -96,7 +96,7 @@ impl DummyLink {
 
     fn delete_self(mut self) -> Result<bool, Error> {
         let (name, index) = (self.name, self.index);
-        let deleted = self.connection.call(request::del_link(index), 0, &|| {
+        let deleted = self.connection.call(&request::del_link(index), 0, &|| {
             format!("ip link del {name}")
         });
         match deleted {
@@ -161,7 +161,7 @@ impl DummyLink {
 /// `ip link show NAME`: the link's index and kind, or `None` if there is no such link.
 fn find(connection: &mut Connection, name: &str) -> Result<Option<Found>, Error> {
     let command = || format!("ip link show {name}");
-    let answers = match connection.call(request::get_link(name), 0, &command) {
+    let answers = match connection.call(&request::get_link(name), 0, &command) {
         Ok(answers) => answers,
         Err(Error::Kernel { ref source, .. }) if source.raw_os_error() == Some(libc::ENODEV) => {
             return Ok(None);

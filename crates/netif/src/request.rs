@@ -1,7 +1,8 @@
 //! The rtnetlink requests this crate sends, each the same message `ip` sends for its command.
 //!
-//! Built from `netlink-packet-route` types and serialised back to back into one buffer, so a
-//! whole batch leaves in one `sendmsg`. Wire layout of an address request (`ip addr add`):
+//! Built from `netlink-packet-route` types and serialised back to back into the shared
+//! `netlink` crate's buffer, so a whole batch leaves in one `sendmsg`; replies are read back
+//! into the same types. Wire layout of an address request (`ip addr add`):
 //!
 //! ```text
 //! nlmsghdr  | len u32 | type u16 (RTM_NEWADDR 20) | flags u16 | seq u32 | pid u32 (0) |
@@ -12,7 +13,8 @@
 
 use std::net::IpAddr;
 
-use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink::Writer;
+use netlink_packet_core::{NetlinkDeserializable, NetlinkHeader, NetlinkSerializable};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
@@ -83,24 +85,36 @@ fn family(address: IpAddr) -> AddressFamily {
     }
 }
 
-/// Appends one netlink message (header + `message`) to `buf`, 4-byte aligned as netlink requires.
-pub(crate) fn append(buf: &mut Vec<u8>, message: RouteNetlinkMessage, flags: u16, sequence: u32) {
+/// Appends one netlink message (header + `message`) to `w`, 4-byte aligned as netlink requires.
+pub(crate) fn append(w: &mut Writer, message: &RouteNetlinkMessage, flags: u16, sequence: u32) {
+    let start = w.begin(message.message_type(), flags, sequence);
+    message.serialize(w.payload(message.buffer_len()));
+    w.end(start);
+}
+
+/// Reads one reply message of the kernel's into its `netlink-packet-route` type.
+pub(crate) fn parse(reply: &netlink::Message<'_>) -> Result<RouteNetlinkMessage, netlink::Error> {
     let mut header = NetlinkHeader::default();
-    header.flags = flags;
-    header.sequence_number = sequence;
-    let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(message));
-    packet.finalize();
-    let start = buf.len();
-    let len = packet.buffer_len();
-    buf.resize(start + len.next_multiple_of(4), 0);
-    packet.serialize(&mut buf[start..start + len]);
+    header.message_type = reply.msg_type;
+    header.flags = reply.flags;
+    header.sequence_number = reply.seq;
+    header.length =
+        u32::try_from(netlink::frame::NLMSG_HDRLEN + reply.payload.len()).unwrap_or(u32::MAX);
+    RouteNetlinkMessage::deserialize(&header, reply.payload).map_err(|e| {
+        netlink::Error::decode(format!(
+            "failed to parse message with type {}: {e}",
+            reply.msg_type
+        ))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
-    use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST};
+    use netlink_packet_core::{
+        NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+    };
 
     use super::*;
 
@@ -133,24 +147,24 @@ mod tests {
         16, 0, 18, 0, 10, 0, 1, 0, b'd', b'u', b'm', b'm', b'y', 0, 0, 0,
     ];
 
-    fn bytes(message: RouteNetlinkMessage, flags: u16) -> Vec<u8> {
-        let mut buf = Vec::new();
-        append(&mut buf, message, flags, 7);
-        buf
+    fn bytes(message: &RouteNetlinkMessage, flags: u16) -> Vec<u8> {
+        let mut w = Writer::default();
+        append(&mut w, message, flags, 7);
+        w.into_bytes()
     }
 
     #[test]
     fn add_v4_matches_ip_addr_add() {
         let addr = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10));
         let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_EXCL | NLM_F_CREATE;
-        assert_eq!(bytes(new_address(3, addr, 32), flags), ADD_V4);
+        assert_eq!(bytes(&new_address(3, addr, 32), flags), ADD_V4);
     }
 
     #[test]
     fn del_v6_matches_ip_addr_del() {
         let addr = IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10));
         assert_eq!(
-            bytes(del_address(3, addr, 128), NLM_F_REQUEST | NLM_F_ACK),
+            bytes(&del_address(3, addr, 128), NLM_F_REQUEST | NLM_F_ACK),
             DEL_V6
         );
     }
@@ -158,16 +172,17 @@ mod tests {
     #[test]
     fn new_dummy_matches_ip_link_add() {
         let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_EXCL | NLM_F_CREATE;
-        assert_eq!(bytes(new_dummy_link("kube-ipvs0"), flags), NEW_DUMMY);
+        assert_eq!(bytes(&new_dummy_link("kube-ipvs0"), flags), NEW_DUMMY);
     }
 
     #[test]
     fn requests_pack_back_to_back_for_one_sendmsg() {
-        let mut buf = Vec::new();
+        let mut w = Writer::default();
         let addr = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10));
         let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_EXCL | NLM_F_CREATE;
-        append(&mut buf, new_address(3, addr, 32), flags, 7);
-        append(&mut buf, new_address(3, addr, 32), flags, 8);
+        append(&mut w, &new_address(3, addr, 32), flags, 7);
+        append(&mut w, &new_address(3, addr, 32), flags, 8);
+        let buf = w.into_bytes();
         assert_eq!(buf.len(), 2 * ADD_V4.len());
         assert_eq!(&buf[..40], ADD_V4);
         assert_eq!(
@@ -180,7 +195,7 @@ mod tests {
     fn emitted_requests_parse_back_to_the_same_message() {
         let addr = IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10));
         let message = new_address(3, addr, 128);
-        let buf = bytes(message.clone(), NLM_F_REQUEST);
+        let buf = bytes(&message, NLM_F_REQUEST);
         let parsed = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf).expect("parses");
         assert_eq!(parsed.payload, NetlinkPayload::InnerMessage(message));
     }
