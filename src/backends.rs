@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use iptables::ipset::SetOp;
+use iptables::ipvs_mode::KubeSet;
 use iptables::{Family, IpSet, Runner, SetEntry, SetPatch, Table};
-use reconciler::ipsets::KubeSet;
 use reconciler::ipvs_rules::ipvs_ruleset;
 use reconciler::model::Protocol;
 use reconciler::plan::{Plan, PlanConfig};

@@ -12,31 +12,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::Error;
+use crate::ipvs_mode::KubeSet;
 use crate::rule::Protocol;
 use crate::table::{Family, FamilyNames as _};
-
-/// The ipset names kube-proxy's ipvs mode uses; the IPv6 twin of each is the same name with
-/// `KUBE-` replaced by `KUBE-6-`. Only these (and their temporary swap twins) are ever written
-/// or destroyed.
-pub const PROXY_SETS: &[&str] = &[
-    "KUBE-CLUSTER-IP",
-    "KUBE-LOOP-BACK",
-    "KUBE-EXTERNAL-IP",
-    "KUBE-EXTERNAL-IP-LOCAL",
-    "KUBE-LOAD-BALANCER",
-    "KUBE-LOAD-BALANCER-LOCAL",
-    "KUBE-LOAD-BALANCER-FW",
-    "KUBE-LOAD-BALANCER-SOURCE-CIDR",
-    "KUBE-LOAD-BALANCER-SOURCE-IP",
-    "KUBE-NODE-PORT-TCP",
-    "KUBE-NODE-PORT-LOCAL-TCP",
-    "KUBE-NODE-PORT-UDP",
-    "KUBE-NODE-PORT-LOCAL-UDP",
-    "KUBE-NODE-PORT-SCTP-HASH",
-    "KUBE-NODE-PORT-LOCAL-SCTP-HASH",
-    "KUBE-HEALTH-CHECK-NODE-PORT",
-    "KUBE-IPVS-IPS",
-];
 
 /// The temporary twin a resize fills before `swap`: the same name with `KUBE-` spelled
 /// `KUBE~`, so it is as long as the original and still recognisably the proxy's.
@@ -48,22 +26,14 @@ pub fn swap_name(name: &str) -> String {
 /// The longest set name the kernel accepts (IPSET_MAXNAMELEN - 1).
 pub const MAX_SET_NAME_LEN: usize = 31;
 
-/// Whether `name` is a set the proxy owns (see [`PROXY_SETS`]).
+/// Whether `name` is a set the proxy owns: one of kube-proxy's ipvs-mode sets
+/// ([`KubeSet`], IPv4 `KUBE-…` or IPv6 `KUBE-6-…`), or its temporary swap twin (`KUBE~…`).
 #[must_use]
 pub fn is_proxy_set(name: &str) -> bool {
-    let base = name
-        .strip_prefix("KUBE~")
-        .map_or_else(|| name.to_owned(), |rest| format!("KUBE-{rest}"));
-    match base.strip_prefix("KUBE-6-") {
-        // IPv6 names are the IPv4 ones with `KUBE-6-`, cut to 31 characters as kube-proxy
-        // cuts them (KUBE-6-LOAD-BALANCER-SOURCE-CID).
-        Some(rest) => PROXY_SETS.iter().any(|set| {
-            let mut v6 = format!("KUBE-6-{}", &set["KUBE-".len()..]);
-            v6.truncate(MAX_SET_NAME_LEN);
-            v6 == format!("KUBE-6-{rest}")
-        }),
-        None => PROXY_SETS.contains(&base.as_str()),
-    }
+    name.strip_prefix("KUBE-")
+        .or_else(|| name.strip_prefix("KUBE~"))
+        .and_then(KubeSet::from_suffix)
+        .is_some()
 }
 
 /// An ipset type.

@@ -1,7 +1,7 @@
 //! Netfilter for the proxy: typed iptables rules and ipsets, rendered to `iptables-restore` and
 //! `ipset restore` input and applied with one process per apply.
 //!
-//! Only the proxy's own chains and sets (the KUBE-* names in [`chain`] and [`ipset::PROXY_SETS`])
+//! Only the proxy's own chains and sets (the KUBE-* names in [`chain`] and [`ipvs_mode::KubeSet`])
 //! are ever written or deleted; a user's rules survive every sync. No Kubernetes types here.
 //!
 //! - [`rule`], [`table`], [`chain`]: one rule, rendered exactly as `iptables-save` prints it.
@@ -17,6 +17,7 @@
 pub mod chain;
 pub mod cleanup;
 pub mod ipset;
+pub mod ipvs_mode;
 pub mod proxier;
 pub mod rule;
 pub mod ruleset;

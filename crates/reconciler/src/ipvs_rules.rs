@@ -4,11 +4,11 @@
 
 use std::collections::BTreeMap;
 
+use iptables::ipvs_mode::KubeSet;
 use iptables::{
     AddrType, Family, MarkOp, Match, Protocol, Rule, Ruleset, Table, TablePatch, Target,
 };
 
-use crate::ipsets::KubeSet;
 use crate::plan::{Plan, PlanConfig};
 
 pub const KUBE_SERVICES: &str = "KUBE-SERVICES";

@@ -6,7 +6,6 @@
 #![forbid(unsafe_code)]
 
 pub mod fallback;
-pub mod ipsets;
 pub mod ipvs_rules;
 pub mod ipvs_state;
 pub mod model;
@@ -15,7 +14,6 @@ mod render;
 pub mod state;
 pub mod sync;
 
-pub use ipsets::KubeSet;
 pub use ipvs_state::{RealServer, VirtualServer, VirtualServerKey};
 pub use model::{
     Conditions, Endpoint, EndpointPort, EndpointSlice, NodeFacts, Protocol, SchedulerChoice,

@@ -12,9 +12,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
+use iptables::ipvs_mode::KubeSet;
 use iptables::{Family, SetEntry};
 
-use crate::ipsets::KubeSet;
 use crate::ipvs_state::{
     FLAG_PERSISTENT, FLAG_SOURCE_HASH, RealServer, VirtualServer, VirtualServerKey,
 };

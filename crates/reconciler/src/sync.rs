@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use iptables::Family;
+use iptables::ipvs_mode::KubeSet;
 use ipvs::{Op, RealServer, RealServerEntry, ServiceKey, VirtualServer};
 
-use crate::ipsets::KubeSet;
 use crate::ipvs_state::RealServer as PlannedRealServer;
 use crate::model::{Protocol, ServiceName};
 use crate::plan::ServicePlan;
