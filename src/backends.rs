@@ -5,9 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use iptables::ipset::SetOp;
-use iptables::ipvs_mode::KubeSet;
+use iptables::ipvs_mode::{self, KubeSet};
 use iptables::{Family, IpSet, Runner, SetEntry, SetPatch, Table};
-use reconciler::ipvs_rules::ipvs_ruleset;
 use reconciler::model::Protocol;
 use reconciler::plan::{Plan, PlanConfig};
 use reconciler::sync::{AddressKernel, BackendError, IpvsKernel, NetfilterEntry, NetfilterKernel};
@@ -119,7 +118,7 @@ impl IpvsNetfilter {
     fn write_rules(&self) -> Result<(), BackendError> {
         let plan = self.as_plan();
         for &family in &self.config.families {
-            let mut ruleset = ipvs_ruleset(&plan, &self.config, family);
+            let mut ruleset = ipvs_mode::ruleset(&plan.rule_input(&self.config, family));
             let saved = self.runner.save(family, None)?;
             for table in [Table::Nat, Table::Filter, Table::Mangle, Table::Raw] {
                 let Some(patch) = ruleset.tables.get_mut(&table) else {

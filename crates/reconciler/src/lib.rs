@@ -6,7 +6,6 @@
 #![forbid(unsafe_code)]
 
 pub mod fallback;
-pub mod ipvs_rules;
 pub mod ipvs_state;
 pub mod model;
 pub mod plan;
