@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use iptables::ipset::SetOp;
 use iptables::ipvs_mode::{self, KubeSet};
-use iptables::{Family, IpSet, Runner, SetEntry, SetPatch, Table};
+use iptables::{Family, Runner, SetEntry, SetPatch, Table};
 use reconciler::model::Protocol;
 use reconciler::plan::{Plan, PlanConfig};
 use reconciler::sync::{AddressKernel, BackendError, IpvsKernel, NetfilterEntry, NetfilterKernel};
@@ -167,21 +167,7 @@ impl NetfilterKernel for IpvsNetfilter {
         let existing: BTreeSet<String> = self.runner.ipset_names()?.into_iter().collect();
         let mut patch = SetPatch::default();
         for (&(family, set), entries) in &self.sets {
-            let wanted: IpSet = set.to_ipset(family, entries);
-            let name = wanted.name().to_owned();
-            let swap = iptables::ipset::swap_name(&name);
-            if !existing.contains(&name) {
-                patch.ops.push(SetOp::Create(wanted.header.clone()));
-            }
-            if existing.contains(&swap) {
-                patch.ops.push(SetOp::Destroy(swap.clone()));
-            }
-            patch.ops.push(SetOp::CreateSwap(wanted.header.clone()));
-            patch
-                .ops
-                .extend(entries.iter().map(|e| SetOp::Add(swap.clone(), *e)));
-            patch.ops.push(SetOp::Swap(swap.clone(), name));
-            patch.ops.push(SetOp::Destroy(swap));
+            patch.refill(&existing, &set.to_ipset(family, entries));
         }
         self.runner.ipset_restore(&patch)?;
         self.write_rules()

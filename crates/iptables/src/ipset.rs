@@ -330,14 +330,8 @@ impl SetPatch {
                 }
             }
             Some(_) => {
-                let swap = swap_name(&name);
-                self.ops.push(SetOp::Destroy(swap.clone()));
-                self.ops.push(SetOp::CreateSwap(new.header.clone()));
-                for e in &new.entries {
-                    self.ops.push(SetOp::Add(swap.clone(), *e));
-                }
-                self.ops.push(SetOp::Swap(swap.clone(), name));
-                self.ops.push(SetOp::Destroy(swap));
+                self.ops.push(SetOp::Destroy(swap_name(&name)));
+                self.fill_twin_and_swap(new);
             }
             None => {
                 self.ops.push(SetOp::Create(new.header.clone()));
@@ -347,6 +341,36 @@ impl SetPatch {
                 }
             }
         }
+    }
+
+    /// Appends the operations that make `set` hold exactly its entries whatever the kernel
+    /// has now, `existing` being the names `ipset list -n` printed: the set is created if
+    /// missing, its content is built in the temporary twin and swapped in, so traffic never
+    /// meets a half-filled set. A twin a killed run left behind is destroyed first, and an
+    /// existing set is not created again (`create` with other parameters fails even under
+    /// `-exist`; the swap brings the new parameters).
+    pub fn refill(&mut self, existing: &BTreeSet<String>, set: &IpSet) {
+        let name = set.name();
+        if !existing.contains(name) {
+            self.ops.push(SetOp::Create(set.header.clone()));
+        }
+        let swap = swap_name(name);
+        if existing.contains(&swap) {
+            self.ops.push(SetOp::Destroy(swap));
+        }
+        self.fill_twin_and_swap(set);
+    }
+
+    /// Creates `set`'s twin, fills it, swaps it with `set` and destroys it.
+    fn fill_twin_and_swap(&mut self, set: &IpSet) {
+        let swap = swap_name(set.name());
+        self.ops.push(SetOp::CreateSwap(set.header.clone()));
+        for e in &set.entries {
+            self.ops.push(SetOp::Add(swap.clone(), *e));
+        }
+        self.ops
+            .push(SetOp::Swap(swap.clone(), set.name().to_owned()));
+        self.ops.push(SetOp::Destroy(swap));
     }
 
     /// Appends the removal of a set the proxy no longer wants (after no rule references it).
@@ -477,6 +501,40 @@ mod tests {
             "del KUBE-LOOP-BACK 1.1.1.1\nadd KUBE-LOOP-BACK 3.3.3.3\n"
         );
         p.check_ownership().unwrap();
+    }
+
+    #[test]
+    fn refill_creates_what_is_missing_clears_a_left_over_twin_and_swaps() {
+        let set = |name: &str, entries: &[SetEntry]| {
+            IpSet::new(
+                name,
+                SetType::HashIp,
+                Family::V4,
+                entries.iter().copied().collect(),
+            )
+        };
+        let existing: BTreeSet<String> = ["KUBE-LOOP-BACK", "KUBE~LOOP-BACK", "my-blocklist"]
+            .map(str::to_owned)
+            .into();
+        let mut p = SetPatch::default();
+        p.refill(
+            &existing,
+            &set("KUBE-LOOP-BACK", &[SetEntry::Ip(ip(1, 1, 1, 1))]),
+        );
+        p.refill(&existing, &set("KUBE-IPVS-IPS", &[]));
+        p.check_ownership().unwrap();
+        assert_eq!(
+            p.render(),
+            "destroy KUBE~LOOP-BACK\n\
+             create KUBE~LOOP-BACK hash:ip family inet hashsize 1024 maxelem 65536\n\
+             add KUBE~LOOP-BACK 1.1.1.1\n\
+             swap KUBE~LOOP-BACK KUBE-LOOP-BACK\n\
+             destroy KUBE~LOOP-BACK\n\
+             create KUBE-IPVS-IPS hash:ip family inet hashsize 1024 maxelem 65536\n\
+             create KUBE~IPVS-IPS hash:ip family inet hashsize 1024 maxelem 65536\n\
+             swap KUBE~IPVS-IPS KUBE-IPVS-IPS\n\
+             destroy KUBE~IPVS-IPS\n"
+        );
     }
 
     #[test]
