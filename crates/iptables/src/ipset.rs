@@ -68,6 +68,21 @@ impl SetType {
         }
     }
 
+    /// The type of a name as `ipset create` takes it and `ipset save` prints it.
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<SetType> {
+        [
+            SetType::HashIp,
+            SetType::HashIpPort,
+            SetType::HashIpPortIp,
+            SetType::HashIpPortNet,
+            SetType::HashNet,
+            SetType::BitmapPort,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == name)
+    }
+
     /// Whether `entry` has the shape this type stores.
     #[must_use]
     pub fn accepts(self, entry: &SetEntry) -> bool {
@@ -119,6 +134,43 @@ impl fmt::Display for SetEntry {
             SetEntry::Net(net) => write_net(f, net),
             SetEntry::Port(port) => write!(f, "{port}"),
         }
+    }
+}
+
+impl SetEntry {
+    /// The entry of a set of `kind` as `ipset save` prints it (the inverse of `Display`).
+    #[must_use]
+    pub fn parse(kind: SetType, text: &str) -> Option<SetEntry> {
+        // IPv6 addresses hold `:` but never `,`: the fields split on `,`.
+        let mut fields = text.split(',');
+        let mut field = || fields.next();
+        let ip = |s: &str| s.parse::<IpAddr>().ok();
+        let proto_port = |s: &str| {
+            let (p, port) = s.split_once(':')?;
+            Some((Protocol::from_name(p)?, port.parse::<u16>().ok()?))
+        };
+        let net = |s: &str| s.parse::<IpNet>().ok().or_else(|| ip(s).map(IpNet::from));
+        let entry = match kind {
+            SetType::HashIp => SetEntry::Ip(ip(field()?)?),
+            SetType::HashIpPort => {
+                let a = ip(field()?)?;
+                let (p, port) = proto_port(field()?)?;
+                SetEntry::IpPort(a, p, port)
+            }
+            SetType::HashIpPortIp => {
+                let a = ip(field()?)?;
+                let (p, port) = proto_port(field()?)?;
+                SetEntry::IpPortIp(a, p, port, ip(field()?)?)
+            }
+            SetType::HashIpPortNet => {
+                let a = ip(field()?)?;
+                let (p, port) = proto_port(field()?)?;
+                SetEntry::IpPortNet(a, p, port, net(field()?)?)
+            }
+            SetType::HashNet => SetEntry::Net(net(field()?)?),
+            SetType::BitmapPort => SetEntry::Port(field()?.parse().ok()?),
+        };
+        field().is_none().then_some(entry)
     }
 }
 
@@ -416,6 +468,55 @@ pub fn render_save<'a>(sets: impl IntoIterator<Item = &'a IpSet>) -> String {
     out
 }
 
+/// Reads `ipset save` output back: every set of a type listed in [`SetType`], with the
+/// entries that fit it, in the order printed. Sets of other types, options this crate does not
+/// write (`bucketsize`, `initval`, `comment`, an entry's `timeout`, …) and lines it does not
+/// know are skipped, so a newer ipset never breaks the reading.
+#[must_use]
+pub fn parse_save(text: &str) -> Vec<IpSet> {
+    let mut sets: Vec<IpSet> = Vec::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some("create"), Some(name), Some(kind)) => {
+                let Some(kind) = SetType::from_name(kind) else {
+                    continue;
+                };
+                // ipset's defaults, for what a line leaves out.
+                let mut header = SetHeader {
+                    name: name.to_owned(),
+                    kind,
+                    family: Family::V4,
+                    hashsize: 1024,
+                    maxelem: 65_536,
+                };
+                while let Some(option) = words.next() {
+                    match (option, words.next()) {
+                        ("family", Some("inet6")) => header.family = Family::V6,
+                        ("hashsize", Some(n)) => header.hashsize = n.parse().unwrap_or(1024),
+                        ("maxelem", Some(n)) => header.maxelem = n.parse().unwrap_or(65_536),
+                        _ => {}
+                    }
+                }
+                sets.push(IpSet {
+                    header,
+                    entries: BTreeSet::new(),
+                });
+            }
+            (Some("add"), Some(name), Some(entry)) => {
+                let Some(set) = sets.iter_mut().rev().find(|s| s.name() == name) else {
+                    continue;
+                };
+                if let Some(e) = SetEntry::parse(set.header.kind, entry) {
+                    set.entries.insert(e);
+                }
+            }
+            _ => {}
+        }
+    }
+    sets
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,6 +573,81 @@ mod tests {
         SetHeader::sized("KUBE-NODE-PORT-TCP", SetType::BitmapPort, Family::V4, 3)
             .write_create("KUBE-NODE-PORT-TCP", &mut out);
         assert_eq!(out, "create KUBE-NODE-PORT-TCP bitmap:port range 0-65535\n");
+    }
+
+    #[test]
+    fn save_text_reads_back_as_the_sets_it_was_rendered_from() {
+        let net: IpNet = "192.168.0.0/16".parse().unwrap();
+        let v6: IpAddr = "fd00::a".parse().unwrap();
+        let sets = [
+            IpSet::new(
+                "KUBE-CLUSTER-IP",
+                SetType::HashIpPort,
+                Family::V4,
+                [SetEntry::IpPort(ip(10, 96, 0, 1), Protocol::Tcp, 443)].into(),
+            ),
+            IpSet::new(
+                "KUBE-6-CLUSTER-IP",
+                SetType::HashIpPort,
+                Family::V6,
+                [SetEntry::IpPort(v6, Protocol::Sctp, 53)].into(),
+            ),
+            IpSet::new(
+                "KUBE-LOOP-BACK",
+                SetType::HashIpPortIp,
+                Family::V4,
+                [SetEntry::IpPortIp(
+                    ip(10, 0, 0, 1),
+                    Protocol::Udp,
+                    53,
+                    ip(10, 0, 0, 1),
+                )]
+                .into(),
+            ),
+            IpSet::new(
+                "KUBE-LOAD-BALANCER-SOURCE-CIDR",
+                SetType::HashIpPortNet,
+                Family::V4,
+                [SetEntry::IpPortNet(ip(1, 2, 3, 4), Protocol::Tcp, 80, net)].into(),
+            ),
+            IpSet::new(
+                "KUBE-IPVS-IPS",
+                SetType::HashIp,
+                Family::V4,
+                [SetEntry::Ip(ip(10, 96, 0, 1))].into(),
+            ),
+            IpSet::new(
+                "KUBE-NODE-PORT-TCP",
+                SetType::BitmapPort,
+                Family::V4,
+                [SetEntry::Port(30080), SetEntry::Port(30081)].into(),
+            ),
+        ];
+        let text = render_save(&sets);
+        assert_eq!(render_save(&parse_save(&text)), text);
+    }
+
+    #[test]
+    fn save_of_a_newer_ipset_reads_past_what_it_does_not_know() {
+        let text = "create my-macs hash:mac hashsize 1024 maxelem 65536\n\
+                    add my-macs 00:11:22:33:44:55\n\
+                    create KUBE-NODE-PORT-SCTP-HASH hash:ip,port family inet hashsize 2048 maxelem 131072 bucketsize 12 initval 0x5a2bd4ce\n\
+                    add KUBE-NODE-PORT-SCTP-HASH 10.0.0.1,sctp:30080\n\
+                    add KUBE-NODE-PORT-SCTP-HASH 10.0.0.1,icmp:echo-request\n\
+                    create KUBE-NODE-PORT-UDP bitmap:port range 0-65535 comment\n\
+                    add KUBE-NODE-PORT-UDP 30053 comment \"dns\"\n";
+        let sets = parse_save(text);
+        let names: Vec<&str> = sets.iter().map(IpSet::name).collect();
+        assert_eq!(names, ["KUBE-NODE-PORT-SCTP-HASH", "KUBE-NODE-PORT-UDP"]);
+        assert_eq!(
+            (sets[0].header.hashsize, sets[0].header.maxelem),
+            (2048, 131_072)
+        );
+        assert_eq!(
+            sets[0].entries,
+            [SetEntry::IpPort(ip(10, 0, 0, 1), Protocol::Sctp, 30080)].into()
+        );
+        assert_eq!(sets[1].entries, [SetEntry::Port(30053)].into());
     }
 
     #[test]
