@@ -1,4 +1,5 @@
-//! ipsets, typed, rendered as `ipset save` prints them and as `ipset restore -exist` reads them.
+//! ipsets, typed, rendered as `ipset save` prints them and as `ipset restore -exist` reads them,
+//! and read back from `ipset save` ([`parse_save`]).
 //!
 //! A set's entries are kept sorted (by address, then protocol and port), so the same content
 //! always renders to the same text. Sizes follow the content: kube-proxy's fixed `maxelem 65536`
