@@ -5,9 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use iptables::ipset::SetOp;
-use iptables::{Family, IpSet, Runner, SetEntry, SetPatch, Table};
-use reconciler::ipsets::KubeSet;
-use reconciler::ipvs_rules::ipvs_ruleset;
+use iptables::ipvs_mode::{self, KubeSet};
+use iptables::{Family, Runner, SetEntry, SetPatch, Table};
 use reconciler::model::Protocol;
 use reconciler::plan::{Plan, PlanConfig};
 use reconciler::sync::{AddressKernel, BackendError, IpvsKernel, NetfilterEntry, NetfilterKernel};
@@ -119,7 +118,7 @@ impl IpvsNetfilter {
     fn write_rules(&self) -> Result<(), BackendError> {
         let plan = self.as_plan();
         for &family in &self.config.families {
-            let mut ruleset = ipvs_ruleset(&plan, &self.config, family);
+            let mut ruleset = ipvs_mode::ruleset(&plan.rule_input(&self.config, family));
             let saved = self.runner.save(family, None)?;
             for table in [Table::Nat, Table::Filter, Table::Mangle, Table::Raw] {
                 let Some(patch) = ruleset.tables.get_mut(&table) else {
@@ -168,21 +167,7 @@ impl NetfilterKernel for IpvsNetfilter {
         let existing: BTreeSet<String> = self.runner.ipset_names()?.into_iter().collect();
         let mut patch = SetPatch::default();
         for (&(family, set), entries) in &self.sets {
-            let wanted: IpSet = set.to_ipset(family, entries);
-            let name = wanted.name().to_owned();
-            let swap = iptables::ipset::swap_name(&name);
-            if !existing.contains(&name) {
-                patch.ops.push(SetOp::Create(wanted.header.clone()));
-            }
-            if existing.contains(&swap) {
-                patch.ops.push(SetOp::Destroy(swap.clone()));
-            }
-            patch.ops.push(SetOp::CreateSwap(wanted.header.clone()));
-            patch
-                .ops
-                .extend(entries.iter().map(|e| SetOp::Add(swap.clone(), *e)));
-            patch.ops.push(SetOp::Swap(swap.clone(), name));
-            patch.ops.push(SetOp::Destroy(swap));
+            patch.refill(&existing, &set.to_ipset(family, entries));
         }
         self.runner.ipset_restore(&patch)?;
         self.write_rules()

@@ -8,9 +8,9 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::process::Command;
 
-use iptables::Runner;
+use iptables::ipvs_mode::KubeSet;
+use iptables::{Runner, SetEntry};
 use ipvs::{Op, Protocol, ServiceKey};
 
 use crate::config::ProxyConfig;
@@ -26,33 +26,22 @@ pub struct CleanupReport {
 }
 
 /// The NodePorts the proxy serves, from its sets (`ipset save`): `(protocol, port)`.
-fn node_ports() -> BTreeSet<(Protocol, u16)> {
-    let Ok(out) = Command::new("ipset").arg("save").output() else {
+fn node_ports(runner: &Runner) -> BTreeSet<(Protocol, u16)> {
+    let Ok(sets) = runner.ipset_save() else {
         return BTreeSet::new();
     };
-    let text = String::from_utf8_lossy(&out.stdout);
     let mut ports = BTreeSet::new();
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        let (Some("add"), Some(set), Some(entry)) = (words.next(), words.next(), words.next())
+    for set in &sets {
+        let Some(protocol) =
+            KubeSet::from_name(set.name()).and_then(|(s, _)| s.node_port_protocol())
         else {
             continue;
         };
-        let set = set.replacen("KUBE-6-", "KUBE-", 1);
-        let protocol = match set.as_str() {
-            "KUBE-NODE-PORT-TCP" | "KUBE-NODE-PORT-LOCAL-TCP" => Protocol::Tcp,
-            "KUBE-NODE-PORT-UDP" | "KUBE-NODE-PORT-LOCAL-UDP" => Protocol::Udp,
-            s if s.starts_with("KUBE-NODE-PORT-SCTP")
-                || s.starts_with("KUBE-NODE-PORT-LOCAL-SCTP") =>
-            {
-                Protocol::Sctp
-            }
-            _ => continue,
-        };
         // bitmap:port entries are `30080`; the SCTP hash sets' are `10.0.0.1,sctp:30080`.
-        let port = entry.rsplit(':').next().unwrap_or(entry);
-        if let Ok(port) = port.parse() {
-            ports.insert((protocol, port));
+        for entry in &set.entries {
+            if let SetEntry::Port(port) | SetEntry::IpPort(_, _, port) = entry {
+                ports.insert((protocol, *port));
+            }
         }
     }
     ports
@@ -62,6 +51,7 @@ fn node_ports() -> BTreeSet<(Protocol, u16)> {
 #[must_use]
 pub fn cleanup(config: &ProxyConfig) -> CleanupReport {
     let mut report = CleanupReport::default();
+    let runner = Runner::new(iptables::Flavour::Nft);
     let excluded = |ip: IpAddr| config.exclude_cidrs.iter().any(|n| n.contains(&ip));
 
     let link = match netif::DummyLink::open(netif::KUBE_IPVS0) {
@@ -83,7 +73,7 @@ pub fn cleanup(config: &ProxyConfig) -> CleanupReport {
 
     match ipvs::Handle::new() {
         Ok(mut handle) => {
-            let node_ports = node_ports();
+            let node_ports = node_ports(&runner);
             match handle.services() {
                 Ok(services) => {
                     let ours: Vec<Op> = services
@@ -122,7 +112,7 @@ pub fn cleanup(config: &ProxyConfig) -> CleanupReport {
             .push(format!("deleting {}: {e}", netif::KUBE_IPVS0)),
     }
 
-    let netfilter = iptables::cleanup(&Runner::new(iptables::Flavour::Nft));
+    let netfilter = iptables::cleanup(&runner);
     report.chains = netfilter.chains;
     report.sets = netfilter.sets;
     report

@@ -7,39 +7,71 @@
 
 use crate::table::Table;
 
+/// `KUBE-SERVICES` (nat and filter): the Services' entry chain, from PREROUTING and OUTPUT.
+pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
+/// `KUBE-EXTERNAL-SERVICES` (filter, iptables mode).
+pub const KUBE_EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
+/// `KUBE-FORWARD` (filter).
+pub const KUBE_FORWARD: &str = "KUBE-FORWARD";
+/// `KUBE-NODEPORTS` (iptables mode; ipvs mode spells it [`KUBE_NODE_PORT`]).
+pub const KUBE_NODEPORTS: &str = "KUBE-NODEPORTS";
+/// `KUBE-NODE-PORT` (ipvs mode).
+pub const KUBE_NODE_PORT: &str = "KUBE-NODE-PORT";
+/// `KUBE-PROXY-FIREWALL` (filter): loadBalancerSourceRanges.
+pub const KUBE_PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
+/// `KUBE-POSTROUTING` (nat): SNAT of marked traffic.
+pub const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
+/// `KUBE-MARK-MASQ` (nat): marks traffic for SNAT.
+pub const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
+/// `KUBE-PROXY-CANARY` (iptables mode): tells kube-proxy its rules were flushed.
+pub const KUBE_PROXY_CANARY: &str = "KUBE-PROXY-CANARY";
+/// `KUBE-LOAD-BALANCER` (nat, ipvs mode).
+pub const KUBE_LOAD_BALANCER: &str = "KUBE-LOAD-BALANCER";
+/// `KUBE-FIREWALL` in nat (ipvs mode; filter's KUBE-FIREWALL is kubelet's).
+pub const KUBE_FIREWALL: &str = "KUBE-FIREWALL";
+/// `KUBE-SOURCE-RANGES-FIREWALL` (filter, ipvs mode).
+pub const KUBE_SOURCE_RANGES_FIREWALL: &str = "KUBE-SOURCE-RANGES-FIREWALL";
+/// `KUBE-IPVS-FILTER` (filter, ipvs mode): a VIP answers only on its Services' ports.
+pub const KUBE_IPVS_FILTER: &str = "KUBE-IPVS-FILTER";
+/// `KUBE-IPVS-OUT-FILTER` (filter, ipvs mode): LoadBalancers the node may not reach.
+pub const KUBE_IPVS_OUT_FILTER: &str = "KUBE-IPVS-OUT-FILTER";
+
 /// Chains kube-proxy's iptables mode creates with fixed names, per table.
 pub const IPTABLES_MODE_CHAINS: &[(Table, &str)] = &[
-    (Table::Filter, "KUBE-SERVICES"),
-    (Table::Filter, "KUBE-EXTERNAL-SERVICES"),
-    (Table::Filter, "KUBE-FORWARD"),
-    (Table::Filter, "KUBE-NODEPORTS"),
-    (Table::Filter, "KUBE-PROXY-FIREWALL"),
-    (Table::Nat, "KUBE-SERVICES"),
-    (Table::Nat, "KUBE-NODEPORTS"),
-    (Table::Nat, "KUBE-POSTROUTING"),
-    (Table::Nat, "KUBE-MARK-MASQ"),
-    (Table::Nat, "KUBE-PROXY-CANARY"),
-    (Table::Filter, "KUBE-PROXY-CANARY"),
-    (Table::Mangle, "KUBE-PROXY-CANARY"),
+    (Table::Filter, KUBE_SERVICES),
+    (Table::Filter, KUBE_EXTERNAL_SERVICES),
+    (Table::Filter, KUBE_FORWARD),
+    (Table::Filter, KUBE_NODEPORTS),
+    (Table::Filter, KUBE_PROXY_FIREWALL),
+    (Table::Nat, KUBE_SERVICES),
+    (Table::Nat, KUBE_NODEPORTS),
+    (Table::Nat, KUBE_POSTROUTING),
+    (Table::Nat, KUBE_MARK_MASQ),
+    (Table::Nat, KUBE_PROXY_CANARY),
+    (Table::Filter, KUBE_PROXY_CANARY),
+    (Table::Mangle, KUBE_PROXY_CANARY),
 ];
 
-/// Chains kube-proxy's ipvs mode creates with fixed names, per table.
+/// Chains kube-proxy's ipvs mode creates with fixed names, per table (its `iptablesChains`);
+/// [`crate::ipvs_mode::ruleset`] writes each of them whole.
 pub const IPVS_MODE_CHAINS: &[(Table, &str)] = &[
-    (Table::Nat, "KUBE-SERVICES"),
-    (Table::Nat, "KUBE-POSTROUTING"),
-    (Table::Nat, "KUBE-NODE-PORT"),
-    (Table::Nat, "KUBE-LOAD-BALANCER"),
-    (Table::Nat, "KUBE-MARK-MASQ"),
-    // In ipvs mode the nat table's KUBE-FIREWALL is kube-proxy's (loadBalancerSourceRanges);
-    // the filter table's KUBE-FIREWALL is kubelet's and is not listed.
-    (Table::Nat, "KUBE-FIREWALL"),
-    (Table::Filter, "KUBE-FORWARD"),
-    (Table::Filter, "KUBE-NODE-PORT"),
-    (Table::Filter, "KUBE-PROXY-FIREWALL"),
-    (Table::Filter, "KUBE-SOURCE-RANGES-FIREWALL"),
-    (Table::Filter, "KUBE-IPVS-FILTER"),
-    (Table::Filter, "KUBE-IPVS-OUT-FILTER"),
+    (Table::Nat, KUBE_SERVICES),
+    (Table::Nat, KUBE_POSTROUTING),
+    (Table::Nat, KUBE_NODE_PORT),
+    (Table::Nat, KUBE_LOAD_BALANCER),
+    (Table::Nat, KUBE_MARK_MASQ),
+    (Table::Filter, KUBE_FORWARD),
+    (Table::Filter, KUBE_NODE_PORT),
+    (Table::Filter, KUBE_PROXY_FIREWALL),
+    (Table::Filter, KUBE_SOURCE_RANGES_FIREWALL),
+    (Table::Filter, KUBE_IPVS_FILTER),
+    (Table::Filter, KUBE_IPVS_OUT_FILTER),
 ];
+
+/// Chains of kube-proxy's ipvs mode that the proxy owns but does not write: removed by
+/// cleanup, never rewritten. In ipvs mode the nat table's KUBE-FIREWALL is kube-proxy's
+/// (loadBalancerSourceRanges); the filter table's KUBE-FIREWALL is kubelet's and is not listed.
+pub const IPVS_MODE_UNWRITTEN_CHAINS: &[(Table, &str)] = &[(Table::Nat, KUBE_FIREWALL)];
 
 /// Prefixes of the per-Service chains (names hashed from the service port name).
 pub const SERVICE_CHAIN_PREFIXES: &[&str] = &[
@@ -62,6 +94,7 @@ pub fn is_proxy_chain(table: Table, name: &str) -> bool {
         || IPTABLES_MODE_CHAINS
             .iter()
             .chain(IPVS_MODE_CHAINS)
+            .chain(IPVS_MODE_UNWRITTEN_CHAINS)
             .any(|&(t, n)| t == table && n == name)
 }
 

@@ -1,4 +1,5 @@
-//! ipsets, typed, rendered as `ipset save` prints them and as `ipset restore -exist` reads them.
+//! ipsets, typed, rendered as `ipset save` prints them and as `ipset restore -exist` reads them,
+//! and read back from `ipset save` ([`parse_save`]).
 //!
 //! A set's entries are kept sorted (by address, then protocol and port), so the same content
 //! always renders to the same text. Sizes follow the content: kube-proxy's fixed `maxelem 65536`
@@ -12,31 +13,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::Error;
+use crate::ipvs_mode::KubeSet;
 use crate::rule::Protocol;
 use crate::table::{Family, FamilyNames as _};
-
-/// The ipset names kube-proxy's ipvs mode uses; the IPv6 twin of each is the same name with
-/// `KUBE-` replaced by `KUBE-6-`. Only these (and their temporary swap twins) are ever written
-/// or destroyed.
-pub const PROXY_SETS: &[&str] = &[
-    "KUBE-CLUSTER-IP",
-    "KUBE-LOOP-BACK",
-    "KUBE-EXTERNAL-IP",
-    "KUBE-EXTERNAL-IP-LOCAL",
-    "KUBE-LOAD-BALANCER",
-    "KUBE-LOAD-BALANCER-LOCAL",
-    "KUBE-LOAD-BALANCER-FW",
-    "KUBE-LOAD-BALANCER-SOURCE-CIDR",
-    "KUBE-LOAD-BALANCER-SOURCE-IP",
-    "KUBE-NODE-PORT-TCP",
-    "KUBE-NODE-PORT-LOCAL-TCP",
-    "KUBE-NODE-PORT-UDP",
-    "KUBE-NODE-PORT-LOCAL-UDP",
-    "KUBE-NODE-PORT-SCTP-HASH",
-    "KUBE-NODE-PORT-LOCAL-SCTP-HASH",
-    "KUBE-HEALTH-CHECK-NODE-PORT",
-    "KUBE-IPVS-IPS",
-];
 
 /// The temporary twin a resize fills before `swap`: the same name with `KUBE-` spelled
 /// `KUBE~`, so it is as long as the original and still recognisably the proxy's.
@@ -48,22 +27,14 @@ pub fn swap_name(name: &str) -> String {
 /// The longest set name the kernel accepts (IPSET_MAXNAMELEN - 1).
 pub const MAX_SET_NAME_LEN: usize = 31;
 
-/// Whether `name` is a set the proxy owns (see [`PROXY_SETS`]).
+/// Whether `name` is a set the proxy owns: one of kube-proxy's ipvs-mode sets
+/// ([`KubeSet`], IPv4 `KUBE-…` or IPv6 `KUBE-6-…`), or its temporary swap twin (`KUBE~…`).
 #[must_use]
 pub fn is_proxy_set(name: &str) -> bool {
-    let base = name
-        .strip_prefix("KUBE~")
-        .map_or_else(|| name.to_owned(), |rest| format!("KUBE-{rest}"));
-    match base.strip_prefix("KUBE-6-") {
-        // IPv6 names are the IPv4 ones with `KUBE-6-`, cut to 31 characters as kube-proxy
-        // cuts them (KUBE-6-LOAD-BALANCER-SOURCE-CID).
-        Some(rest) => PROXY_SETS.iter().any(|set| {
-            let mut v6 = format!("KUBE-6-{}", &set["KUBE-".len()..]);
-            v6.truncate(MAX_SET_NAME_LEN);
-            v6 == format!("KUBE-6-{rest}")
-        }),
-        None => PROXY_SETS.contains(&base.as_str()),
-    }
+    name.strip_prefix("KUBE-")
+        .or_else(|| name.strip_prefix("KUBE~"))
+        .and_then(KubeSet::from_suffix)
+        .is_some()
 }
 
 /// An ipset type.
@@ -96,6 +67,21 @@ impl SetType {
             SetType::HashNet => "hash:net",
             SetType::BitmapPort => "bitmap:port",
         }
+    }
+
+    /// The type of a name as `ipset create` takes it and `ipset save` prints it.
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<SetType> {
+        [
+            SetType::HashIp,
+            SetType::HashIpPort,
+            SetType::HashIpPortIp,
+            SetType::HashIpPortNet,
+            SetType::HashNet,
+            SetType::BitmapPort,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == name)
     }
 
     /// Whether `entry` has the shape this type stores.
@@ -149,6 +135,43 @@ impl fmt::Display for SetEntry {
             SetEntry::Net(net) => write_net(f, net),
             SetEntry::Port(port) => write!(f, "{port}"),
         }
+    }
+}
+
+impl SetEntry {
+    /// The entry of a set of `kind` as `ipset save` prints it (the inverse of `Display`).
+    #[must_use]
+    pub fn parse(kind: SetType, text: &str) -> Option<SetEntry> {
+        // IPv6 addresses hold `:` but never `,`: the fields split on `,`.
+        let mut fields = text.split(',');
+        let mut field = || fields.next();
+        let ip = |s: &str| s.parse::<IpAddr>().ok();
+        let proto_port = |s: &str| {
+            let (p, port) = s.split_once(':')?;
+            Some((Protocol::from_name(p)?, port.parse::<u16>().ok()?))
+        };
+        let net = |s: &str| s.parse::<IpNet>().ok().or_else(|| ip(s).map(IpNet::from));
+        let entry = match kind {
+            SetType::HashIp => SetEntry::Ip(ip(field()?)?),
+            SetType::HashIpPort => {
+                let a = ip(field()?)?;
+                let (p, port) = proto_port(field()?)?;
+                SetEntry::IpPort(a, p, port)
+            }
+            SetType::HashIpPortIp => {
+                let a = ip(field()?)?;
+                let (p, port) = proto_port(field()?)?;
+                SetEntry::IpPortIp(a, p, port, ip(field()?)?)
+            }
+            SetType::HashIpPortNet => {
+                let a = ip(field()?)?;
+                let (p, port) = proto_port(field()?)?;
+                SetEntry::IpPortNet(a, p, port, net(field()?)?)
+            }
+            SetType::HashNet => SetEntry::Net(net(field()?)?),
+            SetType::BitmapPort => SetEntry::Port(field()?.parse().ok()?),
+        };
+        field().is_none().then_some(entry)
     }
 }
 
@@ -360,14 +383,8 @@ impl SetPatch {
                 }
             }
             Some(_) => {
-                let swap = swap_name(&name);
-                self.ops.push(SetOp::Destroy(swap.clone()));
-                self.ops.push(SetOp::CreateSwap(new.header.clone()));
-                for e in &new.entries {
-                    self.ops.push(SetOp::Add(swap.clone(), *e));
-                }
-                self.ops.push(SetOp::Swap(swap.clone(), name));
-                self.ops.push(SetOp::Destroy(swap));
+                self.ops.push(SetOp::Destroy(swap_name(&name)));
+                self.fill_twin_and_swap(new);
             }
             None => {
                 self.ops.push(SetOp::Create(new.header.clone()));
@@ -377,6 +394,36 @@ impl SetPatch {
                 }
             }
         }
+    }
+
+    /// Appends the operations that make `set` hold exactly its entries whatever the kernel
+    /// has now, `existing` being the names `ipset list -n` printed: the set is created if
+    /// missing, its content is built in the temporary twin and swapped in, so traffic never
+    /// meets a half-filled set. A twin a killed run left behind is destroyed first, and an
+    /// existing set is not created again (`create` with other parameters fails even under
+    /// `-exist`; the swap brings the new parameters).
+    pub fn refill(&mut self, existing: &BTreeSet<String>, set: &IpSet) {
+        let name = set.name();
+        if !existing.contains(name) {
+            self.ops.push(SetOp::Create(set.header.clone()));
+        }
+        let swap = swap_name(name);
+        if existing.contains(&swap) {
+            self.ops.push(SetOp::Destroy(swap));
+        }
+        self.fill_twin_and_swap(set);
+    }
+
+    /// Creates `set`'s twin, fills it, swaps it with `set` and destroys it.
+    fn fill_twin_and_swap(&mut self, set: &IpSet) {
+        let swap = swap_name(set.name());
+        self.ops.push(SetOp::CreateSwap(set.header.clone()));
+        for e in &set.entries {
+            self.ops.push(SetOp::Add(swap.clone(), *e));
+        }
+        self.ops
+            .push(SetOp::Swap(swap.clone(), set.name().to_owned()));
+        self.ops.push(SetOp::Destroy(swap));
     }
 
     /// Appends the removal of a set the proxy no longer wants (after no rule references it).
@@ -420,6 +467,55 @@ pub fn render_save<'a>(sets: impl IntoIterator<Item = &'a IpSet>) -> String {
         s.write_save(&mut out);
     }
     out
+}
+
+/// Reads `ipset save` output back: every set of a type listed in [`SetType`], with the
+/// entries that fit it, in the order printed. Sets of other types, options this crate does not
+/// write (`bucketsize`, `initval`, `comment`, an entry's `timeout`, …) and lines it does not
+/// know are skipped, so a newer ipset never breaks the reading.
+#[must_use]
+pub fn parse_save(text: &str) -> Vec<IpSet> {
+    let mut sets: Vec<IpSet> = Vec::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some("create"), Some(name), Some(kind)) => {
+                let Some(kind) = SetType::from_name(kind) else {
+                    continue;
+                };
+                // ipset's defaults, for what a line leaves out.
+                let mut header = SetHeader {
+                    name: name.to_owned(),
+                    kind,
+                    family: Family::V4,
+                    hashsize: 1024,
+                    maxelem: 65_536,
+                };
+                while let Some(option) = words.next() {
+                    match (option, words.next()) {
+                        ("family", Some("inet6")) => header.family = Family::V6,
+                        ("hashsize", Some(n)) => header.hashsize = n.parse().unwrap_or(1024),
+                        ("maxelem", Some(n)) => header.maxelem = n.parse().unwrap_or(65_536),
+                        _ => {}
+                    }
+                }
+                sets.push(IpSet {
+                    header,
+                    entries: BTreeSet::new(),
+                });
+            }
+            (Some("add"), Some(name), Some(entry)) => {
+                let Some(set) = sets.iter_mut().rev().find(|s| s.name() == name) else {
+                    continue;
+                };
+                if let Some(e) = SetEntry::parse(set.header.kind, entry) {
+                    set.entries.insert(e);
+                }
+            }
+            _ => {}
+        }
+    }
+    sets
 }
 
 #[cfg(test)]
@@ -481,6 +577,81 @@ mod tests {
     }
 
     #[test]
+    fn save_text_reads_back_as_the_sets_it_was_rendered_from() {
+        let net: IpNet = "192.168.0.0/16".parse().unwrap();
+        let v6: IpAddr = "fd00::a".parse().unwrap();
+        let sets = [
+            IpSet::new(
+                "KUBE-CLUSTER-IP",
+                SetType::HashIpPort,
+                Family::V4,
+                [SetEntry::IpPort(ip(10, 96, 0, 1), Protocol::Tcp, 443)].into(),
+            ),
+            IpSet::new(
+                "KUBE-6-CLUSTER-IP",
+                SetType::HashIpPort,
+                Family::V6,
+                [SetEntry::IpPort(v6, Protocol::Sctp, 53)].into(),
+            ),
+            IpSet::new(
+                "KUBE-LOOP-BACK",
+                SetType::HashIpPortIp,
+                Family::V4,
+                [SetEntry::IpPortIp(
+                    ip(10, 0, 0, 1),
+                    Protocol::Udp,
+                    53,
+                    ip(10, 0, 0, 1),
+                )]
+                .into(),
+            ),
+            IpSet::new(
+                "KUBE-LOAD-BALANCER-SOURCE-CIDR",
+                SetType::HashIpPortNet,
+                Family::V4,
+                [SetEntry::IpPortNet(ip(1, 2, 3, 4), Protocol::Tcp, 80, net)].into(),
+            ),
+            IpSet::new(
+                "KUBE-IPVS-IPS",
+                SetType::HashIp,
+                Family::V4,
+                [SetEntry::Ip(ip(10, 96, 0, 1))].into(),
+            ),
+            IpSet::new(
+                "KUBE-NODE-PORT-TCP",
+                SetType::BitmapPort,
+                Family::V4,
+                [SetEntry::Port(30080), SetEntry::Port(30081)].into(),
+            ),
+        ];
+        let text = render_save(&sets);
+        assert_eq!(render_save(&parse_save(&text)), text);
+    }
+
+    #[test]
+    fn save_of_a_newer_ipset_reads_past_what_it_does_not_know() {
+        let text = "create my-macs hash:mac hashsize 1024 maxelem 65536\n\
+                    add my-macs 00:11:22:33:44:55\n\
+                    create KUBE-NODE-PORT-SCTP-HASH hash:ip,port family inet hashsize 2048 maxelem 131072 bucketsize 12 initval 0x5a2bd4ce\n\
+                    add KUBE-NODE-PORT-SCTP-HASH 10.0.0.1,sctp:30080\n\
+                    add KUBE-NODE-PORT-SCTP-HASH 10.0.0.1,icmp:echo-request\n\
+                    create KUBE-NODE-PORT-UDP bitmap:port range 0-65535 comment\n\
+                    add KUBE-NODE-PORT-UDP 30053 comment \"dns\"\n";
+        let sets = parse_save(text);
+        let names: Vec<&str> = sets.iter().map(IpSet::name).collect();
+        assert_eq!(names, ["KUBE-NODE-PORT-SCTP-HASH", "KUBE-NODE-PORT-UDP"]);
+        assert_eq!(
+            (sets[0].header.hashsize, sets[0].header.maxelem),
+            (2048, 131_072)
+        );
+        assert_eq!(
+            sets[0].entries,
+            [SetEntry::IpPort(ip(10, 0, 0, 1), Protocol::Sctp, 30080)].into()
+        );
+        assert_eq!(sets[1].entries, [SetEntry::Port(30053)].into());
+    }
+
+    #[test]
     fn sizes_grow_with_content() {
         let h = SetHeader::sized("KUBE-CLUSTER-IP", SetType::HashIpPort, Family::V4, 100_000);
         assert_eq!((h.hashsize, h.maxelem), (32_768, 262_144));
@@ -507,6 +678,40 @@ mod tests {
             "del KUBE-LOOP-BACK 1.1.1.1\nadd KUBE-LOOP-BACK 3.3.3.3\n"
         );
         p.check_ownership().unwrap();
+    }
+
+    #[test]
+    fn refill_creates_what_is_missing_clears_a_left_over_twin_and_swaps() {
+        let set = |name: &str, entries: &[SetEntry]| {
+            IpSet::new(
+                name,
+                SetType::HashIp,
+                Family::V4,
+                entries.iter().copied().collect(),
+            )
+        };
+        let existing: BTreeSet<String> = ["KUBE-LOOP-BACK", "KUBE~LOOP-BACK", "my-blocklist"]
+            .map(str::to_owned)
+            .into();
+        let mut p = SetPatch::default();
+        p.refill(
+            &existing,
+            &set("KUBE-LOOP-BACK", &[SetEntry::Ip(ip(1, 1, 1, 1))]),
+        );
+        p.refill(&existing, &set("KUBE-IPVS-IPS", &[]));
+        p.check_ownership().unwrap();
+        assert_eq!(
+            p.render(),
+            "destroy KUBE~LOOP-BACK\n\
+             create KUBE~LOOP-BACK hash:ip family inet hashsize 1024 maxelem 65536\n\
+             add KUBE~LOOP-BACK 1.1.1.1\n\
+             swap KUBE~LOOP-BACK KUBE-LOOP-BACK\n\
+             destroy KUBE~LOOP-BACK\n\
+             create KUBE-IPVS-IPS hash:ip family inet hashsize 1024 maxelem 65536\n\
+             create KUBE~IPVS-IPS hash:ip family inet hashsize 1024 maxelem 65536\n\
+             swap KUBE~IPVS-IPS KUBE-IPVS-IPS\n\
+             destroy KUBE~IPVS-IPS\n"
+        );
     }
 
     #[test]

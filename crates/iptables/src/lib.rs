@@ -1,15 +1,22 @@
 //! Netfilter for the proxy: typed iptables rules and ipsets, rendered to `iptables-restore` and
 //! `ipset restore` input and applied with one process per apply.
 //!
-//! Only the proxy's own chains and sets (the KUBE-* names in [`chain`] and [`ipset::PROXY_SETS`])
-//! are ever written or deleted; a user's rules survive every sync. No Kubernetes types here.
+//! Only the proxy's own chains and sets (the KUBE-* names in [`chain`] and
+//! [`ipvs_mode::KubeSet`]) are ever written or deleted; a user's rules survive every sync. No
+//! Kubernetes types here.
 //!
-//! - [`rule`], [`table`], [`chain`]: one rule, rendered exactly as `iptables-save` prints it.
+//! - [`rule`], [`table`]: one rule, rendered exactly as `iptables-save` prints it.
+//! - [`chain`]: the fixed KUBE-* chain names, the one list of each mode's chains, and which
+//!   chains the proxy owns.
 //! - [`ruleset`]: what one `iptables-restore --noflush` run changes.
-//! - [`ipset`]: sets and their `ipset save` / `ipset restore` text.
+//! - [`ipset`]: sets, their `ipset restore` text and their `ipset save` text, written and read
+//!   back; the refill of a set through its swap twin.
 //! - [`runner`]: one `iptables-restore --noflush --wait` / `ipset restore -exist` per apply;
 //!   [`detect_flavour`] picks legacy or nft as kube-proxy's iptables wrapper does.
 //! - [`saved`], [`cleanup`]: reading `iptables-save` back; removing only what the proxy owns.
+//! - [`ipvs_mode`]: kube-proxy's ipvs mode — its KUBE-* ipsets ([`ipvs_mode::KubeSet`]: names,
+//!   types, comments) and the small rule set that matches on them, rendered from plain facts
+//!   ([`ipvs_mode::RuleInput`]).
 //! - [`proxier`]: kube-proxy's iptables mode (the fallback when IPVS is missing), rendered
 //!   from plain service-port descriptions and synced incrementally.
 #![forbid(unsafe_code)]
@@ -17,6 +24,7 @@
 pub mod chain;
 pub mod cleanup;
 pub mod ipset;
+pub mod ipvs_mode;
 pub mod proxier;
 pub mod rule;
 pub mod ruleset;

@@ -7,7 +7,7 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 
 use crate::Error;
-use crate::ipset::SetPatch;
+use crate::ipset::{IpSet, SetPatch, parse_save};
 use crate::ruleset::Ruleset;
 use crate::saved::Saved;
 use crate::table::{Family, FamilyNames as _, Table};
@@ -230,6 +230,12 @@ impl Runner {
         }
         self.run("ipset", &["restore", "-exist"], Some(&patch.render()))
             .map(drop)
+    }
+
+    /// Every ipset in the namespace with its entries (`ipset save`, read by
+    /// [`crate::ipset::parse_save`]).
+    pub fn ipset_save(&self) -> Result<Vec<IpSet>, Error> {
+        Ok(parse_save(&self.run("ipset", &["save"], None)?))
     }
 
     /// The names of every ipset in the namespace (`ipset list -n`).

@@ -9,8 +9,6 @@ pub mod engine;
 mod error;
 pub mod fallback;
 pub mod health;
-pub mod ipsets;
-pub mod ipvs_rules;
 pub mod model;
 pub mod plan;
 mod render;
@@ -20,7 +18,6 @@ pub mod sync;
 pub mod sync_loop;
 
 pub use error::Error;
-pub use ipsets::KubeSet;
 pub use model::{
     Conditions, Endpoint, EndpointPort, EndpointSlice, NodeFacts, Protocol, SchedulerChoice,
     ServiceName, ServicePort, ServicePortName, ServiceType, SessionAffinity, TrafficPolicy,

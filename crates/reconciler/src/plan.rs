@@ -12,9 +12,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
+use iptables::ipvs_mode::{KubeSet, RuleInput};
 use iptables::{Family, SetEntry};
-
-use crate::ipsets::KubeSet;
 use ipvs::{RealServer, ServiceFlags, ServiceKey, VirtualServer};
 
 use crate::model::{
@@ -256,6 +255,27 @@ impl Plan {
         }
         self.lb_no_node_access.extend(service.lb_no_node_access);
         self.warnings.extend(service.warnings);
+    }
+
+    /// The facts the ipvs-mode rules of `family` are rendered from
+    /// ([`iptables::ipvs_mode::ruleset`]): which sets are non-empty, the out-filter entries,
+    /// and the masquerade settings of `config`.
+    #[must_use]
+    pub fn rule_input(&self, config: &PlanConfig, family: Family) -> RuleInput {
+        RuleInput {
+            family,
+            masquerade_mark: config.masquerade_mark(),
+            masquerade_all: config.masquerade_all,
+            cluster_cidr: config.cluster_cidr(family),
+            random_fully: config.random_fully,
+            non_empty: self
+                .sets
+                .iter()
+                .filter(|((f, _), entries)| *f == family && !entries.is_empty())
+                .map(|((_, set), _)| *set)
+                .collect(),
+            no_node_access: self.lb_no_node_access.clone(),
+        }
     }
 
     /// The number of real servers over all virtual servers.

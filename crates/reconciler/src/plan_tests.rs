@@ -9,7 +9,6 @@ use iptables::{Family, SetEntry};
 use proptest::prelude::*;
 
 use super::*;
-use crate::ipvs_rules::ipvs_ruleset;
 use crate::model::{
     Conditions, EndpointPort, EndpointSlice, ServiceType, SessionAffinity, TrafficPolicy,
 };
@@ -594,7 +593,7 @@ fn built_in_chains_list_prepended_jumps_last_first() {
         .collect();
     assert!(input[0].ends_with("-j KUBE-IPVS-FILTER"));
     assert!(input[2].ends_with("-j KUBE-NODE-PORT"));
-    let rs = ipvs_ruleset(&plan(vec![]), &config(), Family::V4);
+    let rs = iptables::ipvs_mode::ruleset(&plan(vec![]).rule_input(&config(), Family::V4));
     assert_eq!(rs.tables[&iptables::Table::Filter].insert_jumps.len(), 6);
 }
 

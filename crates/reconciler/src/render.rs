@@ -4,8 +4,8 @@
 use std::fmt::Write as _;
 
 use iptables::Family;
+use iptables::ipvs_mode::{render_save, ruleset};
 
-use crate::ipvs_rules::{ipvs_ruleset, render_save};
 use crate::plan::{Plan, PlanConfig};
 
 impl Plan {
@@ -47,6 +47,6 @@ impl Plan {
     /// The ipvs-mode rules of `family` as `iptables-save` (or `ip6tables-save`) prints them.
     #[must_use]
     pub fn render_iptables(&self, config: &PlanConfig, family: Family) -> String {
-        render_save(&ipvs_ruleset(self, config, family))
+        render_save(&ruleset(&self.rule_input(config, family)))
     }
 }

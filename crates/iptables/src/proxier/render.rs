@@ -13,17 +13,15 @@ use ipnet::IpNet;
 
 use super::names::{endpoint_chain, external_chain, firewall_chain, local_chain, service_chain};
 use super::{Backend, ProxierConfig, ServiceSpec};
+// Short names for the fixed chains this mode writes to.
+use crate::chain::{
+    KUBE_EXTERNAL_SERVICES as EXTERNAL_SERVICES, KUBE_FORWARD as FORWARD,
+    KUBE_MARK_MASQ as MARK_MASQ, KUBE_NODEPORTS as NODEPORTS, KUBE_POSTROUTING as POSTROUTING,
+    KUBE_PROXY_FIREWALL as FIREWALL, KUBE_SERVICES as SERVICES,
+};
 use crate::rule::{AddrType, MarkOp, Match, Protocol, Recent, Rule, Target};
 use crate::ruleset::Ruleset;
 use crate::table::{Family, FamilyNames as _, Table};
-
-const SERVICES: &str = "KUBE-SERVICES";
-const EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
-const NODEPORTS: &str = "KUBE-NODEPORTS";
-const POSTROUTING: &str = "KUBE-POSTROUTING";
-const MARK_MASQ: &str = "KUBE-MARK-MASQ";
-const FORWARD: &str = "KUBE-FORWARD";
-const FIREWALL: &str = "KUBE-PROXY-FIREWALL";
 
 /// The shared chains a service port adds rules to, in the order their fragments are kept.
 pub const SHARED_CHAINS: [(Table, &str); 6] = [

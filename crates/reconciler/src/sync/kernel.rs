@@ -8,8 +8,8 @@ use std::net::IpAddr;
 use iptables::Family;
 use ipvs::{Op, RealServerEntry, ServiceKey, VirtualServer};
 
-use crate::ipsets::KubeSet;
 use crate::model::Protocol;
+use iptables::ipvs_mode::KubeSet;
 
 /// An error from a backend other than IPVS, boxed: the engine only reports it.
 pub type BackendError = Box<dyn std::error::Error + Send + Sync>;

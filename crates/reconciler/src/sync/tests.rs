@@ -12,7 +12,7 @@ use ipvs::{
 use iptables::Family;
 
 use super::*;
-use crate::ipsets::KubeSet;
+use iptables::ipvs_mode::KubeSet;
 
 #[derive(Debug, Default)]
 struct FakeIpvs {

@@ -1,9 +1,12 @@
 //! The KUBE-* ipsets of kube-proxy's ipvs mode, with kube-proxy's names, types and comments
-//! (pkg/proxy/ipvs/ipset.go), so `ipset list` and runbooks read the same.
+//! (pkg/proxy/ipvs/ipset.go), so `ipset list` and runbooks read the same. These are the only
+//! sets the proxy owns: [`crate::ipset::is_proxy_set`] reads its names from here.
 
 use std::collections::BTreeSet;
 
-use iptables::{Family, IpSet, SetEntry, SetType};
+use crate::ipset::{IpSet, MAX_SET_NAME_LEN, SetEntry, SetType};
+use crate::rule::Protocol;
+use crate::table::Family;
 
 /// One of the ipvs-mode sets. Order is kube-proxy's `ipsetInfo` order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -28,6 +31,7 @@ pub enum KubeSet {
 }
 
 impl KubeSet {
+    /// Every set, in kube-proxy's order.
     pub const ALL: [KubeSet; 17] = [
         KubeSet::LoopBack,
         KubeSet::ClusterIp,
@@ -80,12 +84,48 @@ impl KubeSet {
             Family::V4 => self.base_name().to_owned(),
             Family::V6 => {
                 let mut n = self.base_name().replacen("KUBE-", "KUBE-6-", 1);
-                n.truncate(31);
+                n.truncate(MAX_SET_NAME_LEN);
                 n
             }
         }
     }
 
+    /// The set and family a name is (the inverse of [`KubeSet::name`]), if it is one of these.
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<(KubeSet, Family)> {
+        KubeSet::from_suffix(name.strip_prefix("KUBE-")?)
+    }
+
+    /// The set and family of a name without its `KUBE-` (or a swap twin's `KUBE~`) prefix.
+    pub(crate) fn from_suffix(suffix: &str) -> Option<(KubeSet, Family)> {
+        let base = |set: KubeSet| &set.base_name()["KUBE-".len()..];
+        if let Some(found) = KubeSet::ALL.into_iter().find(|&set| base(set) == suffix) {
+            return Some((found, Family::V4));
+        }
+        let rest = suffix.strip_prefix("6-")?;
+        // An IPv6 name is cut to the kernel's length, as in `name`.
+        let room = MAX_SET_NAME_LEN - "KUBE-6-".len();
+        KubeSet::ALL
+            .into_iter()
+            .find(|&set| {
+                let base = base(set);
+                &base[..base.len().min(room)] == rest
+            })
+            .map(|set| (set, Family::V6))
+    }
+
+    /// The protocol of a NodePort set (`KUBE-NODE-PORT-TCP`, `KUBE-NODE-PORT-LOCAL-SCTP-HASH`, …).
+    #[must_use]
+    pub fn node_port_protocol(self) -> Option<Protocol> {
+        match self {
+            KubeSet::NodePortTcp | KubeSet::NodePortLocalTcp => Some(Protocol::Tcp),
+            KubeSet::NodePortUdp | KubeSet::NodePortLocalUdp => Some(Protocol::Udp),
+            KubeSet::NodePortSctp | KubeSet::NodePortLocalSctp => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+
+    /// The ipset type.
     #[must_use]
     pub fn set_type(self) -> SetType {
         match self {
@@ -168,5 +208,18 @@ mod tests {
         for set in KubeSet::ALL {
             assert!(set.name(Family::V6).len() <= 31);
         }
+    }
+
+    #[test]
+    fn every_name_reads_back_as_its_set_and_family() {
+        for set in KubeSet::ALL {
+            for family in Family::ALL {
+                assert_eq!(KubeSet::from_name(&set.name(family)), Some((set, family)));
+            }
+        }
+        assert_eq!(KubeSet::from_name("KUBE-6-LOAD-BALANCER-SOURCE"), None);
+        assert_eq!(KubeSet::from_name("KUBE-6-LOAD-BALANCER-SOURCE-CIDR"), None);
+        assert_eq!(KubeSet::from_name("KUBE-SOMETHING-ELSE"), None);
+        assert_eq!(KubeSet::from_name("my-blocklist"), None);
     }
 }

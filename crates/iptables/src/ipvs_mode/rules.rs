@@ -2,44 +2,48 @@
 //! pkg/proxy/ipvs/proxier.go): a fixed set of chains whose rules match the KUBE-* ipsets, so
 //! the rule count does not grow with the number of Services.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
-use iptables::{
-    AddrType, Family, MarkOp, Match, Protocol, Rule, Ruleset, Table, TablePatch, Target,
+use ipnet::IpNet;
+
+use super::KubeSet;
+use crate::chain::{
+    IPVS_MODE_CHAINS, KUBE_FORWARD, KUBE_IPVS_FILTER, KUBE_IPVS_OUT_FILTER, KUBE_LOAD_BALANCER,
+    KUBE_MARK_MASQ, KUBE_NODE_PORT, KUBE_POSTROUTING, KUBE_PROXY_FIREWALL, KUBE_SERVICES,
+    KUBE_SOURCE_RANGES_FIREWALL,
 };
+use crate::rule::{AddrType, MarkOp, Match, Protocol, Rule, Target};
+use crate::ruleset::{Ruleset, TablePatch};
+use crate::table::{Family, Table};
 
-use crate::ipsets::KubeSet;
-use crate::plan::{Plan, PlanConfig};
-
-pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
-pub const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
-pub const KUBE_NODE_PORT: &str = "KUBE-NODE-PORT";
-pub const KUBE_LOAD_BALANCER: &str = "KUBE-LOAD-BALANCER";
-pub const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
-pub const KUBE_FORWARD: &str = "KUBE-FORWARD";
-pub const KUBE_PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
-pub const KUBE_SOURCE_RANGES_FIREWALL: &str = "KUBE-SOURCE-RANGES-FIREWALL";
-pub const KUBE_IPVS_FILTER: &str = "KUBE-IPVS-FILTER";
-pub const KUBE_IPVS_OUT_FILTER: &str = "KUBE-IPVS-OUT-FILTER";
-
-/// The chains ipvs mode owns, per table (kube-proxy's `iptablesChains`).
-pub const IPVS_CHAINS: [(Table, &str); 11] = [
-    (Table::Nat, KUBE_SERVICES),
-    (Table::Nat, KUBE_POSTROUTING),
-    (Table::Nat, KUBE_NODE_PORT),
-    (Table::Nat, KUBE_LOAD_BALANCER),
-    (Table::Nat, KUBE_MARK_MASQ),
-    (Table::Filter, KUBE_FORWARD),
-    (Table::Filter, KUBE_NODE_PORT),
-    (Table::Filter, KUBE_PROXY_FIREWALL),
-    (Table::Filter, KUBE_SOURCE_RANGES_FIREWALL),
-    (Table::Filter, KUBE_IPVS_FILTER),
-    (Table::Filter, KUBE_IPVS_OUT_FILTER),
-];
+/// What the ipvs-mode rules of one family depend on: plain facts the caller takes from its
+/// desired state and the node's flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleInput {
+    /// The family rendered (`iptables` or `ip6tables`).
+    pub family: Family,
+    /// The masquerade mark, `1 << --masquerade-bit` (0x4000 by default).
+    pub masquerade_mark: u32,
+    /// `--masquerade-all`: every ClusterIP connection is masqueraded.
+    pub masquerade_all: bool,
+    /// The `--cluster-cidr` of this family: off-cluster sources to a ClusterIP are
+    /// masqueraded. Without one, node-originated traffic from a VIP is.
+    pub cluster_cidr: Option<IpNet>,
+    /// MASQUERADE with `--random-fully` (iptables ≥ 1.6.2).
+    pub random_fully: bool,
+    /// The sets of this family that hold at least one entry: most rules that match a set are
+    /// written only while it is not empty, as kube-proxy writes them.
+    pub non_empty: BTreeSet<KubeSet>,
+    /// LoadBalancer (ip, protocol, port) the node itself may not reach (its source ranges
+    /// leave the node out): one KUBE-IPVS-OUT-FILTER drop each. Those of the other family are
+    /// skipped.
+    pub no_node_access: BTreeSet<(IpAddr, Protocol, u16)>,
+}
 
 /// Jumps from built-in chains, in kube-proxy's `iptablesJumpChain` order. Each is prepended
 /// (`-I CHAIN 1`), so in `iptables-save` a built-in chain lists them in reverse order.
-pub const IPVS_JUMPS: [(Table, &str, &str, &str); 9] = [
+pub const JUMPS: [(Table, &str, &str, &str); 9] = [
     (
         Table::Nat,
         "OUTPUT",
@@ -226,17 +230,17 @@ fn target(name: &str, random_fully: bool) -> Target {
 }
 
 /// The ipvs-mode rules of one family: every owned chain rewritten whole, plus the jumps
-/// from the built-in chains. A sync engine diffs this against what it last wrote.
+/// from the built-in chains (to insert where missing: [`crate::Saved::add_missing_jumps`]).
 #[must_use]
 #[allow(
     clippy::too_many_lines,
     reason = "kube-proxy's rule list, in its order, reads best in one place"
 )]
-pub fn ipvs_ruleset(plan: &Plan, config: &PlanConfig, family: Family) -> Ruleset {
-    let empty = std::collections::BTreeSet::new();
-    let is_empty = |set: KubeSet| plan.sets.get(&(family, set)).unwrap_or(&empty).is_empty();
-    let mark = config.masquerade_mark();
-    let mut chains: BTreeMap<(Table, &str), Vec<Rule>> = IPVS_CHAINS
+pub fn ruleset(input: &RuleInput) -> Ruleset {
+    let family = input.family;
+    let is_empty = |set: KubeSet| !input.non_empty.contains(&set);
+    let mark = input.masquerade_mark;
+    let mut chains: BTreeMap<(Table, &str), Vec<Rule>> = IPVS_MODE_CHAINS
         .iter()
         .map(|&(t, c)| ((t, c), Vec::new()))
         .collect();
@@ -248,7 +252,7 @@ pub fn ipvs_ruleset(plan: &Plan, config: &PlanConfig, family: Family) -> Ruleset
     };
 
     // Connections from localhost never reach a Service through these rules.
-    let lo: ipnet::IpNet = match family {
+    let lo: IpNet = match family {
         Family::V4 => "127.0.0.0/8".parse().expect("valid"),
         Family::V6 => "::1/128".parse().expect("valid"),
     };
@@ -261,7 +265,7 @@ pub fn ipvs_ruleset(plan: &Plan, config: &PlanConfig, family: Family) -> Ruleset
         if is_empty(set) {
             continue;
         }
-        let mut r = Rule::new(from, target(to, config.random_fully));
+        let mut r = Rule::new(from, target(to, input.random_fully));
         if let Some(p) = proto {
             r = r.protocol(p);
         }
@@ -275,9 +279,9 @@ pub fn ipvs_ruleset(plan: &Plan, config: &PlanConfig, family: Family) -> Ruleset
                 .comment(KubeSet::ClusterIp.comment())
                 .with(set_match(KubeSet::ClusterIp, family, flags))
         };
-        let rule = if config.masquerade_all {
+        let rule = if input.masquerade_all {
             base("dst,dst")
-        } else if let Some(cidr) = config.cluster_cidr(family) {
+        } else if let Some(cidr) = input.cluster_cidr {
             // Off-cluster traffic to a ClusterIP is masqueraded.
             base("dst,dst").not_source(cidr)
         } else {
@@ -339,8 +343,8 @@ pub fn ipvs_ruleset(plan: &Plan, config: &PlanConfig, family: Family) -> Ruleset
     );
 
     // A LoadBalancer whose source ranges leave out the node: the node may not reach it.
-    for &(ip, proto, port) in &plan.lb_no_node_access {
-        if iptables::Family::of(ip) != family {
+    for &(ip, proto, port) in &input.no_node_access {
+        if Family::of(ip) != family {
             continue;
         }
         push(
@@ -436,7 +440,7 @@ pub fn ipvs_ruleset(plan: &Plan, config: &PlanConfig, family: Family) -> Ruleset
         Rule::new(
             KUBE_POSTROUTING,
             Target::Masquerade {
-                random_fully: config.random_fully,
+                random_fully: input.random_fully,
             },
         )
         .comment("kubernetes service traffic requiring SNAT"),
@@ -450,7 +454,7 @@ pub fn ipvs_ruleset(plan: &Plan, config: &PlanConfig, family: Family) -> Ruleset
     for ((table, chain), rules) in chains {
         ruleset.table(table).chains.insert(chain.to_owned(), rules);
     }
-    for (table, from, to, comment) in IPVS_JUMPS {
+    for (table, from, to, comment) in JUMPS {
         ruleset
             .table(table)
             .insert_jumps
@@ -461,7 +465,7 @@ pub fn ipvs_ruleset(plan: &Plan, config: &PlanConfig, family: Family) -> Ruleset
 
 /// The owned chain name as a `'static` key (rules are only written to owned chains).
 fn leak_chain(name: &str) -> &'static str {
-    IPVS_CHAINS
+    IPVS_MODE_CHAINS
         .iter()
         .map(|&(_, c)| c)
         .find(|c| *c == name)
