@@ -10,12 +10,11 @@ use controllers::SourceUpdate;
 use iptables::{Runner, detect_flavour};
 use reconciler::SyncLoop;
 use reconciler::engine::{Engine, IptablesEngine, IpvsEngine};
-use reconciler::state::ClusterState;
 use reconciler::sync::{SyncOptions, Syncer};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use tokio::sync::watch;
 
-use crate::backends::{IpvsNetfilter, KernelAddresses, KernelIpvs};
+use crate::backends::{KernelAddresses, KernelIpvs, KernelNetfilter};
 use crate::config::ProxyConfig;
 use crate::flags::{IpvsFallback, ProxyMode};
 use crate::health::Health;
@@ -129,7 +128,6 @@ fn ipvs_engine(
             .context("setting IPVS timeouts")?;
     }
     let link = netif::DummyLink::ensure(netif::KUBE_IPVS0).context("creating kube-ipvs0")?;
-    let netfilter = IpvsNetfilter::new(runner, config.settings().plan_config(&ClusterState::new()));
     let options = SyncOptions {
         exclude_cidrs: config.exclude_cidrs.clone(),
         ..SyncOptions::default()
@@ -137,7 +135,7 @@ fn ipvs_engine(
     Ok(Box::new(IpvsEngine(Syncer::new(
         KernelIpvs(handle),
         KernelAddresses(link),
-        netfilter,
+        KernelNetfilter(runner),
         options,
     ))))
 }

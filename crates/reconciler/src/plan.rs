@@ -85,6 +85,26 @@ impl PlanConfig {
             .find(|a| Family::of(*a) == family)
     }
 
+    /// What the ipvs-mode rules of `family` are rendered from: these settings, the sets of
+    /// `family` that have members, and the LoadBalancer out-filter entries.
+    #[must_use]
+    pub fn rule_input(
+        &self,
+        family: Family,
+        non_empty: BTreeSet<KubeSet>,
+        no_node_access: BTreeSet<(IpAddr, Protocol, u16)>,
+    ) -> RuleInput {
+        RuleInput {
+            family,
+            masquerade_mark: self.masquerade_mark(),
+            masquerade_all: self.masquerade_all,
+            cluster_cidr: self.cluster_cidr(family),
+            random_fully: self.random_fully,
+            non_empty,
+            no_node_access,
+        }
+    }
+
     /// The `--cluster-cidr` of `family`, if any.
     #[must_use]
     pub fn cluster_cidr(&self, family: Family) -> Option<IpNet> {
@@ -262,20 +282,13 @@ impl Plan {
     /// and the masquerade settings of `config`.
     #[must_use]
     pub fn rule_input(&self, config: &PlanConfig, family: Family) -> RuleInput {
-        RuleInput {
-            family,
-            masquerade_mark: config.masquerade_mark(),
-            masquerade_all: config.masquerade_all,
-            cluster_cidr: config.cluster_cidr(family),
-            random_fully: config.random_fully,
-            non_empty: self
-                .sets
-                .iter()
-                .filter(|((f, _), entries)| *f == family && !entries.is_empty())
-                .map(|((_, set), _)| *set)
-                .collect(),
-            no_node_access: self.lb_no_node_access.clone(),
-        }
+        let non_empty = self
+            .sets
+            .iter()
+            .filter(|((f, _), entries)| *f == family && !entries.is_empty())
+            .map(|((_, set), _)| *set)
+            .collect();
+        config.rule_input(family, non_empty, self.lb_no_node_access.clone())
     }
 
     /// The number of real servers over all virtual servers.

@@ -11,11 +11,6 @@ use crate::sync::{
     AddressKernel, Counts, IpvsKernel, NetfilterKernel, ServiceTarget, SyncReport, Syncer,
 };
 
-/// What the ipvs-mode netfilter backend needs to hear beyond member changes: node facts.
-pub trait Reconfigure {
-    fn reconfigure(&mut self, config: &PlanConfig);
-}
-
 /// The IPVS proxier.
 #[derive(Debug)]
 pub struct IpvsEngine<I, A, N>(pub Syncer<I, A, N>);
@@ -24,7 +19,7 @@ impl<I, A, N> Engine for IpvsEngine<I, A, N>
 where
     I: IpvsKernel + Send,
     A: AddressKernel + Send,
-    N: NetfilterKernel + Reconfigure + Send,
+    N: NetfilterKernel + Send,
 {
     fn full_sync(
         &mut self,
@@ -78,6 +73,6 @@ where
     }
 
     fn reconfigure(&mut self, config: &PlanConfig) {
-        self.0.netfilter_mut().reconfigure(config);
+        self.0.reconfigure(config);
     }
 }

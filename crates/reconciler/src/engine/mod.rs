@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 pub use self::iptables::IptablesEngine;
-pub use self::ipvs::{IpvsEngine, Reconfigure};
+pub use self::ipvs::IpvsEngine;
 use crate::model::ServiceName;
 use crate::plan::{PlanConfig, PlanWarning, Planner};
 use crate::state::ClusterState;

@@ -94,8 +94,11 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         for e in new_entries.difference(&old_entries) {
             let refs = self.set_refs.entry((*e).clone()).or_insert(0);
             *refs += 1;
-            if *refs == 1 && !p.del_entries.remove(*e) {
-                p.add_entries.insert((*e).clone());
+            if *refs == 1 {
+                self.count_member(e, 1);
+                if !p.del_entries.remove(*e) {
+                    p.add_entries.insert((*e).clone());
+                }
             }
         }
         for e in old_entries.difference(&new_entries) {
@@ -103,6 +106,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                 *refs -= 1;
                 if *refs == 0 {
                     self.set_refs.remove(*e);
+                    self.count_member(e, -1);
                     if !p.add_entries.remove(*e) {
                         p.del_entries.insert((*e).clone());
                     }
@@ -177,6 +181,17 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             } else {
                 entry.real.remove(&addr);
                 p.push(Op::DeleteDest(key, addr), Some(name));
+            }
+        }
+    }
+
+    /// Keeps the member count of `e`'s set (what decides which rules exist) in step.
+    fn count_member(&mut self, e: &NetfilterEntry, delta: isize) {
+        if let NetfilterEntry::Set { family, set, .. } = e {
+            let size = self.set_sizes.entry((*family, *set)).or_insert(0);
+            *size = size.saturating_add_signed(delta);
+            if *size == 0 {
+                self.set_sizes.remove(&(*family, *set));
             }
         }
     }

@@ -6,6 +6,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use iptables::Family;
+use iptables::ipvs_mode::RuleInput;
 use ipvs::{Op, RealServerEntry, ServiceKey, VirtualServer};
 
 use crate::model::Protocol;
@@ -33,17 +34,24 @@ pub trait AddressKernel {
     fn remove(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>>;
 }
 
-/// The ipsets and the small iptables rule set that uses them.
+/// The ipsets and the small iptables rule set that uses them. The engine keeps what they
+/// hold; a backend only writes.
 pub trait NetfilterKernel {
-    /// Makes every proxy set hold exactly the `Set` members of `entries`, and rewrites the
-    /// proxy's chains.
-    fn full(&mut self, entries: &BTreeSet<NetfilterEntry>) -> Result<(), BackendError>;
-    /// Adds and deletes members; rewrites the chains only if the rules they imply changed (a
-    /// set became empty or non-empty, a LoadBalancer out-filter came or went).
+    /// Makes every proxy set of the families in `rules` hold exactly the `Set` members of
+    /// `entries`, then rewrites the proxy's chains of each family from `rules`.
+    fn full(
+        &mut self,
+        entries: &BTreeSet<NetfilterEntry>,
+        rules: &[RuleInput],
+    ) -> Result<(), BackendError>;
+    /// Adds and deletes members; rewrites the chains from `rules` when given (the engine gives
+    /// them when the rules changed: a set became empty or non-empty, a LoadBalancer out-filter
+    /// came or went).
     fn partial(
         &mut self,
         added: &[NetfilterEntry],
         removed: &[NetfilterEntry],
+        rules: Option<&[RuleInput]>,
     ) -> Result<(), BackendError>;
 }
 

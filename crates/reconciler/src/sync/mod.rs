@@ -34,6 +34,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use iptables::Family;
+use iptables::ipvs_mode::{KubeSet, RuleInput};
 use ipvs::{Op, ServiceKey};
 
 pub use self::kernel::{AddressKernel, BackendError, IpvsKernel, NetfilterEntry, NetfilterKernel};
@@ -41,7 +43,8 @@ use self::mirror::{Footprint, KernelVs};
 pub use self::report::{Counts, SyncError, SyncReport};
 pub use self::target::ServiceTarget;
 use crate::error::Error;
-use crate::model::ServiceName;
+use crate::model::{Protocol, ServiceName};
+use crate::plan::PlanConfig;
 
 /// How many IPVS operations a full sync collects before sending them.
 pub const OPS_PER_BATCH: usize = 4096;
@@ -80,6 +83,10 @@ pub struct Syncer<I, A, N> {
     address_refs: HashMap<IpAddr, u32>,
     bound: HashSet<IpAddr>,
     set_refs: HashMap<NetfilterEntry, u32>,
+    /// Members per non-empty set: which rules the chains hold depends on it.
+    set_sizes: HashMap<(Family, KubeSet), usize>,
+    /// The settings the ipvs-mode rules are rendered with, and the families programmed.
+    rules: PlanConfig,
     /// Real servers at weight 0, with the instant they are deleted regardless.
     draining: HashMap<(ServiceKey, SocketAddr), Instant>,
 }
@@ -121,8 +128,47 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             address_refs: HashMap::new(),
             bound: HashSet::new(),
             set_refs: HashMap::new(),
+            set_sizes: HashMap::new(),
+            rules: PlanConfig::default(),
             draining: HashMap::new(),
         }
+    }
+
+    /// Node facts or families changed: rules are rendered with `config` from now on (at once
+    /// with the next full sync, which the loop runs after this).
+    pub fn reconfigure(&mut self, config: &PlanConfig) {
+        self.rules = config.clone();
+    }
+
+    fn non_empty_sets(&self) -> BTreeSet<(Family, KubeSet)> {
+        self.set_sizes.keys().copied().collect()
+    }
+
+    /// What the ipvs-mode rules of each family are rendered from, as the mirror has it.
+    fn rule_inputs(&self) -> Vec<RuleInput> {
+        let non_empty = self.non_empty_sets();
+        let no_node_access: BTreeSet<(IpAddr, Protocol, u16)> = self
+            .set_refs
+            .keys()
+            .filter_map(|e| match e {
+                NetfilterEntry::NoNodeAccess { ip, protocol, port } => {
+                    Some((*ip, *protocol, *port))
+                }
+                NetfilterEntry::Set { .. } => None,
+            })
+            .collect();
+        self.rules
+            .families
+            .iter()
+            .map(|&family| {
+                let sets = non_empty
+                    .iter()
+                    .filter(|(f, _)| *f == family)
+                    .map(|(_, s)| *s)
+                    .collect();
+                self.rules.rule_input(family, sets, no_node_access.clone())
+            })
+            .collect()
     }
 
     /// The IPVS backend, for callers that need to read the kernel directly.
@@ -130,7 +176,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         &mut self.ipvs
     }
 
-    /// The netfilter backend, to hand it new node facts.
+    /// The netfilter backend.
     pub fn netfilter_mut(&mut self) -> &mut N {
         &mut self.netfilter
     }
@@ -205,7 +251,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         pending.del_entries.clear();
         let planned = started.elapsed();
         let entries: BTreeSet<NetfilterEntry> = self.set_refs.keys().cloned().collect();
-        if let Err(e) = self.netfilter.full(&entries) {
+        if let Err(e) = self.netfilter.full(&entries, &self.rule_inputs()) {
             pending
                 .errors
                 .push(SyncError::new(None, Error::RestoreNetfilter(e)));
@@ -258,6 +304,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         self.owner.clear();
         self.address_refs.clear();
         self.set_refs.clear();
+        self.set_sizes.clear();
         self.bound = bound.into_iter().collect();
         let kernel = &self.kernel;
         self.draining.retain(|(key, addr), _| {
@@ -275,9 +322,19 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             ..SyncReport::default()
         };
         let mut pending = Pending::default();
+        let non_empty = self.non_empty_sets();
         for (name, target) in changes {
             self.diff_service(&name, target, now, &mut pending);
         }
+        // The chains change only when a set turns empty or non-empty, or an out-filter comes
+        // or goes.
+        let rules_changed = non_empty != self.non_empty_sets()
+            || pending
+                .add_entries
+                .iter()
+                .chain(&pending.del_entries)
+                .any(|e| matches!(e, NetfilterEntry::NoNodeAccess { .. }));
+        let rules = rules_changed.then(|| self.rule_inputs());
         let added: Vec<NetfilterEntry> = std::mem::take(&mut pending.add_entries)
             .into_iter()
             .collect();
@@ -285,7 +342,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             .into_iter()
             .collect();
         if !added.is_empty() || !removed.is_empty() {
-            match self.netfilter.partial(&added, &removed) {
+            match self.netfilter.partial(&added, &removed, rules.as_deref()) {
                 Ok(()) => {
                     report.set_entries_added = added.len();
                     report.set_entries_removed = removed.len();

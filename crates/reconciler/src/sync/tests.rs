@@ -10,6 +10,7 @@ use ipvs::{
 };
 
 use iptables::Family;
+use iptables::ipvs_mode::RuleInput;
 
 use super::*;
 use iptables::ipvs_mode::KubeSet;
@@ -171,18 +172,26 @@ impl AddressKernel for FakeAddresses {
 struct FakeNetfilter {
     entries: BTreeSet<NetfilterEntry>,
     full_syncs: usize,
+    /// The rules of each write, as the chains would hold them.
+    rule_writes: Vec<Vec<RuleInput>>,
 }
 
 impl NetfilterKernel for FakeNetfilter {
-    fn full(&mut self, entries: &BTreeSet<NetfilterEntry>) -> Result<(), BackendError> {
+    fn full(
+        &mut self,
+        entries: &BTreeSet<NetfilterEntry>,
+        rules: &[RuleInput],
+    ) -> Result<(), BackendError> {
         self.full_syncs += 1;
         self.entries = entries.clone();
+        self.rule_writes.push(rules.to_vec());
         Ok(())
     }
     fn partial(
         &mut self,
         added: &[NetfilterEntry],
         removed: &[NetfilterEntry],
+        rules: Option<&[RuleInput]>,
     ) -> Result<(), BackendError> {
         for e in removed {
             assert!(self.entries.remove(e), "removing an absent entry {e}");
@@ -190,6 +199,7 @@ impl NetfilterKernel for FakeNetfilter {
         for e in added {
             assert!(self.entries.insert(e.clone()), "adding a present entry {e}");
         }
+        self.rule_writes.extend(rules.map(<[RuleInput]>::to_vec));
         Ok(())
     }
 }
@@ -695,4 +705,63 @@ fn a_full_sync_larger_than_one_batch_is_sent_in_several_and_errors_keep_their_se
     assert!(saved.contains(&format!("-A -t {}:80 -s rr", vip(n - 1))));
     assert_eq!(s.counts().virtual_servers, n - 1);
     assert_eq!(s.counts().real_servers, (n - 1) * 10);
+}
+
+#[test]
+fn chains_are_rewritten_only_when_a_set_turns_empty_or_not_or_an_out_filter_changes() {
+    let mut s = syncer();
+    let now = Instant::now();
+    s.full_sync(
+        vec![(svc("a"), target("10.96.0.10", 80, RR, &["10.244.1.5:80"]))],
+        now,
+    );
+    let writes = |s: &TestSyncer| s.netfilter.rule_writes.len();
+    let non_empty = |s: &TestSyncer| {
+        let last = s.netfilter.rule_writes.last().expect("rules written");
+        last[0].non_empty.iter().copied().collect::<Vec<_>>()
+    };
+    assert_eq!(writes(&s), 1);
+    assert_eq!(non_empty(&s), [KubeSet::ClusterIp]);
+
+    // Another member of a set that has members, a new endpoint: the same rules.
+    s.sync(
+        vec![(svc("b"), target("10.96.0.11", 80, RR, &["10.244.1.6:80"]))],
+        now,
+    );
+    s.sync(
+        vec![(
+            svc("a"),
+            target("10.96.0.10", 80, RR, &["10.244.1.5:80", "10.244.1.7:80"]),
+        )],
+        now,
+    );
+    assert_eq!(writes(&s), 1, "rules rewritten for a member change");
+
+    // An out-filter entry comes: the rules change.
+    let mut lb = target("10.96.0.12", 80, RR, &[]);
+    lb.netfilter.push(NetfilterEntry::NoNodeAccess {
+        ip: ip("198.51.100.1"),
+        protocol: Protocol::Tcp,
+        port: 80,
+    });
+    s.sync(vec![(svc("lb"), lb)], now);
+    assert_eq!(writes(&s), 2);
+    let last = &s.netfilter.rule_writes[1][0];
+    assert_eq!(
+        last.no_node_access,
+        BTreeSet::from([(ip("198.51.100.1"), Protocol::Tcp, 80)])
+    );
+
+    // Every ClusterIP gone: KUBE-CLUSTER-IP is empty, the rules that match it go.
+    s.sync(
+        vec![
+            (svc("a"), ServiceTarget::default()),
+            (svc("b"), ServiceTarget::default()),
+            (svc("lb"), ServiceTarget::default()),
+        ],
+        now,
+    );
+    assert_eq!(writes(&s), 3);
+    assert_eq!(non_empty(&s), Vec::<KubeSet>::new());
+    assert!(s.netfilter.rule_writes[2][0].no_node_access.is_empty());
 }
