@@ -1,11 +1,9 @@
 //! The iptables proxier as the fallback of ipvs mode: converting the model to the
-//! `iptables::proxier` input, and deciding at start which proxier runs.
+//! `iptables::proxier` input (the daemon decides at start which proxier runs).
 //!
 //! `ipvs-proxy plan --proxy-mode iptables` prints [`plan_iptables`]; the daemon, when it runs
 //! the fallback, keeps an [`iptables::proxier::Proxier`] per family and calls its `sync` with
 //! [`service_specs`].
-
-use std::fmt;
 
 use iptables::Family;
 use iptables::proxier::{Backend, ProxierConfig, ServiceSpec, render};
@@ -63,80 +61,6 @@ pub fn plan_iptables(state: &ClusterState, node: &str, config: &ProxierConfig) -
     render(config, &specs).save_text(config)
 }
 
-/// Which proxier runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyMode {
-    /// IPVS virtual servers (the default).
-    Ipvs,
-    /// kube-proxy's iptables rules (asked for, or the fallback).
-    Iptables,
-}
-
-/// Why IPVS cannot be used, from the start-up probe (resolving the "IPVS" generic-netlink
-/// family, then adding and removing a probe virtual server with the configured scheduler).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IpvsUnavailable {
-    /// The generic-netlink family "IPVS" does not resolve: the ip_vs module is not loaded.
-    FamilyMissing(String),
-    /// The probe virtual server was refused with the configured scheduler (its module is missing).
-    SchedulerMissing {
-        /// The scheduler.
-        scheduler: String,
-        /// The kernel's answer.
-        reason: String,
-    },
-    /// Any other failure of the probe.
-    ProbeFailed(String),
-}
-
-impl fmt::Display for IpvsUnavailable {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            IpvsUnavailable::FamilyMissing(e) => {
-                write!(
-                    f,
-                    "the kernel has no \"IPVS\" generic netlink family (ip_vs not loaded: {e})"
-                )
-            }
-            IpvsUnavailable::SchedulerMissing { scheduler, reason } => {
-                write!(
-                    f,
-                    "a probe virtual server with scheduler {scheduler} was refused ({reason}; module ip_vs_{scheduler} missing?)"
-                )
-            }
-            IpvsUnavailable::ProbeFailed(e) => write!(f, "the IPVS probe failed: {e}"),
-        }
-    }
-}
-
-/// Decides the proxier: `requested` iptables runs iptables; requested ipvs runs ipvs when the
-/// probe passed, else the iptables proxier with one warning naming the reason — or, with
-/// `exit_if_unavailable`, an error the daemon exits with.
-pub fn choose_mode(
-    requested: ProxyMode,
-    probe: Result<(), IpvsUnavailable>,
-    exit_if_unavailable: bool,
-) -> Result<ProxyMode, IpvsUnavailable> {
-    match (requested, probe) {
-        (ProxyMode::Iptables, _) => {
-            tracing::info!("running the iptables proxier (--proxy-mode=iptables)");
-            Ok(ProxyMode::Iptables)
-        }
-        (ProxyMode::Ipvs, Ok(())) => {
-            tracing::info!("running the ipvs proxier");
-            Ok(ProxyMode::Ipvs)
-        }
-        (ProxyMode::Ipvs, Err(why)) if exit_if_unavailable => {
-            tracing::error!("IPVS unavailable because {why}; exiting as asked");
-            Err(why)
-        }
-        (ProxyMode::Ipvs, Err(why)) => {
-            tracing::warn!("IPVS unavailable because {why}, running the iptables proxier");
-            Ok(ProxyMode::Iptables)
-        }
-    }
-}
-
 /// The proxier configuration for `family` from the daemon's flags.
 #[must_use]
 pub fn proxier_config(
@@ -157,27 +81,6 @@ pub fn proxier_config(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn missing_ipvs_falls_back_unless_told_to_exit() {
-        let why = IpvsUnavailable::FamilyMissing("ENOENT".into());
-        assert_eq!(
-            choose_mode(ProxyMode::Ipvs, Err(why.clone()), false),
-            Ok(ProxyMode::Iptables)
-        );
-        assert_eq!(
-            choose_mode(ProxyMode::Ipvs, Err(why.clone()), true),
-            Err(why)
-        );
-        assert_eq!(
-            choose_mode(ProxyMode::Ipvs, Ok(()), false),
-            Ok(ProxyMode::Ipvs)
-        );
-        assert_eq!(
-            choose_mode(ProxyMode::Iptables, Ok(()), true),
-            Ok(ProxyMode::Iptables)
-        );
-    }
 
     #[test]
     fn empty_state_plans_only_the_base_chains() {
