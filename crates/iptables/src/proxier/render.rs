@@ -57,7 +57,7 @@ pub struct Rendered {
 /// are left out, as kube-proxy's per-family proxier never sees them).
 #[must_use]
 pub fn render(config: &ProxierConfig, specs: &[ServiceSpec]) -> Rendered {
-    let comments = use_comments(config, specs);
+    let comments = comments_for(config, specs.iter().map(|s| s.backends.len()).sum());
     let services = specs
         .iter()
         .filter_map(|s| render_service(config, s, comments).map(|r| (s.key(), r)))
@@ -65,9 +65,9 @@ pub fn render(config: &ProxierConfig, specs: &[ServiceSpec]) -> Rendered {
     Rendered { services, comments }
 }
 
-/// Whether per-endpoint comments are written: kube-proxy drops them above 1000 endpoints.
-pub(crate) fn use_comments(config: &ProxierConfig, specs: &[ServiceSpec]) -> bool {
-    let endpoints: usize = specs.iter().map(|s| s.backends.len()).sum();
+/// Whether per-endpoint comments are written with `endpoints` in all (every endpoint of every
+/// port, whatever its family or condition): kube-proxy drops them above 1000.
+pub(crate) fn comments_for(config: &ProxierConfig, endpoints: usize) -> bool {
     endpoints <= config.large_cluster_endpoints
 }
 
