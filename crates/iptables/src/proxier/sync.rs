@@ -463,33 +463,6 @@ impl Proxier {
             None => self.sync_full(runner, all()),
         }
     }
-
-    /// Syncs the kernel to every service port, `specs`: [`Proxier::sync_full`] when `full`,
-    /// else [`Proxier::sync_services`] with every Service of `specs` and every Service gone
-    /// from it. Kept until the daemon converts only the changed Services.
-    pub fn sync(
-        &mut self,
-        runner: &Runner,
-        specs: &[ServiceSpec],
-        full: bool,
-    ) -> Result<SyncStats, Error> {
-        if full {
-            return self.sync_full(runner, specs);
-        }
-        let mut changed: BTreeMap<String, Vec<ServiceSpec>> = self
-            .applied
-            .iter()
-            .flat_map(|m| m.services.keys())
-            .map(|name| (name.clone(), Vec::new()))
-            .collect();
-        for s in specs {
-            changed
-                .entry(service_name(&s.name).to_owned())
-                .or_default()
-                .push(s.clone());
-        }
-        self.sync_services(runner, changed, || specs)
-    }
 }
 
 /// The rules of shared chain `index` to delete and to insert, in the updates' order, from
