@@ -262,6 +262,11 @@ impl Proxier {
             }
             services.push((name, ports));
         }
+        // Shared rules are inserted in this order: the ports' (name, protocol) order, as when
+        // every spec was compared, whatever order the Services came in.
+        updates.sort_by(|(a, rules_a), (b, rules_b)| {
+            (rules_a.is_none(), a).cmp(&(rules_b.is_none(), b))
+        });
 
         let ruleset = self.partial_ruleset(applied, &updates);
         Some(SyncPlan {
@@ -621,6 +626,28 @@ mod tests {
             "{text}"
         );
         assert!(text.find("\n-A KUBE-SVC-").unwrap() < text.find("\n-I KUBE-SERVICES 1").unwrap());
+    }
+
+    #[test]
+    fn services_added_together_are_inserted_in_port_order_as_a_full_sync_lists_them() {
+        let p = synced(1, 3);
+        // By port name ns/a-b:p sorts first; by Service name ns/a does.
+        let port = |name: &str, ip: &str| {
+            let mut s = ServiceSpec::cluster_ip(name, Protocol::Tcp, ip.parse().unwrap(), 80);
+            s.backends
+                .push(Backend::ready("10.244.9.9:80".parse().unwrap(), false));
+            (service_name(name).to_owned(), vec![s])
+        };
+        let plan = p
+            .plan_services([port("ns/a:p", "10.96.1.1"), port("ns/a-b:p", "10.96.1.2")])
+            .unwrap();
+        let text = plan.ruleset.render();
+        // Each goes to the top, so the last inserted ends up first: ns/a-b above ns/a.
+        let at = |ip: &str| {
+            text.find(&format!("-I KUBE-SERVICES 1 -d {ip}/32"))
+                .unwrap()
+        };
+        assert!(at("10.96.1.1") < at("10.96.1.2"), "{text}");
     }
 
     #[test]
