@@ -131,3 +131,128 @@ fn without_ipvs_and_with_fallback_exit_the_daemon_exits_with_the_reason() {
     assert!(log.contains("IPVS is unavailable"), "{log}");
     assert!(!saved_nat(&ns).contains("KUBE-"), "nothing programmed");
 }
+
+/// Polls `iptables-save -t nat` until `done` holds of it (30 s at most).
+fn wait_for_nat(ns: &Netns, what: &str, done: impl Fn(&str) -> bool) {
+    let start = Instant::now();
+    while !done(&saved_nat(ns)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{what}:\n{}",
+            saved_nat(ns)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const EXTRA: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: extra, namespace: default}
+spec:
+  clusterIP: 10.96.77.7
+  ports: [{name: http, port: 80, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: extra-abcde
+  namespace: default
+  labels: {kubernetes.io/service-name: extra}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+  - addresses: [10.244.1.77]
+    conditions: {ready: true}
+    nodeName: node-a
+";
+
+#[test]
+fn a_service_added_and_removed_is_synced_alone_by_the_iptables_proxier() {
+    let dir = std::env::temp_dir().join(format!("ipvs-proxy-fallback-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        Path::new(&examples()).join("web.yaml"),
+        dir.join("web.yaml"),
+    )
+    .unwrap();
+    let ns = Netns::new("fallback-partial");
+    let mut daemon = ns
+        .exec(&[
+            PROXY,
+            "--manifests",
+            &dir.display().to_string(),
+            "--hostname-override",
+            "node-a",
+            // No full resync during the test: every change after the first sync is partial.
+            "--ipvs-sync-period=1h",
+        ])
+        .args([
+            "--healthz-bind-address",
+            "127.0.0.1:0",
+            "--metrics-bind-address",
+            "127.0.0.1:0",
+        ])
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let web = "-A KUBE-SERVICES -d 10.96.0.20/32 -p tcp";
+    let extra = "-A KUBE-SERVICES -d 10.96.77.7/32 -p tcp";
+    wait_for_nat(&ns, "no iptables rules for web", |nat| nat.contains(web));
+    let before = saved_nat(&ns);
+
+    std::fs::write(dir.join("extra.yaml"), EXTRA).unwrap();
+    wait_for_nat(&ns, "the added Service has no rule", |nat| {
+        nat.contains(extra)
+    });
+    let with = saved_nat(&ns);
+    assert!(
+        with.contains("-j DNAT --to-destination 10.244.1.77:8080"),
+        "{with}"
+    );
+    std::fs::remove_file(dir.join("extra.yaml")).unwrap();
+    wait_for_nat(&ns, "the removed Service's rule stays", |nat| {
+        !nat.contains(extra)
+    });
+    let after = saved_nat(&ns);
+    let proxy_lines = |nat: &str| {
+        let mut lines: Vec<String> = nat
+            .lines()
+            .filter(|l| l.contains("KUBE-"))
+            .map(|l| l.split(" [").next().unwrap_or(l).to_owned())
+            .collect();
+        lines.sort();
+        lines
+    };
+    assert_eq!(
+        proxy_lines(&after),
+        proxy_lines(&before),
+        "removing the Service left what was there before it"
+    );
+
+    Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(daemon.wait().unwrap().success(), "stops cleanly on SIGTERM");
+    let mut log = String::new();
+    daemon
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let syncs: Vec<&str> = log.lines().filter(|l| l.contains(" synced")).collect();
+    assert!(
+        syncs.iter().filter(|l| l.contains("full=false")).count() >= 2,
+        "the add and the removal were partial syncs:\n{log}"
+    );
+    assert_eq!(
+        syncs.iter().filter(|l| l.contains("full=true")).count(),
+        1,
+        "only the first sync was full:\n{log}"
+    );
+}

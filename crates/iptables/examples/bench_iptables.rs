@@ -19,7 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use iptables::proxier::{Backend, Proxier, ProxierConfig, ServiceSpec};
+use iptables::proxier::{Backend, Proxier, ProxierConfig, ServiceSpec, service_name};
 use iptables::{Family, Flavour, Protocol, Runner, Saved};
 
 const ENDPOINTS: u32 = 10;
@@ -52,6 +52,14 @@ fn specs(services: u32, changed: Option<(u32, u32)>) -> Vec<ServiceSpec> {
             s
         })
         .collect()
+}
+
+/// Service `i` of `specs` as a change for `Proxier::sync_services`: its name and its port.
+fn service(specs: &[ServiceSpec], i: u32) -> Result<[(String, Vec<ServiceSpec>); 1], String> {
+    let spec = specs
+        .get(usize::try_from(i).map_err(|e| e.to_string())?)
+        .ok_or(format!("no Service {i}"))?;
+    Ok([(service_name(&spec.name).to_owned(), vec![spec.clone()])])
 }
 
 struct Netns(Option<String>);
@@ -105,8 +113,9 @@ fn partial_syncs(
     let mut partials = Vec::new();
     for round in 0..REPEATS {
         let after = specs(services, Some((services / 2, u32::try_from(round)?)));
+        let changed = service(&after, services / 2)?;
         let start = Instant::now();
-        let partial = proxier.sync(runner, &after, false)?;
+        let partial = proxier.sync_services(runner, changed, || &after)?;
         partials.push(start.elapsed());
         if round == 0 {
             println!(
@@ -137,10 +146,15 @@ fn service_add_remove(
     let with = specs(services + 1, last);
     let without = specs(services, last);
     let (mut adds, mut removes) = (Vec::new(), Vec::new());
+    let [one_in] = service(&with, services)?;
+    let one_out = (one_in.0.clone(), Vec::new());
     for _ in 0..REPEATS {
-        for (specs, times) in [(&with, &mut adds), (&without, &mut removes)] {
+        for (specs, change, times) in [
+            (&with, &one_in, &mut adds),
+            (&without, &one_out, &mut removes),
+        ] {
             let start = Instant::now();
-            proxier.sync(runner, specs, false)?;
+            proxier.sync_services(runner, [(&change.0, &change.1)], || specs)?;
             times.push(start.elapsed());
         }
     }
@@ -210,7 +224,7 @@ fn bench(flavour: Flavour, services: u32) -> Result<Vec<String>, Box<dyn std::er
     };
     let mut proxier = Proxier::new(config.clone());
     let before = specs(services, None);
-    let (full, full_time) = timed(|| proxier.sync(&runner, &before, true));
+    let (full, full_time) = timed(|| proxier.sync_full(&runner, &before));
     let full = full?;
     println!(
         "full sync: {full_time:.3}s, {} chains, {} rules, {:.1} MiB of restore input in {} restore(s)",
@@ -225,7 +239,7 @@ fn bench(flavour: Flavour, services: u32) -> Result<Vec<String>, Box<dyn std::er
     let partial_floor = change_floor(&runner)?;
 
     let last = specs(services, Some((services / 2, u32::try_from(REPEATS - 1)?)));
-    let (resync, resync_time) = timed(|| proxier.sync(&runner, &last, true));
+    let (resync, resync_time) = timed(|| proxier.sync_full(&runner, &last));
     let resync = resync?;
     println!(
         "full resync over existing rules: {resync_time:.3}s ({} rules, {} restore(s))",

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use iptables::proxier::{Backend, Proxier, ProxierConfig, ServiceSpec};
+use iptables::proxier::{Backend, Proxier, ProxierConfig, ServiceSpec, service_name};
 use iptables::{Family, Flavour, Protocol, Runner, cleanup, detect_flavour};
 
 const SERVE_ENV: &str = "IPTABLES_TEST_SERVE";
@@ -377,6 +377,32 @@ fn services(web_backends: &[u8]) -> Vec<ServiceSpec> {
     vec![web, local, sticky, empty]
 }
 
+/// The Services whose ports differ from `before` to `after`, as `Proxier::sync_services`
+/// takes them (a Service gone has no ports).
+fn changes(before: &[ServiceSpec], after: &[ServiceSpec]) -> Vec<(String, Vec<ServiceSpec>)> {
+    let by_service = |specs: &[ServiceSpec]| {
+        let mut out: BTreeMap<String, Vec<ServiceSpec>> = BTreeMap::new();
+        for s in specs {
+            out.entry(service_name(&s.name).to_owned())
+                .or_default()
+                .push(s.clone());
+        }
+        out
+    };
+    let (before, after) = (by_service(before), by_service(after));
+    let mut changed: Vec<(String, Vec<ServiceSpec>)> = before
+        .keys()
+        .filter(|name| !after.contains_key(*name))
+        .map(|name| (name.clone(), Vec::new()))
+        .collect();
+    changed.extend(
+        after
+            .into_iter()
+            .filter(|(name, ports)| before.get(name) != Some(ports)),
+    );
+    changed
+}
+
 const USER_RULES: [(&str, &str); 2] = [
     ("nat", "-A POSTROUTING -j USER-NAT"),
     ("filter", "-A INPUT -j USER-FILTER"),
@@ -438,13 +464,13 @@ fn scenario(flavour: Flavour) {
     };
     let mut proxier = Proxier::new(config);
     let stats = proxier
-        .sync(&runner, &services(&[0, 1, 2]), true)
+        .sync_full(&runner, &services(&[0, 1, 2]))
         .expect("full sync");
     assert!(stats.full);
     assert_user_rules(&lab, flavour, "after the first sync");
     // A second full sync adds no duplicate jumps.
     proxier
-        .sync(&runner, &services(&[0, 1, 2]), true)
+        .sync_full(&runner, &services(&[0, 1, 2]))
         .expect("second full sync");
     let saved = lab.save(flavour);
     let portals = saved
@@ -528,8 +554,9 @@ fn scenario(flavour: Flavour) {
     }
 
     // Partial sync: pod2 leaves the web Service; only its chains change.
+    let (before, after) = (services(&[0, 1, 2]), services(&[0, 1]));
     let stats = proxier
-        .sync(&runner, &services(&[0, 1]), false)
+        .sync_services(&runner, changes(&before, &after), || &after)
         .expect("partial sync");
     assert!(!stats.full);
     assert_eq!(stats.changed_services, 1);
@@ -548,7 +575,9 @@ fn scenario(flavour: Flavour) {
     // The Service gains endpoints: the REJECT goes, traffic flows.
     let mut specs = services(&[0, 1]);
     specs[3].backends = vec![backend(1, true)];
-    proxier.sync(&runner, &specs, false).expect("partial sync");
+    proxier
+        .sync_services(&runner, changes(&after, &specs), || &specs)
+        .expect("partial sync");
     let (counts, _) = Lab::tally(&lab.requests("10.96.0.13:80", 5));
     assert_eq!(counts.get("pod1"), Some(&5));
 
@@ -697,6 +726,7 @@ fn large_nft_restores_in_parts_program_what_one_restore_does() {
         })
         .collect();
     let mut runs = runs;
+    let mut before: Vec<ServiceSpec> = Vec::new();
     let mut one_in_one_out = many_services(401);
     one_in_one_out.remove(7);
     for (step, specs, full, parts) in [
@@ -722,7 +752,12 @@ fn large_nft_restores_in_parts_program_what_one_restore_does() {
     ] {
         let mut restores = Vec::new();
         for (runner, proxier, _) in &mut runs {
-            let stats = proxier.sync(runner, &specs, full).expect(step);
+            let stats = if full {
+                proxier.sync_full(runner, &specs)
+            } else {
+                proxier.sync_services(runner, changes(&before, &specs), || &specs)
+            }
+            .expect(step);
             restores.push(stats.restores);
         }
         assert_eq!(restores[0] > 1, parts, "{step}: nft restores: {restores:?}");
@@ -748,12 +783,13 @@ fn large_nft_restores_in_parts_program_what_one_restore_does() {
         if !full {
             // What the partial sync left is what a full sync writes (in another order).
             let (runner, proxier, node) = &mut runs[1];
-            proxier.sync(runner, &specs, true).expect(step);
+            proxier.sync_full(runner, &specs).expect(step);
             assert!(
                 proxy_lines(node, Flavour::Legacy) == legacy_lines,
                 "{step}: a full sync changed the rules"
             );
         }
+        before = specs;
     }
     for (runner, _, node) in &runs {
         let report = cleanup(runner);

@@ -1,58 +1,95 @@
 //! The iptables proxier as the fallback of ipvs mode: converting the model to the
-//! `iptables::proxier` input, and deciding at start which proxier runs.
+//! `iptables::proxier` input (the daemon decides at start which proxier runs).
 //!
 //! `ipvs-proxy plan --proxy-mode iptables` prints [`plan_iptables`]; the daemon, when it runs
-//! the fallback, keeps an [`iptables::proxier::Proxier`] per family and calls its `sync` with
-//! [`service_specs`].
-
-use std::fmt;
+//! the fallback, keeps an [`iptables::proxier::Proxier`] per family and calls its `sync_full`
+//! with [`service_specs`] and its `sync_services` with [`changed_service_specs`] (the Services
+//! that changed, one at a time through [`service_specs_of`]).
 
 use iptables::Family;
 use iptables::proxier::{Backend, ProxierConfig, ServiceSpec, render};
 
-use crate::model::{SessionAffinity, TrafficPolicy};
+use crate::model::{ServiceName, ServicePort, SessionAffinity, TrafficPolicy};
 use crate::state::ClusterState;
 
-/// The model's service ports, with their endpoints, as the iptables proxier takes them.
+/// The model's service ports, with their endpoints, as the iptables proxier takes them, for
+/// a full sync: every Service's [`service_specs_of`], sorted by name and protocol.
 /// `node` is this node's name (for `local`).
 #[must_use]
 pub fn service_specs(state: &ClusterState, node: &str) -> Vec<ServiceSpec> {
-    let mut specs = Vec::new();
-    for (_, ports) in state.services() {
-        for sp in ports {
-            let backends = state
-                .endpoints(&sp.name)
-                .iter()
-                .map(|e| Backend {
-                    addr: std::net::SocketAddr::new(e.ip, e.port),
-                    ready: e.conditions.ready,
-                    serving: e.conditions.serving,
-                    terminating: e.conditions.terminating,
-                    local: e.is_local(node),
-                })
-                .collect();
-            specs.push(ServiceSpec {
-                name: sp.name.to_string(),
-                protocol: sp.name.protocol,
-                port: sp.port,
-                cluster_ips: sp.cluster_ips.to_vec(),
-                external_ips: sp.external_ips.to_vec(),
-                load_balancer_ips: sp.load_balancer_ips.to_vec(),
-                source_ranges: sp.load_balancer_source_ranges.to_vec(),
-                node_port: sp.node_port,
-                health_check_node_port: sp.health_check_node_port,
-                affinity_seconds: match sp.session_affinity {
-                    SessionAffinity::ClientIp { timeout_seconds } => Some(timeout_seconds),
-                    SessionAffinity::None => None,
-                },
-                external_local: sp.external_traffic_policy == TrafficPolicy::Local,
-                internal_local: sp.internal_traffic_policy == TrafficPolicy::Local,
-                backends,
-            });
-        }
-    }
+    let mut specs: Vec<ServiceSpec> = state
+        .services()
+        .flat_map(|(_, ports)| ports.iter().map(|sp| port_spec(state, sp, node)))
+        .collect();
     specs.sort_by(|a, b| (&a.name, a.protocol).cmp(&(&b.name, b.protocol)));
     specs
+}
+
+/// One Service's ports as the iptables proxier takes them, for a partial sync
+/// (`Proxier::sync_services`, under `service.to_string()`): empty when the Service is gone
+/// from `state` or was skipped (headless, ExternalName, another proxy's), which the proxier
+/// reads as removed.
+#[must_use]
+pub fn service_specs_of(
+    state: &ClusterState,
+    service: &ServiceName,
+    node: &str,
+) -> Vec<ServiceSpec> {
+    let mut specs: Vec<ServiceSpec> = state
+        .service(service)
+        .unwrap_or_default()
+        .iter()
+        .map(|sp| port_spec(state, sp, node))
+        .collect();
+    specs.sort_by(|a, b| (&a.name, a.protocol).cmp(&(&b.name, b.protocol)));
+    specs
+}
+
+/// The Services of `dirty` as `Proxier::sync_services` takes them: kube-proxy's
+/// `namespace/name` and [`service_specs_of`].
+#[must_use]
+pub fn changed_service_specs<'a>(
+    state: &ClusterState,
+    dirty: impl IntoIterator<Item = &'a ServiceName>,
+    node: &str,
+) -> Vec<(String, Vec<ServiceSpec>)> {
+    dirty
+        .into_iter()
+        .map(|name| (name.to_string(), service_specs_of(state, name, node)))
+        .collect()
+}
+
+/// One service port and its endpoints.
+fn port_spec(state: &ClusterState, sp: &ServicePort, node: &str) -> ServiceSpec {
+    let backends = state
+        .endpoints(&sp.name)
+        .iter()
+        .map(|e| Backend {
+            addr: std::net::SocketAddr::new(e.ip, e.port),
+            ready: e.conditions.ready,
+            serving: e.conditions.serving,
+            terminating: e.conditions.terminating,
+            local: e.is_local(node),
+        })
+        .collect();
+    ServiceSpec {
+        name: sp.name.to_string(),
+        protocol: sp.name.protocol,
+        port: sp.port,
+        cluster_ips: sp.cluster_ips.to_vec(),
+        external_ips: sp.external_ips.to_vec(),
+        load_balancer_ips: sp.load_balancer_ips.to_vec(),
+        source_ranges: sp.load_balancer_source_ranges.to_vec(),
+        node_port: sp.node_port,
+        health_check_node_port: sp.health_check_node_port,
+        affinity_seconds: match sp.session_affinity {
+            SessionAffinity::ClientIp { timeout_seconds } => Some(timeout_seconds),
+            SessionAffinity::None => None,
+        },
+        external_local: sp.external_traffic_policy == TrafficPolicy::Local,
+        internal_local: sp.internal_traffic_policy == TrafficPolicy::Local,
+        backends,
+    }
 }
 
 /// What `plan --proxy-mode iptables` prints for one family: the proxier's chains as
@@ -61,80 +98,6 @@ pub fn service_specs(state: &ClusterState, node: &str) -> Vec<ServiceSpec> {
 pub fn plan_iptables(state: &ClusterState, node: &str, config: &ProxierConfig) -> String {
     let specs = service_specs(state, node);
     render(config, &specs).save_text(config)
-}
-
-/// Which proxier runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyMode {
-    /// IPVS virtual servers (the default).
-    Ipvs,
-    /// kube-proxy's iptables rules (asked for, or the fallback).
-    Iptables,
-}
-
-/// Why IPVS cannot be used, from the start-up probe (resolving the "IPVS" generic-netlink
-/// family, then adding and removing a probe virtual server with the configured scheduler).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IpvsUnavailable {
-    /// The generic-netlink family "IPVS" does not resolve: the ip_vs module is not loaded.
-    FamilyMissing(String),
-    /// The probe virtual server was refused with the configured scheduler (its module is missing).
-    SchedulerMissing {
-        /// The scheduler.
-        scheduler: String,
-        /// The kernel's answer.
-        reason: String,
-    },
-    /// Any other failure of the probe.
-    ProbeFailed(String),
-}
-
-impl fmt::Display for IpvsUnavailable {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            IpvsUnavailable::FamilyMissing(e) => {
-                write!(
-                    f,
-                    "the kernel has no \"IPVS\" generic netlink family (ip_vs not loaded: {e})"
-                )
-            }
-            IpvsUnavailable::SchedulerMissing { scheduler, reason } => {
-                write!(
-                    f,
-                    "a probe virtual server with scheduler {scheduler} was refused ({reason}; module ip_vs_{scheduler} missing?)"
-                )
-            }
-            IpvsUnavailable::ProbeFailed(e) => write!(f, "the IPVS probe failed: {e}"),
-        }
-    }
-}
-
-/// Decides the proxier: `requested` iptables runs iptables; requested ipvs runs ipvs when the
-/// probe passed, else the iptables proxier with one warning naming the reason — or, with
-/// `exit_if_unavailable`, an error the daemon exits with.
-pub fn choose_mode(
-    requested: ProxyMode,
-    probe: Result<(), IpvsUnavailable>,
-    exit_if_unavailable: bool,
-) -> Result<ProxyMode, IpvsUnavailable> {
-    match (requested, probe) {
-        (ProxyMode::Iptables, _) => {
-            tracing::info!("running the iptables proxier (--proxy-mode=iptables)");
-            Ok(ProxyMode::Iptables)
-        }
-        (ProxyMode::Ipvs, Ok(())) => {
-            tracing::info!("running the ipvs proxier");
-            Ok(ProxyMode::Ipvs)
-        }
-        (ProxyMode::Ipvs, Err(why)) if exit_if_unavailable => {
-            tracing::error!("IPVS unavailable because {why}; exiting as asked");
-            Err(why)
-        }
-        (ProxyMode::Ipvs, Err(why)) => {
-            tracing::warn!("IPVS unavailable because {why}, running the iptables proxier");
-            Ok(ProxyMode::Iptables)
-        }
-    }
 }
 
 /// The proxier configuration for `family` from the daemon's flags.
@@ -156,26 +119,54 @@ pub fn proxier_config(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::model::{Protocol, SchedulerChoice, ServicePortName, ServiceType};
+
+    fn port(service: &str, port: &str, number: u16) -> ServicePort {
+        ServicePort {
+            name: ServicePortName {
+                service: ServiceName::new("ns", service),
+                port: port.into(),
+                protocol: Protocol::Tcp,
+            },
+            service_type: ServiceType::ClusterIp,
+            port: number,
+            cluster_ips: Arc::from(["10.96.0.1".parse::<std::net::IpAddr>().unwrap()]),
+            external_ips: Arc::from([]),
+            load_balancer_ips: Arc::from([]),
+            load_balancer_source_ranges: Arc::from([]),
+            node_port: None,
+            health_check_node_port: None,
+            session_affinity: SessionAffinity::None,
+            external_traffic_policy: TrafficPolicy::Cluster,
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            scheduler: SchedulerChoice::Default,
+        }
+    }
 
     #[test]
-    fn missing_ipvs_falls_back_unless_told_to_exit() {
-        let why = IpvsUnavailable::FamilyMissing("ENOENT".into());
-        assert_eq!(
-            choose_mode(ProxyMode::Ipvs, Err(why.clone()), false),
-            Ok(ProxyMode::Iptables)
+    fn one_service_converts_as_in_the_full_list() {
+        let mut state = ClusterState::new();
+        let a = ServiceName::new("ns", "a");
+        state.upsert_service(
+            a.clone(),
+            vec![port("a", "https", 443), port("a", "http", 80)],
         );
+        state.upsert_service(ServiceName::new("ns", "b"), vec![port("b", "", 53)]);
+        let all = service_specs(&state, "node-a");
+        let of_a = service_specs_of(&state, &a, "node-a");
+        let names: Vec<&str> = of_a.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["ns/a:http", "ns/a:https"]);
+        assert_eq!(of_a[..], all[..2]);
+        let changed =
+            changed_service_specs(&state, [&a, &ServiceName::new("ns", "gone")], "node-a");
+        assert_eq!(changed[0], ("ns/a".to_owned(), of_a));
         assert_eq!(
-            choose_mode(ProxyMode::Ipvs, Err(why.clone()), true),
-            Err(why)
-        );
-        assert_eq!(
-            choose_mode(ProxyMode::Ipvs, Ok(()), false),
-            Ok(ProxyMode::Ipvs)
-        );
-        assert_eq!(
-            choose_mode(ProxyMode::Iptables, Ok(()), true),
-            Ok(ProxyMode::Iptables)
+            changed[1],
+            ("ns/gone".to_owned(), Vec::new()),
+            "gone: no ports"
         );
     }
 

@@ -19,7 +19,7 @@ pub use names::{
     endpoint_chain, external_chain, firewall_chain, local_chain, name_hash, service_chain, sha256,
 };
 pub use render::{Rendered, ServiceRules, render, render_service};
-pub use sync::{Proxier, SyncStats};
+pub use sync::{Proxier, SyncPlan, SyncStats, service_name};
 
 use crate::rule::Protocol;
 use crate::table::Family;

@@ -55,7 +55,7 @@ pub struct Rendered {
 /// are left out, as kube-proxy's per-family proxier never sees them).
 #[must_use]
 pub fn render(config: &ProxierConfig, specs: &[ServiceSpec]) -> Rendered {
-    let comments = use_comments(config, specs);
+    let comments = comments_for(config, specs.iter().map(|s| s.backends.len()).sum());
     let services = specs
         .iter()
         .filter_map(|s| render_service(config, s, comments).map(|r| (s.key(), r)))
@@ -63,9 +63,9 @@ pub fn render(config: &ProxierConfig, specs: &[ServiceSpec]) -> Rendered {
     Rendered { services, comments }
 }
 
-/// Whether per-endpoint comments are written: kube-proxy drops them above 1000 endpoints.
-pub(crate) fn use_comments(config: &ProxierConfig, specs: &[ServiceSpec]) -> bool {
-    let endpoints: usize = specs.iter().map(|s| s.backends.len()).sum();
+/// Whether per-endpoint comments are written with `endpoints` in all (every endpoint of every
+/// port, whatever its family or condition): kube-proxy drops them above 1000.
+pub(crate) fn comments_for(config: &ProxierConfig, endpoints: usize) -> bool {
     endpoints <= config.large_cluster_endpoints
 }
 
@@ -73,148 +73,229 @@ fn host(addr: IpAddr) -> IpNet {
     IpNet::from(addr)
 }
 
-/// Renders one service port; `None` when it has no ClusterIP of the proxier's family.
+/// Renders one service port; `None` when it has no ClusterIP of the proxier's family. Each
+/// kind of chain comes from its own function, in the order kube-proxy writes them.
 #[must_use]
-#[allow(
-    clippy::too_many_lines,
-    reason = "one straight walk through kube-proxy's per-service rules reads best unbroken"
-)]
 pub fn render_service(
     config: &ProxierConfig,
     spec: &ServiceSpec,
     comments: bool,
 ) -> Option<ServiceRules> {
-    let family = config.family;
-    let of_family = |a: &IpAddr| Family::of(*a) == family;
-    let cluster_ips: Vec<IpAddr> = spec.cluster_ips.iter().copied().filter(of_family).collect();
-    if cluster_ips.is_empty() {
-        return None;
-    }
-    let external_ips: Vec<IpAddr> = spec
-        .external_ips
-        .iter()
-        .copied()
-        .filter(of_family)
-        .collect();
-    let lb_ips: Vec<IpAddr> = spec
-        .load_balancer_ips
-        .iter()
-        .copied()
-        .filter(of_family)
-        .collect();
-    let ranges: Vec<IpNet> = spec
-        .source_ranges
-        .iter()
-        .copied()
-        .filter(|n| of_family(&n.addr()))
-        .collect();
-    let mut backends: Vec<Backend> = spec
-        .backends
-        .iter()
-        .copied()
-        .filter(|b| of_family(&b.addr.ip()))
-        .collect();
-    backends.sort();
-    backends.dedup_by_key(|b| b.addr);
-
-    let name = spec.name.as_str();
-    let proto = spec.protocol;
-    let p = proto.name();
-    let cluster_policy_chain = service_chain(name, p);
-    let local_policy_chain = local_chain(name, p);
-    let ext_chain = external_chain(name, p);
-    let fw_chain = firewall_chain(name, p);
-
-    let externally_accessible =
-        spec.node_port.is_some() || !external_ips.is_empty() || !lb_ips.is_empty();
-    let external_local = spec.external_local && externally_accessible;
-    let internal_local = spec.internal_local;
-    let uses_cluster = !internal_local || (externally_accessible && !external_local);
-    let uses_local = internal_local || external_local;
-
-    // kube-proxy's CategorizeEndpoints: ready endpoints, else serving-and-terminating ones.
-    let pick = |f: &dyn Fn(&Backend) -> bool| -> Vec<Backend> {
-        let ready: Vec<Backend> = backends
-            .iter()
-            .copied()
-            .filter(|b| b.ready && f(b))
-            .collect();
-        if ready.is_empty() {
-            backends
-                .iter()
-                .copied()
-                .filter(|b| b.serving && b.terminating && f(b))
-                .collect()
-        } else {
-            ready
-        }
-    };
-    let cluster_endpoints = if uses_cluster {
-        pick(&|_| true)
-    } else {
-        Vec::new()
-    };
-    let local_endpoints = if uses_local {
-        pick(&|b| b.local)
-    } else {
-        Vec::new()
-    };
-    let has_endpoints = backends
-        .iter()
-        .any(|b| b.ready || (b.serving && b.terminating));
-    let has_endpoints = if uses_cluster && !uses_local {
-        !cluster_endpoints.is_empty()
-    } else {
-        has_endpoints
-    };
-    let mut reachable: Vec<Backend> = cluster_endpoints
-        .iter()
-        .chain(&local_endpoints)
-        .copied()
-        .collect();
-    reachable.sort();
-    reachable.dedup_by_key(|b| b.addr);
-
-    let uses_cluster_chain = uses_cluster && !cluster_endpoints.is_empty();
-    let uses_local_chain = uses_local && !local_endpoints.is_empty();
-    let (internal_chain, has_internal) = if internal_local {
-        (
-            &local_policy_chain,
-            has_endpoints && !local_endpoints.is_empty(),
-        )
-    } else {
-        (&cluster_policy_chain, has_endpoints)
-    };
-    let (external_policy_chain, has_external) = if external_local {
-        (
-            &local_policy_chain,
-            has_endpoints && !local_endpoints.is_empty(),
-        )
-    } else {
-        (&cluster_policy_chain, has_endpoints)
-    };
-    let uses_ext_chain = has_endpoints && externally_accessible;
-    let uses_fw_chain = has_endpoints && !lb_ips.is_empty() && !ranges.is_empty();
-    let lb_chain = if uses_fw_chain { &fw_chain } else { &ext_chain };
-
-    let reject = Target::Reject(family.port_unreachable());
-    let (internal_filter, internal_comment) = if has_endpoints {
-        (Target::Drop, format!("{name} has no local endpoints"))
-    } else {
-        (reject.clone(), format!("{name} has no endpoints"))
-    };
-    let (external_filter, external_comment) = (internal_filter.clone(), internal_comment.clone());
-
-    let mut out = ServiceRules::default();
+    let port = Port::new(config, spec)?;
+    let (nat_services, nat_nodeports) = port.shared_nat_rules();
     let [
+        filter_services,
+        filter_external,
+        filter_nodeports,
+        filter_firewall,
+    ] = port.filter_rules();
+    // In the order of SHARED_CHAINS.
+    let shared = [
         nat_services,
         nat_nodeports,
         filter_services,
         filter_external,
         filter_nodeports,
         filter_firewall,
-    ] = &mut out.shared;
-    let to = |chain: &str, ip: IpAddr, comment: &str, target: Target| {
+    ];
+    let mut out = ServiceRules {
+        shared,
+        chains: BTreeMap::new(),
+    };
+    let chains = &mut out.chains;
+    chains.extend(port.external_chain(config));
+    chains.extend(port.firewall_chain(config));
+    chains.extend(port.policy_chains(config, comments));
+    chains.extend(port.endpoint_chains(comments));
+    Some(out)
+}
+
+/// The items of `family`, by the address `addr` gives of each.
+fn of_family<T: Copy>(items: &[T], family: Family, addr: impl Fn(&T) -> IpAddr) -> Vec<T> {
+    items
+        .iter()
+        .copied()
+        .filter(|i| Family::of(addr(i)) == family)
+        .collect()
+}
+
+/// kube-proxy's CategorizeEndpoints: the ready endpoints `which` picks, else its
+/// serving-and-terminating ones.
+fn usable(backends: &[Backend], which: impl Fn(&Backend) -> bool) -> Vec<Backend> {
+    let ready: Vec<Backend> = backends
+        .iter()
+        .copied()
+        .filter(|b| b.ready && which(b))
+        .collect();
+    if ready.is_empty() {
+        backends
+            .iter()
+            .copied()
+            .filter(|b| b.serving && b.terminating && which(b))
+            .collect()
+    } else {
+        ready
+    }
+}
+
+/// One service port as the proxier of one family sees it: its addresses of that family, its
+/// endpoints categorized as kube-proxy's `CategorizeEndpoints` does, and which of its chains
+/// exist.
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "kube-proxy's own per-service decisions, each read by several chains"
+)]
+struct Port<'a> {
+    spec: &'a ServiceSpec,
+    family: Family,
+    cluster_ips: Vec<IpAddr>,
+    external_ips: Vec<IpAddr>,
+    lb_ips: Vec<IpAddr>,
+    ranges: Vec<IpNet>,
+    cluster_policy_chain: String,
+    local_policy_chain: String,
+    ext_chain: String,
+    fw_chain: String,
+    external_local: bool,
+    internal_local: bool,
+    cluster_endpoints: Vec<Backend>,
+    local_endpoints: Vec<Backend>,
+    /// Every endpoint a policy chain jumps to (each has a KUBE-SEP chain).
+    reachable: Vec<Backend>,
+    has_endpoints: bool,
+    has_internal: bool,
+    has_external: bool,
+    uses_ext_chain: bool,
+    uses_fw_chain: bool,
+}
+
+impl<'a> Port<'a> {
+    /// `None` when the port has no ClusterIP of `config.family`.
+    fn new(config: &ProxierConfig, spec: &'a ServiceSpec) -> Option<Port<'a>> {
+        let family = config.family;
+        let cluster_ips = of_family(&spec.cluster_ips, family, |a| *a);
+        if cluster_ips.is_empty() {
+            return None;
+        }
+        let external_ips = of_family(&spec.external_ips, family, |a| *a);
+        let lb_ips = of_family(&spec.load_balancer_ips, family, |a| *a);
+        let ranges = of_family(&spec.source_ranges, family, IpNet::addr);
+        let mut backends = of_family(&spec.backends, family, |b| b.addr.ip());
+        backends.sort();
+        backends.dedup_by_key(|b| b.addr);
+
+        let name = spec.name.as_str();
+        let p = spec.protocol.name();
+        let externally_accessible =
+            spec.node_port.is_some() || !external_ips.is_empty() || !lb_ips.is_empty();
+        let external_local = spec.external_local && externally_accessible;
+        let internal_local = spec.internal_local;
+        let uses_cluster = !internal_local || (externally_accessible && !external_local);
+        let uses_local = internal_local || external_local;
+
+        let cluster_endpoints = if uses_cluster {
+            usable(&backends, |_| true)
+        } else {
+            Vec::new()
+        };
+        let local_endpoints = if uses_local {
+            usable(&backends, |b| b.local)
+        } else {
+            Vec::new()
+        };
+        let has_endpoints = backends
+            .iter()
+            .any(|b| b.ready || (b.serving && b.terminating));
+        let has_endpoints = if uses_cluster && !uses_local {
+            !cluster_endpoints.is_empty()
+        } else {
+            has_endpoints
+        };
+        let mut reachable: Vec<Backend> = cluster_endpoints
+            .iter()
+            .chain(&local_endpoints)
+            .copied()
+            .collect();
+        reachable.sort();
+        reachable.dedup_by_key(|b| b.addr);
+
+        let has_local = has_endpoints && !local_endpoints.is_empty();
+        let has_internal = if internal_local {
+            has_local
+        } else {
+            has_endpoints
+        };
+        let has_external = if external_local {
+            has_local
+        } else {
+            has_endpoints
+        };
+        let uses_ext_chain = has_endpoints && externally_accessible;
+        let uses_fw_chain = has_endpoints && !lb_ips.is_empty() && !ranges.is_empty();
+        Some(Port {
+            spec,
+            family,
+            cluster_ips,
+            external_ips,
+            lb_ips,
+            ranges,
+            cluster_policy_chain: service_chain(name, p),
+            local_policy_chain: local_chain(name, p),
+            ext_chain: external_chain(name, p),
+            fw_chain: firewall_chain(name, p),
+            external_local,
+            internal_local,
+            cluster_endpoints,
+            local_endpoints,
+            reachable,
+            has_endpoints,
+            has_internal,
+            has_external,
+            uses_ext_chain,
+            uses_fw_chain,
+        })
+    }
+
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// Where internal traffic (to the ClusterIP) goes: KUBE-SVL with internalTrafficPolicy
+    /// Local, else KUBE-SVC.
+    fn internal_chain(&self) -> &String {
+        if self.internal_local {
+            &self.local_policy_chain
+        } else {
+            &self.cluster_policy_chain
+        }
+    }
+
+    /// Where external traffic goes after KUBE-EXT: KUBE-SVL with externalTrafficPolicy Local,
+    /// else KUBE-SVC.
+    fn external_policy_chain(&self) -> &String {
+        if self.external_local {
+            &self.local_policy_chain
+        } else {
+            &self.cluster_policy_chain
+        }
+    }
+
+    /// The filter table's verdict for traffic no chain takes, and its comment.
+    fn filter_verdict(&self) -> (Target, String) {
+        let name = self.name();
+        if self.has_endpoints {
+            (Target::Drop, format!("{name} has no local endpoints"))
+        } else {
+            (
+                Target::Reject(self.family.port_unreachable()),
+                format!("{name} has no endpoints"),
+            )
+        }
+    }
+
+    /// A rule of `chain` for traffic to `ip` on the service port.
+    fn to(&self, chain: &str, ip: IpAddr, comment: &str, target: Target) -> Rule {
+        let proto = self.spec.protocol;
         Rule::new(chain, target)
             .destination(host(ip))
             .protocol(proto)
@@ -222,236 +303,295 @@ pub fn render_service(
             .with(Match::Port {
                 protocol: proto,
                 sport: None,
-                dport: Some(spec.port),
+                dport: Some(self.spec.port),
             })
-    };
+    }
 
-    for &ip in &cluster_ips {
-        if has_internal {
-            let c = format!("{name} cluster IP");
-            nat_services.push(to(SERVICES, ip, &c, Target::Jump(internal_chain.clone())));
-        } else {
-            filter_services.push(to(SERVICES, ip, &internal_comment, internal_filter.clone()));
-        }
-    }
-    for &ip in &external_ips {
-        if has_endpoints {
-            let c = format!("{name} external IP");
-            nat_services.push(to(SERVICES, ip, &c, Target::Jump(ext_chain.clone())));
-        }
-        if !has_external {
-            filter_external.push(to(
-                EXTERNAL_SERVICES,
-                ip,
-                &external_comment,
-                external_filter.clone(),
-            ));
-        }
-    }
-    for &ip in &lb_ips {
-        if has_endpoints {
-            let c = format!("{name} loadbalancer IP");
-            nat_services.push(to(SERVICES, ip, &c, Target::Jump(lb_chain.clone())));
-        }
-        if uses_fw_chain {
-            let c = format!("{name} traffic not accepted by {fw_chain}");
-            filter_firewall.push(to(FIREWALL, ip, &c, Target::Drop));
-        }
-    }
-    if !has_external {
-        for &ip in &lb_ips {
-            filter_external.push(to(
-                EXTERNAL_SERVICES,
-                ip,
-                &external_comment,
-                external_filter.clone(),
-            ));
-        }
-    }
-    if let Some(node_port) = spec.node_port {
-        let port_match = Match::Port {
-            protocol: proto,
+    fn node_port_match(&self, node_port: u16) -> Match {
+        Match::Port {
+            protocol: self.spec.protocol,
             sport: None,
             dport: Some(node_port),
-        };
-        if has_endpoints {
-            nat_nodeports.push(
-                Rule::jump(NODEPORTS, ext_chain.clone())
-                    .protocol(proto)
-                    .comment(name)
-                    .with(port_match.clone()),
-            );
         }
-        if !has_external {
-            filter_external.push(
-                Rule::new(EXTERNAL_SERVICES, external_filter.clone())
-                    .protocol(proto)
-                    .comment(external_comment.clone())
-                    .with(Match::AddrType {
-                        negated: false,
-                        source: false,
-                        kind: AddrType::Local,
-                    })
-                    .with(port_match),
-            );
-        }
-    }
-    if let Some(hc) = spec.health_check_node_port {
-        filter_nodeports.push(
-            Rule::new(NODEPORTS, Target::Accept)
-                .protocol(Protocol::Tcp)
-                .comment(format!("{name} health check node port"))
-                .with(Match::Port {
-                    protocol: Protocol::Tcp,
-                    sport: None,
-                    dport: Some(hc),
-                }),
-        );
     }
 
-    // Internal traffic: masquerade off-cluster (or all) sources to the ClusterIP.
-    let mut internal_masq = Vec::new();
-    if has_internal {
-        for &ip in &cluster_ips {
+    /// Its fragments of nat KUBE-SERVICES (a jump per VIP) and KUBE-NODEPORTS.
+    fn shared_nat_rules(&self) -> (Vec<Rule>, Vec<Rule>) {
+        let name = self.name();
+        let mut services = Vec::new();
+        let mut nodeports = Vec::new();
+        if self.has_internal {
             let c = format!("{name} cluster IP");
-            let r = to(internal_chain, ip, &c, Target::Jump(MARK_MASQ.into()));
-            if config.masquerade_all {
-                internal_masq.push(r);
-            } else if let Some(cidr) = config.cluster_cidr {
-                internal_masq.push(r.not_source(cidr));
+            for &ip in &self.cluster_ips {
+                services.push(self.to(
+                    SERVICES,
+                    ip,
+                    &c,
+                    Target::Jump(self.internal_chain().clone()),
+                ));
             }
         }
+        if self.has_endpoints {
+            let c = format!("{name} external IP");
+            for &ip in &self.external_ips {
+                services.push(self.to(SERVICES, ip, &c, Target::Jump(self.ext_chain.clone())));
+            }
+            let lb_chain = if self.uses_fw_chain {
+                &self.fw_chain
+            } else {
+                &self.ext_chain
+            };
+            let c = format!("{name} loadbalancer IP");
+            for &ip in &self.lb_ips {
+                services.push(self.to(SERVICES, ip, &c, Target::Jump(lb_chain.clone())));
+            }
+            if let Some(node_port) = self.spec.node_port {
+                nodeports.push(
+                    Rule::jump(NODEPORTS, self.ext_chain.clone())
+                        .protocol(self.spec.protocol)
+                        .comment(name)
+                        .with(self.node_port_match(node_port)),
+                );
+            }
+        }
+        (services, nodeports)
     }
 
-    if uses_ext_chain {
+    /// Its fragments of the filter table's KUBE-SERVICES, KUBE-EXTERNAL-SERVICES,
+    /// KUBE-NODEPORTS and KUBE-PROXY-FIREWALL: REJECT or DROP where there are no (local)
+    /// endpoints, the health check port, and DROP for sources the firewall chain let pass.
+    fn filter_rules(&self) -> [Vec<Rule>; 4] {
+        let name = self.name();
+        let (verdict, comment) = self.filter_verdict();
+        let mut services = Vec::new();
+        let mut external = Vec::new();
+        let mut nodeports = Vec::new();
+        let mut firewall = Vec::new();
+        if !self.has_internal {
+            for &ip in &self.cluster_ips {
+                services.push(self.to(SERVICES, ip, &comment, verdict.clone()));
+            }
+        }
+        if !self.has_external {
+            for &ip in self.external_ips.iter().chain(&self.lb_ips) {
+                external.push(self.to(EXTERNAL_SERVICES, ip, &comment, verdict.clone()));
+            }
+            if let Some(node_port) = self.spec.node_port {
+                external.push(
+                    Rule::new(EXTERNAL_SERVICES, verdict.clone())
+                        .protocol(self.spec.protocol)
+                        .comment(comment.clone())
+                        .with(Match::AddrType {
+                            negated: false,
+                            source: false,
+                            kind: AddrType::Local,
+                        })
+                        .with(self.node_port_match(node_port)),
+                );
+            }
+        }
+        if let Some(hc) = self.spec.health_check_node_port {
+            nodeports.push(
+                Rule::new(NODEPORTS, Target::Accept)
+                    .protocol(Protocol::Tcp)
+                    .comment(format!("{name} health check node port"))
+                    .with(Match::Port {
+                        protocol: Protocol::Tcp,
+                        sport: None,
+                        dport: Some(hc),
+                    }),
+            );
+        }
+        if self.uses_fw_chain {
+            let c = format!("{name} traffic not accepted by {}", self.fw_chain);
+            for &ip in &self.lb_ips {
+                firewall.push(self.to(FIREWALL, ip, &c, Target::Drop));
+            }
+        }
+        [services, external, nodeports, firewall]
+    }
+
+    /// KUBE-EXT: masquerade what must be, then on to the external policy's chain.
+    fn external_chain(&self, config: &ProxierConfig) -> Option<(String, Vec<Rule>)> {
+        if !self.uses_ext_chain {
+            return None;
+        }
+        let name = self.name();
+        let ext_chain = &self.ext_chain;
         let mut rules = Vec::new();
         let local_src = || Match::AddrType {
             negated: false,
             source: true,
             kind: AddrType::Local,
         };
-        if external_local {
+        if self.external_local {
             if let Some(cidr) = config.cluster_cidr {
                 rules.push(
-                    Rule::jump(&ext_chain, cluster_policy_chain.clone())
+                    Rule::jump(ext_chain, self.cluster_policy_chain.clone())
                         .source(cidr)
                         .comment(format!("pod traffic for {name} external destinations")),
                 );
             }
             rules.push(
-                Rule::jump(&ext_chain, MARK_MASQ)
+                Rule::jump(ext_chain, MARK_MASQ)
                     .comment(format!(
                         "masquerade LOCAL traffic for {name} external destinations"
                     ))
                     .with(local_src()),
             );
             rules.push(
-                Rule::jump(&ext_chain, cluster_policy_chain.clone())
+                Rule::jump(ext_chain, self.cluster_policy_chain.clone())
                     .comment(format!(
                         "route LOCAL traffic for {name} external destinations"
                     ))
                     .with(local_src()),
             );
         } else {
-            rules.push(Rule::jump(&ext_chain, MARK_MASQ).comment(format!(
+            rules.push(Rule::jump(ext_chain, MARK_MASQ).comment(format!(
                 "masquerade traffic for {name} external destinations"
             )));
         }
-        if has_external {
-            rules.push(Rule::jump(&ext_chain, external_policy_chain.clone()));
+        if self.has_external {
+            rules.push(Rule::jump(ext_chain, self.external_policy_chain().clone()));
         }
-        out.chains.insert(ext_chain.clone(), rules);
+        Some((ext_chain.clone(), rules))
     }
 
-    if uses_fw_chain {
+    /// KUBE-FW: loadBalancerSourceRanges on to KUBE-EXT, the rest left to KUBE-PROXY-FIREWALL.
+    fn firewall_chain(&self, config: &ProxierConfig) -> Option<(String, Vec<Rule>)> {
+        if !self.uses_fw_chain {
+            return None;
+        }
+        let name = self.name();
+        let fw_chain = &self.fw_chain;
         let c = format!("{name} loadbalancer IP");
-        let mut rules: Vec<Rule> = ranges
+        let mut rules: Vec<Rule> = self
+            .ranges
             .iter()
             .map(|r| {
-                Rule::jump(&fw_chain, ext_chain.clone())
+                Rule::jump(fw_chain, self.ext_chain.clone())
                     .source(*r)
                     .comment(c.clone())
             })
             .collect();
         // A request from the node itself to a VIP bound locally comes back from the VIP.
-        let from_node = ranges
+        let from_node = self
+            .ranges
             .iter()
             .any(|r| config.node_port_addresses.iter().any(|a| r.contains(a)));
         if from_node {
-            rules.extend(lb_ips.iter().map(|ip| {
-                Rule::jump(&fw_chain, ext_chain.clone())
+            rules.extend(self.lb_ips.iter().map(|ip| {
+                Rule::jump(fw_chain, self.ext_chain.clone())
                     .source(host(*ip))
                     .comment(c.clone())
             }));
         }
-        rules.push(Rule::new(&fw_chain, Target::None).comment(format!(
+        rules.push(Rule::new(fw_chain, Target::None).comment(format!(
             "other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL"
         )));
-        out.chains.insert(fw_chain.clone(), rules);
+        Some((fw_chain.clone(), rules))
     }
 
-    let ep_chain = |b: &Backend| endpoint_chain(name, p, &b.addr.to_string());
-    let mut policy_chain = |chain: &str, eps: &[Backend], masq: Vec<Rule>| {
-        let mut rules: Vec<Rule> = masq.into_iter().filter(|r| r.chain == chain).collect();
-        let comment = |b: &Backend, r: Rule| {
-            if comments {
-                r.comment(format!("{name} -> {}", b.addr))
-            } else {
-                r
+    fn endpoint_chain_name(&self, b: &Backend) -> String {
+        endpoint_chain(self.name(), self.spec.protocol.name(), &b.addr.to_string())
+    }
+
+    /// KUBE-SVC (cluster policy) and KUBE-SVL (local policy), those with endpoints: the
+    /// ClusterIP masquerade, affinity's `recent` checks, then one jump per endpoint with
+    /// `statistic` probabilities.
+    fn policy_chains(&self, config: &ProxierConfig, comments: bool) -> Vec<(String, Vec<Rule>)> {
+        let name = self.name();
+        // Internal traffic: masquerade off-cluster (or all) sources to the ClusterIP.
+        let mut internal_masq = Vec::new();
+        if self.has_internal {
+            let internal_chain = self.internal_chain();
+            for &ip in &self.cluster_ips {
+                let c = format!("{name} cluster IP");
+                let r = self.to(internal_chain, ip, &c, Target::Jump(MARK_MASQ.into()));
+                if config.masquerade_all {
+                    internal_masq.push(r);
+                } else if let Some(cidr) = config.cluster_cidr {
+                    internal_masq.push(r.not_source(cidr));
+                }
             }
-        };
-        if let Some(seconds) = spec.affinity_seconds {
-            for b in eps {
-                let sep = ep_chain(b);
-                let r = comment(b, Rule::jump(chain, sep.clone())).with(Match::Recent {
-                    action: Recent::Rcheck { seconds },
-                    name: sep,
-                    ipv6: family == Family::V6,
-                });
+        }
+        let policy_chain = |chain: &str, eps: &[Backend]| {
+            let mut rules: Vec<Rule> = internal_masq
+                .iter()
+                .filter(|r| r.chain == chain)
+                .cloned()
+                .collect();
+            let comment = |b: &Backend, r: Rule| {
+                if comments {
+                    r.comment(format!("{name} -> {}", b.addr))
+                } else {
+                    r
+                }
+            };
+            if let Some(seconds) = self.spec.affinity_seconds {
+                for b in eps {
+                    let sep = self.endpoint_chain_name(b);
+                    let r = comment(b, Rule::jump(chain, sep.clone())).with(Match::Recent {
+                        action: Recent::Rcheck { seconds },
+                        name: sep,
+                        ipv6: self.family == Family::V6,
+                    });
+                    rules.push(r);
+                }
+            }
+            let n = eps.len();
+            for (i, b) in eps.iter().enumerate() {
+                let mut r = comment(b, Rule::jump(chain, self.endpoint_chain_name(b)));
+                if i + 1 < n {
+                    r = r.with(Match::OneIn(u32::try_from(n - i).unwrap_or(u32::MAX)));
+                }
                 rules.push(r);
             }
+            (chain.to_owned(), rules)
+        };
+        let mut chains = Vec::new();
+        if !self.cluster_endpoints.is_empty() {
+            chains.push(policy_chain(
+                &self.cluster_policy_chain,
+                &self.cluster_endpoints,
+            ));
         }
-        let n = eps.len();
-        for (i, b) in eps.iter().enumerate() {
-            let mut r = comment(b, Rule::jump(chain, ep_chain(b)));
-            if i + 1 < n {
-                r = r.with(Match::OneIn(u32::try_from(n - i).unwrap_or(u32::MAX)));
-            }
-            rules.push(r);
+        if !self.local_endpoints.is_empty() {
+            chains.push(policy_chain(
+                &self.local_policy_chain,
+                &self.local_endpoints,
+            ));
         }
-        out.chains.insert(chain.to_owned(), rules);
-    };
-    if uses_cluster_chain {
-        policy_chain(
-            &cluster_policy_chain,
-            &cluster_endpoints,
-            internal_masq.clone(),
-        );
-    }
-    if uses_local_chain {
-        policy_chain(&local_policy_chain, &local_endpoints, internal_masq);
+        chains
     }
 
-    for b in &reachable {
-        let sep = ep_chain(b);
+    /// KUBE-SEP, one per endpoint a policy chain reaches: hairpin masquerade, then DNAT.
+    fn endpoint_chains(&self, comments: bool) -> Vec<(String, Vec<Rule>)> {
+        let name = self.name();
+        let proto = self.spec.protocol;
         let comment = |r: Rule| if comments { r.comment(name) } else { r };
-        let hairpin = comment(Rule::jump(&sep, MARK_MASQ).source(host(b.addr.ip())));
-        let mut dnat = comment(Rule::new(&sep, Target::Dnat(b.addr)).protocol(proto));
-        if spec.affinity_seconds.is_some() {
-            dnat = dnat.with(Match::Recent {
-                action: Recent::Set,
-                name: sep.clone(),
-                ipv6: family == Family::V6,
-            });
-        }
-        dnat = dnat.with(Match::Port {
-            protocol: proto,
-            sport: None,
-            dport: None,
-        });
-        out.chains.insert(sep, vec![hairpin, dnat]);
+        self.reachable
+            .iter()
+            .map(|b| {
+                let sep = self.endpoint_chain_name(b);
+                let hairpin = comment(Rule::jump(&sep, MARK_MASQ).source(host(b.addr.ip())));
+                let mut dnat = comment(Rule::new(&sep, Target::Dnat(b.addr)).protocol(proto));
+                if self.spec.affinity_seconds.is_some() {
+                    dnat = dnat.with(Match::Recent {
+                        action: Recent::Set,
+                        name: sep.clone(),
+                        ipv6: self.family == Family::V6,
+                    });
+                }
+                dnat = dnat.with(Match::Port {
+                    protocol: proto,
+                    sport: None,
+                    dport: None,
+                });
+                (sep, vec![hairpin, dnat])
+            })
+            .collect()
     }
-    Some(out)
 }
 
 impl Rendered {

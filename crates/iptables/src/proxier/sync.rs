@@ -1,21 +1,25 @@
 //! The stateful proxier: what was last applied, and the smallest restore that moves the
 //! kernel to the new state.
 //!
-//! A partial sync rewrites only the chains of service ports whose spec changed (and deletes
-//! the chains they no longer use); a shared chain such as KUBE-SERVICES is touched only if a
-//! changed port's fragment of it changed, and then by deleting and inserting those rules alone
-//! (rewritten whole only when many changed). One endpoint changing therefore rewrites one
-//! KUBE-SVC chain, writes one KUBE-SEP chain and deletes another; a Service added or removed
-//! also inserts or deletes its rule in KUBE-SERVICES. Inserted rules go to the top, so until
-//! the next full sync the kernel's order of KUBE-SERVICES may differ from `plan`'s (its rules
-//! match different destinations; the jump to KUBE-NODEPORTS stays last). A full sync (the first, on
-//! the resync period, and after any failure) rewrites everything, deletes stale per-Service
-//! chains found in `iptables-save`, and restores missing jumps from the built-in chains.
+//! A partial sync is given only the Services that changed ([`Proxier::sync_services`]); it
+//! renders their ports, compares them with the mirror of what was applied (the rules of every
+//! port, and per Service its ports and endpoint counts), and rewrites only the chains whose
+//! rules changed (and deletes the chains they no longer use); a shared chain such as
+//! KUBE-SERVICES is touched only if a changed port's fragment of it changed, and then by
+//! deleting and inserting those rules alone (rewritten whole only when many changed). One
+//! endpoint changing therefore rewrites one KUBE-SVC chain, writes one KUBE-SEP chain and
+//! deletes another; a Service added or removed also inserts or deletes its rule in
+//! KUBE-SERVICES. Inserted rules go to the top, so until the next full sync the kernel's order
+//! of KUBE-SERVICES may differ from `plan`'s (its rules match different destinations; the jump
+//! to KUBE-NODEPORTS stays last). A full sync (the first, on the resync period, after any
+//! failure, and when the endpoint count crosses the large-cluster size, which changes every
+//! comment) rewrites everything, deletes stale per-Service chains found in `iptables-save`,
+//! and restores missing jumps from the built-in chains.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use super::render::{Rendered, SHARED_CHAINS, ServiceRules, render, render_service, use_comments};
+use super::render::{Rendered, SHARED_CHAINS, ServiceRules, comments_for, render, render_service};
 use super::{ProxierConfig, ServiceSpec};
 use crate::Error;
 use crate::chain::is_service_chain;
@@ -33,12 +37,21 @@ type Key = (String, Protocol);
 /// KUBE-SERVICES to add one Service took 1.5 s with iptables-nft; ten `-D` in it, 0.12 s.
 const SHARED_EDIT_LIMIT: usize = 100;
 
+/// The Service a service port belongs to: kube-proxy's `namespace/name` of its
+/// `namespace/name:port` (neither a namespace nor a Service name can hold a `:`).
+#[must_use]
+pub fn service_name(port_name: &str) -> &str {
+    port_name
+        .split_once(':')
+        .map_or(port_name, |(service, _)| service)
+}
+
 /// What one sync did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SyncStats {
     /// Whether it was a full sync.
     pub full: bool,
-    /// Service ports whose spec changed (all of them on a full sync).
+    /// Service ports whose rules changed (all of them on a full sync).
     pub changed_services: usize,
     /// Chains written.
     pub chains_written: usize,
@@ -55,30 +68,68 @@ pub struct SyncStats {
     pub elapsed: Duration,
 }
 
+/// One service port as the mirror indexes it: its key and how many endpoints it has (all of
+/// them, as kube-proxy counts for its large-cluster mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Port {
+    key: Key,
+    endpoints: usize,
+}
+
+impl Port {
+    fn of(spec: &ServiceSpec) -> Port {
+        Port {
+            key: spec.key(),
+            endpoints: spec.backends.len(),
+        }
+    }
+}
+
+/// What the proxier last applied: the rules of every service port, and per Service its ports
+/// (a port without a ClusterIP of this family has no rules, but its endpoints count).
+#[derive(Debug)]
+struct Mirror {
+    rendered: Rendered,
+    services: HashMap<String, Vec<Port>>,
+    /// The endpoints of every port, kept as Services change.
+    endpoints: usize,
+}
+
 /// A computed sync, not yet applied.
 #[derive(Debug)]
 pub struct SyncPlan {
     /// The restore to run.
     pub ruleset: Ruleset,
-    full: Option<Rendered>,
-    updates: Vec<(Key, Option<ServiceRules>)>,
-    /// Every spec (a full sync), or only those that changed (`None`: removed).
-    specs: Specs,
+    change: Change,
     changed: usize,
 }
 
 #[derive(Debug)]
-enum Specs {
-    All(HashMap<Key, ServiceSpec>),
-    Changed(Vec<(Key, Option<ServiceSpec>)>),
+enum Change {
+    /// A full sync: the new mirror.
+    Full(Mirror),
+    /// A partial sync: the changed ports' rules (`None`: gone), the changed Services' ports
+    /// (empty: gone) and the new endpoint count.
+    Partial {
+        updates: Vec<(Key, Option<ServiceRules>)>,
+        services: Vec<(String, Vec<Port>)>,
+        endpoints: usize,
+    },
+}
+
+impl SyncPlan {
+    /// Whether this is a full sync.
+    #[must_use]
+    pub fn is_full(&self) -> bool {
+        matches!(self.change, Change::Full(_))
+    }
 }
 
 /// kube-proxy's iptables mode for one family, incremental.
 #[derive(Debug)]
 pub struct Proxier {
     config: ProxierConfig,
-    applied: Option<Rendered>,
-    specs: HashMap<Key, ServiceSpec>,
+    applied: Option<Mirror>,
 }
 
 impl Proxier {
@@ -88,7 +139,6 @@ impl Proxier {
         Proxier {
             config,
             applied: None,
-            specs: HashMap::new(),
         }
     }
 
@@ -103,15 +153,14 @@ impl Proxier {
         self.applied = None;
     }
 
-    /// Whether the next sync must be full regardless of what is asked.
+    /// Whether nothing is applied (at first, and after a failure): the next sync is full.
     #[must_use]
-    pub fn needs_full(&self, specs: &[ServiceSpec]) -> bool {
-        self.applied
-            .as_ref()
-            .is_none_or(|a| a.comments != use_comments(&self.config, specs))
+    pub fn needs_full(&self) -> bool {
+        self.applied.is_none()
     }
 
-    /// Computes a full sync against `saved` (the current `iptables-save` of this family).
+    /// Computes a full sync of every service port, `specs`, against `saved` (the current
+    /// `iptables-save` of this family).
     #[must_use]
     pub fn plan_full(&self, specs: &[ServiceSpec], saved: &Saved) -> SyncPlan {
         let rendered = render(&self.config, specs);
@@ -138,48 +187,112 @@ impl Proxier {
                 .collect();
             saved.add_missing_jumps(table, &jumps, &mut ruleset);
         }
-        let specs = Specs::All(specs.iter().map(|s| (s.key(), s.clone())).collect());
+        let mut services: HashMap<String, Vec<Port>> = HashMap::new();
+        for s in specs {
+            services
+                .entry(service_name(&s.name).to_owned())
+                .or_default()
+                .push(Port::of(s));
+        }
         SyncPlan {
             ruleset,
             changed: rendered.services.len(),
-            full: Some(rendered),
-            updates: Vec::new(),
-            specs,
+            change: Change::Full(Mirror {
+                rendered,
+                services,
+                endpoints: specs.iter().map(|s| s.backends.len()).sum(),
+            }),
         }
     }
 
-    /// Computes a partial sync: only what changed since the last applied state. Call
-    /// [`Proxier::plan_full`] instead when [`Proxier::needs_full`] says so.
+    /// Computes a partial sync of the `changed` Services only: each as kube-proxy's
+    /// `namespace/name` and all its ports (none: the Service is gone). A Service listed but
+    /// unchanged costs its rendering and adds nothing to the restore. `None` when a full sync
+    /// is needed instead: nothing is applied yet, or the change moves the endpoint count
+    /// across [`ProxierConfig::large_cluster_endpoints`] (every rule's comments change).
     #[must_use]
-    pub fn plan_partial(&self, specs: &[ServiceSpec]) -> SyncPlan {
-        let Some(applied) = &self.applied else {
-            return self.plan_full(specs, &Saved::default());
-        };
-        let comments = applied.comments;
-        let mut updates: Vec<(Key, Option<ServiceRules>)> = Vec::new();
-        let mut spec_changes = Vec::new();
-        // Only the changed specs are cloned: at 10,000 Services, cloning all took 8 ms a sync.
-        let mut seen: HashSet<Key> = HashSet::with_capacity(specs.len());
-        for s in specs {
-            let key = s.key();
-            if self.specs.get(&key) != Some(s) {
-                updates.push((key.clone(), render_service(&self.config, s, comments)));
-                spec_changes.push((key.clone(), Some(s.clone())));
-            }
-            seen.insert(key);
+    pub fn plan_services<N, S>(&self, changed: impl IntoIterator<Item = (N, S)>) -> Option<SyncPlan>
+    where
+        N: AsRef<str>,
+        S: AsRef<[ServiceSpec]>,
+    {
+        let mirror = self.applied.as_ref()?;
+        // The last listing of a Service wins.
+        let changed: BTreeMap<String, S> = changed
+            .into_iter()
+            .map(|(n, s)| (n.as_ref().to_owned(), s))
+            .collect();
+        let mut endpoints = mirror.endpoints;
+        for (name, specs) in &changed {
+            let old: usize = mirror
+                .services
+                .get(name)
+                .map_or(0, |ports| ports.iter().map(|p| p.endpoints).sum());
+            let new: usize = specs.as_ref().iter().map(|s| s.backends.len()).sum();
+            endpoints = (endpoints - old) + new;
         }
-        for key in self.specs.keys() {
-            if !seen.contains(key) {
-                updates.push((key.clone(), None));
-                spec_changes.push((key.clone(), None));
-            }
+        let applied = &mirror.rendered;
+        let comments = applied.comments;
+        if comments_for(&self.config, endpoints) != comments {
+            return None;
         }
 
+        let mut updates: Vec<(Key, Option<ServiceRules>)> = Vec::new();
+        let mut services = Vec::with_capacity(changed.len());
+        for (name, specs) in changed {
+            let specs = specs.as_ref();
+            let ports: Vec<Port> = specs
+                .iter()
+                .inspect(|s| debug_assert_eq!(service_name(&s.name), name, "a port of {name}"))
+                .map(Port::of)
+                .collect();
+            for s in specs {
+                let rules = render_service(&self.config, s, comments);
+                let key = s.key();
+                if applied.services.get(&key) != rules.as_ref() {
+                    updates.push((key, rules));
+                }
+            }
+            for old in mirror.services.get(&name).into_iter().flatten() {
+                if applied.services.contains_key(&old.key)
+                    && !ports.iter().any(|p| p.key == old.key)
+                {
+                    updates.push((old.key.clone(), None));
+                }
+            }
+            services.push((name, ports));
+        }
+        // Shared rules are inserted in this order: the ports' (name, protocol) order, as when
+        // every spec was compared, whatever order the Services came in.
+        updates.sort_by(|(a, rules_a), (b, rules_b)| {
+            (rules_a.is_none(), a).cmp(&(rules_b.is_none(), b))
+        });
+
+        let ruleset = self.partial_ruleset(applied, &updates);
+        Some(SyncPlan {
+            ruleset,
+            changed: updates.len(),
+            change: Change::Partial {
+                updates,
+                services,
+                endpoints,
+            },
+        })
+    }
+
+    /// The restore that moves `applied` to `applied` with `updates` laid over it: the
+    /// updated ports' own chains, and the shared chains edited rule by rule (rewritten whole
+    /// above [`SHARED_EDIT_LIMIT`] edits).
+    fn partial_ruleset(
+        &self,
+        applied: &Rendered,
+        updates: &[(Key, Option<ServiceRules>)],
+    ) -> Ruleset {
         let mut ruleset = Ruleset::default();
         let empty = ServiceRules::default();
         // Per shared chain: how many more of each rule the updated ports have than they had.
         let mut shared_diff: [HashMap<&Rule, isize>; SHARED_CHAINS.len()] = Default::default();
-        for (key, new) in &updates {
+        for (key, new) in updates {
             let old = applied.services.get(key).unwrap_or(&empty);
             let new = new.as_ref().unwrap_or(&empty);
             for (i, diff) in shared_diff.iter_mut().enumerate() {
@@ -211,7 +324,7 @@ impl Proxier {
             if edits > SHARED_EDIT_LIMIT {
                 rebuild[i] = true;
             } else if edits > 0 {
-                let (deletes, inserts) = shared_edits(&updates, applied, &empty, i, diff);
+                let (deletes, inserts) = shared_edits(updates, applied, &empty, i, diff);
                 let patch = ruleset.table(SHARED_CHAINS[i].0);
                 patch.delete_rules.extend(deletes);
                 patch.insert_rules.extend(inserts);
@@ -223,7 +336,7 @@ impl Proxier {
                 updates.iter().map(|(k, v)| (k, v.as_ref())).collect();
             let mut merged = Rendered {
                 services: BTreeMap::new(),
-                comments,
+                comments: applied.comments,
             };
             for (i, &(table, name)) in SHARED_CHAINS.iter().enumerate() {
                 if !rebuild[i] {
@@ -248,73 +361,47 @@ impl Proxier {
                     .insert(name.to_owned(), merged.shared_chain(&self.config, i));
             }
         }
-        let changed = updates.len();
-        SyncPlan {
-            ruleset,
-            full: None,
-            updates,
-            specs: Specs::Changed(spec_changes),
-            changed,
-        }
+        ruleset
     }
 
-    /// Records `plan` as applied.
+    /// Records `plan` as applied (without running it; [`Proxier::apply`] runs it).
     pub fn commit(&mut self, plan: SyncPlan) {
-        match plan.specs {
-            Specs::All(all) => self.specs = all,
-            Specs::Changed(changes) => {
-                for (key, spec) in changes {
-                    match spec {
-                        Some(s) => self.specs.insert(key, s),
-                        None => self.specs.remove(&key),
+        match plan.change {
+            Change::Full(mirror) => self.applied = Some(mirror),
+            Change::Partial {
+                updates,
+                services,
+                endpoints,
+            } => {
+                let Some(mirror) = &mut self.applied else {
+                    return;
+                };
+                for (key, rules) in updates {
+                    match rules {
+                        Some(r) => mirror.rendered.services.insert(key, r),
+                        None => mirror.rendered.services.remove(&key),
                     };
                 }
-            }
-        }
-        if let Some(rendered) = plan.full {
-            self.applied = Some(rendered);
-            return;
-        }
-        if let Some(applied) = &mut self.applied {
-            for (key, rules) in plan.updates {
-                match rules {
-                    Some(r) => applied.services.insert(key, r),
-                    None => applied.services.remove(&key),
-                };
+                for (name, ports) in services {
+                    if ports.is_empty() {
+                        mirror.services.remove(&name);
+                    } else {
+                        mirror.services.insert(name, ports);
+                    }
+                }
+                mirror.endpoints = endpoints;
             }
         }
     }
 
-    /// Syncs the kernel to `specs` through `runner`: a full sync when `full` is asked or
-    /// needed, else a partial one. One `iptables-save` (full syncs only) and one
-    /// `iptables-restore` (a large one split into several with iptables-nft, see
-    /// [`Ruleset::split`]). On failure the next sync is full.
-    pub fn sync(
-        &mut self,
-        runner: &Runner,
-        specs: &[ServiceSpec],
-        full: bool,
-    ) -> Result<SyncStats, Error> {
+    /// Runs `plan` through `runner` (one `iptables-restore`, a large one split into several
+    /// with iptables-nft, see [`Ruleset::split`]; nothing when it is empty) and records it as
+    /// applied. On failure nothing is recorded and the next sync is full.
+    pub fn apply(&mut self, runner: &Runner, mut plan: SyncPlan) -> Result<SyncStats, Error> {
         let start = Instant::now();
-        let family = self.config.family;
-        let full = full || self.needs_full(specs);
-        let plan = if full {
-            let saved = runner.save(family, None);
-            let saved = match saved {
-                Ok(s) => s,
-                Err(e) => {
-                    self.invalidate();
-                    return Err(e);
-                }
-            };
-            self.plan_full(specs, &saved)
-        } else {
-            self.plan_partial(specs)
-        };
-        let mut plan = plan;
         let rs = std::mem::take(&mut plan.ruleset);
         let mut stats = SyncStats {
-            full,
+            full: plan.is_full(),
             changed_services: plan.changed,
             chains_written: rs.tables.values().map(|t| t.chains.len()).sum(),
             chains_deleted: rs.tables.values().map(|t| t.delete.len()).sum(),
@@ -323,7 +410,7 @@ impl Proxier {
         };
         if !rs.is_empty() {
             rs.check_ownership()?;
-            match runner.apply_owned(family, rs) {
+            match runner.apply_owned(self.config.family, rs) {
                 Ok((bytes, restores)) => {
                     stats.bytes = bytes;
                     stats.restores = restores;
@@ -338,6 +425,48 @@ impl Proxier {
         stats.elapsed = start.elapsed();
         tracing::debug!(?stats, "iptables proxier synced");
         Ok(stats)
+    }
+
+    /// Syncs the kernel to every service port, `specs`: reads `iptables-save` of this family,
+    /// rewrites every chain, deletes stale per-Service chains and restores missing jumps from
+    /// the built-in chains. On failure the next sync is full.
+    pub fn sync_full(
+        &mut self,
+        runner: &Runner,
+        specs: &[ServiceSpec],
+    ) -> Result<SyncStats, Error> {
+        let start = Instant::now();
+        let saved = match runner.save(self.config.family, None) {
+            Ok(s) => s,
+            Err(e) => {
+                self.invalidate();
+                return Err(e);
+            }
+        };
+        let plan = self.plan_full(specs, &saved);
+        let mut stats = self.apply(runner, plan)?;
+        stats.elapsed = start.elapsed();
+        Ok(stats)
+    }
+
+    /// Syncs the `changed` Services only (see [`Proxier::plan_services`]): their chains, and
+    /// their rules in the shared chains. When a full sync is needed instead (nothing applied
+    /// yet or after a failure, or the comments mode flips), runs [`Proxier::sync_full`] with
+    /// `all`, which is called only then and gives every service port.
+    pub fn sync_services<'a, N, S>(
+        &mut self,
+        runner: &Runner,
+        changed: impl IntoIterator<Item = (N, S)>,
+        all: impl FnOnce() -> &'a [ServiceSpec],
+    ) -> Result<SyncStats, Error>
+    where
+        N: AsRef<str>,
+        S: AsRef<[ServiceSpec]>,
+    {
+        match self.plan_services(changed) {
+            Some(plan) => self.apply(runner, plan),
+            None => self.sync_full(runner, all()),
+        }
     }
 }
 
@@ -397,18 +526,41 @@ mod tests {
             .collect()
     }
 
+    /// Service `ns/s{i}` as a change: its one port of `specs(.., last_backend)`, or none.
+    fn service(i: u8, last_backend: u8, present: bool) -> (String, Vec<ServiceSpec>) {
+        let ports = if present {
+            vec![specs(i + 1, last_backend).swap_remove(usize::from(i))]
+        } else {
+            Vec::new()
+        };
+        (format!("ns/s{i}"), ports)
+    }
+
     /// A proxier after a full sync of `specs(services, last_backend)`.
     fn synced(services: u8, last_backend: u8) -> Proxier {
-        let mut p = Proxier::new(ProxierConfig::default());
-        let plan = p.plan_full(&specs(services, last_backend), &Saved::default());
+        synced_with(ProxierConfig::default(), &specs(services, last_backend))
+    }
+
+    fn synced_with(config: ProxierConfig, specs: &[ServiceSpec]) -> Proxier {
+        let mut p = Proxier::new(config);
+        let plan = p.plan_full(specs, &Saved::default());
         p.commit(plan);
         p
+    }
+
+    /// Plans a partial sync of `changed` (which must not need a full one) and commits it.
+    fn partial(p: &mut Proxier, changed: Vec<(String, Vec<ServiceSpec>)>) -> Ruleset {
+        let mut plan = p.plan_services(changed).expect("a partial sync");
+        let ruleset = std::mem::take(&mut plan.ruleset);
+        p.commit(plan);
+        ruleset
     }
 
     #[test]
     fn one_endpoint_change_rewrites_one_service_chain_only() {
         let mut p = synced(5, 3);
-        let plan = p.plan_partial(&specs(5, 4));
+        let plan = p.plan_services([service(0, 4, true)]).unwrap();
+        assert!(!plan.is_full());
         let nat = &plan.ruleset.tables[&Table::Nat];
         let written: Vec<&str> = nat.chains.keys().map(String::as_str).collect();
         assert_eq!(
@@ -421,15 +573,27 @@ mod tests {
         assert!(!plan.ruleset.tables.contains_key(&Table::Filter));
         p.commit(plan);
         assert!(
-            p.plan_partial(&specs(5, 4)).ruleset.is_empty(),
+            p.plan_services([service(0, 4, true)])
+                .unwrap()
+                .ruleset
+                .is_empty(),
             "no change, no restore"
         );
     }
 
     #[test]
+    fn unchanged_services_listed_as_changed_restore_nothing() {
+        let p = synced(5, 3);
+        let all: Vec<_> = (0..5).map(|i| service(i, 3, true)).collect();
+        let plan = p.plan_services(all).unwrap();
+        assert!(plan.ruleset.is_empty(), "{}", plan.ruleset.render());
+        assert_eq!(plan.changed, 0);
+    }
+
+    #[test]
     fn removed_service_deletes_its_rule_and_chains_without_rewriting_kube_services() {
         let mut p = synced(3, 3);
-        let plan = p.plan_partial(&specs(2, 3));
+        let plan = p.plan_services([service(2, 3, false)]).unwrap();
         let nat = &plan.ruleset.tables[&Table::Nat];
         assert!(nat.chains.is_empty(), "{:?}", nat.chains.keys());
         assert_eq!(nat.delete.len(), 4, "SVC and three SEP chains");
@@ -440,13 +604,19 @@ mod tests {
         let rule_gone = text.find("-D KUBE-SERVICES").unwrap();
         assert!(rule_gone < text.find("-X KUBE-SVC-").unwrap(), "{text}");
         p.commit(plan);
-        assert!(p.plan_partial(&specs(2, 3)).ruleset.is_empty());
+        assert!(!p.applied.as_ref().unwrap().services.contains_key("ns/s2"));
+        assert!(
+            p.plan_services([service(2, 3, false)])
+                .unwrap()
+                .ruleset
+                .is_empty()
+        );
     }
 
     #[test]
     fn added_service_inserts_its_rule_above_the_nodeports_jump() {
         let p = synced(2, 3);
-        let plan = p.plan_partial(&specs(3, 3));
+        let plan = p.plan_services([service(2, 3, true)]).unwrap();
         let nat = &plan.ruleset.tables[&Table::Nat];
         assert_eq!(nat.chains.len(), 4, "SVC and three SEP chains");
         assert_eq!(nat.insert_rules.len(), 1);
@@ -459,10 +629,34 @@ mod tests {
     }
 
     #[test]
+    fn services_added_together_are_inserted_in_port_order_as_a_full_sync_lists_them() {
+        let p = synced(1, 3);
+        // By port name ns/a-b:p sorts first; by Service name ns/a does.
+        let port = |name: &str, ip: &str| {
+            let mut s = ServiceSpec::cluster_ip(name, Protocol::Tcp, ip.parse().unwrap(), 80);
+            s.backends
+                .push(Backend::ready("10.244.9.9:80".parse().unwrap(), false));
+            (service_name(name).to_owned(), vec![s])
+        };
+        let plan = p
+            .plan_services([port("ns/a:p", "10.96.1.1"), port("ns/a-b:p", "10.96.1.2")])
+            .unwrap();
+        let text = plan.ruleset.render();
+        // Each goes to the top, so the last inserted ends up first: ns/a-b above ns/a.
+        let at = |ip: &str| {
+            text.find(&format!("-I KUBE-SERVICES 1 -d {ip}/32"))
+                .unwrap()
+        };
+        assert!(at("10.96.1.1") < at("10.96.1.2"), "{text}");
+    }
+
+    #[test]
     fn many_shared_rule_changes_rewrite_the_chain() {
         let p = synced(1, 3);
         let many = u8::try_from(SHARED_EDIT_LIMIT + 2).unwrap();
-        let plan = p.plan_partial(&specs(many, 3));
+        let plan = p
+            .plan_services((1..many).map(|i| service(i, 3, true)))
+            .unwrap();
         let nat = &plan.ruleset.tables[&Table::Nat];
         assert!(nat.insert_rules.is_empty());
         assert_eq!(
@@ -470,5 +664,79 @@ mod tests {
             usize::from(many) + 1,
             "every service and the nodeports jump"
         );
+    }
+
+    #[test]
+    fn nothing_applied_needs_a_full_sync() {
+        let p = Proxier::new(ProxierConfig::default());
+        assert!(p.needs_full());
+        assert!(p.plan_services([service(0, 3, true)]).is_none());
+    }
+
+    #[test]
+    fn crossing_the_large_cluster_size_needs_a_full_sync() {
+        // Five Services of three endpoints: 15, at the limit, with comments.
+        let config = ProxierConfig {
+            large_cluster_endpoints: 15,
+            ..ProxierConfig::default()
+        };
+        let mut p = synced_with(config.clone(), &specs(5, 3));
+        assert!(p.applied.as_ref().unwrap().rendered.comments);
+        assert!(
+            p.plan_services([service(5, 3, true)]).is_none(),
+            "18 endpoints: every comment goes"
+        );
+        // Below the limit again (12, then 15), partial syncs.
+        partial(&mut p, vec![service(4, 3, false)]);
+        assert_eq!(p.applied.as_ref().unwrap().endpoints, 12);
+        partial(&mut p, vec![service(4, 3, true)]);
+        // A port of another family has no rules but its endpoints count, as kube-proxy's.
+        let mut v6 =
+            ServiceSpec::cluster_ip("ns/v6:p", Protocol::Tcp, "fd00::1".parse().unwrap(), 80);
+        v6.backends
+            .push(Backend::ready("[fd00::2]:80".parse().unwrap(), false));
+        let plan = p.plan_services([("ns/v6", vec![v6])]);
+        assert!(plan.is_none(), "16 endpoints");
+
+        // The other way: a full sync without comments, then back under the limit.
+        let mut p = synced_with(config, &specs(6, 3));
+        assert!(!p.applied.as_ref().unwrap().rendered.comments);
+        assert!(p.plan_services([service(5, 3, false)]).is_none());
+        let mut unchanged = p.plan_services([service(5, 3, true)]).unwrap();
+        assert!(std::mem::take(&mut unchanged.ruleset).is_empty());
+        p.commit(unchanged);
+        assert_eq!(p.applied.as_ref().unwrap().endpoints, 18);
+    }
+
+    #[test]
+    fn partial_syncs_leave_the_mirror_a_full_render_gives() {
+        let mut p = synced(4, 3);
+        // Service 1 gets a second port, 0 an endpoint, 3 goes, 4 and 5 come.
+        let mut second = specs(2, 3).swap_remove(1);
+        second.name = "ns/s1:q".into();
+        second.port = 81;
+        let s1 = ("ns/s1".to_owned(), vec![specs(2, 3).swap_remove(1), second]);
+        partial(&mut p, vec![s1.clone(), service(0, 7, true)]);
+        partial(&mut p, vec![service(3, 3, false), service(4, 3, true)]);
+        partial(&mut p, vec![service(5, 3, true), service(4, 3, true)]);
+        let mut all = specs(6, 7);
+        all.remove(3);
+        all.extend(s1.1.iter().skip(1).cloned());
+        let full = synced_with(ProxierConfig::default(), &all);
+        let (ours, want) = (p.applied.unwrap(), full.applied.unwrap());
+        assert_eq!(ours.rendered, want.rendered);
+        assert_eq!(ours.endpoints, want.endpoints);
+        assert_eq!(ours.services.len(), want.services.len());
+        for (name, ports) in &want.services {
+            let mut ports = ports.clone();
+            ports.sort_by(|a, b| a.key.cmp(&b.key));
+            assert_eq!(ours.services[name], ports, "{name}");
+        }
+    }
+
+    #[test]
+    fn service_name_is_the_port_name_before_its_port() {
+        assert_eq!(service_name("ns/web:http"), "ns/web");
+        assert_eq!(service_name("ns/web"), "ns/web");
     }
 }

@@ -8,7 +8,7 @@ use iptables::proxier::Proxier;
 
 use super::Engine;
 use crate::error::Error;
-use crate::fallback::{proxier_config, service_specs};
+use crate::fallback::{changed_service_specs, proxier_config, service_specs};
 use crate::model::ServiceName;
 use crate::plan::{PlanConfig, PlanWarning, Planner};
 use crate::state::ClusterState;
@@ -30,19 +30,37 @@ impl IptablesEngine {
         }
     }
 
-    fn sync(&mut self, state: &ClusterState, planner: &Planner, full: bool) -> SyncReport {
+    /// Syncs every family: all Services after re-reading the kernel (`dirty` is `None`), or
+    /// only those in `dirty`.
+    fn sync(
+        &mut self,
+        state: &ClusterState,
+        planner: &Planner,
+        dirty: Option<&BTreeSet<ServiceName>>,
+    ) -> SyncReport {
         if self.proxiers.len() != planner.config.families.len() {
             self.reconfigure(&planner.config);
         }
-        let specs = service_specs(state, &planner.config.node_name);
+        let node = &*planner.config.node_name;
+        // Converted once for all families; every Service only if a sync is full.
+        let changed = dirty.map(|dirty| changed_service_specs(state, dirty, node));
+        let all = std::cell::OnceCell::new();
+        let all = || all.get_or_init(|| service_specs(state, node)).as_slice();
         let mut report = SyncReport {
-            services: state.service_count(),
+            services: dirty.map_or_else(|| state.service_count(), BTreeSet::len),
             ..SyncReport::default()
         };
         // Each family's proxier takes the addresses of its own family from every spec.
         for proxier in &mut self.proxiers {
             let family = proxier.config().family;
-            match proxier.sync(&self.runner, &specs, full) {
+            let synced = match &changed {
+                Some(changed) => {
+                    let changed = changed.iter().map(|(name, ports)| (name, ports));
+                    proxier.sync_services(&self.runner, changed, all)
+                }
+                None => proxier.sync_full(&self.runner, all()),
+            };
+            match synced {
                 Ok(written) => {
                     tracing::debug!(
                         ?family,
@@ -69,17 +87,17 @@ impl Engine for IptablesEngine {
         planner: &Planner,
         _now: Instant,
     ) -> (SyncReport, Vec<PlanWarning>) {
-        (self.sync(state, planner, true), Vec::new())
+        (self.sync(state, planner, None), Vec::new())
     }
 
     fn partial_sync(
         &mut self,
         state: &ClusterState,
         planner: &Planner,
-        _dirty: &BTreeSet<ServiceName>,
+        dirty: &BTreeSet<ServiceName>,
         _now: Instant,
     ) -> (SyncReport, Vec<PlanWarning>) {
-        (self.sync(state, planner, false), Vec::new())
+        (self.sync(state, planner, Some(dirty)), Vec::new())
     }
 
     fn reconfigure(&mut self, config: &PlanConfig) {
