@@ -9,7 +9,8 @@ use ipnet::IpNet;
 use reconciler::Settings;
 use reconciler::plan::{NodePortFilter, PlanConfig};
 
-use crate::flags::{IpvsFallback, LogFormat, NodePortAddress, ProxyFlags, ProxyMode};
+use crate::config_file::{KubeProxyConfiguration, ModeField};
+use crate::flags::{self, IpvsFallback, LogFormat, NodePortAddress, ProxyFlags, ProxyMode};
 
 /// Everything the daemon needs to know, with every default filled in.
 #[derive(Debug, Clone, PartialEq)]
@@ -219,6 +220,71 @@ impl ProxyConfig {
                 "udpTimeout": humantime::format_duration(self.udp_timeout).to_string(),
             },
         })
+    }
+
+    /// Lays the values a configuration file sets over `self`.
+    #[must_use]
+    pub fn with_file(mut self, file: &KubeProxyConfiguration) -> Self {
+        fn set<T: Clone>(target: &mut T, value: Option<&T>) {
+            if let Some(v) = value {
+                *target = v.clone();
+            }
+        }
+        if let Some(ModeField(Some(mode))) = file.mode {
+            self.mode = mode;
+        }
+        if let Some(path) = file
+            .client_connection
+            .kubeconfig
+            .as_deref()
+            .filter(|p| !p.is_empty())
+        {
+            self.kubeconfig = Some(PathBuf::from(path));
+        }
+        if let Some(name) = file.hostname_override.as_deref().filter(|n| !n.is_empty()) {
+            self.hostname_override = Some(name.to_owned());
+        }
+        set(
+            &mut self.healthz_bind_address,
+            file.healthz_bind_address.as_ref(),
+        );
+        set(
+            &mut self.metrics_bind_address,
+            file.metrics_bind_address.as_ref(),
+        );
+        set(&mut self.cluster_cidrs, file.cluster_cidr.as_ref());
+        set(
+            &mut self.nodeport_addresses,
+            file.node_port_addresses.as_ref(),
+        );
+        set(
+            &mut self.masquerade_all,
+            file.iptables.masquerade_all.as_ref(),
+        );
+        set(
+            &mut self.masquerade_bit,
+            file.iptables.masquerade_bit.as_ref(),
+        );
+        // One proxier runs at a time: its own section's periods apply.
+        let (sync, min_sync) = match self.mode {
+            ProxyMode::Ipvs => (file.ipvs.sync_period, file.ipvs.min_sync_period),
+            ProxyMode::Iptables => (file.iptables.sync_period, file.iptables.min_sync_period),
+        };
+        set(&mut self.sync_period, sync.as_ref());
+        set(&mut self.min_sync_period, min_sync.as_ref());
+        set(&mut self.scheduler, file.ipvs.scheduler.as_ref());
+        set(&mut self.exclude_cidrs, file.ipvs.exclude_cidrs.as_ref());
+        set(&mut self.strict_arp, file.ipvs.strict_arp.as_ref());
+        set(&mut self.tcp_timeout, file.ipvs.tcp_timeout.as_ref());
+        set(&mut self.tcpfin_timeout, file.ipvs.tcp_fin_timeout.as_ref());
+        set(&mut self.udp_timeout, file.ipvs.udp_timeout.as_ref());
+        set(&mut self.verbosity, file.logging.verbosity.as_ref());
+        match file.logging.format.as_deref() {
+            Some("json") => self.log_format = flags::LogFormat::Json,
+            Some("text") => self.log_format = flags::LogFormat::Text,
+            _ => {}
+        }
+        self
     }
 
     /// The packet mark that asks for masquerading (`1 << --masquerade-bit`, 0x4000 by default).

@@ -14,7 +14,6 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
 
-use crate::config::ProxyConfig;
 use crate::flags::{self, NodePortAddress, ProxyMode};
 
 /// The API group and version this file format belongs to.
@@ -311,76 +310,10 @@ impl ConfigFile {
     }
 }
 
-impl ProxyConfig {
-    /// Lays the values a configuration file sets over `self`.
-    #[must_use]
-    pub fn with_file(mut self, file: &KubeProxyConfiguration) -> Self {
-        fn set<T: Clone>(target: &mut T, value: Option<&T>) {
-            if let Some(v) = value {
-                *target = v.clone();
-            }
-        }
-        if let Some(ModeField(Some(mode))) = file.mode {
-            self.mode = mode;
-        }
-        if let Some(path) = file
-            .client_connection
-            .kubeconfig
-            .as_deref()
-            .filter(|p| !p.is_empty())
-        {
-            self.kubeconfig = Some(PathBuf::from(path));
-        }
-        if let Some(name) = file.hostname_override.as_deref().filter(|n| !n.is_empty()) {
-            self.hostname_override = Some(name.to_owned());
-        }
-        set(
-            &mut self.healthz_bind_address,
-            file.healthz_bind_address.as_ref(),
-        );
-        set(
-            &mut self.metrics_bind_address,
-            file.metrics_bind_address.as_ref(),
-        );
-        set(&mut self.cluster_cidrs, file.cluster_cidr.as_ref());
-        set(
-            &mut self.nodeport_addresses,
-            file.node_port_addresses.as_ref(),
-        );
-        set(
-            &mut self.masquerade_all,
-            file.iptables.masquerade_all.as_ref(),
-        );
-        set(
-            &mut self.masquerade_bit,
-            file.iptables.masquerade_bit.as_ref(),
-        );
-        // One proxier runs at a time: its own section's periods apply.
-        let (sync, min_sync) = match self.mode {
-            ProxyMode::Ipvs => (file.ipvs.sync_period, file.ipvs.min_sync_period),
-            ProxyMode::Iptables => (file.iptables.sync_period, file.iptables.min_sync_period),
-        };
-        set(&mut self.sync_period, sync.as_ref());
-        set(&mut self.min_sync_period, min_sync.as_ref());
-        set(&mut self.scheduler, file.ipvs.scheduler.as_ref());
-        set(&mut self.exclude_cidrs, file.ipvs.exclude_cidrs.as_ref());
-        set(&mut self.strict_arp, file.ipvs.strict_arp.as_ref());
-        set(&mut self.tcp_timeout, file.ipvs.tcp_timeout.as_ref());
-        set(&mut self.tcpfin_timeout, file.ipvs.tcp_fin_timeout.as_ref());
-        set(&mut self.udp_timeout, file.ipvs.udp_timeout.as_ref());
-        set(&mut self.verbosity, file.logging.verbosity.as_ref());
-        match file.logging.format.as_deref() {
-            Some("json") => self.log_format = flags::LogFormat::Json,
-            Some("text") => self.log_format = flags::LogFormat::Text,
-            _ => {}
-        }
-        self
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ProxyConfig;
 
     /// What kubeadm writes into the kube-proxy ConfigMap, switched to ipvs mode.
     const KUBEADM_CONFIG: &str = r#"

@@ -2,7 +2,8 @@
 //! and nothing else.
 
 use crate::Error;
-use crate::ipset::{SetPatch, is_proxy_set};
+use crate::ipset::SetPatch;
+use crate::ipvs_mode::is_proxy_set;
 use crate::ruleset::Ruleset;
 use crate::runner::{Flavour, Runner};
 use crate::table::Family;

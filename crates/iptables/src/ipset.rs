@@ -13,7 +13,6 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::Error;
-use crate::ipvs_mode::KubeSet;
 use crate::rule::Protocol;
 use crate::table::{Family, FamilyNames as _};
 
@@ -26,16 +25,6 @@ pub fn swap_name(name: &str) -> String {
 
 /// The longest set name the kernel accepts (IPSET_MAXNAMELEN - 1).
 pub const MAX_SET_NAME_LEN: usize = 31;
-
-/// Whether `name` is a set the proxy owns: one of kube-proxy's ipvs-mode sets
-/// ([`KubeSet`], IPv4 `KUBE-…` or IPv6 `KUBE-6-…`), or its temporary swap twin (`KUBE~…`).
-#[must_use]
-pub fn is_proxy_set(name: &str) -> bool {
-    name.strip_prefix("KUBE-")
-        .or_else(|| name.strip_prefix("KUBE~"))
-        .and_then(KubeSet::from_suffix)
-        .is_some()
-}
 
 /// An ipset type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -268,10 +257,11 @@ impl IpSet {
         &self.header.name
     }
 
-    /// Checks the name (owned, short enough) and that every entry fits the type and family.
-    pub fn validate(&self) -> Result<(), Error> {
+    /// Checks the name (`owned` says it is, short enough) and that every entry fits the type
+    /// and family.
+    pub fn validate(&self, owned: fn(&str) -> bool) -> Result<(), Error> {
         let name = self.name();
-        if !is_proxy_set(name) || name.len() > MAX_SET_NAME_LEN {
+        if !owned(name) || name.len() > MAX_SET_NAME_LEN {
             return Err(Error::SetNotOwned(name.to_owned()));
         }
         for e in &self.entries {
@@ -438,9 +428,10 @@ impl SetPatch {
         self.ops.is_empty()
     }
 
-    /// Refuses any operation on a set the proxy does not own.
-    pub fn check_ownership(&self) -> Result<(), Error> {
-        match self.ops.iter().find(|op| !is_proxy_set(op.set_name())) {
+    /// Refuses any operation on a set `owned` does not own (the proxy's:
+    /// [`crate::ipvs_mode::is_proxy_set`]).
+    pub fn check_ownership(&self, owned: fn(&str) -> bool) -> Result<(), Error> {
+        match self.ops.iter().find(|op| !owned(op.set_name())) {
             Some(op) => Err(Error::SetNotOwned(op.set_name().to_owned())),
             None => Ok(()),
         }
@@ -521,6 +512,7 @@ pub fn parse_save(text: &str) -> Vec<IpSet> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ipvs_mode::is_proxy_set;
     use std::net::Ipv4Addr;
 
     fn ip(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
@@ -540,7 +532,7 @@ mod tests {
             Family::V4,
             entries.into(),
         );
-        set.validate().unwrap();
+        set.validate(is_proxy_set).unwrap();
         assert_eq!(
             render_save([&set]),
             "create KUBE-CLUSTER-IP hash:ip,port family inet hashsize 1024 maxelem 65536\n\
@@ -677,7 +669,7 @@ mod tests {
             p.render(),
             "del KUBE-LOOP-BACK 1.1.1.1\nadd KUBE-LOOP-BACK 3.3.3.3\n"
         );
-        p.check_ownership().unwrap();
+        p.check_ownership(is_proxy_set).unwrap();
     }
 
     #[test]
@@ -699,7 +691,7 @@ mod tests {
             &set("KUBE-LOOP-BACK", &[SetEntry::Ip(ip(1, 1, 1, 1))]),
         );
         p.refill(&existing, &set("KUBE-IPVS-IPS", &[]));
-        p.check_ownership().unwrap();
+        p.check_ownership(is_proxy_set).unwrap();
         assert_eq!(
             p.render(),
             "destroy KUBE~LOOP-BACK\n\
@@ -729,6 +721,6 @@ mod tests {
         assert!(!is_proxy_set("KUBE-SOMETHING-ELSE"));
         let mut p = SetPatch::default();
         p.remove("my-blocklist");
-        assert!(p.check_ownership().is_err());
+        assert!(p.check_ownership(is_proxy_set).is_err());
     }
 }

@@ -478,6 +478,19 @@ pub fn saved_probability(p: f64) -> String {
     format!("{:.11}", (p * scale).round() / scale)
 }
 
+/// The chain and the `-j` target of a saved `-A` line.
+#[must_use]
+pub fn rule_chain_and_target(line: &str) -> Option<(&str, Option<&str>)> {
+    let rest = line.strip_prefix("-A ")?;
+    let chain = rest.split(' ').next()?;
+    // The target is the word after the last ` -j ` outside quotes; comments are quoted and a
+    // quoted " -j " cannot end the line's last word, so the last occurrence is the target.
+    let target = rest
+        .rfind(" -j ")
+        .map(|i| rest[i + 4..].split(' ').next().unwrap_or(""));
+    Some((chain, target))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

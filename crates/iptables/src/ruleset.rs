@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashSet};
 use crate::Error;
 use crate::chain::is_proxy_chain;
 use crate::rule::Rule;
-use crate::saved::rule_chain_and_target;
+use crate::rule::rule_chain_and_target;
 use crate::table::Table;
 
 /// Changes to one table, applied together and atomically by one `iptables-restore` (unless

@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 
 use crate::Error;
 use crate::ipset::{IpSet, SetPatch, parse_save};
+use crate::ipvs_mode::is_proxy_set;
 use crate::ruleset::Ruleset;
 use crate::saved::Saved;
 use crate::table::{Family, FamilyNames as _, Table};
@@ -224,7 +225,7 @@ impl Runner {
 
     /// Feeds `patch` to `ipset restore -exist`, after checking it only touches the proxy's sets.
     pub fn ipset_restore(&self, patch: &SetPatch) -> Result<(), Error> {
-        patch.check_ownership()?;
+        patch.check_ownership(is_proxy_set)?;
         if patch.is_empty() {
             return Ok(());
         }

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::chain::is_proxy_chain;
-use crate::rule::Rule;
+use crate::rule::{Rule, rule_chain_and_target};
 use crate::ruleset::Ruleset;
 use crate::table::Table;
 
@@ -21,19 +21,6 @@ pub struct SavedTable {
 pub struct Saved {
     /// Per table.
     pub tables: BTreeMap<Table, SavedTable>,
-}
-
-/// The chain and the `-j` target of a saved `-A` line.
-#[must_use]
-pub fn rule_chain_and_target(line: &str) -> Option<(&str, Option<&str>)> {
-    let rest = line.strip_prefix("-A ")?;
-    let chain = rest.split(' ').next()?;
-    // The target is the word after the last ` -j ` outside quotes; comments are quoted and a
-    // quoted " -j " cannot end the line's last word, so the last occurrence is the target.
-    let target = rest
-        .rfind(" -j ")
-        .map(|i| rest[i + 4..].split(' ').next().unwrap_or(""));
-    Some((chain, target))
 }
 
 impl Saved {

@@ -13,33 +13,12 @@ use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::address::AddressAttribute;
 
 use crate::connection::{Reply, Request};
-use crate::error::{AddressError, Error};
+use crate::error::{AddressError, AddressOp, Error};
 use crate::link::DummyLink;
 use crate::request;
 
 /// How often a dump interrupted by concurrent changes is read again before giving up.
 const DUMP_ATTEMPTS: u32 = 5;
-
-/// Adding or removing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum AddressOp {
-    /// `ip addr add`
-    Add,
-    /// `ip addr del`
-    Remove,
-}
-
-impl AddressOp {
-    /// The `ip addr` verb.
-    #[must_use]
-    pub fn verb(self) -> &'static str {
-        match self {
-            Self::Add => "add",
-            Self::Remove => "del",
-        }
-    }
-}
 
 /// What happened to one address that did not fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,7 +4,26 @@ use std::io;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::address::AddressOp;
+/// Adding or removing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AddressOp {
+    /// `ip addr add`
+    Add,
+    /// `ip addr del`
+    Remove,
+}
+
+impl AddressOp {
+    /// The `ip addr` verb.
+    #[must_use]
+    pub fn verb(self) -> &'static str {
+        match self {
+            Self::Add => "add",
+            Self::Remove => "del",
+        }
+    }
+}
 
 /// A failure that stops a whole call: the socket, the link, or a reply that cannot be read.
 #[derive(Debug, thiserror::Error)]

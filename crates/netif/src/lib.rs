@@ -36,6 +36,6 @@ mod host_kernel_tests;
 mod link;
 mod request;
 
-pub use address::{AddressOp, AddressResult, Outcome, SyncReport, host_prefix};
-pub use error::{AddressError, Error};
+pub use address::{AddressResult, Outcome, SyncReport, host_prefix};
+pub use error::{AddressError, AddressOp, Error};
 pub use link::{DummyLink, KUBE_IPVS0};

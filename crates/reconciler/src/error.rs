@@ -6,7 +6,9 @@ use iptables::Family;
 use ipvs::ServiceKey;
 
 use crate::model::ServiceName;
-use crate::sync::BackendError;
+
+/// An error from a backend other than IPVS, boxed: the engine only reports it.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One failure of a sync. [`crate::sync::SyncError`] adds the Service to blame, if any.
 #[derive(Debug, thiserror::Error)]

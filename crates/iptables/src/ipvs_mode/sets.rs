@@ -1,12 +1,22 @@
 //! The KUBE-* ipsets of kube-proxy's ipvs mode, with kube-proxy's names, types and comments
 //! (pkg/proxy/ipvs/ipset.go), so `ipset list` and runbooks read the same. These are the only
-//! sets the proxy owns: [`crate::ipset::is_proxy_set`] reads its names from here.
+//! sets the proxy owns ([`is_proxy_set`]).
 
 use std::collections::BTreeSet;
 
 use crate::ipset::{IpSet, MAX_SET_NAME_LEN, SetEntry, SetType};
 use crate::rule::Protocol;
 use crate::table::Family;
+
+/// Whether `name` is a set the proxy owns: one of kube-proxy's ipvs-mode sets
+/// ([`KubeSet`], IPv4 `KUBE-…` or IPv6 `KUBE-6-…`), or its temporary swap twin (`KUBE~…`).
+#[must_use]
+pub fn is_proxy_set(name: &str) -> bool {
+    name.strip_prefix("KUBE-")
+        .or_else(|| name.strip_prefix("KUBE~"))
+        .and_then(KubeSet::from_suffix)
+        .is_some()
+}
 
 /// One of the ipvs-mode sets. Order is kube-proxy's `ipsetInfo` order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -6,14 +6,11 @@ use std::fmt;
 use std::net::IpAddr;
 
 use iptables::Family;
-use iptables::ipvs_mode::RuleInput;
+use iptables::ipvs_mode::{KubeSet, RuleInput};
 use ipvs::{Op, RealServerEntry, ServiceKey, VirtualServer};
 
+pub use crate::error::BackendError;
 use crate::model::Protocol;
-use iptables::ipvs_mode::KubeSet;
-
-/// An error from a backend other than IPVS, boxed: the engine only reports it.
-pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The kernel's IPVS table, as the engine needs it.
 pub trait IpvsKernel {
