@@ -286,12 +286,6 @@ impl ProxyConfig {
         }
         self
     }
-
-    /// The packet mark that asks for masquerading (`1 << --masquerade-bit`, 0x4000 by default).
-    #[must_use]
-    pub fn masquerade_mark(&self) -> u32 {
-        1u32 << self.masquerade_bit
-    }
 }
 
 #[cfg(test)]
@@ -303,7 +297,7 @@ mod tests {
     fn defaults_are_kube_proxys() {
         let cfg = ProxyConfig::default();
         assert_eq!(cfg.sync_period, Duration::from_secs(30));
-        assert_eq!(cfg.masquerade_mark(), 0x4000);
+        assert_eq!(iptables::masquerade_mark(cfg.masquerade_bit), 0x4000);
         assert_eq!(cfg.healthz_bind_address.to_string(), "0.0.0.0:10256");
         assert_eq!(cfg.metrics_bind_address.to_string(), "127.0.0.1:10249");
         assert_eq!(cfg.scheduler, ipvs::Scheduler::RoundRobin);
@@ -318,7 +312,7 @@ mod tests {
         ])
         .unwrap();
         let cfg = ProxyConfig::default().with_flags(&cli.flags);
-        assert_eq!(cfg.masquerade_mark(), 0x8000);
+        assert_eq!(iptables::masquerade_mark(cfg.masquerade_bit), 0x8000);
         assert_eq!(cfg.scheduler, ipvs::Scheduler::LeastConnection);
         assert_eq!(cfg.sync_period, Duration::from_secs(30));
     }

@@ -34,7 +34,9 @@ pub mod table;
 
 pub use cleanup::{CleanupReport, cleanup};
 pub use ipset::{IpSet, SetEntry, SetHeader, SetOp, SetPatch, SetType};
-pub use rule::{AddrMatch, AddrType, MarkOp, Match, Protocol, Recent, Rule, Target};
+pub use rule::{
+    AddrMatch, AddrType, MarkOp, Match, Protocol, Recent, Rule, Target, masquerade_mark,
+};
 pub use ruleset::{Ruleset, TablePatch};
 pub use runner::{Flavour, Runner, detect_flavour};
 pub use saved::Saved;

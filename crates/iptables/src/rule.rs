@@ -116,6 +116,13 @@ pub enum Match {
     Other(String),
 }
 
+/// The packet mark that asks for masquerading: `1 << --masquerade-bit` (bit 14: 0x4000, as
+/// kube-proxy's default). A bit past 31 gives the default mark.
+#[must_use]
+pub fn masquerade_mark(bit: u8) -> u32 {
+    1u32.checked_shl(u32::from(bit)).unwrap_or(0x4000)
+}
+
 /// A MARK target operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MarkOp {

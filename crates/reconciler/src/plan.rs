@@ -69,12 +69,6 @@ impl Default for PlanConfig {
 }
 
 impl PlanConfig {
-    /// `1 << --masquerade-bit` (0x4000 by default).
-    #[must_use]
-    pub fn masquerade_mark(&self) -> u32 {
-        1u32 << self.masquerade_bit
-    }
-
     /// The node's primary address of `family` (kube-proxy's `nodeIP`).
     #[must_use]
     pub fn primary_ip(&self, family: Family) -> Option<IpAddr> {
@@ -96,7 +90,7 @@ impl PlanConfig {
     ) -> RuleInput {
         RuleInput {
             family,
-            masquerade_mark: self.masquerade_mark(),
+            masquerade_mark: iptables::masquerade_mark(self.masquerade_bit),
             masquerade_all: self.masquerade_all,
             cluster_cidr: self.cluster_cidr(family),
             random_fully: self.random_fully,

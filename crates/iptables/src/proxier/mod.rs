@@ -169,12 +169,3 @@ impl Default for ProxierConfig {
         }
     }
 }
-
-impl ProxierConfig {
-    /// The masquerade mark, `1 << masquerade_bit`.
-    #[must_use]
-    pub fn masquerade_mark(&self) -> u32 {
-        1u32.checked_shl(u32::from(self.masquerade_bit))
-            .unwrap_or(0x4000)
-    }
-}

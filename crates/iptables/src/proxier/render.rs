@@ -19,7 +19,7 @@ use crate::chain::{
     KUBE_MARK_MASQ as MARK_MASQ, KUBE_NODEPORTS as NODEPORTS, KUBE_POSTROUTING as POSTROUTING,
     KUBE_PROXY_FIREWALL as FIREWALL, KUBE_SERVICES as SERVICES,
 };
-use crate::rule::{AddrType, MarkOp, Match, Protocol, Recent, Rule, Target};
+use crate::rule::{AddrType, MarkOp, Match, Protocol, Recent, Rule, Target, masquerade_mark};
 use crate::ruleset::Ruleset;
 use crate::table::{Family, FamilyNames as _, Table};
 
@@ -637,7 +637,7 @@ impl Rendered {
     /// The fixed chains and their rules (KUBE-POSTROUTING, KUBE-MARK-MASQ, KUBE-FORWARD).
     #[must_use]
     pub fn base_chains(config: &ProxierConfig) -> Vec<(Table, String, Vec<Rule>)> {
-        let mark = config.masquerade_mark();
+        let mark = masquerade_mark(config.masquerade_bit);
         let mut forward = Vec::new();
         if config.drop_invalid {
             forward.push(Rule::new(FORWARD, Target::Drop).with(Match::Conntrack {
