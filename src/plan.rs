@@ -4,8 +4,9 @@
 use std::io::Write;
 
 use controllers::manifests::read_dir;
-use iptables::Family;
-use reconciler::plan::{PlanConfig, Planner};
+use reconciler::fallback::plan_iptables_mode;
+use reconciler::plan::Planner;
+use reconciler::render::Section;
 use reconciler::state::ClusterState;
 
 use crate::config::ProxyConfig;
@@ -106,7 +107,7 @@ pub fn run(args: &PlanArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
             );
             return EXIT_USAGE;
         }
-        let text = iptables_mode_rules(&config, &plan_config, &state, args.only.is_none());
+        let text = plan_iptables_mode(&state, &plan_config, args.only.is_none());
         return if out.write_all(text.as_bytes()).is_ok() {
             EXIT_OK
         } else {
@@ -118,72 +119,15 @@ pub fn run(args: &PlanArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     for w in &plan.warnings {
         let _ = writeln!(err, "warning: {w}");
     }
-    let iptables = || {
-        let mut s = String::new();
-        for (i, family) in plan_config.families.iter().enumerate() {
-            if i > 0 || (args.only.is_none() && *family == Family::V6) {
-                s.push_str(match family {
-                    Family::V4 => "# iptables-save\n",
-                    Family::V6 => "# ip6tables-save\n",
-                });
-            }
-            s.push_str(&plan.render_iptables(&plan_config, *family));
-        }
-        s
-    };
-    let text = match args.only {
-        Some(PlanSection::Ipvs) => plan.render_ipvsadm(),
-        Some(PlanSection::Addresses) => plan.render_addresses(),
-        Some(PlanSection::Ipsets) => plan.render_ipsets(),
-        Some(PlanSection::Iptables) => iptables(),
-        None => {
-            let v4_header = if plan_config.families.first() == Some(&Family::V4) {
-                "# iptables-save\n"
-            } else {
-                ""
-            };
-            format!(
-                "# ipvsadm -Sn\n{}# kube-ipvs0\n{}# ipset save\n{}{v4_header}{}",
-                plan.render_ipvsadm(),
-                plan.render_addresses(),
-                plan.render_ipsets(),
-                iptables()
-            )
-        }
-    };
+    let only = args.only.map(|only| match only {
+        PlanSection::Ipvs => Section::Ipvs,
+        PlanSection::Addresses => Section::Addresses,
+        PlanSection::Ipsets => Section::Ipsets,
+        PlanSection::Iptables => Section::Iptables,
+    });
+    let text = plan.render(&plan_config, only);
     if out.write_all(text.as_bytes()).is_err() {
         return EXIT_NOTHING_READ;
     }
     EXIT_OK
-}
-
-/// kube-proxy's iptables-mode rules for every family, each under its `iptables-save` header
-/// (the IPv4 header only when `headers` asks for it, as with `--only`).
-fn iptables_mode_rules(
-    config: &ProxyConfig,
-    plan_config: &PlanConfig,
-    state: &ClusterState,
-    headers: bool,
-) -> String {
-    let mut text = String::new();
-    for family in &plan_config.families {
-        if headers || *family == Family::V6 {
-            text.push_str(match family {
-                Family::V4 => "# iptables-save\n",
-                Family::V6 => "# ip6tables-save\n",
-            });
-        }
-        let proxier = reconciler::fallback::proxier_config(
-            *family,
-            config.masquerade_bit,
-            config.masquerade_all,
-            plan_config.cluster_cidr(*family),
-        );
-        text.push_str(&reconciler::fallback::plan_iptables(
-            state,
-            &plan_config.node_name,
-            &proxier,
-        ));
-    }
-    text
 }

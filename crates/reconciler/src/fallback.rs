@@ -10,6 +10,8 @@ use iptables::Family;
 use iptables::proxier::{Backend, ProxierConfig, ServiceSpec, render};
 
 use crate::model::{ServiceName, ServicePort, SessionAffinity, TrafficPolicy};
+use crate::plan::PlanConfig;
+use crate::render::save_header;
 use crate::state::ClusterState;
 
 /// The model's service ports, with their endpoints, as the iptables proxier takes them, for
@@ -98,6 +100,27 @@ fn port_spec(state: &ClusterState, sp: &ServicePort, node: &str) -> ServiceSpec 
 pub fn plan_iptables(state: &ClusterState, node: &str, config: &ProxierConfig) -> String {
     let specs = service_specs(state, node);
     render(config, &specs).save_text(config)
+}
+
+/// What `plan --proxy-mode iptables` prints: kube-proxy's iptables-mode rules for every family,
+/// each under its `iptables-save` header (the IPv4 header only with `headers`, which `--only`
+/// turns off).
+#[must_use]
+pub fn plan_iptables_mode(state: &ClusterState, config: &PlanConfig, headers: bool) -> String {
+    let mut text = String::new();
+    for &family in &config.families {
+        if headers || family == Family::V6 {
+            text.push_str(save_header(family));
+        }
+        let proxier = proxier_config(
+            family,
+            config.masquerade_bit,
+            config.masquerade_all,
+            config.cluster_cidr(family),
+        );
+        text.push_str(&plan_iptables(state, &config.node_name, &proxier));
+    }
+    text
 }
 
 /// The proxier configuration for `family` from the daemon's flags.

@@ -11,7 +11,7 @@ pub mod fallback;
 pub mod health;
 pub mod model;
 pub mod plan;
-mod render;
+pub mod render;
 pub mod settings;
 pub mod state;
 pub mod sync;
