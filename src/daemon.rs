@@ -22,27 +22,9 @@ use crate::http::{ServerState, health_router, metrics_router, serve};
 use crate::metrics::Metrics;
 use crate::observer::Telemetry;
 
-/// One `/proc/sys` setting, as kube-proxy makes it; failures are logged, not fatal.
-fn sysctl(path: &str, value: &str) {
-    let file = format!("/proc/sys/{path}");
-    match std::fs::read_to_string(&file) {
-        Ok(current) if current.trim() == value => {}
-        _ => match std::fs::write(&file, value) {
-            Ok(()) => tracing::info!(sysctl = path, value, "set"),
-            Err(e) => tracing::warn!(sysctl = path, value, error = %e, "cannot set"),
-        },
-    }
-}
-
-/// The kernel's release as (major, minor), from `/proc/sys/kernel/osrelease`.
-fn kernel_version() -> Option<(u32, u32)> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
-    let mut parts = release.trim().split(['.', '-']);
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
-}
-
 /// The sysctls kube-proxy's ipvs mode sets.
 fn ipvs_sysctls(config: &ProxyConfig) {
+    use netif::sysctl::{ensure as sysctl, kernel_version};
     // Let IPVS see conntrack, so iptables' NAT and masquerading apply to its traffic.
     sysctl("net/ipv4/vs/conntrack", "1");
     // Drop connections to deleted real servers at once instead of black-holing them.
@@ -116,13 +98,7 @@ fn ipvs_engine(
         udp: seconds(config.udp_timeout),
     };
     // Zero leaves the kernel's value, as with ipvsadm --set.
-    if timeouts
-        != (ipvs::Timeouts {
-            tcp: 0,
-            tcp_fin: 0,
-            udp: 0,
-        })
-    {
+    if timeouts != ipvs::Timeouts::default() {
         handle
             .set_timeouts(&timeouts)
             .context("setting IPVS timeouts")?;
@@ -151,7 +127,7 @@ fn choose_engine(config: &ProxyConfig) -> anyhow::Result<(ProxyMode, Box<dyn Eng
             mode = "iptables",
             "running the iptables proxier, as --proxy-mode asks"
         );
-        sysctl("net/ipv4/ip_forward", "1");
+        netif::sysctl::ensure("net/ipv4/ip_forward", "1");
         return Ok((ProxyMode::Iptables, Box::new(IptablesEngine::new(runner))));
     }
     match ipvs::Handle::probe(config.scheduler) {
@@ -165,7 +141,7 @@ fn choose_engine(config: &ProxyConfig) -> anyhow::Result<(ProxyMode, Box<dyn Eng
                 reason = %why,
                 "IPVS is unavailable, running the iptables proxier instead (--ipvs-fallback=exit exits instead)"
             );
-            sysctl("net/ipv4/ip_forward", "1");
+            netif::sysctl::ensure("net/ipv4/ip_forward", "1");
             Ok((ProxyMode::Iptables, Box::new(IptablesEngine::new(runner))))
         }
         Err(why) => bail!("IPVS is unavailable: {why} (--ipvs-fallback=exit)"),

@@ -30,31 +30,6 @@ pub struct KernelErrorLabel {
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 
-/// Every metric the proxy exports. Cheap to share behind an `Arc`.
-#[derive(Debug)]
-pub struct Metrics {
-    registry: Registry,
-    pub sync_duration: Histogram,
-    pub sync_full_duration: Histogram,
-    pub sync_partial_duration: Histogram,
-    pub network_programming_duration: Histogram,
-    pub last_sync_timestamp: FloatGauge,
-    pub last_queued_timestamp: FloatGauge,
-    pub service_changes_pending: Gauge,
-    pub service_changes_total: Counter,
-    pub endpoint_changes_pending: Gauge,
-    pub endpoint_changes_total: Counter,
-    pub iptables_restore_failures: Counter,
-    pub iptables_partial_restore_failures: Counter,
-    pub no_local_endpoints: Family<TrafficPolicyLabel, Gauge>,
-    pub healthz_requests: Family<CodeLabel, Counter>,
-    pub livez_requests: Family<CodeLabel, Counter>,
-    pub virtual_servers: Gauge,
-    pub real_servers: Gauge,
-    pub real_servers_draining: Gauge,
-    pub kernel_operation_errors: Family<KernelErrorLabel, Counter>,
-}
-
 /// kube-proxy's buckets for sync durations: 1 ms doubling to about 16 s.
 fn sync_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 15))
@@ -69,6 +44,91 @@ fn programming_buckets() -> Histogram {
     Histogram::new(quarter.into_iter().chain(seconds).chain(five).chain(thirty))
 }
 
+/// Declares every metric once: its field, its type and first value, its name (under the
+/// prefix) and its help text; the struct, its constructor and the registration follow.
+macro_rules! metrics {
+    ($($prefix:literal {
+        $($field:ident: $ty:ty = $init:expr, $name:literal, $help:literal;)*
+    })*) => {
+        /// Every metric the proxy exports. Cheap to share behind an `Arc`.
+        #[derive(Debug)]
+        pub struct Metrics {
+            registry: Registry,
+            $($(pub $field: $ty,)*)*
+        }
+
+        impl Metrics {
+            #[must_use]
+            pub fn new() -> Metrics {
+                let mut registry = Registry::default();
+                $(
+                    let sub = registry.sub_registry_with_prefix($prefix);
+                    $(
+                        let $field: $ty = $init;
+                        sub.register($name, $help, $field.clone());
+                    )*
+                )*
+                Metrics { registry, $($($field,)*)* }
+            }
+        }
+    };
+}
+
+metrics! {
+    "kubeproxy" {
+        sync_duration: Histogram = sync_buckets(),
+            "sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds";
+        sync_full_duration: Histogram = sync_buckets(),
+            "sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for full resyncs";
+        sync_partial_duration: Histogram = sync_buckets(),
+            "sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for partial resyncs";
+        network_programming_duration: Histogram = programming_buckets(),
+            "network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds";
+        last_sync_timestamp: FloatGauge = FloatGauge::default(),
+            "sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced";
+        last_queued_timestamp: FloatGauge = FloatGauge::default(),
+            "sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued";
+        service_changes_pending: Gauge = Gauge::default(),
+            "sync_proxy_rules_service_changes_pending", "Pending proxy rules Service changes";
+        service_changes_total: Counter = Counter::default(),
+            "sync_proxy_rules_service_changes", "Cumulative proxy rules Service changes";
+        endpoint_changes_pending: Gauge = Gauge::default(),
+            "sync_proxy_rules_endpoint_changes_pending", "Pending proxy rules Endpoint changes";
+        endpoint_changes_total: Counter = Counter::default(),
+            "sync_proxy_rules_endpoint_changes", "Cumulative proxy rules Endpoint changes";
+        iptables_restore_failures: Counter = Counter::default(),
+            "sync_proxy_rules_iptables_restore_failures",
+            "Cumulative proxy iptables restore failures";
+        iptables_partial_restore_failures: Counter = Counter::default(),
+            "sync_proxy_rules_iptables_partial_restore_failures",
+            "Cumulative proxy iptables partial restore failures";
+        no_local_endpoints: Family<TrafficPolicyLabel, Gauge> = Family::default(),
+            "sync_proxy_rules_no_local_endpoints",
+            "Number of services with a Local traffic policy and no endpoints";
+        healthz_requests: Family<CodeLabel, Counter> = Family::default(),
+            "proxy_healthz", "Cumulative proxy healthz HTTP status";
+        livez_requests: Family<CodeLabel, Counter> = Family::default(),
+            "proxy_livez", "Cumulative proxy livez HTTP status";
+    }
+    "ipvsproxy" {
+        virtual_servers: Gauge = Gauge::default(),
+            "virtual_servers", "IPVS virtual servers programmed";
+        real_servers: Gauge = Gauge::default(),
+            "real_servers", "IPVS real servers programmed";
+        real_servers_draining: Gauge = Gauge::default(),
+            "real_servers_draining",
+            "IPVS real servers at weight 0, waiting for their connections to end";
+        kernel_operation_errors: Family<KernelErrorLabel, Counter> = Family::default(),
+            "kernel_operation_errors",
+            "Kernel operations refused, by backend and kind of error";
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -76,134 +136,6 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    #[must_use]
-    #[allow(
-        clippy::too_many_lines,
-        reason = "one registration per metric, read as a table"
-    )]
-    pub fn new() -> Metrics {
-        let mut m = Metrics {
-            registry: Registry::default(),
-            sync_duration: sync_buckets(),
-            sync_full_duration: sync_buckets(),
-            sync_partial_duration: sync_buckets(),
-            network_programming_duration: programming_buckets(),
-            last_sync_timestamp: FloatGauge::default(),
-            last_queued_timestamp: FloatGauge::default(),
-            service_changes_pending: Gauge::default(),
-            service_changes_total: Counter::default(),
-            endpoint_changes_pending: Gauge::default(),
-            endpoint_changes_total: Counter::default(),
-            iptables_restore_failures: Counter::default(),
-            iptables_partial_restore_failures: Counter::default(),
-            no_local_endpoints: Family::default(),
-            healthz_requests: Family::default(),
-            livez_requests: Family::default(),
-            virtual_servers: Gauge::default(),
-            real_servers: Gauge::default(),
-            real_servers_draining: Gauge::default(),
-            kernel_operation_errors: Family::default(),
-        };
-        let kp = m.registry.sub_registry_with_prefix("kubeproxy");
-        kp.register(
-            "sync_proxy_rules_duration_seconds",
-            "SyncProxyRules latency in seconds",
-            m.sync_duration.clone(),
-        );
-        kp.register(
-            "sync_full_proxy_rules_duration_seconds",
-            "SyncProxyRules latency in seconds for full resyncs",
-            m.sync_full_duration.clone(),
-        );
-        kp.register(
-            "sync_partial_proxy_rules_duration_seconds",
-            "SyncProxyRules latency in seconds for partial resyncs",
-            m.sync_partial_duration.clone(),
-        );
-        kp.register(
-            "network_programming_duration_seconds",
-            "In Cluster Network Programming Latency in seconds",
-            m.network_programming_duration.clone(),
-        );
-        kp.register(
-            "sync_proxy_rules_last_timestamp_seconds",
-            "The last time proxy rules were successfully synced",
-            m.last_sync_timestamp.clone(),
-        );
-        kp.register(
-            "sync_proxy_rules_last_queued_timestamp_seconds",
-            "The last time a sync of proxy rules was queued",
-            m.last_queued_timestamp.clone(),
-        );
-        kp.register(
-            "sync_proxy_rules_service_changes_pending",
-            "Pending proxy rules Service changes",
-            m.service_changes_pending.clone(),
-        );
-        kp.register(
-            "sync_proxy_rules_service_changes",
-            "Cumulative proxy rules Service changes",
-            m.service_changes_total.clone(),
-        );
-        kp.register(
-            "sync_proxy_rules_endpoint_changes_pending",
-            "Pending proxy rules Endpoint changes",
-            m.endpoint_changes_pending.clone(),
-        );
-        kp.register(
-            "sync_proxy_rules_endpoint_changes",
-            "Cumulative proxy rules Endpoint changes",
-            m.endpoint_changes_total.clone(),
-        );
-        kp.register(
-            "sync_proxy_rules_iptables_restore_failures",
-            "Cumulative proxy iptables restore failures",
-            m.iptables_restore_failures.clone(),
-        );
-        kp.register(
-            "sync_proxy_rules_iptables_partial_restore_failures",
-            "Cumulative proxy iptables partial restore failures",
-            m.iptables_partial_restore_failures.clone(),
-        );
-        kp.register(
-            "sync_proxy_rules_no_local_endpoints",
-            "Number of services with a Local traffic policy and no endpoints",
-            m.no_local_endpoints.clone(),
-        );
-        kp.register(
-            "proxy_healthz",
-            "Cumulative proxy healthz HTTP status",
-            m.healthz_requests.clone(),
-        );
-        kp.register(
-            "proxy_livez",
-            "Cumulative proxy livez HTTP status",
-            m.livez_requests.clone(),
-        );
-        let ours = m.registry.sub_registry_with_prefix("ipvsproxy");
-        ours.register(
-            "virtual_servers",
-            "IPVS virtual servers programmed",
-            m.virtual_servers.clone(),
-        );
-        ours.register(
-            "real_servers",
-            "IPVS real servers programmed",
-            m.real_servers.clone(),
-        );
-        ours.register(
-            "real_servers_draining",
-            "IPVS real servers at weight 0, waiting for their connections to end",
-            m.real_servers_draining.clone(),
-        );
-        ours.register(
-            "kernel_operation_errors",
-            "Kernel operations refused, by backend and kind of error",
-            m.kernel_operation_errors.clone(),
-        );
-        m
-    }
-
     /// Records one completed sync.
     pub fn observe_sync(&self, duration: Duration, full: bool, now: SystemTime) {
         let secs = duration.as_secs_f64();

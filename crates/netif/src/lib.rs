@@ -1,4 +1,5 @@
-//! The dummy link `kube-ipvs0` and the service addresses bound to it, over rtnetlink.
+//! The dummy link `kube-ipvs0` and the service addresses bound to it, over rtnetlink; and the
+//! kernel's network settings the proxy makes ([`sysctl`]).
 //!
 //! IPVS only sees packets addressed to the node itself, so every Service VIP is bound to a
 //! dummy link. This crate owns that one link; it must never change any other link or any
@@ -35,6 +36,7 @@ mod error;
 mod host_kernel_tests;
 mod link;
 mod request;
+pub mod sysctl;
 
 pub use address::{AddressResult, Outcome, SyncReport, host_prefix};
 pub use error::{AddressError, AddressOp, Error};
