@@ -1,7 +1,8 @@
-//! The ipvs-proxy daemon: flags and configuration, wiring of the crates, health and metrics.
+//! The ipvs-proxy daemon: flags and the config file, the real kernel backends, the health and
+//! metrics servers, and the wiring of the crates (`daemon`).
 //!
 //! The binary is thin: `main.rs` parses flags and hands over to this library; the work is done
-//! in the `ipvs`, `netif`, `iptables`, `reconciler` and `controllers` crates.
+//! in the `inet`, `netlink`, `ipvs`, `netif`, `iptables`, `reconciler` and `controllers` crates.
 #![forbid(unsafe_code)]
 
 pub mod backends;

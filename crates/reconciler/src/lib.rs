@@ -2,7 +2,15 @@
 //! smallest set of operations that moves the kernel from what it has to what it should have.
 //!
 //! Pure logic plus one apply loop: this crate never opens a socket or runs a process itself;
-//! the kernel backends are traits it is handed.
+//! the kernel backends are traits it is handed, and what it learns goes to an [`Observer`].
+//!
+//! - [`model`], [`state`]: Service ports, endpoints and node facts; the cluster as known.
+//! - [`settings`], [`plan`], [`render`]: the flags' settings, the desired state per Service,
+//!   and `ipvs-proxy plan`'s text.
+//! - [`sync_loop`]: coalescing, min/max sync periods, drain ticks, repair after a failure;
+//!   [`health`]: what `/healthz` and `/livez` answer.
+//! - [`engine`]: the IPVS proxier over [`sync`] (backend traits, mirror, diff, sending) and the
+//!   iptables proxier over [`fallback`]'s conversion.
 #![forbid(unsafe_code)]
 
 pub mod engine;
