@@ -100,23 +100,8 @@ impl Connection {
         flags: u16,
         command: &dyn Fn() -> String,
     ) -> Result<Vec<RouteNetlinkMessage>, Error> {
-        let mut answers = Vec::new();
-        let answer = self
-            .socket
-            .request(
-                |w, sequence| {
-                    request::append(w, message, NLM_F_REQUEST | NLM_F_ACK | flags, sequence);
-                },
-                |reply| {
-                    answers.push(request::parse(reply)?);
-                    Ok::<_, netlink::Error>(Flow::Continue)
-                },
-            )
-            .map_err(|e| engine_error(e, command))?;
-        match answer.end {
-            End::Failed(errno) => Err(kernel_error(errno, command)),
-            End::Ack | End::Done(_) | End::Stopped => Ok(answers),
-        }
+        let (answers, _) = self.exchange(message, NLM_F_ACK | flags, command)?;
+        Ok(answers)
     }
 
     /// Dumps (`NLM_F_DUMP`); returns the messages and whether the kernel flagged the dump as
@@ -127,11 +112,21 @@ impl Connection {
         message: &RouteNetlinkMessage,
         command: &dyn Fn() -> String,
     ) -> Result<(Vec<RouteNetlinkMessage>, bool), Error> {
+        self.exchange(message, NLM_F_DUMP, command)
+    }
+
+    /// One request with `flags`, and every message that answers it until its end.
+    fn exchange(
+        &mut self,
+        message: &RouteNetlinkMessage,
+        flags: u16,
+        command: &dyn Fn() -> String,
+    ) -> Result<(Vec<RouteNetlinkMessage>, bool), Error> {
         let mut answers = Vec::new();
         let answer = self
             .socket
             .request(
-                |w, sequence| request::append(w, message, NLM_F_REQUEST | NLM_F_DUMP, sequence),
+                |w, sequence| request::append(w, message, NLM_F_REQUEST | flags, sequence),
                 |reply| {
                     answers.push(request::parse(reply)?);
                     Ok::<_, netlink::Error>(Flow::Continue)

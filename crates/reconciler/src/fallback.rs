@@ -142,31 +142,17 @@ pub fn proxier_config(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use super::*;
-    use crate::model::{Protocol, SchedulerChoice, ServicePortName, ServiceType};
+    use crate::model::{Protocol, ServicePortName};
 
     fn port(service: &str, port: &str, number: u16) -> ServicePort {
-        ServicePort {
-            name: ServicePortName {
-                service: ServiceName::new("ns", service),
-                port: port.into(),
-                protocol: Protocol::Tcp,
-            },
-            service_type: ServiceType::ClusterIp,
-            port: number,
-            cluster_ips: Arc::from(["10.96.0.1".parse::<std::net::IpAddr>().unwrap()]),
-            external_ips: Arc::from([]),
-            load_balancer_ips: Arc::from([]),
-            load_balancer_source_ranges: Arc::from([]),
-            node_port: None,
-            health_check_node_port: None,
-            session_affinity: SessionAffinity::None,
-            external_traffic_policy: TrafficPolicy::Cluster,
-            internal_traffic_policy: TrafficPolicy::Cluster,
-            scheduler: SchedulerChoice::Default,
-        }
+        let name = ServicePortName {
+            service: ServiceName::new("ns", service),
+            port: port.into(),
+            protocol: Protocol::Tcp,
+        };
+        ServicePort::cluster_ip(name, number, &["10.96.0.1".parse().unwrap()])
     }
 
     #[test]

@@ -143,6 +143,27 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
+    /// A plain ClusterIP port: no external addresses, no affinity, Cluster traffic policies,
+    /// the default scheduler.
+    #[must_use]
+    pub fn cluster_ip(name: ServicePortName, port: u16, cluster_ips: &[IpAddr]) -> ServicePort {
+        ServicePort {
+            name,
+            service_type: ServiceType::ClusterIp,
+            port,
+            cluster_ips: cluster_ips.into(),
+            external_ips: Arc::from([]),
+            load_balancer_ips: Arc::from([]),
+            load_balancer_source_ranges: Arc::from([]),
+            node_port: None,
+            health_check_node_port: None,
+            session_affinity: SessionAffinity::None,
+            external_traffic_policy: TrafficPolicy::Cluster,
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            scheduler: SchedulerChoice::Default,
+        }
+    }
+
     /// Whether traffic from outside the cluster can reach it (externalIPs, LoadBalancer IPs or
     /// a NodePort): only then does `externalTrafficPolicy` mean anything.
     #[must_use]

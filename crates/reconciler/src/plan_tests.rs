@@ -20,25 +20,13 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn svc(name: &str, cluster_ips: &[&str], port: u16) -> ServicePort {
-    ServicePort {
-        name: ServicePortName {
-            service: ServiceName::new("ns", name),
-            port: "p".into(),
-            protocol: Protocol::Tcp,
-        },
-        service_type: ServiceType::ClusterIp,
-        port,
-        cluster_ips: cluster_ips.iter().map(|s| ip(s)).collect(),
-        external_ips: Arc::from([]),
-        load_balancer_ips: Arc::from([]),
-        load_balancer_source_ranges: Arc::from([]),
-        node_port: None,
-        health_check_node_port: None,
-        session_affinity: SessionAffinity::None,
-        external_traffic_policy: TrafficPolicy::Cluster,
-        internal_traffic_policy: TrafficPolicy::Cluster,
-        scheduler: SchedulerChoice::Default,
-    }
+    let name = ServicePortName {
+        service: ServiceName::new("ns", name),
+        port: "p".into(),
+        protocol: Protocol::Tcp,
+    };
+    let ips: Vec<IpAddr> = cluster_ips.iter().map(|s| ip(s)).collect();
+    ServicePort::cluster_ip(name, port, &ips)
 }
 
 /// (address, ready, serving, terminating, node)

@@ -7,10 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::*;
 use crate::engine::Engine;
-use crate::model::{
-    NodeFacts, Protocol, SchedulerChoice, ServicePort, ServicePortName, ServiceType,
-    SessionAffinity, TrafficPolicy,
-};
+use crate::model::{NodeFacts, Protocol, ServicePort, ServicePortName};
 use crate::plan::PlanConfig;
 
 /// One call the loop made on its engine.
@@ -134,25 +131,12 @@ enum Change {
 }
 
 fn port(name: &str, cluster_ip: &str) -> ServicePort {
-    ServicePort {
-        name: ServicePortName {
-            service: ServiceName::new("ns", name),
-            port: "p".into(),
-            protocol: Protocol::Tcp,
-        },
-        service_type: ServiceType::ClusterIp,
-        port: 80,
-        cluster_ips: Arc::from([cluster_ip.parse::<IpAddr>().unwrap()]),
-        external_ips: Arc::from([]),
-        load_balancer_ips: Arc::from([]),
-        load_balancer_source_ranges: Arc::from([]),
-        node_port: None,
-        health_check_node_port: None,
-        session_affinity: SessionAffinity::None,
-        external_traffic_policy: TrafficPolicy::Cluster,
-        internal_traffic_policy: TrafficPolicy::Cluster,
-        scheduler: SchedulerChoice::Default,
-    }
+    let name = ServicePortName {
+        service: ServiceName::new("ns", name),
+        port: "p".into(),
+        protocol: Protocol::Tcp,
+    };
+    ServicePort::cluster_ip(name, 80, &[cluster_ip.parse().unwrap()])
 }
 
 fn fold(state: &mut ClusterState, changes: Vec<Change>) -> Folded {
