@@ -41,11 +41,15 @@ impl IpvsKernel for KernelIpvs {
 #[derive(Debug)]
 pub struct KernelAddresses(pub netif::DummyLink);
 
+/// One result per address of `call(addrs)`; a failure of the whole call is every address's.
 fn per_address(
     addrs: &[IpAddr],
-    result: Result<Vec<netif::AddressResult>, netif::Error>,
+    call: impl FnOnce(&[IpAddr]) -> Result<Vec<netif::AddressResult>, netif::Error>,
 ) -> Vec<Result<(), BackendError>> {
-    match result {
+    if addrs.is_empty() {
+        return Vec::new();
+    }
+    match call(addrs) {
         Ok(results) => results
             .into_iter()
             .map(|r| r.map(drop).map_err(Into::into))
@@ -63,19 +67,11 @@ impl AddressKernel for KernelAddresses {
     }
 
     fn add(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>> {
-        if addrs.is_empty() {
-            return Vec::new();
-        }
-        let result = self.0.add(addrs);
-        per_address(addrs, result)
+        per_address(addrs, |a| self.0.add(a))
     }
 
     fn remove(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>> {
-        if addrs.is_empty() {
-            return Vec::new();
-        }
-        let result = self.0.remove(addrs);
-        per_address(addrs, result)
+        per_address(addrs, |a| self.0.remove(a))
     }
 }
 

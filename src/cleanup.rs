@@ -27,24 +27,17 @@ pub struct CleanupReport {
 
 /// The NodePorts the proxy serves, from its sets (`ipset save`): `(protocol, port)`.
 fn node_ports(runner: &Runner) -> BTreeSet<(Protocol, u16)> {
-    let Ok(sets) = runner.ipset_save() else {
-        return BTreeSet::new();
-    };
-    let mut ports = BTreeSet::new();
-    for set in &sets {
-        let Some(protocol) =
-            KubeSet::from_name(set.name()).and_then(|(s, _)| s.node_port_protocol())
-        else {
-            continue;
-        };
+    let sets = runner.ipset_save().unwrap_or_default();
+    sets.iter()
+        .filter_map(|set| Some((KubeSet::from_name(set.name())?.0.node_port_protocol()?, set)))
         // bitmap:port entries are `30080`; the SCTP hash sets' are `10.0.0.1,sctp:30080`.
-        for entry in &set.entries {
-            if let SetEntry::Port(port) | SetEntry::IpPort(_, _, port) = entry {
-                ports.insert((protocol, *port));
-            }
-        }
-    }
-    ports
+        .flat_map(|(protocol, set)| {
+            set.entries.iter().filter_map(move |entry| match entry {
+                SetEntry::Port(port) | SetEntry::IpPort(_, _, port) => Some((protocol, *port)),
+                _ => None,
+            })
+        })
+        .collect()
 }
 
 /// Removes what the proxy owns. Steps that fail are reported; the others still run.

@@ -2,10 +2,12 @@
 //! source, the proxier thread, and a clean stop on SIGTERM/SIGINT that leaves the kernel state
 //! in place (so a restart or an upgrade never drops traffic).
 
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
+use axum::Router;
 use controllers::SourceUpdate;
 use iptables::{Runner, detect_flavour};
 use reconciler::SyncLoop;
@@ -159,28 +161,11 @@ async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
         mode: RwLock::new(mode),
         configz: config.configz(mode),
     });
-    if let Some(addr) = serve(config.healthz_bind_address, health_router(state.clone()))
-        .await
-        .with_context(|| {
-            format!(
-                "binding --healthz-bind-address {}",
-                config.healthz_bind_address
-            )
-        })?
-    {
-        tracing::info!(%addr, "serving /healthz and /livez");
-    }
-    if let Some(addr) = serve(config.metrics_bind_address, metrics_router(state))
-        .await
-        .with_context(|| {
-            format!(
-                "binding --metrics-bind-address {}",
-                config.metrics_bind_address
-            )
-        })?
-    {
-        tracing::info!(%addr, "serving /metrics");
-    }
+    let router = health_router(state.clone());
+    let (addr, flag) = (config.healthz_bind_address, "--healthz-bind-address");
+    serve_logged(addr, router, flag, "/healthz and /livez").await?;
+    let (addr, flag) = (config.metrics_bind_address, "--metrics-bind-address");
+    serve_logged(addr, metrics_router(state), flag, "/metrics").await?;
 
     let (tx, rx) = unbounded_channel();
     start_source(&config, tx).await?;
@@ -204,6 +189,20 @@ async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
         .await
         .context("joining the proxier")?
         .map_err(|_| anyhow::anyhow!("the proxier thread panicked"))?;
+    Ok(())
+}
+
+/// Serves `router` on `addr` (from `flag`, which errors name) and says so.
+async fn serve_logged(
+    addr: SocketAddr,
+    router: Router,
+    flag: &str,
+    what: &str,
+) -> anyhow::Result<()> {
+    let bound = serve(addr, router).await;
+    if let Some(addr) = bound.with_context(|| format!("binding {flag} {addr}"))? {
+        tracing::info!(%addr, "serving {what}");
+    }
     Ok(())
 }
 

@@ -108,7 +108,7 @@ metrics! {
             "sync_proxy_rules_iptables_partial_restore_failures",
             "Cumulative proxy iptables partial restore failures";
         no_local_endpoints: Family<TrafficPolicyLabel, Gauge> = Family::default(),
-            "sync_proxy_rules_no_local_endpoints",
+            "sync_proxy_rules_no_local_endpoints_total",
             "Number of services with a Local traffic policy and no endpoints";
         healthz_requests: Family<CodeLabel, Counter> = Family::default(),
             "proxy_healthz", "Cumulative proxy healthz HTTP status";
@@ -137,7 +137,9 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Records one completed sync.
-    pub fn observe_sync(&self, duration: Duration, full: bool, now: SystemTime) {
+    /// `succeeded` is when it ended, if it could program the kernel: only then does the
+    /// last-sync timestamp move (so that staleness alerts fire while syncs fail).
+    pub fn observe_sync(&self, duration: Duration, full: bool, succeeded: Option<SystemTime>) {
         let secs = duration.as_secs_f64();
         self.sync_duration.observe(secs);
         if full {
@@ -145,7 +147,9 @@ impl Metrics {
         } else {
             self.sync_partial_duration.observe(secs);
         }
-        self.last_sync_timestamp.set(unix_seconds(now));
+        if let Some(now) = succeeded {
+            self.last_sync_timestamp.set(unix_seconds(now));
+        }
     }
 
     /// Prometheus text exposition format.
@@ -176,7 +180,7 @@ mod tests {
         m.observe_sync(
             Duration::from_millis(3),
             true,
-            SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
         );
         m.service_changes_total.inc();
         let text = m.encode();

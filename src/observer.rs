@@ -37,7 +37,8 @@ impl Observer for Telemetry {
 
     fn synced(&self, record: &SyncRecord) {
         let m = &self.metrics;
-        m.observe_sync(record.took, record.full, record.finished);
+        let succeeded = record.healthy.then_some(record.finished);
+        m.observe_sync(record.took, record.full, succeeded);
         if let Some(latency) = record.programming_latency {
             m.network_programming_duration
                 .observe(latency.as_secs_f64());
@@ -49,10 +50,13 @@ impl Observer for Telemetry {
         }
     }
 
-    fn errors(&self, errors: &[SyncError]) {
+    fn errors(&self, errors: &[SyncError], partial: bool) {
         for e in errors {
             if matches!(e.backend(), "iptables" | "netfilter") {
                 self.metrics.iptables_restore_failures.inc();
+            }
+            if partial && e.backend() == "iptables" {
+                self.metrics.iptables_partial_restore_failures.inc();
             }
             self.metrics
                 .kernel_operation_errors

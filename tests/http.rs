@@ -115,7 +115,7 @@ async fn metrics_server_serves_prometheus_text_proxy_mode_and_configz() {
         before.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 0"),
         "{before}"
     );
-    metrics.observe_sync(Duration::from_millis(5), false, SystemTime::now());
+    metrics.observe_sync(Duration::from_millis(5), false, Some(SystemTime::now()));
     let (_, after) = get(addr, "/metrics").await;
     assert!(
         after.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 1"),
@@ -140,4 +140,49 @@ async fn metrics_server_serves_prometheus_text_proxy_mode_and_configz() {
     assert_eq!(code, 200);
     let json: serde_json::Value = serde_json::from_str(&configz).unwrap();
     assert_eq!(json["kubeproxy.config.k8s.io"]["mode"], "ipvs");
+}
+
+#[test]
+fn the_last_sync_timestamp_moves_only_when_a_sync_could_program_the_kernel() {
+    use ipvs_proxy::observer::Telemetry;
+    use reconciler::{Observer, SyncRecord};
+
+    let telemetry = Telemetry {
+        health: Health::new(Duration::from_secs(60), SystemTime::now()),
+        metrics: Arc::new(Metrics::new()),
+    };
+    let last = |t: &Telemetry| {
+        let text = t.metrics.encode();
+        text.lines()
+            .find_map(|l| l.strip_prefix("kubeproxy_sync_proxy_rules_last_timestamp_seconds "))
+            .map(str::to_owned)
+            .unwrap()
+    };
+    let at = |secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+    let record = |secs, healthy| SyncRecord {
+        full: true,
+        took: Duration::from_millis(3),
+        finished: at(secs),
+        programming_latency: None,
+        healthy,
+    };
+    telemetry.synced(&record(1_700_000_000, true));
+    assert!(
+        last(&telemetry).starts_with("1700000000"),
+        "{}",
+        last(&telemetry)
+    );
+    // The kernel could not be written: the sync is counted, the timestamp stays.
+    telemetry.synced(&record(1_700_000_060, false));
+    assert!(
+        last(&telemetry).starts_with("1700000000"),
+        "{}",
+        last(&telemetry)
+    );
+    assert!(
+        telemetry
+            .metrics
+            .encode()
+            .contains("kubeproxy_sync_full_proxy_rules_duration_seconds_count 2")
+    );
 }

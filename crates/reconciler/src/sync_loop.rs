@@ -82,8 +82,8 @@ pub trait Observer: Send {
     fn queued(&self, folded: &Folded, pending: (u64, u64), at: SystemTime);
     /// A sync ended; nothing is pending any more.
     fn synced(&self, record: &SyncRecord);
-    /// Errors of a sync or a drain, each once.
-    fn errors(&self, errors: &[SyncError]);
+    /// Errors of a sync or a drain, each once; `partial` for those of a partial sync.
+    fn errors(&self, errors: &[SyncError], partial: bool);
     /// What the engine has programmed.
     fn counts(&self, counts: Counts);
     /// Service ports with a Local traffic policy and no ready endpoint on this node
@@ -311,7 +311,7 @@ impl<E> SyncLoop<E> {
             if report.drained > 0 {
                 tracing::info!(deleted = report.drained, "drained real servers deleted");
             }
-            self.observer.errors(&report.errors);
+            self.observer.errors(&report.errors, false);
             self.next_drain = now + DRAIN_INTERVAL;
             self.observer.counts(self.engine.counts());
         }
@@ -363,7 +363,7 @@ impl<E> SyncLoop<E> {
         for error in &report.errors {
             tracing::error!(backend = error.backend(), kind = error.kind(), "{error}");
         }
-        self.observer.errors(&report.errors);
+        self.observer.errors(&report.errors, !full);
         tracing::info!(
             full,
             services = report.services,

@@ -115,7 +115,7 @@ impl Observer for Log {
         self.with(|s| s.synced.push(record.clone()));
     }
 
-    fn errors(&self, errors: &[SyncError]) {
+    fn errors(&self, errors: &[SyncError], _partial: bool) {
         self.with(|s| s.errors += errors.len());
     }
 
