@@ -168,3 +168,58 @@ fn cluster_role_lets_the_proxy_list_and_watch_what_it_follows() {
         account.metadata.name.unwrap()
     );
 }
+
+#[test]
+fn the_daemonset_reaches_the_api_server_without_the_kubernetes_service() {
+    // The configuration names a kubeconfig; it must be in the same ConfigMap, under the same
+    // mount, as kubeadm lays them out.
+    let cm: ConfigMap = one("ConfigMap");
+    let data = cm.data.unwrap();
+    let config_path = Path::new("/var/lib/kube-proxy/config.conf");
+    let file = ConfigFile::parse_str(config_path, &data["config.conf"]).unwrap();
+    let config = ProxyConfig::default().with_file(&file.config);
+    let kubeconfig = config
+        .kubeconfig
+        .expect("clientConnection.kubeconfig is set, as kubeadm sets it");
+    assert_eq!(kubeconfig.parent(), config_path.parent(), "side by side");
+    let key = kubeconfig.file_name().unwrap().to_str().unwrap();
+    let text = data
+        .get(key)
+        .unwrap_or_else(|| panic!("the ConfigMap has no {key}"));
+
+    let kc: serde_yaml::Value = serde_yaml::from_str(text).unwrap();
+    assert_eq!(kc["kind"], "Config");
+    let server = kc["clusters"][0]["cluster"]["server"].as_str().unwrap();
+    // Not in-cluster config: no ClusterIP, no `kubernetes.default` name, which only resolve
+    // once a proxy has programmed them.
+    assert!(server.starts_with("https://"), "{server}");
+    assert!(
+        !server.contains("kubernetes.default") && !server.contains("10.96."),
+        "the API server is reached through the kubernetes Service: {server}"
+    );
+    // The credentials are the pod's service account's, which the kubelet mounts.
+    let sa = "/var/run/secrets/kubernetes.io/serviceaccount/";
+    let ca = kc["clusters"][0]["cluster"]["certificate-authority"].as_str();
+    let token = kc["users"][0]["user"]["tokenFile"].as_str();
+    assert!(ca.is_some_and(|p| p.starts_with(sa)), "{ca:?}");
+    assert!(token.is_some_and(|p| p.starts_with(sa)), "{token:?}");
+
+    // And the pod mounts that ConfigMap where the paths point.
+    let ds: DaemonSet = one("DaemonSet");
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    assert_ne!(pod.automount_service_account_token, Some(false));
+    let mount = pod.containers[0]
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| kubeconfig.starts_with(&m.mount_path))
+        .expect("the kubeconfig's folder is mounted");
+    let volume = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    assert_eq!(volume.config_map.unwrap().name, cm.metadata.name.unwrap());
+}
