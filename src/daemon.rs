@@ -1,5 +1,5 @@
 //! The daemon: start-up checks, the kernel settings kube-proxy makes, the HTTP servers, the
-//! source, the proxier thread, and a clean stop on SIGTERM/SIGINT that leaves the kernel state
+//! source, the sync loop's thread, and a clean stop on SIGTERM/SIGINT that leaves the kernel state
 //! in place (so a restart or an upgrade never drops traffic).
 
 use std::net::SocketAddr;
@@ -47,7 +47,7 @@ fn seconds(d: Duration) -> u32 {
     u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }
 
-/// Starts the source that feeds the proxier: the manifest directory, or the Kubernetes API.
+/// Starts the source that feeds the sync loop: the manifest directory, or the Kubernetes API.
 async fn start_source(
     config: &ProxyConfig,
     tx: UnboundedSender<SourceUpdate>,
@@ -172,23 +172,23 @@ async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let runtime = tokio::runtime::Handle::current();
     let telemetry = Telemetry { health, metrics };
-    let proxier = SyncLoop::new(
+    let sync_loop = SyncLoop::new(
         config.settings(),
         engine,
         controllers::fold,
         Box::new(telemetry),
     );
     let thread = std::thread::Builder::new()
-        .name("proxier".into())
-        .spawn(move || proxier.run(&runtime, rx, stop_rx))
-        .context("starting the proxier thread")?;
+        .name("sync-loop".into())
+        .spawn(move || sync_loop.run(&runtime, rx, stop_rx))
+        .context("starting the sync loop's thread")?;
 
     wait_for_signal().await?;
     let _ = stop_tx.send(true);
     tokio::task::spawn_blocking(move || thread.join())
         .await
-        .context("joining the proxier")?
-        .map_err(|_| anyhow::anyhow!("the proxier thread panicked"))?;
+        .context("joining the sync loop")?
+        .map_err(|_| anyhow::anyhow!("the sync loop's thread panicked"))?;
     Ok(())
 }
 

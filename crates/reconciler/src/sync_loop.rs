@@ -198,7 +198,7 @@ impl<E> SyncLoop<E> {
             }
             self.tick(Instant::now());
         }
-        tracing::info!("proxier stopped; the kernel state is left in place");
+        tracing::info!("sync loop stopped; the kernel state is left in place");
     }
 
     /// When the loop next has something to do, if anything.
