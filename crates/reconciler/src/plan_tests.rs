@@ -41,6 +41,7 @@ fn ep(addr: &str, ready: bool, serving: bool, terminating: bool, node: &str) -> 
         },
         node_name: Some(node.into()),
         zone: None,
+        hints: None,
     }
 }
 
