@@ -228,6 +228,37 @@ fn endpoint_hints_are_read_and_shared() {
 }
 
 #[test]
+fn a_zone_a_node_plans_only_the_zone_a_endpoints_of_a_hinted_slice() {
+    let st = state(HINTED);
+    let settings = reconciler::Settings {
+        plan: reconciler::PlanConfig {
+            node_name: "node-a".into(),
+            ..reconciler::PlanConfig::default()
+        },
+        ..reconciler::Settings::default()
+    };
+    let config = settings.plan_config(&st);
+    assert_eq!(config.node_zone.as_deref(), Some("zone-a"));
+    let ipvsadm = reconciler::Planner::new(config).plan(&st).render_ipvsadm();
+    assert!(
+        ipvsadm.contains("-a -t 10.96.0.20:80 -r 10.244.1.5:8080"),
+        "{ipvsadm}"
+    );
+    assert!(
+        ipvsadm.contains("-a -t 10.96.0.20:80 -r 10.244.3.5:8080"),
+        "{ipvsadm}"
+    );
+    assert!(
+        ipvsadm.contains("-a -t 10.96.0.20:80 -r 10.244.4.5:8080"),
+        "{ipvsadm}"
+    );
+    assert!(
+        !ipvsadm.contains("10.244.2.5"),
+        "zone-b's endpoint: {ipvsadm}"
+    );
+}
+
+#[test]
 fn node_addresses_list_internal_ips_before_external_ones() {
     let st = state(
         r"
