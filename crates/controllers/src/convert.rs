@@ -7,7 +7,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use reconciler::model::{
-    Conditions, Endpoint, EndpointPort, EndpointSlice as SliceModel, NodeFacts, Protocol,
+    Conditions, Endpoint, EndpointPort, EndpointSlice as SliceModel, Hints, NodeFacts, Protocol,
     SchedulerChoice, ServiceName, ServicePort, ServicePortName, ServiceType, SessionAffinity,
     TrafficPolicy,
 };
@@ -234,8 +234,14 @@ pub fn slice_name(slice: &EndpointSlice) -> SliceName {
     )
 }
 
-/// An endpoint's address, conditions, node and zone, before it is paired with a port.
-type Address = (IpAddr, Conditions, Option<Arc<str>>, Option<Arc<str>>);
+/// An endpoint's address, conditions, node, zone and hints, before it is paired with a port.
+type Address = (
+    IpAddr,
+    Conditions,
+    Option<Arc<str>>,
+    Option<Arc<str>>,
+    Option<Arc<Hints>>,
+);
 
 /// The model of an EndpointSlice; `None` when it names no Service or holds FQDNs.
 #[must_use]
@@ -253,7 +259,9 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Option<SliceModel> {
         namespace,
         name: service.as_str().into(),
     };
-    // Node and zone strings are shared by every port of the slice.
+    // Node and zone strings are shared by every port of the slice, and so are hints, which
+    // are also shared by the endpoints that have the same (with trafficDistribution, one set
+    // per zone or node).
     let mut shared: Vec<Arc<str>> = Vec::new();
     let mut intern = |s: &str| -> Arc<str> {
         if let Some(a) = shared.iter().find(|a| &***a == s) {
@@ -263,6 +271,7 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Option<SliceModel> {
         shared.push(a.clone());
         a
     };
+    let mut shared_hints: Vec<Arc<Hints>> = Vec::new();
     let addrs: Vec<Address> = slice
         .endpoints
         .iter()
@@ -275,12 +284,33 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Option<SliceModel> {
                 serving: c.and_then(|c| c.serving).unwrap_or(true),
                 terminating: c.and_then(|c| c.terminating).unwrap_or(false),
             };
-            Some((
-                ip,
-                conditions,
-                e.node_name.as_deref().map(&mut intern),
-                e.zone.as_deref().map(&mut intern),
-            ))
+            let node = e.node_name.as_deref().map(&mut intern);
+            let zone = e.zone.as_deref().map(&mut intern);
+            let hints = e.hints.as_ref().and_then(|h| {
+                let zones = h
+                    .for_zones
+                    .iter()
+                    .flatten()
+                    .map(|z| intern(&z.name))
+                    .collect();
+                let nodes = h
+                    .for_nodes
+                    .iter()
+                    .flatten()
+                    .map(|n| intern(&n.name))
+                    .collect();
+                let hints = Hints { zones, nodes };
+                if hints.zones.is_empty() && hints.nodes.is_empty() {
+                    return None;
+                }
+                if let Some(h) = shared_hints.iter().find(|h| ***h == hints) {
+                    return Some(h.clone());
+                }
+                let h = Arc::new(hints);
+                shared_hints.push(h.clone());
+                Some(h)
+            });
+            Some((ip, conditions, node, zone, hints))
         })
         .collect();
     let ports = slice
@@ -301,12 +331,13 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Option<SliceModel> {
                 protocol,
                 endpoints: addrs
                     .iter()
-                    .map(|(ip, conditions, node, zone)| Endpoint {
+                    .map(|(ip, conditions, node, zone, hints)| Endpoint {
                         ip: *ip,
                         port,
                         conditions: *conditions,
                         node_name: node.clone(),
                         zone: zone.clone(),
+                        hints: hints.clone(),
                     })
                     .collect(),
             })

@@ -174,6 +174,90 @@ endpoints:
     assert!(st.endpoints(&wrong_protocol).is_empty());
 }
 
+const HINTED: &str = r"
+apiVersion: v1
+kind: Node
+metadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a}}
+status: {addresses: [{type: InternalIP, address: 192.168.56.10}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  trafficDistribution: PreferSameZone
+  ports: [{name: http, port: 80}, {name: alt, port: 81}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}, {name: alt, port: 8081}]
+endpoints:
+  - {addresses: [10.244.1.5], nodeName: node-b, zone: zone-a, hints: {forZones: [{name: zone-a}]}}
+  - {addresses: [10.244.2.5], nodeName: node-c, zone: zone-b, hints: {forZones: [{name: zone-b}]}}
+  - addresses: [10.244.3.5]
+    nodeName: node-d
+    zone: zone-a
+    hints: {forZones: [{name: zone-a}], forNodes: [{name: node-d}]}
+  - {addresses: [10.244.4.5], nodeName: node-e, zone: zone-a, hints: {forZones: [{name: zone-a}]}}
+  - {addresses: [10.244.5.5], conditions: {ready: false}, hints: {}}
+";
+
+#[test]
+fn endpoint_hints_are_read_and_shared() {
+    let st = state(HINTED);
+    let port = |name: &str| ServicePortName {
+        service: ServiceName::new("shop", "web"),
+        port: name.into(),
+        protocol: Protocol::Tcp,
+    };
+    let (http, alt) = (st.endpoints(&port("http")), st.endpoints(&port("alt")));
+    let zones = |i: usize| -> Vec<&str> { http[i].zone_hints().iter().map(|z| &**z).collect() };
+    let nodes = |i: usize| -> Vec<&str> { http[i].node_hints().iter().map(|n| &**n).collect() };
+    assert_eq!(zones(0), ["zone-a"]);
+    assert_eq!(zones(1), ["zone-b"]);
+    assert_eq!((zones(2), nodes(2)), (vec!["zone-a"], vec!["node-d"]));
+    assert!(nodes(0).is_empty());
+    assert!(http[4].hints.is_none(), "empty hints are no hints");
+    let same = |a: &reconciler::Endpoint, b: &reconciler::Endpoint| {
+        std::sync::Arc::ptr_eq(a.hints.as_ref().unwrap(), b.hints.as_ref().unwrap())
+    };
+    assert!(same(&http[0], &alt[0]), "one copy for the slice's ports");
+    assert!(same(&http[0], &http[3]), "one copy for equal hints");
+}
+
+#[test]
+fn a_zone_a_node_plans_only_the_zone_a_endpoints_of_a_hinted_slice() {
+    let st = state(HINTED);
+    let settings = reconciler::Settings {
+        plan: reconciler::PlanConfig {
+            node_name: "node-a".into(),
+            ..reconciler::PlanConfig::default()
+        },
+        ..reconciler::Settings::default()
+    };
+    let config = settings.plan_config(&st);
+    assert_eq!(config.node_zone.as_deref(), Some("zone-a"));
+    let ipvsadm = reconciler::Planner::new(config).plan(&st).render_ipvsadm();
+    assert!(
+        ipvsadm.contains("-a -t 10.96.0.20:80 -r 10.244.1.5:8080"),
+        "{ipvsadm}"
+    );
+    assert!(
+        ipvsadm.contains("-a -t 10.96.0.20:80 -r 10.244.3.5:8080"),
+        "{ipvsadm}"
+    );
+    assert!(
+        ipvsadm.contains("-a -t 10.96.0.20:80 -r 10.244.4.5:8080"),
+        "{ipvsadm}"
+    );
+    assert!(
+        !ipvsadm.contains("10.244.2.5"),
+        "zone-b's endpoint: {ipvsadm}"
+    );
+}
+
 #[test]
 fn node_addresses_list_internal_ips_before_external_ones() {
     let st = state(

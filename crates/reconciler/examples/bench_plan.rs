@@ -59,6 +59,7 @@ fn main() {
                 conditions: Conditions::default(),
                 node_name: Some(nodes[((i + e) % 50) as usize].clone()),
                 zone: None,
+                hints: None,
             })
             .collect();
         state.upsert_slice(

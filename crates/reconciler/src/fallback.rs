@@ -10,7 +10,7 @@ use iptables::Family;
 use iptables::proxier::{Backend, ProxierConfig, ServiceSpec, render};
 
 use crate::model::{ServiceName, ServicePort, SessionAffinity, TrafficPolicy};
-use crate::plan::PlanConfig;
+use crate::plan::{PlanConfig, Topology};
 use crate::render::save_header;
 use crate::state::ClusterState;
 
@@ -61,10 +61,17 @@ pub fn changed_service_specs<'a>(
         .collect()
 }
 
-/// One service port and its endpoints.
+/// One service port and its endpoints, each marked with whether the topology hints let this
+/// node use it (decided per family, as each family's proxier sees only its own endpoints).
 fn port_spec(state: &ClusterState, sp: &ServicePort, node: &str) -> ServiceSpec {
-    let backends = state
-        .endpoints(&sp.name)
+    let zone = state.node(node).and_then(|n| n.zone.as_deref());
+    let endpoints = state.endpoints(&sp.name);
+    let topology = |family: Family| {
+        let of_family = endpoints.iter().filter(|e| Family::of(e.ip) == family);
+        Topology::from_hints(of_family, node, zone)
+    };
+    let (v4, v6) = (topology(Family::V4), topology(Family::V6));
+    let backends = endpoints
         .iter()
         .map(|e| Backend {
             addr: std::net::SocketAddr::new(e.ip, e.port),
@@ -72,6 +79,11 @@ fn port_spec(state: &ClusterState, sp: &ServicePort, node: &str) -> ServiceSpec 
             serving: e.conditions.serving,
             terminating: e.conditions.terminating,
             local: e.is_local(node),
+            in_topology: match Family::of(e.ip) {
+                Family::V4 => v4,
+                Family::V6 => v6,
+            }
+            .admits(e, node, zone),
         })
         .collect();
     ServiceSpec {
@@ -176,6 +188,102 @@ mod tests {
             changed[1],
             ("ns/gone".to_owned(), Vec::new()),
             "gone: no ports"
+        );
+    }
+
+    /// A state with node-a in `zone` and Service web (NodePort 30080, `etp`) whose endpoints
+    /// 10.244.1.5 (node-b) and 10.244.2.5 (node-a) are hinted for zone-a and zone-b when
+    /// `hinted`.
+    fn zoned(zone: Option<&str>, hinted: bool, etp: TrafficPolicy) -> ClusterState {
+        use crate::model::{Conditions, Endpoint, EndpointPort, EndpointSlice, Hints, NodeFacts};
+        let mut state = ClusterState::new();
+        state.upsert_node(NodeFacts {
+            name: "node-a".into(),
+            addresses: vec!["192.168.56.10".parse().unwrap()],
+            zone: zone.map(Into::into),
+        });
+        let ep = |ip: &str, node: &str, zone: &str| Endpoint {
+            ip: ip.parse().unwrap(),
+            port: 8080,
+            conditions: Conditions::default(),
+            node_name: Some(node.into()),
+            zone: Some(zone.into()),
+            hints: hinted.then(|| {
+                std::sync::Arc::new(Hints {
+                    zones: Box::new([zone.into()]),
+                    nodes: Box::new([]),
+                })
+            }),
+        };
+        let web = ServiceName::new("ns", "web");
+        state.upsert_slice(
+            ("ns".into(), "web-1".into()),
+            EndpointSlice {
+                service: web.clone(),
+                ports: vec![EndpointPort {
+                    name: "".into(),
+                    protocol: Protocol::Tcp,
+                    endpoints: vec![
+                        ep("10.244.1.5", "node-b", "zone-a"),
+                        ep("10.244.2.5", "node-a", "zone-b"),
+                    ]
+                    .into(),
+                }],
+            },
+        );
+        let mut sp = port("web", "", 80);
+        sp.node_port = Some(30080);
+        sp.external_traffic_policy = etp;
+        state.upsert_service(web, vec![sp]);
+        state
+    }
+
+    fn rules(state: &ClusterState) -> String {
+        plan_iptables(state, "node-a", &ProxierConfig::default())
+    }
+
+    #[test]
+    fn hints_for_the_nodes_zone_leave_the_other_zones_endpoints_out() {
+        let text = rules(&zoned(Some("zone-a"), true, TrafficPolicy::Cluster));
+        assert!(text.contains("--to-destination 10.244.1.5:8080"), "{text}");
+        assert!(!text.contains("10.244.2.5"), "zone-b's endpoint: {text}");
+    }
+
+    #[test]
+    fn hints_that_are_not_used_leave_the_rules_as_without_hints() {
+        let cluster = TrafficPolicy::Cluster;
+        let without = rules(&zoned(None, false, cluster));
+        assert!(without.contains("10.244.2.5:8080"), "{without}");
+        assert_eq!(
+            rules(&zoned(None, true, cluster)),
+            without,
+            "node without a zone"
+        );
+        assert_eq!(
+            rules(&zoned(Some("zone-a"), false, cluster)),
+            without,
+            "endpoints without hints"
+        );
+    }
+
+    #[test]
+    fn external_policy_local_keeps_a_local_endpoint_hinted_for_another_zone() {
+        let text = rules(&zoned(Some("zone-a"), true, TrafficPolicy::Local));
+        let jumps = |chain: &str| -> Vec<&str> {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("-A {chain}-")) && l.contains(" -> "))
+                .filter_map(|l| l.split(" -> ").nth(1)?.split('"').next())
+                .collect()
+        };
+        assert_eq!(
+            jumps("KUBE-SVC"),
+            ["10.244.1.5:8080"],
+            "ClusterIP: zone-a's\n{text}"
+        );
+        assert_eq!(
+            jumps("KUBE-SVL"),
+            ["10.244.2.5:8080"],
+            "NodePort: the local one"
         );
     }
 

@@ -27,7 +27,7 @@ pub mod sync_loop;
 
 pub use error::Error;
 pub use model::{
-    Conditions, Endpoint, EndpointPort, EndpointSlice, NodeFacts, Protocol, SchedulerChoice,
+    Conditions, Endpoint, EndpointPort, EndpointSlice, Hints, NodeFacts, Protocol, SchedulerChoice,
     ServiceName, ServicePort, ServicePortName, ServiceType, SessionAffinity, TrafficPolicy,
 };
 pub use plan::{

@@ -209,6 +209,17 @@ impl Default for Conditions {
     }
 }
 
+/// `endpoints[].hints`: the zones and nodes the EndpointSlice controller meant an endpoint for
+/// (it sets them for `trafficDistribution` and the `topology-mode` annotation; the proxy reads
+/// only the hints, as kube-proxy does).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Hints {
+    /// `forZones[].name`.
+    pub zones: Box<[Arc<str>]>,
+    /// `forNodes[].name` (`trafficDistribution: PreferSameNode`).
+    pub nodes: Box<[Arc<str>]>,
+}
+
 /// One backend address of one port: kube-proxy's `Endpoint`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Endpoint {
@@ -217,8 +228,11 @@ pub struct Endpoint {
     pub conditions: Conditions,
     /// `endpoints[].nodeName`: decides whether the endpoint is local to this node.
     pub node_name: Option<Arc<str>>,
-    /// `endpoints[].zone`, kept for topology-aware routing.
+    /// `endpoints[].zone`.
     pub zone: Option<Arc<str>>,
+    /// Its topology hints; `None` without any (most endpoints, and no allocation for them).
+    /// Shared by the endpoints of a slice that have the same hints, and by the slice's ports.
+    pub hints: Option<Arc<Hints>>,
 }
 
 impl Endpoint {
@@ -226,6 +240,18 @@ impl Endpoint {
     #[must_use]
     pub fn is_local(&self, node: &str) -> bool {
         self.node_name.as_deref() == Some(node)
+    }
+
+    /// `hints.forZones`; empty without hints.
+    #[must_use]
+    pub fn zone_hints(&self) -> &[Arc<str>] {
+        self.hints.as_deref().map_or(&[], |h| &h.zones)
+    }
+
+    /// `hints.forNodes`; empty without hints.
+    #[must_use]
+    pub fn node_hints(&self) -> &[Arc<str>] {
+        self.hints.as_deref().map_or(&[], |h| &h.nodes)
     }
 }
 

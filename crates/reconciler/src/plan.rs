@@ -40,6 +40,8 @@ pub struct PlanConfig {
     pub cluster_cidrs: Vec<IpNet>,
     /// This node's name: endpoints with this `nodeName` are local.
     pub node_name: Arc<str>,
+    /// This node's `topology.kubernetes.io/zone`, for the endpoints' zone hints.
+    pub node_zone: Option<Arc<str>>,
     /// Every address of this node, primary of each family first. Used to recognise an
     /// externalIP or LoadBalancer IP that is already a node address (not bound to kube-ipvs0)
     /// and for the "node may reach its own LoadBalancer" source-range check.
@@ -60,6 +62,7 @@ impl Default for PlanConfig {
             masquerade_bit: 14,
             cluster_cidrs: Vec::new(),
             node_name: "".into(),
+            node_zone: None,
             node_addresses: Vec::new(),
             node_port_ips: Vec::new(),
             families: vec![Family::V4],
@@ -301,13 +304,94 @@ pub struct Planner {
     pub config: PlanConfig,
 }
 
-/// Which endpoints serve a virtual server.
+/// Which endpoints the hints let this node use (kube-proxy's topology mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// No usable hints: every endpoint.
+    All,
+    /// Those hinted for this node (`forNodes`, `trafficDistribution: PreferSameNode`).
+    SameNode,
+    /// Those hinted for this node's zone (`forZones`).
+    SameZone,
+}
+
+impl Topology {
+    /// kube-proxy 1.36's choice from the hints of the ready endpoints (of one family): node
+    /// hints when every ready endpoint has some and one names this node; else zone hints when
+    /// every ready endpoint has some and one names this node's zone (so the zone must be
+    /// known); else none. Only the hints count, not the Service's `trafficDistribution` or
+    /// annotation: the EndpointSlice controller sets hints only when those ask for them.
+    #[must_use]
+    pub fn from_hints<'a>(
+        endpoints: impl IntoIterator<Item = &'a Endpoint>,
+        node: &str,
+        zone: Option<&str>,
+    ) -> Topology {
+        let (mut any_ready, mut all_nodes, mut for_node, mut all_zones, mut for_zone) =
+            (false, true, false, true, false);
+        for e in endpoints.into_iter().filter(|e| e.conditions.ready) {
+            any_ready = true;
+            all_nodes &= !e.node_hints().is_empty();
+            for_node |= e.node_hints().iter().any(|n| **n == *node);
+            all_zones &= !e.zone_hints().is_empty();
+            for_zone |= zone.is_some_and(|z| e.zone_hints().iter().any(|h| **h == *z));
+        }
+        if any_ready && all_nodes && for_node {
+            Topology::SameNode
+        } else if any_ready && all_zones && for_zone {
+            Topology::SameZone
+        } else {
+            Topology::All
+        }
+    }
+
+    /// Whether `endpoint` may serve this node (kube-proxy's `availableForTopology`).
+    #[must_use]
+    pub fn admits(self, endpoint: &Endpoint, node: &str, zone: Option<&str>) -> bool {
+        match self {
+            Topology::All => true,
+            Topology::SameNode => endpoint.node_hints().iter().any(|n| **n == *node),
+            Topology::SameZone => {
+                zone.is_some_and(|z| endpoint.zone_hints().iter().any(|h| **h == *z))
+            }
+        }
+    }
+}
+
+/// Which endpoints serve a virtual server: kube-proxy's `CategorizeEndpoints`.
+#[derive(Debug)]
 struct EndpointChoice<'a> {
+    /// For Cluster traffic policies: ready endpoints the topology admits, else
+    /// serving-and-terminating ones (empty when the port never uses a Cluster policy).
     cluster: Vec<&'a Endpoint>,
+    /// For Local traffic policies: this node's ready endpoints, else its
+    /// serving-and-terminating ones; hints do not apply (empty when never used).
     local: Vec<&'a Endpoint>,
 }
 
-impl EndpointChoice<'_> {
+impl<'a> EndpointChoice<'a> {
+    /// The choice for `port` among `eps` (the endpoints of one family) on node `node` in
+    /// `zone`.
+    fn new(port: &ServicePort, eps: &[&'a Endpoint], node: &str, zone: Option<&str>) -> Self {
+        let internal_local = port.internal_policy_local();
+        let external_local = port.external_policy_local();
+        let uses_cluster = !internal_local || (port.externally_accessible() && !external_local);
+        let uses_local = internal_local || external_local;
+        let cluster = if uses_cluster {
+            let topology = Topology::from_hints(eps.iter().copied(), node, zone);
+            usable(eps, |e| topology.admits(e, node, zone))
+        } else {
+            Vec::new()
+        };
+        let local = if uses_local {
+            let local: Vec<&Endpoint> = eps.iter().copied().filter(|e| e.is_local(node)).collect();
+            usable(&local, |_| true)
+        } else {
+            Vec::new()
+        };
+        EndpointChoice { cluster, local }
+    }
+
     /// kube-proxy ipvs: node-local VIPs use the local endpoints, and fall back to the cluster
     /// endpoints when there are none (see docs/model.md).
     fn for_vip(&self, only_local: bool) -> &[&Endpoint] {
@@ -319,13 +403,21 @@ impl EndpointChoice<'_> {
     }
 }
 
-/// Ready endpoints; when there are none, the serving-and-terminating ones.
-fn usable<'a>(eps: impl Iterator<Item = &'a Endpoint> + Clone) -> Vec<&'a Endpoint> {
-    let ready: Vec<_> = eps.clone().filter(|e| e.conditions.ready).collect();
+/// Ready endpoints the topology `admits`; when there are none, the serving-and-terminating
+/// ones, whatever their hints (a topology other than [`Topology::All`] always admits a ready
+/// endpoint, so this happens only when none is ready).
+fn usable<'a>(eps: &[&'a Endpoint], admits: impl Fn(&Endpoint) -> bool) -> Vec<&'a Endpoint> {
+    let ready: Vec<&Endpoint> = eps
+        .iter()
+        .copied()
+        .filter(|e| e.conditions.ready && admits(e))
+        .collect();
     if !ready.is_empty() {
         return ready;
     }
-    eps.filter(|e| e.conditions.serving && e.conditions.terminating)
+    eps.iter()
+        .copied()
+        .filter(|e| e.conditions.serving && e.conditions.terminating)
         .collect()
 }
 
@@ -404,10 +496,10 @@ impl Planner {
         };
         let node = &*self.config.node_name;
         let proto = port.name.protocol;
-        let fam_eps = eps.iter().filter(|e| Family::of(e.ip) == family);
+        let fam_eps: Vec<&Endpoint> = eps.iter().filter(|e| Family::of(e.ip) == family).collect();
 
         // Hairpin: a local endpoint reaching its own Service is masqueraded.
-        for e in fam_eps.clone().filter(|e| e.is_local(node)) {
+        for e in fam_eps.iter().filter(|e| e.is_local(node)) {
             out.set_entries.insert((
                 family,
                 KubeSet::LoopBack,
@@ -417,20 +509,7 @@ impl Planner {
 
         let internal_local = port.internal_policy_local();
         let external_local = port.external_policy_local();
-        let uses_cluster = !internal_local || (port.externally_accessible() && !external_local);
-        let uses_local = internal_local || external_local;
-        let choice = EndpointChoice {
-            cluster: if uses_cluster {
-                usable(fam_eps.clone())
-            } else {
-                Vec::new()
-            },
-            local: if uses_local {
-                usable(fam_eps.clone().filter(|e| e.is_local(node)))
-            } else {
-                Vec::new()
-            },
-        };
+        let choice = EndpointChoice::new(port, &fam_eps, node, self.config.node_zone.as_deref());
 
         let virtual_server = |address: IpAddr, vport: u16| {
             let key = ServiceKey::Addr {

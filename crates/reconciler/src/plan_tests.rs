@@ -10,7 +10,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::model::{
-    Conditions, EndpointPort, EndpointSlice, ServiceType, SessionAffinity, TrafficPolicy,
+    Conditions, EndpointPort, EndpointSlice, Hints, ServiceType, SessionAffinity, TrafficPolicy,
 };
 
 const NODE: &str = "node-a";
@@ -41,6 +41,7 @@ fn ep(addr: &str, ready: bool, serving: bool, terminating: bool, node: &str) -> 
         },
         node_name: Some(node.into()),
         zone: None,
+        hints: None,
     }
 }
 
@@ -691,4 +692,315 @@ fn planned_virtual_servers_print_as_ipvsadm_save() {
          -A --sctp-service 10.96.0.11:80 -s rr -p 10800\n\
          -A -u [fd00::10]:80 -s lc\n"
     );
+}
+
+/// A ready endpoint on `node` with the given zone and node hints (none of either: no hints).
+fn hinted(addr: &str, node: &str, zones: &[&str], nodes: &[&str]) -> Endpoint {
+    let names = |v: &[&str]| v.iter().map(|s| Arc::<str>::from(*s)).collect();
+    Endpoint {
+        hints: (!zones.is_empty() || !nodes.is_empty()).then(|| {
+            Arc::new(Hints {
+                zones: names(zones),
+                nodes: names(nodes),
+            })
+        }),
+        ..ready(addr, node)
+    }
+}
+
+/// `hinted`, with the conditions changed.
+fn with(mut e: Endpoint, ready: bool, serving: bool, terminating: bool) -> Endpoint {
+    e.conditions = Conditions {
+        ready,
+        serving,
+        terminating,
+    };
+    e
+}
+
+#[test]
+#[allow(
+    clippy::too_many_lines,
+    reason = "one table, as kube-proxy's TestCategorizeEndpoints"
+)]
+fn endpoint_choice_applies_topology_hints_as_kube_proxys_categorize_endpoints() {
+    use TrafficPolicy::{Cluster, Local};
+    struct Case {
+        name: &'static str,
+        /// (internalTrafficPolicy, externalTrafficPolicy); a NodePort when ETP is Local or
+        /// ITP is Local with ETP Cluster, so that both policies matter.
+        policies: (TrafficPolicy, TrafficPolicy),
+        zone: Option<&'static str>,
+        endpoints: Vec<Endpoint>,
+        cluster: Vec<&'static str>,
+        local: Vec<&'static str>,
+    }
+    let four = |zones: [&'static str; 4]| -> Vec<Endpoint> {
+        (0..4)
+            .map(|i| hinted(&format!("10.1.2.{}", i + 3), "node-b", &[zones[i]], &[]))
+            .collect()
+    };
+    let all4 = vec!["10.1.2.3", "10.1.2.4", "10.1.2.5", "10.1.2.6"];
+    let cases = vec![
+        Case {
+            name: "zone hints for the node's zone: only those endpoints",
+            policies: (Cluster, Cluster),
+            zone: Some("zone-a"),
+            endpoints: four(["zone-a", "zone-b", "zone-c", "zone-a"]),
+            cluster: vec!["10.1.2.3", "10.1.2.6"],
+            local: vec![],
+        },
+        Case {
+            name: "one ready endpoint without a hint: all endpoints",
+            policies: (Cluster, Cluster),
+            zone: Some("zone-a"),
+            endpoints: {
+                let mut e = four(["zone-a", "zone-b", "zone-c", "zone-a"]);
+                e[2].hints = None;
+                e
+            },
+            cluster: all4.clone(),
+            local: vec![],
+        },
+        Case {
+            name: "node without a zone label: all endpoints",
+            policies: (Cluster, Cluster),
+            zone: None,
+            endpoints: four(["zone-a", "zone-b", "zone-c", "zone-a"]),
+            cluster: all4.clone(),
+            local: vec![],
+        },
+        Case {
+            name: "no endpoint hinted for the node's zone: all endpoints",
+            policies: (Cluster, Cluster),
+            zone: Some("zone-d"),
+            endpoints: four(["zone-a", "zone-b", "zone-c", "zone-a"]),
+            cluster: all4.clone(),
+            local: vec![],
+        },
+        Case {
+            name: "an unready endpoint in the zone is left out, the ready one kept",
+            policies: (Cluster, Cluster),
+            zone: Some("zone-a"),
+            endpoints: {
+                let mut e = four(["zone-a", "zone-b", "zone-c", "zone-a"]);
+                e[3] = with(e[3].clone(), false, false, false);
+                e
+            },
+            cluster: vec!["10.1.2.3"],
+            local: vec![],
+        },
+        Case {
+            name: "an unready endpoint without hints does not turn hints off",
+            policies: (Cluster, Cluster),
+            zone: Some("zone-a"),
+            endpoints: {
+                let mut e = four(["zone-a", "zone-b", "zone-c", "zone-a"]);
+                e[1] = with(hinted("10.1.2.4", "node-b", &[], &[]), false, false, false);
+                e
+            },
+            cluster: vec!["10.1.2.3", "10.1.2.6"],
+            local: vec![],
+        },
+        Case {
+            name: "only unready endpoints in the node's zone: all ready endpoints",
+            policies: (Cluster, Cluster),
+            zone: Some("zone-a"),
+            endpoints: {
+                let mut e = four(["zone-a", "zone-b", "zone-c", "zone-a"]);
+                e[0] = with(e[0].clone(), false, false, false);
+                e[3] = with(e[3].clone(), false, false, false);
+                e
+            },
+            cluster: vec!["10.1.2.4", "10.1.2.5"],
+            local: vec![],
+        },
+        Case {
+            name: "several zones per endpoint: any endpoint naming the node's zone",
+            policies: (Cluster, Cluster),
+            zone: Some("zone-c"),
+            endpoints: vec![
+                hinted("10.1.2.3", "node-b", &["zone-a", "zone-b", "zone-c"], &[]),
+                hinted("10.1.2.4", "node-b", &["zone-b", "zone-c"], &[]),
+                hinted("10.1.2.5", "node-b", &["zone-b", "zone-d"], &[]),
+                hinted("10.1.2.6", "node-b", &["zone-c"], &[]),
+            ],
+            cluster: vec!["10.1.2.3", "10.1.2.4", "10.1.2.6"],
+            local: vec![],
+        },
+        Case {
+            name: "PreferSameNode: node hints for this node win over zone hints",
+            policies: (Cluster, Cluster),
+            zone: Some("zone-a"),
+            endpoints: vec![
+                hinted("10.1.2.3", NODE, &["zone-a"], &[NODE]),
+                hinted("10.1.2.4", "node-b", &["zone-a"], &["node-b"]),
+                hinted("10.1.2.5", "node-c", &["zone-b"], &["node-c"]),
+            ],
+            cluster: vec!["10.1.2.3"],
+            local: vec![],
+        },
+        Case {
+            name: "PreferSameNode needs no zone label",
+            policies: (Cluster, Cluster),
+            zone: None,
+            endpoints: vec![
+                hinted("10.1.2.3", NODE, &[], &[NODE]),
+                hinted("10.1.2.4", "node-b", &[], &["node-b"]),
+            ],
+            cluster: vec!["10.1.2.3"],
+            local: vec![],
+        },
+        Case {
+            name: "PreferSameNode, no endpoint for this node: the zone hints",
+            policies: (Cluster, Cluster),
+            zone: Some("zone-a"),
+            endpoints: vec![
+                hinted("10.1.2.4", "node-b", &["zone-a"], &["node-b"]),
+                hinted("10.1.2.5", "node-c", &["zone-b"], &["node-c"]),
+            ],
+            cluster: vec!["10.1.2.4"],
+            local: vec![],
+        },
+        Case {
+            name: "node hints on some endpoints only: the zone hints",
+            policies: (Cluster, Cluster),
+            zone: Some("zone-b"),
+            endpoints: vec![
+                hinted("10.1.2.3", NODE, &["zone-a"], &[NODE]),
+                hinted("10.1.2.5", "node-c", &["zone-b"], &[]),
+            ],
+            cluster: vec!["10.1.2.5"],
+            local: vec![],
+        },
+        Case {
+            name: "none ready: every serving-and-terminating endpoint, hints ignored",
+            policies: (Cluster, Cluster),
+            zone: Some("zone-a"),
+            endpoints: vec![
+                with(
+                    hinted("10.1.2.3", NODE, &["zone-a"], &[]),
+                    false,
+                    true,
+                    true,
+                ),
+                with(
+                    hinted("10.1.2.4", "node-b", &["zone-b"], &[]),
+                    false,
+                    true,
+                    true,
+                ),
+                with(
+                    hinted("10.1.2.5", "node-b", &["zone-a"], &[]),
+                    false,
+                    false,
+                    true,
+                ),
+            ],
+            cluster: vec!["10.1.2.3", "10.1.2.4"],
+            local: vec![],
+        },
+        Case {
+            name: "externalTrafficPolicy Local: local endpoints ignore the hints",
+            policies: (Cluster, Local),
+            zone: Some("zone-a"),
+            endpoints: vec![
+                hinted("10.1.2.3", NODE, &["zone-a"], &[]),
+                hinted("10.1.2.4", NODE, &["zone-b"], &[]),
+                hinted("10.1.2.5", "node-b", &["zone-c"], &[]),
+                hinted("10.1.2.6", "node-b", &["zone-a"], &[]),
+            ],
+            cluster: vec!["10.1.2.3", "10.1.2.6"],
+            local: vec!["10.1.2.3", "10.1.2.4"],
+        },
+        Case {
+            name: "internalTrafficPolicy Local, externalTrafficPolicy Cluster: cluster filtered",
+            policies: (Local, Cluster),
+            zone: Some("zone-a"),
+            endpoints: vec![
+                hinted("10.1.2.3", NODE, &["zone-a"], &[]),
+                hinted("10.1.2.4", NODE, &["zone-b"], &[]),
+                hinted("10.1.2.5", "node-b", &["zone-c"], &[]),
+                hinted("10.1.2.6", "node-b", &["zone-a"], &[]),
+            ],
+            cluster: vec!["10.1.2.3", "10.1.2.6"],
+            local: vec!["10.1.2.3", "10.1.2.4"],
+        },
+        Case {
+            name: "both policies Local: no cluster endpoints, local ones unfiltered",
+            policies: (Local, Local),
+            zone: Some("zone-a"),
+            endpoints: vec![
+                hinted("10.1.2.4", NODE, &["zone-b"], &[]),
+                hinted("10.1.2.6", "node-b", &["zone-a"], &[]),
+            ],
+            cluster: vec![],
+            local: vec!["10.1.2.4"],
+        },
+    ];
+    for case in cases {
+        let mut port = svc("web", &["10.96.0.1"], 80);
+        (port.internal_traffic_policy, port.external_traffic_policy) = case.policies;
+        if case.policies != (Cluster, Cluster) {
+            port.node_port = Some(30080);
+        }
+        let eps: Vec<&Endpoint> = case.endpoints.iter().collect();
+        let choice = EndpointChoice::new(&port, &eps, NODE, case.zone);
+        let addrs = |v: &[&Endpoint]| -> Vec<String> {
+            let mut a: Vec<String> = v.iter().map(|e| e.ip.to_string()).collect();
+            a.sort();
+            a
+        };
+        assert_eq!(
+            addrs(&choice.cluster),
+            case.cluster,
+            "{}: cluster",
+            case.name
+        );
+        assert_eq!(addrs(&choice.local), case.local, "{}: local", case.name);
+    }
+}
+
+#[test]
+fn zone_a_node_gets_only_zone_a_real_servers_for_a_fully_hinted_service() {
+    let mut hinted_svc = svc("web", &["10.96.0.20"], 80);
+    hinted_svc.node_port = Some(30080);
+    let eps = vec![
+        hinted("10.244.1.5", "node-b", &["zone-a"], &[]),
+        hinted("10.244.2.5", "node-c", &["zone-b"], &[]),
+        hinted("10.244.3.5", "node-d", &["zone-a"], &[]),
+    ];
+    let partly = svc("api", &["10.96.0.21"], 80);
+    let partly_eps = vec![
+        hinted("10.244.1.6", "node-b", &["zone-a"], &[]),
+        hinted("10.244.2.6", "node-c", &[], &[]),
+    ];
+    let cfg = PlanConfig {
+        node_zone: Some("zone-a".into()),
+        ..config()
+    };
+    let p = plan_with(
+        cfg.clone(),
+        vec![(hinted_svc.clone(), eps.clone()), (partly, partly_eps)],
+    );
+    let zone_a = ["10.244.1.5:8080", "10.244.3.5:8080"];
+    assert_eq!(reals(&p, "10.96.0.20", 80), zone_a);
+    assert_eq!(
+        reals(&p, "192.168.56.10", 30080),
+        zone_a,
+        "NodePort, ETP Cluster"
+    );
+    assert_eq!(
+        reals(&p, "10.96.0.21", 80),
+        ["10.244.1.6:8080", "10.244.2.6:8080"],
+        "one endpoint without a hint: all"
+    );
+    let elsewhere = plan_with(
+        PlanConfig {
+            node_zone: Some("zone-b".into()),
+            ..cfg
+        },
+        vec![(hinted_svc, eps)],
+    );
+    assert_eq!(reals(&elsewhere, "10.96.0.20", 80), ["10.244.2.5:8080"]);
 }

@@ -44,8 +44,8 @@ impl Default for Settings {
 }
 
 impl Settings {
-    /// The planner's configuration for the cluster as `state` has it: this node's addresses
-    /// (`--node-ip`, else the Node object's), the NodePort addresses among them, and one
+    /// The planner's configuration for the cluster as `state` has it: this node's zone and
+    /// addresses (`--node-ip`, else the Node object's), the NodePort addresses among them, and one
     /// family for each the node or a Service's ClusterIP has (IPv4 when there is none).
     #[must_use]
     pub fn plan_config(&self, state: &ClusterState) -> PlanConfig {
@@ -74,6 +74,9 @@ impl Settings {
             families.push(Family::V4);
         }
         PlanConfig {
+            node_zone: state
+                .node(&self.plan.node_name)
+                .and_then(|n| n.zone.clone()),
             node_addresses,
             node_port_ips,
             families,

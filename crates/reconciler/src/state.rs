@@ -183,6 +183,7 @@ mod tests {
                     conditions: Conditions::default(),
                     node_name: None,
                     zone: None,
+                    hints: None,
                 }]
                 .into(),
             }],

@@ -279,8 +279,9 @@ impl<E> SyncLoop<E> {
         if config.node_addresses != self.planner.config.node_addresses
             || config.families != self.planner.config.families
             || config.node_port_ips != self.planner.config.node_port_ips
+            || config.node_zone != self.planner.config.node_zone
         {
-            tracing::info!(node = %config.node_name, addresses = ?config.node_addresses, families = ?config.families, "node facts changed");
+            tracing::info!(node = %config.node_name, zone = ?config.node_zone, addresses = ?config.node_addresses, families = ?config.families, "node facts changed");
             self.engine.reconfigure(&config);
             self.planner = Planner::new(config);
             self.next_full = Some(Instant::now());

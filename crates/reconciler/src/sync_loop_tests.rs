@@ -124,10 +124,12 @@ impl Observer for Log {
     fn no_local_endpoints(&self, _internal: u64, _external: u64) {}
 }
 
-/// What a test source sends: a Service (re)defined with this ClusterIP, or this node's addresses.
+/// What a test source sends: a Service (re)defined with this ClusterIP, this node's addresses,
+/// or its zone label.
 enum Change {
     Service(&'static str, &'static str),
     Node(&'static str),
+    Zone(&'static str),
 }
 
 fn port(name: &str, cluster_ip: &str) -> ServicePort {
@@ -157,6 +159,12 @@ fn fold(state: &mut ClusterState, changes: Vec<Change>) -> Folded {
                     addresses: vec![addr.parse().unwrap()],
                     zone: None,
                 });
+            }
+            Change::Zone(zone) => {
+                let mut node = state.node("node-a").cloned().unwrap_or_default();
+                node.name = "node-a".into();
+                node.zone = Some(zone.into());
+                folded.affected.nodes |= state.upsert_node(node);
             }
         }
     }
@@ -390,6 +398,15 @@ fn new_node_addresses_reconfigure_the_engine_and_sync_everything() {
     l.receive(SourceUpdate::Events(vec![Change::Node("192.168.1.10")]));
     l.tick(t0 + MIN * 2);
     assert_eq!(log.take_calls(), vec![]);
+}
+
+#[test]
+fn a_new_zone_label_replans_everything_for_the_zone_hints() {
+    let (mut l, log, t0) = started();
+    l.receive(SourceUpdate::Events(vec![Change::Zone("zone-a")]));
+    assert_eq!(log.take_calls(), vec![Call::Reconfigure(vec![])]);
+    l.tick(t0 + MIN);
+    assert_eq!(log.take_calls(), vec![Call::Full]);
 }
 
 #[test]

@@ -41,6 +41,11 @@ pub struct Backend {
     pub terminating: bool,
     /// The endpoint runs on this node.
     pub local: bool,
+    /// The Service's topology hints let this node use it for Cluster traffic policies
+    /// (kube-proxy's `availableForTopology`); true when the hints are not in use. The caller
+    /// clears it only when another ready endpoint of the family keeps it set, as kube-proxy
+    /// uses hints only then; Local policies ignore it.
+    pub in_topology: bool,
 }
 
 impl Backend {
@@ -53,6 +58,7 @@ impl Backend {
             serving: true,
             terminating: false,
             local,
+            in_topology: true,
         }
     }
 }

@@ -194,7 +194,7 @@ impl<'a> Port<'a> {
         let uses_local = internal_local || external_local;
 
         let cluster_endpoints = if uses_cluster {
-            usable(&backends, |_| true)
+            usable(&backends, |b| b.in_topology)
         } else {
             Vec::new()
         };
