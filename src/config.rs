@@ -185,7 +185,10 @@ impl ProxyConfig {
         // Name each flag the file overrode, from what it would have changed.
         let alone = ProxyConfig::default().with_flags(&kept).to_v1alpha1();
         let with_all = ProxyConfig::default().with_flags(flags).to_v1alpha1();
-        config.ignored_flags = differences(&alone, &with_all, "");
+        config.ignored_flags = differences(&alone, &with_all, "")
+            .into_iter()
+            .map(|field| format!("the flag setting {field}"))
+            .collect();
         Ok((config, file.unknown_fields))
     }
 
@@ -847,5 +850,464 @@ mod tests {
         assert_eq!(iptables::masquerade_mark(cfg.masquerade_bit), 0x8000);
         assert_eq!(cfg.scheduler, ipvs::Scheduler::LeastConnection);
         assert_eq!(cfg.sync_period(), Duration::from_secs(30));
+    }
+
+    fn cli(args: &[&str]) -> crate::flags::Cli {
+        crate::flags::Cli::try_parse_from(std::iter::once("ipvs-proxy").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    fn temp_file(name: &str, text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("ipvs-proxy-{}-{name}", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    #[allow(clippy::too_many_lines, reason = "one row per kube-proxy flag")]
+    fn every_upstream_flag_parses_into_its_config_field() {
+        // (flag, where /configz and --write-config-to show it, the value expected there);
+        // `None` for the flags that are actions or have no field.
+        let table: &[(&str, Option<&str>, Value)] = &[
+            ("--config=/nonexistent", None, Value::Null),
+            ("--write-config-to=/tmp/x", None, Value::Null),
+            ("--cleanup", None, Value::Null),
+            ("--init-only", None, Value::Null),
+            (
+                "--feature-gates=A=true,B=false",
+                Some("/featureGates"),
+                json!({"A": true, "B": false}),
+            ),
+            (
+                "--kubeconfig=/etc/kube.conf",
+                Some("/clientConnection/kubeconfig"),
+                json!("/etc/kube.conf"),
+            ),
+            ("--master=https://10.0.0.1:6443", None, Value::Null),
+            (
+                "--kube-api-content-type=application/json",
+                Some("/clientConnection/contentType"),
+                json!("application/json"),
+            ),
+            (
+                "--kube-api-burst=20",
+                Some("/clientConnection/burst"),
+                json!(20),
+            ),
+            (
+                "--kube-api-qps=7.5",
+                Some("/clientConnection/qps"),
+                json!(7.5),
+            ),
+            (
+                "--hostname-override=Node-A",
+                Some("/hostnameOverride"),
+                json!("node-a"),
+            ),
+            (
+                "--bind-address=10.0.0.5",
+                Some("/bindAddress"),
+                json!("10.0.0.5"),
+            ),
+            (
+                "--healthz-bind-address=127.0.0.1:9999",
+                Some("/healthzBindAddress"),
+                json!("127.0.0.1:9999"),
+            ),
+            (
+                "--metrics-bind-address=0.0.0.0:9998",
+                Some("/metricsBindAddress"),
+                json!("0.0.0.0:9998"),
+            ),
+            (
+                "--bind-address-hard-fail",
+                Some("/bindAddressHardFail"),
+                json!(true),
+            ),
+            ("--profiling=true", Some("/enableProfiling"), json!(true)),
+            (
+                "--show-hidden-metrics-for-version=1.35",
+                Some("/showHiddenMetricsForVersion"),
+                json!("1.35"),
+            ),
+            ("--proxy-mode=iptables", Some("/mode"), json!("iptables")),
+            (
+                "--iptables-masquerade-bit=15",
+                Some("/iptables/masqueradeBit"),
+                json!(15),
+            ),
+            (
+                "--masquerade-bit=16",
+                Some("/iptables/masqueradeBit"),
+                json!(16),
+            ),
+            (
+                "--masquerade-all",
+                Some("/iptables/masqueradeAll"),
+                json!(true),
+            ),
+            (
+                "--iptables-localhost-nodeports=false",
+                Some("/iptables/localhostNodePorts"),
+                json!(false),
+            ),
+            (
+                "--iptables-sync-period=1m",
+                Some("/iptables/syncPeriod"),
+                json!("1m0s"),
+            ),
+            (
+                "--iptables-min-sync-period=2s",
+                Some("/iptables/minSyncPeriod"),
+                json!("2s"),
+            ),
+            (
+                "--ipvs-sync-period=2h22m",
+                Some("/ipvs/syncPeriod"),
+                json!("2h22m0s"),
+            ),
+            (
+                "--ipvs-min-sync-period=1.5s",
+                Some("/ipvs/minSyncPeriod"),
+                json!("1.5s"),
+            ),
+            (
+                "--ipvs-scheduler=wrr",
+                Some("/ipvs/scheduler"),
+                json!("wrr"),
+            ),
+            (
+                "--ipvs-exclude-cidrs=10.1.0.0/16,fd00::/64",
+                Some("/ipvs/excludeCIDRs"),
+                json!(["10.1.0.0/16", "fd00::/64"]),
+            ),
+            ("--ipvs-strict-arp", Some("/ipvs/strictARP"), json!(true)),
+            (
+                "--ipvs-tcp-timeout=900s",
+                Some("/ipvs/tcpTimeout"),
+                json!("15m0s"),
+            ),
+            (
+                "--ipvs-tcpfin-timeout=120s",
+                Some("/ipvs/tcpFinTimeout"),
+                json!("2m0s"),
+            ),
+            (
+                "--ipvs-udp-timeout=300ms",
+                Some("/ipvs/udpTimeout"),
+                json!("300ms"),
+            ),
+            (
+                "--detect-local-mode=NodeCIDR",
+                Some("/detectLocalMode"),
+                json!("NodeCIDR"),
+            ),
+            (
+                "--pod-bridge-interface=cbr0",
+                Some("/detectLocal/bridgeInterface"),
+                json!("cbr0"),
+            ),
+            (
+                "--pod-interface-name-prefix=veth",
+                Some("/detectLocal/interfaceNamePrefix"),
+                json!("veth"),
+            ),
+            (
+                "--cluster-cidr=10.244.0.0/16,fd00:10:244::/56",
+                Some("/clusterCIDR"),
+                json!("10.244.0.0/16,fd00:10:244::/56"),
+            ),
+            (
+                "--nodeport-addresses=primary",
+                Some("/nodePortAddresses"),
+                json!(["primary"]),
+            ),
+            ("--oom-score-adj=-500", Some("/oomScoreAdj"), json!(-500)),
+            (
+                "--conntrack-max-per-core=0",
+                Some("/conntrack/maxPerCore"),
+                json!(0),
+            ),
+            (
+                "--conntrack-min=65536",
+                Some("/conntrack/min"),
+                json!(65536),
+            ),
+            (
+                "--conntrack-tcp-timeout-established=12h",
+                Some("/conntrack/tcpEstablishedTimeout"),
+                json!("12h0m0s"),
+            ),
+            (
+                "--conntrack-tcp-timeout-close-wait=30m",
+                Some("/conntrack/tcpCloseWaitTimeout"),
+                json!("30m0s"),
+            ),
+            (
+                "--conntrack-tcp-be-liberal",
+                Some("/conntrack/tcpBeLiberal"),
+                json!(true),
+            ),
+            (
+                "--conntrack-udp-timeout=30s",
+                Some("/conntrack/udpTimeout"),
+                json!("30s"),
+            ),
+            (
+                "--conntrack-udp-timeout-stream=2m",
+                Some("/conntrack/udpStreamTimeout"),
+                json!("2m0s"),
+            ),
+            (
+                "--config-sync-period=5m",
+                Some("/configSyncPeriod"),
+                json!("5m0s"),
+            ),
+            (
+                "--healthz-port=0",
+                Some("/healthzBindAddress"),
+                json!("0.0.0.0:0"),
+            ),
+            (
+                "--metrics-port=0",
+                Some("/metricsBindAddress"),
+                json!("127.0.0.1:0"),
+            ),
+            (
+                "--logging-format=json",
+                Some("/logging/format"),
+                json!("json"),
+            ),
+            (
+                "--log-flush-frequency=10s",
+                Some("/logging/flushFrequency"),
+                json!("10s"),
+            ),
+            ("-v=4", Some("/logging/verbosity"), json!(4)),
+            ("--v=3", Some("/logging/verbosity"), json!(3)),
+            (
+                "--vmodule=proxier=5",
+                Some("/logging/vmodule"),
+                json!([{"filePattern": "proxier", "verbosity": 5}]),
+            ),
+            ("--log-text-split-stream", None, Value::Null),
+            ("--log-text-info-buffer-size=64Ki", None, Value::Null),
+            ("--log-json-split-stream=true", None, Value::Null),
+            ("--log-json-info-buffer-size=1Mi", None, Value::Null),
+        ];
+        let defaults = ProxyConfig::default().to_v1alpha1();
+        for (flag, pointer, want) in table {
+            let config = ProxyConfig::default().with_flags(&cli(&[flag]).flags);
+            if let Some(pointer) = pointer {
+                let got = config.to_v1alpha1().pointer(pointer).cloned();
+                assert_eq!(got.as_ref(), Some(want), "{flag} sets {pointer}");
+                assert_ne!(
+                    defaults.pointer(pointer),
+                    Some(want),
+                    "{flag}: the default already"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn flags_fill_the_config_without_a_file_and_only_logging_and_hostname_beside_one() {
+        let file = temp_file(
+            "precedence.yaml",
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+             mode: ipvs\nipvs:\n  scheduler: lc\n  syncPeriod: 45s\nhostnameOverride: from-file\n",
+        );
+        let args = [
+            "--ipvs-scheduler=sh",
+            "--ipvs-sync-period=10s",
+            "--conntrack-min=1",
+            "-v=4",
+            "--logging-format=json",
+            "--hostname-override=From-Flag",
+            "--manifests=/srv/manifests",
+        ];
+        let (alone, _) = ProxyConfig::resolve(&cli(&args).flags).unwrap();
+        assert_eq!(alone.scheduler, ipvs::Scheduler::SourceHashing);
+        assert_eq!(alone.sync_period(), Duration::from_secs(10));
+        assert_eq!(alone.conntrack.min, 1);
+
+        let config_flag = format!("--config={}", file.display());
+        let with_file = [&[config_flag.as_str()][..], &args].concat();
+        let (config, unknown) = ProxyConfig::resolve(&cli(&with_file).flags).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        assert!(unknown.is_empty());
+        // The file wins ...
+        assert_eq!(config.scheduler, ipvs::Scheduler::LeastConnection);
+        assert_eq!(config.sync_period(), Duration::from_secs(45));
+        assert_eq!(config.conntrack.min, 131_072);
+        // ... except for the logging flags, --hostname-override and ipvs-proxy's own.
+        assert_eq!(config.verbosity, 4);
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.hostname_override.as_deref(), Some("from-flag"));
+        assert_eq!(
+            config.manifests.as_deref(),
+            Some(std::path::Path::new("/srv/manifests"))
+        );
+        // The overridden flags are named at start.
+        let noted: Vec<String> = config
+            .not_acted_on()
+            .into_iter()
+            .map(|(what, _)| what)
+            .collect();
+        for field in ["ipvs.scheduler", "ipvs.syncPeriod", "conntrack.min"] {
+            assert!(
+                noted.iter().any(|n| n.contains(field)),
+                "{field} in {noted:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bare_ip_bind_address_gets_the_default_port() {
+        for (args, healthz, metrics) in [
+            (
+                &["--healthz-bind-address=127.0.0.1"][..],
+                "127.0.0.1:10256",
+                "127.0.0.1:10249",
+            ),
+            (
+                &["--metrics-bind-address=::1"][..],
+                "0.0.0.0:10256",
+                "[::1]:10249",
+            ),
+            (
+                &["--metrics-bind-address=[::]"][..],
+                "0.0.0.0:10256",
+                "[::]:10249",
+            ),
+            (
+                &["--healthz-bind-address=10.0.0.1", "--healthz-port=12345"][..],
+                "10.0.0.1:12345",
+                "127.0.0.1:10249",
+            ),
+            // A port in the address wins over the deprecated --*-port, as in kube-proxy.
+            (
+                &["--metrics-bind-address=0.0.0.0:9100", "--metrics-port=9200"][..],
+                "0.0.0.0:10256",
+                "0.0.0.0:9100",
+            ),
+        ] {
+            let (config, _) = ProxyConfig::resolve(&cli(args).flags).unwrap();
+            assert_eq!(config.healthz_bind_address.to_string(), healthz, "{args:?}");
+            assert_eq!(config.metrics_bind_address.to_string(), metrics, "{args:?}");
+        }
+        let file = crate::config_file::ConfigFile::parse_str(
+            std::path::Path::new("bare.yaml"),
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+             healthzBindAddress: 0.0.0.0\nmetricsBindAddress: 192.168.1.10\n",
+        )
+        .unwrap();
+        let config = ProxyConfig::default().with_file(&file.config);
+        assert_eq!(config.healthz_bind_address.to_string(), "0.0.0.0:10256");
+        assert_eq!(
+            config.metrics_bind_address.to_string(),
+            "192.168.1.10:10249"
+        );
+    }
+
+    #[test]
+    fn invalid_flag_values_are_refused_naming_the_flag() {
+        for (args, flag) in [
+            (&["--ipvs-sync-period=0s"][..], "--ipvs-sync-period"),
+            (
+                &["--proxy-mode=iptables", "--iptables-sync-period=0"][..],
+                "--iptables-sync-period",
+            ),
+            (&["--config-sync-period=0s"][..], "--config-sync-period"),
+            (
+                &["--ipvs-sync-period=5s", "--ipvs-min-sync-period=10s"][..],
+                "--ipvs-min-sync-period",
+            ),
+            (
+                &["--detect-local-mode=BridgeInterface"][..],
+                "--pod-bridge-interface",
+            ),
+        ] {
+            let err = ProxyConfig::resolve(&cli(args).flags)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(&format!("{flag}: ")), "{args:?}: {err}");
+        }
+        for args in [
+            &["--oom-score-adj=-1001"][..],
+            &["--conntrack-min=-1"],
+            &["--feature-gates=A"],
+        ] {
+            let parsed = crate::flags::Cli::try_parse_from(
+                std::iter::once("ipvs-proxy").chain(args.iter().copied()),
+            );
+            assert!(parsed.is_err(), "{args:?} accepted");
+        }
+    }
+
+    #[test]
+    fn settings_not_acted_on_are_named_and_defaults_raise_none() {
+        assert_eq!(ProxyConfig::default().not_acted_on(), Vec::new());
+        let config = ProxyConfig::default().with_flags(
+            &cli(&[
+                "--profiling",
+                "--feature-gates=NFTablesProxyMode=true",
+                "--detect-local-mode=NodeCIDR",
+                "--iptables-localhost-nodeports=false",
+                "--kube-api-qps=50",
+                "--vmodule=proxier=5",
+            ])
+            .flags,
+        );
+        let noted: Vec<String> = config
+            .not_acted_on()
+            .into_iter()
+            .map(|(what, _)| what)
+            .collect();
+        for flag in [
+            "--profiling",
+            "--feature-gates",
+            "--detect-local-mode",
+            "--iptables-localhost-nodeports",
+            "--kube-api-qps",
+            "--vmodule",
+        ] {
+            assert!(
+                noted.iter().any(|n| n.contains(flag)),
+                "{flag} in {noted:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn written_config_reads_back_as_the_same_config() {
+        let (config, _) = ProxyConfig::resolve(
+            &cli(&[
+                "--ipvs-scheduler=sh",
+                "--ipvs-min-sync-period=2s",
+                "--ipvs-exclude-cidrs=10.1.0.0/16",
+                "--cluster-cidr=10.244.0.0/16,fd00:10:244::/56",
+                "--nodeport-addresses=primary,192.168.0.0/16",
+                "--iptables-masquerade-bit=0",
+                "--oom-score-adj=0",
+                "--conntrack-max-per-core=0",
+                "--conntrack-udp-timeout=30s",
+                "--healthz-bind-address=[::]:10256",
+                "--feature-gates=A=true",
+                "--kube-api-qps=7.5",
+                "--hostname-override=node-a",
+                "--vmodule=proxier=5",
+                "--log-flush-frequency=1s",
+                "-v=2",
+            ])
+            .flags,
+        )
+        .unwrap();
+        let path = temp_file("written.yaml", "");
+        crate::config_file::write(&path, &config).unwrap();
+        let file = crate::config_file::ConfigFile::load(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(file.unknown_fields.is_empty(), "{:?}", file.unknown_fields);
+        assert_eq!(ProxyConfig::default().with_file(&file.config), config);
     }
 }

@@ -531,8 +531,11 @@ configSyncPeriod: 0s
 conntrack:
   maxPerCore: null
   min: null
+  tcpBeLiberal: false
   tcpCloseWaitTimeout: null
   tcpEstablishedTimeout: null
+  udpStreamTimeout: 0s
+  udpTimeout: 0s
 detectLocal:
   bridgeInterface: ""
   interfaceNamePrefix: ""
@@ -560,9 +563,16 @@ logging:
   options:
     json:
       infoBufferSize: "0"
+    text:
+      infoBufferSize: "0"
   verbosity: 0
 metricsBindAddress: ""
 mode: "ipvs"
+nftables:
+  masqueradeAll: false
+  masqueradeBit: null
+  minSyncPeriod: 0s
+  syncPeriod: 0s
 nodePortAddresses: null
 oomScoreAdj: null
 portRange: ""
@@ -678,5 +688,174 @@ winkernel:
             err.to_string().contains("/nonexistent/kube-proxy.yaml"),
             "{err}"
         );
+    }
+
+    /// [`KUBEADM_CONFIG`] as kubeadm writes it when nothing is set but `mode: ipvs`.
+    fn kubeadm_all_zeros() -> String {
+        let mut text = KUBEADM_CONFIG.to_owned();
+        for (from, to) in [
+            ("  minSyncPeriod: 1s", "  minSyncPeriod: 0s"),
+            ("  scheduler: \"lc\"", "  scheduler: \"\""),
+            ("  strictARP: true", "  strictARP: false"),
+            ("  syncPeriod: 1m0s", "  syncPeriod: 0s"),
+            (
+                "clusterCIDR: 10.244.0.0/16,fd00:10:244::/56",
+                "clusterCIDR: \"\"",
+            ),
+        ] {
+            assert!(text.contains(from), "fixture lacks {from:?}");
+            text = text.replacen(from, to, 1);
+        }
+        text
+    }
+
+    #[test]
+    fn kubeadm_zeros_resolve_to_kube_proxys_defaults_as_configz_shows_them() {
+        let file = parse(&kubeadm_all_zeros()).unwrap();
+        assert_eq!(file.unknown_fields, Vec::<String>::new());
+        let configz = ProxyConfig::default()
+            .with_file(&file.config)
+            .configz(ProxyMode::Ipvs);
+        for (pointer, want) in [
+            ("/mode", serde_json::json!("ipvs")),
+            ("/ipvs/syncPeriod", "30s".into()),
+            ("/ipvs/minSyncPeriod", "0s".into()),
+            ("/ipvs/scheduler", "rr".into()),
+            ("/iptables/syncPeriod", "30s".into()),
+            ("/iptables/minSyncPeriod", "1s".into()),
+            ("/iptables/masqueradeBit", 14.into()),
+            ("/iptables/localhostNodePorts", true.into()),
+            ("/configSyncPeriod", "15m0s".into()),
+            ("/conntrack/maxPerCore", 32768.into()),
+            ("/conntrack/min", 131_072.into()),
+            ("/conntrack/tcpEstablishedTimeout", "24h0m0s".into()),
+            ("/conntrack/tcpCloseWaitTimeout", "1h0m0s".into()),
+            ("/conntrack/udpTimeout", "0s".into()),
+            ("/oomScoreAdj", (-999).into()),
+            ("/clientConnection/qps", 5.0.into()),
+            ("/clientConnection/burst", 10.into()),
+            (
+                "/clientConnection/contentType",
+                crate::config::PROTOBUF.into(),
+            ),
+            ("/healthzBindAddress", "0.0.0.0:10256".into()),
+            ("/metricsBindAddress", "127.0.0.1:10249".into()),
+            ("/bindAddress", "0.0.0.0".into()),
+            ("/detectLocalMode", "ClusterCIDR".into()),
+            ("/logging/flushFrequency", "5s".into()),
+        ] {
+            assert_eq!(configz.pointer(pointer), Some(&want), "{pointer}");
+        }
+    }
+
+    #[test]
+    fn iptables_mode_with_kubeadm_zeros_never_syncs_in_a_busy_loop() {
+        let text = kubeadm_all_zeros().replacen("mode: \"ipvs\"", "mode: \"iptables\"", 1);
+        let cfg = ProxyConfig::default().with_file(&parse(&text).unwrap().config);
+        assert_eq!(cfg.mode, ProxyMode::Iptables);
+        assert_eq!(cfg.sync_period(), Duration::from_secs(30));
+        assert_eq!(cfg.min_sync_period(), Duration::from_secs(1));
+        assert_eq!(cfg.settings().sync_period, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn explicit_zeros_in_pointer_fields_keep_their_meaning() {
+        let text = KUBEADM_CONFIG
+            .replacen("  maxPerCore: null", "  maxPerCore: 0", 1)
+            .replacen("  masqueradeBit: null", "  masqueradeBit: 0", 1)
+            .replacen("oomScoreAdj: null", "oomScoreAdj: 0", 1)
+            .replacen(
+                "  tcpEstablishedTimeout: null",
+                "  tcpEstablishedTimeout: 0s",
+                1,
+            );
+        let cfg = ProxyConfig::default().with_file(&parse(&text).unwrap().config);
+        assert_eq!(
+            cfg.conntrack.max(8),
+            None,
+            "maxPerCore 0 leaves nf_conntrack_max"
+        );
+        assert_eq!(cfg.masquerade_bit, 0);
+        assert_eq!(cfg.oom_score_adj, 0);
+        assert_eq!(cfg.conntrack.tcp_established_timeout, Duration::ZERO);
+    }
+
+    #[test]
+    fn unknown_fields_in_any_section_are_reported_by_their_path() {
+        let text = KUBEADM_CONFIG
+            .replacen(
+                "  maxPerCore: null",
+                "  maxPerCore: null\n  maxPerCpu: 1",
+                1,
+            )
+            .replacen("  qps: 0", "  qps: 0\n  qpm: 1", 1)
+            .replacen(
+                "  bridgeInterface: \"\"",
+                "  bridgeInterface: \"\"\n  bridge: cbr0",
+                1,
+            )
+            .replacen("  sourceVip: \"\"", "  sourceVip: \"\"\n  sourceVIP: x", 1);
+        let mut unknown = parse(&text).unwrap().unknown_fields;
+        unknown.sort();
+        assert_eq!(
+            unknown,
+            [
+                "clientConnection.qpm",
+                "conntrack.maxPerCpu",
+                "detectLocal.bridge",
+                "winkernel.sourceVIP"
+            ]
+        );
+    }
+
+    #[test]
+    fn settings_failing_kube_proxys_validation_name_their_field() {
+        for (from, to, field) in [
+            ("oomScoreAdj: null", "oomScoreAdj: 1001", "oomScoreAdj"),
+            ("  min: null", "  min: -1", "conntrack.min"),
+            (
+                "  minSyncPeriod: 1s",
+                "  minSyncPeriod: 2m",
+                "ipvs.minSyncPeriod",
+            ),
+            (
+                "detectLocalMode: \"\"",
+                "detectLocalMode: BridgeInterface",
+                "detectLocal.bridgeInterface",
+            ),
+            (
+                "detectLocalMode: \"\"",
+                "detectLocalMode: Nodes",
+                "detectLocalMode",
+            ),
+            ("bindAddress: 0.0.0.0", "bindAddress: 0.0.0", "bindAddress"),
+            ("  burst: 0", "  burst: many", "clientConnection.burst"),
+            (
+                "  tcpEstablishedTimeout: null",
+                "  tcpEstablishedTimeout: 1d",
+                "conntrack.tcpEstablishedTimeout",
+            ),
+        ] {
+            let text = KUBEADM_CONFIG.replacen(from, to, 1);
+            assert_ne!(text, KUBEADM_CONFIG, "fixture lacks {from:?}");
+            let err = parse(&text).unwrap_err();
+            assert!(err.starts_with(&format!("{field}: ")), "{to:?}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_of_the_files_content_is_noticed_and_a_rewrite_of_the_same_is_not() {
+        let path =
+            std::env::temp_dir().join(format!("ipvs-proxy-{}-watched.yaml", std::process::id()));
+        std::fs::write(&path, KUBEADM_CONFIG).unwrap();
+        let watch = tokio::spawn(changed(Some(path.clone())));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::fs::write(&path, KUBEADM_CONFIG).unwrap();
+        tokio::time::sleep(POLL + Duration::from_millis(500)).await;
+        assert!(!watch.is_finished(), "the same content is no change");
+        std::fs::write(&path, format!("{KUBEADM_CONFIG}\n# edited\n")).unwrap();
+        let noticed = tokio::time::timeout(2 * POLL, watch).await;
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(noticed.expect("noticed in time").unwrap(), path);
     }
 }
