@@ -350,15 +350,27 @@ impl ProxyConfig {
                 return fail(field, flag, "must be greater than 0");
             }
         }
-        if self.mode == ProxyMode::Ipvs && self.ipvs_min_sync_period > self.ipvs_sync_period {
-            return fail(
+        // Only the running proxier's pair: the other section keeps its defaults.
+        let (min, sync, field, flag) = match self.mode {
+            ProxyMode::Ipvs => (
+                "ipvs.minSyncPeriod",
+                "ipvs.syncPeriod",
                 "ipvs.minSyncPeriod",
                 "--ipvs-min-sync-period",
-                &format!(
-                    "must be less than or equal to ipvs.syncPeriod ({})",
-                    go(self.ipvs_sync_period)
-                ),
+            ),
+            ProxyMode::Iptables => (
+                "iptables.minSyncPeriod",
+                "iptables.syncPeriod",
+                "iptables.minSyncPeriod",
+                "--iptables-min-sync-period",
+            ),
+        };
+        if self.min_sync_period() > self.sync_period() {
+            let message = format!(
+                "{min} must be less than or equal to {sync} ({})",
+                go(self.sync_period())
             );
+            return fail(field, flag, &message);
         }
         if !(-1000..=1000).contains(&self.oom_score_adj) {
             return fail(
@@ -1222,6 +1234,10 @@ mod tests {
             (
                 &["--ipvs-sync-period=5s", "--ipvs-min-sync-period=10s"][..],
                 "--ipvs-min-sync-period",
+            ),
+            (
+                &["--proxy-mode=iptables", "--iptables-sync-period=500ms"][..],
+                "--iptables-min-sync-period",
             ),
             (
                 &["--detect-local-mode=BridgeInterface"][..],
