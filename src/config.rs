@@ -1203,6 +1203,12 @@ mod tests {
                 "0.0.0.0:10256",
                 "0.0.0.0:9100",
             ),
+            // Empty turns the server off, as kube-proxy's "Set empty to disable".
+            (
+                &["--metrics-bind-address="][..],
+                "0.0.0.0:10256",
+                "0.0.0.0:0",
+            ),
         ] {
             let (config, _) = ProxyConfig::resolve(&cli(args).flags).unwrap();
             assert_eq!(config.healthz_bind_address.to_string(), healthz, "{args:?}");

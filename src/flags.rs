@@ -191,13 +191,13 @@ pub struct ProxyFlags {
     pub bind_address: Option<IpAddr>,
 
     /// The IP address and port for the health check server to serve on; without a port,
-    /// --healthz-port. Port 0 disables it. Ignored if a config file is specified by --config.
+    /// --healthz-port. Empty or port 0 disables it. Ignored if a config file is specified by --config.
     /// [default: 0.0.0.0:10256]
     #[arg(long, value_name = "IP[:PORT]", value_parser = parse_bind_address)]
     pub healthz_bind_address: Option<BindAddress>,
 
     /// The IP address and port for the metrics server to serve on; without a port,
-    /// --metrics-port. Port 0 disables it. Ignored if a config file is specified by --config.
+    /// --metrics-port. Empty or port 0 disables it. Ignored if a config file is specified by --config.
     /// [default: 127.0.0.1:10249]
     #[arg(long, value_name = "IP[:PORT]", value_parser = parse_bind_address)]
     pub metrics_bind_address: Option<BindAddress>,
@@ -587,9 +587,16 @@ pub fn parse_scheduler(s: &str) -> Result<ipvs::Scheduler, String> {
     s.parse().map_err(|e: ipvs::UnknownScheduler| e.to_string())
 }
 
-/// `IP:PORT`, `[IPv6]:PORT`, or a bare IP (which gets the server's default port).
+/// `IP:PORT`, `[IPv6]:PORT`, a bare IP (which gets the server's default port), or nothing
+/// (the server is off, as kube-proxy's empty address; port 0 here).
 pub fn parse_bind_address(s: &str) -> Result<BindAddress, String> {
     let s = s.trim();
+    if s.is_empty() {
+        return Ok(BindAddress {
+            ip: IpAddr::from([0, 0, 0, 0]),
+            port: Some(0),
+        });
+    }
     s.parse::<SocketAddr>()
         .map(|a| BindAddress {
             ip: a.ip(),
