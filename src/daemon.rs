@@ -2,12 +2,10 @@
 //! source, the sync loop's thread, and a clean stop on SIGTERM/SIGINT that leaves the kernel state
 //! in place (so a restart or an upgrade never drops traffic).
 
-use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
-use axum::Router;
 use controllers::SourceUpdate;
 use iptables::{Runner, detect_flavour};
 use reconciler::SyncLoop;
@@ -24,22 +22,12 @@ use crate::http::{ServerState, health_router, metrics_router, serve};
 use crate::metrics::Metrics;
 use crate::observer::Telemetry;
 
-/// The sysctls kube-proxy's ipvs mode sets.
-fn ipvs_sysctls(config: &ProxyConfig) {
-    use netif::sysctl::{ensure as sysctl, kernel_version};
-    // Let IPVS see conntrack, so iptables' NAT and masquerading apply to its traffic.
-    sysctl("net/ipv4/vs/conntrack", "1");
-    // Drop connections to deleted real servers at once instead of black-holing them.
-    sysctl("net/ipv4/vs/expire_nodest_conn", "1");
-    sysctl("net/ipv4/vs/expire_quiescent_template", "1");
-    sysctl("net/ipv4/ip_forward", "1");
-    // Older kernels delay reused connections by a second with conn_reuse_mode=1.
-    if kernel_version().is_some_and(|v| v < (5, 9)) {
-        sysctl("net/ipv4/vs/conn_reuse_mode", "0");
-    }
-    if config.strict_arp {
-        sysctl("net/ipv4/conf/all/arp_ignore", "1");
-        sysctl("net/ipv4/conf/all/arp_announce", "2");
+/// kube-proxy's privileged start-up work (all `--init-only` does): conntrack and mode sysctls.
+pub fn init_node(config: &ProxyConfig) {
+    config.conntrack.apply();
+    match config.mode {
+        ProxyMode::Ipvs => netif::sysctl::ipvs_mode(config.strict_arp),
+        ProxyMode::Iptables => netif::sysctl::ensure("net/ipv4/ip_forward", "1"),
     }
 }
 
@@ -93,7 +81,7 @@ fn ipvs_engine(
     mut handle: ipvs::Handle,
     runner: Runner,
 ) -> anyhow::Result<Box<dyn Engine>> {
-    ipvs_sysctls(config);
+    netif::sysctl::ipvs_mode(config.strict_arp);
     let timeouts = ipvs::Timeouts {
         tcp: seconds(config.tcp_timeout),
         tcp_fin: seconds(config.tcpfin_timeout),
@@ -151,9 +139,10 @@ fn choose_engine(config: &ProxyConfig) -> anyhow::Result<(ProxyMode, Box<dyn Eng
 }
 
 async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
+    netif::sysctl::oom_score_adj(config.oom_score_adj);
+    config.conntrack.apply();
     let (mode, engine) = choose_engine(&config)?;
-
-    let health = Health::new(2 * config.sync_period, SystemTime::now());
+    let health = Health::new(2 * config.sync_period(), SystemTime::now());
     let metrics = Arc::new(Metrics::new());
     let state = Arc::new(ServerState {
         health: health.clone(),
@@ -161,11 +150,24 @@ async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
         mode: RwLock::new(mode),
         configz: config.configz(mode),
     });
-    let router = health_router(state.clone());
-    let (addr, flag) = (config.healthz_bind_address, "--healthz-bind-address");
-    serve_logged(addr, router, flag, "/healthz and /livez").await?;
-    let (addr, flag) = (config.metrics_bind_address, "--metrics-bind-address");
-    serve_logged(addr, metrics_router(state), flag, "/metrics").await?;
+    let servers = [
+        (
+            config.healthz_bind_address,
+            health_router(state.clone()),
+            "healthz",
+        ),
+        (
+            config.metrics_bind_address,
+            metrics_router(state),
+            "metrics",
+        ),
+    ];
+    for (address, router, name) in servers {
+        let context = || format!("binding --{name}-bind-address {address}");
+        if let Some(addr) = serve(address, router).await.with_context(context)? {
+            tracing::info!(%addr, "serving /{name}");
+        }
+    }
 
     let (tx, rx) = unbounded_channel();
     start_source(&config, tx).await?;
@@ -183,36 +185,27 @@ async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
         .spawn(move || sync_loop.run(&runtime, rx, stop_rx))
         .context("starting the sync loop's thread")?;
 
-    wait_for_signal().await?;
+    let stopped = wait_for_signal(config.config_file.clone()).await;
     let _ = stop_tx.send(true);
     tokio::task::spawn_blocking(move || thread.join())
         .await
         .context("joining the sync loop")?
         .map_err(|_| anyhow::anyhow!("the sync loop's thread panicked"))?;
-    Ok(())
+    stopped
 }
 
-/// Serves `router` on `addr` (from `flag`, which errors name) and says so.
-async fn serve_logged(
-    addr: SocketAddr,
-    router: Router,
-    flag: &str,
-    what: &str,
-) -> anyhow::Result<()> {
-    let bound = serve(addr, router).await;
-    if let Some(addr) = bound.with_context(|| format!("binding {flag} {addr}"))? {
-        tracing::info!(%addr, "serving {what}");
-    }
-    Ok(())
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Waits for SIGTERM or SIGINT, or fails when the `--config` file changes (as kube-proxy, so
+/// that the pod restarts with the new file).
+async fn wait_for_signal(config_file: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let name = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
+        path = crate::config_file::changed(config_file) => bail!(
+            "the --config file {} changed: exiting so that the pod restarts with it", path.display()
+        ),
     };
     tracing::info!(signal = name, "stopping");
     Ok(())

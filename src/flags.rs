@@ -80,23 +80,87 @@ pub enum LogFormat {
     Json,
 }
 
-/// The daemon's flags, with kube-proxy's names. `None` means "not given on the command line".
+/// How kube-proxy tells traffic from local pods apart (`--detect-local-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectLocalMode {
+    /// Local traffic comes from `--cluster-cidr` (kube-proxy's default).
+    #[default]
+    ClusterCidr,
+    /// Local traffic comes from the Node's `podCIDRs`.
+    NodeCidr,
+    /// Local traffic comes in on `--pod-bridge-interface`.
+    BridgeInterface,
+    /// Local traffic comes in on interfaces named `--pod-interface-name-prefix`*.
+    InterfaceNamePrefix,
+}
+
+impl DetectLocalMode {
+    /// kube-proxy's name for the mode.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            DetectLocalMode::ClusterCidr => "ClusterCIDR",
+            DetectLocalMode::NodeCidr => "NodeCIDR",
+            DetectLocalMode::BridgeInterface => "BridgeInterface",
+            DetectLocalMode::InterfaceNamePrefix => "InterfaceNamePrefix",
+        }
+    }
+}
+
+/// An `IP[:PORT]` listen address; without a port the server's default port applies, as
+/// kube-proxy appends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindAddress {
+    pub ip: IpAddr,
+    pub port: Option<u16>,
+}
+
+impl BindAddress {
+    /// The socket address, `port` filling in a missing one.
+    #[must_use]
+    pub fn or_port(self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.ip, self.port.unwrap_or(port))
+    }
+}
+
+/// The daemon's flags, with kube-proxy's names, types and meanings. `None` means "not given on
+/// the command line". Flags of kube-proxy whose effect ipvs-proxy does not implement are
+/// accepted and logged at start as not acted on.
 #[derive(Debug, Clone, Default, Args)]
 #[allow(
     clippy::struct_excessive_bools,
     reason = "one field per boolean flag kube-proxy has"
 )]
 pub struct ProxyFlags {
-    /// Which proxy mode to use: ipvs or iptables. [default: ipvs]
-    #[arg(long, value_enum, value_name = "MODE")]
-    pub proxy_mode: Option<ProxyMode>,
+    /// The path to the configuration file (a KubeProxyConfiguration,
+    /// kubeproxy.config.k8s.io/v1alpha1). When given, it replaces every other flag except the
+    /// logging flags, --hostname-override, --master and ipvs-proxy's own flags.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
 
-    /// In ipvs mode, when IPVS is unavailable: run the iptables proxier, or exit.
-    /// [default: iptables]
-    #[arg(long, value_enum, value_name = "WHAT")]
-    pub ipvs_fallback: Option<IpvsFallback>,
+    /// If set, write the default configuration values (with the flags given) to this file and
+    /// exit.
+    #[arg(long, value_name = "PATH")]
+    pub write_config_to: Option<PathBuf>,
 
-    /// Path to a kubeconfig file with authorization information.
+    /// If true cleanup iptables and ipvs rules and exit. (ipvs-proxy removes only what it
+    /// programmed.)
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub cleanup: Option<bool>,
+
+    /// If true, perform any initialization steps that must be done with full root privileges
+    /// (the sysctls), and then exit.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub init_only: Option<bool>,
+
+    /// A set of key=value pairs that describe feature gates for alpha/experimental features.
+    /// Accepted and kept; ipvs-proxy acts on none of kube-proxy's gates. Ignored if a config
+    /// file is specified by --config.
+    #[arg(long, value_name = "KEY=BOOL", value_delimiter = ',', value_parser = parse_feature_gate)]
+    pub feature_gates: Option<Vec<(String, bool)>>,
+
+    /// Path to kubeconfig file with authorization information (the master location can be
+    /// overridden by the master flag).
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
 
@@ -104,94 +168,288 @@ pub struct ProxyFlags {
     #[arg(long, value_name = "URL")]
     pub master: Option<String>,
 
-    /// The name of this node, used instead of the host name to find its Node object.
+    /// Content type of requests sent to apiserver. [default: application/vnd.kubernetes.protobuf]
+    #[arg(long, value_name = "TYPE")]
+    pub kube_api_content_type: Option<String>,
+
+    /// Burst to use while talking with kubernetes apiserver. [default: 10]
+    #[arg(long, value_name = "N")]
+    pub kube_api_burst: Option<i32>,
+
+    /// QPS to use while talking with kubernetes apiserver. [default: 5]
+    #[arg(long, value_name = "QPS")]
+    pub kube_api_qps: Option<f32>,
+
+    /// If non-empty, will be used as the name of the Node that the proxy is running on. If
+    /// unset, the node name is assumed to be the same as the node's hostname.
     #[arg(long, value_name = "NAME")]
     pub hostname_override: Option<String>,
 
-    /// The CIDR ranges of pods in the cluster (comma-separated, one per family); traffic from
-    /// outside them to a Service IP is masqueraded.
-    #[arg(long, value_name = "CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
-    pub cluster_cidr: Option<Vec<IpNet>>,
+    /// Overrides kube-proxy's idea of what its node's primary IP is (no socket is bound to it).
+    /// Ignored if a config file is specified by --config. [default: 0.0.0.0]
+    #[arg(long, value_name = "IP")]
+    pub bind_address: Option<IpAddr>,
+
+    /// The IP address and port for the health check server to serve on; without a port,
+    /// --healthz-port. Empty or port 0 disables it. Ignored if a config file is specified by --config.
+    /// [default: 0.0.0.0:10256]
+    #[arg(long, value_name = "IP[:PORT]", value_parser = parse_bind_address)]
+    pub healthz_bind_address: Option<BindAddress>,
+
+    /// The IP address and port for the metrics server to serve on; without a port,
+    /// --metrics-port. Empty or port 0 disables it. Ignored if a config file is specified by --config.
+    /// [default: 127.0.0.1:10249]
+    #[arg(long, value_name = "IP[:PORT]", value_parser = parse_bind_address)]
+    pub metrics_bind_address: Option<BindAddress>,
+
+    /// If true the proxy treats failure to bind to a port as fatal and exits. (ipvs-proxy
+    /// always does.)
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub bind_address_hard_fail: Option<bool>,
+
+    /// If true enables profiling via web interface on /debug/pprof handler (not served by
+    /// ipvs-proxy). Ignored if a config file is specified by --config.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub profiling: Option<bool>,
+
+    /// The previous version for which you want to show hidden metrics (<major>.<minor>, e.g.
+    /// 1.35). Ignored if a config file is specified by --config.
+    #[arg(long, value_name = "VERSION")]
+    pub show_hidden_metrics_for_version: Option<String>,
+
+    /// Which proxy mode to use: ipvs or iptables. Ignored if a config file is specified by
+    /// --config. [default: ipvs]
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub proxy_mode: Option<ProxyMode>,
+
+    /// In ipvs mode, when IPVS is unavailable: run the iptables proxier, or exit.
+    /// (ipvs-proxy's own flag.) [default: iptables]
+    #[arg(long, value_enum, value_name = "WHAT")]
+    pub ipvs_fallback: Option<IpvsFallback>,
+
+    /// The bit of the fwmark space to mark packets requiring SNAT with. Must be within the
+    /// range [0, 31]. [default: 14]
+    #[arg(long, value_name = "BIT", value_parser = clap::value_parser!(u8).range(0..=31))]
+    pub iptables_masquerade_bit: Option<u8>,
+
+    /// ipvs-proxy's old name of --iptables-masquerade-bit.
+    #[arg(long, hide = true, value_name = "BIT", value_parser = clap::value_parser!(u8).range(0..=31))]
+    pub masquerade_bit: Option<u8>,
+
+    /// SNAT all traffic sent via Service cluster IPs. This may be required with some CNI
+    /// plugins.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub masquerade_all: Option<bool>,
+
+    /// If false, disable the legacy behavior of allowing NodePort services to be accessed via
+    /// localhost (iptables mode and IPv4 only; not acted on yet). [default: true]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub iptables_localhost_nodeports: Option<bool>,
+
+    /// In iptables mode, how often the rules are fully re-synchronized (e.g. 5s, 1m, 2h22m).
+    /// Must be greater than 0. [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub iptables_sync_period: Option<Duration>,
+
+    /// In iptables mode, the minimum period between rule resyncs; 0 resyncs on every Service
+    /// or EndpointSlice change. [default: 1s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub iptables_min_sync_period: Option<Duration>,
+
+    /// In ipvs mode, how often the kernel is re-read and fully re-synchronized (e.g. 5s, 1m,
+    /// 2h22m). Must be greater than 0. [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub ipvs_sync_period: Option<Duration>,
+
+    /// In ipvs mode, the minimum period between resyncs; 0 resyncs on every Service or
+    /// EndpointSlice change. [default: 0s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub ipvs_min_sync_period: Option<Duration>,
 
     /// The IPVS scheduler for Services that do not name one. [default: rr]
     #[arg(long, value_name = "NAME", value_parser = parse_scheduler)]
     pub ipvs_scheduler: Option<ipvs::Scheduler>,
 
-    /// The maximum interval between full resyncs that re-read the kernel (e.g. 30s, 2h22m).
-    /// [default: 30s]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub ipvs_sync_period: Option<Duration>,
-
-    /// The minimum interval between syncs; changes arriving faster are coalesced. [default: 0s]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub ipvs_min_sync_period: Option<Duration>,
-
-    /// CIDRs whose virtual servers the proxy must leave alone on cleanup and resync
-    /// (comma-separated).
+    /// A comma-separated list of CIDRs which the ipvs proxier should not touch when cleaning
+    /// up IPVS rules.
     #[arg(long, value_name = "CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
     pub ipvs_exclude_cidrs: Option<Vec<IpNet>>,
 
-    /// Set arp_ignore=1 and arp_announce=2 so the node does not answer ARP for Service IPs.
+    /// Enable strict ARP by setting arp_ignore to 1 and arp_announce to 2.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub ipvs_strict_arp: Option<bool>,
 
-    /// The timeout for idle IPVS TCP sessions; 0s leaves the kernel's value. [default: 0s]
+    /// The timeout for idle IPVS TCP connections, 0 to leave as-is. [default: 0s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub ipvs_tcp_timeout: Option<Duration>,
 
-    /// The timeout for IPVS TCP sessions after a FIN; 0s leaves the kernel's value. [default: 0s]
+    /// The timeout for IPVS TCP connections after receiving a FIN packet, 0 to leave as-is.
+    /// [default: 0s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub ipvs_tcpfin_timeout: Option<Duration>,
 
-    /// The timeout for IPVS UDP packets; 0s leaves the kernel's value. [default: 0s]
+    /// The timeout for IPVS UDP packets, 0 to leave as-is. [default: 0s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub ipvs_udp_timeout: Option<Duration>,
 
-    /// Masquerade (SNAT) all traffic sent to Service IPs.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    pub masquerade_all: Option<bool>,
+    /// Mode to use to detect local traffic: ClusterCIDR, NodeCIDR, BridgeInterface or
+    /// InterfaceNamePrefix (only ClusterCIDR is acted on yet). Ignored if a config file is
+    /// specified by --config. [default: ClusterCIDR]
+    #[arg(long, value_name = "MODE", value_parser = parse_detect_local_mode)]
+    pub detect_local_mode: Option<DetectLocalMode>,
 
-    /// The bit of the packet mark (0..=31) that marks traffic for masquerading. [default: 14]
-    #[arg(long, value_name = "BIT", value_parser = clap::value_parser!(u8).range(0..=31))]
-    pub masquerade_bit: Option<u8>,
+    /// A bridge interface name. With --detect-local-mode=BridgeInterface, traffic is local if
+    /// it originates from this bridge.
+    #[arg(long, value_name = "NAME")]
+    pub pod_bridge_interface: Option<String>,
 
-    /// The addresses NodePorts are served on: CIDRs (comma-separated), "primary" or "all".
-    /// [default: every node address]
+    /// An interface name prefix. With --detect-local-mode=InterfaceNamePrefix, traffic is
+    /// local if it originates from any interface whose name begins with this prefix.
+    #[arg(long, value_name = "PREFIX")]
+    pub pod_interface_name_prefix: Option<String>,
+
+    /// The CIDR range of the pods in the cluster (for dual-stack, a comma-separated pair).
+    /// With --detect-local-mode=ClusterCIDR, traffic is local if its source IP is in this
+    /// range. Ignored if a config file is specified by --config.
+    #[arg(long, value_name = "CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
+    pub cluster_cidr: Option<Vec<IpNet>>,
+
+    /// A list of CIDR ranges that contain valid node IPs, or "primary". NodePort connections
+    /// are accepted only on node IPs in those ranges (or the Node's primary IPs); if unset, on
+    /// all local IPs. Ignored if a config file is specified by --config.
     #[arg(long, value_name = "CIDRS", value_delimiter = ',', value_parser = parse_nodeport_address)]
     pub nodeport_addresses: Option<Vec<NodePortAddress>>,
 
-    /// Where /healthz and /livez are served. [default: 0.0.0.0:10256]
-    #[arg(long, value_name = "ADDR", value_parser = parse_bind_address)]
-    pub healthz_bind_address: Option<SocketAddr>,
+    /// The oom-score-adj value for the proxy process. Values must be within the range
+    /// [-1000, 1000]. Ignored if a config file is specified by --config. [default: -999]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1000..=1000))]
+    pub oom_score_adj: Option<i32>,
 
-    /// Where /metrics is served. [default: 127.0.0.1:10249]
-    #[arg(long, value_name = "ADDR", value_parser = parse_bind_address)]
-    pub metrics_bind_address: Option<SocketAddr>,
+    /// Maximum number of NAT connections to track per CPU core (0 to leave the limit as-is and
+    /// ignore conntrack-min). [default: 32768]
+    #[arg(long, value_name = "N")]
+    pub conntrack_max_per_core: Option<u32>,
 
-    /// A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1); flags override it.
-    #[arg(long, value_name = "PATH")]
-    pub config: Option<PathBuf>,
+    /// Minimum number of conntrack entries to allocate, regardless of conntrack-max-per-core
+    /// (set conntrack-max-per-core=0 to leave the limit as-is). [default: 131072]
+    #[arg(long, value_name = "N")]
+    pub conntrack_min: Option<u32>,
 
-    /// Remove everything the proxy programmed (and nothing else), then exit.
+    /// Idle timeout for established TCP connections (0 to leave as-is). [default: 24h0m0s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_established: Option<Duration>,
+
+    /// NAT timeout for TCP connections in the CLOSE_WAIT state (0 to leave as-is).
+    /// [default: 1h0m0s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_close_wait: Option<Duration>,
+
+    /// Enable liberal mode for tracking TCP packets by setting nf_conntrack_tcp_be_liberal to 1.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    pub cleanup: Option<bool>,
+    pub conntrack_tcp_be_liberal: Option<bool>,
 
-    /// Log verbosity, as kube-proxy's: 0 info, 2 sync summaries, 4 debug, 5 and up trace.
+    /// Idle timeout for UNREPLIED UDP connections (0 to leave as-is). [default: 0s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub conntrack_udp_timeout: Option<Duration>,
+
+    /// Idle timeout for ASSURED UDP connections (0 to leave as-is). [default: 0s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub conntrack_udp_timeout_stream: Option<Duration>,
+
+    /// How often configuration from the apiserver is refreshed. Must be greater than 0.
+    /// [default: 15m0s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub config_sync_period: Option<Duration>,
+
+    /// The port to bind the health check server. Use 0 to disable. DEPRECATED: use
+    /// --healthz-bind-address instead. [default: 10256]
+    #[arg(long, value_name = "PORT")]
+    pub healthz_port: Option<u16>,
+
+    /// The port to bind the metrics server. Use 0 to disable. DEPRECATED: use
+    /// --metrics-bind-address instead. [default: 10249]
+    #[arg(long, value_name = "PORT")]
+    pub metrics_port: Option<u16>,
+
+    /// Sets the log format: text or json. [default: text]
+    #[arg(
+        long = "logging-format",
+        alias = "log-format",
+        value_enum,
+        value_name = "FORMAT"
+    )]
+    pub log_format: Option<LogFormat>,
+
+    /// Maximum number of seconds between log flushes (ipvs-proxy writes every line at once).
+    /// [default: 5s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub log_flush_frequency: Option<Duration>,
+
+    /// Number for the log level verbosity: 0 info, 2 sync summaries, 4 debug, 5 and up trace.
     #[arg(short = 'v', long = "v", value_name = "LEVEL")]
     pub verbosity: Option<u8>,
 
-    /// Log as human-readable text or as one JSON object per line. [default: text]
-    #[arg(long, value_enum, value_name = "FORMAT")]
-    pub log_format: Option<LogFormat>,
+    /// Comma-separated list of pattern=N settings for file-filtered logging (accepted, not
+    /// acted on: ipvs-proxy filters by -v only).
+    #[arg(long, value_name = "PATTERN=N", value_delimiter = ',')]
+    pub vmodule: Option<Vec<String>>,
+
+    /// [Alpha] In text format, write error messages to stderr and info messages to stdout
+    /// (not acted on).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub log_text_split_stream: Option<bool>,
+
+    /// [Alpha] In text format with split output streams, buffer info messages (not acted on).
+    #[arg(long, value_name = "QUANTITY")]
+    pub log_text_info_buffer_size: Option<String>,
+
+    /// [Alpha] In JSON format, write error messages to stderr and info messages to stdout
+    /// (not acted on).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub log_json_split_stream: Option<bool>,
+
+    /// [Alpha] In JSON format with split output streams, buffer info messages (not acted on).
+    #[arg(long, value_name = "QUANTITY")]
+    pub log_json_info_buffer_size: Option<String>,
 
     /// Read Services, EndpointSlices and Nodes from this directory of manifests instead of a
-    /// Kubernetes API server.
+    /// Kubernetes API server. (ipvs-proxy's own flag.)
     #[arg(long, value_name = "DIR")]
     pub manifests: Option<PathBuf>,
 
     /// This node's addresses (repeatable), used for NodePorts instead of the Node object's.
+    /// (ipvs-proxy's own flag.)
     #[arg(long = "node-ip", value_name = "IP")]
     pub node_ips: Vec<IpAddr>,
+}
+
+impl ProxyFlags {
+    /// The flags that still apply when a `--config` file is given, as kube-proxy's: the
+    /// logging flags, `--hostname-override`, and those no config file has (`--master`, the
+    /// actions, and ipvs-proxy's own).
+    #[must_use]
+    pub fn beside_config_file(&self) -> ProxyFlags {
+        ProxyFlags {
+            config: self.config.clone(),
+            write_config_to: self.write_config_to.clone(),
+            cleanup: self.cleanup,
+            init_only: self.init_only,
+            master: self.master.clone(),
+            hostname_override: self.hostname_override.clone(),
+            ipvs_fallback: self.ipvs_fallback,
+            log_format: self.log_format,
+            log_flush_frequency: self.log_flush_frequency,
+            verbosity: self.verbosity,
+            vmodule: self.vmodule.clone(),
+            log_text_split_stream: self.log_text_split_stream,
+            log_text_info_buffer_size: self.log_text_info_buffer_size.clone(),
+            log_json_split_stream: self.log_json_split_stream,
+            log_json_info_buffer_size: self.log_json_info_buffer_size.clone(),
+            manifests: self.manifests.clone(),
+            node_ips: self.node_ips.clone(),
+            ..ProxyFlags::default()
+        }
+    }
 }
 
 /// A `--nodeport-addresses` entry.
@@ -205,13 +463,108 @@ pub enum NodePortAddress {
     All,
 }
 
-/// Parses a Go-style duration as kube-proxy's flags take it: `30s`, `1m0s`, `2h22m`, `500ms`.
+/// Parses a Go duration (`time.ParseDuration`) as kube-proxy's flags and file take it: `30s`,
+/// `1m0s`, `2h22m`, `1.5s`, `500ms`, `0`. Negative durations are refused.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    if s == "0" {
+    let bad = |why: &str| format!("invalid duration {s:?} ({why}); use e.g. 30s, 1m, 2h22m");
+    let text = s.strip_prefix('+').unwrap_or(s);
+    if text.starts_with('-') {
+        return Err(bad("must not be negative"));
+    }
+    if text == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(s)
-        .map_err(|e| format!("invalid duration {s:?} ({e}); use e.g. 30s, 1m, 2h22m"))
+    if text.is_empty() {
+        return Err(bad("empty"));
+    }
+    let mut rest = text;
+    let mut nanos = 0f64;
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| bad("missing unit"))?;
+        let number: f64 = rest[..number_len]
+            .parse()
+            .map_err(|_| bad("not a number"))?;
+        rest = &rest[number_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1.0,
+            "us" | "µs" | "μs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return Err(bad("unknown unit")),
+        };
+        nanos += number * scale;
+        rest = &rest[unit_len..];
+    }
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "non-negative, and Go's durations end at 290 years"
+    )]
+    Ok(Duration::from_nanos(nanos.round() as u64))
+}
+
+/// Formats a duration as Go's `time.Duration.String` does (`30s`, `1m0s`, `24h0m0s`, `500ms`),
+/// the form kube-proxy writes and serves.
+#[must_use]
+pub fn format_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    let nanos = d.subsec_nanos();
+    if secs == 0 {
+        return match nanos {
+            0 => "0s".to_owned(),
+            n if n % 1_000_000 == 0 => format!("{}ms", n / 1_000_000),
+            n if n % 1_000 == 0 => format!("{}µs", n / 1_000),
+            n => format!("{n}ns"),
+        };
+    }
+    let seconds = if nanos == 0 {
+        (secs % 60).to_string()
+    } else {
+        let fraction = format!("{nanos:09}");
+        format!("{}.{}", secs % 60, fraction.trim_end_matches('0'))
+    };
+    match (secs / 3600, secs % 3600 / 60) {
+        (0, 0) => format!("{seconds}s"),
+        (0, m) => format!("{m}m{seconds}s"),
+        (h, m) => format!("{h}h{m}m{seconds}s"),
+    }
+}
+
+/// Parses a Go boolean (`strconv.ParseBool`).
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(format!("invalid boolean {s:?}")),
+    }
+}
+
+/// One `--feature-gates` entry, `Name=true`.
+pub fn parse_feature_gate(s: &str) -> Result<(String, bool), String> {
+    let (name, value) = s
+        .trim()
+        .split_once('=')
+        .ok_or_else(|| format!("missing bool value for {s:?}; use Name=true"))?;
+    Ok((name.trim().to_owned(), parse_bool(value.trim())?))
+}
+
+pub fn parse_detect_local_mode(s: &str) -> Result<DetectLocalMode, String> {
+    match s.trim() {
+        "" | "ClusterCIDR" => Ok(DetectLocalMode::ClusterCidr),
+        "NodeCIDR" => Ok(DetectLocalMode::NodeCidr),
+        "BridgeInterface" => Ok(DetectLocalMode::BridgeInterface),
+        "InterfaceNamePrefix" => Ok(DetectLocalMode::InterfaceNamePrefix),
+        other => Err(format!(
+            "unknown detect-local mode {other:?}; use ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix"
+        )),
+    }
 }
 
 pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
@@ -234,9 +587,27 @@ pub fn parse_scheduler(s: &str) -> Result<ipvs::Scheduler, String> {
     s.parse().map_err(|e: ipvs::UnknownScheduler| e.to_string())
 }
 
-pub fn parse_bind_address(s: &str) -> Result<SocketAddr, String> {
+/// `IP:PORT`, `[IPv6]:PORT`, a bare IP (which gets the server's default port), or nothing
+/// (the server is off, as kube-proxy's empty address; port 0 here).
+pub fn parse_bind_address(s: &str) -> Result<BindAddress, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(BindAddress {
+            ip: IpAddr::from([0, 0, 0, 0]),
+            port: Some(0),
+        });
+    }
     s.parse::<SocketAddr>()
-        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 0)))
+        .map(|a| BindAddress {
+            ip: a.ip(),
+            port: Some(a.port()),
+        })
+        .or_else(|_| {
+            s.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .map(|ip| BindAddress { ip, port: None })
+        })
         .map_err(|_| format!("invalid bind address {s:?}; use IP:PORT, e.g. 0.0.0.0:10256"))
 }
 
@@ -283,7 +654,7 @@ mod tests {
             "127.0.0.1:10349",
         ])
         .unwrap();
-        assert_eq!(cli.flags.metrics_bind_address.unwrap().port(), 10349);
+        assert_eq!(cli.flags.metrics_bind_address.unwrap().port, Some(10349));
     }
 
     #[test]

@@ -29,6 +29,16 @@ fn main() -> ExitCode {
             for field in unknown {
                 tracing::warn!(field, "unknown field in the --config file, ignored");
             }
+            if let Some(path) = &cli.flags.write_config_to {
+                let written = ipvs_proxy::config_file::write(path, &config);
+                let failed = written.inspect_err(|e| tracing::error!("{e}")).is_err();
+                return ExitCode::from(u8::from(failed));
+            }
+            config.log_not_acted_on();
+            if cli.flags.init_only == Some(true) {
+                ipvs_proxy::daemon::init_node(&config);
+                return ExitCode::SUCCESS;
+            }
             if config.cleanup {
                 let report = ipvs_proxy::cleanup::cleanup(&config);
                 tracing::info!(

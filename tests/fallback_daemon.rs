@@ -256,3 +256,57 @@ fn a_service_added_and_removed_is_synced_alone_by_the_iptables_proxier() {
         "only the first sync was full:\n{log}"
     );
 }
+
+#[test]
+fn the_daemon_exits_when_its_config_file_changes_for_its_pod_to_restart() {
+    let ns = Netns::new("cfgwatch");
+    let config = std::env::temp_dir().join(format!("ipvs-proxy-watch-{}.yaml", std::process::id()));
+    // kubeadm's zeros, in iptables mode: neither sync period may become a busy loop.
+    let text = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+                mode: iptables\niptables:\n  syncPeriod: 0s\n  minSyncPeriod: 0s\n\
+                healthzBindAddress: 127.0.0.1:0\nmetricsBindAddress: 127.0.0.1:0\n";
+    std::fs::write(&config, text).unwrap();
+    let mut daemon = ns
+        .exec(&[
+            PROXY,
+            "--manifests",
+            &examples(),
+            "--hostname-override",
+            "node-a",
+        ])
+        .arg("--config")
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_nat(&ns, "web's rules", |nat| {
+        nat.contains("-A KUBE-SERVICES -d 10.96.0.20/32 -p tcp")
+    });
+    std::fs::write(&config, format!("{text}clusterCIDR: 10.244.0.0/16\n")).unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "still running after the change"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::fs::remove_file(&config).unwrap();
+    let mut log = String::new();
+    daemon
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(!status.success(), "exits non-zero:\n{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("--config file") && l.contains("changed")),
+        "says why:\n{log}"
+    );
+}

@@ -532,3 +532,75 @@ fn daemon_reports_a_malformed_manifest_and_keeps_working() {
         cluster.pods[2].name
     );
 }
+
+fn read_proc(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .trim()
+        .to_owned()
+}
+
+#[test]
+#[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
+fn daemon_sets_kube_proxys_conntrack_sysctls_and_oom_score_adj() {
+    let _kernel = Kernel::take();
+    let sysctls = [
+        "nf_conntrack_max",
+        "nf_conntrack_tcp_timeout_established",
+        "nf_conntrack_tcp_timeout_close_wait",
+        "nf_conntrack_tcp_be_liberal",
+        "nf_conntrack_udp_timeout",
+    ]
+    .map(|name| format!("/proc/sys/net/netfilter/{name}"));
+    let saved: Vec<String> = sysctls.iter().map(|p| read_proc(p)).collect();
+
+    // --init-only does the sysctl work and exits.
+    let init = std::process::Command::new(env!("CARGO_BIN_EXE_ipvs-proxy"))
+        .args(["--init-only", "--conntrack-tcp-timeout-established=12h"])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    assert_eq!(read_proc(&sysctls[1]), "43200");
+
+    let cluster = Cluster::new("ct");
+    cluster.dir.write("web.yaml", &web(&[POD_A]).yaml());
+    let daemon = cluster.start(&[
+        "--conntrack-min=200000",
+        "--conntrack-tcp-timeout-close-wait=2h",
+        "--conntrack-tcp-be-liberal",
+        "--conntrack-udp-timeout=45s",
+    ]);
+    wait_for_ipvs(
+        &daemon,
+        "-t 10.96.0.20:80",
+        &[
+            "-A -t 10.96.0.20:80 -s rr",
+            "-a -t 10.96.0.20:80 -r 10.244.1.5:8080 -m -w 1",
+        ],
+    );
+    let read: Vec<String> = sysctls.iter().map(|p| read_proc(p)).collect();
+    // Two CPUs × 32768 is below the minimum, so the minimum; 24 h established by default.
+    assert_eq!(
+        read,
+        ["200000", "86400", "7200", "1", "45"],
+        "{}",
+        daemon.log()
+    );
+    let hashsize: u32 = read_proc("/sys/module/nf_conntrack/parameters/hashsize")
+        .parse()
+        .unwrap();
+    assert!(hashsize >= 50000, "hashsize {hashsize} for 200000 entries");
+    assert_eq!(
+        read_proc(&format!("/proc/{}/oom_score_adj", daemon.pid())),
+        "-999"
+    );
+
+    drop(daemon);
+    for (path, value) in sysctls.iter().zip(saved) {
+        std::fs::write(path, value).unwrap();
+    }
+}

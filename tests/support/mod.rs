@@ -407,6 +407,12 @@ impl Daemon {
             .collect()
     }
 
+    /// The daemon's process id.
+    #[allow(dead_code, reason = "not every test binary reads the daemon's /proc")]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether the daemon is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

@@ -34,7 +34,7 @@ pub struct PlanConfig {
     pub scheduler: Scheduler,
     /// `--masquerade-all`.
     pub masquerade_all: bool,
-    /// `--masquerade-bit`.
+    /// `--iptables-masquerade-bit`.
     pub masquerade_bit: u8,
     /// `--cluster-cidr` (the first of each family is used, as kube-proxy's local detector does).
     pub cluster_cidrs: Vec<IpNet>,
