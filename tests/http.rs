@@ -144,12 +144,15 @@ async fn metrics_server_serves_prometheus_text_proxy_mode_and_configz() {
 
 #[test]
 fn the_last_sync_timestamp_moves_only_when_a_sync_could_program_the_kernel() {
+    use healthcheck::ServiceHealthServers;
     use ipvs_proxy::observer::Telemetry;
     use reconciler::{Observer, SyncRecord};
 
+    let runtime = tokio::runtime::Runtime::new().unwrap();
     let telemetry = Telemetry {
         health: Health::new(Duration::from_secs(60), SystemTime::now()),
         metrics: Arc::new(Metrics::new()),
+        service_health: ServiceHealthServers::new(runtime.handle().clone(), || true),
     };
     let last = |t: &Telemetry| {
         let text = t.metrics.encode();

@@ -56,6 +56,15 @@ pub struct Desired {
     pub local_endpoints: usize,
 }
 
+impl From<(u16, usize)> for Desired {
+    fn from((port, local_endpoints): (u16, usize)) -> Desired {
+        Desired {
+            port,
+            local_endpoints,
+        }
+    }
+}
+
 /// A health-check port that could not be opened; it is tried again on the next update.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot serve the health check of Service {service} on {address}: {source}")]
