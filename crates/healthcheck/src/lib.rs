@@ -235,22 +235,7 @@ impl ServiceHealthServers {
             }
             match desired {
                 None => close(inner, &key),
-                Some(d) => match inner.servers.get(&key) {
-                    Some(s) if s.port == d.port => s
-                        .local_endpoints
-                        .store(d.local_endpoints, Ordering::Relaxed),
-                    _ => {
-                        close(inner, &key);
-                        tracing::info!(service = %key, port = d.port, "opening the service health check");
-                        let server = Server {
-                            port: d.port,
-                            local_endpoints: Arc::new(AtomicUsize::new(d.local_endpoints)),
-                            listeners: Vec::new(),
-                        };
-                        inner.servers.insert(key.clone(), server);
-                        inner.unbound.insert(key);
-                    }
-                },
+                Some(d) => set(inner, key, d),
             }
         }
         if complete {
@@ -272,7 +257,10 @@ impl ServiceHealthServers {
             match self.open(&key, server, &inner.addresses) {
                 Ok(listeners) => server.listeners = listeners,
                 Err(error) => {
-                    tracing::error!(service = %key, port = server.port, %error, "cannot open the service health check; trying again on the next sync");
+                    tracing::error!(
+                        service = %key, port = server.port, %error,
+                        "cannot open the service health check; trying again on the next sync"
+                    );
                     errors.push(error);
                     inner.unbound.insert(key);
                 }
@@ -347,6 +335,25 @@ impl ServiceHealthServers {
             .map(|(k, s)| (k.clone(), s.port))
             .collect()
     }
+}
+
+/// Sets a Service's count, or (a new Service, a new port) its server to open.
+fn set(inner: &mut Inner, key: ServiceKey, d: Desired) {
+    if let Some(s) = inner.servers.get(&key).filter(|s| s.port == d.port) {
+        s.local_endpoints
+            .store(d.local_endpoints, Ordering::Relaxed);
+        return;
+    }
+    close(inner, &key);
+    let port = d.port;
+    tracing::info!(service = %key, port, "opening the service health check");
+    let server = Server {
+        port,
+        local_endpoints: Arc::new(AtomicUsize::new(d.local_endpoints)),
+        listeners: Vec::new(),
+    };
+    inner.servers.insert(key.clone(), server);
+    inner.unbound.insert(key);
 }
 
 fn close(inner: &mut Inner, key: &ServiceKey) {

@@ -76,8 +76,11 @@ impl Reply {
 
 /// `GET path` on 127.0.0.1:`port`, as a load balancer's probe.
 fn get(port: u16, path: &str) -> std::io::Result<Reply> {
-    let mut stream =
-        TcpStream::connect_timeout(&SocketAddr::new(LOOPBACK, port), Duration::from_secs(2))?;
+    get_from(SocketAddr::new(LOOPBACK, port), path)
+}
+
+fn get_from(to: SocketAddr, path: &str) -> std::io::Result<Reply> {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         stream,
@@ -252,4 +255,31 @@ fn a_taken_port_is_reported_the_others_serve_and_it_is_retried_once_free() {
     let reply = get(busy, "/").unwrap();
     assert_eq!(reply.status, 200);
     assert_eq!(reply.json()["service"]["name"], "api");
+}
+
+#[test]
+fn without_addresses_every_address_is_served() {
+    let f = fixture();
+    let port = free_port();
+    let errors = f
+        .servers
+        .update(&[], [(web(), Some(desired(port, 1)))], false);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(get(port, "/").unwrap().status, 200);
+    let other = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), port);
+    assert_eq!(get_from(other, "/").unwrap().status, 200);
+}
+
+#[test]
+fn new_addresses_move_every_port() {
+    let f = fixture();
+    let port = free_port();
+    let second = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    f.servers
+        .update(&[LOOPBACK], [(web(), Some(desired(port, 1)))], false);
+    let errors = f.servers.update(&[second], [], false);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(refused(port), "still on the old address");
+    let reply = get_from(SocketAddr::new(second, port), "/").unwrap();
+    assert_eq!(reply.status, 200);
 }
