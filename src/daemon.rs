@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
 use controllers::SourceUpdate;
+use healthcheck::ServiceHealthServers;
 use iptables::{Runner, detect_flavour};
 use reconciler::SyncLoop;
 use reconciler::engine::{Engine, IptablesEngine, IpvsEngine};
@@ -173,7 +174,11 @@ async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
     start_source(&config, tx).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let runtime = tokio::runtime::Handle::current();
-    let telemetry = Telemetry { health, metrics };
+    let telemetry = Telemetry {
+        service_health: ServiceHealthServers::new(runtime.clone(), health.probe()),
+        health,
+        metrics,
+    };
     let sync_loop = SyncLoop::new(
         config.settings(),
         engine,

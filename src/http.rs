@@ -12,6 +12,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use tokio::net::TcpListener;
 
 use crate::flags::ProxyMode;
@@ -35,53 +36,38 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_nanos(t).to_string()
 }
 
-fn health_response(report: &HealthReport, ok: bool) -> (StatusCode, Response) {
-    let code = if ok {
+/// kube-proxy's health JSON: 200 when `ok` says so of the report, else 503; counted by code.
+fn health_response(
+    state: &ServerState,
+    ok: fn(&HealthReport) -> bool,
+    requests: &Family<CodeLabel, Counter>,
+) -> Response {
+    let report = state.health.report(SystemTime::now());
+    let code = if ok(&report) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    let n = code.as_u16();
+    requests.get_or_create(&CodeLabel { code: n }).inc();
     let body = serde_json::json!({
         "lastUpdated": report.last_updated.map(rfc3339).unwrap_or_default(),
         "currentTime": rfc3339(report.current_time),
         "nodeEligible": report.node_eligible,
         "synced": report.synced,
     });
-    (
-        code,
-        (
-            code,
-            [(header::CONTENT_TYPE, "application/json")],
-            body.to_string(),
-        )
-            .into_response(),
-    )
+    let json = [(header::CONTENT_TYPE, "application/json")];
+    (code, json, body.to_string()).into_response()
 }
 
 async fn healthz(State(state): State<Shared>) -> Response {
-    let report = state.health.report(SystemTime::now());
-    let (code, response) = health_response(&report, report.healthz_ok());
-    state
-        .metrics
-        .healthz_requests
-        .get_or_create(&CodeLabel {
-            code: code.as_u16(),
-        })
-        .inc();
-    response
+    let m = &state.metrics;
+    health_response(&state, HealthReport::healthz_ok, &m.healthz_requests)
 }
 
 async fn livez(State(state): State<Shared>) -> Response {
-    let report = state.health.report(SystemTime::now());
-    let (code, response) = health_response(&report, report.livez_ok());
-    state
-        .metrics
-        .livez_requests
-        .get_or_create(&CodeLabel {
-            code: code.as_u16(),
-        })
-        .inc();
-    response
+    let m = &state.metrics;
+    health_response(&state, HealthReport::livez_ok, &m.livez_requests)
 }
 
 async fn metrics(State(state): State<Shared>) -> Response {

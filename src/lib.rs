@@ -1,8 +1,8 @@
 //! The ipvs-proxy daemon: flags and the config file, the real kernel backends, the health and
 //! metrics servers, and the wiring of the crates (`daemon`).
 //!
-//! The binary is thin: `main.rs` parses flags and hands over to this library; the work is done
-//! in the `inet`, `netlink`, `ipvs`, `netif`, `iptables`, `reconciler` and `controllers` crates.
+//! The binary is thin: `main.rs` parses flags and hands over to this library; the crates work:
+//! `inet`, `netlink`, `ipvs`, `netif`, `iptables`, `reconciler`, `controllers`, `healthcheck`.
 #![forbid(unsafe_code)]
 
 pub mod backends;

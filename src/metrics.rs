@@ -126,6 +126,8 @@ metrics! {
         kernel_operation_errors: Family<KernelErrorLabel, Counter> = Family::default(),
             "kernel_operation_errors",
             "Kernel operations refused, by backend and kind of error";
+        service_health_bind_failures: Counter = Counter::default(),
+            "service_health_bind_failures", "healthCheckNodePorts that could not be listened on";
     }
 }
 

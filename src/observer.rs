@@ -3,17 +3,19 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use healthcheck::{Desired, ServiceHealthServers, ServiceKey};
 use reconciler::sync::{Counts, SyncError};
-use reconciler::{Folded, Observer, SyncRecord};
+use reconciler::{Folded, HealthChecks, Observer, SyncRecord};
 
 use crate::health::Health;
 use crate::metrics::{KernelErrorLabel, Metrics, TrafficPolicyLabel, unix_seconds};
 
-/// The loop's [`Observer`]: health for `/healthz` and `/livez`, metrics for `/metrics`.
+/// The loop's [`Observer`]: health for `/healthz` and `/livez`, `/metrics`, service health ports.
 #[derive(Debug, Clone)]
 pub struct Telemetry {
     pub health: Health,
     pub metrics: Arc<Metrics>,
+    pub service_health: ServiceHealthServers,
 }
 
 fn gauge(n: impl TryInto<i64>) -> i64 {
@@ -82,5 +84,16 @@ impl Observer for Telemetry {
                 .get_or_create(&TrafficPolicyLabel { traffic_policy })
                 .set(gauge(n));
         }
+    }
+
+    fn health_checks(&self, checks: &HealthChecks) {
+        let services = checks.services.iter().map(|h| {
+            let key = ServiceKey::new(&h.service.namespace, &h.service.name);
+            (key, h.port.map(Desired::from))
+        });
+        let (addresses, complete) = (&checks.addresses, checks.complete);
+        let failed = self.service_health.update(addresses, services, complete);
+        let m = &self.metrics;
+        m.service_health_bind_failures.inc_by(failed.len() as u64);
     }
 }

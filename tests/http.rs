@@ -144,12 +144,15 @@ async fn metrics_server_serves_prometheus_text_proxy_mode_and_configz() {
 
 #[test]
 fn the_last_sync_timestamp_moves_only_when_a_sync_could_program_the_kernel() {
+    use healthcheck::ServiceHealthServers;
     use ipvs_proxy::observer::Telemetry;
     use reconciler::{Observer, SyncRecord};
 
+    let runtime = tokio::runtime::Runtime::new().unwrap();
     let telemetry = Telemetry {
         health: Health::new(Duration::from_secs(60), SystemTime::now()),
         metrics: Arc::new(Metrics::new()),
+        service_health: ServiceHealthServers::new(runtime.handle().clone(), || true),
     };
     let last = |t: &Telemetry| {
         let text = t.metrics.encode();
@@ -185,4 +188,41 @@ fn the_last_sync_timestamp_moves_only_when_a_sync_could_program_the_kernel() {
             .encode()
             .contains("kubeproxy_sync_full_proxy_rules_duration_seconds_count 2")
     );
+}
+
+#[test]
+fn a_health_check_port_that_cannot_be_bound_is_counted_and_the_others_are_served() {
+    use healthcheck::ServiceHealthServers;
+    use ipvs_proxy::observer::Telemetry;
+    use reconciler::{HealthChecks, Observer, ServiceHealth, ServiceName};
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let telemetry = Telemetry {
+        health: Health::new(Duration::from_secs(60), SystemTime::now()),
+        metrics: Arc::new(Metrics::new()),
+        service_health: ServiceHealthServers::new(runtime.handle().clone(), || true),
+    };
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().port();
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let health = |name, port| ServiceHealth {
+        service: ServiceName::new("shop", name),
+        port: Some((port, 1)),
+    };
+    telemetry.health_checks(&HealthChecks {
+        addresses: vec![free.ip()],
+        services: vec![health("api", busy), health("web", free.port())],
+        complete: true,
+    });
+    let text = telemetry.metrics.encode();
+    assert!(
+        text.contains("ipvsproxy_service_health_bind_failures_total 1"),
+        "{text}"
+    );
+    let (code, body) = runtime.block_on(get(free, "/"));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(r#""name":"web""#), "{body}");
 }

@@ -91,6 +91,13 @@ impl Health {
         self.with(|s| s.node_eligible = eligible);
     }
 
+    /// Whether the proxy keeps up, asked at any time: what kube-proxy's service health servers
+    /// report as `serviceProxyHealthy` (node eligibility is `/healthz`'s alone).
+    pub fn probe(&self) -> impl Fn() -> bool + Send + Sync + 'static {
+        let health = self.clone();
+        move || health.report(SystemTime::now()).healthy
+    }
+
     #[must_use]
     pub fn report(&self, now: SystemTime) -> HealthReport {
         self.with(|s| {
@@ -111,6 +118,15 @@ impl Health {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_probe_says_whether_a_change_waited_too_long() {
+        let health = Health::new(Duration::ZERO, SystemTime::now());
+        let probe = health.probe();
+        assert!(!probe(), "the initial state waited past a zero timeout");
+        health.synced(SystemTime::now());
+        assert!(probe());
+    }
 
     const T0: SystemTime = SystemTime::UNIX_EPOCH;
     const TIMEOUT: Duration = Duration::from_secs(60);

@@ -36,4 +36,6 @@ pub use plan::{
 };
 pub use settings::Settings;
 pub use state::{Affected, ClusterState, SliceName};
-pub use sync_loop::{Folded, Observer, SourceUpdate, SyncLoop, SyncRecord};
+pub use sync_loop::{
+    Folded, HealthChecks, Observer, ServiceHealth, SourceUpdate, SyncLoop, SyncRecord,
+};

@@ -7,17 +7,18 @@
 //! sync must never wait behind HTTP or watch traffic. Time is a parameter of
 //! [`SyncLoop::tick`], so the loop's decisions are tested without sleeping.
 //!
-//! What the loop learns is reported to an [`Observer`] (the daemon's health and metrics); the
-//! loop neither serves nor stores them.
+//! What the loop learns is reported to an [`Observer`] (the daemon's health, metrics and
+//! service health servers); the loop neither serves nor stores them.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::watch;
 
 use crate::engine::Engine;
-use crate::model::ServiceName;
+use crate::model::{ServiceName, ServiceType, TrafficPolicy};
 use crate::plan::{PlanWarning, Planner};
 use crate::settings::Settings;
 use crate::state::{Affected, ClusterState};
@@ -73,7 +74,31 @@ pub struct SyncRecord {
     pub healthy: bool,
 }
 
-/// Where the loop reports what it learns: the daemon's health and metrics.
+/// A Service's health-check node port, as the service health servers serve it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceHealth {
+    pub service: ServiceName,
+    /// `spec.healthCheckNodePort` and the Service's ready endpoints on this node (distinct
+    /// addresses over its ports, as kube-proxy counts them); `None` when the Service is gone
+    /// or needs no health check (only a LoadBalancer with `externalTrafficPolicy: Local` does).
+    pub port: Option<(u16, usize)>,
+}
+
+/// What the service health servers should serve after a sync.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HealthChecks {
+    /// Where to listen: the NodePort addresses when `--nodeport-addresses` is set; empty for
+    /// every address.
+    pub addresses: Vec<IpAddr>,
+    /// After a partial sync, the Services it synced; after a full sync, every Service that
+    /// has a health check.
+    pub services: Vec<ServiceHealth>,
+    /// Set after a full sync: a Service not listed has no health check.
+    pub complete: bool,
+}
+
+/// Where the loop reports what it learns: the daemon's health, metrics and service health
+/// servers.
 pub trait Observer: Send {
     /// The node's eligibility for load-balancer traffic.
     fn node_eligible(&self, eligible: bool);
@@ -89,6 +114,8 @@ pub trait Observer: Send {
     /// Service ports with a Local traffic policy and no ready endpoint on this node
     /// (internal, external), counted after each full sync.
     fn no_local_endpoints(&self, internal: u64, external: u64);
+    /// The health-check node ports after a sync: of the Services it synced, or all of them.
+    fn health_checks(&self, checks: &HealthChecks);
 }
 
 /// One sync's outcome.
@@ -96,6 +123,8 @@ struct Outcome {
     full: bool,
     report: SyncReport,
     warnings: Vec<PlanWarning>,
+    /// The Services a partial sync synced.
+    synced: BTreeSet<ServiceName>,
 }
 
 /// The loop's state.
@@ -334,6 +363,7 @@ impl<E> SyncLoop<E> {
             full: true,
             report,
             warnings,
+            synced: BTreeSet::new(),
         }
     }
 
@@ -346,6 +376,7 @@ impl<E> SyncLoop<E> {
             full: false,
             report,
             warnings,
+            synced: dirty,
         }
     }
 
@@ -354,6 +385,7 @@ impl<E> SyncLoop<E> {
             full,
             report,
             warnings,
+            synced,
         } = outcome;
         for warning in warnings {
             let text = warning.to_string();
@@ -399,6 +431,64 @@ impl<E> SyncLoop<E> {
             // costs the same whatever the cluster's size.
             let (internal, external) = self.no_local_endpoints();
             self.observer.no_local_endpoints(internal, external);
+        }
+        self.observer
+            .health_checks(&self.health_checks(full, &synced));
+    }
+
+    /// The health-check ports of the Services in `synced`, or (`full`) of every Service: as
+    /// with the partial sync itself, the cost follows the change, not the cluster.
+    fn health_checks(&self, full: bool, synced: &BTreeSet<ServiceName>) -> HealthChecks {
+        let filter = &self.settings.node_port_filter;
+        let addresses = if filter.cidrs.is_empty() && !filter.primary {
+            Vec::new()
+        } else {
+            self.planner.config.node_port_ips.clone()
+        };
+        let services = if full {
+            self.state
+                .services()
+                .map(|(name, _)| self.service_health(name))
+                .filter(|h| h.port.is_some())
+                .collect()
+        } else {
+            synced
+                .iter()
+                .map(|name| self.service_health(name))
+                .collect()
+        };
+        HealthChecks {
+            addresses,
+            services,
+            complete: full,
+        }
+    }
+
+    /// kube-proxy's `NeedsHealthCheck` and `LocalReadyEndpoints` for one Service.
+    fn service_health(&self, name: &ServiceName) -> ServiceHealth {
+        let node = &*self.planner.config.node_name;
+        let ports = self.state.service(name).unwrap_or_default();
+        let port = ports
+            .iter()
+            .filter(|p| {
+                p.service_type == ServiceType::LoadBalancer
+                    && p.external_traffic_policy == TrafficPolicy::Local
+            })
+            .find_map(|p| p.health_check_node_port)
+            .map(|hc| {
+                let mut ips: Vec<IpAddr> = ports
+                    .iter()
+                    .flat_map(|p| self.state.endpoints(&p.name))
+                    .filter(|e| e.is_local(node) && e.conditions.ready)
+                    .map(|e| e.ip)
+                    .collect();
+                ips.sort_unstable();
+                ips.dedup();
+                (hc, ips.len())
+            });
+        ServiceHealth {
+            service: name.clone(),
+            port,
         }
     }
 

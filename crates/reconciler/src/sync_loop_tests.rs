@@ -7,8 +7,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::*;
 use crate::engine::Engine;
-use crate::model::{NodeFacts, Protocol, ServicePort, ServicePortName};
-use crate::plan::PlanConfig;
+use crate::model::{
+    Conditions, Endpoint, EndpointPort, EndpointSlice, NodeFacts, Protocol, ServicePort,
+    ServicePortName, ServiceType, TrafficPolicy,
+};
+use crate::plan::{NodePortFilter, PlanConfig};
 
 /// One call the loop made on its engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +32,7 @@ struct Shared {
     queued: Vec<(u64, u64)>,
     errors: usize,
     eligible: Vec<bool>,
+    health_checks: Vec<HealthChecks>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -122,6 +126,10 @@ impl Observer for Log {
     fn counts(&self, _counts: Counts) {}
 
     fn no_local_endpoints(&self, _internal: u64, _external: u64) {}
+
+    fn health_checks(&self, checks: &HealthChecks) {
+        self.with(|s| s.health_checks.push(checks.clone()));
+    }
 }
 
 /// What a test source sends: a Service (re)defined with this ClusterIP, this node's addresses,
@@ -130,6 +138,43 @@ enum Change {
     Service(&'static str, &'static str),
     Node(&'static str),
     Zone(&'static str),
+    /// A LoadBalancer Service with `externalTrafficPolicy: Local` and this health-check port.
+    LocalLoadBalancer(&'static str, u16),
+    /// The Service's one slice: its endpoints' (address, node, ready).
+    Endpoints(&'static str, Vec<(&'static str, &'static str, bool)>),
+    Removed(&'static str),
+}
+
+fn local_load_balancer(name: &str, health_check_node_port: u16) -> ServicePort {
+    ServicePort {
+        service_type: ServiceType::LoadBalancer,
+        node_port: Some(31000),
+        health_check_node_port: Some(health_check_node_port),
+        external_traffic_policy: TrafficPolicy::Local,
+        ..port(name, "10.96.1.1")
+    }
+}
+
+fn slice(name: &str, endpoints: &[(&str, &str, bool)]) -> EndpointSlice {
+    let endpoints = endpoints.iter().map(|(ip, node, ready)| Endpoint {
+        ip: ip.parse().unwrap(),
+        port: 8080,
+        conditions: Conditions {
+            ready: *ready,
+            ..Conditions::default()
+        },
+        node_name: Some((*node).into()),
+        zone: None,
+        hints: None,
+    });
+    EndpointSlice {
+        service: ServiceName::new("ns", name),
+        ports: vec![EndpointPort {
+            name: "p".into(),
+            protocol: Protocol::Tcp,
+            endpoints: endpoints.collect(),
+        }],
+    }
 }
 
 fn port(name: &str, cluster_ip: &str) -> ServicePort {
@@ -152,6 +197,26 @@ fn fold(state: &mut ClusterState, changes: Vec<Change>) -> Folded {
                     .affected
                     .services
                     .extend(state.upsert_service(name_, vec![port(name, ip)]));
+            }
+            Change::LocalLoadBalancer(name, hc) => {
+                folded.service_changes += 1;
+                let name_ = ServiceName::new("ns", name);
+                let ports = vec![local_load_balancer(name, hc)];
+                folded
+                    .affected
+                    .services
+                    .extend(state.upsert_service(name_, ports));
+            }
+            Change::Endpoints(name, endpoints) => {
+                folded.endpoint_changes += 1;
+                let slice_name = ("ns".into(), format!("{name}-1").into());
+                let affected = state.upsert_slice(slice_name, slice(name, &endpoints));
+                folded.affected.services.extend(affected);
+            }
+            Change::Removed(name) => {
+                folded.service_changes += 1;
+                let name = ServiceName::new("ns", name);
+                folded.affected.services.extend(state.remove_service(&name));
             }
             Change::Node(addr) => {
                 folded.affected.nodes |= state.upsert_node(NodeFacts {
@@ -426,4 +491,100 @@ fn node_eligibility_goes_to_the_observer() {
     l.receive(SourceUpdate::NodeEligible(false));
     l.receive(SourceUpdate::NodeEligible(true));
     assert_eq!(log.with(|s| s.eligible.clone()), vec![false, true]);
+}
+
+/// A reported health check: the Service's name, its port and local endpoints.
+type Reported = (String, Option<(u16, usize)>);
+
+/// The health-check ports the last sync reported, and whether the list was complete.
+fn last_health_checks(log: &Log) -> (Vec<Reported>, bool) {
+    let checks = log.with(|s| s.health_checks.last().cloned()).unwrap();
+    let services = checks.services.iter();
+    let named = services.map(|h| (h.service.name.to_string(), h.port));
+    (named.collect(), checks.complete)
+}
+
+#[test]
+fn health_checks_are_reported_for_the_synced_services_only_and_for_all_after_a_full_sync() {
+    let (mut l, log, t0) = started();
+    let names: Vec<&'static str> = (0..50)
+        .map(|i| format!("lb-{i:02}").leak() as &str)
+        .collect();
+    let lbs = names.iter().zip(30_000..);
+    l.receive(SourceUpdate::Events(
+        lbs.map(|(n, hc)| Change::LocalLoadBalancer(n, hc))
+            .collect(),
+    ));
+    l.tick(t0 + MIN);
+    let (reported, complete) = last_health_checks(&log);
+    assert_eq!(reported.len(), 50);
+    assert!(!complete);
+    assert_eq!(reported[7], ("lb-07".to_owned(), Some((30_007, 0))));
+
+    // One Service's endpoints change: only it is reported, whatever the cluster's size.
+    let endpoints = vec![
+        ("10.244.0.5", "node-a", true),
+        ("10.244.0.6", "node-a", false),
+        ("10.244.1.5", "node-b", true),
+    ];
+    l.receive(SourceUpdate::Events(vec![Change::Endpoints(
+        "lb-07", endpoints,
+    )]));
+    l.tick(t0 + MIN * 2);
+    let only_lb7 = vec![("lb-07".to_owned(), Some((30_007, 1)))];
+    assert_eq!(last_health_checks(&log), (only_lb7, false));
+
+    // Its local endpoint moves to another node.
+    let endpoints = vec![("10.244.0.5", "node-b", true)];
+    l.receive(SourceUpdate::Events(vec![Change::Endpoints(
+        "lb-07", endpoints,
+    )]));
+    l.tick(t0 + MIN * 3);
+    let lb7_empty = vec![("lb-07".to_owned(), Some((30_007, 0)))];
+    assert_eq!(last_health_checks(&log), (lb7_empty, false));
+
+    l.receive(SourceUpdate::Events(vec![Change::Removed("lb-03")]));
+    l.tick(t0 + MIN * 4);
+    assert_eq!(
+        last_health_checks(&log),
+        (vec![("lb-03".to_owned(), None)], false)
+    );
+
+    // A full sync lists every Service with a health check (not the ClusterIP "web"), complete.
+    l.tick(t0 + PERIOD);
+    assert_eq!(log.take_calls().last(), Some(&Call::Full));
+    let (reported, complete) = last_health_checks(&log);
+    assert!(complete);
+    assert_eq!(reported.len(), 49);
+    assert!(
+        reported
+            .iter()
+            .all(|(n, p)| n.starts_with("lb-") && p.is_some())
+    );
+    assert!(!reported.iter().any(|(n, _)| n == "lb-03"));
+}
+
+#[test]
+fn health_checks_listen_on_every_address_unless_nodeport_addresses_is_set() {
+    for (filter, expected) in [
+        (NodePortFilter::default(), vec![]),
+        (
+            NodePortFilter {
+                cidrs: vec!["192.168.1.0/24".parse().unwrap()],
+                primary: false,
+            },
+            vec!["192.168.1.10".parse::<IpAddr>().unwrap()],
+        ),
+    ] {
+        let (mut l, log) = looped();
+        l.settings.node_port_filter = filter;
+        l.receive(SourceUpdate::Events(vec![
+            Change::Node("192.168.1.10"),
+            Change::LocalLoadBalancer("lb", 30_000),
+        ]));
+        l.receive(SourceUpdate::InitialSyncDone);
+        l.tick(Instant::now());
+        let checks = log.with(|s| s.health_checks.last().cloned()).unwrap();
+        assert_eq!(checks.addresses, expected);
+    }
 }
