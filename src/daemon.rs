@@ -3,7 +3,7 @@
 //! in place (so a restart or an upgrade never drops traffic).
 
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use anyhow::{Context, bail};
 use controllers::SourceUpdate;
@@ -30,10 +30,6 @@ pub fn init_node(config: &ProxyConfig) {
         ProxyMode::Ipvs => netif::sysctl::ipvs_mode(config.strict_arp),
         ProxyMode::Iptables => netif::sysctl::ensure("net/ipv4/ip_forward", "1"),
     }
-}
-
-fn seconds(d: Duration) -> u32 {
-    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }
 
 /// Starts the source that feeds the sync loop: the manifest directory, or the Kubernetes API.
@@ -83,13 +79,13 @@ fn ipvs_engine(
     runner: Runner,
 ) -> anyhow::Result<Box<dyn Engine>> {
     netif::sysctl::ipvs_mode(config.strict_arp);
-    let timeouts = ipvs::Timeouts {
-        tcp: seconds(config.tcp_timeout),
-        tcp_fin: seconds(config.tcpfin_timeout),
-        udp: seconds(config.udp_timeout),
-    };
+    let timeouts = ipvs::Timeouts::from_durations(
+        config.tcp_timeout,
+        config.tcpfin_timeout,
+        config.udp_timeout,
+    );
     // Zero leaves the kernel's value, as with ipvsadm --set.
-    if timeouts != ipvs::Timeouts::default() {
+    if !timeouts.is_unset() {
         handle
             .set_timeouts(&timeouts)
             .context("setting IPVS timeouts")?;

@@ -1,5 +1,7 @@
 //! Global IPVS settings: connection timeouts and version information.
 
+use std::time::Duration;
+
 /// Connection timeouts in seconds (`ipvsadm --set tcp tcpfin udp`, `ipvsadm -L --timeout`).
 ///
 /// When set, 0 leaves that timeout as it is, as with `ipvsadm --set`.
@@ -11,6 +13,27 @@ pub struct Timeouts {
     pub tcp_fin: u32,
     /// UDP flows.
     pub udp: u32,
+}
+
+impl Timeouts {
+    /// From durations (whole seconds, as the kernel keeps them; a longer one than fits is the
+    /// longest the kernel takes): `--ipvs-tcp-timeout`, `--ipvs-tcpfin-timeout`,
+    /// `--ipvs-udp-timeout`.
+    #[must_use]
+    pub fn from_durations(tcp: Duration, tcp_fin: Duration, udp: Duration) -> Timeouts {
+        let seconds = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+        Timeouts {
+            tcp: seconds(tcp),
+            tcp_fin: seconds(tcp_fin),
+            udp: seconds(udp),
+        }
+    }
+
+    /// Whether every timeout is 0, which leaves all as they are.
+    #[must_use]
+    pub fn is_unset(&self) -> bool {
+        *self == Timeouts::default()
+    }
 }
 
 /// What `ipvsadm` prints first: `IP Virtual Server version 1.2.1 (size=4096)`.
@@ -43,5 +66,24 @@ impl std::fmt::Display for Info {
             self.version_string(),
             self.connection_table_size
         )
+    }
+}
+
+#[cfg(test)]
+mod timeout_tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_are_whole_seconds_and_zero_leaves_them() {
+        let t = Timeouts::from_durations(
+            Duration::from_millis(900_500),
+            Duration::from_secs(120),
+            Duration::from_secs(u64::MAX),
+        );
+        assert_eq!((t.tcp, t.tcp_fin, t.udp), (900, 120, u32::MAX));
+        assert!(!t.is_unset());
+        assert!(
+            Timeouts::from_durations(Duration::ZERO, Duration::ZERO, Duration::ZERO).is_unset()
+        );
     }
 }
