@@ -46,6 +46,25 @@ fn one<T: serde::de::DeserializeOwned>(kind: &str) -> T {
     serde_yaml::from_value(docs[0].1.clone()).unwrap_or_else(|e| panic!("{kind}: {e}"))
 }
 
+/// The name of the ConfigMap the pod mounts at the folder holding `path`.
+fn config_map_mounted_at(pod: &k8s_openapi::api::core::v1::PodSpec, path: &Path) -> String {
+    let mount = pod.containers[0]
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| path.starts_with(&m.mount_path))
+        .unwrap_or_else(|| panic!("{} is in no mounted volume", path.display()));
+    let volume = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    volume.config_map.as_ref().unwrap().name.clone()
+}
+
 #[test]
 fn every_document_parses_into_its_kubernetes_type() {
     let kinds: Vec<String> = documents().into_iter().map(|(k, _)| k).collect();
@@ -94,20 +113,7 @@ fn daemonset_passes_only_flags_the_binary_accepts() {
 
     // The config file it names is the ConfigMap's key, mounted where the flag says.
     let config_path = cli.flags.config.clone().unwrap();
-    let mount = container
-        .volume_mounts
-        .as_ref()
-        .unwrap()
-        .iter()
-        .find(|m| config_path.starts_with(&m.mount_path))
-        .expect("--config points into a mounted volume");
-    let volume = pod
-        .volumes
-        .unwrap()
-        .into_iter()
-        .find(|v| v.name == mount.name)
-        .unwrap();
-    let cm_name = volume.config_map.unwrap().name;
+    let cm_name = config_map_mounted_at(&pod, &config_path);
     let cm: ConfigMap = one("ConfigMap");
     assert_eq!(cm.metadata.name.as_deref(), Some(cm_name.as_str()));
     let key = config_path.file_name().unwrap().to_str().unwrap();
@@ -208,18 +214,8 @@ fn the_daemonset_reaches_the_api_server_without_the_kubernetes_service() {
     let ds: DaemonSet = one("DaemonSet");
     let pod = ds.spec.unwrap().template.spec.unwrap();
     assert_ne!(pod.automount_service_account_token, Some(false));
-    let mount = pod.containers[0]
-        .volume_mounts
-        .as_ref()
-        .unwrap()
-        .iter()
-        .find(|m| kubeconfig.starts_with(&m.mount_path))
-        .expect("the kubeconfig's folder is mounted");
-    let volume = pod
-        .volumes
-        .unwrap()
-        .into_iter()
-        .find(|v| v.name == mount.name)
-        .unwrap();
-    assert_eq!(volume.config_map.unwrap().name, cm.metadata.name.unwrap());
+    assert_eq!(
+        config_map_mounted_at(&pod, &kubeconfig),
+        cm.metadata.name.unwrap()
+    );
 }
