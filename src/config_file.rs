@@ -589,6 +589,17 @@ winkernel:
         ConfigFile::parse(text).map_err(|(field, message)| format!("{field}: {message}"))
     }
 
+    /// Each `(from, to, field)`: the kubeadm fixture with `from` replaced by `to` is refused,
+    /// the error naming `field`.
+    fn assert_refused_at(cases: &[(&str, &str, &str)]) {
+        for (from, to, field) in cases {
+            let text = KUBEADM_CONFIG.replacen(from, to, 1);
+            assert_ne!(text, KUBEADM_CONFIG, "fixture lacks {from:?}");
+            let err = parse(&text).unwrap_err();
+            assert!(err.starts_with(&format!("{field}: ")), "{to:?}: {err}");
+        }
+    }
+
     #[test]
     fn kubeadm_configmap_is_read_with_kube_proxy_defaults_for_empty_fields() {
         let file = parse(KUBEADM_CONFIG).unwrap();
@@ -648,7 +659,7 @@ winkernel:
 
     #[test]
     fn invalid_values_are_rejected_with_the_field_path() {
-        for (from, to, field) in [
+        assert_refused_at(&[
             ("syncPeriod: 1m0s", "syncPeriod: often", "ipvs.syncPeriod"),
             (
                 "scheduler: \"lc\"",
@@ -673,12 +684,7 @@ winkernel:
                 "kind: KubeletConfiguration",
                 "kind",
             ),
-        ] {
-            let text = KUBEADM_CONFIG.replacen(from, to, 1);
-            assert_ne!(text, KUBEADM_CONFIG, "fixture lacks {from:?}");
-            let err = parse(&text).unwrap_err();
-            assert!(err.starts_with(&format!("{field}: ")), "{to:?}: {err}");
-        }
+        ]);
     }
 
     #[test]
@@ -810,7 +816,7 @@ winkernel:
 
     #[test]
     fn settings_failing_kube_proxys_validation_name_their_field() {
-        for (from, to, field) in [
+        assert_refused_at(&[
             ("oomScoreAdj: null", "oomScoreAdj: 1001", "oomScoreAdj"),
             ("  min: null", "  min: -1", "conntrack.min"),
             (
@@ -835,12 +841,7 @@ winkernel:
                 "  tcpEstablishedTimeout: 1d",
                 "conntrack.tcpEstablishedTimeout",
             ),
-        ] {
-            let text = KUBEADM_CONFIG.replacen(from, to, 1);
-            assert_ne!(text, KUBEADM_CONFIG, "fixture lacks {from:?}");
-            let err = parse(&text).unwrap_err();
-            assert!(err.starts_with(&format!("{field}: ")), "{to:?}: {err}");
-        }
+        ]);
     }
 
     #[tokio::test]

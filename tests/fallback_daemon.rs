@@ -54,6 +54,23 @@ fn saved_nat(ns: &Netns) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Stops the daemon with SIGTERM, checks it exits cleanly, and returns what it logged.
+fn stop(daemon: &mut std::process::Child) -> String {
+    Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(daemon.wait().unwrap().success(), "stops cleanly on SIGTERM");
+    let mut log = String::new();
+    daemon
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    log
+}
+
 #[test]
 fn without_ipvs_the_daemon_says_why_and_runs_the_iptables_proxier() {
     let ns = Netns::new("fallback");
@@ -85,18 +102,7 @@ fn without_ipvs_the_daemon_says_why_and_runs_the_iptables_proxier() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(daemon.wait().unwrap().success(), "stops cleanly on SIGTERM");
-    let mut log = String::new();
-    daemon
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
+    let log = stop(&mut daemon);
     assert!(
         log.lines().any(|l| l.contains("IPVS is unavailable")
             && l.contains("mode=\"iptables\"")
@@ -232,18 +238,7 @@ fn a_service_added_and_removed_is_synced_alone_by_the_iptables_proxier() {
         "removing the Service left what was there before it"
     );
 
-    Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(daemon.wait().unwrap().success(), "stops cleanly on SIGTERM");
-    let mut log = String::new();
-    daemon
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
+    let log = stop(&mut daemon);
     let _ = std::fs::remove_dir_all(&dir);
     let syncs: Vec<&str> = log.lines().filter(|l| l.contains(" synced")).collect();
     assert!(
