@@ -7,8 +7,8 @@
 //! - [`model`], [`state`]: Service ports, endpoints and node facts; the cluster as known.
 //! - [`settings`], [`plan`], [`render`]: the flags' settings, the desired state per Service,
 //!   and `ipvs-proxy plan`'s text.
-//! - [`sync_loop`]: coalescing, min/max sync periods, drain ticks, repair after a failure;
-//!   [`health`]: what `/healthz` and `/livez` answer.
+//! - [`sync_loop`]: coalescing, min/max sync periods, drain ticks, repair after a failure,
+//!   [`retries`] of refused Services; [`health`]: what `/healthz` and `/livez` answer.
 //! - [`engine`]: the IPVS proxier over [`sync`] (backend traits, mirror, diff, sending) and the
 //!   iptables proxier over [`fallback`]'s conversion.
 #![forbid(unsafe_code)]
@@ -20,6 +20,7 @@ pub mod health;
 pub mod model;
 pub mod plan;
 pub mod render;
+pub mod retries;
 pub mod settings;
 pub mod state;
 pub mod sync;

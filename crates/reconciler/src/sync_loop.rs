@@ -1,7 +1,8 @@
 //! The sync loop: folds source updates into the cluster state, coalesces changes, and syncs
 //! the kernel — the changed Services at most every `--ipvs-min-sync-period`, everything (after
 //! re-reading the kernel) every `--ipvs-sync-period`, and draining real servers every second.
-//! After a sync that left the kernel unlike the mirror, a full sync follows soon to repair it.
+//! After a sync a backend failed as a whole, a full sync follows soon to repair it; a Service
+//! the kernel refused is retried on its own, with backoff ([`crate::retries`]).
 //!
 //! It runs on its own thread ([`SyncLoop::run`]): kernel calls are blocking and quick, and a
 //! sync must never wait behind HTTP or watch traffic. Time is a parameter of
@@ -20,6 +21,7 @@ use tokio::sync::watch;
 use crate::engine::Engine;
 use crate::model::{ServiceName, ServiceType, TrafficPolicy};
 use crate::plan::{PlanWarning, Planner};
+use crate::retries::Retries;
 use crate::settings::Settings;
 use crate::state::{Affected, ClusterState};
 use crate::sync::{Counts, SyncError, SyncReport};
@@ -145,6 +147,8 @@ pub struct SyncLoop<E> {
     next_drain: Instant,
     /// Warnings already logged, so a persistent one is said once, not every sync.
     reported: BTreeSet<String>,
+    /// The Services the kernel refused, retried on their own.
+    retries: Retries,
 }
 
 impl<E> std::fmt::Debug for SyncLoop<E> {
@@ -184,6 +188,7 @@ impl<E> SyncLoop<E> {
             next_full: None,
             next_drain: Instant::now(),
             reported: BTreeSet::new(),
+            retries: Retries::default(),
         }
     }
 
@@ -246,6 +251,10 @@ impl<E> SyncLoop<E> {
         }
         if self.engine.counts().draining > 0 {
             consider(self.next_drain);
+        }
+        if let Some(due) = self.retries.next_due() {
+            let min = self.settings.min_sync_period;
+            consider(self.last_sync.map_or(due, |l| due.max(l + min)));
         }
         deadline
     }
@@ -323,6 +332,14 @@ impl<E> SyncLoop<E> {
             return;
         }
         let full_due = self.next_full.is_none_or(|t| now >= t);
+        let retry: Vec<ServiceName> = self.retries.due(now).cloned().collect();
+        if !retry.is_empty() {
+            tracing::debug!(
+                services = retry.len(),
+                "retrying Services the kernel refused"
+            );
+            self.dirty.extend(retry);
+        }
         let partial_due = !self.dirty.is_empty()
             && self
                 .last_sync
@@ -393,13 +410,16 @@ impl<E> SyncLoop<E> {
                 tracing::warn!("{text}");
             }
         }
-        for error in &report.errors {
+        let cap = self.settings.sync_period;
+        let synced_now = |name: &ServiceName| full || synced.contains(name);
+        for error in self.retries.record(synced_now, &report.errors, now, cap) {
             tracing::error!(backend = error.backend(), kind = error.kind(), "{error}");
         }
         self.observer.errors(&report.errors, !full);
         tracing::info!(
             full,
             services = report.services,
+            failing = self.retries.len(),
             ipvs_ops = report.ipvs_ops,
             addresses_added = report.addresses_added,
             addresses_removed = report.addresses_removed,

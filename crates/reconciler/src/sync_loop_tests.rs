@@ -51,9 +51,19 @@ impl Log {
 struct FakeEngine(Log);
 
 impl FakeEngine {
-    fn report(&self) -> SyncReport {
+    /// A sync of `synced` (every Service: `None`) fails with the next of `fail_next` if that
+    /// is the backend's failure or one of the Services synced.
+    fn report(&self, synced: Option<&BTreeSet<ServiceName>>) -> SyncReport {
         let mut report = SyncReport::default();
-        if let Some(service) = self.0.with(|s| s.fail_next.pop()) {
+        let failure = self.0.with(|s| {
+            let next = s.fail_next.last()?;
+            let applies = match (next, synced) {
+                (None, _) | (Some(_), None) => true,
+                (Some(n), Some(synced)) => synced.contains(&ServiceName::new("ns", n)),
+            };
+            if applies { s.fail_next.pop() } else { None }
+        });
+        if let Some(service) = failure {
             let service = service.map(|n| ServiceName::new("ns", n));
             let error = crate::Error::Ipvs(ipvs::Error::NotAvailable);
             report.errors.push(SyncError::new(service.as_ref(), error));
@@ -70,7 +80,7 @@ impl Engine for FakeEngine {
         _now: Instant,
     ) -> (SyncReport, Vec<PlanWarning>) {
         self.0.with(|s| s.calls.push(Call::Full));
-        (self.report(), Vec::new())
+        (self.report(None), Vec::new())
     }
 
     fn partial_sync(
@@ -82,7 +92,7 @@ impl Engine for FakeEngine {
     ) -> (SyncReport, Vec<PlanWarning>) {
         let names = dirty.iter().map(|n| n.name.to_string()).collect();
         self.0.with(|s| s.calls.push(Call::Partial(names)));
-        (self.report(), Vec::new())
+        (self.report(Some(dirty)), Vec::new())
     }
 
     fn drain(&mut self, _now: Instant) -> SyncReport {
@@ -240,6 +250,10 @@ const MIN: Duration = Duration::from_secs(2);
 const PERIOD: Duration = Duration::from_secs(30);
 
 fn looped() -> (SyncLoop<Vec<Change>>, Log) {
+    looped_with(MIN)
+}
+
+fn looped_with(min_sync_period: Duration) -> (SyncLoop<Vec<Change>>, Log) {
     let log = Log::default();
     let settings = Settings {
         plan: PlanConfig {
@@ -247,7 +261,7 @@ fn looped() -> (SyncLoop<Vec<Change>>, Log) {
             ..PlanConfig::default()
         },
         sync_period: PERIOD,
-        min_sync_period: MIN,
+        min_sync_period,
         ..Settings::default()
     };
     let sync_loop = SyncLoop::new(
@@ -373,7 +387,8 @@ fn a_full_sync_runs_every_sync_period() {
 #[test]
 fn a_failed_sync_is_repaired_by_a_full_sync_soon_after() {
     let (mut l, log, t0) = started();
-    log.with(|s| s.fail_next.push(Some("a")));
+    // The backend as a whole failed (no Service to blame): the mirror may be wrong anywhere.
+    log.with(|s| s.fail_next.push(None));
     l.receive(SourceUpdate::Events(vec![Change::Service(
         "a",
         "10.96.0.1",
@@ -401,11 +416,72 @@ fn only_a_backend_failure_makes_a_sync_unhealthy() {
         "10.96.0.1",
     )]));
     l.tick(t0 + MIN);
+    // The refused Service's retry, which the backend's failure then spoils.
     l.tick(t0 + MIN * 2);
     let healthy: Vec<bool> = log.with(|s| s.synced.iter().map(|r| r.healthy).collect());
     assert_eq!(healthy, vec![true, true, false]);
     let full: Vec<bool> = log.with(|s| s.synced.iter().map(|r| r.full).collect());
-    assert_eq!(full, vec![true, false, true]);
+    assert_eq!(full, vec![true, false, false]);
+    // The backend's failure brings a full sync.
+    l.tick(t0 + MIN * 2 + REPAIR_DELAY.max(MIN));
+    assert_eq!(log.with(|s| s.synced.last().map(|r| r.full)), Some(true));
+}
+
+#[test]
+fn a_refused_service_is_retried_on_its_own_with_backoff_and_never_forces_a_full_sync() {
+    let (mut l, log) = looped_with(Duration::ZERO);
+    let t0 = Instant::now();
+    l.receive(SourceUpdate::Events(vec![Change::Service(
+        "web",
+        "10.96.0.10",
+    )]));
+    l.receive(SourceUpdate::InitialSyncDone);
+    l.tick(t0);
+    log.take_calls();
+    // `odd` is refused four times, then accepted.
+    log.with(|s| s.fail_next = vec![Some("odd"); 4]);
+    l.receive(SourceUpdate::Events(vec![Change::Service(
+        "odd",
+        "10.96.0.20",
+    )]));
+    l.tick(t0);
+    assert_eq!(log.take_calls(), vec![services(&["odd"])]);
+    let mut at = t0;
+    let others = ["10.96.0.31", "10.96.0.32", "10.96.0.34", "10.96.0.38"];
+    for (delay, other) in [1, 2, 4, 8].into_iter().zip(others) {
+        let due = at + Duration::from_secs(delay);
+        assert_eq!(l.next_deadline(), Some(due), "retry after {delay} s");
+        l.tick(due.checked_sub(Duration::from_millis(1)).unwrap());
+        assert_eq!(log.take_calls(), vec![], "retried before its backoff");
+        // Another Service's change meanwhile goes through at once, on its own.
+        l.receive(SourceUpdate::Events(vec![Change::Service("other", other)]));
+        l.tick(due.checked_sub(Duration::from_millis(1)).unwrap());
+        assert_eq!(log.take_calls(), vec![services(&["other"])]);
+        l.tick(due);
+        assert_eq!(log.take_calls(), vec![services(&["odd"])]);
+        at = due;
+    }
+    // The fifth try went through: no more retries, and never a full sync in between.
+    assert_eq!(l.next_deadline(), Some(t0 + PERIOD));
+    assert!(log.with(|s| s.synced.iter().skip(1).all(|r| !r.full)));
+    // The backoff is capped at the sync period.
+    log.with(|s| s.fail_next = vec![Some("odd"); 10]);
+    l.receive(SourceUpdate::Events(vec![Change::Service(
+        "odd",
+        "10.96.0.21",
+    )]));
+    let mut at = at + Duration::from_secs(1);
+    l.tick(at);
+    for _ in 0..8 {
+        let due = l.next_deadline().unwrap();
+        assert!(
+            due.saturating_duration_since(at) <= PERIOD,
+            "{:?}",
+            due - at
+        );
+        at = due;
+        l.tick(at);
+    }
 }
 
 #[test]

@@ -10,7 +10,7 @@ use ipvs::{Op, RealServer, ServiceKey, VirtualServer};
 use super::mirror::{Footprint, KernelVs, RealSet};
 use super::report::SyncError;
 use super::target::ServiceTarget;
-use super::{AddressKernel, IpvsKernel, NetfilterEntry, NetfilterKernel, Pending, Syncer};
+use super::{AddressKernel, IpvsKernel, NetfilterEntry, NetfilterKernel, Pending, Syncer, Undo};
 use crate::error::Error;
 use crate::model::ServiceName;
 
@@ -145,8 +145,8 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             }
         });
         if entry.server != *vs {
-            p.push(Op::UpdateService(vs.clone()), Some(name));
-            entry.server = vs.clone();
+            let was = std::mem::replace(&mut entry.server, vs.clone());
+            p.push_update(Op::UpdateService(vs.clone()), Some(name), Undo::Server(was));
         }
         let wanted: HashMap<SocketAddr, &RealServer> = reals.iter().map(|r| (r.addr, r)).collect();
         if entry.real.len() == 0 {
@@ -155,7 +155,10 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         for rs in reals {
             match entry.real.get(&rs.addr) {
                 None => p.push(Op::AddDest(key, *rs), Some(name)),
-                Some(have) if have != rs => p.push(Op::UpdateDest(key, *rs), Some(name)),
+                Some(have) if have != rs => {
+                    let undo = Undo::Dest(key, *have);
+                    p.push_update(Op::UpdateDest(key, *rs), Some(name), undo);
+                }
                 Some(_) => {}
             }
             entry.real.insert(*rs);
@@ -173,8 +176,9 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             if is_tcp(&key) {
                 let rs = entry.real.get_mut(&addr).expect("listed above");
                 if rs.weight != 0 {
+                    let undo = Undo::Dest(key, *rs);
                     rs.weight = 0;
-                    p.push(Op::UpdateDest(key, *rs), Some(name));
+                    p.push_update(Op::UpdateDest(key, *rs), Some(name), undo);
                 }
                 self.draining
                     .insert((key, addr), now + self.options.drain_timeout);

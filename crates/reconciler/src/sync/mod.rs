@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use iptables::Family;
 use iptables::ipvs_mode::{KubeSet, RuleInput};
-use ipvs::{Op, ServiceKey};
+use ipvs::{Op, RealServer, ServiceKey, VirtualServer};
 
 pub use self::kernel::{AddressKernel, BackendError, IpvsKernel, NetfilterEntry, NetfilterKernel};
 use self::mirror::{Footprint, KernelVs};
@@ -97,6 +97,8 @@ struct Pending {
     ops: Vec<Op>,
     /// The Service each op is for, to name it in errors.
     op_owner: Vec<Option<ServiceName>>,
+    /// For an update, what the mirror held before it, restored if the kernel refuses it.
+    op_undo: Vec<Option<Undo>>,
     add_addrs: BTreeSet<IpAddr>,
     del_addrs: BTreeSet<IpAddr>,
     add_entries: BTreeSet<NetfilterEntry>,
@@ -104,10 +106,26 @@ struct Pending {
     errors: Vec<SyncError>,
 }
 
+/// What an update replaced in the mirror: put back when the kernel refuses the update, so the
+/// Service's retry sends it again.
+#[derive(Debug)]
+enum Undo {
+    Server(VirtualServer),
+    Dest(ServiceKey, RealServer),
+}
+
 impl Pending {
     fn push(&mut self, op: Op, owner: Option<&ServiceName>) {
         self.ops.push(op);
         self.op_owner.push(owner.cloned());
+        self.op_undo.push(None);
+    }
+
+    fn push_update(&mut self, op: Op, owner: Option<&ServiceName>, undo: Undo) {
+        self.push(op, owner);
+        if let Some(last) = self.op_undo.last_mut() {
+            *last = Some(undo);
+        }
     }
 }
 

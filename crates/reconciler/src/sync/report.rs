@@ -78,10 +78,12 @@ pub struct SyncReport {
 }
 
 impl SyncReport {
-    /// Whether the kernel may now differ from the mirror, so a full sync should follow.
+    /// Whether a backend failed as a whole (the kernel could not be read or written), so the
+    /// mirror may be wrong anywhere and a full sync should follow. A Service the kernel refused
+    /// is retried on its own instead.
     #[must_use]
     pub fn needs_full_sync(&self) -> bool {
-        !self.errors.is_empty()
+        self.errors.iter().any(|e| e.service.is_none())
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Instant;
 use ipvs::Op;
 
 use super::report::SyncError;
-use super::{AddressKernel, IpvsKernel, NetfilterKernel, Pending, SyncReport, Syncer, ms};
+use super::{AddressKernel, IpvsKernel, NetfilterKernel, Pending, SyncReport, Syncer, Undo, ms};
 use crate::error::Error;
 
 impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
@@ -27,17 +27,29 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                 "ipvs batch applied"
             );
             report.ipvs_ops += p.ops.len();
-            for ((result, op), owner) in results.into_iter().zip(&p.ops).zip(&p.op_owner) {
+            let done = results.into_iter().zip(&p.ops).zip(&p.op_owner);
+            for (((result, op), owner), undo) in done.zip(&p.op_undo) {
                 if let Err(e) = result {
-                    // The mirror assumed success; forget what failed so the next sync retries it.
-                    match op {
-                        Op::AddService(vs) => {
+                    // The mirror assumed success; put it back so the next sync retries it.
+                    match (op, undo) {
+                        (Op::AddService(vs), _) => {
                             self.kernel.remove(&vs.key);
                         }
-                        Op::AddDest(key, rs) => {
+                        (Op::AddDest(key, rs), _) => {
                             if let Some(vs) = self.kernel.get_mut(key) {
                                 vs.real.remove(&rs.addr);
                             }
+                        }
+                        (_, Some(Undo::Server(was))) => {
+                            if let Some(vs) = self.kernel.get_mut(&was.key) {
+                                vs.server = was.clone();
+                            }
+                        }
+                        (_, Some(Undo::Dest(key, was))) => {
+                            if let Some(vs) = self.kernel.get_mut(key) {
+                                vs.real.insert(*was);
+                            }
+                            self.draining.remove(&(*key, was.addr));
                         }
                         _ => {}
                     }
@@ -47,6 +59,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             }
             p.ops.clear();
             p.op_owner.clear();
+            p.op_undo.clear();
         }
     }
 

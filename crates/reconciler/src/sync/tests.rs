@@ -63,6 +63,12 @@ impl IpvsKernel for FakeIpvs {
                         self.table.insert(vs.key, (vs.clone(), BTreeMap::new()));
                     }
                     Op::UpdateService(vs) => {
+                        if vs.scheduler == Scheduler::TwoRandomChoices {
+                            return Err(ipvs::Error::SchedulerMissing {
+                                object: object(op),
+                                scheduler: "twos".into(),
+                            });
+                        }
                         let Some(e) = self.table.get_mut(&vs.key) else {
                             return Err(ipvs::Error::NoSuchService { object: object(op) });
                         };
@@ -626,7 +632,9 @@ fn a_refused_operation_is_reported_for_its_service_and_the_rest_is_applied() {
         ],
         now,
     );
-    assert!(report.needs_full_sync());
+    // The kernel refused one Service: it is retried on its own, not with a full sync.
+    assert!(!report.needs_full_sync());
+    assert!(report.errors.iter().all(|e| e.service == Some(svc("odd"))));
     let err = &report.errors[0];
     assert_eq!(err.service, Some(svc("odd")));
     assert_eq!(err.kind(), "scheduler_missing");
@@ -764,6 +772,49 @@ fn chains_are_rewritten_only_when_a_set_turns_empty_or_not_or_an_out_filter_chan
     assert_eq!(writes(&s), 3);
     assert_eq!(non_empty(&s), Vec::<KubeSet>::new());
     assert!(s.netfilter.rule_writes[2][0].no_node_access.is_empty());
+}
+
+#[test]
+fn a_refused_update_is_sent_again_when_the_service_is_retried() {
+    let mut s = syncer();
+    let now = Instant::now();
+    s.full_sync(
+        vec![(svc("web"), target("10.96.0.10", 80, RR, &["10.244.1.5:80"]))],
+        now,
+    );
+    // The kernel refuses the new scheduler (its module is missing).
+    let twos = || {
+        target(
+            "10.96.0.10",
+            80,
+            Scheduler::TwoRandomChoices,
+            &["10.244.1.5:80"],
+        )
+    };
+    let report = s.sync(vec![(svc("web"), twos())], now);
+    assert_eq!(report.errors.len(), 1);
+    assert_eq!(report.errors[0].service, Some(svc("web")));
+    assert!(!report.needs_full_sync());
+    // The retry sends the update again rather than believing it was made.
+    s.ipvs.log.clear();
+    let report = s.sync(vec![(svc("web"), twos())], now);
+    assert_eq!(s.ipvs.log, ["-E -t 10.96.0.10:80 -s twos"]);
+    assert_eq!(report.errors.len(), 1);
+    // Back to rr: the kernel never left it, so nothing is sent.
+    s.ipvs.log.clear();
+    let report = s.sync(
+        vec![(svc("web"), target("10.96.0.10", 80, RR, &["10.244.1.5:80"]))],
+        now,
+    );
+    assert!(report.errors.is_empty());
+    assert!(s.ipvs.log.is_empty(), "{:?}", s.ipvs.log);
+    assert_eq!(
+        s.ipvs.save(),
+        [
+            "-A -t 10.96.0.10:80 -s rr",
+            "-a -t 10.96.0.10:80 -r 10.244.1.5:80 -m -w 1"
+        ]
+    );
 }
 
 /// Any sequence of partial and full syncs, with removed real servers drained, leaves the
