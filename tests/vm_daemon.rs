@@ -604,3 +604,60 @@ fn daemon_sets_kube_proxys_conntrack_sysctls_and_oom_score_adj() {
         std::fs::write(path, value).unwrap();
     }
 }
+
+#[test]
+#[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
+fn daemon_retries_a_refused_service_on_its_own_without_full_syncs() {
+    let _kernel = Kernel::take();
+    let cluster = Cluster::new("refuse");
+    cluster.dir.write("web.yaml", &web(&[POD_A, POD_B]).yaml());
+    // The VM's 6.1 kernel has no `twos` scheduler (it came in 6.7): every attempt is refused.
+    let odd = ServiceSpec {
+        name: "odd",
+        vip: "10.96.0.21",
+        scheduler: Some("twos"),
+        ..web(&[POD_A])
+    };
+    cluster.dir.write("odd.yaml", &odd.yaml());
+    let daemon = cluster.start(&["--ipvs-sync-period", "10s"]);
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &WEB_ABC[..3]);
+    let started = std::time::Instant::now();
+
+    // Meanwhile another Service's change lands at once.
+    std::thread::sleep(Duration::from_secs(3));
+    cluster
+        .dir
+        .write("web.yaml", &web(&[POD_A, POD_B, POD_C]).yaml());
+    let changed = std::time::Instant::now();
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &WEB_ABC);
+    assert!(
+        changed.elapsed() < Duration::from_secs(5),
+        "the change waited {:?}",
+        changed.elapsed()
+    );
+
+    if let Some(rest) = Duration::from_secs(21).checked_sub(started.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    let log = daemon.log();
+    // The first sync and one each period: a refused Service brings none of its own (it used to
+    // bring one every second).
+    let full = daemon.full_syncs().len();
+    assert!(
+        full <= 3,
+        "{full} full syncs in 21 s with a 10 s period:\n{log}"
+    );
+    // Retried with backoff, and said once.
+    let retries = log
+        .lines()
+        .filter(|l| l.contains(" synced ") && l.contains("full=false") && l.contains("failing=1"))
+        .count();
+    assert!((2..=8).contains(&retries), "{retries} retries:\n{log}");
+    let said = log
+        .lines()
+        .filter(|l| l.contains("ERROR") && l.contains("service default/odd"))
+        .count();
+    assert_eq!(said, 1, "the refusal is logged once:\n{log}");
+    assert_eq!(ipvs_lines_of("-t 10.96.0.21:80"), Vec::<String>::new());
+    assert_eq!(tcp_answers(vip(80), 6), cluster.names(&[0, 1, 2]));
+}
