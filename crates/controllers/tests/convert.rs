@@ -467,6 +467,44 @@ fn names_the_api_server_would_refuse_reject_their_object_by_name_and_field() {
 }
 
 #[test]
+fn a_service_over_the_virtual_server_cap_is_rejected_and_one_at_it_loads() {
+    use controllers::convert::{MAX_VIRTUAL_SERVERS_PER_SERVICE, Skipped, service_ports};
+    let service = |ports: usize| -> k8s_openapi::api::core::v1::Service {
+        let ports: Vec<String> = (1..=ports).map(|p| format!("{{port: {p}}}")).collect();
+        let text = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: big}}\n\
+             spec: {{clusterIPs: [10.96.0.1, 'fd00::1'], ports: [{}]}}\n",
+            ports.join(", ")
+        );
+        serde_yaml::from_str(&text).unwrap()
+    };
+    let at = service(MAX_VIRTUAL_SERVERS_PER_SERVICE / 2);
+    assert_eq!(
+        service_ports(&at).unwrap().len(),
+        MAX_VIRTUAL_SERVERS_PER_SERVICE / 2
+    );
+    let over = service(MAX_VIRTUAL_SERVERS_PER_SERVICE / 2 + 1);
+    let err = service_ports(&over).unwrap_err();
+    assert_eq!(
+        err,
+        Skipped::TooManyVirtualServers {
+            vips: 2,
+            ports: 501
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "2 VIPs × 501 ports are 1002 virtual servers, more than the 1000 a Service may have"
+    );
+    let mut st = ClusterState::new();
+    controllers::apply_all(&mut st, [Event::Apply(Object::Service(Box::new(over)))]);
+    assert!(
+        st.service(&ServiceName::new("default", "big")).is_none(),
+        "held as absent"
+    );
+}
+
+#[test]
 fn odd_service_and_slice_fields_convert_without_panicking() {
     let svc: k8s_openapi::api::core::v1::Service = serde_yaml::from_str(
         "metadata: {}\nspec: {clusterIPs: ['', 'x'], ports: [{port: -1}, {port: 70000}, \
