@@ -223,18 +223,9 @@ fn a_service_added_and_removed_is_synced_alone_by_the_iptables_proxier() {
         !nat.contains(extra)
     });
     let after = saved_nat(&ns);
-    let proxy_lines = |nat: &str| {
-        let mut lines: Vec<String> = nat
-            .lines()
-            .filter(|l| l.contains("KUBE-"))
-            .map(|l| l.split(" [").next().unwrap_or(l).to_owned())
-            .collect();
-        lines.sort();
-        lines
-    };
     assert_eq!(
-        proxy_lines(&after),
-        proxy_lines(&before),
+        proxy_nat_lines(&after),
+        proxy_nat_lines(&before),
         "removing the Service left what was there before it"
     );
 
@@ -304,4 +295,93 @@ fn the_daemon_exits_when_its_config_file_changes_for_its_pod_to_restart() {
             .any(|l| l.contains("ERROR") && l.contains("--config file") && l.contains("changed")),
         "says why:\n{log}"
     );
+}
+
+/// The proxy's lines of an `iptables-save -t nat`, counters dropped, sorted.
+fn proxy_nat_lines(nat: &str) -> Vec<String> {
+    let mut lines: Vec<String> = nat
+        .lines()
+        .filter(|l| l.contains("KUBE-"))
+        .map(|l| l.split(" [").next().unwrap_or(l).to_owned())
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// Runs the daemon on a directory holding `manifests` as one file until `extra`'s rule is in,
+/// and returns its proxy nat lines and its log.
+fn run_on_manifests(tag: &str, manifests: &str) -> (Vec<String>, String) {
+    let dir = std::env::temp_dir().join(format!("ipvs-proxy-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("services.yaml"), manifests).unwrap();
+    let ns = Netns::new(tag);
+    let mut daemon = ns
+        .exec(&[
+            PROXY,
+            "--manifests",
+            &dir.display().to_string(),
+            "--hostname-override",
+            "node-a",
+        ])
+        .args([
+            "--healthz-bind-address",
+            "127.0.0.1:0",
+            "--metrics-bind-address",
+            "127.0.0.1:0",
+        ])
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_nat(&ns, "no iptables rules for extra", |nat| {
+        nat.contains("-A KUBE-SERVICES -d 10.96.77.7/32 -p tcp")
+    });
+    let log = stop(&mut daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+    (proxy_nat_lines(&saved_nat(&ns)), log)
+}
+
+#[test]
+fn services_with_a_newline_or_300_bytes_in_their_name_are_refused_by_name_and_the_rest_is_synced() {
+    let long = "a".repeat(300);
+    let bad = format!(
+        "---
+apiVersion: v1
+kind: Service
+metadata: {{name: \"evil\\nCOMMIT\\n*nat\", namespace: default}}
+spec:
+  clusterIP: 10.96.88.8
+  ports: [{{name: http, port: 80, protocol: TCP}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: {long}, namespace: default}}
+spec:
+  clusterIP: 10.96.88.9
+  ports: [{{name: http, port: 80, protocol: TCP}}]
+"
+    );
+    let (alone, _) = run_on_manifests("limits-good", EXTRA);
+    let (with_bad, daemon_log) = run_on_manifests("limits-bad", &format!("{EXTRA}{bad}"));
+    assert!(
+        alone.iter().any(|l| l.contains("10.244.1.77:8080")),
+        "{alone:#?}"
+    );
+    assert_eq!(
+        with_bad, alone,
+        "the nat table holds exactly the valid Service's rules"
+    );
+    let refused = |name: &str| {
+        daemon_log.lines().any(|l| {
+            l.contains("WARN")
+                && l.contains("manifest skipped")
+                && l.contains(&format!("Service \"default/{name}\": metadata.name"))
+        })
+    };
+    assert!(
+        refused("evil\\nCOMMIT\\n*nat"),
+        "the newline name is logged:\n{daemon_log}"
+    );
+    assert!(refused(&long), "the 300-byte name is logged:\n{daemon_log}");
 }

@@ -25,6 +25,11 @@ pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-bala
 /// The node label with its zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
+/// The most virtual servers one Service may ask for: its VIPs (cluster, external and load
+/// balancer IPs) times its ports. A Service past it is rejected whole, so that one object
+/// cannot make a sync program without end. See `docs/model.md` for why this number.
+pub const MAX_VIRTUAL_SERVERS_PER_SERVICE: usize = 1000;
+
 /// Why a Service produces no ServicePorts.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Skipped {
@@ -36,6 +41,11 @@ pub enum Skipped {
     OtherProxy(String),
     #[error("no clusterIP")]
     NoClusterIp,
+    #[error(
+        "{vips} VIPs × {ports} ports are {} virtual servers, more than the {MAX_VIRTUAL_SERVERS_PER_SERVICE} a Service may have",
+        vips.saturating_mul(*ports)
+    )]
+    TooManyVirtualServers { vips: usize, ports: usize },
 }
 
 /// The Service's namespace and name (`default` when the manifest leaves the namespace out).
@@ -215,6 +225,13 @@ pub fn service_ports(svc: &Service) -> Result<Vec<ServicePort>, Skipped> {
             external_traffic_policy: policy(spec.external_traffic_policy.as_deref()),
             internal_traffic_policy: policy(spec.internal_traffic_policy.as_deref()),
             scheduler: scheduler.clone(),
+        });
+    }
+    let vips = cluster_ips.len() + external_ips.len() + load_balancer_ips.len();
+    if vips.saturating_mul(out.len()) > MAX_VIRTUAL_SERVERS_PER_SERVICE {
+        return Err(Skipped::TooManyVirtualServers {
+            vips,
+            ports: out.len(),
         });
     }
     Ok(out)

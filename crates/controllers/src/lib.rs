@@ -8,6 +8,7 @@ pub mod convert;
 pub mod kube_source;
 pub mod manifests;
 pub mod source;
+pub mod validate;
 pub mod watch;
 
 pub use manifests::{ManifestError, Snapshot, read_dir};

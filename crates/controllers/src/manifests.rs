@@ -1,7 +1,9 @@
 //! The manifest-directory source (`--manifests DIR`): every `.yaml`, `.yml` and `.json` file
 //! under DIR, multi-document, `v1/List` wrappers unwrapped, kinds Service, EndpointSlice
 //! (discovery.k8s.io/v1) and Node. Other kinds are ignored (debug log). A malformed document
-//! is reported with its file, document index and reason; the rest still loads.
+//! is reported with its file, document index and reason; the rest still loads. Names are
+//! checked as the API server checks them ([`crate::validate`]): an object with a bad name is
+//! such a document.
 //!
 //! A read is a snapshot ([`Snapshot`]); [`Snapshot::events_since`] turns two snapshots into
 //! the [`Event`]s between them, so a daemon that watches DIR re-reads it on change and feeds
@@ -218,5 +220,6 @@ fn object(value: serde_yaml::Value) -> Result<Option<Object>, String> {
     if !named {
         return Err(format!("{kind} without metadata.name"));
     }
+    crate::validate::object(&obj)?;
     Ok(Some(obj))
 }

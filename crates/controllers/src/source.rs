@@ -11,7 +11,9 @@ use reconciler::model::ServiceName;
 use reconciler::state::{Affected, ClusterState};
 use reconciler::sync_loop::Folded;
 
-use crate::convert::{endpoint_slice, node_facts, service_name, service_ports, slice_name};
+use crate::convert::{
+    Skipped, endpoint_slice, node_facts, service_name, service_ports, slice_name,
+};
 
 /// The kinds a proxy reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -71,7 +73,8 @@ pub enum Event {
 pub type SourceUpdate = reconciler::sync_loop::SourceUpdate<Vec<Event>>;
 
 /// Folds one event into `state`. Skipped Services (headless, ExternalName, another proxy's,
-/// no ClusterIP) are held as absent, so a Service that becomes skipped is removed.
+/// no ClusterIP) are held as absent, so a Service that becomes skipped is removed; so are
+/// Services over [`crate::convert::MAX_VIRTUAL_SERVERS_PER_SERVICE`], reported as a warning.
 pub fn apply(state: &mut ClusterState, event: Event) -> Affected {
     let mut out = Affected::default();
     match event {
@@ -79,6 +82,10 @@ pub fn apply(state: &mut ClusterState, event: Event) -> Affected {
             let name = service_name(&svc);
             let ports = match service_ports(&svc) {
                 Ok(ports) => ports,
+                Err(why @ Skipped::TooManyVirtualServers { .. }) => {
+                    tracing::warn!(service = %name, %why, "service rejected");
+                    Vec::new()
+                }
                 Err(why) => {
                     tracing::debug!(service = %name, %why, "service skipped");
                     Vec::new()

@@ -388,3 +388,136 @@ fn the_shipped_examples_load_without_errors() {
 fn unreadable_directory_is_an_error() {
     assert!(read_dir(Path::new("/nonexistent/manifests")).is_err());
 }
+
+#[test]
+fn names_the_api_server_would_refuse_reject_their_object_by_name_and_field() {
+    let long = "a".repeat(300);
+    let svc = |meta: &str, port: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {meta}\n\
+             spec: {{clusterIP: 10.96.0.9, ports: [{{name: {port}, port: 80}}]}}\n"
+        )
+    };
+    let slice = |meta: &str, port: &str| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {meta}\n\
+             addressType: IPv4\nports: [{{name: {port}, port: 80}}]\nendpoints: []\n"
+        )
+    };
+    let cases = [
+        (
+            svc(r#"{name: "bad\nname"}"#, "http"),
+            r#"Service "default/bad\nname": metadata.name "bad\nname" must be a DNS-1123 label"#,
+        ),
+        (
+            svc(&format!("{{name: {long}}}"), "http"),
+            "metadata.name \"aaaa",
+        ),
+        (
+            svc("{name: web, namespace: Shop}", "http"),
+            r#"Service "Shop/web": metadata.namespace "Shop""#,
+        ),
+        (
+            svc("{name: web}", "a--b"),
+            r#"Service "default/web": spec.ports[0].name "a--b" must not"#,
+        ),
+        (
+            svc("{name: web}", "'80'"),
+            r#"spec.ports[0].name "80" must contain at least one letter"#,
+        ),
+        (
+            slice(
+                "{name: web_1, labels: {kubernetes.io/service-name: web}}",
+                "http",
+            ),
+            r#"EndpointSlice "default/web_1": metadata.name "web_1" must be a DNS-1123 subdomain"#,
+        ),
+        (
+            slice(
+                r#"{name: web-1, labels: {kubernetes.io/service-name: "a\nb"}}"#,
+                "http",
+            ),
+            r#"metadata.labels[kubernetes.io/service-name] "a\nb""#,
+        ),
+        (
+            slice("{name: web-1}", "Http"),
+            r#"EndpointSlice "default/web-1": ports[0].name "Http""#,
+        ),
+        (
+            "apiVersion: v1\nkind: Node\nmetadata: {name: Node-A}\n".to_owned(),
+            r#"Node "Node-A": metadata.name"#,
+        ),
+    ];
+    let good = svc("{name: good}", "http");
+    for (doc, expected) in &cases {
+        let snap = parse(&format!("{good}---\n{doc}"));
+        let errs: Vec<String> = snap.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errs.len(), 1, "{doc}: {errs:?}");
+        assert!(errs[0].contains(expected), "{doc}: {}", errs[0]);
+        assert!(!errs[0].contains('\n'), "one log line: {}", errs[0]);
+        assert_eq!(snap.objects.len(), 1, "the good Service still loads");
+    }
+    // Names as long as the rules allow load.
+    let ok = parse(&format!(
+        "{}---\n{}",
+        svc(&format!("{{name: {}}}", "a".repeat(63)), "abcdefghijklmno"),
+        slice(&format!("{{name: {}}}", "b".repeat(253)), "x-1")
+    ));
+    assert!(ok.errors.is_empty(), "{:?}", ok.errors);
+}
+
+#[test]
+fn a_service_over_the_virtual_server_cap_is_rejected_and_one_at_it_loads() {
+    use controllers::convert::{MAX_VIRTUAL_SERVERS_PER_SERVICE, Skipped, service_ports};
+    let service = |ports: usize| -> k8s_openapi::api::core::v1::Service {
+        let ports: Vec<String> = (1..=ports).map(|p| format!("{{port: {p}}}")).collect();
+        let text = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: big}}\n\
+             spec: {{clusterIPs: [10.96.0.1, 'fd00::1'], ports: [{}]}}\n",
+            ports.join(", ")
+        );
+        serde_yaml::from_str(&text).unwrap()
+    };
+    let at = service(MAX_VIRTUAL_SERVERS_PER_SERVICE / 2);
+    assert_eq!(
+        service_ports(&at).unwrap().len(),
+        MAX_VIRTUAL_SERVERS_PER_SERVICE / 2
+    );
+    let over = service(MAX_VIRTUAL_SERVERS_PER_SERVICE / 2 + 1);
+    let err = service_ports(&over).unwrap_err();
+    assert_eq!(
+        err,
+        Skipped::TooManyVirtualServers {
+            vips: 2,
+            ports: 501
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "2 VIPs × 501 ports are 1002 virtual servers, more than the 1000 a Service may have"
+    );
+    let mut st = ClusterState::new();
+    controllers::apply_all(&mut st, [Event::Apply(Object::Service(Box::new(over)))]);
+    assert!(
+        st.service(&ServiceName::new("default", "big")).is_none(),
+        "held as absent"
+    );
+}
+
+#[test]
+fn odd_service_and_slice_fields_convert_without_panicking() {
+    let svc: k8s_openapi::api::core::v1::Service = serde_yaml::from_str(
+        "metadata: {}\nspec: {clusterIPs: ['', 'x'], ports: [{port: -1}, {port: 70000}, \
+         {port: 80, protocol: '', nodePort: -5}], sessionAffinity: ClientIP, \
+         sessionAffinityConfig: {clientIP: {timeoutSeconds: -1}}}\n",
+    )
+    .unwrap();
+    assert!(controllers::convert::service_ports(&svc).is_err());
+    let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_yaml::from_str(
+        "metadata: {labels: {kubernetes.io/service-name: ''}}\naddressType: IPv4\n\
+         ports: [{port: -1}, {}]\nendpoints: [{addresses: []}, {addresses: ['::x']}]\n",
+    )
+    .unwrap();
+    let model = controllers::convert::endpoint_slice(&slice).unwrap();
+    assert!(model.ports.is_empty());
+}

@@ -338,7 +338,7 @@ fn write_match(out: &mut String, m: &Match) {
     match m {
         Match::Comment(text) => {
             out.push_str(" -m comment --comment");
-            save_string(out, text);
+            save_string(out, &comment_text(text));
         }
         Match::Port {
             protocol,
@@ -455,6 +455,30 @@ fn write_target(out: &mut String, t: &Target) {
     }
 }
 
+/// The longest comment the kernel keeps: `XT_MAX_COMMENT_LEN` (256) bytes with the NUL that
+/// ends it; `iptables-restore` refuses a longer one, and with it the whole restore.
+pub const MAX_COMMENT_BYTES: usize = 255;
+
+/// A comment as it is written: each control character (`\n`, `\r`, NUL, tab, DEL, …) as `?`,
+/// since `iptables-restore` has no escape that keeps a newline inside an argument and a NUL
+/// ends the kernel's copy; then cut to [`MAX_COMMENT_BYTES`] on a character boundary. Names
+/// the API server accepted never hold either, so their comments are unchanged.
+#[must_use]
+pub fn comment_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_COMMENT_BYTES && !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len().min(MAX_COMMENT_BYTES));
+    for c in text.chars() {
+        let c = if c.is_control() { '?' } else { c };
+        if out.len() + c.len_utf8() > MAX_COMMENT_BYTES {
+            break;
+        }
+        out.push(c);
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Quotes a string as libxtables' `xtables_save_string` does: bare when it is only letters,
 /// digits, `_` and `-`, otherwise in double quotes with `"`, `\` and `'` escaped.
 fn save_string(out: &mut String, value: &str) {
@@ -535,6 +559,110 @@ mod tests {
         save_string(&mut s, "plain-word_1");
         save_string(&mut s, "a \"b\"");
         assert_eq!(s, " plain-word_1 \"a \\\"b\\\"\"");
+    }
+
+    #[test]
+    fn control_characters_in_a_comment_become_question_marks_on_one_line() {
+        let r = Rule::new("KUBE-SEP-X", Target::None).comment("ns/a\nCOMMIT\r\0\tb\u{7f}\u{85}");
+        assert_eq!(
+            r.to_string(),
+            "-A KUBE-SEP-X -m comment --comment \"ns/a?COMMIT???b??\""
+        );
+    }
+
+    #[test]
+    fn a_comment_is_cut_to_the_kernels_255_bytes_on_a_character_boundary() {
+        assert_eq!(comment_text(&"a".repeat(255)), "a".repeat(255));
+        assert_eq!(comment_text(&"a".repeat(300)), "a".repeat(255));
+        // 'é' is two bytes: 127 of them fill 254, a 128th would pass 255.
+        assert_eq!(comment_text(&"é".repeat(200)), "é".repeat(127));
+        let r = Rule::jump("KUBE-SERVICES", "KUBE-SVC-X").comment("a".repeat(300));
+        assert_eq!(
+            r.to_string(),
+            format!(
+                "-A KUBE-SERVICES -m comment --comment {} -j KUBE-SVC-X",
+                "a".repeat(255)
+            )
+        );
+    }
+
+    #[test]
+    fn ordinary_comments_are_borrowed_unchanged() {
+        for c in [
+            "ns1/svc1:p80 cluster IP",
+            "kubernetes service portals",
+            "é ü",
+            "",
+        ] {
+            assert!(matches!(comment_text(c), std::borrow::Cow::Borrowed(b) if b == c));
+        }
+    }
+
+    /// Splits a rule line into arguments as `iptables-restore` does: blanks separate outside
+    /// double quotes; inside them a backslash takes the next character as it is and `"` closes.
+    fn restore_args(line: &str) -> Vec<String> {
+        let mut args = Vec::new();
+        let (mut arg, mut started, mut quoted, mut escaped) = (String::new(), false, false, false);
+        for c in line.chars() {
+            if quoted {
+                if escaped {
+                    arg.push(c);
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == '"' {
+                    quoted = false;
+                } else {
+                    arg.push(c);
+                }
+            } else if c == '"' {
+                quoted = true;
+                started = true;
+            } else if c == ' ' || c == '\t' {
+                if started {
+                    args.push(std::mem::take(&mut arg));
+                    started = false;
+                }
+            } else {
+                arg.push(c);
+                started = true;
+            }
+        }
+        if started {
+            args.push(arg);
+        }
+        args
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_comment_renders_on_one_line_as_one_argument_of_at_most_256_bytes(
+            text in proptest::prop_oneof![
+                proptest::prelude::any::<String>(),
+                "[a-z/:\"'\\\\ \\n\\r\\t\\x00\\x7fé-]{0,400}",
+            ],
+        ) {
+            let rule = Rule::jump("KUBE-SERVICES", "KUBE-SVC-X")
+                .comment(text.clone())
+                .dport(Protocol::Tcp, 80);
+            let line = rule.to_string();
+            proptest::prop_assert!(!line.contains(['\n', '\r', '\0']), "{line:?}");
+            let args = restore_args(&line);
+            let at = args.iter().position(|a| a == "--comment").unwrap();
+            let comment = &args[at + 1];
+            proptest::prop_assert!(comment.len() <= MAX_COMMENT_BYTES && MAX_COMMENT_BYTES < 256);
+            proptest::prop_assert_eq!(comment, &comment_text(&text));
+            proptest::prop_assert_eq!(
+                &args[at + 2..],
+                ["-m", "tcp", "--dport", "80", "-j", "KUBE-SVC-X"]
+            );
+            proptest::prop_assert_eq!(
+                rule_chain_and_target(&line),
+                Some(("KUBE-SERVICES", Some("KUBE-SVC-X")))
+            );
+            let saved = crate::saved::Saved::parse(&format!("*nat\n{line}\nCOMMIT\n"));
+            proptest::prop_assert_eq!(&saved.tables[&crate::table::Table::Nat].rules, &vec![line]);
+        }
     }
 
     #[test]
