@@ -1,9 +1,10 @@
 //! Sending the collected operations, and correcting the mirror where the kernel refused one.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use ipvs::Op;
+use ipvs::{Op, ServiceKey};
 
 use super::report::SyncError;
 use super::{AddressKernel, IpvsKernel, NetfilterKernel, Pending, SyncReport, Syncer, Undo, ms};
@@ -27,13 +28,19 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                 "ipvs batch applied"
             );
             report.ipvs_ops += p.ops.len();
+            // A virtual server the kernel refused makes its real servers fail too ("no such
+            // virtual server"): that follows from the one error reported, and is not another.
+            let mut refused: HashSet<ServiceKey> = HashSet::new();
             let done = results.into_iter().zip(&p.ops).zip(&p.op_owner);
             for (((result, op), owner), undo) in done.zip(&p.op_undo) {
                 if let Err(e) = result {
+                    let follows = matches!(op, Op::AddDest(key, _) if refused.contains(key))
+                        && matches!(e, ipvs::Error::NoSuchService { .. });
                     // The mirror assumed success; put it back so the next sync retries it.
                     match (op, undo) {
                         (Op::AddService(vs), _) => {
                             self.kernel.remove(&vs.key);
+                            refused.insert(vs.key);
                         }
                         (Op::AddDest(key, rs), _) => {
                             if let Some(vs) = self.kernel.get_mut(key) {
@@ -53,8 +60,10 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                         }
                         _ => {}
                     }
-                    p.errors
-                        .push(SyncError::new(owner.as_ref(), Error::Ipvs(e)));
+                    if !follows {
+                        p.errors
+                            .push(SyncError::new(owner.as_ref(), Error::Ipvs(e)));
+                    }
                 }
             }
             p.ops.clear();
