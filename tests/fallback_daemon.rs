@@ -54,6 +54,23 @@ fn saved_nat(ns: &Netns) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Starts the daemon in `ns` on the manifests in `dir` as node-a, without HTTP servers,
+/// with `extra` flags; its log is read back by [`stop`].
+fn start_daemon(ns: &Netns, dir: &str, extra: &[&str]) -> std::process::Child {
+    ns.exec(&[PROXY, "--manifests", dir, "--hostname-override", "node-a"])
+        .args(extra)
+        .args([
+            "--healthz-bind-address",
+            "127.0.0.1:0",
+            "--metrics-bind-address",
+            "127.0.0.1:0",
+        ])
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// Stops the daemon with SIGTERM, checks it exits cleanly, and returns what it logged.
 fn stop(daemon: &mut std::process::Child) -> String {
     Command::new("kill")
@@ -74,24 +91,7 @@ fn stop(daemon: &mut std::process::Child) -> String {
 #[test]
 fn without_ipvs_the_daemon_says_why_and_runs_the_iptables_proxier() {
     let ns = Netns::new("fallback");
-    let mut daemon = ns
-        .exec(&[
-            PROXY,
-            "--manifests",
-            &examples(),
-            "--hostname-override",
-            "node-a",
-        ])
-        .args([
-            "--healthz-bind-address",
-            "127.0.0.1:0",
-            "--metrics-bind-address",
-            "127.0.0.1:0",
-        ])
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut daemon = start_daemon(&ns, &examples(), &[]);
     let start = Instant::now();
     // The web Service's chain appears once the first sync is done.
     while !saved_nat(&ns).contains("-A KUBE-SERVICES -d 10.96.0.20/32 -p tcp") {
@@ -184,26 +184,8 @@ fn a_service_added_and_removed_is_synced_alone_by_the_iptables_proxier() {
     )
     .unwrap();
     let ns = Netns::new("fallback-partial");
-    let mut daemon = ns
-        .exec(&[
-            PROXY,
-            "--manifests",
-            &dir.display().to_string(),
-            "--hostname-override",
-            "node-a",
-            // No full resync during the test: every change after the first sync is partial.
-            "--ipvs-sync-period=1h",
-        ])
-        .args([
-            "--healthz-bind-address",
-            "127.0.0.1:0",
-            "--metrics-bind-address",
-            "127.0.0.1:0",
-        ])
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // No full resync during the test: every change after the first sync is partial.
+    let mut daemon = start_daemon(&ns, &dir.display().to_string(), &["--ipvs-sync-period=1h"]);
     let web = "-A KUBE-SERVICES -d 10.96.0.20/32 -p tcp";
     let extra = "-A KUBE-SERVICES -d 10.96.77.7/32 -p tcp";
     wait_for_nat(&ns, "no iptables rules for web", |nat| nat.contains(web));
@@ -316,24 +298,7 @@ fn run_on_manifests(tag: &str, manifests: &str) -> (Vec<String>, String) {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("services.yaml"), manifests).unwrap();
     let ns = Netns::new(tag);
-    let mut daemon = ns
-        .exec(&[
-            PROXY,
-            "--manifests",
-            &dir.display().to_string(),
-            "--hostname-override",
-            "node-a",
-        ])
-        .args([
-            "--healthz-bind-address",
-            "127.0.0.1:0",
-            "--metrics-bind-address",
-            "127.0.0.1:0",
-        ])
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut daemon = start_daemon(&ns, &dir.display().to_string(), &[]);
     wait_for_nat(&ns, "no iptables rules for extra", |nat| {
         nat.contains("-A KUBE-SERVICES -d 10.96.77.7/32 -p tcp")
     });
