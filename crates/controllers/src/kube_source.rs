@@ -14,8 +14,10 @@
 //!   After a disconnect the watch resumes from the last resourceVersion it saw, which watch
 //!   bookmarks keep fresh even for kinds that rarely change, so an outage costs no relist
 //!   unless the server has compacted past it (then `410 Gone`, and one relist). Retries back
-//!   off exponentially with jitter (client-go's 800 ms doubling to 30 s). There is no
-//!   periodic relist.
+//!   off exponentially with jitter (800 ms doubling; at the 30 s cap still spread over its
+//!   second half). Each watch asks for a server-side timeout drawn between 5 and 10 minutes,
+//!   as client-go's reflector does, so that thousands of nodes do not re-open their watches
+//!   in step. There is no periodic relist.
 //! - **Node eligibility**, as kube-proxy's /healthz: a node being deleted or tainted
 //!   `ToBeDeletedByClusterAutoscaler` should not receive load-balancer traffic.
 
@@ -149,8 +151,8 @@ pub struct Options {
     /// stretched at random by up to 100 %.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
-    /// Server-side timeout of one watch request; the watch is then re-opened from where it
-    /// was (no relist).
+    /// Server-side timeout of one watch request, in seconds; the watch is then re-opened from
+    /// where it was (no relist). `None` draws one between 5 and 10 minutes for each watch.
     pub watch_timeout: Option<u32>,
     /// At most this many watch events go into one [`SourceUpdate::Events`] batch (a relist is
     /// always one batch, whatever its size).
@@ -382,7 +384,7 @@ impl Follower {
         let watch_timeout = options.watch_timeout;
         let make: StreamMaker = Box::new(move |streaming, backoff| {
             let mut config = config.clone();
-            config.timeout = watch_timeout;
+            config.timeout = Some(watch_timeout.unwrap_or_else(random_watch_timeout));
             let config = if streaming {
                 config.streaming_lists()
             } else {
@@ -582,9 +584,19 @@ fn is_gone_at_watch_start(error: &watcher::Error) -> bool {
     matches!(error, watcher::Error::WatchStartFailed(e) if api_status_code(e) == Some(410))
 }
 
-/// Exponential backoff with jitter, as client-go's reflector: each delay doubles up to the
-/// maximum and is stretched at random by up to 100 %, so that thousands of nodes that lost
-/// the API server together do not come back in step. It starts over after two quiet minutes.
+/// A watch's server-side timeout: between 5 and 10 minutes at random, as client-go's
+/// reflector picks it, so that the watches of a fleet do not expire together.
+fn random_watch_timeout() -> u32 {
+    use std::hash::{BuildHasher as _, RandomState};
+    // RandomState is seeded per process and per instance.
+    let draw = RandomState::new().hash_one(0u8) % 301;
+    300 + u32::try_from(draw).unwrap_or(0)
+}
+
+/// Exponential backoff with jitter, as client-go's reflector: each delay doubles and is
+/// stretched at random by up to 100 %, the base stopping at half the maximum, so that even at
+/// the cap the delays spread over its second half and thousands of nodes that lost the API
+/// server together do not come back in step. It starts over after two quiet minutes.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     min: Duration,
@@ -637,7 +649,7 @@ impl Iterator for Backoff {
         }
         self.last = Some(now);
         let base = self.next;
-        self.next = (base * 2).min(self.max);
+        self.next = (base * 2).min(self.max / 2).max(self.min);
         Some(base.mul_f64(1.0 + self.random_fraction()).min(self.max))
     }
 }
@@ -662,7 +674,7 @@ mod tests {
         };
         let mut b = Backoff::new(&options);
         let delays: Vec<Duration> = (&mut b).take(8).collect();
-        let bases = [100, 200, 400, 800, 1000, 1000, 1000, 1000];
+        let bases = [100, 200, 400, 500, 500, 500, 500, 500];
         for (d, base) in delays.iter().zip(bases) {
             let base = Duration::from_millis(base);
             assert!(
@@ -673,6 +685,16 @@ mod tests {
         assert!(
             delays.windows(2).any(|w| w[0] != w[1]),
             "jittered: {delays:?}"
+        );
+        // At the cap the delays still spread, over at least half of it: a fleet that lost
+        // the API server together does not retry in step.
+        let capped: Vec<Duration> = (&mut b).take(200).collect();
+        let (low, high) = (capped.iter().min().unwrap(), capped.iter().max().unwrap());
+        assert!(*low >= options.backoff_max / 2, "{low:?}");
+        assert!(*high <= options.backoff_max, "{high:?}");
+        assert!(
+            high.saturating_sub(*low) >= options.backoff_max * 2 / 5,
+            "spread {low:?}..{high:?}"
         );
         b.reset();
         assert!(b.next().unwrap() < Duration::from_millis(200));

@@ -843,3 +843,33 @@ async fn list_once_reads_what_the_watchers_would() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_watch_asks_for_its_own_timeout_between_five_and_ten_minutes() {
+    let server = small_cluster().await;
+    let proxy = follow(
+        &server,
+        Options {
+            watch_timeout: None,
+            ..fast()
+        },
+    )
+    .await;
+    proxy.synced().await;
+    let timeouts: Vec<u32> = server
+        .requests()
+        .iter()
+        .filter(|r| r.watch)
+        .filter_map(|r| r.param("timeoutSeconds")?.parse().ok())
+        .collect();
+    assert!(timeouts.len() >= 3, "one watch a kind: {timeouts:?}");
+    assert!(
+        timeouts.iter().all(|t| (300..=600).contains(t)),
+        "{timeouts:?}"
+    );
+    // Three draws from 301 values: all equal once in 90,000 runs; a fixed timeout, always.
+    assert!(
+        timeouts.windows(2).any(|w| w[0] != w[1]),
+        "the same timeout for every watch: {timeouts:?}"
+    );
+}
