@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 
 use futures::stream::BoxStream;
 use futures::{FutureExt as _, StreamExt as _, TryStreamExt as _};
+use http::HeaderValue;
+use http::header::USER_AGENT;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Resource;
@@ -106,7 +108,22 @@ pub async fn client(
             config
         }
     };
-    kube::Client::try_from(without_tls_roots_for_http(config)).map_err(Error::Client)
+    let mut config = without_tls_roots_for_http(config);
+    config.headers.push((USER_AGENT, user_agent()));
+    kube::Client::try_from(config).map_err(Error::Client)
+}
+
+/// `ipvs-proxy/<version> (linux/<arch>)`, as kube-proxy names itself on every request, so that
+/// operators, audit logs and API Priority and Fairness rules can tell this load from others.
+#[must_use]
+pub fn user_agent() -> HeaderValue {
+    let text = format!(
+        "ipvs-proxy/{} ({}/{})",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    );
+    HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("ipvs-proxy"))
 }
 
 /// kube-rs builds a TLS connector for every client, and with no CA in the configuration it

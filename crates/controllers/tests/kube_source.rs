@@ -873,3 +873,20 @@ async fn each_watch_asks_for_its_own_timeout_between_five_and_ten_minutes() {
         "the same timeout for every watch: {timeouts:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_names_ipvs_proxy_in_its_user_agent() {
+    let server = small_cluster().await;
+    let proxy = follow(&server, fast()).await;
+    proxy.synced().await;
+    let requests = server.requests();
+    assert!(!requests.is_empty());
+    let want = format!(
+        "ipvs-proxy/{} (linux/{})",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::ARCH
+    );
+    for r in &requests {
+        assert_eq!(r.user_agent.as_deref(), Some(want.as_str()), "{r:?}");
+    }
+}

@@ -97,6 +97,8 @@ pub struct Request {
     pub kind: Kind,
     pub watch: bool,
     pub query: BTreeMap<String, String>,
+    /// The `User-Agent` header, as kube-apiserver's audit log records it.
+    pub user_agent: Option<String>,
 }
 
 impl Request {
@@ -455,6 +457,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
         if read.read_line(&mut request_line).await.unwrap_or(0) == 0 {
             return;
         }
+        let mut user_agent = None;
         loop {
             let mut header = String::new();
             if read.read_line(&mut header).await.unwrap_or(0) == 0 {
@@ -462,6 +465,11 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
             }
             if header.trim_end().is_empty() {
                 break;
+            }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("user-agent")
+            {
+                user_agent = Some(value.trim().to_owned());
             }
         }
         let target = request_line.split_whitespace().nth(1).unwrap_or("/");
@@ -475,6 +483,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
                     kind,
                     watch,
                     query: query.clone(),
+                    user_agent: user_agent.clone(),
                 });
                 if watch {
                     serve_watch(&shared, kind, &query, &mut write).await
