@@ -78,6 +78,11 @@ fn stop(daemon: &mut std::process::Child) -> String {
         .status()
         .unwrap();
     assert!(daemon.wait().unwrap().success(), "stops cleanly on SIGTERM");
+    read_log(daemon)
+}
+
+/// Everything the daemon wrote on stderr (once it has exited).
+fn read_log(daemon: &mut std::process::Child) -> String {
     let mut log = String::new();
     daemon
         .stderr
@@ -264,13 +269,7 @@ fn the_daemon_exits_when_its_config_file_changes_for_its_pod_to_restart() {
         std::thread::sleep(Duration::from_millis(100));
     };
     std::fs::remove_file(&config).unwrap();
-    let mut log = String::new();
-    daemon
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
+    let log = read_log(&mut daemon);
     assert!(!status.success(), "exits non-zero:\n{log}");
     assert!(
         log.lines()

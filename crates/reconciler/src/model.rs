@@ -242,6 +242,13 @@ impl Endpoint {
         self.node_name.as_deref() == Some(node)
     }
 
+    /// Whether it runs on `node` and is ready: what kube-proxy counts as a local endpoint for
+    /// its health checks and its no-local-endpoints metric.
+    #[must_use]
+    pub fn is_local_and_ready(&self, node: &str) -> bool {
+        self.is_local(node) && self.conditions.ready
+    }
+
     /// `hints.forZones`; empty without hints.
     #[must_use]
     pub fn zone_hints(&self) -> &[Arc<str>] {

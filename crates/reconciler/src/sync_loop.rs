@@ -499,7 +499,7 @@ impl<E> SyncLoop<E> {
                 let mut ips: Vec<IpAddr> = ports
                     .iter()
                     .flat_map(|p| self.state.endpoints(&p.name))
-                    .filter(|e| e.is_local(node) && e.conditions.ready)
+                    .filter(|e| e.is_local_and_ready(node))
                     .map(|e| e.ip)
                     .collect();
                 ips.sort_unstable();
@@ -528,7 +528,7 @@ impl<E> SyncLoop<E> {
                     .state
                     .endpoints(&port.name)
                     .iter()
-                    .any(|e| e.is_local(node) && e.conditions.ready);
+                    .any(|e| e.is_local_and_ready(node));
                 if !has_local {
                     internal += u64::from(int_local);
                     external += u64::from(ext_local);
