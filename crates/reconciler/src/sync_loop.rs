@@ -313,17 +313,27 @@ impl<E> SyncLoop<E> {
 
     /// Node facts or families changed: every Service is planned again, with a full sync.
     fn reconfigure(&mut self) {
-        let config = self.settings.plan_config(&self.state);
-        if config.node_addresses != self.planner.config.node_addresses
-            || config.families != self.planner.config.families
-            || config.node_port_ips != self.planner.config.node_port_ips
-            || config.node_zone != self.planner.config.node_zone
-        {
-            tracing::info!(node = %config.node_name, zone = ?config.node_zone, addresses = ?config.node_addresses, families = ?config.families, "node facts changed");
-            self.engine.reconfigure(&config);
-            self.planner = Planner::new(config);
+        if self.replan() {
             self.next_full = Some(Instant::now());
         }
+    }
+
+    /// Plans with the node facts and families the state has now, if they changed; says whether
+    /// they did.
+    fn replan(&mut self) -> bool {
+        let config = self.settings.plan_config(&self.state);
+        let old = &self.planner.config;
+        if config.node_addresses == old.node_addresses
+            && config.families == old.families
+            && config.node_port_ips == old.node_port_ips
+            && config.node_zone == old.node_zone
+        {
+            return false;
+        }
+        tracing::info!(node = %config.node_name, zone = ?config.node_zone, addresses = ?config.node_addresses, families = ?config.families, "node facts changed");
+        self.engine.reconfigure(&config);
+        self.planner = Planner::new(config);
+        true
     }
 
     /// Syncs what is due at `now`.
@@ -365,14 +375,8 @@ impl<E> SyncLoop<E> {
     }
 
     fn full_sync(&mut self, now: Instant) -> Outcome {
-        // Families and node-port addresses may have moved with the Services; replan all.
-        let config = self.settings.plan_config(&self.state);
-        if config.families != self.planner.config.families
-            || config.node_port_ips != self.planner.config.node_port_ips
-        {
-            self.engine.reconfigure(&config);
-            self.planner = Planner::new(config);
-        }
+        // Families may have moved with the Services; replan all.
+        self.replan();
         self.dirty.clear();
         let (report, warnings) = self.engine.full_sync(&self.state, &self.planner, now);
         self.next_full = Some(now + self.settings.sync_period);
