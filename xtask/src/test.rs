@@ -34,6 +34,8 @@ const BINARY_MARKER: &str = "XTASK-VM-TEST-BINARY";
 
 /// `cargo xtask test`: host tests, then VM tests; fails if either fails.
 pub fn all(args: &VmTestArgs) -> Result<i32> {
+    // The host tests use the same tools (iptables, ipset, conntrack) as the VM's.
+    vm::ensure_packages()?;
     eprintln!("xtask: host tests (cargo test --workspace)");
     let host = cargo::cargo().args(["test", "--workspace"]).status()?;
     eprintln!("xtask: VM tests (cargo xtask vm-test)");

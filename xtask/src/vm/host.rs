@@ -18,6 +18,7 @@ pub const PACKAGES: &[&str] = &[
     "ipset",
     "iptables",
     "iproute2",
+    "conntrack",
 ];
 
 /// Installed versions of [`PACKAGES`], installing the missing ones first. The versions key

@@ -31,7 +31,7 @@ echo /usr/sbin/modprobe > /proc/sys/kernel/modprobe
 ipvs_modules=$(cd "/lib/modules/$(uname -r)/kernel/net/netfilter/ipvs" && ls | sed -n 's/\.ko.*$//p')
 say "loading modules:" $ipvs_modules
 /usr/sbin/modprobe -a $ipvs_modules dummy veth \
-    nf_conntrack nf_nat nf_tables nft_compat nft_chain_nat \
+    nf_conntrack nf_conntrack_netlink nf_nat nf_tables nft_compat nft_chain_nat \
     ip_tables ip6_tables iptable_filter iptable_nat iptable_mangle \
     ip6table_filter ip6table_nat ip6table_mangle ip_set br_netfilter \
     || echo "init: some modules did not load; see modprobe's message above"

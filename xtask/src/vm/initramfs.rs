@@ -33,6 +33,7 @@ const TOOLS: &[&str] = &[
     "/usr/bin/ss",
     "/usr/sbin/ipvsadm",
     "/usr/sbin/ipset",
+    "/usr/sbin/conntrack",
     "/usr/bin/kmod",
     "/usr/sbin/modprobe",
     "/usr/sbin/depmod",
