@@ -13,6 +13,7 @@
 //!   iptables proxier over [`fallback`]'s conversion.
 #![forbid(unsafe_code)]
 
+pub mod conntrack;
 pub mod engine;
 mod error;
 pub mod fallback;

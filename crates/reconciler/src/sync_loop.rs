@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::watch;
 
+use crate::conntrack::{ConntrackKernel, Frontends, Reconciled};
 use crate::engine::Engine;
 use crate::model::{ServiceName, ServiceType, TrafficPolicy};
 use crate::plan::{PlanWarning, Planner};
@@ -118,6 +119,8 @@ pub trait Observer: Send {
     fn no_local_endpoints(&self, internal: u64, external: u64);
     /// The health-check node ports after a sync: of the Services it synced, or all of them.
     fn health_checks(&self, checks: &HealthChecks);
+    /// Stale conntrack entries of one family were reconciled after a sync.
+    fn conntrack_reconciled(&self, _reconciled: &Reconciled) {}
 }
 
 /// One sync's outcome.
@@ -149,6 +152,8 @@ pub struct SyncLoop<E> {
     reported: BTreeSet<String>,
     /// The Services the kernel refused, retried on their own.
     retries: Retries,
+    /// Where stale UDP and SCTP conntrack entries are deleted after each sync, if anywhere.
+    conntrack: Option<Box<dyn ConntrackKernel>>,
 }
 
 impl<E> std::fmt::Debug for SyncLoop<E> {
@@ -189,7 +194,15 @@ impl<E> SyncLoop<E> {
             next_drain: Instant::now(),
             reported: BTreeSet::new(),
             retries: Retries::default(),
+            conntrack: None,
         }
+    }
+
+    /// Deletes stale conntrack entries in `table` after each sync ([`crate::conntrack`]).
+    #[must_use]
+    pub fn with_conntrack(mut self, table: Box<dyn ConntrackKernel>) -> Self {
+        self.conntrack = Some(table);
+        self
     }
 
     /// The cluster as the loop knows it.
@@ -433,6 +446,7 @@ impl<E> SyncLoop<E> {
             took_ms = took.as_secs_f64() * 1000.0,
             "synced"
         );
+        let healthy = report.errors.iter().all(|e| e.service.is_some());
         self.observer.synced(&SyncRecord {
             full,
             took,
@@ -441,8 +455,11 @@ impl<E> SyncLoop<E> {
                 .oldest_pending
                 .take()
                 .map(|oldest| now.saturating_duration_since(oldest) + took),
-            healthy: report.errors.iter().all(|e| e.service.is_some()),
+            healthy,
         });
+        if healthy {
+            self.reconcile_conntrack(full, &synced);
+        }
         self.pending = (0, 0);
         if report.needs_full_sync() {
             let repair = now + REPAIR_DELAY.max(self.settings.min_sync_period);
@@ -458,6 +475,27 @@ impl<E> SyncLoop<E> {
         }
         self.observer
             .health_checks(&self.health_checks(full, &synced));
+    }
+
+    /// Deletes the stale conntrack entries of the Services synced (all after a full sync), once
+    /// the kernel forwards their new flows to the new endpoints. A sync of no UDP or SCTP
+    /// Service lists nothing.
+    fn reconcile_conntrack(&mut self, full: bool, synced: &BTreeSet<ServiceName>) {
+        let Some(table) = self.conntrack.as_deref_mut() else {
+            return;
+        };
+        let state = &self.state;
+        let frontends = if full {
+            Frontends::new(state, state.services().map(|(_, ports)| ports))
+        } else {
+            Frontends::new(state, synced.iter().filter_map(|name| state.service(name)))
+        };
+        if frontends.is_empty() {
+            return;
+        }
+        for reconciled in crate::conntrack::reconcile(table, &frontends) {
+            self.observer.conntrack_reconciled(&reconciled);
+        }
     }
 
     /// The health-check ports of the Services in `synced`, or (`full`) of every Service: as
