@@ -181,6 +181,13 @@ async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
         controllers::fold,
         Box::new(telemetry),
     );
+    let sync_loop = match conntrack::Conntrack::open() {
+        Ok(table) => sync_loop.with_conntrack(Box::new(table)),
+        Err(e) => {
+            tracing::warn!("stale UDP and SCTP conntrack entries will not be deleted: {e}");
+            sync_loop
+        }
+    };
     let thread = std::thread::Builder::new()
         .name("sync-loop".into())
         .spawn(move || sync_loop.run(&runtime, rx, stop_rx))

@@ -2,7 +2,8 @@
 //! metrics servers, and the wiring of the crates (`daemon`).
 //!
 //! The binary is thin: `main.rs` parses flags and hands over to this library; the crates work:
-//! `inet`, `netlink`, `ipvs`, `netif`, `iptables`, `reconciler`, `controllers`, `healthcheck`.
+//! `inet`, `netlink`, `ipvs`, `netif`, `conntrack`, `iptables`, `reconciler`, `controllers`,
+//! `healthcheck`.
 #![forbid(unsafe_code)]
 
 pub mod backends;

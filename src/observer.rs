@@ -4,11 +4,12 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use healthcheck::{Desired, ServiceHealthServers, ServiceKey};
+use reconciler::conntrack::Reconciled;
 use reconciler::sync::{Counts, SyncError};
 use reconciler::{Folded, HealthChecks, Observer, SyncRecord};
 
 use crate::health::Health;
-use crate::metrics::{KernelErrorLabel, Metrics, TrafficPolicyLabel, unix_seconds};
+use crate::metrics::{IpFamilyLabel, KernelErrorLabel, Metrics, TrafficPolicyLabel, unix_seconds};
 
 /// The loop's [`Observer`]: health for `/healthz` and `/livez`, `/metrics`, service health ports.
 #[derive(Debug, Clone)]
@@ -95,5 +96,19 @@ impl Observer for Telemetry {
         let failed = self.service_health.update(addresses, services, complete);
         let m = &self.metrics;
         m.service_health_bind_failures.inc_by(failed.len() as u64);
+    }
+
+    fn conntrack_reconciled(&self, reconciled: &Reconciled) {
+        let label = IpFamilyLabel {
+            ip_family: reconciled.ip_family(),
+        };
+        let m = &self.metrics;
+        let took = reconciled.took.as_secs_f64();
+        m.conntrack_sync_duration
+            .get_or_create(&label)
+            .observe(took);
+        m.conntrack_deleted
+            .get_or_create(&label)
+            .inc_by(reconciled.deleted);
     }
 }

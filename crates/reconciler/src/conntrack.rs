@@ -151,6 +151,17 @@ pub struct Reconciled {
     pub deleted: u64,
 }
 
+impl Reconciled {
+    /// kube-proxy's `ip_family` label: `IPv4` or `IPv6`.
+    #[must_use]
+    pub fn ip_family(&self) -> &'static str {
+        match self.family {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+}
+
 /// Lists each family and protocol `frontends` needs, deletes the stale flows, and reports per
 /// family. Failures are logged and end that table's run only; the next sync tries again.
 pub fn reconcile(kernel: &mut dyn ConntrackKernel, frontends: &Frontends) -> Vec<Reconciled> {
