@@ -1,0 +1,44 @@
+//! Conntrack cleanup with the IPVS proxier, in the VM: a UDP client keeps its flow to a
+//! ClusterIP while the endpoint behind it is replaced (`cargo xtask vm-test -p ipvs-proxy --
+//! conntrack`). The same scenario for the iptables fallback runs on the host
+//! (`tests/fallback_conntrack.rs`).
+
+#[allow(dead_code, reason = "the scenario uses a few of the helpers")]
+mod support;
+#[path = "support/udp_flow.rs"]
+mod udp_flow;
+
+use std::net::Ipv4Addr;
+
+use support::{Daemon, Kernel, Pod, TempDir, ipvs_lines_of};
+use udp_flow::{VIP, dns, replace_the_endpoint};
+
+#[test]
+#[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
+fn conntrack_a_replaced_udp_endpoint_answers_the_same_client_within_one_sync() {
+    let _kernel = Kernel::take();
+    let old = Pod::start("ct-old", Ipv4Addr::new(10, 244, 1, 5));
+    let new = Pod::start("ct-new", Ipv4Addr::new(10, 244, 2, 7));
+    let dir = TempDir::new("conntrack-manifests");
+    let logs = TempDir::new("conntrack-logs");
+    dir.write("dns.yaml", &dns(&[old.ip]).yaml());
+    // No full sync during the test: the partial sync of the change must clean on its own.
+    let daemon = Daemon::start(
+        dir.path(),
+        &logs.path().join("daemon.log"),
+        &["--ipvs-sync-period", "5m"],
+    );
+
+    let service = format!("-u {VIP}:53");
+    let after = replace_the_endpoint(&dir, &daemon, &old, &new, |ip| {
+        ipvs_lines_of(&service)
+            == [
+                format!("-A {service} -s rr"),
+                format!("-a {service} -r {ip}:8080 -m -w 1"),
+            ]
+    });
+    println!(
+        "IPVS: the new endpoint first answered {:.3} s after it was programmed",
+        after.as_secs_f64()
+    );
+}
