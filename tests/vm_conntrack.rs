@@ -2,6 +2,12 @@
 //! ClusterIP while the endpoint behind it is replaced (`cargo xtask vm-test -p ipvs-proxy --
 //! conntrack`). The same scenario for the iptables fallback runs on the host
 //! (`tests/fallback_conntrack.rs`).
+//!
+//! In IPVS mode the kernel also drops the entry itself: with `expire_nodest_conn` and
+//! `vs.conntrack` set, the first packet to a deleted real server expires its IPVS connection
+//! and the conntrack entry with it, so this test passes without the reconciler as well (seen
+//! once, with the reconciler disabled). It proves the user's view in this mode; the fallback's
+//! test is the one that fails without the reconciler.
 
 #[allow(dead_code, reason = "the scenario uses a few of the helpers")]
 mod support;
