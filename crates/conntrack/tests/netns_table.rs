@@ -141,3 +141,37 @@ fn many_deletes_go_in_batches_and_each_is_accounted_for() {
         assert!(to_service(&table.dump(Family::V4, Protocol::Udp).unwrap()).is_empty());
     });
 }
+
+#[test]
+fn an_ipv6_flow_is_dumped_and_deleted_like_an_ipv4_one() {
+    in_new_netns(|| {
+        run("ip", "link set lo up");
+        run("ip", "-6 addr add fd00:96::10/128 dev lo nodad");
+        run(
+            "ip6tables",
+            "-t nat -A OUTPUT -d fd00:96::10 -p udp --dport 53 -j DNAT --to-destination [::1]:5353",
+        );
+        let server = UdpSocket::bind("[::1]:5353").unwrap();
+        let client = UdpSocket::bind("[::1]:0").unwrap();
+        client.send_to(b"ping", "[fd00:96::10]:53").unwrap();
+        let mut buf = [0; 16];
+        server.recv_from(&mut buf).unwrap();
+
+        let mut table = Conntrack::open().unwrap();
+        let vip: IpAddr = "fd00:96::10".parse().unwrap();
+        let to_vip = |flows: Vec<Flow>| -> Vec<Flow> {
+            flows
+                .into_iter()
+                .filter(|f| f.original.dst == vip)
+                .collect()
+        };
+        let flows = to_vip(table.dump(Family::V6, Protocol::Udp).unwrap());
+        assert_eq!(flows.len(), 1, "{flows:?}");
+        assert_eq!(flows[0].reply.src, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(flows[0].reply.src_port, 5353);
+        assert!(to_vip(table.dump(Family::V4, Protocol::Udp).unwrap()).is_empty());
+
+        assert_eq!(table.delete(&flows).unwrap().deleted, 1);
+        assert!(to_vip(table.dump(Family::V6, Protocol::Udp).unwrap()).is_empty());
+    });
+}
