@@ -16,7 +16,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
 use support::{Daemon, Pod, TempDir, run, wait_until};
-use udp_flow::{Client, VIP, conntrack_reply_sources, dns, replace_the_endpoint};
+use udp_flow::{
+    Client, METRICS, VIP, conntrack_reply_sources, dns, reconciled_ipv4, replace_the_endpoint,
+};
 
 /// Moves this test's thread (and every process and socket it makes) into a new network
 /// namespace with `lo` up and the ClusterIP on it: local, as kube-ipvs0 makes it in IPVS
@@ -50,7 +52,14 @@ fn start(dir: &TempDir, logs: &TempDir) -> Daemon {
     Daemon::start(
         dir.path(),
         &logs.path().join("daemon.log"),
-        &["--ipvs-sync-period", "5m", "--iptables-sync-period", "5m"],
+        &[
+            "--ipvs-sync-period",
+            "5m",
+            "--iptables-sync-period",
+            "5m",
+            "--metrics-bind-address",
+            METRICS,
+        ],
     )
 }
 
@@ -70,6 +79,11 @@ fn fallback_a_replaced_udp_endpoint_answers_the_same_client_within_one_sync() {
     println!(
         "iptables: the new endpoint first answered {:.3} s after it was programmed",
         after.as_secs_f64()
+    );
+    let (runs, deleted) = reconciled_ipv4();
+    assert!(
+        runs >= 2.0 && deleted >= 1.0,
+        "/metrics counts the runs ({runs}) and the deleted entry ({deleted})"
     );
 }
 
@@ -134,5 +148,10 @@ fn fallback_a_flow_older_than_the_services_first_endpoint_reaches_it_within_one_
         conntrack_reply_sources(),
         [pod.ip.to_string()],
         "conntrack -L: the flow now goes to the pod"
+    );
+    let (_, deleted) = reconciled_ipv4();
+    assert!(
+        deleted >= 1.0,
+        "/metrics counts the un-NATed entry deleted: {deleted}"
     );
 }

@@ -4,7 +4,8 @@
 //! entry to the old one. Without the cleanup, every datagram refreshes the old entry, so the
 //! client would send into the old endpoint's black hole for as long as it keeps sending.
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -13,6 +14,38 @@ use std::time::{Duration, Instant};
 use crate::support::{Daemon, Pod, ServiceSpec, TempDir, run, wait_until};
 
 pub const VIP: &str = "10.96.0.53";
+/// Where the daemon serves `/metrics` in these tests (each in a kernel or namespace of its own).
+pub const METRICS: &str = "127.0.0.1:10349";
+
+/// The value of the sample `sample` (name and labels, as `/metrics` prints them) on the
+/// daemon's `/metrics`; 0 when absent.
+pub fn metric(sample: &str) -> f64 {
+    let mut stream = TcpStream::connect(METRICS).expect("connecting to /metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("a read timeout");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {METRICS}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("asking for /metrics");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("reading /metrics");
+    response
+        .lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The reconciler's runs and deletions for IPv4, as `/metrics` counts them.
+pub fn reconciled_ipv4() -> (f64, f64) {
+    (
+        metric(r#"kubeproxy_conntrack_reconciler_sync_duration_seconds_count{ip_family="IPv4"}"#),
+        metric(r#"kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family="IPv4"}"#),
+    )
+}
 
 /// The Service: `dns`, UDP, `VIP`:53 to the pods' port.
 pub fn dns(endpoints: &[Ipv4Addr]) -> ServiceSpec<'_> {
