@@ -11,6 +11,8 @@
 //!   [`retries`] of refused Services; [`health`]: what `/healthz` and `/livez` answer.
 //! - [`engine`]: the IPVS proxier over [`sync`] (backend traits, mirror, diff, sending) and the
 //!   iptables proxier over [`fallback`]'s conversion.
+//! - [`conntrack`]: kube-proxy's conntrack reconciler, run by the loop after each sync for
+//!   either proxier: which UDP and SCTP entries are stale, and their deletion.
 #![forbid(unsafe_code)]
 
 pub mod conntrack;
