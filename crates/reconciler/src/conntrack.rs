@@ -162,31 +162,40 @@ impl Reconciled {
     }
 }
 
+/// What one reconciliation did: per family, and what failed.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub families: Vec<Reconciled>,
+    /// A table that could not be listed or written, or an entry the kernel would not delete.
+    pub errors: Vec<String>,
+}
+
 /// Lists each family and protocol `frontends` needs, deletes the stale flows, and reports per
-/// family. Failures are logged and end that table's run only; the next sync tries again.
-pub fn reconcile(kernel: &mut dyn ConntrackKernel, frontends: &Frontends) -> Vec<Reconciled> {
-    let mut out: Vec<Reconciled> = Vec::new();
+/// family. A failure ends that table's run only; the next sync tries again.
+pub fn reconcile(kernel: &mut dyn ConntrackKernel, frontends: &Frontends) -> Outcome {
+    let mut out = Outcome::default();
     for &(family, protocol) in &frontends.tables {
         let started = Instant::now();
         let deleted = match clean(kernel, frontends, family, protocol) {
             Ok(done) => {
-                for error in &done.failed {
-                    tracing::warn!("stale conntrack entry not deleted: {error}");
-                }
+                let refused = done.failed.iter();
+                out.errors
+                    .extend(refused.map(|e| format!("stale entry not deleted: {e}")));
                 done.deleted as u64
             }
             Err(error) => {
-                tracing::warn!(?family, %protocol, "conntrack reconciliation failed: {error}");
+                out.errors
+                    .push(format!("{family:?} {protocol} entries: {error}"));
                 0
             }
         };
         let took = started.elapsed();
-        match out.last_mut() {
+        match out.families.last_mut() {
             Some(last) if last.family == family => {
                 last.took += took;
                 last.deleted += deleted;
             }
-            _ => out.push(Reconciled {
+            _ => out.families.push(Reconciled {
                 family,
                 took,
                 deleted,
@@ -194,6 +203,47 @@ pub fn reconcile(kernel: &mut dyn ConntrackKernel, frontends: &Frontends) -> Vec
         }
     }
     out
+}
+
+/// The table the loop reconciles, and its last failure: a failure that persists (a kernel
+/// without ctnetlink, say) is logged once, not after every sync.
+pub struct Reconciler {
+    table: Box<dyn ConntrackKernel>,
+    failing: Option<String>,
+}
+
+impl std::fmt::Debug for Reconciler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconciler")
+            .field("failing", &self.failing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reconciler {
+    #[must_use]
+    pub fn new(table: Box<dyn ConntrackKernel>) -> Self {
+        Reconciler {
+            table,
+            failing: None,
+        }
+    }
+
+    /// [`reconcile`], logging its first error when it differs from the last run's.
+    pub fn run(&mut self, frontends: &Frontends) -> Vec<Reconciled> {
+        let outcome = reconcile(&mut *self.table, frontends);
+        let first = outcome.errors.first();
+        if first != self.failing.as_ref() {
+            if let Some(error) = first {
+                let errors = outcome.errors.len();
+                tracing::warn!(errors, "conntrack reconciliation failed: {error}");
+            } else {
+                tracing::info!("conntrack reconciliation works again");
+            }
+            self.failing = first.cloned();
+        }
+        outcome.families
+    }
 }
 
 fn clean(

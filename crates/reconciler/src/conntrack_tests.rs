@@ -176,7 +176,11 @@ fn tcp_services_have_no_frontends_so_nothing_is_listed() {
     let state = state(Protocol::Tcp, &[("10.244.0.5", true)]);
     assert!(frontends(&state).is_empty());
     let mut table = FakeTable::default();
-    assert!(reconcile(&mut table, &frontends(&state)).is_empty());
+    assert!(
+        reconcile(&mut table, &frontends(&state))
+            .families
+            .is_empty()
+    );
     assert!(table.listed.is_empty());
 }
 
@@ -235,7 +239,7 @@ fn reconcile_lists_each_family_of_the_services_and_deletes_only_the_stale_flows(
         flows: keep.iter().chain(&to_delete).copied().collect(),
         ..FakeTable::default()
     };
-    let done = reconcile(&mut table, &frontends(&state));
+    let done = reconcile(&mut table, &frontends(&state)).families;
     assert_eq!(
         table.listed,
         [(Family::V4, Protocol::Udp), (Family::V6, Protocol::Udp)]
@@ -255,7 +259,14 @@ fn a_table_that_cannot_be_listed_deletes_nothing_and_reports_zero() {
     };
     let done = reconcile(&mut table, &frontends(&state));
     assert_eq!(table.flows.len(), 1);
-    assert!(done.iter().all(|r| r.deleted == 0) && done.len() == 2);
+    let families = &done.families;
+    assert!(families.iter().all(|r| r.deleted == 0) && families.len() == 2);
+    assert_eq!(done.errors.len(), 2, "one per family: {:?}", done.errors);
+    assert!(
+        done.errors[0].contains("conntrack -L"),
+        "{}",
+        done.errors[0]
+    );
 }
 
 #[test]

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::watch;
 
-use crate::conntrack::{ConntrackKernel, Frontends, Reconciled};
+use crate::conntrack::{ConntrackKernel, Frontends, Reconciled, Reconciler};
 use crate::engine::Engine;
 use crate::model::{ServiceName, ServiceType, TrafficPolicy};
 use crate::plan::{PlanWarning, Planner};
@@ -153,7 +153,7 @@ pub struct SyncLoop<E> {
     /// The Services the kernel refused, retried on their own.
     retries: Retries,
     /// Where stale UDP and SCTP conntrack entries are deleted after each sync, if anywhere.
-    conntrack: Option<Box<dyn ConntrackKernel>>,
+    conntrack: Option<Reconciler>,
 }
 
 impl<E> std::fmt::Debug for SyncLoop<E> {
@@ -201,7 +201,7 @@ impl<E> SyncLoop<E> {
     /// Deletes stale conntrack entries in `table` after each sync ([`crate::conntrack`]).
     #[must_use]
     pub fn with_conntrack(mut self, table: Box<dyn ConntrackKernel>) -> Self {
-        self.conntrack = Some(table);
+        self.conntrack = Some(Reconciler::new(table));
         self
     }
 
@@ -481,7 +481,7 @@ impl<E> SyncLoop<E> {
     /// the kernel forwards their new flows to the new endpoints. A sync of no UDP or SCTP
     /// Service lists nothing.
     fn reconcile_conntrack(&mut self, full: bool, synced: &BTreeSet<ServiceName>) {
-        let Some(table) = self.conntrack.as_deref_mut() else {
+        let Some(reconciler) = self.conntrack.as_mut() else {
             return;
         };
         let state = &self.state;
@@ -493,7 +493,7 @@ impl<E> SyncLoop<E> {
         if frontends.is_empty() {
             return;
         }
-        for reconciled in crate::conntrack::reconcile(table, &frontends) {
+        for reconciled in reconciler.run(&frontends) {
             self.observer.conntrack_reconciled(&reconciled);
         }
     }
