@@ -216,12 +216,12 @@ fn the_monitor_reports_an_added_address_and_a_deleted_excluded_link() {
     in_new_netns(|| {
         ip("link add vip0 type veth peer name other0");
         let mut monitor = crate::AddressMonitor::open("vip0").expect("open");
-        let first = monitor.next().expect("first read");
+        let first = monitor.changed().expect("first read");
         assert!(first.addresses.is_empty(), "{first:?}");
         assert!(first.excluded_index.is_some());
 
         ip("addr add 192.168.10.5/24 dev other0");
-        let added = monitor.next().expect("after the add");
+        let added = monitor.changed().expect("after the add");
         assert_eq!(
             added.addresses,
             ["192.168.10.5".parse::<IpAddr>().unwrap()].into()
@@ -229,7 +229,7 @@ fn the_monitor_reports_an_added_address_and_a_deleted_excluded_link() {
 
         // Deleting vip0 takes its peer with it: the index and the address go together.
         ip("link del vip0");
-        let gone = monitor.next().expect("after the delete");
+        let gone = monitor.changed().expect("after the delete");
         assert_eq!(gone.excluded_index, None);
         assert!(gone.addresses.is_empty());
     });

@@ -106,7 +106,7 @@ pub struct AddressMonitor {
 }
 
 impl AddressMonitor {
-    /// Joins the link and address groups; the first [`AddressMonitor::next`] reads the
+    /// Joins the link and address groups; the first [`AddressMonitor::changed`] reads the
     /// addresses at once.
     pub fn open(except: &str) -> Result<Self, Error> {
         let socket_error = |what| move |source| Error::Socket { what, source };
@@ -129,7 +129,7 @@ impl AddressMonitor {
     /// the previous call returned and returns them. A change that leaves them as they were
     /// (an address added and removed again, a link that comes and goes without addresses)
     /// returns nothing.
-    pub fn next(&mut self) -> Result<NodeAddresses, Error> {
+    pub fn changed(&mut self) -> Result<NodeAddresses, Error> {
         loop {
             if self.last.is_some() {
                 self.wait()?;
