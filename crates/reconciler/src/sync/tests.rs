@@ -573,6 +573,54 @@ fn excluded_cidrs_are_never_touched_even_on_kube_ipvs0() {
         ["-A -t 10.100.0.1:80 -s rr"],
         "stale one on kube-ipvs0 removed, excluded one kept"
     );
+    assert_eq!(
+        s.addresses.bound.iter().copied().collect::<Vec<_>>(),
+        [ip("10.100.0.1")],
+        "the stale address unbound, the excluded one left bound"
+    );
+}
+
+/// Upstream's rule: after a restart, a virtual server on a node address with a port in the
+/// NodePort range is the proxy's even though its address is not on kube-ipvs0, so a NodePort
+/// whose Service went meanwhile is deleted; one outside the range, or excluded, is not.
+#[test]
+fn a_stale_node_port_on_a_node_address_is_removed_after_a_restart() {
+    let mut s = Syncer::new(
+        FakeIpvs::default(),
+        FakeAddresses::default(),
+        FakeNetfilter::default(),
+        SyncOptions {
+            exclude_cidrs: vec!["192.168.99.0/24".parse().unwrap()],
+            ..SyncOptions::default()
+        },
+    );
+    s.reconfigure(&PlanConfig {
+        node_addresses: vec![ip("192.168.56.10")],
+        node_port_ips: vec![ip("192.168.56.10"), ip("192.168.10.7"), ip("192.168.99.1")],
+        ..PlanConfig::default()
+    });
+    for (addr, port) in [
+        ("192.168.56.10", 30080), // the Node's address: a stale NodePort
+        ("192.168.10.7", 32767),  // another NodePort address, last port of the range
+        ("192.168.56.10", 22),    // not a NodePort: another tool's
+        ("192.168.10.7", 29999),  // just below the range
+        ("192.168.99.1", 30080),  // excluded
+        ("203.0.113.5", 30080),   // not a node address
+    ] {
+        let vs = VirtualServer::new(ServiceKey::tcp(ip(addr), port), RR);
+        s.ipvs.table.insert(vs.key, (vs, BTreeMap::new()));
+    }
+    let report = s.full_sync(vec![], Instant::now());
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        s.ipvs.save(),
+        [
+            "-A -t 192.168.10.7:29999 -s rr",
+            "-A -t 192.168.56.10:22 -s rr",
+            "-A -t 192.168.99.1:30080 -s rr",
+            "-A -t 203.0.113.5:30080 -s rr",
+        ]
+    );
 }
 
 #[test]
