@@ -32,7 +32,6 @@ const NOTIFICATION_BUFFER: usize = 64 << 10;
 
 /// The node's addresses as the kernel has them, except those of one link.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct NodeAddresses {
     /// Every address on every other link, both families, loopback and link-local included
     /// (what is used of them is the caller's choice).
@@ -123,6 +122,41 @@ impl AddressMonitor {
             connection: Connection::open()?,
             last: None,
         })
+    }
+
+    /// Follows the addresses on a thread of its own: `on_change` gets them now, before this
+    /// returns, and then each time they change, until it returns false. A failure to read
+    /// them later is logged and ends the thread (the last addresses given stay in use).
+    pub fn follow(
+        except: &str,
+        mut on_change: impl FnMut(NodeAddresses) -> bool + Send + 'static,
+    ) -> Result<(), Error> {
+        let mut monitor = Self::open(except)?;
+        if !on_change(monitor.changed()?) {
+            return Ok(());
+        }
+        std::thread::Builder::new()
+            .name("address-monitor".into())
+            .spawn(move || {
+                loop {
+                    match monitor.changed() {
+                        Ok(addresses) => {
+                            if !on_change(addresses) {
+                                return;
+                            }
+                        }
+                        Err(error) => {
+                            tracing::error!(%error, "stopped following the node's addresses");
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|source| Error::Socket {
+                what: "starting the address monitor's thread",
+                source,
+            })?;
+        Ok(())
     }
 
     /// The addresses now, on the first call; after that, blocks until they differ from what

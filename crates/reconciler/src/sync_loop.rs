@@ -48,6 +48,10 @@ pub enum SourceUpdate<E> {
     /// the Kubernetes API source when it first knows and whenever it changes; a source that
     /// never sends it leaves the node eligible.
     NodeEligible(bool),
+    /// The node's own addresses as the kernel has them now, and `kube-ipvs0`'s index: sent by
+    /// the daemon's address monitor at start and whenever they change. NodePorts follow them;
+    /// a `kube-ipvs0` that went brings a full sync at once, which makes it again.
+    LocalAddresses(netif::NodeAddresses),
 }
 
 /// What folding one batch of changes into the state did.
@@ -137,6 +141,8 @@ pub struct SyncLoop<E> {
     observer: Box<dyn Observer>,
     planner: Planner,
     state: ClusterState,
+    /// The kernel's addresses, once the daemon has said them.
+    local: Option<netif::NodeAddresses>,
     initial_sync_done: bool,
     dirty: BTreeSet<ServiceName>,
     /// When the oldest change not yet applied arrived.
@@ -180,6 +186,7 @@ impl<E> SyncLoop<E> {
             observer,
             planner,
             state,
+            local: None,
             initial_sync_done: false,
             dirty: BTreeSet::new(),
             oldest_pending: None,
@@ -275,6 +282,15 @@ impl<E> SyncLoop<E> {
                 }
                 self.initial_sync_done = true;
             }
+            SourceUpdate::LocalAddresses(local) => {
+                let known = self.local.as_ref().and_then(|l| l.excluded_index);
+                if known.is_some_and(|index| local.excluded_index != Some(index)) {
+                    tracing::warn!("kube-ipvs0 was deleted; a full sync makes it again");
+                    self.next_full = Some(Instant::now());
+                }
+                self.local = Some(local);
+                self.reconfigure();
+            }
             SourceUpdate::Events(events) => {
                 let folded = (self.fold)(&mut self.state, events);
                 if folded.affected.is_empty() {
@@ -321,7 +337,9 @@ impl<E> SyncLoop<E> {
     /// Plans with the node facts and families the state has now, if they changed; says whether
     /// they did.
     fn replan(&mut self) -> bool {
-        let config = self.settings.plan_config(&self.state);
+        let config = self
+            .settings
+            .plan_config_with(&self.state, self.local.as_ref());
         let old = &self.planner.config;
         if config.node_addresses == old.node_addresses
             && config.families == old.families
@@ -330,7 +348,7 @@ impl<E> SyncLoop<E> {
         {
             return false;
         }
-        tracing::info!(node = %config.node_name, zone = ?config.node_zone, addresses = ?config.node_addresses, families = ?config.families, "node facts changed");
+        tracing::info!(node = %config.node_name, zone = ?config.node_zone, addresses = ?config.node_addresses, node_ports = ?config.node_port_ips, families = ?config.families, "node facts changed");
         self.engine.reconfigure(&config);
         self.planner = Planner::new(config);
         true

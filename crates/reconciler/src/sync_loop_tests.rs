@@ -541,6 +541,47 @@ fn new_node_addresses_reconfigure_the_engine_and_sync_everything() {
     assert_eq!(log.take_calls(), vec![]);
 }
 
+fn local(addresses: &[&str], dummy: Option<u32>) -> SourceUpdate<Vec<Change>> {
+    SourceUpdate::LocalAddresses(netif::NodeAddresses {
+        addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+        excluded_index: dummy,
+    })
+}
+
+#[test]
+fn a_new_local_address_replans_with_a_full_sync_and_link_local_ones_do_not() {
+    let (mut l, log, t0) = started();
+    l.receive(local(&["127.0.0.1", "192.168.10.7"], Some(7)));
+    assert_eq!(log.take_calls(), vec![Call::Reconfigure(vec![])]);
+    assert_eq!(
+        l.planner.config.node_port_ips,
+        ["192.168.10.7".parse::<IpAddr>().unwrap()]
+    );
+    l.tick(t0 + MIN);
+    assert_eq!(log.take_calls(), vec![Call::Full]);
+    // A new pod's veth brings an IPv6 link-local address: no NodePort there, nothing to do.
+    l.receive(local(&["127.0.0.1", "192.168.10.7", "fe80::1"], Some(7)));
+    l.tick(t0 + MIN * 2);
+    assert_eq!(log.take_calls(), vec![]);
+}
+
+#[test]
+fn a_deleted_kube_ipvs0_brings_one_full_sync_at_once() {
+    let (mut l, log, t0) = started();
+    l.receive(local(&["192.168.10.7"], Some(7)));
+    l.tick(t0 + MIN);
+    log.take_calls();
+    let deleted = t0 + MIN * 2;
+    l.receive(local(&["192.168.10.7"], None));
+    assert!(l.next_deadline().is_some_and(|d| d <= Instant::now()));
+    l.tick(deleted.max(Instant::now()));
+    assert_eq!(log.take_calls(), vec![Call::Full]);
+    // The full sync made it again, with a new index: that is not another loss.
+    l.receive(local(&["192.168.10.7"], Some(8)));
+    l.tick(deleted.max(Instant::now()) + MIN);
+    assert_eq!(log.take_calls(), vec![]);
+}
+
 #[test]
 fn a_new_zone_label_replans_everything_for_the_zone_hints() {
     let (mut l, log, t0) = started();
