@@ -143,6 +143,8 @@ pub struct SyncLoop<E> {
     state: ClusterState,
     /// The kernel's addresses, once the daemon has said them.
     local: Option<netif::NodeAddresses>,
+    /// `kube-ipvs0` was deleted: the engine makes it again and binds its addresses.
+    rebind_due: bool,
     initial_sync_done: bool,
     dirty: BTreeSet<ServiceName>,
     /// When the oldest change not yet applied arrived.
@@ -187,6 +189,7 @@ impl<E> SyncLoop<E> {
             planner,
             state,
             local: None,
+            rebind_due: false,
             initial_sync_done: false,
             dirty: BTreeSet::new(),
             oldest_pending: None,
@@ -250,6 +253,9 @@ impl<E> SyncLoop<E> {
         }
         let mut deadline = self.next_full;
         let mut consider = |t: Instant| deadline = Some(deadline.map_or(t, |d| d.min(t)));
+        if self.rebind_due {
+            consider(Instant::now());
+        }
         if !self.dirty.is_empty() {
             consider(
                 self.last_sync
@@ -285,8 +291,8 @@ impl<E> SyncLoop<E> {
             SourceUpdate::LocalAddresses(local) => {
                 let known = self.local.as_ref().and_then(|l| l.excluded_index);
                 if known.is_some_and(|index| local.excluded_index != Some(index)) {
-                    tracing::warn!("kube-ipvs0 was deleted; a full sync makes it again");
-                    self.next_full = Some(Instant::now());
+                    tracing::warn!("kube-ipvs0 was deleted; making it again");
+                    self.rebind_due = true;
                 }
                 self.local = Some(local);
                 self.reconfigure();
@@ -358,6 +364,18 @@ impl<E> SyncLoop<E> {
     pub fn tick(&mut self, now: Instant) {
         if !self.initial_sync_done {
             return;
+        }
+        if std::mem::take(&mut self.rebind_due) {
+            let report = self.engine.rebind();
+            tracing::info!(
+                addresses_added = report.addresses_added,
+                errors = report.errors.len(),
+                "kube-ipvs0 made again"
+            );
+            self.observer.errors(&report.errors, false);
+            if report.needs_full_sync() {
+                self.next_full = Some(now);
+            }
         }
         let full_due = self.next_full.is_none_or(|t| now >= t);
         let retry: Vec<ServiceName> = self.retries.due(now).cloned().collect();

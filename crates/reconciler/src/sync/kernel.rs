@@ -25,6 +25,7 @@ pub trait IpvsKernel {
 
 /// The addresses bound to `kube-ipvs0`.
 pub trait AddressKernel {
+    /// What the link holds; makes the link again first if it was deleted.
     fn list(&mut self) -> Result<BTreeSet<IpAddr>, BackendError>;
     /// One result per address, in order.
     fn add(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>>;

@@ -354,6 +354,34 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         Ok(unclaimed)
     }
 
+    /// `kube-ipvs0` was deleted under the proxy: lists it (which makes it again, see
+    /// [`AddressKernel::list`]) and binds every address a Service holds, touching nothing
+    /// else, so every ClusterIP answers again at the cost of one address batch, whatever the
+    /// number of Services.
+    pub fn rebind(&mut self) -> SyncReport {
+        let mut report = SyncReport::default();
+        match self.addresses.list() {
+            Ok(bound) => self.bound = bound.into_iter().collect(),
+            Err(e) => {
+                report
+                    .errors
+                    .push(SyncError::new(None, Error::ListAddresses(e)));
+                return report;
+            }
+        }
+        let pending = Pending {
+            add_addrs: self
+                .address_refs
+                .keys()
+                .filter(|ip| !self.bound.contains(ip))
+                .copied()
+                .collect(),
+            ..Pending::default()
+        };
+        self.execute(pending, &mut report);
+        report
+    }
+
     /// Programs the changed Services only. A Service that is gone has an empty target.
     pub fn sync(&mut self, changes: Vec<(ServiceName, ServiceTarget)>, now: Instant) -> SyncReport {
         let mut report = SyncReport {

@@ -447,6 +447,40 @@ fn removed_udp_endpoint_is_deleted_at_once() {
 }
 
 #[test]
+fn rebind_after_kube_ipvs0_was_deleted_binds_every_address_and_touches_nothing_else() {
+    let mut s = syncer();
+    let now = Instant::now();
+    s.full_sync(
+        vec![
+            (svc("a"), target("10.96.0.10", 80, RR, &["10.244.1.5:80"])),
+            (svc("b"), target("10.96.0.11", 80, RR, &["10.244.1.6:80"])),
+        ],
+        now,
+    );
+    let (table, entries) = (s.ipvs.save(), s.netfilter.entries.clone());
+    let full_syncs = s.netfilter.full_syncs;
+    // `ip link del kube-ipvs0`: the link, and every address on it, gone.
+    s.addresses.bound.clear();
+    let report = s.rebind();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.addresses_added, 2);
+    assert_eq!(report.ipvs_ops, 0, "IPVS is not touched");
+    assert_eq!(
+        s.addresses.bound,
+        BTreeSet::from([ip("10.96.0.10"), ip("10.96.0.11")])
+    );
+    assert_eq!(s.ipvs.save(), table);
+    assert_eq!(s.netfilter.entries, entries);
+    assert_eq!(
+        s.netfilter.full_syncs, full_syncs,
+        "nor the netfilter state"
+    );
+    // And the mirror knows: a later Service change unbinds as usual.
+    s.sync(vec![(svc("a"), ServiceTarget::default())], now);
+    assert_eq!(s.addresses.bound, BTreeSet::from([ip("10.96.0.11")]));
+}
+
+#[test]
 fn deleted_service_loses_its_virtual_server_address_and_set_entries() {
     let mut s = syncer();
     let now = Instant::now();
