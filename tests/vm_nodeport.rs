@@ -320,7 +320,7 @@ fn deleted_kube_ipvs0_is_made_again_and_every_cluster_ip_answers_within_two_seco
     );
     let took = deleted.elapsed();
     eprintln!(
-        "nodeport: kube-ipvs0 deleted, every ClusterIP answered again after {took:?} (polled; its full sync took {:?})",
+        "nodeport: kube-ipvs0 deleted, every ClusterIP answered again after {took:?} (polled; a full sync took {:?} here)",
         last_full_sync(&daemon)
     );
     assert!(
