@@ -1,13 +1,13 @@
-//! The kernel backends the sync engine is handed: the `ipvs` handle, the `kube-ipvs0` link and
-//! the ipvs-mode netfilter state (ipsets, and the small iptables rule set that uses them).
+//! The kernel backends the sync engine is handed: the `ipvs` handle and the ipvs-mode netfilter
+//! state (ipsets, and the small iptables rule set that uses them); `kube-ipvs0` is netif's
+//! `DummyLink` as it is.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
 
 use iptables::ipset::SetOp;
 use iptables::ipvs_mode::{self, KubeSet, RuleInput};
 use iptables::{Family, Runner, SetEntry, SetPatch, Table};
-use reconciler::sync::{AddressKernel, BackendError, IpvsKernel, NetfilterEntry, NetfilterKernel};
+use reconciler::sync::{BackendError, IpvsKernel, NetfilterEntry, NetfilterKernel};
 
 /// The real IPVS table.
 #[derive(Debug)]
@@ -34,44 +34,6 @@ impl IpvsKernel for KernelIpvs {
 
     fn apply(&mut self, ops: &[ipvs::Op]) -> Vec<Result<(), ipvs::Error>> {
         self.0.apply(ops)
-    }
-}
-
-/// The real `kube-ipvs0`.
-#[derive(Debug)]
-pub struct KernelAddresses(pub netif::DummyLink);
-
-/// One result per address of `call(addrs)`; a failure of the whole call is every address's.
-fn per_address(
-    addrs: &[IpAddr],
-    call: impl FnOnce(&[IpAddr]) -> Result<Vec<netif::AddressResult>, netif::Error>,
-) -> Vec<Result<(), BackendError>> {
-    if addrs.is_empty() {
-        return Vec::new();
-    }
-    match call(addrs) {
-        Ok(results) => results
-            .into_iter()
-            .map(|r| r.map(drop).map_err(Into::into))
-            .collect(),
-        Err(e) => {
-            let message = e.to_string();
-            addrs.iter().map(|_| Err(message.clone().into())).collect()
-        }
-    }
-}
-
-impl AddressKernel for KernelAddresses {
-    fn list(&mut self) -> Result<BTreeSet<IpAddr>, BackendError> {
-        Ok(self.0.addresses()?)
-    }
-
-    fn add(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>> {
-        per_address(addrs, |a| self.0.add(a))
-    }
-
-    fn remove(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>> {
-        per_address(addrs, |a| self.0.remove(a))
     }
 }
 

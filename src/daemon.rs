@@ -15,7 +15,7 @@ use reconciler::sync::{SyncOptions, Syncer};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use tokio::sync::watch;
 
-use crate::backends::{KernelAddresses, KernelIpvs, KernelNetfilter};
+use crate::backends::{KernelIpvs, KernelNetfilter};
 use crate::config::ProxyConfig;
 use crate::flags::{IpvsFallback, ProxyMode};
 use crate::health::Health;
@@ -97,7 +97,7 @@ fn ipvs_engine(
     };
     Ok(Box::new(IpvsEngine(Syncer::new(
         KernelIpvs(handle),
-        KernelAddresses(link),
+        link,
         KernelNetfilter(runner),
         options,
     ))))
@@ -167,6 +167,14 @@ async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
     }
 
     let (tx, rx) = unbounded_channel();
+    // The node's addresses first, so the first sync serves NodePorts on them.
+    let local = tx.clone();
+    let follow = netif::AddressMonitor::follow(netif::KUBE_IPVS0, move |addresses| {
+        local.send(SourceUpdate::LocalAddresses(addresses)).is_ok()
+    });
+    if let Err(error) = follow {
+        tracing::error!(%error, "cannot read the node's addresses; NodePorts are served on the Node object's");
+    }
     start_source(&config, tx).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let runtime = tokio::runtime::Handle::current();

@@ -349,3 +349,170 @@ spec:
     );
     assert!(refused(&long), "the 300-byte name is logged:\n{daemon_log}");
 }
+
+/// Runs `body` on a thread inside the network namespace `ns` (sockets made there stay
+/// there); the caller's thread never moves.
+fn in_netns<T: Send>(ns: &str, body: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            enter_netns(&file);
+            body()
+        })
+        .join()
+        .expect("the namespace thread panicked")
+    })
+}
+
+#[allow(
+    unsafe_code,
+    reason = "setns(2) has no safe wrapper in our dependencies"
+)]
+fn enter_netns(ns: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the whole call; setns only changes this thread's
+    // network namespace, which this thread (made for it) never leaves.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+/// One line asked of `to` from inside `ns`: what answered, or the error.
+fn ask_from(ns: &str, to: std::net::SocketAddr) -> std::io::Result<String> {
+    use std::io::{BufRead, Write};
+    in_netns(ns, || {
+        let mut stream = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        stream.write_all(b"who\n")?;
+        let mut line = String::new();
+        std::io::BufReader::new(stream).read_line(&mut line)?;
+        Ok(line.trim_end().to_owned())
+    })
+}
+
+const NODE_PORT_WEB: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abcde
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+  - addresses: [10.244.1.5]
+    conditions: {ready: true}
+    nodeName: node-a
+";
+
+/// The node's NodePort jumps in nat KUBE-SERVICES, comments left out.
+fn node_port_jumps(nat: &str) -> Vec<String> {
+    nat.lines()
+        .filter(|l| l.starts_with("-A KUBE-SERVICES") && l.ends_with("-j KUBE-NODEPORTS"))
+        .map(|l| l.replace(" -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"", ""))
+        .collect()
+}
+
+/// Upstream's iptables mode: with `--nodeport-addresses`, one jump to KUBE-NODEPORTS per
+/// matching address of the node (followed as addresses come), and no `addrtype LOCAL` one; a
+/// connection to a matching address reaches the pod, one to another address does not.
+#[test]
+fn nodeport_addresses_restrict_the_fallbacks_node_port_rules_and_traffic() {
+    let node = Netns::new("np-node");
+    let pod = Netns::new("np-pod");
+    let ip = |args: &[&str]| {
+        let ok = Command::new("ip").args(args).status().unwrap().success();
+        assert!(ok, "ip {args:?}");
+    };
+    ip(&[
+        "-n", &node.0, "link", "add", "vpod", "type", "veth", "peer", "name", "eth0", "netns",
+        &pod.0,
+    ]);
+    for address in ["10.244.1.1/24", "192.168.10.7/24", "192.168.20.7/24"] {
+        ip(&["-n", &node.0, "addr", "add", address, "dev", "vpod"]);
+    }
+    ip(&["-n", &node.0, "link", "set", "vpod", "up"]);
+    ip(&["-n", &pod.0, "addr", "add", "10.244.1.5/24", "dev", "eth0"]);
+    ip(&["-n", &pod.0, "link", "set", "eth0", "up"]);
+    ip(&["-n", &pod.0, "route", "add", "default", "via", "10.244.1.1"]);
+    let listener = in_netns(&pod.0, || {
+        std::net::TcpListener::bind("0.0.0.0:8080").unwrap()
+    });
+    let server = std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut line = String::new();
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            if reader.read_line(&mut line).is_ok() && line == "quit\n" {
+                return;
+            }
+            let _ = stream.write_all(b"pod\n");
+        }
+    });
+
+    let dir = std::env::temp_dir().join(format!("ipvs-proxy-np-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("web.yaml"), NODE_PORT_WEB).unwrap();
+    let mut daemon = start_daemon(
+        &node,
+        &dir.display().to_string(),
+        &[
+            "--nodeport-addresses",
+            "192.168.10.0/24",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+        ],
+    );
+    let only_10_7 = ["-A KUBE-SERVICES -d 192.168.10.7/32 -j KUBE-NODEPORTS"];
+    wait_for_nat(&node, "a NodePort jump for 192.168.10.7", |nat| {
+        node_port_jumps(nat) == only_10_7
+    });
+    let nat = saved_nat(&node);
+    assert!(nat.contains("--dport 30080"), "{nat}");
+    assert_eq!(
+        ask_from(&node.0, "192.168.10.7:30080".parse().unwrap()).expect("the matching address"),
+        "pod"
+    );
+    assert!(
+        ask_from(&node.0, "192.168.20.7:30080".parse().unwrap()).is_err(),
+        "no NodePort outside --nodeport-addresses"
+    );
+
+    // A new matching address gets its jump.
+    ip(&[
+        "-n",
+        &node.0,
+        "addr",
+        "add",
+        "192.168.10.8/24",
+        "dev",
+        "vpod",
+    ]);
+    wait_for_nat(&node, "a NodePort jump for the new 192.168.10.8", |nat| {
+        node_port_jumps(nat).len() == 2
+    });
+    assert_eq!(
+        ask_from(&node.0, "192.168.10.8:30080".parse().unwrap()).expect("the new address"),
+        "pod"
+    );
+
+    let log = stop(&mut daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+    // The server's last connection tells it to stop.
+    let _ = in_netns(&pod.0, || {
+        use std::io::Write;
+        std::net::TcpStream::connect("10.244.1.5:8080").and_then(|mut s| s.write_all(b"quit\n"))
+    });
+    server.join().unwrap();
+    assert!(!log.contains("ERROR"), "{log}");
+}

@@ -232,7 +232,7 @@ fn case(n: usize, lists: Option<&str>) -> anyhow::Result<()> {
                         synced = true;
                         seen.synced.store(state.service_count(), Ordering::SeqCst);
                     }
-                    SourceUpdate::NodeEligible(_) => {}
+                    SourceUpdate::NodeEligible(_) | SourceUpdate::LocalAddresses(_) => {}
                 }
                 seen.notify.notify_waiters();
             }

@@ -171,6 +171,8 @@ fn follow_with(client: kube::Client, options: Options) -> Proxy {
                     o.at_sync = Some(counts);
                 }
                 SourceUpdate::NodeEligible(e) => o.log.push(Seen::Eligible(e)),
+                // The API source never sends the kernel's addresses.
+                SourceUpdate::LocalAddresses(_) => {}
             }
         }
     });

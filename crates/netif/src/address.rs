@@ -10,11 +10,11 @@ use std::time::Instant;
 
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_packet_route::address::AddressAttribute;
 
 use crate::connection::{Reply, Request};
 use crate::error::{AddressError, AddressOp, Error};
 use crate::link::DummyLink;
+use crate::local::address_of;
 use crate::request;
 
 /// How often a dump interrupted by concurrent changes is read again before giving up.
@@ -104,19 +104,8 @@ impl DummyLink {
                 if message.header.index != index {
                     continue;
                 }
-                // IFA_LOCAL is the local address when present (IPv4 always, IPv6 with a peer);
-                // otherwise IFA_ADDRESS is.
-                let mut local = None;
-                let mut address = None;
-                for attribute in message.attributes {
-                    match attribute {
-                        AddressAttribute::Local(ip) => local = Some(ip),
-                        AddressAttribute::Address(ip) => address = Some(ip),
-                        _ => {}
-                    }
-                }
-                if let Some(ip) = local.or(address) {
-                    entries.insert(ip, message.header.prefix_len);
+                if let Some((ip, prefix)) = address_of(message) {
+                    entries.insert(ip, prefix);
                 }
             }
             return Ok(entries);

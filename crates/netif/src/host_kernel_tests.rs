@@ -182,3 +182,55 @@ fn answers_lost_to_a_receive_queue_overrun_are_settled_from_the_kernels_state() 
         assert_eq!(ip_addresses("other0").len(), 1);
     });
 }
+
+#[test]
+fn node_addresses_are_every_links_but_the_excluded_one() {
+    in_new_netns(|| {
+        ip("link set lo up");
+        ip("link add vip0 type veth peer name other0");
+        ip("addr add 10.96.0.1/32 dev vip0");
+        ip("addr add 192.168.10.5/24 dev other0");
+        let read = crate::node_addresses("vip0").expect("read");
+        let want: BTreeSet<IpAddr> = ["127.0.0.1", "::1", "192.168.10.5"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(read.addresses, want, "lo's and other0's, not vip0's");
+        let index: u32 = ip("-o link show vip0")
+            .split(':')
+            .next()
+            .and_then(|n| n.trim().parse().ok())
+            .expect("index");
+        assert_eq!(read.excluded_index, Some(index));
+        let none = crate::node_addresses("absent0").expect("read");
+        assert_eq!(none.excluded_index, None);
+        assert!(
+            none.addresses
+                .contains(&"10.96.0.1".parse::<IpAddr>().unwrap())
+        );
+    });
+}
+
+#[test]
+fn the_monitor_reports_an_added_address_and_a_deleted_excluded_link() {
+    in_new_netns(|| {
+        ip("link add vip0 type veth peer name other0");
+        let mut monitor = crate::AddressMonitor::open("vip0").expect("open");
+        let first = monitor.changed().expect("first read");
+        assert!(first.addresses.is_empty(), "{first:?}");
+        assert!(first.excluded_index.is_some());
+
+        ip("addr add 192.168.10.5/24 dev other0");
+        let added = monitor.changed().expect("after the add");
+        assert_eq!(
+            added.addresses,
+            ["192.168.10.5".parse::<IpAddr>().unwrap()].into()
+        );
+
+        // Deleting vip0 takes its peer with it: the index and the address go together.
+        ip("link del vip0");
+        let gone = monitor.changed().expect("after the delete");
+        assert_eq!(gone.excluded_index, None);
+        assert!(gone.addresses.is_empty());
+    });
+}

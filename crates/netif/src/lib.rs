@@ -3,7 +3,9 @@
 //!
 //! IPVS only sees packets addressed to the node itself, so every Service VIP is bound to a
 //! dummy link. This crate owns that one link; it must never change any other link or any
-//! address on another link, and it knows nothing of Kubernetes.
+//! address on another link, and it knows nothing of Kubernetes. It also reads, and follows,
+//! the node's addresses on every other link ([`node_addresses`], [`AddressMonitor`]): where
+//! NodePorts are served.
 //!
 //! ```no_run
 //! use std::collections::BTreeSet;
@@ -35,9 +37,11 @@ mod error;
 #[cfg(test)]
 mod host_kernel_tests;
 mod link;
+mod local;
 mod request;
 pub mod sysctl;
 
 pub use address::{AddressResult, Outcome, SyncReport, host_prefix};
 pub use error::{AddressError, AddressOp, Error};
 pub use link::{DummyLink, KUBE_IPVS0};
+pub use local::{AddressMonitor, NodeAddresses, node_addresses};

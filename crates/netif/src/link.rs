@@ -113,6 +113,28 @@ impl DummyLink {
         }
     }
 
+    /// Makes the link exist again if it was deleted behind the handle's back (`ip link del
+    /// kube-ipvs0` by hand): looks it up by name and, when it is missing or has another index,
+    /// ensures it as [`DummyLink::ensure`] does and takes the new index. Returns whether the
+    /// link the handle knew was gone. A full sync calls this before it lists the addresses, so
+    /// a deleted link comes back with every address the next sync binds.
+    ///
+    /// Mirrors `ip link show kube-ipvs0`, and `ip link add kube-ipvs0 type dummy` when missing.
+    pub fn reensure(&mut self) -> Result<bool, Error> {
+        if find_index(&mut self.connection, &self.name)? == Some(self.index) {
+            return Ok(false);
+        }
+        let again = Self::ensure(&self.name)?;
+        tracing::warn!(
+            link = self.name,
+            was = self.index,
+            now = again.index,
+            "the dummy link was deleted while the proxy ran; made it again"
+        );
+        *self = again;
+        Ok(true)
+    }
+
     /// The link's name.
     #[must_use]
     pub fn name(&self) -> &str {
@@ -191,6 +213,11 @@ fn find(connection: &mut Connection, name: &str) -> Result<Option<Found>, Error>
         command: command(),
         reason: "no RTM_NEWLINK in the answer".to_owned(),
     })
+}
+
+/// `ip link show NAME`: the link's index, or `None` if there is no such link.
+pub(crate) fn find_index(connection: &mut Connection, name: &str) -> Result<Option<u32>, Error> {
+    Ok(find(connection, name)?.map(|found| found.index))
 }
 
 /// Interface names are 1 to 15 bytes (`IFNAMSIZ` less the NUL), without `/`, `:` or

@@ -325,3 +325,30 @@ fn add_and_remove_report_one_result_per_address() {
         );
     });
 }
+
+#[test]
+#[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
+fn reensure_makes_a_deleted_dummy_again_and_leaves_a_present_one() {
+    in_new_netns(|| {
+        let mut link = DummyLink::ensure(KUBE_IPVS0).expect("ensure");
+        link.add(&[IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10))])
+            .expect("add");
+        let first = link.index();
+        assert!(
+            !link.reensure().expect("reensure"),
+            "present: nothing to do"
+        );
+        assert_eq!(link.index(), first);
+
+        ip("link del kube-ipvs0");
+        assert!(link.reensure().expect("reensure"), "gone: made again");
+        assert!(link_exists(KUBE_IPVS0));
+        assert_ne!(link.index(), first, "the handle follows the new link");
+        assert!(link.addresses().expect("list").is_empty());
+        let added = link
+            .add(&[IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10))])
+            .expect("add to the new link");
+        assert!(matches!(added[0], Ok(Outcome::Added)), "{added:?}");
+        assert_eq!(address_lines("kube-ipvs0").len(), 1);
+    });
+}

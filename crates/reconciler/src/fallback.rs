@@ -124,30 +124,32 @@ pub fn plan_iptables_mode(state: &ClusterState, config: &PlanConfig, headers: bo
         if headers || family == Family::V6 {
             text.push_str(save_header(family));
         }
-        let proxier = proxier_config(
-            family,
-            config.masquerade_bit,
-            config.masquerade_all,
-            config.cluster_cidr(family),
-        );
+        let proxier = proxier_config(config, family);
         text.push_str(&plan_iptables(state, &config.node_name, &proxier));
     }
     text
 }
 
-/// The proxier configuration for `family` from the daemon's flags.
+/// The proxier configuration for `family` from the planning settings: the flags', and the
+/// NodePort addresses of `family` when `--nodeport-addresses` is set (each gets its own jump
+/// to KUBE-NODEPORTS, as upstream's iptables mode writes; none when no address matches),
+/// otherwise every local address (`-m addrtype --dst-type LOCAL`).
 #[must_use]
-pub fn proxier_config(
-    family: Family,
-    masquerade_bit: u8,
-    masquerade_all: bool,
-    cluster_cidr: Option<ipnet::IpNet>,
-) -> ProxierConfig {
+pub fn proxier_config(config: &PlanConfig, family: Family) -> ProxierConfig {
+    let node_port_addresses = (!config.node_ports_everywhere).then(|| {
+        config
+            .node_port_ips
+            .iter()
+            .copied()
+            .filter(|a| Family::of(*a) == family)
+            .collect()
+    });
     ProxierConfig {
         family,
-        masquerade_bit,
-        masquerade_all,
-        cluster_cidr,
+        masquerade_bit: config.masquerade_bit,
+        masquerade_all: config.masquerade_all,
+        cluster_cidr: config.cluster_cidr(family),
+        node_port_addresses,
         ..ProxierConfig::default()
     }
 }
@@ -284,6 +286,55 @@ mod tests {
             jumps("KUBE-SVL"),
             ["10.244.2.5:8080"],
             "NodePort: the local one"
+        );
+    }
+
+    /// A rule with its `-m comment --comment "..."` left out.
+    fn without_comment(rule: &str) -> String {
+        let (head, rest) = rule
+            .split_once(" -m comment --comment \"")
+            .unwrap_or((rule, "\""));
+        let tail = rest.split_once('"').map_or("", |(_, tail)| tail);
+        format!("{head}{tail}")
+    }
+
+    /// Upstream's iptables mode: one jump to KUBE-NODEPORTS per matching address when
+    /// `--nodeport-addresses` is set (none when nothing matched), else `addrtype LOCAL`.
+    #[test]
+    fn nodeport_addresses_give_one_jump_each_and_unset_gives_addrtype_local() {
+        let state = zoned(None, false, TrafficPolicy::Cluster);
+        let jumps = |everywhere: bool, ips: &[&str]| -> Vec<String> {
+            let config = PlanConfig {
+                node_name: "node-a".into(),
+                node_port_ips: ips.iter().map(|a| a.parse().unwrap()).collect(),
+                node_ports_everywhere: everywhere,
+                families: vec![Family::V4, Family::V6],
+                ..PlanConfig::default()
+            };
+            plan_iptables_mode(&state, &config, true)
+                .lines()
+                .filter(|l| l.starts_with("-A KUBE-SERVICES") && l.ends_with("-j KUBE-NODEPORTS"))
+                .map(without_comment)
+                .collect()
+        };
+        assert_eq!(
+            jumps(true, &["192.168.56.10"]),
+            [
+                "-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS",
+                "-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
+            ],
+            "unset: every local address, both families"
+        );
+        assert_eq!(
+            jumps(false, &["192.168.10.7", "fd00::7"]),
+            [
+                "-A KUBE-SERVICES -d 192.168.10.7/32 -j KUBE-NODEPORTS",
+                "-A KUBE-SERVICES -d fd00::7/128 -j KUBE-NODEPORTS"
+            ]
+        );
+        assert!(
+            jumps(false, &[]).is_empty(),
+            "set, nothing matched: no jump"
         );
     }
 

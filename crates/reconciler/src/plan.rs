@@ -48,6 +48,10 @@ pub struct PlanConfig {
     pub node_addresses: Vec<IpAddr>,
     /// The addresses NodePorts are served on (see [`node_port_addresses`]).
     pub node_port_ips: Vec<IpAddr>,
+    /// `--nodeport-addresses` is unset: NodePorts are for every local address. The iptables
+    /// fallback then matches `-m addrtype --dst-type LOCAL` instead of each of
+    /// `node_port_ips`, as upstream's iptables mode does.
+    pub node_ports_everywhere: bool,
     /// The families programmed (kube-proxy runs one proxier per family).
     pub families: Vec<Family>,
     /// Whether `MASQUERADE` gets `--random-fully` (iptables ≥ 1.6.2 has it).
@@ -65,6 +69,7 @@ impl Default for PlanConfig {
             node_zone: None,
             node_addresses: Vec::new(),
             node_port_ips: Vec::new(),
+            node_ports_everywhere: true,
             families: vec![Family::V4],
             random_fully: true,
         }
@@ -121,25 +126,72 @@ pub struct NodePortFilter {
     pub primary: bool,
 }
 
-/// The addresses NodePorts are served on: kube-proxy's rule applied to the addresses we know
-/// (`--node-ip` if given, else the Node object's). An empty filter means every address;
-/// loopback addresses are never used. Order is kept (primary first), duplicates dropped.
+/// The addresses NodePorts are served on, as kube-proxy's ipvs mode picks them.
+///
+/// `node` are the node's addresses as the cluster says (`--node-ip`, else the Node object's;
+/// primary of each family first), `local` the kernel's addresses on every link but
+/// `kube-ipvs0` when known (the daemon follows them; `ipvs-proxy plan` does not read them).
+/// - no filter: every `local` address but loopback and IPv6 link-local (upstream's
+///   `GetAllLocalAddressesExcept` with its `isValidForSet`), or every `node` address when
+///   `local` is unknown;
+/// - CIDRs: the `local` (else `node`) addresses inside one of them;
+/// - `primary`: the first `node` address of each family.
+///
+/// Loopback is never used: IPVS cannot serve it. Upstream's CIDR match also takes
+/// `kube-ipvs0`'s own addresses (Service VIPs); ours does not, as a NodePort on a ClusterIP is
+/// never what a CIDR of node addresses means. `node` addresses come first, in their order
+/// (the primary first), then the others, sorted; no duplicates.
 #[must_use]
-pub fn node_port_addresses(addresses: &[IpAddr], filter: &NodePortFilter) -> Vec<IpAddr> {
-    let mut out: Vec<IpAddr> = Vec::new();
+pub fn node_port_addresses(
+    node: &[IpAddr],
+    local: Option<&BTreeSet<IpAddr>>,
+    filter: &NodePortFilter,
+) -> Vec<IpAddr> {
     let all = filter.cidrs.is_empty() && !filter.primary;
-    for (i, addr) in addresses.iter().enumerate() {
-        if addr.is_loopback() || out.contains(addr) {
-            continue;
-        }
-        let primary = !addresses[..i]
+    let candidates: Vec<IpAddr> = match local {
+        // The node's addresses that are local keep their place (the primary first).
+        Some(local) => node
             .iter()
-            .any(|a| !a.is_loopback() && Family::of(*a) == Family::of(*addr));
-        if all || (filter.primary && primary) || filter.cidrs.iter().any(|c| c.contains(addr)) {
-            out.push(*addr);
+            .filter(|a| local.contains(a))
+            .chain(local.iter().filter(|a| !node.contains(a)))
+            .copied()
+            .collect(),
+        None => node.to_vec(),
+    };
+    let mut out: Vec<IpAddr> = Vec::new();
+    let push = |out: &mut Vec<IpAddr>, addr: IpAddr| {
+        if !addr.is_loopback() && !out.contains(&addr) {
+            out.push(addr);
+        }
+    };
+    if filter.primary {
+        for family in Family::ALL {
+            if let Some(&primary) = node
+                .iter()
+                .find(|a| !a.is_loopback() && Family::of(**a) == family)
+            {
+                push(&mut out, primary);
+            }
         }
     }
+    for addr in candidates {
+        let matches = if all {
+            !is_ipv6_link_local(addr)
+        } else {
+            filter.cidrs.iter().any(|c| c.contains(&addr))
+        };
+        if matches {
+            push(&mut out, addr);
+        }
+    }
+    // The primary of each family first, whichever way it was found.
+    out.sort_by_key(|a| node.iter().position(|n| n == a).unwrap_or(usize::MAX));
     out
+}
+
+/// fe80::/10: a link's own address, which upstream never serves NodePorts on.
+fn is_ipv6_link_local(addr: IpAddr) -> bool {
+    matches!(addr, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
 }
 
 /// Something planning noticed that an operator should hear about; planning went on.

@@ -565,11 +565,96 @@ fn node_port_addresses_filter_by_cidr_and_primary_and_skip_loopback() {
             vec!["192.168.56.10", "fd00:56::10"],
         ),
     ] {
-        let got: Vec<String> = node_port_addresses(&addrs, &filter)
+        let got: Vec<String> = node_port_addresses(&addrs, None, &filter)
             .iter()
             .map(ToString::to_string)
             .collect();
         assert_eq!(got, want, "{filter:?}");
+    }
+}
+
+/// The kernel's addresses, as upstream's ipvs mode uses them: every link's but loopback and
+/// IPv6 link-local with no filter; the CIDR matches among them; `primary` from the node's.
+#[test]
+fn node_port_addresses_from_the_kernel_follow_upstreams_rules() {
+    let node = [ip("192.168.56.10"), ip("fd00:56::10")];
+    let local: BTreeSet<IpAddr> = [
+        "127.0.0.1",
+        "::1",
+        "169.254.3.3",
+        "fe80::1",
+        "10.0.2.15",
+        "192.168.10.7",
+        "192.168.56.10",
+        "fd00:56::10",
+    ]
+    .iter()
+    .map(|a| ip(a))
+    .collect();
+    let cidrs = |c: &[&str]| NodePortFilter {
+        cidrs: c.iter().map(|c| c.parse().unwrap()).collect(),
+        primary: false,
+    };
+    // (what, node, filter, expected)
+    let cases: [(&str, &[IpAddr], NodePortFilter, Vec<&str>); 6] = [
+        (
+            "unset: every local address but loopback and IPv6 link-local; the node's first",
+            &node,
+            NodePortFilter::default(),
+            vec![
+                "192.168.56.10",
+                "fd00:56::10",
+                "10.0.2.15",
+                "169.254.3.3",
+                "192.168.10.7",
+            ],
+        ),
+        (
+            "unset, no Node addresses: the kernel's alone",
+            &[],
+            NodePortFilter::default(),
+            vec![
+                "10.0.2.15",
+                "169.254.3.3",
+                "192.168.10.7",
+                "192.168.56.10",
+                "fd00:56::10",
+            ],
+        ),
+        (
+            "a CIDR: the local addresses inside it",
+            &node,
+            cidrs(&["192.168.10.0/24"]),
+            vec!["192.168.10.7"],
+        ),
+        (
+            "a CIDR that covers loopback still never gives it",
+            &node,
+            cidrs(&["0.0.0.0/0"]),
+            vec!["192.168.56.10", "10.0.2.15", "169.254.3.3", "192.168.10.7"],
+        ),
+        (
+            "a CIDR no local address is in: none, not every address",
+            &node,
+            cidrs(&["203.0.113.0/24"]),
+            vec![],
+        ),
+        (
+            "primary and a CIDR: the node's primary of each family, then the matches",
+            &node,
+            NodePortFilter {
+                cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+                primary: true,
+            },
+            vec!["192.168.56.10", "fd00:56::10", "10.0.2.15"],
+        ),
+    ];
+    for (what, node, filter, want) in cases {
+        let got: Vec<String> = node_port_addresses(node, Some(&local), &filter)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(got, want, "{what}");
     }
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use iptables::Family;
+use netif::NodeAddresses;
 
 use crate::plan::{NodePortFilter, PlanConfig, node_port_addresses};
 use crate::state::ClusterState;
@@ -44,11 +45,25 @@ impl Default for Settings {
 }
 
 impl Settings {
-    /// The planner's configuration for the cluster as `state` has it: this node's zone and
-    /// addresses (`--node-ip`, else the Node object's), the NodePort addresses among them, and one
-    /// family for each the node or a Service's ClusterIP has (IPv4 when there is none).
+    /// The planner's configuration for the cluster as `state` has it, without the kernel's
+    /// addresses (as `ipvs-proxy plan` plans): see [`Settings::plan_config_with`].
     #[must_use]
     pub fn plan_config(&self, state: &ClusterState) -> PlanConfig {
+        self.plan_config_with(state, None)
+    }
+
+    /// The planner's configuration for the cluster as `state` has it and the node's addresses
+    /// as the kernel has them on every link but `kube-ipvs0` (`local`, when known; the daemon
+    /// follows them with netif's `AddressMonitor`): this node's zone and addresses
+    /// (`--node-ip`, else the Node object's), the NodePort addresses
+    /// ([`node_port_addresses`]), and one family for each the node or a Service's ClusterIP
+    /// has (IPv4 when there is none).
+    #[must_use]
+    pub fn plan_config_with(
+        &self,
+        state: &ClusterState,
+        local: Option<&NodeAddresses>,
+    ) -> PlanConfig {
         let node_addresses: Vec<IpAddr> = if self.node_ips.is_empty() {
             state
                 .node(&self.plan.node_name)
@@ -57,7 +72,9 @@ impl Settings {
         } else {
             self.node_ips.clone()
         };
-        let node_port_ips = node_port_addresses(&node_addresses, &self.node_port_filter);
+        let filter = &self.node_port_filter;
+        let local = local.map(|l| &l.addresses);
+        let node_port_ips = node_port_addresses(&node_addresses, local, filter);
         let mut families = Vec::new();
         for family in Family::ALL {
             let node_has = node_addresses.iter().any(|a| Family::of(*a) == family);
@@ -79,6 +96,7 @@ impl Settings {
                 .and_then(|n| n.zone.clone()),
             node_addresses,
             node_port_ips,
+            node_ports_everywhere: filter.cidrs.is_empty() && !filter.primary,
             families,
             ..self.plan.clone()
         }

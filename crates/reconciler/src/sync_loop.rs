@@ -49,6 +49,10 @@ pub enum SourceUpdate<E> {
     /// the Kubernetes API source when it first knows and whenever it changes; a source that
     /// never sends it leaves the node eligible.
     NodeEligible(bool),
+    /// The node's own addresses as the kernel has them now, and `kube-ipvs0`'s index: sent by
+    /// the daemon's address monitor at start and whenever they change. NodePorts follow them;
+    /// a `kube-ipvs0` that went brings a full sync at once, which makes it again.
+    LocalAddresses(netif::NodeAddresses),
 }
 
 /// What folding one batch of changes into the state did.
@@ -140,6 +144,10 @@ pub struct SyncLoop<E> {
     observer: Box<dyn Observer>,
     planner: Planner,
     state: ClusterState,
+    /// The kernel's addresses, once the daemon has said them.
+    local: Option<netif::NodeAddresses>,
+    /// `kube-ipvs0` was deleted: the engine makes it again and binds its addresses.
+    rebind_due: bool,
     initial_sync_done: bool,
     dirty: BTreeSet<ServiceName>,
     /// When the oldest change not yet applied arrived.
@@ -185,6 +193,8 @@ impl<E> SyncLoop<E> {
             observer,
             planner,
             state,
+            local: None,
+            rebind_due: false,
             initial_sync_done: false,
             dirty: BTreeSet::new(),
             oldest_pending: None,
@@ -256,6 +266,9 @@ impl<E> SyncLoop<E> {
         }
         let mut deadline = self.next_full;
         let mut consider = |t: Instant| deadline = Some(deadline.map_or(t, |d| d.min(t)));
+        if self.rebind_due {
+            consider(Instant::now());
+        }
         if !self.dirty.is_empty() {
             consider(
                 self.last_sync
@@ -287,6 +300,15 @@ impl<E> SyncLoop<E> {
                     );
                 }
                 self.initial_sync_done = true;
+            }
+            SourceUpdate::LocalAddresses(local) => {
+                let known = self.local.as_ref().and_then(|l| l.excluded_index);
+                if known.is_some_and(|index| local.excluded_index != Some(index)) {
+                    tracing::warn!("kube-ipvs0 was deleted; making it again");
+                    self.rebind_due = true;
+                }
+                self.local = Some(local);
+                self.reconfigure();
             }
             SourceUpdate::Events(events) => {
                 let folded = (self.fold)(&mut self.state, events);
@@ -334,7 +356,9 @@ impl<E> SyncLoop<E> {
     /// Plans with the node facts and families the state has now, if they changed; says whether
     /// they did.
     fn replan(&mut self) -> bool {
-        let config = self.settings.plan_config(&self.state);
+        let config = self
+            .settings
+            .plan_config_with(&self.state, self.local.as_ref());
         let old = &self.planner.config;
         if config.node_addresses == old.node_addresses
             && config.families == old.families
@@ -343,7 +367,7 @@ impl<E> SyncLoop<E> {
         {
             return false;
         }
-        tracing::info!(node = %config.node_name, zone = ?config.node_zone, addresses = ?config.node_addresses, families = ?config.families, "node facts changed");
+        tracing::info!(node = %config.node_name, zone = ?config.node_zone, addresses = ?config.node_addresses, node_ports = ?config.node_port_ips, families = ?config.families, "node facts changed");
         self.engine.reconfigure(&config);
         self.planner = Planner::new(config);
         true
@@ -353,6 +377,18 @@ impl<E> SyncLoop<E> {
     pub fn tick(&mut self, now: Instant) {
         if !self.initial_sync_done {
             return;
+        }
+        if std::mem::take(&mut self.rebind_due) {
+            let report = self.engine.rebind();
+            tracing::info!(
+                addresses_added = report.addresses_added,
+                errors = report.errors.len(),
+                "kube-ipvs0 made again"
+            );
+            self.observer.errors(&report.errors, false);
+            if report.needs_full_sync() {
+                self.next_full = Some(now);
+            }
         }
         let full_due = self.next_full.is_none_or(|t| now >= t);
         let retry: Vec<ServiceName> = self.retries.due(now).cloned().collect();

@@ -20,6 +20,7 @@ enum Call {
     Partial(Vec<String>),
     Drain,
     Reconfigure(Vec<IpAddr>),
+    Rebind,
 }
 
 #[derive(Debug, Default)]
@@ -113,6 +114,11 @@ impl Engine for FakeEngine {
     fn reconfigure(&mut self, config: &PlanConfig) {
         let addrs = config.node_addresses.clone();
         self.0.with(|s| s.calls.push(Call::Reconfigure(addrs)));
+    }
+
+    fn rebind(&mut self) -> SyncReport {
+        self.0.with(|s| s.calls.push(Call::Rebind));
+        SyncReport::default()
     }
 }
 
@@ -538,6 +544,47 @@ fn new_node_addresses_reconfigure_the_engine_and_sync_everything() {
     // The same facts again change nothing.
     l.receive(SourceUpdate::Events(vec![Change::Node("192.168.1.10")]));
     l.tick(t0 + MIN * 2);
+    assert_eq!(log.take_calls(), vec![]);
+}
+
+fn local(addresses: &[&str], dummy: Option<u32>) -> SourceUpdate<Vec<Change>> {
+    SourceUpdate::LocalAddresses(netif::NodeAddresses {
+        addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+        excluded_index: dummy,
+    })
+}
+
+#[test]
+fn a_new_local_address_replans_with_a_full_sync_and_link_local_ones_do_not() {
+    let (mut l, log, t0) = started();
+    l.receive(local(&["127.0.0.1", "192.168.10.7"], Some(7)));
+    assert_eq!(log.take_calls(), vec![Call::Reconfigure(vec![])]);
+    assert_eq!(
+        l.planner.config.node_port_ips,
+        ["192.168.10.7".parse::<IpAddr>().unwrap()]
+    );
+    l.tick(t0 + MIN);
+    assert_eq!(log.take_calls(), vec![Call::Full]);
+    // A new pod's veth brings an IPv6 link-local address: no NodePort there, nothing to do.
+    l.receive(local(&["127.0.0.1", "192.168.10.7", "fe80::1"], Some(7)));
+    l.tick(t0 + MIN * 2);
+    assert_eq!(log.take_calls(), vec![]);
+}
+
+#[test]
+fn a_deleted_kube_ipvs0_is_rebound_at_once_without_a_full_sync() {
+    let (mut l, log, t0) = started();
+    l.receive(local(&["192.168.10.7"], Some(7)));
+    l.tick(t0 + MIN);
+    log.take_calls();
+    l.receive(local(&["192.168.10.7"], None));
+    assert!(l.next_deadline().is_some_and(|d| d <= Instant::now()));
+    let now = (t0 + MIN * 2).max(Instant::now());
+    l.tick(now);
+    assert_eq!(log.take_calls(), vec![Call::Rebind]);
+    // Made again, with a new index: that is not another loss.
+    l.receive(local(&["192.168.10.7"], Some(8)));
+    l.tick(now + MIN);
     assert_eq!(log.take_calls(), vec![]);
 }
 

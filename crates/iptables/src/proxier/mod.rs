@@ -148,9 +148,10 @@ pub struct ProxierConfig {
     /// `--cluster-cidr` of this family: off-cluster sources to a ClusterIP are masqueraded,
     /// pod sources to an external destination short-circuit the Local policy.
     pub cluster_cidr: Option<IpNet>,
-    /// `--nodeport-addresses` resolved to this node's addresses; empty means every local
-    /// address (`-m addrtype --dst-type LOCAL`).
-    pub node_port_addresses: Vec<IpAddr>,
+    /// `--nodeport-addresses` resolved to this node's addresses of the family, one jump to
+    /// KUBE-NODEPORTS each (none when no address matched); `None` when the flag is unset:
+    /// every local address (`-m addrtype --dst-type LOCAL`).
+    pub node_port_addresses: Option<Vec<IpAddr>>,
     /// MASQUERADE with `--random-fully` (iptables ≥ 1.6.2).
     pub random_fully: bool,
     /// Drop `ctstate INVALID` in KUBE-FORWARD (kube-proxy does unless
@@ -168,7 +169,7 @@ impl Default for ProxierConfig {
             masquerade_bit: 14,
             masquerade_all: false,
             cluster_cidr: None,
-            node_port_addresses: Vec::new(),
+            node_port_addresses: None,
             random_fully: true,
             drop_invalid: true,
             large_cluster_endpoints: 1000,

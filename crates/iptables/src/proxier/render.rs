@@ -475,10 +475,13 @@ impl<'a> Port<'a> {
             })
             .collect();
         // A request from the node itself to a VIP bound locally comes back from the VIP.
-        let from_node = self
-            .ranges
-            .iter()
-            .any(|r| config.node_port_addresses.iter().any(|a| r.contains(a)));
+        let from_node = self.ranges.iter().any(|r| {
+            config
+                .node_port_addresses
+                .iter()
+                .flatten()
+                .any(|a| r.contains(a))
+        });
         if from_node {
             rules.extend(self.lb_ips.iter().map(|ip| {
                 Rule::jump(fw_chain, self.ext_chain.clone())
@@ -703,7 +706,15 @@ impl Rendered {
         if SHARED_CHAINS[index] == (Table::Nat, SERVICES) {
             let comment =
                 "kubernetes service nodeports; NOTE: this must be the last rule in this chain";
-            if config.node_port_addresses.is_empty() {
+            if let Some(addresses) = &config.node_port_addresses {
+                for a in addresses {
+                    rules.push(
+                        Rule::jump(SERVICES, NODEPORTS)
+                            .destination(host(*a))
+                            .comment(comment),
+                    );
+                }
+            } else {
                 rules.push(Rule::jump(SERVICES, NODEPORTS).comment(comment).with(
                     Match::AddrType {
                         negated: false,
@@ -711,14 +722,6 @@ impl Rendered {
                         kind: AddrType::Local,
                     },
                 ));
-            } else {
-                for a in &config.node_port_addresses {
-                    rules.push(
-                        Rule::jump(SERVICES, NODEPORTS)
-                            .destination(host(*a))
-                            .comment(comment),
-                    );
-                }
             }
         }
         rules

@@ -104,14 +104,7 @@ impl Engine for IptablesEngine {
         self.proxiers = config
             .families
             .iter()
-            .map(|&family| {
-                Proxier::new(proxier_config(
-                    family,
-                    config.masquerade_bit,
-                    config.masquerade_all,
-                    config.cluster_cidr(family),
-                ))
-            })
+            .map(|&family| Proxier::new(proxier_config(config, family)))
             .collect();
     }
 }

@@ -72,6 +72,10 @@ where
         self.0.counts()
     }
 
+    fn rebind(&mut self) -> SyncReport {
+        self.0.rebind()
+    }
+
     fn reconfigure(&mut self, config: &PlanConfig) {
         self.0.reconfigure(config);
     }

@@ -43,4 +43,9 @@ pub trait Engine: Send {
     }
     /// Node facts or families changed.
     fn reconfigure(&mut self, _config: &PlanConfig) {}
+    /// `kube-ipvs0` was deleted under the proxy: make it again and bind what it held; nothing
+    /// for engines without it.
+    fn rebind(&mut self) -> SyncReport {
+        SyncReport::default()
+    }
 }

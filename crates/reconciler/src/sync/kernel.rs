@@ -1,5 +1,6 @@
 //! The kernel as the engine sees it: three backends, handed in, each a trait with an in-memory
-//! fake in the tests.
+//! fake in the tests. `kube-ipvs0` is netif's [`netif::DummyLink`] as it is; the IPVS and
+//! netfilter backends are the daemon's.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -24,11 +25,50 @@ pub trait IpvsKernel {
 
 /// The addresses bound to `kube-ipvs0`.
 pub trait AddressKernel {
+    /// What the link holds; makes the link again first if it was deleted.
     fn list(&mut self) -> Result<BTreeSet<IpAddr>, BackendError>;
     /// One result per address, in order.
     fn add(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>>;
     /// One result per address, in order.
     fn remove(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>>;
+}
+
+/// One result per address of `call(addrs)`; a failure of the whole call is every address's.
+fn per_address(
+    addrs: &[IpAddr],
+    call: impl FnOnce(&[IpAddr]) -> Result<Vec<netif::AddressResult>, netif::Error>,
+) -> Vec<Result<(), BackendError>> {
+    if addrs.is_empty() {
+        return Vec::new();
+    }
+    match call(addrs) {
+        Ok(results) => results
+            .into_iter()
+            .map(|r| r.map(drop).map_err(Into::into))
+            .collect(),
+        Err(e) => {
+            let message = e.to_string();
+            addrs.iter().map(|_| Err(message.clone().into())).collect()
+        }
+    }
+}
+
+/// The real `kube-ipvs0`.
+impl AddressKernel for netif::DummyLink {
+    /// Makes the link again first if it was deleted under the proxy: a full sync lists it,
+    /// then binds every address its Services want.
+    fn list(&mut self) -> Result<BTreeSet<IpAddr>, BackendError> {
+        self.reensure()?;
+        Ok(self.addresses()?)
+    }
+
+    fn add(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>> {
+        per_address(addrs, |a| netif::DummyLink::add(self, a))
+    }
+
+    fn remove(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>> {
+        per_address(addrs, |a| netif::DummyLink::remove(self, a))
+    }
 }
 
 /// The ipsets and the small iptables rule set that uses them. The engine keeps what they

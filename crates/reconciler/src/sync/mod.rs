@@ -8,8 +8,11 @@
 //! does not own is touched.
 //!
 //! Ownership: a virtual server is the proxy's when its address is bound to `kube-ipvs0`, or it
-//! is one the plan wants, or one this process programmed — and it is not inside
-//! `--ipvs-exclude-cidrs`. Firewall-mark services are never the proxy's.
+//! is on a node address (the node's or the NodePort addresses) with a port inside the NodePort
+//! range (upstream's rule, so a NodePort whose Service went while the proxy was down is
+//! removed after the restart), or it is one the plan wants, or one this process programmed —
+//! and it is not inside `--ipvs-exclude-cidrs`. Firewall-mark services are never the proxy's.
+//! Addresses on `kube-ipvs0` inside `--ipvs-exclude-cidrs` are never unbound.
 //!
 //! Removed TCP real servers drain: weight 0 first, deleted once their active and inactive
 //! connections reach 0 or the drain timeout passes. UDP and SCTP ones are deleted at once, as
@@ -31,6 +34,7 @@ pub mod target;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -54,8 +58,12 @@ pub const OPS_PER_BATCH: usize = 4096;
 pub struct SyncOptions {
     /// How long a removed TCP real server may drain before it is deleted with connections left.
     pub drain_timeout: Duration,
-    /// Virtual servers inside these ranges are never touched (`--ipvs-exclude-cidrs`).
+    /// Virtual servers and `kube-ipvs0` addresses inside these ranges are never touched
+    /// (`--ipvs-exclude-cidrs`).
     pub exclude_cidrs: Vec<IpNet>,
+    /// The cluster's NodePort range (kube-apiserver's `--service-node-port-range`): a virtual
+    /// server on a node address with a port inside it is the proxy's.
+    pub node_port_range: RangeInclusive<u16>,
 }
 
 impl Default for SyncOptions {
@@ -64,6 +72,8 @@ impl Default for SyncOptions {
             // IPVS's own idle timeout for established TCP: a connection silent that long is gone.
             drain_timeout: Duration::from_secs(900),
             exclude_cidrs: Vec::new(),
+            // kube-apiserver's default.
+            node_port_range: 30000..=32767,
         }
     }
 }
@@ -215,6 +225,14 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             .any(|net| net.contains(&ip))
     }
 
+    /// Whether `addr` is where a NodePort of this node would be: a node address (as the plan's
+    /// settings have them) and a port inside the NodePort range.
+    fn is_node_port(&self, addr: SocketAddr) -> bool {
+        let ip = addr.ip();
+        self.options.node_port_range.contains(&addr.port())
+            && (self.rules.node_port_ips.contains(&ip) || self.rules.node_addresses.contains(&ip))
+    }
+
     /// Re-reads the kernel, then programs every Service in `targets` and removes whatever the
     /// proxy owns that no Service wants. Used at start (adopting a previous run's state without
     /// flushing it) and every `--ipvs-sync-period`.
@@ -311,7 +329,10 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             if self.excluded(addr.ip()) {
                 continue;
             }
-            if !bound.contains(&addr.ip()) && !self.kernel.contains_key(&server.key) {
+            if !bound.contains(&addr.ip())
+                && !self.is_node_port(addr)
+                && !self.kernel.contains_key(&server.key)
+            {
                 unclaimed.insert(server.key);
             }
             let real = entries.into_iter().map(|r| r.server).collect();
@@ -331,6 +352,34 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                 .is_some_and(|vs| vs.real.get(addr).is_some_and(|r| r.weight == 0))
         });
         Ok(unclaimed)
+    }
+
+    /// `kube-ipvs0` was deleted under the proxy: lists it (which makes it again, see
+    /// [`AddressKernel::list`]) and binds every address a Service holds, touching nothing
+    /// else, so every ClusterIP answers again at the cost of one address batch, whatever the
+    /// number of Services.
+    pub fn rebind(&mut self) -> SyncReport {
+        let mut report = SyncReport::default();
+        match self.addresses.list() {
+            Ok(bound) => self.bound = bound.into_iter().collect(),
+            Err(e) => {
+                report
+                    .errors
+                    .push(SyncError::new(None, Error::ListAddresses(e)));
+                return report;
+            }
+        }
+        let pending = Pending {
+            add_addrs: self
+                .address_refs
+                .keys()
+                .filter(|ip| !self.bound.contains(ip))
+                .copied()
+                .collect(),
+            ..Pending::default()
+        };
+        self.execute(pending, &mut report);
+        report
     }
 
     /// Programs the changed Services only. A Service that is gone has an empty target.

@@ -87,7 +87,12 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                     .push(SyncError::new(None, Error::Bind { ip: *ip, source })),
             }
         }
-        let del: Vec<IpAddr> = p.del_addrs.into_iter().collect();
+        // `--ipvs-exclude-cidrs` promises these are never touched, bound by whoever.
+        let del: Vec<IpAddr> = p
+            .del_addrs
+            .into_iter()
+            .filter(|ip| !self.excluded(*ip))
+            .collect();
         for (ip, result) in del.iter().zip(self.addresses.remove(&del)) {
             match result {
                 Ok(()) => {

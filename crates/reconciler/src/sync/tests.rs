@@ -447,6 +447,40 @@ fn removed_udp_endpoint_is_deleted_at_once() {
 }
 
 #[test]
+fn rebind_after_kube_ipvs0_was_deleted_binds_every_address_and_touches_nothing_else() {
+    let mut s = syncer();
+    let now = Instant::now();
+    s.full_sync(
+        vec![
+            (svc("a"), target("10.96.0.10", 80, RR, &["10.244.1.5:80"])),
+            (svc("b"), target("10.96.0.11", 80, RR, &["10.244.1.6:80"])),
+        ],
+        now,
+    );
+    let (table, entries) = (s.ipvs.save(), s.netfilter.entries.clone());
+    let full_syncs = s.netfilter.full_syncs;
+    // `ip link del kube-ipvs0`: the link, and every address on it, gone.
+    s.addresses.bound.clear();
+    let report = s.rebind();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.addresses_added, 2);
+    assert_eq!(report.ipvs_ops, 0, "IPVS is not touched");
+    assert_eq!(
+        s.addresses.bound,
+        BTreeSet::from([ip("10.96.0.10"), ip("10.96.0.11")])
+    );
+    assert_eq!(s.ipvs.save(), table);
+    assert_eq!(s.netfilter.entries, entries);
+    assert_eq!(
+        s.netfilter.full_syncs, full_syncs,
+        "nor the netfilter state"
+    );
+    // And the mirror knows: a later Service change unbinds as usual.
+    s.sync(vec![(svc("a"), ServiceTarget::default())], now);
+    assert_eq!(s.addresses.bound, BTreeSet::from([ip("10.96.0.11")]));
+}
+
+#[test]
 fn deleted_service_loses_its_virtual_server_address_and_set_entries() {
     let mut s = syncer();
     let now = Instant::now();
@@ -572,6 +606,54 @@ fn excluded_cidrs_are_never_touched_even_on_kube_ipvs0() {
         s.ipvs.save(),
         ["-A -t 10.100.0.1:80 -s rr"],
         "stale one on kube-ipvs0 removed, excluded one kept"
+    );
+    assert_eq!(
+        s.addresses.bound.iter().copied().collect::<Vec<_>>(),
+        [ip("10.100.0.1")],
+        "the stale address unbound, the excluded one left bound"
+    );
+}
+
+/// Upstream's rule: after a restart, a virtual server on a node address with a port in the
+/// NodePort range is the proxy's even though its address is not on kube-ipvs0, so a NodePort
+/// whose Service went meanwhile is deleted; one outside the range, or excluded, is not.
+#[test]
+fn a_stale_node_port_on_a_node_address_is_removed_after_a_restart() {
+    let mut s = Syncer::new(
+        FakeIpvs::default(),
+        FakeAddresses::default(),
+        FakeNetfilter::default(),
+        SyncOptions {
+            exclude_cidrs: vec!["192.168.99.0/24".parse().unwrap()],
+            ..SyncOptions::default()
+        },
+    );
+    s.reconfigure(&PlanConfig {
+        node_addresses: vec![ip("192.168.56.10")],
+        node_port_ips: vec![ip("192.168.56.10"), ip("192.168.10.7"), ip("192.168.99.1")],
+        ..PlanConfig::default()
+    });
+    for (addr, port) in [
+        ("192.168.56.10", 30080), // the Node's address: a stale NodePort
+        ("192.168.10.7", 32767),  // another NodePort address, last port of the range
+        ("192.168.56.10", 22),    // not a NodePort: another tool's
+        ("192.168.10.7", 29999),  // just below the range
+        ("192.168.99.1", 30080),  // excluded
+        ("203.0.113.5", 30080),   // not a node address
+    ] {
+        let vs = VirtualServer::new(ServiceKey::tcp(ip(addr), port), RR);
+        s.ipvs.table.insert(vs.key, (vs, BTreeMap::new()));
+    }
+    let report = s.full_sync(vec![], Instant::now());
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        s.ipvs.save(),
+        [
+            "-A -t 192.168.10.7:29999 -s rr",
+            "-A -t 192.168.56.10:22 -s rr",
+            "-A -t 192.168.99.1:30080 -s rr",
+            "-A -t 203.0.113.5:30080 -s rr",
+        ]
     );
 }
 
