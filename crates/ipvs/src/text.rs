@@ -109,7 +109,7 @@ fn parse(line: &str) -> Result<Op, String> {
             "-M" | "--netmask" => netmask = Some(value(tok)?),
             "-b" | "--sched-flags" => sched_flags = Some(value(tok)?),
             "-o" | "--ops" => flags |= ServiceFlags::ONE_PACKET,
-            "--pe" => pe = Some(value(tok)?.to_owned()),
+            "--pe" => pe = Some(pe_name(value(tok)?)?),
             "-r" | "--real-server" => real = Some(value(tok)?),
             "-g" | "--gatewaying" => forwarding = Forwarding::DirectRoute,
             "-m" | "--masquerading" => forwarding = Forwarding::Masquerade,
@@ -216,6 +216,19 @@ fn parse(line: &str) -> Result<Op, String> {
             Command::DeleteDest => Op::DeleteDest(key, real_server()?.addr),
         },
     )
+}
+
+/// A persistence engine's name as the kernel holds it: at most 15 bytes (IP_VS_PENAME_MAXLEN
+/// less the NUL) and no NUL, which would cut it short there and leave the kernel with another
+/// name than the one read.
+fn pe_name(text: &str) -> Result<String, String> {
+    if text.len() < 16 && !text.contains('\0') {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "--pe {text:?} is not a persistence engine name (at most 15 bytes, no NUL)"
+        ))
+    }
 }
 
 fn number<T: FromStr>(option: &str, text: &str) -> Result<T, String> {
@@ -332,6 +345,15 @@ mod tests {
             ),
             ("-A -t 10.0.0.1:80 --frobnicate", "unknown option"),
             ("-A -t 10.0.0.1 -s rr -w", "needs a value"),
+            // Found by fuzzing: the kernel would keep "si" and the table would never match.
+            (
+                "-A -u 10.0.0.1:5060 -s sh -p 30 --pe si\0p",
+                "persistence engine",
+            ),
+            (
+                "-A -u 10.0.0.1:5060 -s rr --pe sixteen-bytes-xx",
+                "persistence engine",
+            ),
         ] {
             let err = line.parse::<Op>().unwrap_err();
             assert!(err.to_string().contains(why), "{line}: {err}");
