@@ -95,31 +95,7 @@ impl DummyLink {
             if interrupted {
                 continue;
             }
-            let mut entries = BTreeMap::new();
-            for answer in answers {
-                let RouteNetlinkMessage::NewAddress(message) = answer else {
-                    continue;
-                };
-                // Without strict checking the kernel dumps every link: keep ours only.
-                if message.header.index != index {
-                    continue;
-                }
-                // IFA_LOCAL is the local address when present (IPv4 always, IPv6 with a peer);
-                // otherwise IFA_ADDRESS is.
-                let mut local = None;
-                let mut address = None;
-                for attribute in message.attributes {
-                    match attribute {
-                        AddressAttribute::Local(ip) => local = Some(ip),
-                        AddressAttribute::Address(ip) => address = Some(ip),
-                        _ => {}
-                    }
-                }
-                if let Some(ip) = local.or(address) {
-                    entries.insert(ip, message.header.prefix_len);
-                }
-            }
-            return Ok(entries);
+            return Ok(link_addresses(answers, index));
         }
         Err(Error::DumpInterrupted {
             name: self.name.clone(),
@@ -282,6 +258,64 @@ impl DummyLink {
             })
             .collect();
         Ok(results)
+    }
+}
+
+/// The addresses of link `index`, with their prefix lengths, among the answers of an
+/// `ip addr show` dump.
+fn link_addresses(
+    answers: impl IntoIterator<Item = RouteNetlinkMessage>,
+    index: u32,
+) -> BTreeMap<IpAddr, u8> {
+    let mut entries = BTreeMap::new();
+    for answer in answers {
+        let RouteNetlinkMessage::NewAddress(message) = answer else {
+            continue;
+        };
+        // Without strict checking the kernel dumps every link: keep ours only.
+        if message.header.index != index {
+            continue;
+        }
+        // IFA_LOCAL is the local address when present (IPv4 always, IPv6 with a peer);
+        // otherwise IFA_ADDRESS is.
+        let mut local = None;
+        let mut address = None;
+        for attribute in message.attributes {
+            match attribute {
+                AddressAttribute::Local(ip) => local = Some(ip),
+                AddressAttribute::Address(ip) => address = Some(ip),
+                _ => {}
+            }
+        }
+        if let Some(ip) = local.or(address) {
+            entries.insert(ip, message.header.prefix_len);
+        }
+    }
+    entries
+}
+
+/// Reads the kernel's answer to `ip addr show dev INDEX` from its raw bytes (one or more
+/// netlink messages back to back, `NLMSG_DONE` included or not) as [`DummyLink::addresses`]
+/// reads it from the socket: the addresses of link `index` with their prefix lengths. For
+/// tests and fuzzing.
+pub fn read_address_dump(datagram: &[u8], index: u32) -> Result<BTreeMap<IpAddr, u8>, Error> {
+    let mut answers = Vec::new();
+    for message in netlink::frame::messages(datagram) {
+        let message = message.map_err(|e| decode_error(&e))?;
+        // Control messages (NOOP, ERROR, DONE, OVERRUN) end or frame the answer; the socket
+        // engine keeps them from the caller in the same way.
+        if message.msg_type <= netlink::frame::NLMSG_OVERRUN {
+            continue;
+        }
+        answers.push(request::parse(&message).map_err(|e| decode_error(&e))?);
+    }
+    Ok(link_addresses(answers, index))
+}
+
+fn decode_error(error: &netlink::Error) -> Error {
+    Error::Decode {
+        command: "ip addr show".to_owned(),
+        reason: error.to_string(),
     }
 }
 
