@@ -94,7 +94,7 @@ fn parse(line: &str) -> Result<Op, String> {
             "-t" | "--tcp-service" => protocol_addr = Some((Protocol::Tcp, value(tok)?)),
             "-u" | "--udp-service" => protocol_addr = Some((Protocol::Udp, value(tok)?)),
             "--sctp-service" => protocol_addr = Some((Protocol::Sctp, value(tok)?)),
-            "-f" | "--fwmark-service" => fwmark = Some(number(tok, value(tok)?)?),
+            "-f" | "--fwmark-service" => fwmark = Some(fwmark_number(value(tok)?)?),
             "-6" | "--ipv6" => ipv6 = true,
             "-s" | "--scheduler" => {
                 scheduler = value(tok)?
@@ -216,6 +216,15 @@ fn parse(line: &str) -> Result<Op, String> {
             Command::DeleteDest => Op::DeleteDest(key, real_server()?.addr),
         },
     )
+}
+
+/// A firewall mark of a service: not 0, which the kernel reads as "no mark" (ipvsadm
+/// refuses it too).
+fn fwmark_number(text: &str) -> Result<u32, String> {
+    match number("-f", text)? {
+        0 => Err("-f 0: a firewall-mark service needs a mark other than 0".to_owned()),
+        mark => Ok(mark),
+    }
 }
 
 /// A persistence engine's name as the kernel holds it: at most 15 bytes (IP_VS_PENAME_MAXLEN
