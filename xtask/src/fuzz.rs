@@ -5,8 +5,8 @@
 //! (`--sanitizer none`, which needs no `-Z` flag); the code under test forbids `unsafe`, so
 //! a sanitizer would find nothing a panic does not. cargo-fuzz is installed from crates.io
 //! when missing. Everything written goes under the target directory: `fuzz/` (the build),
-//! `fuzz/corpus/TARGET` (what the runs found, kept for the next run) and
-//! `fuzz/artifacts/TARGET` (crashing inputs).
+//! `fuzz/corpus/TARGET` (what the runs found, kept for the next run),
+//! `fuzz/artifacts/TARGET` (crashing inputs) and `fuzz/logs/TARGET.log` (libFuzzer's output).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -67,6 +67,10 @@ pub fn run(args: &FuzzArgs) -> Result<i32> {
         let mut corpora = vec![corpus];
         corpora.extend(seeds(&workspace.root, target));
 
+        // libFuzzer prints a line per input it keeps: into a file, shown when it fails.
+        let log_path = out.join("logs").join(format!("{target}.log"));
+        std::fs::create_dir_all(out.join("logs"))?;
+        let log = std::fs::File::create(&log_path)?;
         eprintln!("xtask: fuzzing {target} for {} s", args.seconds);
         let status = cargo_fuzz("run", &fuzz_dir, &out)
             .arg(target)
@@ -76,9 +80,20 @@ pub fn run(args: &FuzzArgs) -> Result<i32> {
             // An input that runs this long is a hang: reported like a crash.
             .arg("-timeout=10")
             .arg(format!("-artifact_prefix={}/", artifacts.display()))
+            .stdout(log.try_clone()?)
+            .stderr(log)
             .status()
             .with_context(|| format!("running fuzz target {target}"))?;
-        if !status.success() {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if status.success() {
+            let done = text.lines().rfind(|l| l.starts_with("Done ")).unwrap_or("");
+            eprintln!("xtask: fuzz {target}: {done}");
+        } else {
+            let lines: Vec<&str> = text.lines().collect();
+            for line in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("{line}");
+            }
+            eprintln!("xtask: (the whole output: {})", log_path.display());
             crashed.push((target, status, inputs(&artifacts)));
         }
     }
