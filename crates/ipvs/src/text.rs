@@ -149,6 +149,14 @@ fn parse(line: &str) -> Result<Op, String> {
         (Some(_), Some(_)) => return Err("both an address and a firewall mark".to_owned()),
     };
     if let Forwarding::Tunnel(_) = forwarding {
+        // As ipvsadm: a port only for GUE, a checksum only for GUE and GRE (the line would
+        // print without them, and the kernel ignores them).
+        if tunnel.port != 0 && tunnel.kind != TunnelType::Gue {
+            return Err("--tun-port is only for --tun-type gue".to_owned());
+        }
+        if tunnel.checksum != TunnelChecksum::None && tunnel.kind == TunnelType::Ipip {
+            return Err("--tun-csum and --tun-remcsum are only for gue and gre tunnels".to_owned());
+        }
         forwarding = Forwarding::Tunnel(tunnel);
     }
     let real_server = || -> Result<RealServer, String> {
