@@ -89,8 +89,15 @@ pub fn run(args: &FuzzArgs) -> Result<i32> {
             let done = text.lines().rfind(|l| l.starts_with("Done ")).unwrap_or("");
             eprintln!("xtask: fuzz {target}: {done}");
         } else {
+            // From the panic (or libFuzzer's own report) on, without the backtrace's bulk.
             let lines: Vec<&str> = text.lines().collect();
-            for line in &lines[lines.len().saturating_sub(40)..] {
+            let from = lines
+                .iter()
+                .position(|l| {
+                    l.contains("panicked at") || l.starts_with("==") && l.contains("ERROR")
+                })
+                .unwrap_or(lines.len().saturating_sub(40));
+            for line in lines.iter().skip(from).take(40) {
                 eprintln!("{line}");
             }
             eprintln!("xtask: (the whole output: {})", log_path.display());
