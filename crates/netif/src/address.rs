@@ -325,6 +325,32 @@ mod tests {
 
     use super::*;
 
+    /// An `ip addr show` answer as the kernel sends it without strict checking: this link's
+    /// addresses, another link's, then NLMSG_DONE.
+    #[test]
+    fn an_address_dump_reads_as_this_links_addresses_only() {
+        let v4 = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10));
+        let v6: IpAddr = "fd00::10".parse().unwrap();
+        let mut w = netlink::Writer::default();
+        for (sequence, (index, ip, prefix)) in (1..).zip([(3, v4, 32), (1, v4, 8), (3, v6, 128)]) {
+            request::append(
+                &mut w,
+                &request::new_address(index, ip, prefix),
+                2,
+                sequence,
+            );
+        }
+        let done = w.begin(netlink::frame::NLMSG_DONE, 2, 4);
+        w.payload(4);
+        w.end(done);
+        let read = read_address_dump(w.as_bytes(), 3).unwrap();
+        assert_eq!(read, [(v4, 32), (v6, 128)].into());
+        assert!(
+            read_address_dump(&w.as_bytes()[..20], 3).is_err(),
+            "a cut message"
+        );
+    }
+
     #[test]
     fn host_prefixes_are_32_and_128() {
         assert_eq!(host_prefix(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10))), 32);
