@@ -12,6 +12,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use healthcheck::server::Limits;
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use tokio::net::TcpListener;
 
@@ -128,13 +129,14 @@ pub async fn serve(addr: SocketAddr, router: Router) -> std::io::Result<Option<S
     serve_on(TcpListener::bind(addr).await?, router).map(Some)
 }
 
-/// Serves `router` on a bound listener until the task is dropped.
+/// Serves `router` on a bound listener, within the bounds every server of the proxy has
+/// (connections, header reads: [`Limits`]).
 pub fn serve_on(listener: TcpListener, router: Router) -> std::io::Result<SocketAddr> {
     let local = listener.local_addr()?;
-    tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, router).await {
-            tracing::error!(%error, "HTTP server on {local} stopped");
-        }
-    });
+    tokio::spawn(healthcheck::server::serve(
+        listener,
+        router,
+        Limits::DEFAULT,
+    ));
     Ok(local)
 }

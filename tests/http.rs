@@ -13,13 +13,18 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// A plain HTTP/1.1 GET; returns the status code and the body.
 async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    get_within(addr, path, Duration::from_secs(5)).await
+}
+
+/// A GET whose response may take up to `within`.
+async fn get_within(addr: std::net::SocketAddr, path: &str, within: Duration) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+    tokio::time::timeout(within, stream.read_to_string(&mut response))
         .await
-        .expect("response within 5 s")
+        .expect("a response in time")
         .unwrap();
     let status = response.split(' ').nth(1).unwrap().parse().unwrap();
     let body = response
@@ -97,6 +102,99 @@ async fn healthz_is_unavailable_until_the_first_sync_then_fails_on_a_stuck_sync_
     assert!(
         text.contains("kubeproxy_proxy_healthz_total{code=\"200\"} 2"),
         "{text}"
+    );
+}
+
+/// Whether the server closed `stream` (EOF or reset) within `within`; bytes it sends are read.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Slow-loris and flood clients on the daemon's health server: connections that send
+/// nothing, send their headers a byte at a time, or sit idle after a request are closed once
+/// the header timeout passes; up to the cap /healthz answers alongside them, and beyond the
+/// cap it waits for a free connection instead of the server taking more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_clients_are_disconnected_after_the_header_timeout_and_healthz_is_served() {
+    let limits = healthcheck::server::Limits::DEFAULT;
+    let health = Health::new(Duration::from_secs(60), SystemTime::now());
+    health.synced(SystemTime::now());
+    let (addr, _) = start(health, Arc::new(Metrics::new())).await;
+    let started = tokio::time::Instant::now();
+
+    // All but two of the connections the server takes: silent ones, and one that sent a
+    // request, was answered and stays open.
+    let mut stalled = Vec::new();
+    for _ in 0..limits.connections - 3 {
+        stalled.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let mut kept = TcpStream::connect(addr).await.unwrap();
+    kept.write_all(b"GET /livez HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0; 12];
+    kept.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    stalled.push(kept);
+    // One that sends its headers a byte every 200 ms, for ever.
+    let mut trickle = TcpStream::connect(addr).await.unwrap();
+    let trickler = tokio::spawn(async move {
+        for byte in b"GET /healthz HTTP/1.1\r\nX-Slow: "
+            .iter()
+            .chain([b'a'; 200].iter())
+        {
+            if trickle.write_all(&[*byte]).await.is_err() {
+                return true; // the server closed it
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        false
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The last free connection serves a probe at once.
+    assert_eq!(get(addr, "/healthz").await.0, 200);
+
+    // One more silent client fills the cap: a probe now waits (accepted by the kernel, not
+    // yet by the server) instead of the server holding more connections.
+    stalled.push(TcpStream::connect(addr).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let margin = limits.header_read * 2;
+    let waiting = tokio::spawn(get_within(addr, "/healthz", margin * 2));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a connection beyond the cap was served"
+    );
+
+    // Once the header timeout passes every stalled connection is closed, and the probe is
+    // answered.
+    for stream in &mut stalled {
+        assert!(
+            closed_within(stream, margin).await,
+            "a stalled connection stayed open"
+        );
+    }
+    assert!(
+        started.elapsed() >= limits.header_read,
+        "closed before the header timeout"
+    );
+    assert!(
+        trickler.await.unwrap(),
+        "the trickling client was not cut off"
+    );
+    assert_eq!(
+        waiting.await.unwrap().0,
+        200,
+        "the waiting probe is answered"
     );
 }
 

@@ -1,10 +1,12 @@
-//! Project tasks: `cargo xtask vm`, `cargo xtask vm-test`, `cargo xtask test`, `cargo xtask bench`.
+//! Project tasks: `cargo xtask vm`, `cargo xtask vm-test`, `cargo xtask test`, `cargo xtask bench`,
+//! `cargo xtask fuzz`.
 //!
 //! The host kernel has no IPVS, so these tasks carry the project's programs into a VM whose
 //! kernel has it (see `vm`) and run them there. Usage: docs/testing.md.
 
 mod bench;
 mod cargo;
+mod fuzz;
 mod test;
 mod vm;
 
@@ -58,6 +60,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the cargo-fuzz targets (fuzz/) and run each for a bounded time; fail on a crash.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
@@ -96,6 +100,7 @@ fn run(task: Task) -> Result<i32> {
             name,
             args,
         } => bench::run(&options, &name, &args),
+        Task::Fuzz(args) => fuzz::run(&args),
     }
 }
 

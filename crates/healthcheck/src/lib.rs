@@ -7,7 +7,12 @@
 //! This crate is told what to serve ([`ServiceHealthServers::update`]); it never reads
 //! Kubernetes objects nor decides which Service needs a port. A port it cannot bind never stops
 //! the others: it is returned as a [`BindError`], logged, and tried again on the next update.
+//!
+//! Every HTTP server of the proxy is served through [`server::serve`], with bounds on
+//! connections and header reads ([`server::Limits`]).
 #![forbid(unsafe_code)]
+
+pub mod server;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -24,6 +29,8 @@ use serde::Serialize;
 use socket2::{Domain, Socket, Type};
 use tokio::runtime::Handle as Runtime;
 use tokio::task::AbortHandle;
+
+use crate::server::Limits;
 
 /// A Service's namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -311,11 +318,9 @@ impl ServiceHealthServers {
             let _entered = self.runtime.enter();
             let listener = tokio::net::TcpListener::from_std(socket.into()).map_err(error)?;
             let router = router.clone();
-            let task = self.runtime.spawn(async move {
-                if let Err(error) = axum::serve(listener, router).await {
-                    tracing::error!(%error, %address, "service health server stopped");
-                }
-            });
+            let task = self
+                .runtime
+                .spawn(server::serve(listener, router, Limits::DEFAULT));
             listeners.push(Listener {
                 socket: copy,
                 task: task.abort_handle(),

@@ -283,3 +283,35 @@ fn new_addresses_move_every_port() {
     let reply = get_from(SocketAddr::new(second, port), "/").unwrap();
     assert_eq!(reply.status, 200);
 }
+
+/// A load balancer's probes are served while clients that connect and send nothing hold
+/// connections, and those are closed once the header timeout passes.
+#[test]
+fn silent_connections_are_closed_after_the_header_timeout_while_probes_are_answered() {
+    let f = fixture();
+    let port = free_port();
+    let errors = f
+        .servers
+        .update(&[LOOPBACK], [(web(), Some(desired(port, 1)))], false);
+    assert!(errors.is_empty(), "{errors:?}");
+    let limits = healthcheck::server::Limits::DEFAULT;
+    let started = std::time::Instant::now();
+    let mut silent: Vec<TcpStream> = (0..limits.connections / 2)
+        .map(|_| TcpStream::connect((LOOPBACK, port)).unwrap())
+        .collect();
+    assert_eq!(get(port, "/").unwrap().status, 200);
+    for stream in &mut silent {
+        stream
+            .set_read_timeout(Some(limits.header_read * 2))
+            .unwrap();
+        let mut buf = [0; 64];
+        // hyper answers a timed-out header read with nothing but the close.
+        match stream.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            other => panic!("a silent connection was not closed: {other:?}"),
+        }
+    }
+    assert!(started.elapsed() >= limits.header_read);
+    assert_eq!(get(port, "/").unwrap().status, 200);
+}

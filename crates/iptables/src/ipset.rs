@@ -139,7 +139,13 @@ impl SetEntry {
             let (p, port) = s.split_once(':')?;
             Some((Protocol::from_name(p)?, port.parse::<u16>().ok()?))
         };
-        let net = |s: &str| s.parse::<IpNet>().ok().or_else(|| ip(s).map(IpNet::from));
+        // `ipset save` prints a network without host bits; one with them reads as that network.
+        let net = |s: &str| {
+            s.parse::<IpNet>()
+                .ok()
+                .or_else(|| ip(s).map(IpNet::from))
+                .map(|n| n.trunc())
+        };
         let entry = match kind {
             SetType::HashIp => SetEntry::Ip(ip(field()?)?),
             SetType::HashIpPort => {
@@ -482,7 +488,9 @@ pub fn parse_save(text: &str) -> Vec<IpSet> {
                     hashsize: 1024,
                     maxelem: 65_536,
                 };
-                while let Some(option) = words.next() {
+                // ipset prints no family or sizes for a bitmap (it has none): any on the line
+                // are not the set's, and reading them would make it differ from its print.
+                while let Some(option) = words.next().filter(|_| kind != SetType::BitmapPort) {
                     match (option, words.next()) {
                         ("family", Some("inet6")) => header.family = Family::V6,
                         ("hashsize", Some(n)) => header.hashsize = n.parse().unwrap_or(1024),
@@ -641,6 +649,23 @@ mod tests {
             [SetEntry::IpPort(ip(10, 0, 0, 1), Protocol::Sctp, 30080)].into()
         );
         assert_eq!(sets[1].entries, [SetEntry::Port(30053)].into());
+    }
+
+    /// Found by fuzzing: a bitmap's `create` line with sizes, and a network with host bits,
+    /// read as values that printed otherwise (`ipset save` prints neither).
+    #[test]
+    fn what_reads_back_prints_as_it_was_read() {
+        let text = "create KUBE-HEALTH-CHECK-NODE-PORT bitmap:port family inet6 hashsize 8113\n\
+                    create KUBE-LOAD-BALANCER-SOURCE-CIDR hash:net family inet\n\
+                    add KUBE-LOAD-BALANCER-SOURCE-CIDR 10.1.2.3/8\n";
+        let sets = parse_save(text);
+        assert_eq!(parse_save(&render_save(&sets)), sets);
+        assert_eq!(
+            (sets[0].header.family, sets[0].header.hashsize),
+            (Family::V4, 1024)
+        );
+        let net: IpNet = "10.0.0.0/8".parse().unwrap();
+        assert_eq!(sets[1].entries, [SetEntry::Net(net)].into());
     }
 
     #[test]

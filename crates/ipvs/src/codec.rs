@@ -434,6 +434,39 @@ pub(crate) fn decode_timeouts(genl_attrs: &[u8]) -> Result<Timeouts, Error> {
     Ok(t)
 }
 
+/// The wire form of IPVS messages without a socket, for tests and fuzzing: what
+/// [`crate::Handle`] writes for an op and reads from the kernel's replies.
+pub mod wire {
+    use super::{Error, Family, Op, RealServerEntry, VirtualServerEntry, Writer};
+
+    /// The family id written into [`request`]'s header (the kernel assigns the real one).
+    pub const FAMILY_ID: u16 = 0x1a;
+
+    /// The one request [`crate::Handle::apply`] sends for `op` (netlink and genl headers
+    /// included), as `ipvsadm` would send the same rule line.
+    #[must_use]
+    pub fn request(op: &Op) -> Vec<u8> {
+        let mut w = Writer::default();
+        super::encode_op(&mut w, FAMILY_ID, netlink::frame::NLM_F_REQUEST, 1, op);
+        w.into_bytes()
+    }
+
+    /// Reads the service of a NEW_SERVICE message: `attrs` are the attributes after the genl
+    /// header, as in a dump reply (`ipvsadm -Ln` reads these).
+    pub fn read_service(attrs: &[u8]) -> Result<VirtualServerEntry, Error> {
+        super::decode_service(attrs)
+    }
+
+    /// Reads the destination of a NEW_DEST message (`attrs` after the genl header);
+    /// `service_family` stands in for a missing ADDR_FAMILY, as for old kernels.
+    pub fn read_real_server(
+        attrs: &[u8],
+        service_family: Family,
+    ) -> Result<RealServerEntry, Error> {
+        super::decode_dest(attrs, service_family)
+    }
+}
+
 #[cfg(all(test, target_endian = "little"))]
 mod tests {
     //! Golden bytes: what `ipvsadm` (libipvs) sends and what the kernel's

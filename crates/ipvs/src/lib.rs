@@ -10,6 +10,7 @@
 //!   back from them ([`parse_rules`]).
 //! - [`Handle`] is one socket in one network namespace: [`Handle::apply`] programs a batch and
 //!   returns one result per op; [`Handle::dump`] reads the whole table back.
+//! - [`wire`] writes and reads the same messages without a socket (tests, fuzzing).
 #![forbid(unsafe_code)]
 
 mod codec;
@@ -24,6 +25,7 @@ mod service;
 mod stats;
 mod text;
 
+pub use codec::wire;
 pub use config::{Info, Timeouts};
 pub use dest::{Forwarding, RealServer, RealServerEntry, Tunnel, TunnelChecksum, TunnelType};
 pub use error::Error;

@@ -94,7 +94,7 @@ fn parse(line: &str) -> Result<Op, String> {
             "-t" | "--tcp-service" => protocol_addr = Some((Protocol::Tcp, value(tok)?)),
             "-u" | "--udp-service" => protocol_addr = Some((Protocol::Udp, value(tok)?)),
             "--sctp-service" => protocol_addr = Some((Protocol::Sctp, value(tok)?)),
-            "-f" | "--fwmark-service" => fwmark = Some(number(tok, value(tok)?)?),
+            "-f" | "--fwmark-service" => fwmark = Some(fwmark_number(value(tok)?)?),
             "-6" | "--ipv6" => ipv6 = true,
             "-s" | "--scheduler" => {
                 scheduler = value(tok)?
@@ -109,7 +109,7 @@ fn parse(line: &str) -> Result<Op, String> {
             "-M" | "--netmask" => netmask = Some(value(tok)?),
             "-b" | "--sched-flags" => sched_flags = Some(value(tok)?),
             "-o" | "--ops" => flags |= ServiceFlags::ONE_PACKET,
-            "--pe" => pe = Some(value(tok)?.to_owned()),
+            "--pe" => pe = Some(pe_name(value(tok)?)?),
             "-r" | "--real-server" => real = Some(value(tok)?),
             "-g" | "--gatewaying" => forwarding = Forwarding::DirectRoute,
             "-m" | "--masquerading" => forwarding = Forwarding::Masquerade,
@@ -149,6 +149,14 @@ fn parse(line: &str) -> Result<Op, String> {
         (Some(_), Some(_)) => return Err("both an address and a firewall mark".to_owned()),
     };
     if let Forwarding::Tunnel(_) = forwarding {
+        // As ipvsadm: a port only for GUE, a checksum only for GUE and GRE (the line would
+        // print without them, and the kernel ignores them).
+        if tunnel.port != 0 && tunnel.kind != TunnelType::Gue {
+            return Err("--tun-port is only for --tun-type gue".to_owned());
+        }
+        if tunnel.checksum != TunnelChecksum::None && tunnel.kind == TunnelType::Ipip {
+            return Err("--tun-csum and --tun-remcsum are only for gue and gre tunnels".to_owned());
+        }
         forwarding = Forwarding::Tunnel(tunnel);
     }
     let real_server = || -> Result<RealServer, String> {
@@ -216,6 +224,28 @@ fn parse(line: &str) -> Result<Op, String> {
             Command::DeleteDest => Op::DeleteDest(key, real_server()?.addr),
         },
     )
+}
+
+/// A firewall mark of a service: not 0, which the kernel reads as "no mark" (ipvsadm
+/// refuses it too).
+fn fwmark_number(text: &str) -> Result<u32, String> {
+    match number("-f", text)? {
+        0 => Err("-f 0: a firewall-mark service needs a mark other than 0".to_owned()),
+        mark => Ok(mark),
+    }
+}
+
+/// A persistence engine's name as the kernel holds it: at most 15 bytes (IP_VS_PENAME_MAXLEN
+/// less the NUL) and no NUL, which would cut it short there and leave the kernel with another
+/// name than the one read.
+fn pe_name(text: &str) -> Result<String, String> {
+    if text.len() < 16 && !text.contains('\0') {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "--pe {text:?} is not a persistence engine name (at most 15 bytes, no NUL)"
+        ))
+    }
 }
 
 fn number<T: FromStr>(option: &str, text: &str) -> Result<T, String> {
@@ -332,6 +362,15 @@ mod tests {
             ),
             ("-A -t 10.0.0.1:80 --frobnicate", "unknown option"),
             ("-A -t 10.0.0.1 -s rr -w", "needs a value"),
+            // Found by fuzzing: the kernel would keep "si" and the table would never match.
+            (
+                "-A -u 10.0.0.1:5060 -s sh -p 30 --pe si\0p",
+                "persistence engine",
+            ),
+            (
+                "-A -u 10.0.0.1:5060 -s rr --pe sixteen-bytes-xx",
+                "persistence engine",
+            ),
         ] {
             let err = line.parse::<Op>().unwrap_err();
             assert!(err.to_string().contains(why), "{line}: {err}");

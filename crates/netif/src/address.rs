@@ -95,20 +95,7 @@ impl DummyLink {
             if interrupted {
                 continue;
             }
-            let mut entries = BTreeMap::new();
-            for answer in answers {
-                let RouteNetlinkMessage::NewAddress(message) = answer else {
-                    continue;
-                };
-                // Without strict checking the kernel dumps every link: keep ours only.
-                if message.header.index != index {
-                    continue;
-                }
-                if let Some((ip, prefix)) = address_of(message) {
-                    entries.insert(ip, prefix);
-                }
-            }
-            return Ok(entries);
+            return Ok(link_addresses(answers, index));
         }
         Err(Error::DumpInterrupted {
             name: self.name.clone(),
@@ -274,11 +261,84 @@ impl DummyLink {
     }
 }
 
+/// The addresses of link `index`, with their prefix lengths, among the answers of an
+/// `ip addr show` dump.
+fn link_addresses(
+    answers: impl IntoIterator<Item = RouteNetlinkMessage>,
+    index: u32,
+) -> BTreeMap<IpAddr, u8> {
+    let mut entries = BTreeMap::new();
+    for answer in answers {
+        let RouteNetlinkMessage::NewAddress(message) = answer else {
+            continue;
+        };
+        // Without strict checking the kernel dumps every link: keep ours only.
+        if message.header.index != index {
+            continue;
+        }
+        if let Some((ip, prefix)) = address_of(message) {
+            entries.insert(ip, prefix);
+        }
+    }
+    entries
+}
+
+/// Reads the kernel's answer to `ip addr show dev INDEX` from its raw bytes (one or more
+/// netlink messages back to back, `NLMSG_DONE` included or not) as [`DummyLink::addresses`]
+/// reads it from the socket: the addresses of link `index` with their prefix lengths. For
+/// tests and fuzzing.
+pub fn read_address_dump(datagram: &[u8], index: u32) -> Result<BTreeMap<IpAddr, u8>, Error> {
+    let mut answers = Vec::new();
+    for message in netlink::frame::messages(datagram) {
+        let message = message.map_err(|e| decode_error(&e))?;
+        // Control messages (NOOP, ERROR, DONE, OVERRUN) end or frame the answer; the socket
+        // engine keeps them from the caller in the same way.
+        if message.msg_type <= netlink::frame::NLMSG_OVERRUN {
+            continue;
+        }
+        answers.push(request::parse(&message).map_err(|e| decode_error(&e))?);
+    }
+    Ok(link_addresses(answers, index))
+}
+
+fn decode_error(error: &netlink::Error) -> Error {
+    Error::Decode {
+        command: "ip addr show".to_owned(),
+        reason: error.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
+
+    /// An `ip addr show` answer as the kernel sends it without strict checking: this link's
+    /// addresses, another link's, then NLMSG_DONE.
+    #[test]
+    fn an_address_dump_reads_as_this_links_addresses_only() {
+        let v4 = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10));
+        let v6: IpAddr = "fd00::10".parse().unwrap();
+        let mut w = netlink::Writer::default();
+        for (sequence, (index, ip, prefix)) in (1..).zip([(3, v4, 32), (1, v4, 8), (3, v6, 128)]) {
+            request::append(
+                &mut w,
+                &request::new_address(index, ip, prefix),
+                2,
+                sequence,
+            );
+        }
+        let done = w.begin(netlink::frame::NLMSG_DONE, 2, 4);
+        w.payload(4);
+        w.end(done);
+        let read = read_address_dump(w.as_bytes(), 3).unwrap();
+        assert_eq!(read, [(v4, 32), (v6, 128)].into());
+        assert!(
+            read_address_dump(&w.as_bytes()[..20], 3).is_err(),
+            "a cut message"
+        );
+    }
 
     #[test]
     fn host_prefixes_are_32_and_128() {

@@ -41,7 +41,7 @@ mod local;
 mod request;
 pub mod sysctl;
 
-pub use address::{AddressResult, Outcome, SyncReport, host_prefix};
+pub use address::{AddressResult, Outcome, SyncReport, host_prefix, read_address_dump};
 pub use error::{AddressError, AddressOp, Error};
 pub use link::{DummyLink, KUBE_IPVS0};
 pub use local::{AddressMonitor, NodeAddresses, node_addresses};
