@@ -6,8 +6,6 @@
 //! and deletes are followed, an outage keeps the kernel as it was, and a 410 Gone relists to
 //! the right state. Runs only in the VM: `cargo xtask vm-test -p ipvs-proxy -- kube_`.
 
-#[path = "../crates/controllers/tests/support/apiserver.rs"]
-mod apiserver;
 #[allow(
     dead_code,
     reason = "the shared support module serves several test files"
@@ -23,12 +21,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use apiserver::{ApiServer, Request, node, service, slice};
 use controllers::source::Kind;
 use support::{
     DAEMON, Kernel, Pod, TempDir, ask_tcp, ipvs_lines, ipvs_lines_of, kube_ipvs0_addresses, run,
     wait_until,
 };
+use testapi::{ApiServer, Request, node, service, slice};
 
 const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
 const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 7);
@@ -739,13 +737,13 @@ fn relist_after_gone(tag: &str, gone_as_status: bool) {
         "a relist of every kind",
         || {
             relisted = api.requests_since(served);
-            apiserver::kinds()
+            testapi::kinds()
                 .iter()
                 .all(|&kind| relisted.iter().any(|r| r.kind == kind && r.is_list()))
         },
         || format!("{:#?}", api.requests_since(served)),
     );
-    for kind in apiserver::kinds() {
+    for kind in testapi::kinds() {
         let lists = relisted
             .iter()
             .filter(|r| r.kind == kind && r.is_list())
