@@ -7,6 +7,7 @@
 pub mod convert;
 pub mod kube_source;
 pub mod manifests;
+mod paginated;
 pub mod source;
 pub mod validate;
 pub mod watch;
