@@ -957,3 +957,43 @@ async fn every_request_names_ipvs_proxy_in_its_user_agent() {
         assert_eq!(r.user_agent.as_deref(), Some(want.as_str()), "{r:?}");
     }
 }
+
+/// The bytes the server sent for the Service lists (not watches) of a paginated first sync.
+async fn service_list_bytes(server: &ApiServer, client: kube::Client) -> (u64, Vec<Request>) {
+    let mark = server.requests().len();
+    let options = Options {
+        lists: ListStrategy::Paginated,
+        ..fast()
+    };
+    let proxy = follow_with(client, options);
+    proxy.synced().await;
+    assert_eq!(proxy.seen().at_sync.map(|s| s.0), Some(300));
+    let lists: Vec<Request> = since(server, mark)
+        .into_iter()
+        .filter(|r| r.kind == Kind::Service && !r.watch)
+        .collect();
+    (lists.iter().map(Request::bytes).sum(), lists)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_are_gzip_compressed() {
+    let server = ApiServer::start().await;
+    server.apply_many(testapi::fleet(300, 10));
+    server.apply(Kind::Node, node(NODE, "192.0.2.10"));
+    let client = kube_source::client(None, Some(&server.url()))
+        .await
+        .unwrap();
+    let (gzipped, lists) = service_list_bytes(&server, client).await;
+    assert!(lists.iter().all(|r| r.accepts_gzip), "{lists:#?}");
+
+    let mut config = kube::Config::new(server.url().parse().unwrap());
+    config.disable_compression = true;
+    let plain = kube::Client::try_from(config).unwrap();
+    let (identity, lists) = service_list_bytes(&server, plain).await;
+    assert!(!lists.iter().any(|r| r.accepts_gzip), "{lists:#?}");
+    // 300 Services of ~300 bytes of JSON each; gzip keeps well under a quarter.
+    assert!(
+        gzipped * 4 < identity,
+        "gzip {gzipped} bytes, identity {identity} bytes"
+    );
+}
