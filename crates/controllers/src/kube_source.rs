@@ -40,6 +40,7 @@ use kube::runtime::watcher;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::events::EventSender;
 use crate::paginated;
 use crate::source::{Event, Kind, Object, ObjectKey, SourceUpdate};
 
@@ -197,6 +198,25 @@ pub async fn run(
     tx: UnboundedSender<SourceUpdate>,
 ) -> Result<(), Error> {
     run_with(client, node_name, tx, Options::default()).await
+}
+
+/// For the daemon: follows the API server in a task of its own (its end logged) and starts
+/// the poster of Events on the Services the kernel refuses, whose sender it returns.
+pub fn spawn(
+    client: kube::Client,
+    node_name: String,
+    tx: UnboundedSender<SourceUpdate>,
+) -> Result<EventSender, Error> {
+    if node_name.is_empty() {
+        return Err(Error::NoNodeName);
+    }
+    let events = crate::events::spawn(client.clone(), &node_name);
+    tokio::spawn(async move {
+        if let Err(error) = run(client, node_name, tx).await {
+            tracing::error!(%error, "Kubernetes API source stopped");
+        }
+    });
+    Ok(events)
 }
 
 /// Follows Services and EndpointSlices (kube-proxy's label selector) and the Node named

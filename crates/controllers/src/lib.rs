@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod convert;
+pub mod events;
 pub mod kube_source;
 pub mod manifests;
 mod paginated;

@@ -13,7 +13,8 @@
 //! (`key`, `!key`, `key=value`, `key!=value`) with objects leaving a selector seen as DELETED,
 //! the field selector `metadata.name=`, gzip-compressed lists for a client that sends
 //! `Accept-Encoding: gzip`, and Events created (POST) or updated (PATCH) in core/v1 or
-//! events.k8s.io/v1. Every request is logged with its user agent, query and the bytes sent
+//! events.k8s.io/v1, and one Service read by name. Watches are never compressed (kube-apiserver
+//! 1.36 does not compress them). Every request is logged with its user agent, query and the bytes sent
 //! back ([`ApiServer::requests`]). Faults on demand: refusing streaming lists (422, as servers
 //! before 1.27 or with the WatchList gate off), slow lists, dropped watch connections, and a
 //! full outage (listener closed, every connection cut) followed by a restart on the same port.
@@ -509,6 +510,14 @@ fn is_events_path(path: &str) -> bool {
     })
 }
 
+/// The namespace and name of `/api/v1/namespaces/NS/services/NAME` (one Service's GET).
+fn service_path(path: &str) -> Option<(&str, &str)> {
+    let (namespace, name) = path
+        .strip_prefix("/api/v1/namespaces/")?
+        .split_once("/services/")?;
+    (!name.is_empty() && !name.contains('/')).then_some((namespace, name))
+}
+
 async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
     let (read, write) = stream.into_split();
     let mut read = BufReader::new(read);
@@ -557,6 +566,24 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
                 };
                 shared.state.lock().unwrap().events.push(event);
                 respond(&mut write, if method == "POST" { 201 } else { 200 }, &body).await
+            }
+            ("GET", None) if service_path(path).is_some() => {
+                let (namespace, name) = service_path(path).unwrap_or_default();
+                let object = shared.state.lock().unwrap().objects[index(Kind::Service)]
+                    .get(&(namespace.to_owned(), name.to_owned()))
+                    .cloned();
+                match object {
+                    Some(o) => respond(&mut write, 200, &serde_json::to_vec(&*o).unwrap()).await,
+                    None => {
+                        respond_status(
+                            &mut write,
+                            404,
+                            "NotFound",
+                            &format!("services \"{name}\" not found"),
+                        )
+                        .await
+                    }
+                }
             }
             ("GET", Some(kind)) => {
                 let query = parse_query(query);
