@@ -10,7 +10,8 @@
 //! - **Gentle on the API server.** Streaming lists (`sendInitialEvents=true`, served from the
 //!   watch cache) when the server offers them; a server that refuses them (422/400: before
 //!   Kubernetes 1.27, or with the `WatchList` feature gate off) gets paginated lists of 500
-//!   instead, decided per kind on first contact.
+//!   instead, their first page from the watch cache as client-go's (`paginated`), and its
+//!   next relist tries streaming again. Lists come gzip-compressed.
 //!   After a disconnect the watch resumes from the last resourceVersion it saw, which watch
 //!   bookmarks keep fresh even for kinds that rarely change, so an outage costs no relist
 //!   unless the server has compacted past it (then `410 Gone`, and one relist). Retries back
