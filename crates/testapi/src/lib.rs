@@ -962,20 +962,69 @@ pub fn node(name: &str, ip: &str) -> Value {
 }
 
 /// `n` Services `svc-i` (ClusterIP 10.96.x.y) with a slice `svc-i-abc` of `endpoints`
-/// endpoints each (10.(128+)x.y.z addresses).
+/// endpoints each (10.(128+)x.y.z addresses), with the metadata a real API server adds (a uid,
+/// a creation time, the managedFields of the writer), so that sizes and compression ratios
+/// are like a real cluster's.
 pub fn fleet(n: usize, endpoints: usize) -> Vec<(Kind, Value)> {
     let mut out = Vec::with_capacity(2 * n);
     for i in 0..n {
         let name = format!("svc-{i}");
         let ip = format!("10.96.{}.{}", (i / 250) % 250, i % 250 + 1);
-        out.push((Kind::Service, service("default", &name, &ip, 80)));
+        let mut svc = service("default", &name, &ip, 80);
+        stamp(
+            &mut svc,
+            2 * i,
+            ("kubectl-client-side-apply", "v1"),
+            json!({"f:spec": {"f:ports": {".": {}, r#"k:{"port":80,"protocol":"TCP"}"#: {".": {}, "f:name": {}, "f:port": {}, "f:protocol": {}, "f:targetPort": {}}}, "f:sessionAffinity": {}, "f:type": {}}}),
+        );
+        out.push((Kind::Service, svc));
         let ips: Vec<String> = (0..endpoints).map(|e| endpoint_ip(i, e)).collect();
-        out.push((
-            Kind::EndpointSlice,
-            slice("default", &format!("{name}-abc"), &name, &ips, 8080),
-        ));
+        let mut slice = slice("default", &format!("{name}-abc"), &name, &ips, 8080);
+        stamp(
+            &mut slice,
+            2 * i + 1,
+            ("endpointslice-controller.k8s.io", "discovery.k8s.io/v1"),
+            json!({"f:addressType": {}, "f:endpoints": {}, "f:metadata": {"f:labels": {".": {}, "f:kubernetes.io/service-name": {}}}, "f:ports": {}}),
+        );
+        out.push((Kind::EndpointSlice, slice));
     }
     out
+}
+
+/// What the API server adds to object `seed`'s metadata, as written by `manager` in
+/// `api_version`.
+fn stamp(object: &mut Value, seed: usize, (manager, api_version): (&str, &str), fields: Value) {
+    // splitmix64: a uid as random as a real one, the same in every run.
+    let mut x = (seed as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut next = || {
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let (a, b) = (next(), next());
+    let uid = format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        0x8000 | ((b >> 48) & 0x3fff),
+        b & 0xffff_ffff_ffff
+    );
+    let time = format!(
+        "2026-01-{:02}T{:02}:{:02}:{:02}Z",
+        seed % 28 + 1,
+        seed / 3600 % 24,
+        seed / 60 % 60,
+        seed % 60
+    );
+    let meta = &mut object["metadata"];
+    meta["uid"] = json!(uid);
+    meta["creationTimestamp"] = json!(time);
+    let mut entry = json!({"manager": manager, "operation": "Update", "apiVersion": api_version, "time": time, "fieldsType": "FieldsV1"});
+    entry["fieldsV1"] = fields;
+    meta["managedFields"] = Value::Array(vec![entry]);
 }
 
 /// The address of endpoint `e` of Service `i` in a [`fleet`].
