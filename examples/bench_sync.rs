@@ -14,17 +14,26 @@
 //! 10000. Ends with, per size:
 //! `bench sync-cold <N> ours=<s>s floor=<s>s ratio=<ours/floor> rss=<MiB>MiB` and
 //! `bench sync-change <N> ours=<median s>s p99=<ms>ms`.
+//!
+//! `--source api` (first argument) serves the same cluster from the test API server (the
+//! `testapi` crate, in this process, on loopback) instead: the daemon follows it with
+//! `--master` (a streaming list, then watches), and each change is an EndpointSlice update on
+//! the server, timed from the update to the kernel. Its summary lines are `sync-api-cold` and
+//! `sync-api-change`.
 
 use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
+use controllers::source::Kind;
 use ipvs_proxy::flags::{Cli, Command as CliCommand, LogFormat};
+use serde_json::{Value, json};
+use testapi::ApiServer;
 
 const ENDPOINTS: u32 = 10;
 const CHANGES: usize = 100;
@@ -68,7 +77,111 @@ fn run_daemon(flags: &[String]) -> ExitCode {
     }
 }
 
+/// Where the daemon reads the synthetic cluster from.
+enum Source {
+    /// One manifest file per Service in this directory.
+    Manifests(PathBuf),
+    /// The test API server, on a runtime of its own.
+    Api(Api),
+}
+
+struct Api {
+    // Dropped before the runtime: its Drop aborts the server's tasks.
+    server: ApiServer,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Source {
+    fn new(api: bool, n: u32) -> Result<Source> {
+        let started = Instant::now();
+        let source = if api {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            let server = runtime.block_on(ApiServer::start());
+            server.apply(Kind::Node, testapi::node("node-a", "192.168.56.10"));
+            server.apply_many((0..n).flat_map(|i| {
+                let (service, slice) = service_json(i, None);
+                [(Kind::Service, service), (Kind::EndpointSlice, slice)]
+            }));
+            Source::Api(Api {
+                server,
+                _runtime: runtime,
+            })
+        } else {
+            let dir = std::env::temp_dir().join(format!("bench-sync-{n}"));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            for i in 0..n {
+                std::fs::write(dir.join(format!("svc-{i}.yaml")), service_yaml(i, None))?;
+            }
+            Source::Manifests(dir)
+        };
+        println!(
+            "{n} Services x {ENDPOINTS} endpoints: {} in {:.2}s",
+            if api {
+                "API server loaded"
+            } else {
+                "manifests written"
+            },
+            started.elapsed().as_secs_f64()
+        );
+        Ok(source)
+    }
+
+    /// The daemon's (and plan's) flags that name the source.
+    fn flags(&self) -> Vec<String> {
+        let mut flags = match self {
+            Source::Manifests(dir) => {
+                vec!["--manifests".into(), dir.to_string_lossy().into_owned()]
+            }
+            Source::Api(api) => vec!["--master".into(), api.server.url()],
+        };
+        flags.extend([
+            "--hostname-override".into(),
+            "node-a".into(),
+            "--cluster-cidr".into(),
+            "10.128.0.0/10".into(),
+        ]);
+        flags
+    }
+
+    /// Moves Service `i`'s last endpoint to `moved`: a file renamed into the directory, or an
+    /// EndpointSlice updated on the server.
+    fn change(&self, i: u32, moved: Ipv4Addr) -> Result<()> {
+        match self {
+            Source::Manifests(dir) => {
+                let tmp = dir.join(format!(".svc-{i}.tmp"));
+                std::fs::write(&tmp, service_yaml(i, Some(moved)))?;
+                std::fs::rename(&tmp, dir.join(format!("svc-{i}.yaml")))?;
+            }
+            Source::Api(api) => {
+                api.server
+                    .apply(Kind::EndpointSlice, service_json(i, Some(moved)).1);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        if let Source::Manifests(dir) = self {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 fn bench(args: &[String]) -> Result<()> {
+    let (api, args) = match args {
+        [flag, source, rest @ ..] if flag == "--source" => match source.as_str() {
+            "api" => (true, rest),
+            "manifests" => (false, rest),
+            other => bail!("--source {other}: api or manifests"),
+        },
+        _ => (false, args),
+    };
     let sizes: Vec<u32> = match args
         .iter()
         .map(|a| a.parse())
@@ -78,52 +191,65 @@ fn bench(args: &[String]) -> Result<()> {
         sizes => sizes,
     };
     ensure!(sizes.iter().all(|&n| n <= 60_000), "at most 60000 Services");
+    let name = if api { "sync-api" } else { "sync" };
     let mut summary = Vec::new();
     for &n in &sizes {
-        let dir = std::env::temp_dir().join(format!("bench-sync-{n}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        let started = Instant::now();
-        for i in 0..n {
-            std::fs::write(dir.join(format!("svc-{i}.yaml")), service_yaml(i, None))?;
-        }
-        println!(
-            "{n} Services x {ENDPOINTS} endpoints: manifests written in {:.2}s",
-            started.elapsed().as_secs_f64()
-        );
-
         // BENCH_SYNC_NO_FLOOR=1 skips the floor, to iterate on our side alone.
-        let floor = if std::env::var_os("BENCH_SYNC_NO_FLOOR").is_some() {
-            None
+        let (floor, source) = if std::env::var_os("BENCH_SYNC_NO_FLOOR").is_some() {
+            (None, None)
         } else {
-            fresh_netns()?;
-            std::thread::sleep(TEARDOWN);
-            Some(floor(&dir)?)
+            let source = fresh(None, api, n)?;
+            (Some(floor(&source)?), Some(source))
         };
-        fresh_netns()?;
-        std::thread::sleep(TEARDOWN);
-        let cold = cold_start(&dir, n)?;
+        let source = fresh(source, api, n)?;
+        let cold = cold_start(&source, n)?;
         let ours = cold.ours.as_secs_f64();
         let rss = cold.peak_rss_kib.div_ceil(1024);
         summary.push(match floor {
             Some(floor) => format!(
-                "bench sync-cold {n} ours={ours:.2}s floor={:.2}s ratio={:.2} rss={rss}MiB",
+                "bench {name}-cold {n} ours={ours:.2}s floor={:.2}s ratio={:.2} rss={rss}MiB",
                 floor.as_secs_f64(),
                 ours / floor.as_secs_f64(),
             ),
-            None => format!("bench sync-cold {n} ours={ours:.2}s rss={rss}MiB"),
+            None => format!("bench {name}-cold {n} ours={ours:.2}s rss={rss}MiB"),
         });
         summary.push(format!(
-            "bench sync-change {n} ours={:.4}s p99={:.1}ms",
+            "bench {name}-change {n} ours={:.4}s p99={:.1}ms",
             cold.change_median.as_secs_f64(),
             cold.change_p99.as_secs_f64() * 1000.0,
         ));
-        let _ = std::fs::remove_dir_all(&dir);
     }
     for line in summary {
         println!("{line}");
     }
     Ok(())
+}
+
+/// Service `i` and its slice as [`service_yaml`] writes them, as API objects.
+fn service_json(i: u32, moved: Option<Ipv4Addr>) -> (Value, Value) {
+    let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i + 1).to_string();
+    let endpoints: Vec<Value> = (0..ENDPOINTS)
+        .map(|j| {
+            let ip = match moved {
+                Some(ip) if j == ENDPOINTS - 1 => ip,
+                _ => endpoint(i, j),
+            };
+            json!({"addresses": [ip.to_string()], "conditions": {"ready": true}, "nodeName": format!("node-{}", j % 3)})
+        })
+        .collect();
+    let service = json!({
+        "metadata": {"name": format!("svc-{i}"), "namespace": "bench"},
+        "spec": {"type": "ClusterIP", "clusterIP": vip, "clusterIPs": [vip],
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+    });
+    let slice = json!({
+        "metadata": {"name": format!("svc-{i}-x"), "namespace": "bench",
+                     "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    });
+    (service, slice)
 }
 
 /// Service `i`: ClusterIP 10.96.0.0/12 + i + 1, port 80/TCP, ten endpoints from 10.128.0.0/10.
@@ -161,6 +287,18 @@ fn vip_key(i: u32) -> ipvs::ServiceKey {
     }
 }
 
+/// A fresh network namespace for the next measurement, and the source in it: the API server
+/// must listen in the daemon's namespace (a socket stays in the one it was made in), so it is
+/// started again there; the manifests stay.
+fn fresh(source: Option<Source>, api: bool, n: u32) -> Result<Source> {
+    fresh_netns()?;
+    std::thread::sleep(TEARDOWN);
+    match source {
+        Some(source @ Source::Manifests(_)) => Ok(source),
+        _ => Source::new(api, n),
+    }
+}
+
 /// Moves this thread, and every process it starts from now on, into a new network namespace
 /// with `lo` up, so each measurement starts from an empty kernel: no IPVS table, link, ipset or
 /// rule of another. A flush is not enough: the kernel keeps deleted real servers in a trash
@@ -179,21 +317,10 @@ fn fresh_netns() -> Result<()> {
     Ok(())
 }
 
-fn common_flags(dir: &Path) -> Vec<String> {
-    vec![
-        "--manifests".into(),
-        dir.to_string_lossy().into_owned(),
-        "--hostname-override".into(),
-        "node-a".into(),
-        "--cluster-cidr".into(),
-        "10.128.0.0/10".into(),
-    ]
-}
-
 /// One section of `ipvs-proxy plan`.
-fn plan_section(dir: &Path, section: &str) -> Result<String> {
+fn plan_section(source: &Source, section: &str) -> Result<String> {
     let mut argv = vec!["ipvs-proxy".to_owned(), "plan".into()];
-    argv.extend(common_flags(dir));
+    argv.extend(source.flags());
     argv.extend(["--only".into(), section.into()]);
     let cli = Cli::parse_from(argv);
     let Some(CliCommand::Plan(plan)) = cli.command else {
@@ -229,11 +356,11 @@ fn feed(program: &str, args: &[&str], input: &str) -> Result<Duration> {
 }
 
 /// The same state loaded by the kernel's own tools, in a fresh network namespace.
-fn floor(dir: &Path) -> Result<Duration> {
-    let ipvs = plan_section(dir, "ipvs")?;
-    let addresses = plan_section(dir, "addresses")?;
-    let ipsets = plan_section(dir, "ipsets")?;
-    let iptables = plan_section(dir, "iptables")?;
+fn floor(source: &Source) -> Result<Duration> {
+    let ipvs = plan_section(source, "ipvs")?;
+    let addresses = plan_section(source, "addresses")?;
+    let ipsets = plan_section(source, "ipsets")?;
+    let iptables = plan_section(source, "iptables")?;
     let batch: String = addresses.lines().fold(
         String::from("link add kube-ipvs0 type dummy\n"),
         |mut s, a| {
@@ -318,10 +445,10 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
-fn cold_start(dir: &Path, n: u32) -> Result<Measured> {
+fn cold_start(source: &Source, n: u32) -> Result<Measured> {
     let log_path: PathBuf = std::env::temp_dir().join(format!("bench-sync-{n}.log"));
     let log = std::fs::File::create(&log_path)?;
-    let mut flags = common_flags(dir);
+    let mut flags = source.flags();
     flags.extend([
         "--metrics-bind-address".into(),
         METRICS.into(),
@@ -388,7 +515,7 @@ fn cold_start(dir: &Path, n: u32) -> Result<Measured> {
         println!("  (net.ipv4.vs.run_estimation=0 for the changes)");
     }
     let mut renames = Vec::with_capacity(CHANGES);
-    let latencies = match changes(&mut handle, dir, n, &mut renames) {
+    let latencies = match changes(&mut handle, source, n, &mut renames) {
         Ok(l) => l,
         Err(e) => {
             print_log(&std::fs::read_to_string(&log_path).unwrap_or_default());
@@ -400,7 +527,7 @@ fn cold_start(dir: &Path, n: u32) -> Result<Measured> {
     let change_median = percentile(&sorted, 0.5);
     let change_p99 = percentile(&sorted, 0.99);
     println!(
-        "  ours: one endpoint change, file to kernel, over {CHANGES}: min {:.2}ms median {:.2}ms p90 {:.2}ms p99 {:.2}ms max {:.2}ms",
+        "  ours: one endpoint change, source to kernel (file renamed or slice updated), over {CHANGES}: min {:.2}ms median {:.2}ms p90 {:.2}ms p99 {:.2}ms max {:.2}ms",
         sorted[0].as_secs_f64() * 1000.0,
         change_median.as_secs_f64() * 1000.0,
         percentile(&sorted, 0.9).as_secs_f64() * 1000.0,
@@ -427,10 +554,11 @@ fn cold_start(dir: &Path, n: u32) -> Result<Measured> {
 }
 
 /// One endpoint change at a time: the last endpoint of a Service moves to a new address; how
-/// long each took from the file's rename to the new real server in the IPVS table.
+/// long each took from the file's rename (or the slice's update) to the new real server in the
+/// IPVS table.
 fn changes(
     handle: &mut ipvs::Handle,
-    dir: &Path,
+    source: &Source,
     n: u32,
     renames: &mut Vec<std::time::SystemTime>,
 ) -> Result<Vec<Duration>> {
@@ -439,14 +567,11 @@ fn changes(
         let k32 = u32::try_from(k)?;
         let i = (k32 * 7919) % n;
         let moved = Ipv4Addr::new(10, 255, u8::try_from(k / 250)?, u8::try_from(k % 250 + 1)?);
-        let text = service_yaml(i, Some(moved));
-        let tmp = dir.join(format!(".svc-{i}.tmp"));
-        std::fs::write(&tmp, text)?;
         let key = vip_key(i);
         let target = SocketAddr::from((moved, 8080));
         renames.push(std::time::SystemTime::now());
         let t0 = Instant::now();
-        std::fs::rename(&tmp, dir.join(format!("svc-{i}.yaml")))?;
+        source.change(i, moved)?;
         loop {
             if handle
                 .real_servers(&key)?

@@ -32,34 +32,29 @@ pub fn init_node(config: &ProxyConfig) {
     }
 }
 
-/// Starts the source that feeds the sync loop: the manifest directory, or the Kubernetes API.
+/// Starts the source that feeds the sync loop: the manifest directory, or the Kubernetes API
+/// and its poster of Events on the Services the kernel refuses.
 async fn start_source(
     config: &ProxyConfig,
     tx: UnboundedSender<SourceUpdate>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<controllers::events::EventSender>> {
     if let Some(dir) = config.manifests.clone() {
         tokio::spawn(async move {
             if let Err(error) = controllers::watch::watch_dir(dir, tx).await {
                 tracing::error!(%error, "manifest source stopped");
             }
         });
-        return Ok(());
+        return Ok(None);
     }
     let client =
         controllers::kube_source::client(config.kubeconfig.as_deref(), config.master.as_deref())
             .await
             .context("connecting to the Kubernetes API")?;
     let node_name = config.node_name();
-    if node_name.is_empty() {
-        bail!("no node name: set --hostname-override");
-    }
     tracing::info!(node = %node_name, "following the Kubernetes API");
-    tokio::spawn(async move {
-        if let Err(error) = controllers::kube_source::run(client, node_name, tx).await {
-            tracing::error!(%error, "Kubernetes API source stopped");
-        }
-    });
-    Ok(())
+    Ok(Some(controllers::kube_source::spawn(
+        client, node_name, tx,
+    )?))
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -175,13 +170,14 @@ async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
     if let Err(error) = follow {
         tracing::error!(%error, "cannot read the node's addresses; NodePorts are served on the Node object's");
     }
-    start_source(&config, tx).await?;
+    let events = start_source(&config, tx).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let runtime = tokio::runtime::Handle::current();
     let telemetry = Telemetry {
         service_health: ServiceHealthServers::new(runtime.clone(), health.probe()),
         health,
         metrics,
+        events,
     };
     let sync_loop = SyncLoop::new(
         config.settings(),

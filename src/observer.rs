@@ -17,6 +17,8 @@ pub struct Telemetry {
     pub health: Health,
     pub metrics: Arc<Metrics>,
     pub service_health: ServiceHealthServers,
+    /// Events on refused Services, when following the Kubernetes API.
+    pub events: Option<controllers::events::EventSender>,
 }
 
 fn gauge(n: impl TryInto<i64>) -> i64 {
@@ -69,6 +71,10 @@ impl Observer for Telemetry {
                 })
                 .inc();
         }
+    }
+
+    fn reported(&self, errors: &[&SyncError]) {
+        self.events.iter().for_each(|events| events.report(errors));
     }
 
     fn counts(&self, counts: Counts) {

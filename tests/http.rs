@@ -251,6 +251,7 @@ fn the_last_sync_timestamp_moves_only_when_a_sync_could_program_the_kernel() {
         health: Health::new(Duration::from_secs(60), SystemTime::now()),
         metrics: Arc::new(Metrics::new()),
         service_health: ServiceHealthServers::new(runtime.handle().clone(), || true),
+        events: None,
     };
     let last = |t: &Telemetry| {
         let text = t.metrics.encode();
@@ -299,6 +300,7 @@ fn a_health_check_port_that_cannot_be_bound_is_counted_and_the_others_are_served
         health: Health::new(Duration::from_secs(60), SystemTime::now()),
         metrics: Arc::new(Metrics::new()),
         service_health: ServiceHealthServers::new(runtime.handle().clone(), || true),
+        events: None,
     };
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = taken.local_addr().unwrap().port();

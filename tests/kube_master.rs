@@ -3,11 +3,8 @@
 //! them. Checked with `ipvs-proxy plan` against the loopback test API server, with the
 //! system's trust store pointed at an empty folder.
 
-#[path = "../crates/controllers/tests/support/apiserver.rs"]
-mod apiserver;
-
-use apiserver::{ApiServer, node, service, slice};
 use controllers::source::Kind;
+use testapi::{ApiServer, node, service, slice};
 
 #[tokio::test]
 async fn plan_follows_a_plain_http_master_without_ca_certificates() {

@@ -6,8 +6,6 @@
 //! and deletes are followed, an outage keeps the kernel as it was, and a 410 Gone relists to
 //! the right state. Runs only in the VM: `cargo xtask vm-test -p ipvs-proxy -- kube_`.
 
-#[path = "../crates/controllers/tests/support/apiserver.rs"]
-mod apiserver;
 #[allow(
     dead_code,
     reason = "the shared support module serves several test files"
@@ -23,12 +21,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use apiserver::{ApiServer, Request, node, service, slice};
 use controllers::source::Kind;
 use support::{
     DAEMON, Kernel, Pod, TempDir, ask_tcp, ipvs_lines, ipvs_lines_of, kube_ipvs0_addresses, run,
     wait_until,
 };
+use testapi::{ApiServer, Request, node, service, slice};
 
 const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
 const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 7);
@@ -739,13 +737,13 @@ fn relist_after_gone(tag: &str, gone_as_status: bool) {
         "a relist of every kind",
         || {
             relisted = api.requests_since(served);
-            apiserver::kinds()
+            testapi::kinds()
                 .iter()
                 .all(|&kind| relisted.iter().any(|r| r.kind == kind && r.is_list()))
         },
         || format!("{:#?}", api.requests_since(served)),
     );
-    for kind in apiserver::kinds() {
+    for kind in testapi::kinds() {
         let lists = relisted
             .iter()
             .filter(|r| r.kind == kind && r.is_list())
@@ -809,4 +807,45 @@ fn kube_gone_event_during_watch_relists_to_the_right_kernel_state() {
 #[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
 fn kube_gone_status_at_watch_start_relists_to_the_right_kernel_state() {
     relist_after_gone("k410", true);
+}
+
+#[test]
+#[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
+fn kube_a_refused_service_gets_one_event_not_one_per_retry() {
+    let _kernel = Kernel::take();
+    let cluster = Cluster::new("kevent");
+    let api = Api::start();
+    api.apply_service("web", "10.96.0.20", 80, &[POD_A]);
+    // The VM's 6.1 kernel has no `twos` scheduler (it came in 6.7): every attempt is refused.
+    let mut odd = service("default", "odd", "10.96.0.21", 80);
+    odd["metadata"]["annotations"] = serde_json::json!({"ipvs-proxy.io/scheduler": "twos"});
+    api.server.apply(Kind::Service, odd);
+    let daemon = cluster.start(&api, &["--ipvs-sync-period", "10s"]);
+    wait_for_vs(
+        &daemon,
+        "-t 10.96.0.20:80",
+        &tcp_vs("10.96.0.20", 80, &[POD_A]),
+    );
+    // Retries 1, 2 and 4 s after the first refusal, and a full sync at 10 s: five attempts.
+    std::thread::sleep(Duration::from_secs(12));
+    // Each attempt's sync ends with `failing=1` (odd still refused).
+    let attempts = daemon
+        .syncs()
+        .iter()
+        .filter(|l| l.contains("failing=1"))
+        .count();
+    let events = api.server.events();
+    assert_eq!(events.len(), 1, "{events:#?}\n{}", daemon.log());
+    let event = &events[0];
+    assert_eq!(
+        (&event["type"], &event["reason"]),
+        (&"Warning".into(), &"FailedToSyncService".into())
+    );
+    assert_eq!(event["regarding"]["name"], "odd", "{event:#}");
+    assert_eq!(event["reportingController"], "ipvs-proxy");
+    assert!(
+        event["note"].as_str().is_some_and(|n| n.contains("twos")),
+        "{event:#}"
+    );
+    assert!(attempts >= 3, "{attempts} attempts: {}", daemon.log());
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask bench NAME [ARGS]`: benchmarks are examples named `bench_NAME` in any
 //! workspace package (e.g. `crates/ipvs/examples/bench_ipvs.rs`). One is built in release
-//! mode and run in the VM, in its package's folder, with the workspace's sources alongside.
+//! mode and run in the VM, in its package's folder, with the workspace's sources alongside;
+//! with `--host`, on the host in the same folder (for benchmarks that need no kernel).
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use crate::cargo::{self, Workspace};
 use crate::vm;
 
-pub fn run(options: &vm::VmOptions, name: &str, args: &[String]) -> Result<i32> {
+pub fn run(options: &vm::VmOptions, host: bool, name: &str, args: &[String]) -> Result<i32> {
     let workspace = Workspace::load()?;
     let example = format!("bench_{}", name.strip_prefix("bench_").unwrap_or(name));
     let Some(package) = workspace
@@ -51,6 +52,14 @@ pub fn run(options: &vm::VmOptions, name: &str, args: &[String]) -> Result<i32> 
         .map(|a| a.executable)
         .context("cargo built no benchmark executable")?;
 
+    if host {
+        let status = std::process::Command::new(&executable)
+            .args(args)
+            .current_dir(&package.dir)
+            .status()
+            .with_context(|| format!("running {}", executable.display()))?;
+        return Ok(status.code().unwrap_or(1));
+    }
     let mut command = vec![executable.to_string_lossy().into_owned()];
     command.extend(args.iter().cloned());
     let (tree, exclude) = crate::workspace_tree(&workspace);

@@ -50,10 +50,13 @@ enum Task {
     VmTest(test::VmTestArgs),
     /// Run every test: the host's (`cargo test --workspace`), then the VM's.
     Test(test::VmTestArgs),
-    /// Build the example `bench_NAME` in release mode and run it in the VM.
+    /// Build the example `bench_NAME` in release mode and run it in the VM (or on the host).
     Bench {
         #[command(flatten)]
         options: vm::VmOptions,
+        /// Run it on the host instead, for benchmarks that need no kernel (e.g. `fleet`).
+        #[arg(long)]
+        host: bool,
         /// The benchmark: the example `bench_NAME` of some workspace package.
         name: String,
         /// Arguments for the benchmark.
@@ -97,9 +100,10 @@ fn run(task: Task) -> Result<i32> {
         Task::Test(args) => test::all(&args),
         Task::Bench {
             options,
+            host,
             name,
             args,
-        } => bench::run(&options, &name, &args),
+        } => bench::run(&options, host, &name, &args),
         Task::Fuzz(args) => fuzz::run(&args),
     }
 }

@@ -1,5 +1,5 @@
 //! Benchmark of the Kubernetes API source: follow N Services and N EndpointSlices (10
-//! endpoints each) from the test API server (tests/support/apiserver.rs) over loopback HTTP,
+//! endpoints each) from the test API server (the `testapi` crate) over loopback HTTP,
 //! with the real kube client, folding every update into a `ClusterState` as the proxier does.
 //!
 //! Per case it reports the time to the first sync (all lists complete and applied), the CPU
@@ -11,9 +11,6 @@
 //! (default sizes: 1000 10000). Ends with one summary line per case:
 //! `bench controllers <N> ours=<first sync>s rss=<peak>MiB`.
 
-#[path = "../tests/support/apiserver.rs"]
-mod apiserver;
-
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -21,10 +18,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use apiserver::ApiServer;
 use controllers::kube_source::{self, ListStrategy, Options};
 use controllers::source::{Event, Kind, Object, SourceUpdate};
 use reconciler::ClusterState;
+use testapi::ApiServer;
 use tokio::sync::{Notify, mpsc};
 
 const ENDPOINTS: usize = 10;
@@ -80,8 +77,8 @@ fn serve(n: usize) -> anyhow::Result<()> {
     runtime.block_on(async {
         let server = ApiServer::start().await;
         server.knobs(|k| k.bookmark_interval = Duration::from_secs(1));
-        server.apply_many(apiserver::fleet(n, ENDPOINTS));
-        server.apply(Kind::Node, apiserver::node("node-1", "192.0.2.10"));
+        server.apply_many(testapi::fleet(n, ENDPOINTS));
+        server.apply(Kind::Node, testapi::node("node-1", "192.0.2.10"));
         println!("url {}", server.url());
         std::io::stdout().flush()?;
         // Commands arrive on stdin, read by a thread (tokio's stdin needs a feature we lack).

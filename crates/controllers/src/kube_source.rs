@@ -10,7 +10,8 @@
 //! - **Gentle on the API server.** Streaming lists (`sendInitialEvents=true`, served from the
 //!   watch cache) when the server offers them; a server that refuses them (422/400: before
 //!   Kubernetes 1.27, or with the `WatchList` feature gate off) gets paginated lists of 500
-//!   instead, decided per kind on first contact.
+//!   instead, their first page from the watch cache as client-go's (`paginated`), and its
+//!   next relist tries streaming again. Lists come gzip-compressed.
 //!   After a disconnect the watch resumes from the last resourceVersion it saw, which watch
 //!   bookmarks keep fresh even for kinds that rarely change, so an outage costs no relist
 //!   unless the server has compacted past it (then `410 Gone`, and one relist). Retries back
@@ -40,6 +41,8 @@ use kube::runtime::watcher;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::events::EventSender;
+use crate::paginated;
 use crate::source::{Event, Kind, Object, ObjectKey, SourceUpdate};
 
 /// kube-proxy's label selector for Services and EndpointSlices: not another proxy's, and not
@@ -196,6 +199,25 @@ pub async fn run(
     tx: UnboundedSender<SourceUpdate>,
 ) -> Result<(), Error> {
     run_with(client, node_name, tx, Options::default()).await
+}
+
+/// For the daemon: follows the API server in a task of its own (its end logged) and starts
+/// the poster of Events on the Services the kernel refuses, whose sender it returns.
+pub fn spawn(
+    client: kube::Client,
+    node_name: String,
+    tx: UnboundedSender<SourceUpdate>,
+) -> Result<EventSender, Error> {
+    if node_name.is_empty() {
+        return Err(Error::NoNodeName);
+    }
+    let events = crate::events::spawn(client.clone(), &node_name);
+    tokio::spawn(async move {
+        if let Err(error) = run(client, node_name, tx).await {
+            tracing::error!(%error, "Kubernetes API source stopped");
+        }
+    });
+    Ok(events)
 }
 
 /// Follows Services and EndpointSlices (kube-proxy's label selector) and the Node named
@@ -402,15 +424,12 @@ impl Follower {
         let make: StreamMaker = Box::new(move |streaming, backoff| {
             let mut config = config.clone();
             config.timeout = Some(watch_timeout.unwrap_or_else(random_watch_timeout));
-            let config = if streaming {
-                config.streaming_lists()
+            let events = if streaming {
+                watcher(api.clone(), config.streaming_lists()).boxed()
             } else {
-                // Consistent paginated reads (kube drops resourceVersion=0 when a limit is
-                // set, because older servers ignore the limit then; 1.31+ serve consistent
-                // reads from the watch cache anyway).
-                config.page_size(page_size)
+                paginated::list_watch(api.clone(), config.page_size(page_size)).boxed()
             };
-            watcher(api.clone(), config)
+            events
                 .backoff(backoff)
                 // managedFields are often as large as the rest of an object, and nothing
                 // here reads them.
@@ -518,6 +537,20 @@ impl Follower {
                     );
                     self.streaming = false;
                     self.restart(Duration::ZERO);
+                } else if !self.streaming
+                    && self.options.lists == ListStrategy::Auto
+                    && is_gone(&error)
+                {
+                    // A relist is due: the paginated list before it succeeded, so the server
+                    // may serve streaming lists by now (an upgrade, a gate turned on).
+                    let delay = self.restart_backoff.next().unwrap_or_default();
+                    tracing::info!(
+                        ?kind,
+                        ?delay,
+                        "resourceVersion expired; relisting, trying a streaming list first"
+                    );
+                    self.streaming = true;
+                    self.restart(delay);
                 } else if is_gone_at_watch_start(&error) {
                     // kube-runtime retries such a watch from the same resourceVersion for ever;
                     // the only way forward is a relist.
@@ -595,6 +628,17 @@ fn api_status_code(error: &kube::Error) -> Option<u16> {
 /// watch as invalid (422), or as a bad request.
 fn refuses_streaming_lists(error: &watcher::Error) -> bool {
     matches!(error, watcher::Error::WatchStartFailed(e) if matches!(api_status_code(e), Some(400 | 422)))
+}
+
+/// `410 Gone` in any form: at watch start, as a watch's ERROR event, or for a list page.
+fn is_gone(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::WatchStartFailed(e) | watcher::Error::InitialListFailed(e) => {
+            api_status_code(e) == Some(410)
+        }
+        watcher::Error::WatchError(status) => status.code == 410,
+        _ => false,
+    }
 }
 
 fn is_gone_at_watch_start(error: &watcher::Error) -> bool {

@@ -5,8 +5,10 @@
 #![forbid(unsafe_code)]
 
 pub mod convert;
+pub mod events;
 pub mod kube_source;
 pub mod manifests;
+mod paginated;
 pub mod source;
 pub mod validate;
 pub mod watch;

@@ -1,19 +1,16 @@
 //! The Kubernetes API source against a real HTTP API server on 127.0.0.1 (tests/support),
 //! driving the real kube client.
 
-#[path = "support/apiserver.rs"]
-mod apiserver;
-
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use apiserver::{ApiServer, Request, node, service, slice};
 use controllers::kube_source::{self, ListStrategy, Options};
 use controllers::source::{Event, Kind, SourceUpdate};
 use reconciler::model::Protocol;
 use reconciler::{ClusterState, ServiceName, ServicePortName};
 use serde_json::json;
+use testapi::{ApiServer, Request, node, service, slice};
 use tokio::sync::mpsc::unbounded_channel;
 use tokio::task::JoinHandle;
 
@@ -497,7 +494,7 @@ async fn gone_leads_to_one_relist(gone_as_status: bool, lists: ListStrategy) {
     // Let any further (wrong) relist show itself.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = since(&server, mark);
-    for kind in apiserver::kinds() {
+    for kind in testapi::kinds() {
         assert_eq!(
             list_requests(&after, kind),
             1,
@@ -575,7 +572,7 @@ async fn a_dropped_watch_connection_resumes_from_its_resource_version() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_changes_cost_no_request_beyond_the_open_watches() {
     let server = ApiServer::start().await;
-    server.apply_many(apiserver::fleet(100, 10));
+    server.apply_many(testapi::fleet(100, 10));
     server.apply(Kind::Node, node(NODE, "192.0.2.10"));
     let proxy = follow(&server, fast()).await;
     proxy.synced().await;
@@ -584,7 +581,7 @@ async fn a_thousand_changes_cost_no_request_beyond_the_open_watches() {
         let i = change % 100;
         let round = change / 100 + 1;
         let ips: Vec<String> = (0..10)
-            .map(|e| apiserver::endpoint_ip(i, if e == 0 { 10 + round } else { e }))
+            .map(|e| testapi::endpoint_ip(i, if e == 0 { 10 + round } else { e }))
             .collect();
         server.apply(
             Kind::EndpointSlice,
@@ -600,7 +597,7 @@ async fn a_thousand_changes_cost_no_request_beyond_the_open_watches() {
             tokio::task::yield_now().await;
         }
     }
-    let last = format!("{}:8080", apiserver::endpoint_ip(99, 20));
+    let last = format!("{}:8080", testapi::endpoint_ip(99, 20));
     proxy
         .until("the last change", |o| o.endpoints("svc-99").contains(&last))
         .await;
@@ -610,7 +607,7 @@ async fn a_thousand_changes_cost_no_request_beyond_the_open_watches() {
         "1,000 changes arrive on the open watches: {after:#?}"
     );
     let all = server.requests();
-    for kind in apiserver::kinds() {
+    for kind in testapi::kinds() {
         assert_eq!(list_requests(&all, kind), 1, "{kind:?}: one list in all");
     }
     let seen = proxy.seen();
@@ -647,7 +644,7 @@ async fn a_server_without_streaming_lists_gets_paginated_lists() {
         })
         .await;
     let requests = server.requests();
-    for kind in apiserver::kinds() {
+    for kind in testapi::kinds() {
         let of_kind: Vec<&Request> = requests.iter().filter(|r| r.kind == kind).collect();
         assert_eq!(
             of_kind
@@ -681,6 +678,76 @@ async fn a_server_without_streaming_lists_gets_paginated_lists() {
         2,
         "5 Services in pages of 2"
     );
+    // As client-go's reflector: the first page from the watch cache, the others by token.
+    for r in requests.iter().filter(|r| !r.watch) {
+        let expected = if r.is_continuation() { None } else { Some("0") };
+        assert_eq!(r.param("resourceVersion"), expected, "{r:#?}");
+    }
+    assert!(
+        !requests.iter().any(Request::is_quorum_list),
+        "{requests:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_cache_that_ignores_the_limit_answers_the_paginated_list_at_once() {
+    let server = small_cluster().await;
+    server.knobs(|k| {
+        k.streaming = false;
+        k.cache_ignores_limit = true;
+    });
+    let options = Options {
+        lists: ListStrategy::Paginated,
+        page_size: 1,
+        ..fast()
+    };
+    let proxy = follow(&server, options).await;
+    proxy.synced().await;
+    assert_eq!(proxy.seen().at_sync, Some((2, 3, 1)));
+    let requests = server.requests();
+    for kind in testapi::kinds() {
+        let lists: Vec<&Request> = requests
+            .iter()
+            .filter(|r| r.kind == kind && !r.watch)
+            .collect();
+        assert_eq!(
+            lists.len(),
+            1,
+            "{kind:?}: one page, no continuation: {lists:#?}"
+        );
+        assert_eq!(lists[0].param("resourceVersion"), Some("0"));
+        assert_eq!(lists[0].param("limit"), Some("1"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_paginated_list_the_next_relist_tries_streaming_again() {
+    let server = small_cluster().await;
+    server.knobs(|k| k.streaming = false);
+    let proxy = follow(&server, fast()).await;
+    proxy.synced().await;
+
+    // The server is upgraded meanwhile, and the proxy's watches fall behind its history.
+    server.stop();
+    server.knobs(|k| k.streaming = true);
+    server.apply(Kind::Service, service("default", "c", "10.96.0.3", 80));
+    server.compact();
+    let mark = server.requests().len();
+    server.restart().await;
+    proxy
+        .until("the relisted state", |o| o.services().contains("default/c"))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = since(&server, mark);
+    for kind in testapi::kinds() {
+        let lists: Vec<&Request> = after
+            .iter()
+            .filter(|r| r.kind == kind && r.is_list())
+            .collect();
+        assert_eq!(lists.len(), 1, "{kind:?}: one relist: {after:#?}");
+        assert!(lists[0].watch, "{kind:?}: a streaming list: {lists:#?}");
+    }
+    assert!(!after.iter().any(Request::is_quorum_list), "{after:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -891,4 +958,44 @@ async fn every_request_names_ipvs_proxy_in_its_user_agent() {
     for r in &requests {
         assert_eq!(r.user_agent.as_deref(), Some(want.as_str()), "{r:?}");
     }
+}
+
+/// The bytes the server sent for the Service lists (not watches) of a paginated first sync.
+async fn service_list_bytes(server: &ApiServer, client: kube::Client) -> (u64, Vec<Request>) {
+    let mark = server.requests().len();
+    let options = Options {
+        lists: ListStrategy::Paginated,
+        ..fast()
+    };
+    let proxy = follow_with(client, options);
+    proxy.synced().await;
+    assert_eq!(proxy.seen().at_sync.map(|s| s.0), Some(300));
+    let lists: Vec<Request> = since(server, mark)
+        .into_iter()
+        .filter(|r| r.kind == Kind::Service && !r.watch)
+        .collect();
+    (lists.iter().map(Request::bytes).sum(), lists)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_are_gzip_compressed() {
+    let server = ApiServer::start().await;
+    server.apply_many(testapi::fleet(300, 10));
+    server.apply(Kind::Node, node(NODE, "192.0.2.10"));
+    let client = kube_source::client(None, Some(&server.url()))
+        .await
+        .unwrap();
+    let (gzipped, lists) = service_list_bytes(&server, client).await;
+    assert!(lists.iter().all(|r| r.accepts_gzip), "{lists:#?}");
+
+    let mut config = kube::Config::new(server.url().parse().unwrap());
+    config.disable_compression = true;
+    let plain = kube::Client::try_from(config).unwrap();
+    let (identity, lists) = service_list_bytes(&server, plain).await;
+    assert!(!lists.iter().any(|r| r.accepts_gzip), "{lists:#?}");
+    // 300 Services of ~300 bytes of JSON each; gzip keeps well under a quarter.
+    assert!(
+        gzipped * 4 < identity,
+        "gzip {gzipped} bytes, identity {identity} bytes"
+    );
 }

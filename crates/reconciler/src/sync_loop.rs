@@ -116,6 +116,9 @@ pub trait Observer: Send {
     fn synced(&self, record: &SyncRecord);
     /// Errors of a sync or a drain, each once; `partial` for those of a partial sync.
     fn errors(&self, errors: &[SyncError], partial: bool);
+    /// The errors just logged: each failing Service's when it is new or changed (not at every
+    /// retry), and every error no Service is to blame for.
+    fn reported(&self, _errors: &[&SyncError]) {}
     /// What the engine has programmed.
     fn counts(&self, counts: Counts);
     /// Service ports with a Local traffic policy and no ready endpoint on this node
@@ -465,9 +468,11 @@ impl<E> SyncLoop<E> {
         }
         let cap = self.settings.sync_period;
         let synced_now = |name: &ServiceName| full || synced.contains(name);
-        for error in self.retries.record(synced_now, &report.errors, now, cap) {
+        let to_log = self.retries.record(synced_now, &report.errors, now, cap);
+        for error in &to_log {
             tracing::error!(backend = error.backend(), kind = error.kind(), "{error}");
         }
+        self.observer.reported(&to_log);
         self.observer.errors(&report.errors, !full);
         tracing::info!(
             full,

@@ -32,6 +32,8 @@ struct Shared {
     synced: Vec<SyncRecord>,
     queued: Vec<(u64, u64)>,
     errors: usize,
+    /// Errors reported as logged (a failing Service's once per change of error).
+    reported: usize,
     eligible: Vec<bool>,
     health_checks: Vec<HealthChecks>,
 }
@@ -137,6 +139,10 @@ impl Observer for Log {
 
     fn errors(&self, errors: &[SyncError], _partial: bool) {
         self.with(|s| s.errors += errors.len());
+    }
+
+    fn reported(&self, errors: &[&SyncError]) {
+        self.with(|s| s.reported += errors.len());
     }
 
     fn counts(&self, _counts: Counts) {}
@@ -467,6 +473,8 @@ fn a_refused_service_is_retried_on_its_own_with_backoff_and_never_forces_a_full_
         assert_eq!(log.take_calls(), vec![services(&["odd"])]);
         at = due;
     }
+    // Four refusals with the same error: reported (logged, and an Event) once.
+    assert_eq!(log.with(|s| (s.errors, s.reported)), (4, 1));
     // The fifth try went through: no more retries, and never a full sync in between.
     assert_eq!(l.next_deadline(), Some(t0 + PERIOD));
     assert!(log.with(|s| s.synced.iter().skip(1).all(|r| !r.full)));

@@ -1,23 +1,23 @@
-//! A small Kubernetes API server for tests and the benchmark: real HTTP/1.1 on 127.0.0.1,
-//! list and watch for Services, EndpointSlices and Nodes, written on plain tokio so that a
-//! test controls every byte and every connection.
+//! A small Kubernetes API server for tests and benchmarks: real HTTP/1.1 on 127.0.0.1,
+//! list and watch for Services, EndpointSlices and Nodes, Events accepted, written on plain
+//! tokio so that a test controls every byte and every connection.
 //!
-//! It keeps what the real one keeps where a client can tell: one resourceVersion counter for
+//! It keeps what kube-apiserver keeps where a client can tell: one resourceVersion counter for
 //! every kind (etcd's revision), a history of changes that can be compacted (a watch from
 //! before the compaction gets `410 Gone`, as an ERROR event like the watch cache sends, or as
-//! an HTTP status), consistent paginated lists (`limit`/`continue` over a snapshot), streaming
-//! lists (`sendInitialEvents=true`: ADDED events, then a bookmark annotated
-//! `k8s.io/initial-events-end`), periodic bookmarks, label selectors (`key`, `!key`,
-//! `key=value`, `key!=value`) with objects leaving a selector seen as DELETED, and the field
-//! selector `metadata.name=`. Faults on demand: refusing streaming lists (422, as servers
+//! an HTTP status), paginated lists (`limit`/`continue` over a snapshot; `resourceVersion=0`
+//! is served "from the watch cache", which [`Knobs::cache_ignores_limit`] makes ignore the
+//! limit as servers before 1.34 did; a list with no resourceVersion is a quorum read, counted
+//! by [`Request::is_quorum_list`]), streaming lists (`sendInitialEvents=true`: ADDED events,
+//! then a bookmark annotated `k8s.io/initial-events-end`), periodic bookmarks, label selectors
+//! (`key`, `!key`, `key=value`, `key!=value`) with objects leaving a selector seen as DELETED,
+//! the field selector `metadata.name=`, gzip-compressed lists for a client that sends
+//! `Accept-Encoding: gzip`, and Events created (POST) or updated (PATCH) in core/v1 or
+//! events.k8s.io/v1, and one Service read by name. Watches are never compressed (kube-apiserver
+//! 1.36 does not compress them). Every request is logged with its user agent, query and the bytes sent
+//! back ([`ApiServer::requests`]). Faults on demand: refusing streaming lists (422, as servers
 //! before 1.27 or with the WatchList gate off), slow lists, dropped watch connections, and a
 //! full outage (listener closed, every connection cut) followed by a restart on the same port.
-//!
-//! Shared by `tests/kube_source.rs` and `examples/bench_controllers.rs` (`#[path]`-included).
-#![allow(
-    dead_code,
-    reason = "included by the tests and by the benchmark; each uses part of it"
-)]
 #![allow(
     clippy::must_use_candidate,
     clippy::missing_panics_doc,
@@ -26,13 +26,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use controllers::source::Kind;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -78,6 +80,9 @@ pub struct Knobs {
     pub list_delay: [Duration; 3],
     /// How often open watches that asked for bookmarks get one.
     pub bookmark_interval: Duration,
+    /// A list at `resourceVersion=0` returns everything in one response whatever its limit,
+    /// as the watch cache did before it served pages from snapshots (Kubernetes 1.34).
+    pub cache_ignores_limit: bool,
 }
 
 impl Default for Knobs {
@@ -87,6 +92,7 @@ impl Default for Knobs {
             gone_as_status: false,
             list_delay: [Duration::ZERO; 3],
             bookmark_interval: Duration::from_millis(100),
+            cache_ignores_limit: false,
         }
     }
 }
@@ -99,6 +105,12 @@ pub struct Request {
     pub query: BTreeMap<String, String>,
     /// The `User-Agent` header, as kube-apiserver's audit log records it.
     pub user_agent: Option<String>,
+    /// The client sent `Accept-Encoding: gzip`.
+    pub accepts_gzip: bool,
+    /// When it arrived.
+    pub at: Instant,
+    /// Bytes of the response sent so far (head and body, as on the wire).
+    bytes: Arc<AtomicU64>,
 }
 
 impl Request {
@@ -121,8 +133,34 @@ impl Request {
         self.watch && !self.is_list()
     }
 
+    /// A list read from etcd (no resourceVersion, not a continuation): what a fleet must
+    /// not send at start or after an API server restart.
+    pub fn is_quorum_list(&self) -> bool {
+        !self.watch
+            && !self.query.contains_key("continue")
+            && self.param("resourceVersion").is_none_or(str::is_empty)
+    }
+
     pub fn param(&self, name: &str) -> Option<&str> {
         self.query.get(name).map(String::as_str)
+    }
+
+    /// Bytes of the response sent so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// The write half of a connection, counting what it sends for the request being served.
+struct Out {
+    write: OwnedWriteHalf,
+    bytes: Arc<AtomicU64>,
+}
+
+impl Out {
+    async fn send(&mut self, data: &[u8]) -> bool {
+        self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.write.write_all(data).await.is_ok()
     }
 }
 
@@ -143,6 +181,7 @@ struct State {
     objects: [BTreeMap<(String, String), Arc<Value>>; 3],
     log: Vec<Change>,
     requests: Vec<Request>,
+    events: Vec<Value>,
     knobs: Knobs,
     snapshots: HashMap<u64, Snapshot>,
     next_snapshot: u64,
@@ -261,6 +300,16 @@ impl ApiServer {
 
     pub fn requests(&self) -> Vec<Request> {
         self.state().requests.clone()
+    }
+
+    /// Forgets the requests logged so far.
+    pub fn clear_requests(&self) {
+        self.state().requests.clear();
+    }
+
+    /// The Events created or updated, in order: each POST's body, each PATCH's.
+    pub fn events(&self) -> Vec<Value> {
+        self.state().events.clone()
     }
 
     pub fn resource_version(&self) -> u64 {
@@ -449,15 +498,39 @@ fn parse_query(query: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Whether `path` is an Events collection: `/api/v1/namespaces/NS/events` or
+/// `/apis/events.k8s.io/v1/namespaces/NS/events`, with or without an Event's name.
+fn is_events_path(path: &str) -> bool {
+    let rest = path
+        .strip_prefix("/api/v1/namespaces/")
+        .or_else(|| path.strip_prefix("/apis/events.k8s.io/v1/namespaces/"));
+    rest.is_some_and(|r| {
+        let mut parts = r.split('/');
+        parts.next().is_some_and(|ns| !ns.is_empty()) && parts.next() == Some("events")
+    })
+}
+
+/// The namespace and name of `/api/v1/namespaces/NS/services/NAME` (one Service's GET).
+fn service_path(path: &str) -> Option<(&str, &str)> {
+    let (namespace, name) = path
+        .strip_prefix("/api/v1/namespaces/")?
+        .split_once("/services/")?;
+    (!name.is_empty() && !name.contains('/')).then_some((namespace, name))
+}
+
 async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
-    let (read, mut write) = stream.into_split();
+    let (read, write) = stream.into_split();
     let mut read = BufReader::new(read);
+    let mut write = Out {
+        write,
+        bytes: Arc::default(),
+    };
     loop {
         let mut request_line = String::new();
         if read.read_line(&mut request_line).await.unwrap_or(0) == 0 {
             return;
         }
-        let mut user_agent = None;
+        let (mut user_agent, mut accepts_gzip, mut content_length) = (None, false, 0);
         loop {
             let mut header = String::new();
             if read.read_line(&mut header).await.unwrap_or(0) == 0 {
@@ -466,17 +539,53 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
             if header.trim_end().is_empty() {
                 break;
             }
-            if let Some((name, value)) = header.split_once(':')
-                && name.eq_ignore_ascii_case("user-agent")
-            {
-                user_agent = Some(value.trim().to_owned());
+            let Some((name, value)) = header.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            match name.to_ascii_lowercase().as_str() {
+                "user-agent" => user_agent = Some(value.to_owned()),
+                "accept-encoding" => accepts_gzip = value.split(',').any(|e| e.trim() == "gzip"),
+                "content-length" => content_length = value.parse().unwrap_or(0),
+                _ => {}
             }
         }
-        let target = request_line.split_whitespace().nth(1).unwrap_or("/");
+        let mut body = vec![0; content_length];
+        if read.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        let mut words = request_line.split_whitespace();
+        let method = words.next().unwrap_or("GET");
+        let target = words.next().unwrap_or("/");
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
-        let keep = match kind_of_path(path) {
-            None => respond_status(&mut write, 404, "NotFound", &format!("no route {path}")).await,
-            Some(kind) => {
+        write.bytes = Arc::default();
+        let keep = match (method, kind_of_path(path)) {
+            ("POST" | "PATCH", _) if is_events_path(path) => {
+                let Ok(event) = serde_json::from_slice::<Value>(&body) else {
+                    return;
+                };
+                shared.state.lock().unwrap().events.push(event);
+                respond(&mut write, if method == "POST" { 201 } else { 200 }, &body).await
+            }
+            ("GET", None) if service_path(path).is_some() => {
+                let (namespace, name) = service_path(path).unwrap_or_default();
+                let object = shared.state.lock().unwrap().objects[index(Kind::Service)]
+                    .get(&(namespace.to_owned(), name.to_owned()))
+                    .cloned();
+                match object {
+                    Some(o) => respond(&mut write, 200, &serde_json::to_vec(&*o).unwrap()).await,
+                    None => {
+                        respond_status(
+                            &mut write,
+                            404,
+                            "NotFound",
+                            &format!("services \"{name}\" not found"),
+                        )
+                        .await
+                    }
+                }
+            }
+            ("GET", Some(kind)) => {
                 let query = parse_query(query);
                 let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
                 shared.state.lock().unwrap().requests.push(Request {
@@ -484,12 +593,24 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
                     watch,
                     query: query.clone(),
                     user_agent: user_agent.clone(),
+                    accepts_gzip,
+                    at: Instant::now(),
+                    bytes: write.bytes.clone(),
                 });
                 if watch {
                     serve_watch(&shared, kind, &query, &mut write).await
                 } else {
-                    serve_list(&shared, kind, &query, &mut write).await
+                    serve_list(&shared, kind, &query, accepts_gzip, &mut write).await
                 }
+            }
+            _ => {
+                respond_status(
+                    &mut write,
+                    404,
+                    "NotFound",
+                    &format!("no route {method} {path}"),
+                )
+                .await
             }
         };
         if !keep {
@@ -498,18 +619,24 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
     }
 }
 
-async fn respond(write: &mut OwnedWriteHalf, code: u16, body: &[u8]) -> bool {
+async fn respond(write: &mut Out, code: u16, body: &[u8]) -> bool {
+    respond_encoded(write, code, body, "").await
+}
+
+/// A response with `extra` header lines (each ending in CRLF).
+async fn respond_encoded(write: &mut Out, code: u16, body: &[u8], extra: &str) -> bool {
     let head = format!(
-        "HTTP/1.1 {code} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "HTTP/1.1 {code} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n",
         reason(code),
         body.len()
     );
-    write.write_all(head.as_bytes()).await.is_ok() && write.write_all(body).await.is_ok()
+    write.send(head.as_bytes()).await && write.send(body).await
 }
 
 fn reason(code: u16) -> &'static str {
     match code {
         200 => "OK",
+        201 => "Created",
         404 => "Not Found",
         410 => "Gone",
         422 => "Unprocessable Entity",
@@ -524,7 +651,7 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
     })
 }
 
-async fn respond_status(write: &mut OwnedWriteHalf, code: u16, why: &str, message: &str) -> bool {
+async fn respond_status(write: &mut Out, code: u16, why: &str, message: &str) -> bool {
     let body = serde_json::to_vec(&status(code, why, message)).unwrap();
     respond(write, code, &body).await
 }
@@ -533,9 +660,13 @@ async fn serve_list(
     shared: &Shared,
     kind: Kind,
     query: &BTreeMap<String, String>,
-    write: &mut OwnedWriteHalf,
+    gzip: bool,
+    write: &mut Out,
 ) -> bool {
-    let delay = shared.state.lock().unwrap().knobs.list_delay[index(kind)];
+    let (delay, cache_ignores_limit) = {
+        let knobs = &shared.state.lock().unwrap().knobs;
+        (knobs.list_delay[index(kind)], knobs.cache_ignores_limit)
+    };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
@@ -543,6 +674,9 @@ async fn serve_list(
         .get("limit")
         .and_then(|l| l.parse().ok())
         .filter(|l| *l > 0)
+        .filter(|_| {
+            !(cache_ignores_limit && query.get("resourceVersion").map(String::as_str) == Some("0"))
+        })
         .unwrap_or(usize::MAX);
     let page = (|| {
         let mut st = shared.state.lock().unwrap();
@@ -595,7 +729,14 @@ async fn serve_list(
         serde_json::to_writer(&mut body, &**item).unwrap();
     }
     body.extend_from_slice(b"]}");
-    respond(write, 200, &body).await
+    if gzip {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(&body).unwrap();
+        let body = encoder.finish().unwrap();
+        respond_encoded(write, 200, &body, "Content-Encoding: gzip\r\n").await
+    } else {
+        respond(write, 200, &body).await
+    }
 }
 
 /// `write!` into a byte buffer.
@@ -631,15 +772,13 @@ fn bookmark(out: &mut Vec<u8>, kind: Kind, rv: u64, initial_end: bool) {
     );
 }
 
-async fn write_chunk(write: &mut OwnedWriteHalf, data: &[u8]) -> bool {
+async fn write_chunk(write: &mut Out, data: &[u8]) -> bool {
     if data.is_empty() {
         return true;
     }
     let mut head = String::new();
     let _ = write!(head, "{:x}\r\n", data.len());
-    write.write_all(head.as_bytes()).await.is_ok()
-        && write.write_all(data).await.is_ok()
-        && write.write_all(b"\r\n").await.is_ok()
+    write.send(head.as_bytes()).await && write.send(data).await && write.send(b"\r\n").await
 }
 
 #[allow(
@@ -650,7 +789,7 @@ async fn serve_watch(
     shared: &Shared,
     kind: Kind,
     query: &BTreeMap<String, String>,
-    write: &mut OwnedWriteHalf,
+    write: &mut Out,
 ) -> bool {
     let param = |name: &str| query.get(name).map(String::as_str);
     let send_initial = param("sendInitialEvents") == Some("true");
@@ -706,7 +845,7 @@ async fn serve_watch(
         watch_line(&mut out, "ERROR", &status(410, "Expired", &message));
         return write_head_chunked(write).await
             && write_chunk(write, &out).await
-            && write.write_all(b"0\r\n\r\n").await.is_ok();
+            && write.send(b"0\r\n\r\n").await;
     }
     if !write_head_chunked(write).await {
         return false;
@@ -771,7 +910,7 @@ async fn serve_watch(
             r = changed.changed() => if r.is_err() { return false },
             _ = cut.changed() => return false,
             () = tokio::time::sleep_until(deadline) => {
-                return write.write_all(b"0\r\n\r\n").await.is_ok();
+                return write.send(b"0\r\n\r\n").await;
             }
             _ = ticker.tick(), if bookmarks => {
                 let mut out = Vec::new();
@@ -784,13 +923,10 @@ async fn serve_watch(
     }
 }
 
-async fn write_head_chunked(write: &mut OwnedWriteHalf) -> bool {
+async fn write_head_chunked(write: &mut Out) -> bool {
     write
-        .write_all(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
-        )
+        .send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
         .await
-        .is_ok()
 }
 
 /// A ClusterIP Service with one TCP port.
@@ -826,20 +962,69 @@ pub fn node(name: &str, ip: &str) -> Value {
 }
 
 /// `n` Services `svc-i` (ClusterIP 10.96.x.y) with a slice `svc-i-abc` of `endpoints`
-/// endpoints each (10.(128+)x.y.z addresses).
+/// endpoints each (10.(128+)x.y.z addresses), with the metadata a real API server adds (a uid,
+/// a creation time, the managedFields of the writer), so that sizes and compression ratios
+/// are like a real cluster's.
 pub fn fleet(n: usize, endpoints: usize) -> Vec<(Kind, Value)> {
     let mut out = Vec::with_capacity(2 * n);
     for i in 0..n {
         let name = format!("svc-{i}");
         let ip = format!("10.96.{}.{}", (i / 250) % 250, i % 250 + 1);
-        out.push((Kind::Service, service("default", &name, &ip, 80)));
+        let mut svc = service("default", &name, &ip, 80);
+        stamp(
+            &mut svc,
+            2 * i,
+            ("kubectl-client-side-apply", "v1"),
+            json!({"f:spec": {"f:ports": {".": {}, r#"k:{"port":80,"protocol":"TCP"}"#: {".": {}, "f:name": {}, "f:port": {}, "f:protocol": {}, "f:targetPort": {}}}, "f:sessionAffinity": {}, "f:type": {}}}),
+        );
+        out.push((Kind::Service, svc));
         let ips: Vec<String> = (0..endpoints).map(|e| endpoint_ip(i, e)).collect();
-        out.push((
-            Kind::EndpointSlice,
-            slice("default", &format!("{name}-abc"), &name, &ips, 8080),
-        ));
+        let mut slice = slice("default", &format!("{name}-abc"), &name, &ips, 8080);
+        stamp(
+            &mut slice,
+            2 * i + 1,
+            ("endpointslice-controller.k8s.io", "discovery.k8s.io/v1"),
+            json!({"f:addressType": {}, "f:endpoints": {}, "f:metadata": {"f:labels": {".": {}, "f:kubernetes.io/service-name": {}}}, "f:ports": {}}),
+        );
+        out.push((Kind::EndpointSlice, slice));
     }
     out
+}
+
+/// What the API server adds to object `seed`'s metadata, as written by `manager` in
+/// `api_version`.
+fn stamp(object: &mut Value, seed: usize, (manager, api_version): (&str, &str), fields: Value) {
+    // splitmix64: a uid as random as a real one, the same in every run.
+    let mut x = (seed as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut next = || {
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let (a, b) = (next(), next());
+    let uid = format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        0x8000 | ((b >> 48) & 0x3fff),
+        b & 0xffff_ffff_ffff
+    );
+    let time = format!(
+        "2026-01-{:02}T{:02}:{:02}:{:02}Z",
+        seed % 28 + 1,
+        seed / 3600 % 24,
+        seed / 60 % 60,
+        seed % 60
+    );
+    let meta = &mut object["metadata"];
+    meta["uid"] = json!(uid);
+    meta["creationTimestamp"] = json!(time);
+    let mut entry = json!({"manager": manager, "operation": "Update", "apiVersion": api_version, "time": time, "fieldsType": "FieldsV1"});
+    entry["fieldsV1"] = fields;
+    meta["managedFields"] = Value::Array(vec![entry]);
 }
 
 /// The address of endpoint `e` of Service `i` in a [`fleet`].
