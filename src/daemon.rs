@@ -6,13 +6,12 @@ use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use anyhow::{Context, bail};
-use controllers::SourceUpdate;
+use controllers::SourceSender;
 use healthcheck::ServiceHealthServers;
 use iptables::{Runner, detect_flavour};
 use reconciler::SyncLoop;
 use reconciler::engine::{Engine, IptablesEngine, IpvsEngine};
 use reconciler::sync::{SyncOptions, Syncer};
-use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use tokio::sync::watch;
 
 use crate::backends::{KernelAddresses, KernelIpvs, KernelNetfilter};
@@ -33,10 +32,7 @@ pub fn init_node(config: &ProxyConfig) {
 }
 
 /// Starts the source that feeds the sync loop: the manifest directory, or the Kubernetes API.
-async fn start_source(
-    config: &ProxyConfig,
-    tx: UnboundedSender<SourceUpdate>,
-) -> anyhow::Result<()> {
+async fn start_source(config: &ProxyConfig, tx: SourceSender) -> anyhow::Result<()> {
     if let Some(dir) = config.manifests.clone() {
         tokio::spawn(async move {
             if let Err(error) = controllers::watch::watch_dir(dir, tx).await {
@@ -166,7 +162,7 @@ async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
         }
     }
 
-    let (tx, rx) = unbounded_channel();
+    let (tx, rx) = controllers::channel(Some(health.clone()));
     start_source(&config, tx).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let runtime = tokio::runtime::Handle::current();
