@@ -113,7 +113,7 @@ fn choose_engine(config: &ProxyConfig) -> anyhow::Result<(ProxyMode, Box<dyn Eng
         netif::sysctl::ensure("net/ipv4/ip_forward", "1");
         return Ok((ProxyMode::Iptables, Box::new(IptablesEngine::new(runner))));
     }
-    match ipvs::Handle::probe(config.scheduler) {
+    match ipvs::probe_until_known(config.scheduler) {
         Ok(handle) => {
             tracing::info!(mode = "ipvs", scheduler = %config.scheduler, "running the IPVS proxier");
             Ok((ProxyMode::Ipvs, ipvs_engine(config, handle, runner)?))
