@@ -34,9 +34,10 @@ const NFT_RESTORE_LINES: usize = 10_000;
 pub const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// kube-proxy's `-w 5 -W 100000` (pkg/util/iptables, for iptables ≥ 1.6.2): wait at most 5 s
-/// for the xtables lock, trying every 100,000 µs. Only iptables-legacy takes the lock;
-/// iptables-nft accepts `-w` and ignores it (nf_tables commits are atomic) and warns that
-/// `-W` is deprecated, so it is given `-w 5` alone.
+/// for the xtables lock, trying every 100,000 µs. Only iptables-legacy takes the lock, so it
+/// gets both (iptables 1.8.9 ignores `-W` with a notice on stderr, older ones poll every
+/// second without it); iptables-nft accepts `-w` and ignores it (nf_tables commits are
+/// atomic), and is given `-w 5` alone, without the notice.
 const LEGACY_LOCK_WAIT: [&str; 4] = ["-w", "5", "-W", "100000"];
 const NFT_LOCK_WAIT: [&str; 2] = ["-w", "5"];
 
