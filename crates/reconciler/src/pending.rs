@@ -66,10 +66,6 @@ impl<C: Keyed> Batch<C> {
         self.order.is_empty()
     }
 
-    fn len(&self) -> usize {
-        self.order.len()
-    }
-
     fn into_changes(mut self) -> Vec<C> {
         let mut latest = std::mem::take(&mut self.latest);
         self.order
@@ -209,13 +205,6 @@ impl<C: Keyed> Sender<C> {
             gone.await;
         }
     }
-
-    /// How many distinct objects have a change waiting.
-    #[must_use]
-    pub fn pending(&self) -> usize {
-        let queue = self.shared.lock();
-        queue.before.len() + queue.after.as_ref().map_or(0, Batch::len)
-    }
 }
 
 /// The loop's side.
@@ -334,7 +323,6 @@ mod tests {
         for version in 0..10_000 {
             tx.send(events(&[apply("web", version)])).unwrap();
         }
-        assert_eq!(tx.pending(), 1);
         assert_eq!(rx.take(), Some(vec![events(&[apply("web", 9_999)])]));
         assert_eq!(rx.take(), None);
     }
