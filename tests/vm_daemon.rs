@@ -693,7 +693,7 @@ impl XtablesLock {
             "iptables-legacy-restore to hold the xtables lock",
             || {
                 let probe = std::process::Command::new("iptables-legacy")
-                    .args(["-t", "filter", "-N", "LOCK-PROBE"])
+                    .args(["-w", "1", "-t", "filter", "-N", "LOCK-PROBE"])
                     .output()
                     .expect("running iptables-legacy");
                 if probe.status.success() {

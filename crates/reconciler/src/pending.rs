@@ -4,7 +4,8 @@
 //! once. A change to an object replaces the pending change to the same object (latest wins: an
 //! apply after a delete is an apply, a delete after an apply stays a delete), so a storm of
 //! updates to one object is one pending change and the queue never holds more than one change
-//! per object, however fast the sources are and however long a sync blocks.
+//! per object (two while InitialSyncDone waits between them), however fast the sources are and
+//! however long a sync blocks.
 //!
 //! Order is kept where it means something: [`SourceUpdate::InitialSyncDone`] is taken only with
 //! the changes pushed before it (later ones are taken next), and a batch is never split (a
