@@ -680,30 +680,31 @@ struct XtablesLock(std::process::Child);
 impl XtablesLock {
     fn hold() -> XtablesLock {
         use std::io::Write as _;
-        let mut child = std::process::Command::new("iptables-legacy-restore")
+        let child = std::process::Command::new("iptables-legacy-restore")
             .arg("--noflush")
             .stdin(std::process::Stdio::piped())
             .spawn()
             .expect("starting iptables-legacy-restore");
-        let stdin = child.stdin.as_mut().expect("stdin was piped");
+        // Owned at once, so that a failure below still kills it (and frees the lock).
+        let mut lock = XtablesLock(child);
+        let stdin = lock.0.stdin.as_mut().expect("stdin was piped");
         stdin.write_all(b"*filter\n").expect("beginning a table");
         stdin.flush().expect("flushing");
-        // The lock is taken once the table line is read.
+        // The lock is taken once the table line is read. The probe changes nothing: with the
+        // lock free it fails at once (no such chain, status 1), with it held after 1 s (4).
+        // (Without `-w`, iptables-legacy 1.8.9 waits for the lock for ever.)
         wait_until(
             "iptables-legacy-restore to hold the xtables lock",
             || {
                 let probe = std::process::Command::new("iptables-legacy")
-                    .args(["-w", "1", "-t", "filter", "-N", "LOCK-PROBE"])
+                    .args(["-w", "1", "-t", "filter", "-X", "NO-SUCH-CHAIN"])
                     .output()
                     .expect("running iptables-legacy");
-                if probe.status.success() {
-                    run("iptables-legacy", &["-t", "filter", "-X", "LOCK-PROBE"]);
-                }
-                !probe.status.success()
+                probe.status.code() == Some(4)
             },
             String::new,
         );
-        XtablesLock(child)
+        lock
     }
 
     /// Ends the held table (an empty commit) and waits for the holder to exit.
