@@ -739,11 +739,14 @@ fn daemon_livez_fails_while_the_xtables_lock_is_held_and_recovers_when_it_is_rel
         &["-t", "mangle", "-N", "KUBE-IPTABLES-HINT"],
     );
     let healthz = SocketAddr::from((Ipv4Addr::LOCALHOST, 20256));
+    // A node address, without which no NodePort is planned.
     let daemon = cluster.start(&[
         "--ipvs-sync-period",
         "5s",
         "--healthz-bind-address",
         &healthz.to_string(),
+        "--node-ip",
+        "192.168.58.10",
     ]);
     wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &WEB_ABC);
     assert!(
@@ -797,10 +800,11 @@ fn daemon_livez_fails_while_the_xtables_lock_is_held_and_recovers_when_it_is_rel
     );
 
     lock.release();
+    let nat = || run("iptables-legacy-save", &["-t", "nat"]);
     wait_until(
         "the NodePort rules to land",
-        || run("iptables-legacy-save", &["-t", "nat"]).contains("KUBE-NODE-PORT-TCP"),
-        || daemon.log(),
+        || nat().contains("KUBE-NODE-PORT-TCP"),
+        || format!("{}\n{}", nat(), daemon.log()),
     );
     wait_until(
         "/livez to answer 200 again",
