@@ -785,6 +785,9 @@ fn daemon_livez_fails_while_the_xtables_lock_is_held_and_recovers_when_it_is_rel
         || daemon.log(),
     );
     let unhealthy_after = changed.elapsed();
+    eprintln!(
+        "xtables lock held: /livez 503 {unhealthy_after:?} after the change (health timeout 10 s)"
+    );
     // Two sync periods from the change's arrival, plus the emulator's slack.
     assert!(
         unhealthy_after <= Duration::from_secs(12),
@@ -800,6 +803,7 @@ fn daemon_livez_fails_while_the_xtables_lock_is_held_and_recovers_when_it_is_rel
     );
 
     lock.release();
+    let released = std::time::Instant::now();
     let nat = || run("iptables-legacy-save", &["-t", "nat"]);
     wait_until(
         "the NodePort rules to land",
@@ -810,6 +814,10 @@ fn daemon_livez_fails_while_the_xtables_lock_is_held_and_recovers_when_it_is_rel
         "/livez to answer 200 again",
         || http_status(healthz, "/livez") == Some(200),
         || daemon.log(),
+    );
+    eprintln!(
+        "xtables lock released: rules landed and /livez 200 {:?} later",
+        released.elapsed()
     );
     assert_eq!(http_status(healthz, "/healthz"), Some(200));
     assert_eq!(ipset_members("KUBE-NODE-PORT-TCP"), ["30080"]);
