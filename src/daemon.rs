@@ -6,13 +6,12 @@ use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use anyhow::{Context, bail};
-use controllers::SourceUpdate;
+use controllers::{SourceSender, SourceUpdate};
 use healthcheck::ServiceHealthServers;
 use iptables::{Runner, detect_flavour};
 use reconciler::SyncLoop;
 use reconciler::engine::{Engine, IptablesEngine, IpvsEngine};
 use reconciler::sync::{SyncOptions, Syncer};
-use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use tokio::sync::watch;
 
 use crate::backends::{KernelIpvs, KernelNetfilter};
@@ -36,7 +35,7 @@ pub fn init_node(config: &ProxyConfig) {
 /// and its poster of Events on the Services the kernel refuses.
 async fn start_source(
     config: &ProxyConfig,
-    tx: UnboundedSender<SourceUpdate>,
+    tx: SourceSender,
 ) -> anyhow::Result<Option<controllers::events::EventSender>> {
     if let Some(dir) = config.manifests.clone() {
         tokio::spawn(async move {
@@ -112,7 +111,7 @@ fn choose_engine(config: &ProxyConfig) -> anyhow::Result<(ProxyMode, Box<dyn Eng
         netif::sysctl::ensure("net/ipv4/ip_forward", "1");
         return Ok((ProxyMode::Iptables, Box::new(IptablesEngine::new(runner))));
     }
-    match ipvs::Handle::probe(config.scheduler) {
+    match ipvs::probe_until_known(config.scheduler) {
         Ok(handle) => {
             tracing::info!(mode = "ipvs", scheduler = %config.scheduler, "running the IPVS proxier");
             Ok((ProxyMode::Ipvs, ipvs_engine(config, handle, runner)?))
@@ -161,7 +160,7 @@ async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
         }
     }
 
-    let (tx, rx) = unbounded_channel();
+    let (tx, rx) = controllers::channel(Some(health.clone()));
     // The node's addresses first, so the first sync serves NodePorts on them.
     let local = tx.clone();
     let follow = netif::AddressMonitor::follow(netif::KUBE_IPVS0, move |addresses| {

@@ -36,7 +36,6 @@ impl Observer for Telemetry {
         m.endpoint_changes_total.inc_by(folded.endpoint_changes);
         m.service_changes_pending.set(gauge(pending.0));
         m.endpoint_changes_pending.set(gauge(pending.1));
-        self.health.queued(at);
         m.last_queued_timestamp.set(unix_seconds(at));
     }
 
@@ -53,6 +52,10 @@ impl Observer for Telemetry {
         if record.healthy {
             self.health.synced(record.finished);
         }
+    }
+
+    fn caught_up(&self) {
+        self.health.caught_up();
     }
 
     fn errors(&self, errors: &[SyncError], partial: bool) {

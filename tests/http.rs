@@ -85,6 +85,8 @@ async fn healthz_is_unavailable_until_the_first_sync_then_fails_on_a_stuck_sync_
     assert_eq!(get(addr, "/healthz").await.0, 503);
     assert_eq!(get(addr, "/livez").await.0, 503);
 
+    // The loop takes it and a sync applies it.
+    health.taken();
     health.synced(SystemTime::now());
     assert_eq!(get(addr, "/healthz").await.0, 200);
     assert_eq!(get(addr, "/livez").await.0, 200);

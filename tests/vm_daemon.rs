@@ -661,3 +661,164 @@ fn daemon_retries_a_refused_service_on_its_own_without_full_syncs() {
     assert_eq!(ipvs_lines_of("-t 10.96.0.21:80"), Vec::<String>::new());
     assert_eq!(tcp_answers(vip(80), 6), cluster.names(&[0, 1, 2]));
 }
+
+/// The status `GET path` answers on `addr`, if it answers within 2 s.
+fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: node-a\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Another process holding the xtables lock as iptables-legacy takes it: an
+/// `iptables-legacy-restore` that has begun a table and waits for the rest of its input.
+struct XtablesLock(std::process::Child);
+
+impl XtablesLock {
+    fn hold() -> XtablesLock {
+        use std::io::Write as _;
+        let child = std::process::Command::new("iptables-legacy-restore")
+            .arg("--noflush")
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting iptables-legacy-restore");
+        // Owned at once, so that a failure below still kills it (and frees the lock).
+        let mut lock = XtablesLock(child);
+        let stdin = lock.0.stdin.as_mut().expect("stdin was piped");
+        stdin.write_all(b"*filter\n").expect("beginning a table");
+        stdin.flush().expect("flushing");
+        // The lock is taken once the table line is read. The probe changes nothing: with the
+        // lock free it fails at once (no such chain, status 1), with it held after 1 s (4).
+        // (Without `-w`, iptables-legacy 1.8.9 waits for the lock for ever.)
+        wait_until(
+            "iptables-legacy-restore to hold the xtables lock",
+            || {
+                let probe = std::process::Command::new("iptables-legacy")
+                    .args(["-w", "1", "-t", "filter", "-X", "NO-SUCH-CHAIN"])
+                    .output()
+                    .expect("running iptables-legacy");
+                probe.status.code() == Some(4)
+            },
+            String::new,
+        );
+        lock
+    }
+
+    /// Ends the held table (an empty commit) and waits for the holder to exit.
+    fn release(mut self) {
+        use std::io::Write as _;
+        let mut stdin = self.0.stdin.take().expect("stdin was piped");
+        stdin.write_all(b"COMMIT\n").expect("ending the table");
+        drop(stdin);
+        let status = self.0.wait().expect("waiting for the lock holder");
+        assert!(status.success(), "the lock holder failed: {status}");
+    }
+}
+
+impl Drop for XtablesLock {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+#[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
+fn daemon_livez_fails_while_the_xtables_lock_is_held_and_recovers_when_it_is_released() {
+    let _kernel = Kernel::take();
+    let cluster = Cluster::new("xtlock");
+    cluster
+        .dir
+        .write("web.yaml", &web(&[POD_A, POD_B, POD_C]).yaml());
+    // kubelet's hint chain makes the daemon choose iptables-legacy, which takes the lock.
+    run(
+        "iptables-legacy",
+        &["-t", "mangle", "-N", "KUBE-IPTABLES-HINT"],
+    );
+    let healthz = SocketAddr::from((Ipv4Addr::LOCALHOST, 20256));
+    // A node address, without which no NodePort is planned.
+    let daemon = cluster.start(&[
+        "--ipvs-sync-period",
+        "5s",
+        "--healthz-bind-address",
+        &healthz.to_string(),
+        "--node-ip",
+        "192.168.58.10",
+    ]);
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &WEB_ABC);
+    assert!(
+        daemon.log().contains("flavour=\"legacy\""),
+        "{}",
+        daemon.log()
+    );
+    wait_until(
+        "/livez to answer 200",
+        || http_status(healthz, "/livez") == Some(200),
+        || daemon.log(),
+    );
+
+    // A first NodePort Service needs the ipvs mode's rules rewritten while another process
+    // holds the lock: every sync fails after waiting 5 s for it.
+    let lock = XtablesLock::hold();
+    let nodeport = ServiceSpec {
+        name: "np",
+        vip: "10.96.0.30",
+        ..web(&[POD_A])
+    }
+    .yaml()
+    .replace(
+        "spec:\n  clusterIP:",
+        "spec:\n  type: NodePort\n  clusterIP:",
+    )
+    .replace(
+        "protocol: TCP}\n---",
+        "protocol: TCP, nodePort: 30080}\n---",
+    );
+    cluster.dir.write("np.yaml", &nodeport);
+    let changed = std::time::Instant::now();
+    wait_until(
+        "/livez to answer 503",
+        || http_status(healthz, "/livez") == Some(503),
+        || daemon.log(),
+    );
+    let unhealthy_after = changed.elapsed();
+    eprintln!(
+        "xtables lock held: /livez 503 {unhealthy_after:?} after the change (health timeout 10 s)"
+    );
+    // Two sync periods from the change's arrival, plus the emulator's slack.
+    assert!(
+        unhealthy_after <= Duration::from_secs(12),
+        "503 only after {unhealthy_after:?}"
+    );
+    assert_eq!(http_status(healthz, "/healthz"), Some(503));
+    let nat = run("iptables-legacy-save", &["-t", "nat"]);
+    assert!(!nat.contains("KUBE-NODE-PORT-TCP"), "{nat}");
+    let log = daemon.log();
+    assert!(
+        log.contains("iptables-legacy-restore") && log.contains("xtables lock"),
+        "the failure names the tool and the lock:\n{log}"
+    );
+
+    lock.release();
+    let released = std::time::Instant::now();
+    let nat = || run("iptables-legacy-save", &["-t", "nat"]);
+    wait_until(
+        "the NodePort rules to land",
+        || nat().contains("KUBE-NODE-PORT-TCP"),
+        || format!("{}\n{}", nat(), daemon.log()),
+    );
+    wait_until(
+        "/livez to answer 200 again",
+        || http_status(healthz, "/livez") == Some(200),
+        || daemon.log(),
+    );
+    eprintln!(
+        "xtables lock released: rules landed and /livez 200 {:?} later",
+        released.elapsed()
+    );
+    assert_eq!(http_status(healthz, "/healthz"), Some(200));
+    assert_eq!(ipset_members("KUBE-NODE-PORT-TCP"), ["30080"]);
+}

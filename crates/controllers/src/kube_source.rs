@@ -39,11 +39,10 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher;
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc::UnboundedSender;
 
 use crate::events::EventSender;
 use crate::paginated;
-use crate::source::{Event, Kind, Object, ObjectKey, SourceUpdate};
+use crate::source::{Event, Kind, Object, ObjectKey, SourceSink, SourceUpdate};
 
 /// kube-proxy's label selector for Services and EndpointSlices: not another proxy's, and not
 /// a headless Service's slices.
@@ -196,7 +195,7 @@ impl Default for Options {
 pub async fn run(
     client: kube::Client,
     node_name: String,
-    tx: UnboundedSender<SourceUpdate>,
+    tx: impl SourceSink,
 ) -> Result<(), Error> {
     run_with(client, node_name, tx, Options::default()).await
 }
@@ -206,7 +205,7 @@ pub async fn run(
 pub fn spawn(
     client: kube::Client,
     node_name: String,
-    tx: UnboundedSender<SourceUpdate>,
+    tx: impl SourceSink,
 ) -> Result<EventSender, Error> {
     if node_name.is_empty() {
         return Err(Error::NoNodeName);
@@ -228,7 +227,7 @@ pub fn spawn(
 pub async fn run_with(
     client: kube::Client,
     node_name: String,
-    tx: UnboundedSender<SourceUpdate>,
+    tx: impl SourceSink,
     options: Options,
 ) -> Result<(), Error> {
     if node_name.is_empty() {

@@ -14,4 +14,7 @@ pub mod validate;
 pub mod watch;
 
 pub use manifests::{ManifestError, Snapshot, read_dir};
-pub use source::{Event, Kind, Object, ObjectKey, SourceUpdate, apply, apply_all, fold};
+pub use source::{
+    Event, Kind, Object, ObjectKey, SourceReceiver, SourceSender, SourceSink, SourceUpdate, apply,
+    apply_all, channel, fold,
+};

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use reconciler::health::Health;
 use reconciler::model::ServiceName;
+use reconciler::pending::{self, Closed, Keyed};
 use reconciler::state::{Affected, ClusterState};
 use reconciler::sync_loop::Folded;
 
@@ -71,6 +73,59 @@ pub enum Event {
 /// What a source sends the sync loop: batches of [`Event`]s, the end of the initial lists,
 /// and the node's eligibility (see [`reconciler::sync_loop::SourceUpdate`]).
 pub type SourceUpdate = reconciler::sync_loop::SourceUpdate<Vec<Event>>;
+
+/// Events coalesce by the object they are about: a storm of updates to one object is one
+/// pending event, the latest (see [`reconciler::pending`]).
+impl Keyed for Event {
+    type Key = ObjectKey;
+    fn key(&self) -> ObjectKey {
+        match self {
+            Event::Apply(object) => object.key(),
+            Event::Delete(key) => key.clone(),
+        }
+    }
+}
+
+/// The sources' end of the queue to the sync loop.
+pub type SourceSender = pending::Sender<Event>;
+/// The sync loop's end.
+pub type SourceReceiver = pending::Receiver<Event>;
+
+/// The queue from the sources to the sync loop, recording in `health` when changes are queued
+/// and taken.
+#[must_use]
+pub fn channel(health: Option<Health>) -> (SourceSender, SourceReceiver) {
+    pending::channel(health)
+}
+
+/// Where a source sends its updates: the sync loop's coalescing queue, or a plain channel that
+/// keeps every event (for what watches a source's own stream: its tests, its benchmark).
+pub trait SourceSink: Send + Sync + 'static {
+    /// Sends `update`; fails once the receiving side is gone.
+    fn send(&self, update: SourceUpdate) -> Result<(), Closed>;
+    /// Resolves once the receiving side is gone.
+    fn closed(&self) -> impl Future<Output = ()> + Send;
+}
+
+impl SourceSink for SourceSender {
+    fn send(&self, update: SourceUpdate) -> Result<(), Closed> {
+        pending::Sender::send(self, update)
+    }
+
+    fn closed(&self) -> impl Future<Output = ()> + Send {
+        pending::Sender::closed(self)
+    }
+}
+
+impl SourceSink for tokio::sync::mpsc::UnboundedSender<SourceUpdate> {
+    fn send(&self, update: SourceUpdate) -> Result<(), Closed> {
+        tokio::sync::mpsc::UnboundedSender::send(self, update).map_err(|_| Closed)
+    }
+
+    fn closed(&self) -> impl Future<Output = ()> + Send {
+        tokio::sync::mpsc::UnboundedSender::closed(self)
+    }
+}
 
 /// Folds one event into `state`. Skipped Services (headless, ExternalName, another proxy's,
 /// no ClusterIP) are held as absent, so a Service that becomes skipped is removed; so are

@@ -13,10 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use notify::{EventKind, RecursiveMode, Watcher};
-use tokio::sync::mpsc::UnboundedSender;
 
 use crate::manifests::{DirError, Snapshot, is_manifest, parse_into};
-use crate::source::{Event, ObjectKey, SourceUpdate};
+use crate::source::{Event, ObjectKey, SourceSender, SourceUpdate};
 
 /// Files per batch of the first read.
 const FIRST_READ_CHUNK: usize = 256;
@@ -238,7 +237,7 @@ pub enum WatchError {
 struct Follower {
     dir: PathBuf,
     index: DirIndex,
-    tx: UnboundedSender<SourceUpdate>,
+    tx: SourceSender,
     /// Until the first read is done, changes are only noted.
     ready: bool,
     changed: BTreeSet<PathBuf>,
@@ -298,7 +297,7 @@ fn lock(f: &Mutex<Follower>) -> MutexGuard<'_, Follower> {
 
 /// Sends the directory's objects, then `InitialSyncDone`, then a batch per change, until the
 /// receiver is dropped.
-pub async fn watch_dir(dir: PathBuf, tx: UnboundedSender<SourceUpdate>) -> Result<(), WatchError> {
+pub async fn watch_dir(dir: PathBuf, tx: SourceSender) -> Result<(), WatchError> {
     let follower = Arc::new(Mutex::new(Follower {
         dir: dir.clone(),
         index: DirIndex::default(),
@@ -359,10 +358,8 @@ pub async fn watch_dir(dir: PathBuf, tx: UnboundedSender<SourceUpdate>) -> Resul
 mod tests {
     use std::time::Duration;
 
-    use tokio::sync::mpsc::unbounded_channel;
-
     use super::*;
-    use crate::source::Kind;
+    use crate::source::{Kind, SourceReceiver, channel};
 
     const SVC_A: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: default}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{port: 80}]\n";
     const SVC_B: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: default}\nspec:\n  clusterIP: 10.96.0.11\n  ports: [{port: 80}]\n";
@@ -497,7 +494,7 @@ mod tests {
         assert_eq!(changed, BTreeSet::from([dir.0.join("a.yaml")]));
     }
 
-    async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<SourceUpdate>) -> SourceUpdate {
+    async fn next(rx: &mut SourceReceiver) -> SourceUpdate {
         tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
             .expect("an update within 5 s")
@@ -508,7 +505,7 @@ mod tests {
     async fn watching_sends_the_first_read_then_each_change() {
         let dir = tempdir("watch");
         std::fs::write(dir.0.join("a.yaml"), SVC_A).unwrap();
-        let (tx, mut rx) = unbounded_channel();
+        let (tx, mut rx) = channel(None);
         let task = tokio::spawn(watch_dir(dir.0.clone(), tx));
         assert!(matches!(next(&mut rx).await, SourceUpdate::Events(e) if names(&e) == ["apply a"]));
         assert_eq!(next(&mut rx).await, SourceUpdate::InitialSyncDone);
@@ -615,7 +612,7 @@ mod tests {
         std::fs::write(dir.0.join("..v1/a.yaml"), SVC_A).unwrap();
         std::os::unix::fs::symlink("..v1", dir.0.join("..data")).unwrap();
         std::os::unix::fs::symlink("..data/a.yaml", dir.0.join("a.yaml")).unwrap();
-        let (tx, mut rx) = unbounded_channel();
+        let (tx, mut rx) = channel(None);
         let task = tokio::spawn(watch_dir(dir.0.clone(), tx));
         assert!(matches!(next(&mut rx).await, SourceUpdate::Events(e) if names(&e) == ["apply a"]));
         assert_eq!(next(&mut rx).await, SourceUpdate::InitialSyncDone);

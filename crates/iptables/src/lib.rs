@@ -11,20 +11,23 @@
 //! - [`ruleset`]: what one `iptables-restore --noflush` run changes.
 //! - [`ipset`]: sets, their `ipset restore` text and their `ipset save` text, written and read
 //!   back; the refill of a set through its swap twin.
-//! - [`runner`]: one `iptables-restore --noflush --wait` / `ipset restore -exist` per apply;
-//!   [`detect_flavour`] picks legacy or nft as kube-proxy's iptables wrapper does.
+//! - [`runner`]: one `iptables-restore --noflush -w 5` / `ipset restore -exist` per apply, each
+//!   tool killed if it outlives [`runner::TOOL_TIMEOUT`] (`process`, the crate's only
+//!   `unsafe`: killing the tool's process group); [`detect_flavour`] picks legacy or nft as
+//!   kube-proxy's iptables wrapper does.
 //! - [`saved`], [`cleanup`]: reading `iptables-save` back; removing only what the proxy owns.
 //! - [`ipvs_mode`]: kube-proxy's ipvs mode — its KUBE-* ipsets ([`ipvs_mode::KubeSet`]: names,
 //!   types, comments) and the small rule set that matches on them, rendered from plain facts
 //!   ([`ipvs_mode::RuleInput`]).
 //! - [`proxier`]: kube-proxy's iptables mode (the fallback when IPVS is missing), rendered
 //!   from plain service-port descriptions and synced incrementally.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod chain;
 pub mod cleanup;
 pub mod ipset;
 pub mod ipvs_mode;
+mod process;
 pub mod proxier;
 pub mod rule;
 pub mod ruleset;
@@ -74,6 +77,19 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A tool did not finish within its bound and was killed.
+    #[error(
+        "{tool} did not finish within {after:?} and was killed{}",
+        stderr_suffix(stderr)
+    )]
+    Timeout {
+        /// The command.
+        tool: String,
+        /// The bound.
+        after: std::time::Duration,
+        /// What it printed on stderr before (trimmed).
+        stderr: String,
+    },
     /// A tool ran and failed.
     #[error("{tool} failed ({status}): {stderr}")]
     Tool {
@@ -84,4 +100,12 @@ pub enum Error {
         /// What it printed on stderr (trimmed).
         stderr: String,
     },
+}
+
+fn stderr_suffix(stderr: &str) -> String {
+    if stderr.is_empty() {
+        String::new()
+    } else {
+        format!(": {stderr}")
+    }
 }

@@ -2,13 +2,19 @@
 //!
 //! A [`Runner`] is bound to one iptables flavour (legacy or nft) and, optionally, to a named
 //! network namespace (`ip netns exec NAME …`), which is how the tests program a "node".
+//!
+//! Every wait is bounded. `iptables-restore` waits for the xtables lock as kube-proxy's does
+//! (`-w 5 -W 100000`: at most 5 s, trying every 0.1 s), and every tool is killed, with what it
+//! forked, once it has run [`TOOL_TIMEOUT`]: a sync that cannot finish fails, it is not
+//! waited on.
 
-use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
+use std::time::Duration;
 
 use crate::Error;
 use crate::ipset::{IpSet, SetPatch, parse_save};
 use crate::ipvs_mode::is_proxy_set;
+use crate::process;
 use crate::ruleset::Ruleset;
 use crate::saved::Saved;
 use crate::table::{Family, FamilyNames as _, Table};
@@ -21,6 +27,19 @@ use crate::table::{Family, FamilyNames as _, Table};
 /// 33.5 and 44.2 s (each part's commit re-validates every rule reachable from the built-in
 /// chains, about 0.3 s).
 const NFT_RESTORE_LINES: usize = 10_000;
+
+/// How long any one tool may run before it is killed and its call fails. Far above what a
+/// tool needs (a full restore of 10,000 Services took 5 s with iptables-legacy, an
+/// `iptables-nft-save` of them 6 s, on a busy host), so that it only stops a tool that hangs.
+pub const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// kube-proxy's `-w 5 -W 100000` (pkg/util/iptables, for iptables ≥ 1.6.2): wait at most 5 s
+/// for the xtables lock, trying every 100,000 µs. Only iptables-legacy takes the lock, so it
+/// gets both (iptables 1.8.9 ignores `-W` with a notice on stderr, older ones poll every
+/// second without it); iptables-nft accepts `-w` and ignores it (nf_tables commits are
+/// atomic), and is given `-w 5` alone, without the notice.
+const LEGACY_LOCK_WAIT: [&str; 4] = ["-w", "5", "-W", "100000"];
+const NFT_LOCK_WAIT: [&str; 2] = ["-w", "5"];
 
 /// Which iptables backend the tools program: the legacy x_tables or nf_tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -48,6 +67,14 @@ impl Flavour {
     #[must_use]
     pub fn tool(self, family: Family, verb: &str) -> String {
         format!("{}-{}-{verb}", family.tool(), self.as_str())
+    }
+
+    /// The flags that bound the wait for the xtables lock.
+    fn lock_wait(self) -> &'static [&'static str] {
+        match self {
+            Flavour::Legacy => &LEGACY_LOCK_WAIT,
+            Flavour::Nft => &NFT_LOCK_WAIT,
+        }
     }
 }
 
@@ -108,47 +135,41 @@ impl Runner {
         )
     }
 
+    /// Runs `program`, killed after [`TOOL_TIMEOUT`].
     fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Error> {
         let (mut cmd, tool) = self.command(program, args);
-        cmd.stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let spawn = |source| Error::Spawn {
-            tool: tool.clone(),
-            source,
-        };
-        let mut child = cmd.spawn().map_err(spawn)?;
-        if let Some(input) = stdin {
-            // The writer is dropped at the end of this block, closing stdin.
-            let mut pipe = child.stdin.take().expect("stdin was piped");
-            let written = pipe.write_all(input.as_bytes());
-            drop(pipe);
-            if let Err(e) = written {
-                // The tool exited early; its stderr below says why.
-                tracing::debug!(%tool, error = %e, "writing to the tool's stdin failed");
-            }
+        let out =
+            process::run(&mut cmd, stdin.map(str::as_bytes), TOOL_TIMEOUT).map_err(|source| {
+                Error::Spawn {
+                    tool: tool.clone(),
+                    source,
+                }
+            })?;
+        let stderr = || String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        if out.timed_out {
+            return Err(Error::Timeout {
+                tool,
+                after: TOOL_TIMEOUT,
+                stderr: stderr(),
+            });
         }
-        let out = child.wait_with_output().map_err(spawn)?;
         if !out.status.success() {
             return Err(Error::Tool {
                 tool,
                 status: out.status,
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                stderr: stderr(),
             });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Feeds `input` to `iptables-restore --noflush --wait` (or the ip6tables one): one process,
-    /// one atomic commit per table.
+    /// Feeds `input` to `iptables-restore -w 5 --noflush` (or the ip6tables one): one process,
+    /// one atomic commit per table, the xtables lock waited for 5 s at most.
     pub fn restore(&self, family: Family, input: &str) -> Result<(), Error> {
         let tool = self.flavour.tool(family, "restore");
-        self.run(&tool, &["--noflush", "--wait"], Some(input))
-            .map(drop)
+        let mut args = self.flavour.lock_wait().to_vec();
+        args.push("--noflush");
+        self.run(&tool, &args, Some(input)).map(drop)
     }
 
     /// Checks `ruleset` only touches the proxy's chains, then applies it with one

@@ -11,6 +11,8 @@
 //! - [`Handle`] is one socket in one network namespace: [`Handle::apply`] programs a batch and
 //!   returns one result per op; [`Handle::dump`] reads the whole table back.
 //! - [`wire`] writes and reads the same messages without a socket (tests, fuzzing).
+//! - [`probe_until_known`] decides whether the node has IPVS: [`Absent`] only when the kernel
+//!   says so for certain, other failures retried.
 #![forbid(unsafe_code)]
 
 mod codec;
@@ -31,6 +33,7 @@ pub use dest::{Forwarding, RealServer, RealServerEntry, Tunnel, TunnelChecksum, 
 pub use error::Error;
 pub use handle::{DEFAULT_TIMEOUT, Handle, TableEntry};
 pub use op::Op;
+pub use probe::{Absent, probe_until_known};
 pub use scheduler::{Scheduler, UnknownScheduler};
 pub use service::{
     Family, Persistence, Protocol, ServiceFlags, ServiceKey, VirtualServer, VirtualServerEntry,

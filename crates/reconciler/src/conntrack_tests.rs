@@ -314,6 +314,7 @@ mod in_the_loop {
         fn node_eligible(&self, _: bool) {}
         fn queued(&self, _: &Folded, _: (u64, u64), _: SystemTime) {}
         fn synced(&self, _: &SyncRecord) {}
+        fn caught_up(&self) {}
         fn errors(&self, _: &[SyncError], _: bool) {}
         fn counts(&self, _: Counts) {}
         fn no_local_endpoints(&self, _: u64, _: u64) {}

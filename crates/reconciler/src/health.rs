@@ -8,6 +8,11 @@
 //! completed (a proxy that has not programmed the node yet must not receive load-balancer
 //! traffic) and the node to be eligible (not being deleted); `/livez` requires neither, so a
 //! proxy still waiting for a slow initial list is not restarted before the timeout.
+//!
+//! As kube-proxy's `QueuedUpdate` is called from its event handlers, not its proxier, a change
+//! is recorded as queued where a source hands it over ([`crate::pending`]), not by the sync
+//! thread: a change is either waiting in the queue or taken by the loop, and the oldest of
+//! either counts. A sync thread that blocks therefore turns unhealthy however it blocks.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -28,11 +33,14 @@ pub struct HealthReport {
 struct State {
     timeout: Duration,
     last_updated: Option<SystemTime>,
-    oldest_pending: Option<SystemTime>,
+    /// The oldest change waiting in the queue, not yet taken by the loop.
+    waiting: Option<SystemTime>,
+    /// The oldest change the loop has taken and not yet applied.
+    taken: Option<SystemTime>,
     node_eligible: bool,
 }
 
-/// Shared, cheap to clone; the sync loop writes, the HTTP server reads.
+/// Shared, cheap to clone; the queue and the sync loop write, the HTTP servers read.
 #[derive(Debug, Clone)]
 pub struct Health {
     state: Arc<Mutex<State>>,
@@ -61,7 +69,8 @@ impl Health {
             state: Arc::new(Mutex::new(State {
                 timeout,
                 last_updated: None,
-                oldest_pending: Some(started),
+                waiting: None,
+                taken: Some(started),
                 node_eligible: true,
             })),
         }
@@ -71,19 +80,34 @@ impl Health {
         f(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// A change arrived that the kernel does not reflect yet.
+    /// A change arrived in the queue; the kernel does not reflect it yet.
     pub fn queued(&self, now: SystemTime) {
         self.with(|s| {
-            s.oldest_pending.get_or_insert(now);
+            s.waiting.get_or_insert(now);
         });
     }
 
-    /// A sync applied everything that was queued when it started.
+    /// The loop took every change waiting in the queue.
+    pub fn taken(&self) {
+        self.with(|s| {
+            if let Some(waiting) = s.waiting.take() {
+                s.taken = Some(s.taken.map_or(waiting, |t| t.min(waiting)));
+            }
+        });
+    }
+
+    /// A sync applied every change the loop had taken (changes still in the queue stay
+    /// pending).
     pub fn synced(&self, now: SystemTime) {
         self.with(|s| {
             s.last_updated = Some(now);
-            s.oldest_pending = None;
+            s.taken = None;
         });
+    }
+
+    /// The changes the loop took need no sync (they changed nothing the kernel shows).
+    pub fn caught_up(&self) {
+        self.with(|s| s.taken = None);
     }
 
     /// Whether this node should receive load-balancer traffic (false while it is deleted).
@@ -101,8 +125,11 @@ impl Health {
     #[must_use]
     pub fn report(&self, now: SystemTime) -> HealthReport {
         self.with(|s| {
-            let stale = s
-                .oldest_pending
+            let oldest = match (s.waiting, s.taken) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let stale = oldest
                 .is_some_and(|queued| now.duration_since(queued).unwrap_or_default() >= s.timeout);
             HealthReport {
                 healthy: !stale,
@@ -157,10 +184,57 @@ mod tests {
         health.queued(at(630)); // a later change does not reset the age of the oldest
         assert!(health.report(at(659)).healthy);
         assert!(!health.report(at(660)).healthy);
+        health.taken();
+        assert!(!health.report(at(660)).healthy, "taken is not applied");
         health.synced(at(661));
         let report = health.report(at(662));
         assert!(report.healthy);
         assert_eq!(report.last_updated, Some(at(661)));
+    }
+
+    #[test]
+    fn a_change_queued_during_a_sync_stays_pending_after_it() {
+        let health = Health::new(TIMEOUT, T0);
+        health.synced(at(1));
+        health.queued(at(10));
+        health.taken();
+        // The sync of what was taken runs; another change arrives meanwhile.
+        health.queued(at(20));
+        health.synced(at(30));
+        assert!(health.report(at(79)).healthy);
+        assert!(
+            !health.report(at(80)).healthy,
+            "the change of 20 s is not applied"
+        );
+        health.taken();
+        health.synced(at(81));
+        assert!(health.report(at(500)).healthy);
+    }
+
+    #[test]
+    fn changes_that_need_no_sync_leave_nothing_pending() {
+        let health = Health::new(TIMEOUT, T0);
+        health.synced(at(1));
+        health.queued(at(10));
+        health.taken();
+        health.caught_up();
+        let report = health.report(at(500));
+        assert!(report.healthy);
+        assert_eq!(report.last_updated, Some(at(1)));
+    }
+
+    #[test]
+    fn a_blocked_loop_turns_unhealthy_after_the_timeout_from_the_first_change_it_missed() {
+        // Two sync periods of 5 s: kube-proxy's health timeout.
+        let health = Health::new(Duration::from_secs(10), T0);
+        health.synced(at(1));
+        // The loop blocks from 2 s on; changes keep arriving, none is taken.
+        for t in 3..30 {
+            health.queued(at(t));
+        }
+        assert!(health.report(at(12)).healthy);
+        assert!(!health.report(at(13)).livez_ok());
+        assert!(!health.report(at(13)).healthz_ok());
     }
 
     #[test]

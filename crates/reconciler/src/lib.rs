@@ -7,7 +7,8 @@
 //! - [`model`], [`state`]: Service ports, endpoints and node facts; the cluster as known.
 //! - [`settings`], [`plan`], [`render`]: the flags' settings, the desired state per Service,
 //!   and `ipvs-proxy plan`'s text.
-//! - [`sync_loop`]: coalescing, min/max sync periods, drain ticks, repair after a failure,
+//! - [`pending`]: the bounded queue from the sources to the loop, one change per object;
+//!   [`sync_loop`]: coalescing, min/max sync periods, drain ticks, repair after a failure,
 //!   [`retries`] of refused Services; [`health`]: what `/healthz` and `/livez` answer.
 //! - [`engine`]: the IPVS proxier over [`sync`] (backend traits, mirror, diff, sending) and the
 //!   iptables proxier over [`fallback`]'s conversion.
@@ -21,6 +22,7 @@ mod error;
 pub mod fallback;
 pub mod health;
 pub mod model;
+pub mod pending;
 pub mod plan;
 pub mod render;
 pub mod retries;

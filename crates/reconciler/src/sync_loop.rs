@@ -11,16 +11,16 @@
 //! What the loop learns is reported to an [`Observer`] (the daemon's health, metrics and
 //! service health servers); the loop neither serves nor stores them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::watch;
 
 use crate::conntrack::{ConntrackKernel, Frontends, Reconciled, Reconciler};
 use crate::engine::Engine;
 use crate::model::{ServiceName, ServiceType, TrafficPolicy};
+use crate::pending::{self, Keyed};
 use crate::plan::{PlanWarning, Planner};
 use crate::retries::Retries;
 use crate::settings::Settings;
@@ -110,10 +110,14 @@ pub trait Observer: Send {
     /// The node's eligibility for load-balancer traffic.
     fn node_eligible(&self, eligible: bool);
     /// A batch of changes arrived at `at`; `pending` are the service and endpoint changes now
-    /// waiting for a sync, this batch included.
+    /// waiting for a sync, this batch included. (Health learns of changes where they are
+    /// queued, [`crate::pending`], not here.)
     fn queued(&self, folded: &Folded, pending: (u64, u64), at: SystemTime);
     /// A sync ended; nothing is pending any more.
     fn synced(&self, record: &SyncRecord);
+    /// The changes taken since the last sync that applied everything changed nothing: the
+    /// kernel is up to date without a sync.
+    fn caught_up(&self);
     /// Errors of a sync or a drain, each once; `partial` for those of a partial sync.
     fn errors(&self, errors: &[SyncError], partial: bool);
     /// The errors just logged: each failing Service's when it is new or changed (not at every
@@ -155,12 +159,16 @@ pub struct SyncLoop<E> {
     dirty: BTreeSet<ServiceName>,
     /// When the oldest change not yet applied arrived.
     oldest_pending: Option<Instant>,
+    /// A change was folded in that no sync has applied yet (a sync that failed as a whole
+    /// applied nothing).
+    behind: bool,
     pending: (u64, u64),
     last_sync: Option<Instant>,
     next_full: Option<Instant>,
     next_drain: Instant,
-    /// Warnings already logged, so a persistent one is said once, not every sync.
-    reported: BTreeSet<String>,
+    /// Warnings already logged, per Service they are about, so a persistent one is said once,
+    /// not every sync; a Service's are dropped when a sync finds it without them (or gone).
+    reported: HashMap<ServiceName, BTreeSet<String>>,
     /// The Services the kernel refused, retried on their own.
     retries: Retries,
     /// Where stale UDP and SCTP conntrack entries are deleted after each sync, if anywhere.
@@ -173,6 +181,53 @@ impl<E> std::fmt::Debug for SyncLoop<E> {
             .field("services", &self.state.service_count())
             .field("dirty", &self.dirty.len())
             .finish_non_exhaustive()
+    }
+}
+
+impl<C: Keyed> SyncLoop<Vec<C>> {
+    /// Runs until `stop` turns true or every source is gone. Blocking: call it on its own thread.
+    pub fn run(
+        mut self,
+        runtime: &tokio::runtime::Handle,
+        mut updates: pending::Receiver<C>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            let wait = self.next_deadline().map_or(Duration::from_secs(3600), |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            let received = runtime.block_on(async {
+                tokio::select! {
+                    open = updates.wait() => Some(open),
+                    () = tokio::time::sleep(wait) => None,
+                    _ = stop.changed() => Some(false),
+                }
+            });
+            match received {
+                Some(true) => self.take_all(&mut updates),
+                Some(false) => break,
+                None => {}
+            }
+            if *stop.borrow() {
+                break;
+            }
+            self.tick(Instant::now());
+        }
+        tracing::info!("sync loop stopped; the kernel state is left in place");
+    }
+
+    /// Folds in everything queued (it all joins the next sync). If none of it changed
+    /// anything and the last sync applied everything before, health hears that nothing is
+    /// pending.
+    pub fn take_all(&mut self, updates: &mut pending::Receiver<C>) {
+        while let Some(taken) = updates.take() {
+            for update in taken {
+                self.receive(update);
+            }
+        }
+        if !self.behind && self.last_sync.is_some() {
+            self.observer.caught_up();
+        }
     }
 }
 
@@ -201,11 +256,12 @@ impl<E> SyncLoop<E> {
             initial_sync_done: false,
             dirty: BTreeSet::new(),
             oldest_pending: None,
+            behind: false,
             pending: (0, 0),
             last_sync: None,
             next_full: None,
             next_drain: Instant::now(),
-            reported: BTreeSet::new(),
+            reported: HashMap::new(),
             retries: Retries::default(),
             conntrack: None,
         }
@@ -222,43 +278,6 @@ impl<E> SyncLoop<E> {
     #[must_use]
     pub fn state(&self) -> &ClusterState {
         &self.state
-    }
-
-    /// Runs until `stop` turns true or every source is gone. Blocking: call it on its own thread.
-    pub fn run(
-        mut self,
-        runtime: &tokio::runtime::Handle,
-        mut updates: UnboundedReceiver<SourceUpdate<E>>,
-        mut stop: watch::Receiver<bool>,
-    ) {
-        loop {
-            let wait = self.next_deadline().map_or(Duration::from_secs(3600), |d| {
-                d.saturating_duration_since(Instant::now())
-            });
-            let received = runtime.block_on(async {
-                tokio::select! {
-                    update = updates.recv() => Some(update),
-                    () = tokio::time::sleep(wait) => None,
-                    _ = stop.changed() => Some(None),
-                }
-            });
-            match received {
-                Some(Some(update)) => {
-                    self.receive(update);
-                    // Everything already queued joins this sync.
-                    while let Ok(update) = updates.try_recv() {
-                        self.receive(update);
-                    }
-                }
-                Some(None) => break,
-                None => {}
-            }
-            if *stop.borrow() {
-                break;
-            }
-            self.tick(Instant::now());
-        }
-        tracing::info!("sync loop stopped; the kernel state is left in place");
     }
 
     /// When the loop next has something to do, if anything.
@@ -321,6 +340,7 @@ impl<E> SyncLoop<E> {
                 self.pending.0 += folded.service_changes;
                 self.pending.1 += folded.endpoint_changes;
                 self.oldest_pending.get_or_insert_with(Instant::now);
+                self.behind = true;
                 self.observer
                     .queued(&folded, self.pending, SystemTime::now());
                 let Affected { services, nodes } = folded.affected;
@@ -460,12 +480,7 @@ impl<E> SyncLoop<E> {
             warnings,
             synced,
         } = outcome;
-        for warning in warnings {
-            let text = warning.to_string();
-            if self.reported.insert(text.clone()) {
-                tracing::warn!("{text}");
-            }
-        }
+        self.report_warnings(full, &synced, warnings);
         let cap = self.settings.sync_period;
         let synced_now = |name: &ServiceName| full || synced.contains(name);
         let to_log = self.retries.record(synced_now, &report.errors, now, cap);
@@ -499,6 +514,7 @@ impl<E> SyncLoop<E> {
             healthy,
         });
         if healthy {
+            self.behind = false;
             self.reconcile_conntrack(full, &synced);
         }
         self.pending = (0, 0);
@@ -536,6 +552,40 @@ impl<E> SyncLoop<E> {
         }
         for reconciled in reconciler.run(&frontends) {
             self.observer.conntrack_reconciled(&reconciled);
+        }
+    }
+
+    /// Logs the warnings not logged before, and keeps what was logged for the Services the sync
+    /// planned (all after a full sync) to what it found now, so a Service that is gone or
+    /// fixed leaves nothing behind.
+    fn report_warnings(
+        &mut self,
+        full: bool,
+        synced: &BTreeSet<ServiceName>,
+        warnings: Vec<PlanWarning>,
+    ) {
+        let mut found: HashMap<ServiceName, BTreeSet<String>> = HashMap::new();
+        for warning in warnings {
+            let service = match &warning {
+                PlanWarning::UnknownScheduler { service, .. } => service.clone(),
+                PlanWarning::VirtualServerConflict { dropped, .. } => dropped.service.clone(),
+            };
+            let text = warning.to_string();
+            let known = self.reported.get(&service);
+            if !known.is_some_and(|k| k.contains(&text)) {
+                tracing::warn!("{text}");
+            }
+            found.entry(service).or_default().insert(text);
+        }
+        if full {
+            self.reported = found;
+            return;
+        }
+        for service in synced {
+            self.reported.remove(service);
+        }
+        for (service, texts) in found {
+            self.reported.entry(service).or_default().extend(texts);
         }
     }
 

@@ -36,6 +36,9 @@ struct Shared {
     reported: usize,
     eligible: Vec<bool>,
     health_checks: Vec<HealthChecks>,
+    /// Services planned with an unknown scheduler annotation: a warning each time they sync.
+    odd_scheduler: BTreeSet<&'static str>,
+    caught_up: usize,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -54,6 +57,23 @@ impl Log {
 struct FakeEngine(Log);
 
 impl FakeEngine {
+    /// The planner's warnings for the Services synced that exist and have an odd scheduler.
+    fn warnings<'a>(
+        &self,
+        state: &ClusterState,
+        synced: impl Iterator<Item = &'a ServiceName>,
+    ) -> Vec<PlanWarning> {
+        let odd = self.0.with(|s| s.odd_scheduler.clone());
+        synced
+            .filter(|name| odd.contains(&*name.name) && state.service(name).is_some())
+            .map(|service| PlanWarning::UnknownScheduler {
+                service: service.clone(),
+                value: "odd".into(),
+                fallback: ipvs::Scheduler::RoundRobin,
+            })
+            .collect()
+    }
+
     /// A sync of `synced` (every Service: `None`) fails with the next of `fail_next` if that
     /// is the backend's failure or one of the Services synced.
     fn report(&self, synced: Option<&BTreeSet<ServiceName>>) -> SyncReport {
@@ -78,24 +98,25 @@ impl FakeEngine {
 impl Engine for FakeEngine {
     fn full_sync(
         &mut self,
-        _state: &ClusterState,
+        state: &ClusterState,
         _planner: &Planner,
         _now: Instant,
     ) -> (SyncReport, Vec<PlanWarning>) {
         self.0.with(|s| s.calls.push(Call::Full));
-        (self.report(None), Vec::new())
+        let warnings = self.warnings(state, state.services().map(|(name, _)| name));
+        (self.report(None), warnings)
     }
 
     fn partial_sync(
         &mut self,
-        _state: &ClusterState,
+        state: &ClusterState,
         _planner: &Planner,
         dirty: &BTreeSet<ServiceName>,
         _now: Instant,
     ) -> (SyncReport, Vec<PlanWarning>) {
         let names = dirty.iter().map(|n| n.name.to_string()).collect();
         self.0.with(|s| s.calls.push(Call::Partial(names)));
-        (self.report(Some(dirty)), Vec::new())
+        (self.report(Some(dirty)), self.warnings(state, dirty.iter()))
     }
 
     fn drain(&mut self, _now: Instant) -> SyncReport {
@@ -137,6 +158,10 @@ impl Observer for Log {
         self.with(|s| s.synced.push(record.clone()));
     }
 
+    fn caught_up(&self) {
+        self.with(|s| s.caught_up += 1);
+    }
+
     fn errors(&self, errors: &[SyncError], _partial: bool) {
         self.with(|s| s.errors += errors.len());
     }
@@ -165,6 +190,19 @@ enum Change {
     /// The Service's one slice: its endpoints' (address, node, ready).
     Endpoints(&'static str, Vec<(&'static str, &'static str, bool)>),
     Removed(&'static str),
+}
+
+impl crate::pending::Keyed for Change {
+    type Key = (&'static str, &'static str);
+    fn key(&self) -> Self::Key {
+        match self {
+            Change::Service(name, _)
+            | Change::LocalLoadBalancer(name, _)
+            | Change::Removed(name) => ("service", name),
+            Change::Endpoints(name, _) => ("slice", name),
+            Change::Node(_) | Change::Zone(_) => ("node", "node-a"),
+        }
+    }
 }
 
 fn local_load_balancer(name: &str, health_check_node_port: u16) -> ServicePort {
@@ -718,4 +756,56 @@ fn health_checks_listen_on_every_address_unless_nodeport_addresses_is_set() {
         let checks = log.with(|s| s.health_checks.last().cloned()).unwrap();
         assert_eq!(checks.addresses, expected);
     }
+}
+
+#[test]
+fn a_warning_is_remembered_while_its_service_has_it_and_forgotten_when_it_goes() {
+    let (mut l, log, t0) = started();
+    log.with(|s| s.odd_scheduler.insert("odd"));
+    l.receive(SourceUpdate::Events(vec![Change::Service(
+        "odd",
+        "10.96.0.11",
+    )]));
+    l.tick(t0 + MIN);
+    let odd = ServiceName::new("ns", "odd");
+    assert_eq!(l.reported.get(&odd).map(BTreeSet::len), Some(1));
+    // Synced again with the same warning: still one, said once.
+    l.receive(SourceUpdate::Events(vec![Change::Service(
+        "odd",
+        "10.96.0.12",
+    )]));
+    l.tick(t0 + 2 * MIN);
+    assert_eq!(l.reported.get(&odd).map(BTreeSet::len), Some(1));
+    // A full sync keeps what it finds.
+    l.tick(t0 + PERIOD);
+    assert_eq!(l.reported.keys().collect::<Vec<_>>(), [&odd]);
+    l.receive(SourceUpdate::Events(vec![Change::Removed("odd")]));
+    l.tick(t0 + PERIOD + MIN);
+    assert!(l.reported.is_empty(), "{:?}", l.reported);
+}
+
+#[test]
+fn changes_that_change_nothing_are_caught_up_only_after_a_sync_applied_everything() {
+    let (tx, mut updates) = crate::pending::channel::<Change>(None);
+    let (mut l, log, t0) = started();
+    let caught_up = || log.with(|s| s.caught_up);
+    let send = |change| tx.send(SourceUpdate::Events(vec![change])).unwrap();
+    // The same Service again: nothing to apply.
+    send(Change::Service("web", "10.96.0.10"));
+    l.take_all(&mut updates);
+    assert_eq!(caught_up(), 1);
+    // A real change, and a sync that fails as a whole: it is not applied.
+    send(Change::Service("web", "10.96.0.20"));
+    l.take_all(&mut updates);
+    log.with(|s| s.fail_next.push(None));
+    l.tick(t0 + MIN);
+    send(Change::Service("web", "10.96.0.20"));
+    l.take_all(&mut updates);
+    assert_eq!(caught_up(), 1, "the failed sync applied nothing");
+    // The repair sync goes through; then a no-op is caught up again.
+    l.tick(t0 + 2 * MIN);
+    assert_eq!(log.take_calls().last(), Some(&Call::Full));
+    send(Change::Service("web", "10.96.0.20"));
+    l.take_all(&mut updates);
+    assert_eq!(caught_up(), 2);
 }
