@@ -20,7 +20,7 @@ use crate::table::{Family, FamilyNames as _, Table};
 /// (one part costs lines × chains), while a resync over the existing rules took 37.6, 28.0,
 /// 33.5 and 44.2 s (each part's commit re-validates every rule reachable from the built-in
 /// chains, about 0.3 s).
-const NFT_RESTORE_LINES: usize = 10_000;
+pub(crate) const NFT_RESTORE_LINES: usize = 10_000;
 
 /// Which iptables backend the tools program: the legacy x_tables or nf_tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -218,6 +218,67 @@ impl Runner {
         }
     }
 
+    /// `iptables-save` of every table, each line handed to `line` as the tool prints it, so
+    /// that a large table is never held whole (the proxier hashes it chain by chain).
+    pub fn save_each_line(&self, family: Family, line: &mut dyn FnMut(&str)) -> Result<(), Error> {
+        use std::io::BufRead as _;
+        let program = self.flavour.tool(family, "save");
+        let (mut cmd, tool) = self.command(&program, &[]);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let spawn = |source| Error::Spawn {
+            tool: tool.clone(),
+            source,
+        };
+        let mut child = cmd.spawn().map_err(spawn)?;
+        let stdout = child.stdout.take().expect("stdout was piped");
+        let mut reader = std::io::BufReader::with_capacity(1 << 16, stdout);
+        let mut buf = String::new();
+        loop {
+            buf.clear();
+            match reader.read_line(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => line(buf.trim_end_matches('\n')),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(spawn(e));
+                }
+            }
+        }
+        let out = child.wait_with_output().map_err(spawn)?;
+        if !out.status.success() {
+            return Err(Error::Tool {
+                tool,
+                status: out.status,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts `iptables-restore --noflush --wait` (or the ip6tables one) to be fed while the
+    /// input is produced ([`RestoreStream`]), so a large restore is never built whole.
+    pub fn restore_stream(&self, family: Family) -> Result<RestoreStream, Error> {
+        let program = self.flavour.tool(family, "restore");
+        let (mut cmd, tool) = self.command(&program, &["--noflush", "--wait"]);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+            tool: tool.clone(),
+            source,
+        })?;
+        let stdin = child.stdin.take().expect("stdin was piped");
+        Ok(RestoreStream {
+            child,
+            stdin: Some(std::io::BufWriter::with_capacity(1 << 16, stdin)),
+            tool,
+            bytes: 0,
+        })
+    }
+
     /// `iptables-save`, parsed into chains and rules per table.
     pub fn save(&self, family: Family, table: Option<Table>) -> Result<Saved, Error> {
         Ok(Saved::parse(&self.save_text(family, table)?))
@@ -248,6 +309,54 @@ impl Runner {
             .filter(|l| !l.is_empty())
             .map(str::to_owned)
             .collect())
+    }
+}
+
+/// A running `iptables-restore` fed piece by piece ([`Runner::restore_stream`]).
+#[derive(Debug)]
+pub struct RestoreStream {
+    child: std::process::Child,
+    stdin: Option<std::io::BufWriter<std::process::ChildStdin>>,
+    tool: String,
+    bytes: usize,
+}
+
+impl RestoreStream {
+    /// Sends `text`. A tool that exited early (it refused a line) stops taking input; what it
+    /// said is reported by [`RestoreStream::finish`].
+    pub fn write(&mut self, text: &str) {
+        self.bytes += text.len();
+        if let Some(stdin) = &mut self.stdin
+            && let Err(e) = stdin.write_all(text.as_bytes())
+        {
+            tracing::debug!(tool = %self.tool, error = %e, "writing to the tool's stdin failed");
+            self.stdin = None;
+        }
+    }
+
+    /// Closes the input and waits for the tool: the bytes sent.
+    pub fn finish(mut self) -> Result<usize, Error> {
+        if let Some(mut stdin) = self.stdin.take()
+            && let Err(e) = stdin.flush()
+        {
+            tracing::debug!(tool = %self.tool, error = %e, "writing to the tool's stdin failed");
+        }
+        let tool = self.tool;
+        let out = self
+            .child
+            .wait_with_output()
+            .map_err(|source| Error::Spawn {
+                tool: tool.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(Error::Tool {
+                tool,
+                status: out.status,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(self.bytes)
     }
 }
 
