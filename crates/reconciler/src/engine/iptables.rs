@@ -37,6 +37,7 @@ pub struct IptablesEngine {
 #[derive(Debug)]
 struct KernelRead {
     thread: JoinHandle<Vec<(usize, Result<KernelChains, iptables::Error>)>>,
+    started: Instant,
     next_poll: Instant,
 }
 
@@ -80,9 +81,11 @@ impl IptablesEngine {
                 });
             match thread {
                 Ok(thread) => {
+                    let started = Instant::now();
                     self.read = Some(KernelRead {
                         thread,
-                        next_poll: Instant::now() + READ_POLL,
+                        started,
+                        next_poll: started + READ_POLL,
                     });
                 }
                 Err(e) => {
@@ -198,6 +201,7 @@ impl Engine for IptablesEngine {
             tracing::error!("the kernel read panicked");
             Vec::new()
         });
+        let mut repaired = 0;
         for (i, kernel) in reads {
             let Some(proxier) = self.proxiers.get_mut(i) else {
                 continue;
@@ -205,7 +209,10 @@ impl Engine for IptablesEngine {
             let family = proxier.config().family;
             let checked = kernel.and_then(|kernel| proxier.check(&self.runner, &kernel, spec_of));
             match checked {
-                Ok(checked) => tracing::debug!(?family, ?checked, "iptables rules checked"),
+                Ok(checked) => {
+                    repaired += checked.chains_written + checked.chains_deleted;
+                    tracing::debug!(?family, ?checked, "iptables rules checked");
+                }
                 Err(source) => {
                     proxier.invalidate();
                     report.errors.push(SyncError::new(
@@ -215,6 +222,12 @@ impl Engine for IptablesEngine {
                 }
             }
         }
+        tracing::info!(
+            chains_repaired = repaired,
+            errors = report.errors.len(),
+            took_ms = read.started.elapsed().as_secs_f64() * 1000.0,
+            "full sync checked the kernel"
+        );
         Some(report)
     }
 
