@@ -23,6 +23,7 @@
 
 pub mod chain;
 pub mod cleanup;
+pub mod generation;
 pub mod ipset;
 pub mod ipvs_mode;
 pub mod proxier;

@@ -218,6 +218,17 @@ impl Runner {
         }
     }
 
+    /// The nf_tables generation of the namespace this runner programs
+    /// ([`crate::generation::nft_generation`]); `None` for iptables-legacy, for a runner bound
+    /// to a named namespace (the tools run there, this process does not), or when unreadable.
+    #[must_use]
+    pub fn nft_generation(&self) -> Option<u32> {
+        if self.flavour != Flavour::Nft || self.netns.is_some() {
+            return None;
+        }
+        crate::generation::nft_generation()
+    }
+
     /// `iptables-save` of every table, each line handed to `line` as the tool prints it, so
     /// that a large table is never held whole (the proxier hashes it chain by chain).
     pub fn save_each_line(&self, family: Family, line: &mut dyn FnMut(&str)) -> Result<(), Error> {

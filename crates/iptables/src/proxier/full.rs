@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use super::kernel::{Fingerprint, KernelChains};
 use super::render::{Rendered, SHARED_CHAINS, comments_for, render_service};
-use super::sync::{Applied, Key, Mirror, Port, service_name};
+use super::sync::{Applied, Key, Mirror, Port, Written, service_name};
 use super::{ServiceSpec, SyncStats};
 use crate::Error;
 use crate::chain::{is_proxy_chain, is_service_chain};
@@ -40,10 +40,14 @@ impl Proxier {
         specs: &[ServiceSpec],
     ) -> Result<SyncStats, Error> {
         let start = Instant::now();
+        let before = runner.nft_generation();
         let result = KernelChains::read(runner, self.config.family)
             .and_then(|kernel| self.stream_full(runner, specs, &kernel));
         match result {
             Ok(mut stats) => {
+                // Known if the read saw generation `before` and only this sync's commits followed.
+                self.generation = before;
+                self.track_generation(runner, before, Some(stats.commits));
                 stats.elapsed = start.elapsed();
                 tracing::debug!(?stats, "iptables proxier synced in full");
                 Ok(stats)
@@ -129,16 +133,77 @@ impl Proxier {
     /// kube-proxy's `namespace/name`), to re-render a drifted port; a port whose rules have
     /// moved on since they were applied is left to its pending partial sync. Nothing is done
     /// without a mirror or a watch (a full sync ran meanwhile).
+    ///
+    /// `read_generations` are nf_tables' generation just before and just after the read: when
+    /// they are equal the read saw exactly that ruleset, and the kernel is known from then on
+    /// ([`Proxier::kernel_unchanged`]).
     pub fn check(
         &mut self,
         runner: &Runner,
         kernel: &KernelChains,
+        read_generations: (Option<u32>, Option<u32>),
         mut spec_of: impl FnMut(&str) -> Vec<ServiceSpec>,
     ) -> Result<SyncStats, Error> {
         let start = Instant::now();
-        let (Some(mirror), Some(written)) = (&self.applied, self.written.take()) else {
+        let exact = match read_generations {
+            (Some(from), Some(to)) if from == to => Some(to),
+            _ => None,
+        };
+        let Some(written) = self.written.take() else {
             return Ok(SyncStats::default());
         };
+        let Some((mut ruleset, repaired)) = self.repair(kernel, &written, &mut spec_of) else {
+            return Ok(SyncStats::default());
+        };
+        let config = &self.config;
+        ruleset.tables.retain(|_, p| !p.is_empty());
+        let mut stats = SyncStats {
+            full: true,
+            changed_services: repaired,
+            chains_written: ruleset.tables.values().map(|t| t.chains.len()).sum(),
+            chains_deleted: ruleset.tables.values().map(|t| t.delete.len()).sum(),
+            rules: ruleset.rule_count(),
+            ..SyncStats::default()
+        };
+        if ruleset.is_empty() {
+            self.generation = exact.filter(|g| Some(*g) == runner.nft_generation());
+        } else {
+            ruleset.check_ownership()?;
+            tracing::info!(
+                family = ?config.family,
+                chains = stats.chains_written,
+                deleted = stats.chains_deleted,
+                "iptables rules differed from what the proxy wrote; repairing them"
+            );
+            let before = runner.nft_generation();
+            let sections = ruleset.tables.values().filter(|t| !t.is_empty()).count();
+            match runner.apply_owned(config.family, ruleset) {
+                Ok((bytes, restores)) => {
+                    stats.bytes = bytes;
+                    stats.restores = restores;
+                    self.generation = exact.filter(|g| Some(*g) == before);
+                    self.track_generation(runner, before, (restores == 1).then_some(sections));
+                }
+                Err(e) => {
+                    self.invalidate();
+                    return Err(e);
+                }
+            }
+        }
+        stats.elapsed = start.elapsed();
+        tracing::debug!(?stats, "iptables proxier checked");
+        Ok(stats)
+    }
+    /// What [`Proxier::check`] rewrites: the chains of `kernel` that differ from the mirror
+    /// and were not written since the read (`written`), and how many ports it re-rendered;
+    /// `None` without a mirror.
+    fn repair(
+        &self,
+        kernel: &KernelChains,
+        written: &Written,
+        spec_of: &mut impl FnMut(&str) -> Vec<ServiceSpec>,
+    ) -> Option<(Ruleset, usize)> {
+        let mirror = self.applied.as_ref()?;
         let config = &self.config;
         let drifted = |table: Table, name: &str, want: &Fingerprint, any_order: bool| {
             !written.contains(table, name)
@@ -203,37 +268,7 @@ impl Proxier {
                 .jumps()
                 .add_missing_jumps(table, &builtin_jumps(table), &mut ruleset);
         }
-        ruleset.tables.retain(|_, p| !p.is_empty());
-        let mut stats = SyncStats {
-            full: true,
-            changed_services: repaired,
-            chains_written: ruleset.tables.values().map(|t| t.chains.len()).sum(),
-            chains_deleted: ruleset.tables.values().map(|t| t.delete.len()).sum(),
-            rules: ruleset.rule_count(),
-            ..SyncStats::default()
-        };
-        if !ruleset.is_empty() {
-            ruleset.check_ownership()?;
-            tracing::info!(
-                family = ?config.family,
-                chains = stats.chains_written,
-                deleted = stats.chains_deleted,
-                "iptables rules differed from what the proxy wrote; repairing them"
-            );
-            match runner.apply_owned(config.family, ruleset) {
-                Ok((bytes, restores)) => {
-                    stats.bytes = bytes;
-                    stats.restores = restores;
-                }
-                Err(e) => {
-                    self.invalidate();
-                    return Err(e);
-                }
-            }
-        }
-        stats.elapsed = start.elapsed();
-        tracing::debug!(?stats, "iptables proxier checked");
-        Ok(stats)
+        Some((ruleset, repaired))
     }
 }
 
@@ -305,6 +340,7 @@ impl<'a> Stream<'a> {
             out.write(table.as_str());
             out.write("\n");
             self.table = Some(table);
+            self.stats.commits += 1;
         }
         out.write(text);
         self.lines += 1;

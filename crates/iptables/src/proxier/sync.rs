@@ -62,6 +62,8 @@ pub struct SyncStats {
     /// `iptables-restore` runs (more than one only for a large iptables-nft restore, see
     /// [`Ruleset::split`]).
     pub restores: usize,
+    /// Table sections committed by a full sync's restores (each one kernel commit).
+    pub commits: usize,
     /// Wall time of the sync, tools included.
     pub elapsed: Duration,
 }
@@ -217,6 +219,10 @@ pub struct Proxier {
     pub(super) applied: Option<Mirror>,
     /// While a kernel read for [`Proxier::check`] is in flight: what was written since.
     pub(super) written: Option<Written>,
+    /// The nf_tables generation after this proxier last compared its chains with the kernel or
+    /// wrote them, while nothing else has committed since (see [`crate::generation`]);
+    /// `None` when unknown (iptables-legacy, another writer, a restore in parts).
+    pub(super) generation: Option<u32>,
 }
 
 impl Proxier {
@@ -227,6 +233,7 @@ impl Proxier {
             config,
             applied: None,
             written: None,
+            generation: None,
         }
     }
 
@@ -240,6 +247,36 @@ impl Proxier {
     pub fn invalidate(&mut self) {
         self.applied = None;
         self.written = None;
+        self.generation = None;
+    }
+
+    /// Whether the kernel's ruleset is provably what this proxier last compared or wrote:
+    /// nf_tables' generation has not moved since ([`Runner::nft_generation`]). A periodic
+    /// full sync then has nothing to read.
+    #[must_use]
+    pub fn kernel_unchanged(&self, runner: &Runner) -> bool {
+        self.applied.is_some()
+            && self.generation.is_some()
+            && self.generation == runner.nft_generation()
+    }
+
+    /// Keeps [`Proxier::generation`] across a write of `commits` commits (`None`: not known)
+    /// that began at generation `before`: only if nothing else committed before or during it.
+    pub(super) fn track_generation(
+        &mut self,
+        runner: &Runner,
+        before: Option<u32>,
+        commits: Option<usize>,
+    ) {
+        let after = runner.nft_generation();
+        self.generation = match (self.generation, before, commits, after) {
+            (Some(known), Some(b), Some(n), Some(a))
+                if known == b && u32::try_from(n).is_ok_and(|n| a == b.wrapping_add(n)) =>
+            {
+                Some(a)
+            }
+            _ => None,
+        };
     }
 
     /// Starts recording the chains each sync writes, for a [`Proxier::check`] against a
@@ -523,10 +560,15 @@ impl Proxier {
             if let Some(written) = &mut self.written {
                 written.record(&rs);
             }
+            let before = runner.nft_generation();
+            let sections = rs.tables.values().filter(|t| !t.is_empty()).count();
             match runner.apply_owned(self.config.family, rs) {
                 Ok((bytes, restores)) => {
                     stats.bytes = bytes;
                     stats.restores = restores;
+                    // One commit per table of one restore; parts are not counted.
+                    let commits = (restores == 1).then_some(sections);
+                    self.track_generation(runner, before, commits);
                 }
                 Err(e) => {
                     self.invalidate();

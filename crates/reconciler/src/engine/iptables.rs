@@ -33,10 +33,17 @@ pub struct IptablesEngine {
     read: Option<KernelRead>,
 }
 
-/// The kernel read of a periodic full sync: per proxier (by index) what `iptables-save` had.
+/// What a periodic full sync's read found: nf_tables' generation before and after it, and per
+/// proxier (by index) what `iptables-save` had.
+type Read = (
+    (Option<u32>, Option<u32>),
+    Vec<(usize, Result<KernelChains, iptables::Error>)>,
+);
+
+/// The kernel read of a periodic full sync, running.
 #[derive(Debug)]
 struct KernelRead {
-    thread: JoinHandle<Vec<(usize, Result<KernelChains, iptables::Error>)>>,
+    thread: JoinHandle<Read>,
     started: Instant,
     next_poll: Instant,
 }
@@ -60,7 +67,20 @@ impl IptablesEngine {
         if self.proxiers.iter().any(Proxier::needs_full) {
             return self.sync(state, planner, None);
         }
-        if self.read.is_none() {
+        if self.read.is_none()
+            && self
+                .proxiers
+                .iter()
+                .all(|p| p.kernel_unchanged(&self.runner))
+        {
+            // Nothing committed since the proxy last compared or wrote: nothing to read.
+            tracing::info!(
+                chains_repaired = 0,
+                unchanged = true,
+                took_ms = 0.0,
+                "full sync checked the kernel"
+            );
+        } else if self.read.is_none() {
             let families: Vec<(usize, iptables::Family)> = self
                 .proxiers
                 .iter_mut()
@@ -74,10 +94,12 @@ impl IptablesEngine {
             let thread = std::thread::Builder::new()
                 .name("iptables-save".into())
                 .spawn(move || {
-                    families
+                    let before = runner.nft_generation();
+                    let kernels = families
                         .into_iter()
                         .map(|(i, family)| (i, KernelChains::read(&runner, family)))
-                        .collect()
+                        .collect();
+                    ((before, runner.nft_generation()), kernels)
                 });
             match thread {
                 Ok(thread) => {
@@ -197,9 +219,9 @@ impl Engine for IptablesEngine {
             services: state.service_count(),
             ..SyncReport::default()
         };
-        let reads = read.thread.join().unwrap_or_else(|_| {
+        let (generations, reads) = read.thread.join().unwrap_or_else(|_| {
             tracing::error!("the kernel read panicked");
-            Vec::new()
+            ((None, None), Vec::new())
         });
         let mut repaired = 0;
         for (i, kernel) in reads {
@@ -207,7 +229,8 @@ impl Engine for IptablesEngine {
                 continue;
             };
             let family = proxier.config().family;
-            let checked = kernel.and_then(|kernel| proxier.check(&self.runner, &kernel, spec_of));
+            let checked = kernel
+                .and_then(|kernel| proxier.check(&self.runner, &kernel, generations, spec_of));
             match checked {
                 Ok(checked) => {
                     repaired += checked.chains_written + checked.chains_deleted;
