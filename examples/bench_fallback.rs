@@ -363,9 +363,28 @@ fn change(dir: &Path, i: u32, round: u32) -> Result<Duration> {
     }
 }
 
-fn measure(dir: &Path, n: u32) -> Result<Measured> {
-    let log_path: PathBuf = std::env::temp_dir().join(format!("bench-fallback-{n}.log"));
-    let log = std::fs::File::create(&log_path)?;
+/// [`IDLE_CHANGES`] endpoint changes one after another; their median.
+fn idle_changes(dir: &Path, n: u32, round: &mut u32) -> Result<Duration> {
+    let mut idle = Vec::new();
+    for k in 0..IDLE_CHANGES {
+        let i = (u32::try_from(k)? * 7919) % n;
+        idle.push(change(dir, i, *round)?);
+        *round += 1;
+    }
+    let change_idle = median(idle.clone());
+    println!(
+        "  ours: one endpoint change, no resync running: median {:.1}ms of {:?}",
+        change_idle.as_secs_f64() * 1000.0,
+        idle.iter()
+            .map(|d| (d.as_secs_f64() * 1000.0).round())
+            .collect::<Vec<_>>()
+    );
+    Ok(change_idle)
+}
+
+/// Starts the daemon on `dir`, logging to `log_path`.
+fn start_daemon(dir: &Path, log_path: &Path) -> Result<Daemon> {
+    let log = std::fs::File::create(log_path)?;
     let mut flags = common_flags(dir);
     flags.extend(
         [
@@ -381,8 +400,7 @@ fn measure(dir: &Path, n: u32) -> Result<Measured> {
         ]
         .map(str::to_owned),
     );
-    let started = Instant::now();
-    let daemon = Daemon(
+    Ok(Daemon(
         Command::new(std::env::current_exe()?)
             .arg("--daemon")
             .args(&flags)
@@ -394,7 +412,13 @@ fn measure(dir: &Path, n: u32) -> Result<Measured> {
             .stderr(log.try_clone()?)
             .stdout(log)
             .spawn()?,
-    );
+    ))
+}
+
+fn measure(dir: &Path, n: u32) -> Result<Measured> {
+    let log_path: PathBuf = std::env::temp_dir().join(format!("bench-fallback-{n}.log"));
+    let started = Instant::now();
+    let daemon = start_daemon(dir, &log_path)?;
     let pid = daemon.0.id();
     let name = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
     while !metric(name).is_some_and(|t| t > 0.0) {
@@ -419,23 +443,10 @@ fn measure(dir: &Path, n: u32) -> Result<Measured> {
 
     // Changes with no resync running: right after the first sync, well before the next.
     let mut round = 0;
-    let mut idle = Vec::new();
-    for k in 0..IDLE_CHANGES {
-        let i = (u32::try_from(k)? * 7919) % n;
-        idle.push(change(dir, i, round)?);
-        round += 1;
-    }
+    let change_idle = idle_changes(dir, n, &mut round)?;
     ensure!(
         log_times(&log_path, full).len() == 1,
         "a periodic full sync ran during the idle changes"
-    );
-    let change_idle = median(idle.clone());
-    println!(
-        "  ours: one endpoint change, no resync running: median {:.1}ms of {:?}",
-        change_idle.as_secs_f64() * 1000.0,
-        idle.iter()
-            .map(|d| (d.as_secs_f64() * 1000.0).round())
-            .collect::<Vec<_>>()
     );
 
     // Periodic full syncs of the unchanged cluster: nothing else committed, so nf_tables'

@@ -355,6 +355,31 @@ fn lines_in(path: &Path) -> usize {
     std::fs::read_to_string(path).map_or(0, |s| s.lines().count())
 }
 
+/// Writes into `bin` an `iptables-nft-save` that notes each call in `calls` and, while `slow`
+/// exists, sleeps 6 s before running the real one.
+fn slow_save_wrapper(bin: &Path, slow: &Path, calls: &Path) {
+    let real = Command::new("sh")
+        .args(["-c", "command -v iptables-nft-save"])
+        .output()
+        .unwrap();
+    let real = String::from_utf8_lossy(&real.stdout).trim().to_owned();
+    assert!(!real.is_empty(), "iptables-nft-save is installed");
+    let wrapper = bin.join("iptables-nft-save");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {c}\nif [ -e {s} ]; then sleep 6; fi\nexec {real} \"$@\"\n",
+            s = slow.display(),
+            c = calls.display()
+        ),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .args(["755", &wrapper.display().to_string()])
+        .status()
+        .unwrap();
+}
+
 /// A periodic full sync of a kernel nothing else wrote to reads nothing (nf_tables'
 /// generation tells); one after another tool's commit reads the kernel, and while that read
 /// takes seconds (the daemon's `iptables-nft-save` is a wrapper that sleeps first) a change is
@@ -371,27 +396,8 @@ fn a_change_during_a_slow_periodic_full_sync_is_synced_at_once() {
         dir.join("web.yaml"),
     )
     .unwrap();
-    let real = Command::new("sh")
-        .args(["-c", "command -v iptables-nft-save"])
-        .output()
-        .unwrap();
-    let real = String::from_utf8_lossy(&real.stdout).trim().to_owned();
-    assert!(!real.is_empty(), "iptables-nft-save is installed");
     let (slow, calls) = (base.join("slow"), base.join("calls"));
-    let wrapper = bin.join("iptables-nft-save");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\necho \"$@\" >> {c}\nif [ -e {s} ]; then sleep 6; fi\nexec {real} \"$@\"\n",
-            s = slow.display(),
-            c = calls.display()
-        ),
-    )
-    .unwrap();
-    Command::new("chmod")
-        .args(["755", &wrapper.display().to_string()])
-        .status()
-        .unwrap();
+    slow_save_wrapper(&bin, &slow, &calls);
 
     let ns = Netns::new("slow-save");
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
