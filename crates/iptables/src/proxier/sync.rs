@@ -279,6 +279,13 @@ impl Proxier {
         };
     }
 
+    /// The Services (kube-proxy's `namespace/name`) whose ports were last applied.
+    pub fn service_names(&self) -> impl Iterator<Item = &str> {
+        self.applied
+            .iter()
+            .flat_map(|m| m.services.keys().map(String::as_str))
+    }
+
     /// Starts recording the chains each sync writes, for a [`Proxier::check`] against a
     /// kernel read that begins now (on another thread: [`super::KernelChains::read`]).
     pub fn watch_writes(&mut self) {

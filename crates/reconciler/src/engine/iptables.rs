@@ -67,6 +67,18 @@ impl IptablesEngine {
         if self.proxiers.iter().any(Proxier::needs_full) {
             return self.sync(state, planner, None);
         }
+        // A full sync programs every Service (the loop drops its dirty set for it): those
+        // that differ from the mirror are written now, before the kernel read begins.
+        // Those gone from the state too: they are only in the mirrors.
+        let mut all: BTreeSet<ServiceName> =
+            state.services().map(|(name, _)| name.clone()).collect();
+        for proxier in &self.proxiers {
+            all.extend(proxier.service_names().map(service_name_of));
+        }
+        let report = self.sync(state, planner, Some(&all));
+        if !report.errors.is_empty() || self.proxiers.iter().any(Proxier::needs_full) {
+            return report;
+        }
         if self.read.is_none()
             && self
                 .proxiers
@@ -172,6 +184,12 @@ impl IptablesEngine {
     }
 }
 
+/// A Service by kube-proxy's `namespace/name`, as the proxier names it.
+fn service_name_of(service: &str) -> ServiceName {
+    let (namespace, name) = service.split_once('/').unwrap_or(("", service));
+    ServiceName::new(namespace, name)
+}
+
 impl Engine for IptablesEngine {
     fn full_sync(
         &mut self,
@@ -211,10 +229,7 @@ impl Engine for IptablesEngine {
             return None;
         }
         let node = &*planner.config.node_name;
-        let spec_of = |service: &str| {
-            let (namespace, name) = service.split_once('/').unwrap_or(("", service));
-            service_specs_of(state, &ServiceName::new(namespace, name), node)
-        };
+        let spec_of = |service: &str| service_specs_of(state, &service_name_of(service), node);
         let mut report = SyncReport {
             services: state.service_count(),
             ..SyncReport::default()
