@@ -6,12 +6,12 @@
 //! the same rules writes nothing, and the rules are never all in memory. Stale per-Service
 //! chains are deleted, missing jumps from the built-in chains inserted.
 //!
-//! [`Proxier::check`] (the periodic full sync) renders nothing: it compares the mirror's
+//! [`Proxier::check`] (the periodic full sync's second half) compares the mirror's
 //! fingerprints with a kernel read taken off the sync thread, skipping the chains written
 //! since that read began ([`Proxier::watch_writes`]), and repairs only what differs: the
-//! drifted ports' chains, re-rendered; shared chains that lost or gained rules; stale chains;
-//! missing jumps. Its cost is the read (by another thread and `iptables-save`) and a lookup per
-//! chain.
+//! drifted ports' chains, re-rendered (nothing else is); shared chains that lost or gained
+//! rules; stale chains; missing jumps. Its cost is the read (by another thread and
+//! `iptables-save`) and a lookup per chain.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;

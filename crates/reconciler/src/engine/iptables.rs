@@ -1,7 +1,9 @@
 //! kube-proxy's iptables proxier: the fallback when IPVS is missing, or `--proxy-mode=iptables`.
 //!
 //! The first full sync (and one after a failure) reads the kernel and writes what differs
-//! while the loop waits. A periodic full sync only starts a kernel read on another thread
+//! while the loop waits. A periodic full sync writes the Services that differ from the mirror
+//! (as a partial sync of all of them), then, unless nf_tables' generation shows nothing else
+//! committed ([`Proxier::kernel_unchanged`]), starts a kernel read on another thread
 //! (`iptables-save` of 10,000 Services takes seconds) and returns, so changes keep being
 //! synced meanwhile; when the read is done, [`Engine::resume`] compares it with what was
 //! applied and repairs what differs ([`Proxier::check`]).
