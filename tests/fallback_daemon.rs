@@ -517,3 +517,130 @@ fn nodeport_addresses_restrict_the_fallbacks_node_port_rules_and_traffic() {
     server.join().unwrap();
     assert!(!log.contains("ERROR"), "{log}");
 }
+
+/// Lines in `path` (0 when it does not exist).
+fn lines_in(path: &Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |s| s.lines().count())
+}
+
+/// Writes into `bin` an `iptables-nft-save` that notes each call in `calls` and, while `slow`
+/// exists, sleeps 6 s before running the real one.
+fn slow_save_wrapper(bin: &Path, slow: &Path, calls: &Path) {
+    let real = Command::new("sh")
+        .args(["-c", "command -v iptables-nft-save"])
+        .output()
+        .unwrap();
+    let real = String::from_utf8_lossy(&real.stdout).trim().to_owned();
+    assert!(!real.is_empty(), "iptables-nft-save is installed");
+    let wrapper = bin.join("iptables-nft-save");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {c}\nif [ -e {s} ]; then sleep 6; fi\nexec {real} \"$@\"\n",
+            s = slow.display(),
+            c = calls.display()
+        ),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .args(["755", &wrapper.display().to_string()])
+        .status()
+        .unwrap();
+}
+
+/// A periodic full sync of a kernel nothing else wrote to reads nothing (nf_tables'
+/// generation tells); one after another tool's commit reads the kernel, and while that read
+/// takes seconds (the daemon's `iptables-nft-save` is a wrapper that sleeps first) a change is
+/// synced at once, and the check that ends the read keeps it and repairs nothing.
+#[test]
+fn a_change_during_a_slow_periodic_full_sync_is_synced_at_once() {
+    let base = std::env::temp_dir().join(format!("ipvs-proxy-slow-save-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (dir, bin) = (base.join("manifests"), base.join("bin"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy(
+        Path::new(&examples()).join("web.yaml"),
+        dir.join("web.yaml"),
+    )
+    .unwrap();
+    let (slow, calls) = (base.join("slow"), base.join("calls"));
+    slow_save_wrapper(&bin, &slow, &calls);
+
+    let ns = Netns::new("slow-save");
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let mut daemon = ns
+        .exec(&[PROXY, "--manifests", &dir.display().to_string()])
+        .args(["--hostname-override", "node-a", "--proxy-mode", "iptables"])
+        .args([
+            "--iptables-sync-period",
+            "1s",
+            "--iptables-min-sync-period",
+            "0s",
+        ])
+        .args(["--healthz-bind-address", "127.0.0.1:0"])
+        .args(["--metrics-bind-address", "127.0.0.1:0"])
+        .env("PATH", path)
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_nat(&ns, "no iptables rules for web", |nat| {
+        nat.contains("-A KUBE-SERVICES -d 10.96.0.20/32 -p tcp")
+    });
+    let first = lines_in(&calls);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        lines_in(&calls),
+        first,
+        "periodic full syncs of an untouched kernel read it"
+    );
+
+    // Another tool commits: the next periodic full sync reads, slowly.
+    std::fs::write(&slow, "").unwrap();
+    let ok = ns
+        .exec(&["iptables-nft", "-t", "filter", "-N", "USER-CHAIN"])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "iptables-nft -N USER-CHAIN");
+    let start = Instant::now();
+    while lines_in(&calls) == first {
+        assert!(start.elapsed() < Duration::from_secs(5), "no kernel read");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let extra = "-A KUBE-SERVICES -d 10.96.77.7/32 -p tcp";
+    let start = Instant::now();
+    std::fs::write(dir.join("extra.yaml"), EXTRA).unwrap();
+    wait_for_nat(&ns, "the added Service has no rule", |nat| {
+        nat.contains(extra)
+    });
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "the change waited {took:?} for the read"
+    );
+    // The read ends and is checked; the change made after it began stays.
+    std::fs::remove_file(&slow).unwrap();
+    std::thread::sleep(Duration::from_secs(7));
+    let nat = saved_nat(&ns);
+    assert!(nat.contains(extra), "{nat}");
+    let log = stop(&mut daemon);
+    let _ = std::fs::remove_dir_all(&base);
+    let checks: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("full sync checked the kernel"))
+        .collect();
+    assert!(
+        checks.iter().any(|l| l.contains("unchanged=true")),
+        "no check skipped the read:\n{log}"
+    );
+    assert!(
+        checks.iter().any(|l| !l.contains("unchanged=true")),
+        "no check read the kernel:\n{log}"
+    );
+    assert!(
+        checks.iter().all(|l| l.contains("chains_repaired=0")),
+        "a check rewrote rules:\n{log}"
+    );
+}

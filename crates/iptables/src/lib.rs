@@ -25,6 +25,7 @@
 
 pub mod chain;
 pub mod cleanup;
+pub mod generation;
 pub mod ipset;
 pub mod ipvs_mode;
 mod process;

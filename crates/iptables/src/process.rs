@@ -76,6 +76,54 @@ pub(crate) fn run(
     })
 }
 
+/// The bound of a tool whose pipes the caller streams itself ([`crate::Runner::save_each_line`],
+/// [`crate::RestoreStream`]): a watchdog thread kills the tool's process group once `timeout`
+/// passes, unless [`Deadline::disarm`] (the tool exited) came first. The tool must have been
+/// started with `process_group(0)`.
+#[derive(Debug)]
+pub(crate) struct Deadline {
+    exited: Option<mpsc::Sender<()>>,
+    watchdog: Option<std::thread::JoinHandle<bool>>,
+}
+
+impl Deadline {
+    pub(crate) fn start(child: &std::process::Child, timeout: Duration) -> Deadline {
+        let group = child.id();
+        let (exited, exit) = mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            let late = exit.recv_timeout(timeout) == Err(mpsc::RecvTimeoutError::Timeout);
+            if late {
+                kill_group(group);
+            }
+            late
+        });
+        Deadline {
+            exited: Some(exited),
+            watchdog: Some(watchdog),
+        }
+    }
+
+    /// Stops the watchdog: whether it had killed the tool.
+    pub(crate) fn disarm(mut self) -> bool {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> bool {
+        if let Some(exited) = self.exited.take() {
+            let _ = exited.send(());
+        }
+        self.watchdog
+            .take()
+            .is_some_and(|w| w.join().unwrap_or(false))
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 fn read_all(pipe: &mut impl Read) -> Vec<u8> {
     let mut bytes = Vec::new();
     // A read error ends the output; what was read so far is what the tool said.

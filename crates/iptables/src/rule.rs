@@ -294,6 +294,17 @@ impl Rule {
 
     /// Writes the rule after `op` (`-A`, `-I`, `-D`), without a trailing newline.
     pub fn write_with(&self, op: &str, out: &mut String) {
+        self.write_as(op, out, false);
+    }
+
+    /// Writes the rule as `iptables-save` prints it back from the kernel (`-A …`, without a
+    /// trailing newline): as [`Rule::write_with`] but with the kernel's probabilities
+    /// ([`saved_probability`]), so it can be compared with a saved line.
+    pub fn write_saved(&self, out: &mut String) {
+        self.write_as("-A", out, true);
+    }
+
+    fn write_as(&self, op: &str, out: &mut String, saved: bool) {
         out.push_str(op);
         out.push(' ');
         out.push_str(&self.chain);
@@ -313,7 +324,7 @@ impl Rule {
             let _ = write!(out, " -p {p}");
         }
         for m in &self.matches {
-            write_match(out, m);
+            write_match(out, m, saved);
         }
         write_target(out, &self.target);
     }
@@ -334,7 +345,7 @@ fn addr(out: &mut String, flag: &str, a: &AddrMatch) {
     let _ = write!(out, " {flag} {}/{}", a.net.addr(), a.net.prefix_len());
 }
 
-fn write_match(out: &mut String, m: &Match) {
+fn write_match(out: &mut String, m: &Match, saved: bool) {
     match m {
         Match::Comment(text) => {
             out.push_str(" -m comment --comment");
@@ -367,7 +378,12 @@ fn write_match(out: &mut String, m: &Match) {
         }
         Match::OneIn(n) => {
             let p = 1.0 / f64::from(*n);
-            let _ = write!(out, " -m statistic --mode random --probability {p:.10}");
+            if saved {
+                let p = saved_probability(p);
+                let _ = write!(out, " -m statistic --mode random --probability {p}");
+            } else {
+                let _ = write!(out, " -m statistic --mode random --probability {p:.10}");
+            }
         }
         Match::Recent { action, name, ipv6 } => {
             out.push_str(" -m recent");

@@ -328,7 +328,7 @@ impl Batches {
 /// sync) and follows their rules in order, so each Service's chains come out together (its
 /// KUBE-SEP-* chains, then its KUBE-SVC-*): a restore of a slice of this order mostly jumps to
 /// chains of the same slice.
-fn dependency_order(chains: &BTreeMap<String, Vec<Rule>>) -> Vec<String> {
+pub(crate) fn dependency_order(chains: &BTreeMap<String, Vec<Rule>>) -> Vec<String> {
     fn visit<'a>(
         name: &'a str,
         chains: &'a BTreeMap<String, Vec<Rule>>,

@@ -8,7 +8,9 @@
 //! forked, once it has run [`TOOL_TIMEOUT`]: a sync that cannot finish fails, it is not
 //! waited on.
 
-use std::process::Command;
+use std::io::Write as _;
+use std::os::unix::process::CommandExt as _;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::Error;
@@ -26,7 +28,7 @@ use crate::table::{Family, FamilyNames as _, Table};
 /// (one part costs lines × chains), while a resync over the existing rules took 37.6, 28.0,
 /// 33.5 and 44.2 s (each part's commit re-validates every rule reachable from the built-in
 /// chains, about 0.3 s).
-const NFT_RESTORE_LINES: usize = 10_000;
+pub(crate) const NFT_RESTORE_LINES: usize = 10_000;
 
 /// How long any one tool may run before it is killed and its call fails. Far above what a
 /// tool needs (a full restore of 10,000 Services took 5 s with iptables-legacy, an
@@ -239,6 +241,94 @@ impl Runner {
         }
     }
 
+    /// The nf_tables generation of the namespace this runner programs
+    /// ([`crate::generation::nft_generation`]); `None` for iptables-legacy, for a runner bound
+    /// to a named namespace (the tools run there, this process does not), or when unreadable.
+    #[must_use]
+    pub fn nft_generation(&self) -> Option<u32> {
+        if self.flavour != Flavour::Nft || self.netns.is_some() {
+            return None;
+        }
+        crate::generation::nft_generation()
+    }
+
+    /// `iptables-save` of every table, each line handed to `line` as the tool prints it, so
+    /// that a large table is never held whole (the proxier hashes it chain by chain).
+    pub fn save_each_line(&self, family: Family, line: &mut dyn FnMut(&str)) -> Result<(), Error> {
+        use std::io::BufRead as _;
+        let program = self.flavour.tool(family, "save");
+        let (mut cmd, tool) = self.command(&program, &[]);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let spawn = |source| Error::Spawn {
+            tool: tool.clone(),
+            source,
+        };
+        let mut child = cmd.spawn().map_err(spawn)?;
+        let deadline = process::Deadline::start(&child, TOOL_TIMEOUT);
+        let stdout = child.stdout.take().expect("stdout was piped");
+        let mut reader = std::io::BufReader::with_capacity(1 << 16, stdout);
+        let mut buf = String::new();
+        loop {
+            buf.clear();
+            match reader.read_line(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => line(buf.trim_end_matches('\n')),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(spawn(e));
+                }
+            }
+        }
+        let out = child.wait_with_output().map_err(spawn)?;
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        if deadline.disarm() {
+            return Err(Error::Timeout {
+                tool,
+                after: TOOL_TIMEOUT,
+                stderr,
+            });
+        }
+        if !out.status.success() {
+            return Err(Error::Tool {
+                tool,
+                status: out.status,
+                stderr,
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts `iptables-restore -w 5 --noflush` (or the ip6tables one; the lock waited for as
+    /// by [`Runner::restore`]) to be fed while the input is produced ([`RestoreStream`]), so a
+    /// large restore is never built whole. Killed, like every tool, after [`TOOL_TIMEOUT`].
+    pub fn restore_stream(&self, family: Family) -> Result<RestoreStream, Error> {
+        let program = self.flavour.tool(family, "restore");
+        let mut args = self.flavour.lock_wait().to_vec();
+        args.push("--noflush");
+        let (mut cmd, tool) = self.command(&program, &args);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+            tool: tool.clone(),
+            source,
+        })?;
+        let deadline = process::Deadline::start(&child, TOOL_TIMEOUT);
+        let stdin = child.stdin.take().expect("stdin was piped");
+        Ok(RestoreStream {
+            child,
+            deadline,
+            stdin: Some(std::io::BufWriter::with_capacity(1 << 16, stdin)),
+            tool,
+            bytes: 0,
+        })
+    }
+
     /// `iptables-save`, parsed into chains and rules per table.
     pub fn save(&self, family: Family, table: Option<Table>) -> Result<Saved, Error> {
         Ok(Saved::parse(&self.save_text(family, table)?))
@@ -269,6 +359,63 @@ impl Runner {
             .filter(|l| !l.is_empty())
             .map(str::to_owned)
             .collect())
+    }
+}
+
+/// A running `iptables-restore` fed piece by piece ([`Runner::restore_stream`]).
+#[derive(Debug)]
+pub struct RestoreStream {
+    child: std::process::Child,
+    deadline: process::Deadline,
+    stdin: Option<std::io::BufWriter<std::process::ChildStdin>>,
+    tool: String,
+    bytes: usize,
+}
+
+impl RestoreStream {
+    /// Sends `text`. A tool that exited early (it refused a line) stops taking input; what it
+    /// said is reported by [`RestoreStream::finish`].
+    pub fn write(&mut self, text: &str) {
+        self.bytes += text.len();
+        if let Some(stdin) = &mut self.stdin
+            && let Err(e) = stdin.write_all(text.as_bytes())
+        {
+            tracing::debug!(tool = %self.tool, error = %e, "writing to the tool's stdin failed");
+            self.stdin = None;
+        }
+    }
+
+    /// Closes the input and waits for the tool: the bytes sent.
+    pub fn finish(mut self) -> Result<usize, Error> {
+        if let Some(mut stdin) = self.stdin.take()
+            && let Err(e) = stdin.flush()
+        {
+            tracing::debug!(tool = %self.tool, error = %e, "writing to the tool's stdin failed");
+        }
+        let tool = self.tool;
+        let out = self
+            .child
+            .wait_with_output()
+            .map_err(|source| Error::Spawn {
+                tool: tool.clone(),
+                source,
+            })?;
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        if self.deadline.disarm() {
+            return Err(Error::Timeout {
+                tool,
+                after: TOOL_TIMEOUT,
+                stderr,
+            });
+        }
+        if !out.status.success() {
+            return Err(Error::Tool {
+                tool,
+                status: out.status,
+                stderr,
+            });
+        }
+        Ok(self.bytes)
     }
 }
 

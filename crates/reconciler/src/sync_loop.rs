@@ -300,6 +300,9 @@ impl<E> SyncLoop<E> {
         if self.engine.counts().draining > 0 {
             consider(self.next_drain);
         }
+        if let Some(resume) = self.engine.resume_at() {
+            consider(resume);
+        }
         if let Some(due) = self.retries.next_due() {
             let min = self.settings.min_sync_period;
             consider(self.last_sync.map_or(due, |l| due.max(l + min)));
@@ -435,6 +438,11 @@ impl<E> SyncLoop<E> {
             };
             self.finish(outcome, started.elapsed(), now);
         }
+        if self.engine.resume_at().is_some_and(|t| now >= t)
+            && let Some(report) = self.engine.resume(&self.state, &self.planner, now)
+        {
+            self.resumed(&report, now);
+        }
         if self.engine.counts().draining > 0 && now >= self.next_drain {
             let report = self.engine.drain(now);
             if report.drained > 0 {
@@ -470,6 +478,19 @@ impl<E> SyncLoop<E> {
             report,
             warnings,
             synced: dirty,
+        }
+    }
+
+    /// What a full sync left running ([`Engine::resume`]) did: its errors are reported as a
+    /// full sync's, and a backend failing as a whole brings a full sync soon.
+    fn resumed(&mut self, report: &SyncReport, now: Instant) {
+        for error in &report.errors {
+            tracing::error!(backend = error.backend(), kind = error.kind(), "{error}");
+        }
+        self.observer.errors(&report.errors, false);
+        if report.needs_full_sync() {
+            let repair = now + REPAIR_DELAY.max(self.settings.min_sync_period);
+            self.next_full = Some(self.next_full.map_or(repair, |t| t.min(repair)));
         }
     }
 

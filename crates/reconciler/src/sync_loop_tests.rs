@@ -21,6 +21,7 @@ enum Call {
     Drain,
     Reconfigure(Vec<IpAddr>),
     Rebind,
+    Resume,
 }
 
 #[derive(Debug, Default)]
@@ -29,6 +30,8 @@ struct Shared {
     /// The next syncs fail with these errors (a `None` service: the backend as a whole).
     fail_next: Vec<Option<&'static str>>,
     draining: usize,
+    /// Work a sync left running: when it wants resuming, and whether it then fails.
+    resume_at: Option<(Instant, bool)>,
     synced: Vec<SyncRecord>,
     queued: Vec<(u64, u64)>,
     errors: usize,
@@ -142,6 +145,26 @@ impl Engine for FakeEngine {
     fn rebind(&mut self) -> SyncReport {
         self.0.with(|s| s.calls.push(Call::Rebind));
         SyncReport::default()
+    }
+
+    fn resume_at(&self) -> Option<Instant> {
+        self.0.with(|s| s.resume_at.map(|(at, _)| at))
+    }
+
+    fn resume(
+        &mut self,
+        _state: &ClusterState,
+        _planner: &Planner,
+        _now: Instant,
+    ) -> Option<SyncReport> {
+        let (_, fails) = self.0.with(|s| s.resume_at.take())?;
+        self.0.with(|s| s.calls.push(Call::Resume));
+        let mut report = SyncReport::default();
+        if fails {
+            let error = crate::Error::Ipvs(ipvs::Error::NotAvailable);
+            report.errors.push(SyncError::new(None, error));
+        }
+        Some(report)
     }
 }
 
@@ -553,6 +576,28 @@ fn the_programming_latency_counts_from_the_oldest_pending_change() {
     let record = log.with(|s| s.synced.last().cloned()).unwrap();
     assert!(record.full);
     assert_eq!(record.programming_latency, None);
+}
+
+#[test]
+fn work_a_sync_left_running_is_resumed_when_due_and_its_failure_brings_a_full_sync() {
+    let (mut l, log, t0) = started();
+    let due = t0 + Duration::from_millis(10);
+    log.with(|s| s.resume_at = Some((due, false)));
+    assert_eq!(l.next_deadline(), Some(due));
+    l.tick(t0 + Duration::from_millis(5));
+    assert_eq!(log.take_calls(), vec![], "not due yet");
+    l.tick(due);
+    assert_eq!(log.take_calls(), vec![Call::Resume]);
+    assert_eq!(l.next_deadline(), Some(t0 + PERIOD), "nothing left running");
+
+    log.with(|s| s.resume_at = Some((due, true)));
+    l.tick(due);
+    assert_eq!(log.take_calls(), vec![Call::Resume]);
+    assert_eq!(log.with(|s| s.errors), 1, "its error is reported");
+    let repair = due + REPAIR_DELAY.max(MIN);
+    assert_eq!(l.next_deadline(), Some(repair), "a full sync repairs soon");
+    l.tick(repair);
+    assert_eq!(log.take_calls(), vec![Call::Full]);
 }
 
 #[test]

@@ -5,8 +5,12 @@
 //!
 //! The input is plain data ([`ServiceSpec`], [`Backend`], [`ProxierConfig`]), not Kubernetes
 //! objects; the reconciler converts its model. [`render`] is pure (what `plan` prints);
-//! [`Proxier`] keeps what it last applied and sends only the chains that changed.
+//! [`Proxier`] keeps what it last applied and sends only the chains that changed; its full
+//! syncs compare every chain with the kernel ([`KernelChains`]) and write only those that
+//! differ.
 
+mod full;
+mod kernel;
 mod names;
 mod render;
 mod sync;
@@ -15,6 +19,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
+pub use kernel::{Fingerprint, KernelChains};
 pub use names::{
     endpoint_chain, external_chain, firewall_chain, local_chain, name_hash, service_chain, sha256,
 };

@@ -2,23 +2,21 @@
 //! kernel to the new state.
 //!
 //! A partial sync is given only the Services that changed ([`Proxier::sync_services`]); it
-//! renders their ports, compares them with the mirror of what was applied (the rules of every
-//! port, and per Service its ports and endpoint counts), and rewrites only the chains whose
-//! rules changed (and deletes the chains they no longer use); a shared chain such as
-//! KUBE-SERVICES is touched only if a changed port's fragment of it changed, and then by
-//! deleting and inserting those rules alone (rewritten whole only when many changed). One
-//! endpoint changing therefore rewrites one KUBE-SVC chain, writes one KUBE-SEP chain and
-//! deletes another; a Service added or removed also inserts or deletes its rule in
-//! KUBE-SERVICES. Inserted rules go to the top, so until the next full sync the kernel's order
-//! of KUBE-SERVICES may differ from `plan`'s (its rules match different destinations; the jump
-//! to KUBE-NODEPORTS stays last). A full sync (the first, on the resync period, after any
-//! failure, and when the endpoint count crosses the large-cluster size, which changes every
-//! comment) rewrites everything, deletes stale per-Service chains found in `iptables-save`,
-//! and restores missing jumps from the built-in chains.
+//! renders their ports, compares them with the mirror of what was applied (per port its rules
+//! in the shared chains and the fingerprints of its own chains, and per Service its ports and
+//! endpoint counts), and rewrites only the chains whose rules changed (and deletes the chains
+//! they no longer use); a shared chain such as KUBE-SERVICES is touched only if a changed
+//! port's fragment of it changed, and then by deleting and inserting those rules alone
+//! (rewritten whole only when many changed). One endpoint changing therefore rewrites one
+//! KUBE-SVC chain, writes one KUBE-SEP chain and deletes another; a Service added or removed
+//! also inserts or deletes its rule in KUBE-SERVICES. Inserted rules go to the top, so the
+//! kernel's order of KUBE-SERVICES may differ from `plan`'s (its rules match different
+//! destinations; the jump to KUBE-NODEPORTS stays last). Full syncs are in [`super::full`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use super::kernel::Fingerprint;
 use super::render::{Rendered, SHARED_CHAINS, ServiceRules, comments_for, render, render_service};
 use super::{ProxierConfig, ServiceSpec};
 use crate::Error;
@@ -29,7 +27,7 @@ use crate::runner::Runner;
 use crate::saved::Saved;
 use crate::table::Table;
 
-type Key = (String, Protocol);
+pub(super) type Key = (String, Protocol);
 
 /// Up to this many rules of a shared chain (KUBE-SERVICES, KUBE-NODEPORTS, …) change in a
 /// partial sync, they are deleted and inserted one by one (`-D` by spec, `-I CHAIN 1`);
@@ -64,6 +62,8 @@ pub struct SyncStats {
     /// `iptables-restore` runs (more than one only for a large iptables-nft restore, see
     /// [`Ruleset::split`]).
     pub restores: usize,
+    /// Table sections committed by a full sync's restores (each one kernel commit).
+    pub commits: usize,
     /// Wall time of the sync, tools included.
     pub elapsed: Duration,
 }
@@ -71,13 +71,13 @@ pub struct SyncStats {
 /// One service port as the mirror indexes it: its key and how many endpoints it has (all of
 /// them, as kube-proxy counts for its large-cluster mode).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Port {
-    key: Key,
-    endpoints: usize,
+pub(super) struct Port {
+    pub(super) key: Key,
+    pub(super) endpoints: usize,
 }
 
 impl Port {
-    fn of(spec: &ServiceSpec) -> Port {
+    pub(super) fn of(spec: &ServiceSpec) -> Port {
         Port {
             key: spec.key(),
             endpoints: spec.backends.len(),
@@ -85,14 +85,101 @@ impl Port {
     }
 }
 
+/// What the mirror keeps of one service port's rules: its fragments of the shared chains (a
+/// few rules, which a partial sync deletes and inserts one by one) and, of its own chains,
+/// only their names and fingerprints (what tells a change), not their rules: at 10,000
+/// Services × 10 endpoints the rules of the own chains are most of the 320,000.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Applied {
+    pub(super) shared: [Vec<Rule>; SHARED_CHAINS.len()],
+    /// Sorted by name.
+    pub(super) chains: Vec<(Box<str>, u64)>,
+}
+
+impl Applied {
+    pub(super) fn of(rules: &ServiceRules) -> Applied {
+        Applied {
+            shared: rules.shared.clone(),
+            chains: rules
+                .chains
+                .iter()
+                .map(|(name, r)| (name.as_str().into(), Fingerprint::of(r).ordered))
+                .collect(),
+        }
+    }
+
+    /// The fingerprint of its own chain `name`.
+    fn chain(&self, name: &str) -> Option<u64> {
+        self.chains
+            .binary_search_by(|(n, _)| (**n).cmp(name))
+            .ok()
+            .map(|i| self.chains[i].1)
+    }
+}
+
 /// What the proxier last applied: the rules of every service port, and per Service its ports
 /// (a port without a ClusterIP of this family has no rules, but its endpoints count).
-#[derive(Debug)]
-struct Mirror {
-    rendered: Rendered,
-    services: HashMap<String, Vec<Port>>,
+#[derive(Debug, Default)]
+pub(super) struct Mirror {
+    pub(super) ports: BTreeMap<Key, Applied>,
+    /// Whether per-endpoint comments are written (off in large-cluster mode).
+    pub(super) comments: bool,
+    pub(super) services: HashMap<String, Vec<Port>>,
     /// The endpoints of every port, kept as Services change.
-    endpoints: usize,
+    pub(super) endpoints: usize,
+}
+
+impl Mirror {
+    /// The shared chains' rules as the mirror's ports give them, with what the config adds
+    /// (the jump to KUBE-NODEPORTS): index `i` of [`SHARED_CHAINS`].
+    pub(super) fn shared_chains(&self, config: &ProxierConfig) -> Vec<Vec<Rule>> {
+        // Only the fragments are needed: a render without own chains.
+        let shared = Rendered {
+            services: self
+                .ports
+                .iter()
+                .map(|(k, a)| {
+                    let rules = ServiceRules {
+                        shared: a.shared.clone(),
+                        chains: BTreeMap::new(),
+                    };
+                    (k.clone(), rules)
+                })
+                .collect(),
+            comments: self.comments,
+        };
+        (0..SHARED_CHAINS.len())
+            .map(|i| shared.shared_chain(config, i))
+            .collect()
+    }
+}
+
+/// The chains written since a kernel read began ([`Proxier::watch_writes`]): what that read
+/// saw of them is out of date.
+#[derive(Debug, Default)]
+pub(super) struct Written {
+    pub(super) chains: HashSet<(Table, Box<str>)>,
+}
+
+impl Written {
+    pub(super) fn contains(&self, table: Table, name: &str) -> bool {
+        self.chains.contains(&(table, name.into()))
+    }
+
+    fn record(&mut self, ruleset: &Ruleset) {
+        for (&table, patch) in &ruleset.tables {
+            let edited = patch.delete_rules.iter().chain(&patch.insert_rules);
+            let names = patch
+                .chains
+                .keys()
+                .map(String::as_str)
+                .chain(patch.delete.iter().map(String::as_str))
+                .chain(edited.map(|r| r.chain.as_str()));
+            for name in names {
+                self.chains.insert((table, name.into()));
+            }
+        }
+    }
 }
 
 /// A computed sync, not yet applied.
@@ -111,7 +198,7 @@ enum Change {
     /// A partial sync: the changed ports' rules (`None`: gone), the changed Services' ports
     /// (empty: gone) and the new endpoint count.
     Partial {
-        updates: Vec<(Key, Option<ServiceRules>)>,
+        updates: Vec<(Key, Option<Applied>)>,
         services: Vec<(String, Vec<Port>)>,
         endpoints: usize,
     },
@@ -128,8 +215,14 @@ impl SyncPlan {
 /// kube-proxy's iptables mode for one family, incremental.
 #[derive(Debug)]
 pub struct Proxier {
-    config: ProxierConfig,
-    applied: Option<Mirror>,
+    pub(super) config: ProxierConfig,
+    pub(super) applied: Option<Mirror>,
+    /// While a kernel read for [`Proxier::check`] is in flight: what was written since.
+    pub(super) written: Option<Written>,
+    /// The nf_tables generation after this proxier last compared its chains with the kernel or
+    /// wrote them, while nothing else has committed since (see [`crate::generation`]);
+    /// `None` when unknown (iptables-legacy, another writer, a restore in parts).
+    pub(super) generation: Option<u32>,
 }
 
 impl Proxier {
@@ -139,6 +232,8 @@ impl Proxier {
         Proxier {
             config,
             applied: None,
+            written: None,
+            generation: None,
         }
     }
 
@@ -151,6 +246,50 @@ impl Proxier {
     /// Forgets what was applied, so the next sync is full.
     pub fn invalidate(&mut self) {
         self.applied = None;
+        self.written = None;
+        self.generation = None;
+    }
+
+    /// Whether the kernel's ruleset is provably what this proxier last compared or wrote:
+    /// nf_tables' generation has not moved since ([`Runner::nft_generation`]). A periodic
+    /// full sync then has nothing to read.
+    #[must_use]
+    pub fn kernel_unchanged(&self, runner: &Runner) -> bool {
+        self.applied.is_some()
+            && self.generation.is_some()
+            && self.generation == runner.nft_generation()
+    }
+
+    /// Keeps [`Proxier::generation`] across a write of `commits` commits (`None`: not known)
+    /// that began at generation `before`: only if nothing else committed before or during it.
+    pub(super) fn track_generation(
+        &mut self,
+        runner: &Runner,
+        before: Option<u32>,
+        commits: Option<usize>,
+    ) {
+        let after = runner.nft_generation();
+        self.generation = match (self.generation, before, commits, after) {
+            (Some(known), Some(b), Some(n), Some(a))
+                if known == b && u32::try_from(n).is_ok_and(|n| a == b.wrapping_add(n)) =>
+            {
+                Some(a)
+            }
+            _ => None,
+        };
+    }
+
+    /// The Services (kube-proxy's `namespace/name`) whose ports were last applied.
+    pub fn service_names(&self) -> impl Iterator<Item = &str> {
+        self.applied
+            .iter()
+            .flat_map(|m| m.services.keys().map(String::as_str))
+    }
+
+    /// Starts recording the chains each sync writes, for a [`Proxier::check`] against a
+    /// kernel read that begins now (on another thread: [`super::KernelChains::read`]).
+    pub fn watch_writes(&mut self) {
+        self.written = Some(Written::default());
     }
 
     /// Whether nothing is applied (at first, and after a failure): the next sync is full.
@@ -160,7 +299,8 @@ impl Proxier {
     }
 
     /// Computes a full sync of every service port, `specs`, against `saved` (the current
-    /// `iptables-save` of this family).
+    /// `iptables-save` of this family), held whole: what `plan` and the floors of the
+    /// benchmarks restore. The daemon's full syncs stream instead ([`Proxier::sync_full`]).
     #[must_use]
     pub fn plan_full(&self, specs: &[ServiceSpec], saved: &Saved) -> SyncPlan {
         let rendered = render(&self.config, specs);
@@ -187,21 +327,27 @@ impl Proxier {
                 .collect();
             saved.add_missing_jumps(table, &jumps, &mut ruleset);
         }
-        let mut services: HashMap<String, Vec<Port>> = HashMap::new();
+        let mut mirror = Mirror {
+            comments: rendered.comments,
+            endpoints: specs.iter().map(|s| s.backends.len()).sum(),
+            ..Mirror::default()
+        };
         for s in specs {
-            services
+            mirror
+                .services
                 .entry(service_name(&s.name).to_owned())
                 .or_default()
                 .push(Port::of(s));
         }
+        mirror.ports = rendered
+            .services
+            .iter()
+            .map(|(k, r)| (k.clone(), Applied::of(r)))
+            .collect();
         SyncPlan {
             ruleset,
             changed: rendered.services.len(),
-            change: Change::Full(Mirror {
-                rendered,
-                services,
-                endpoints: specs.iter().map(|s| s.backends.len()).sum(),
-            }),
+            change: Change::Full(mirror),
         }
     }
 
@@ -231,8 +377,7 @@ impl Proxier {
             let new: usize = specs.as_ref().iter().map(|s| s.backends.len()).sum();
             endpoints = (endpoints - old) + new;
         }
-        let applied = &mirror.rendered;
-        let comments = applied.comments;
+        let comments = mirror.comments;
         if comments_for(&self.config, endpoints) != comments {
             return None;
         }
@@ -249,14 +394,12 @@ impl Proxier {
             for s in specs {
                 let rules = render_service(&self.config, s, comments);
                 let key = s.key();
-                if applied.services.get(&key) != rules.as_ref() {
+                if mirror.ports.get(&key) != rules.as_ref().map(Applied::of).as_ref() {
                     updates.push((key, rules));
                 }
             }
             for old in mirror.services.get(&name).into_iter().flatten() {
-                if applied.services.contains_key(&old.key)
-                    && !ports.iter().any(|p| p.key == old.key)
-                {
+                if mirror.ports.contains_key(&old.key) && !ports.iter().any(|p| p.key == old.key) {
                     updates.push((old.key.clone(), None));
                 }
             }
@@ -268,7 +411,11 @@ impl Proxier {
             (rules_a.is_none(), a).cmp(&(rules_b.is_none(), b))
         });
 
-        let ruleset = self.partial_ruleset(applied, &updates);
+        let ruleset = self.partial_ruleset(mirror, &updates);
+        let updates = updates
+            .into_iter()
+            .map(|(k, r)| (k, r.as_ref().map(Applied::of)))
+            .collect::<Vec<_>>();
         Some(SyncPlan {
             ruleset,
             changed: updates.len(),
@@ -285,15 +432,16 @@ impl Proxier {
     /// above [`SHARED_EDIT_LIMIT`] edits).
     fn partial_ruleset(
         &self,
-        applied: &Rendered,
+        applied: &Mirror,
         updates: &[(Key, Option<ServiceRules>)],
     ) -> Ruleset {
         let mut ruleset = Ruleset::default();
+        let none = Applied::default();
         let empty = ServiceRules::default();
         // Per shared chain: how many more of each rule the updated ports have than they had.
         let mut shared_diff: [HashMap<&Rule, isize>; SHARED_CHAINS.len()] = Default::default();
         for (key, new) in updates {
-            let old = applied.services.get(key).unwrap_or(&empty);
+            let old = applied.ports.get(key).unwrap_or(&none);
             let new = new.as_ref().unwrap_or(&empty);
             for (i, diff) in shared_diff.iter_mut().enumerate() {
                 if old.shared[i] != new.shared[i] {
@@ -307,13 +455,13 @@ impl Proxier {
             }
             let nat = ruleset.table(Table::Nat);
             for (name, rules) in &new.chains {
-                if old.chains.get(name) != Some(rules) {
+                if old.chain(name) != Some(Fingerprint::of(rules).ordered) {
                     nat.chains.insert(name.clone(), rules.clone());
                 }
             }
-            for name in old.chains.keys() {
-                if !new.chains.contains_key(name) {
-                    nat.delete.push(name.clone());
+            for (name, _) in &old.chains {
+                if !new.chains.contains_key(&**name) {
+                    nat.delete.push(name.to_string());
                 }
             }
         }
@@ -324,7 +472,7 @@ impl Proxier {
             if edits > SHARED_EDIT_LIMIT {
                 rebuild[i] = true;
             } else if edits > 0 {
-                let (deletes, inserts) = shared_edits(updates, applied, &empty, i, diff);
+                let (deletes, inserts) = shared_edits(updates, applied, &none, i, diff);
                 let patch = ruleset.table(SHARED_CHAINS[i].0);
                 patch.delete_rules.extend(deletes);
                 patch.insert_rules.extend(inserts);
@@ -332,33 +480,39 @@ impl Proxier {
         }
         if rebuild.iter().any(|c| *c) {
             // Rebuild the changed shared chains from the mirror with the updates laid over it.
+            let mut merged = Mirror {
+                comments: applied.comments,
+                ..Mirror::default()
+            };
             let overrides: BTreeMap<&Key, Option<&ServiceRules>> =
                 updates.iter().map(|(k, v)| (k, v.as_ref())).collect();
-            let mut merged = Rendered {
-                services: BTreeMap::new(),
-                comments: applied.comments,
-            };
-            for (i, &(table, name)) in SHARED_CHAINS.iter().enumerate() {
-                if !rebuild[i] {
-                    continue;
+            merged.ports = applied
+                .ports
+                .iter()
+                .filter(|(k, _)| !overrides.contains_key(k))
+                .map(|(k, a)| {
+                    let shared = Applied {
+                        shared: a.shared.clone(),
+                        chains: Vec::new(),
+                    };
+                    (k.clone(), shared)
+                })
+                .chain(overrides.iter().filter_map(|(k, v)| {
+                    v.map(|v| {
+                        let shared = Applied {
+                            shared: v.shared.clone(),
+                            chains: Vec::new(),
+                        };
+                        ((*k).clone(), shared)
+                    })
+                }))
+                .collect();
+            let chains = merged.shared_chains(&self.config);
+            for (i, rules) in chains.into_iter().enumerate() {
+                if rebuild[i] {
+                    let (table, name) = SHARED_CHAINS[i];
+                    ruleset.table(table).chains.insert(name.to_owned(), rules);
                 }
-                if merged.services.is_empty() {
-                    merged.services = applied
-                        .services
-                        .iter()
-                        .filter(|(k, _)| !overrides.contains_key(k))
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .chain(
-                            overrides
-                                .iter()
-                                .filter_map(|(k, v)| v.map(|v| ((*k).clone(), v.clone()))),
-                        )
-                        .collect();
-                }
-                ruleset
-                    .table(table)
-                    .chains
-                    .insert(name.to_owned(), merged.shared_chain(&self.config, i));
             }
         }
         ruleset
@@ -378,8 +532,8 @@ impl Proxier {
                 };
                 for (key, rules) in updates {
                     match rules {
-                        Some(r) => mirror.rendered.services.insert(key, r),
-                        None => mirror.rendered.services.remove(&key),
+                        Some(r) => mirror.ports.insert(key, r),
+                        None => mirror.ports.remove(&key),
                     };
                 }
                 for (name, ports) in services {
@@ -410,10 +564,18 @@ impl Proxier {
         };
         if !rs.is_empty() {
             rs.check_ownership()?;
+            if let Some(written) = &mut self.written {
+                written.record(&rs);
+            }
+            let before = runner.nft_generation();
+            let sections = rs.tables.values().filter(|t| !t.is_empty()).count();
             match runner.apply_owned(self.config.family, rs) {
                 Ok((bytes, restores)) => {
                     stats.bytes = bytes;
                     stats.restores = restores;
+                    // One commit per table of one restore; parts are not counted.
+                    let commits = (restores == 1).then_some(sections);
+                    self.track_generation(runner, before, commits);
                 }
                 Err(e) => {
                     self.invalidate();
@@ -424,28 +586,6 @@ impl Proxier {
         self.commit(plan);
         stats.elapsed = start.elapsed();
         tracing::debug!(?stats, "iptables proxier synced");
-        Ok(stats)
-    }
-
-    /// Syncs the kernel to every service port, `specs`: reads `iptables-save` of this family,
-    /// rewrites every chain, deletes stale per-Service chains and restores missing jumps from
-    /// the built-in chains. On failure the next sync is full.
-    pub fn sync_full(
-        &mut self,
-        runner: &Runner,
-        specs: &[ServiceSpec],
-    ) -> Result<SyncStats, Error> {
-        let start = Instant::now();
-        let saved = match runner.save(self.config.family, None) {
-            Ok(s) => s,
-            Err(e) => {
-                self.invalidate();
-                return Err(e);
-            }
-        };
-        let plan = self.plan_full(specs, &saved);
-        let mut stats = self.apply(runner, plan)?;
-        stats.elapsed = start.elapsed();
         Ok(stats)
     }
 
@@ -475,22 +615,22 @@ impl Proxier {
 /// reversed: each goes to the top of the chain, so they end up in the order they are listed.
 fn shared_edits(
     updates: &[(Key, Option<ServiceRules>)],
-    applied: &Rendered,
-    empty: &ServiceRules,
+    applied: &Mirror,
+    none: &Applied,
     index: usize,
     diff: &mut HashMap<&Rule, isize>,
 ) -> (Vec<Rule>, Vec<Rule>) {
     let mut deletes = Vec::new();
     let mut inserts = Vec::new();
     for (key, new) in updates {
-        let old = applied.services.get(key).unwrap_or(empty);
+        let old = applied.ports.get(key).unwrap_or(none);
         for r in &old.shared[index] {
             if let Some(n) = diff.get_mut(r).filter(|n| **n < 0) {
                 *n += 1;
                 deletes.push(r.clone());
             }
         }
-        for r in &new.as_ref().unwrap_or(empty).shared[index] {
+        for r in new.iter().flat_map(|n| &n.shared[index]) {
             if let Some(n) = diff.get_mut(r).filter(|n| **n > 0) {
                 *n -= 1;
                 inserts.push(r.clone());
@@ -681,7 +821,7 @@ mod tests {
             ..ProxierConfig::default()
         };
         let mut p = synced_with(config.clone(), &specs(5, 3));
-        assert!(p.applied.as_ref().unwrap().rendered.comments);
+        assert!(p.applied.as_ref().unwrap().comments);
         assert!(
             p.plan_services([service(5, 3, true)]).is_none(),
             "18 endpoints: every comment goes"
@@ -700,7 +840,7 @@ mod tests {
 
         // The other way: a full sync without comments, then back under the limit.
         let mut p = synced_with(config, &specs(6, 3));
-        assert!(!p.applied.as_ref().unwrap().rendered.comments);
+        assert!(!p.applied.as_ref().unwrap().comments);
         assert!(p.plan_services([service(5, 3, false)]).is_none());
         let mut unchanged = p.plan_services([service(5, 3, true)]).unwrap();
         assert!(std::mem::take(&mut unchanged.ruleset).is_empty());
@@ -724,7 +864,8 @@ mod tests {
         all.extend(s1.1.iter().skip(1).cloned());
         let full = synced_with(ProxierConfig::default(), &all);
         let (ours, want) = (p.applied.unwrap(), full.applied.unwrap());
-        assert_eq!(ours.rendered, want.rendered);
+        assert_eq!(ours.ports, want.ports);
+        assert_eq!(ours.comments, want.comments);
         assert_eq!(ours.endpoints, want.endpoints);
         assert_eq!(ours.services.len(), want.services.len());
         for (name, ports) in &want.services {

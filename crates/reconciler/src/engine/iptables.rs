@@ -1,24 +1,53 @@
 //! kube-proxy's iptables proxier: the fallback when IPVS is missing, or `--proxy-mode=iptables`.
+//!
+//! The first full sync (and one after a failure) reads the kernel and writes what differs
+//! while the loop waits. A periodic full sync writes the Services that differ from the mirror
+//! (as a partial sync of all of them), then, unless nf_tables' generation shows nothing else
+//! committed ([`Proxier::kernel_unchanged`]), starts a kernel read on another thread
+//! (`iptables-save` of 10,000 Services takes seconds) and returns, so changes keep being
+//! synced meanwhile; when the read is done, [`Engine::resume`] compares it with what was
+//! applied and repairs what differs ([`Proxier::check`]).
 
 use std::collections::BTreeSet;
-use std::time::Instant;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use iptables::Runner;
-use iptables::proxier::Proxier;
+use iptables::proxier::{KernelChains, Proxier};
 
 use super::Engine;
 use crate::error::Error;
-use crate::fallback::{changed_service_specs, proxier_config, service_specs};
+use crate::fallback::{changed_service_specs, proxier_config, service_specs, service_specs_of};
 use crate::model::ServiceName;
 use crate::plan::{PlanConfig, PlanWarning, Planner};
 use crate::state::ClusterState;
 use crate::sync::{SyncError, SyncReport};
+
+/// How often the loop looks whether a periodic full sync's kernel read is done.
+const READ_POLL: Duration = Duration::from_millis(10);
 
 /// One rule set per family; a partial sync rewrites only the chains of changed Services.
 #[derive(Debug)]
 pub struct IptablesEngine {
     runner: Runner,
     proxiers: Vec<Proxier>,
+    /// A periodic full sync's kernel read, running.
+    read: Option<KernelRead>,
+}
+
+/// What a periodic full sync's read found: nf_tables' generation before and after it, and per
+/// proxier (by index) what `iptables-save` had.
+type Read = (
+    (Option<u32>, Option<u32>),
+    Vec<(usize, Result<KernelChains, iptables::Error>)>,
+);
+
+/// The kernel read of a periodic full sync, running.
+#[derive(Debug)]
+struct KernelRead {
+    thread: JoinHandle<Read>,
+    started: Instant,
+    next_poll: Instant,
 }
 
 impl IptablesEngine {
@@ -27,6 +56,83 @@ impl IptablesEngine {
         IptablesEngine {
             runner,
             proxiers: Vec::new(),
+            read: None,
+        }
+    }
+
+    /// A periodic full sync: the proxiers that have applied their rules get a kernel read on
+    /// another thread (unless one still runs); those that have not sync in full now.
+    fn start_check(&mut self, state: &ClusterState, planner: &Planner) -> SyncReport {
+        if self.proxiers.len() != planner.config.families.len() {
+            self.reconfigure(&planner.config);
+        }
+        if self.proxiers.iter().any(Proxier::needs_full) {
+            return self.sync(state, planner, None);
+        }
+        // A full sync programs every Service (the loop drops its dirty set for it): those
+        // that differ from the mirror are written now, before the kernel read begins.
+        // Those gone from the state too: they are only in the mirrors.
+        let mut all: BTreeSet<ServiceName> =
+            state.services().map(|(name, _)| name.clone()).collect();
+        for proxier in &self.proxiers {
+            all.extend(proxier.service_names().map(service_name_of));
+        }
+        let report = self.sync(state, planner, Some(&all));
+        if !report.errors.is_empty() || self.proxiers.iter().any(Proxier::needs_full) {
+            return report;
+        }
+        if self.read.is_none()
+            && self
+                .proxiers
+                .iter()
+                .all(|p| p.kernel_unchanged(&self.runner))
+        {
+            // Nothing committed since the proxy last compared or wrote: nothing to read.
+            tracing::info!(
+                chains_repaired = 0,
+                unchanged = true,
+                took_ms = 0.0,
+                "full sync checked the kernel"
+            );
+        } else if self.read.is_none() {
+            let families: Vec<(usize, iptables::Family)> = self
+                .proxiers
+                .iter_mut()
+                .enumerate()
+                .map(|(i, p)| {
+                    p.watch_writes();
+                    (i, p.config().family)
+                })
+                .collect();
+            let runner = self.runner.clone();
+            let thread = std::thread::Builder::new()
+                .name("iptables-save".into())
+                .spawn(move || {
+                    let before = runner.nft_generation();
+                    let kernels = families
+                        .into_iter()
+                        .map(|(i, family)| (i, KernelChains::read(&runner, family)))
+                        .collect();
+                    ((before, runner.nft_generation()), kernels)
+                });
+            match thread {
+                Ok(thread) => {
+                    let started = Instant::now();
+                    self.read = Some(KernelRead {
+                        thread,
+                        started,
+                        next_poll: started + READ_POLL,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no thread for the kernel read; reading it on the loop's");
+                    return self.sync(state, planner, None);
+                }
+            }
+        }
+        SyncReport {
+            services: state.service_count(),
+            ..SyncReport::default()
         }
     }
 
@@ -80,6 +186,12 @@ impl IptablesEngine {
     }
 }
 
+/// A Service by kube-proxy's `namespace/name`, as the proxier names it.
+fn service_name_of(service: &str) -> ServiceName {
+    let (namespace, name) = service.split_once('/').unwrap_or(("", service));
+    ServiceName::new(namespace, name)
+}
+
 impl Engine for IptablesEngine {
     fn full_sync(
         &mut self,
@@ -87,7 +199,7 @@ impl Engine for IptablesEngine {
         planner: &Planner,
         _now: Instant,
     ) -> (SyncReport, Vec<PlanWarning>) {
-        (self.sync(state, planner, None), Vec::new())
+        (self.start_check(state, planner), Vec::new())
     }
 
     fn partial_sync(
@@ -100,7 +212,68 @@ impl Engine for IptablesEngine {
         (self.sync(state, planner, Some(dirty)), Vec::new())
     }
 
+    fn resume_at(&self) -> Option<Instant> {
+        self.read.as_ref().map(|r| r.next_poll)
+    }
+
+    fn resume(
+        &mut self,
+        state: &ClusterState,
+        planner: &Planner,
+        now: Instant,
+    ) -> Option<SyncReport> {
+        let read = self.read.take()?;
+        if !read.thread.is_finished() {
+            self.read = Some(KernelRead {
+                next_poll: now + READ_POLL,
+                ..read
+            });
+            return None;
+        }
+        let node = &*planner.config.node_name;
+        let spec_of = |service: &str| service_specs_of(state, &service_name_of(service), node);
+        let mut report = SyncReport {
+            services: state.service_count(),
+            ..SyncReport::default()
+        };
+        let (generations, reads) = read.thread.join().unwrap_or_else(|_| {
+            tracing::error!("the kernel read panicked");
+            ((None, None), Vec::new())
+        });
+        let mut repaired = 0;
+        for (i, kernel) in reads {
+            let Some(proxier) = self.proxiers.get_mut(i) else {
+                continue;
+            };
+            let family = proxier.config().family;
+            let checked = kernel
+                .and_then(|kernel| proxier.check(&self.runner, &kernel, generations, spec_of));
+            match checked {
+                Ok(checked) => {
+                    repaired += checked.chains_written + checked.chains_deleted;
+                    tracing::debug!(?family, ?checked, "iptables rules checked");
+                }
+                Err(source) => {
+                    proxier.invalidate();
+                    report.errors.push(SyncError::new(
+                        None,
+                        Error::IptablesRules { family, source },
+                    ));
+                }
+            }
+        }
+        tracing::info!(
+            chains_repaired = repaired,
+            errors = report.errors.len(),
+            took_ms = read.started.elapsed().as_secs_f64() * 1000.0,
+            "full sync checked the kernel"
+        );
+        Some(report)
+    }
+
     fn reconfigure(&mut self, config: &PlanConfig) {
+        // A read in flight was for the old proxiers.
+        self.read = None;
         self.proxiers = config
             .families
             .iter()

@@ -48,4 +48,19 @@ pub trait Engine: Send {
     fn rebind(&mut self) -> SyncReport {
         SyncReport::default()
     }
+    /// When to call [`Engine::resume`]: a sync left work running off the loop's thread (the
+    /// iptables proxier's kernel read of a periodic full sync), so that changes need not wait
+    /// for it; `None` when nothing runs.
+    fn resume_at(&self) -> Option<Instant> {
+        None
+    }
+    /// Finishes what a sync left running, if it is done: what that did.
+    fn resume(
+        &mut self,
+        _state: &ClusterState,
+        _planner: &Planner,
+        _now: Instant,
+    ) -> Option<SyncReport> {
+        None
+    }
 }

@@ -1,0 +1,519 @@
+//! `cargo run --release --example bench_fallback [SIZES…]` (as root, on the host: the
+//! fallback needs no IPVS, and the host's iptables are the ones it runs on) or
+//! `cargo xtask bench fallback [SIZES…]` (in the VM): the daemon in `--proxy-mode iptables`
+//! on synthetic clusters of N Services × 10 endpoints from a manifest directory, each size in
+//! a network namespace of its own. Default sizes: 1000 10000. Measures:
+//!
+//! - cold start: from starting the daemon to its first sync done (the metrics endpoint's
+//!   `kubeproxy_sync_proxy_rules_last_timestamp_seconds`); the floor is one
+//!   `iptables-legacy-restore` of the same rules (`ipvs-proxy plan --only iptables`) in a
+//!   fresh namespace, the cheapest way the kernel's tools load them (one iptables-nft-restore
+//!   of them is super-linear: minutes at 10,000);
+//! - the periodic full sync (`--iptables-sync-period`, 30 s here) of the unchanged cluster
+//!   (nothing else committed: no read), and after another tool's commit (a chain created
+//!   with `iptables -N`): from its start to its kernel check done (the daemon's `full sync
+//!   checked the kernel` line) and how long it held the sync loop, against the first full sync;
+//! - one endpoint change, from the file's rename into the directory to the new KUBE-SEP jump
+//!   in the Service's KUBE-SVC chain (polled with `iptables -t nat -S CHAIN`): with no resync
+//!   running, and made 0.2 s into a periodic full sync that reads the kernel (medians);
+//! - the daemon's peak RSS (VmHWM) over all of it.
+//!
+//! The daemon is this executable run again with `--daemon`. Ends with, per size:
+//! `bench fallback-cold <N> ours=<s>s floor=<s>s ratio=<ours/floor> rss=<MiB>MiB`,
+//! `bench fallback-resync <N> ours=<s>s first=<s>s ratio=<ours/first>` (unchanged),
+//! `bench fallback-resync-read <N> ours=<s>s first=<s>s ratio=<ours/first> blocking=<s>s`,
+//! `bench fallback-change <N> ours=<median s>s` and
+//! `bench fallback-change-in-resync <N> ours=<median s>s floor=<idle median s>s ratio=<…>`.
+
+use std::fmt::Write as _;
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Parser;
+use ipvs_proxy::flags::{Cli, Command as CliCommand, LogFormat};
+
+const ENDPOINTS: u32 = 10;
+/// Changes with no resync running.
+const IDLE_CHANGES: usize = 7;
+/// Periodic full syncs measured of each kind (unchanged; after another tool's commit).
+const RESYNCS: usize = 3;
+const SYNC_PERIOD: &str = "30s";
+/// How long after a periodic full sync starts its change is made.
+const CHANGE_INTO_RESYNC: Duration = Duration::from_millis(200);
+const METRICS: &str = "127.0.0.1:10298";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--daemon") {
+        return run_daemon(&args[2..]);
+    }
+    match bench(&args[1..]) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench_fallback: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The daemon, as `ipvs-proxy FLAGS` runs it.
+fn run_daemon(flags: &[String]) -> ExitCode {
+    let cli =
+        Cli::parse_from(std::iter::once("ipvs-proxy").chain(flags.iter().map(String::as_str)));
+    let (config, _) = match ipvs_proxy::config::ProxyConfig::resolve(&cli.flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ipvs-proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    ipvs_proxy::logging::init(config.verbosity, config.log_format);
+    match ipvs_proxy::daemon::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let sizes: Vec<u32> = match args
+        .iter()
+        .map(|a| a.parse())
+        .collect::<Result<Vec<_>, _>>()?
+    {
+        sizes if sizes.is_empty() => vec![1000, 10_000],
+        sizes => sizes,
+    };
+    ensure!(sizes.iter().all(|&n| n <= 60_000), "at most 60000 Services");
+    let mut summary = Vec::new();
+    for &n in &sizes {
+        let dir = std::env::temp_dir().join(format!("bench-fallback-{n}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        for i in 0..n {
+            std::fs::write(dir.join(format!("svc-{i}.yaml")), service_yaml(i, None))?;
+        }
+        println!("{n} Services x {ENDPOINTS} endpoints, iptables fallback");
+        fresh_netns()?;
+        let floor = floor(&dir)?;
+        fresh_netns()?;
+        let m = measure(&dir, n)?;
+        let cold = m.cold.as_secs_f64();
+        summary.push(format!(
+            "bench fallback-cold {n} ours={cold:.2}s floor={:.2}s ratio={:.2} rss={}MiB",
+            floor.as_secs_f64(),
+            cold / floor.as_secs_f64(),
+            m.peak_rss_kib.div_ceil(1024)
+        ));
+        summary.push(format!(
+            "bench fallback-resync {n} ours={:.4}s first={:.2}s ratio={:.4}",
+            m.resync.as_secs_f64(),
+            m.first.as_secs_f64(),
+            m.resync.as_secs_f64() / m.first.as_secs_f64(),
+        ));
+        summary.push(format!(
+            "bench fallback-resync-read {n} ours={:.2}s first={:.2}s ratio={:.3} blocking={:.4}s",
+            m.read.as_secs_f64(),
+            m.first.as_secs_f64(),
+            m.read.as_secs_f64() / m.first.as_secs_f64(),
+            m.resync_blocking.as_secs_f64()
+        ));
+        summary.push(format!(
+            "bench fallback-change {n} ours={:.4}s",
+            m.change_idle.as_secs_f64()
+        ));
+        summary.push(match m.change_in_resync {
+            Some(during) => format!(
+                "bench fallback-change-in-resync {n} ours={:.4}s floor={:.4}s ratio={:.2}",
+                during.as_secs_f64(),
+                m.change_idle.as_secs_f64(),
+                during.as_secs_f64() / m.change_idle.as_secs_f64()
+            ),
+            None => format!("bench fallback-change-in-resync {n} none landed during a resync"),
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    for line in summary {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// Service `i`: ClusterIP 10.96.0.0/12 + i + 1, port 80/TCP, ten endpoints from 10.128.0.0/10.
+/// `moved` replaces the last endpoint's address.
+fn service_yaml(i: u32, moved: Option<Ipv4Addr>) -> String {
+    let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i + 1);
+    let mut endpoints = String::new();
+    for j in 0..ENDPOINTS {
+        let ip = match moved {
+            Some(ip) if j == ENDPOINTS - 1 => ip,
+            _ => endpoint(i, j),
+        };
+        let _ = writeln!(
+            endpoints,
+            "  - addresses: [{ip}]\n    conditions: {{ready: true}}\n    nodeName: node-{}",
+            j % 3
+        );
+    }
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: svc-{i}\n  namespace: bench\nspec:\n  clusterIP: {vip}\n  ports:\n    - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-x\n  namespace: bench\n  labels:\n    kubernetes.io/service-name: svc-{i}\naddressType: IPv4\nports:\n  - {{name: http, port: 8080, protocol: TCP}}\nendpoints:\n{endpoints}"
+    )
+}
+
+fn endpoint(i: u32, j: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * ENDPOINTS + j + 1)
+}
+
+/// Moves this thread, and every process it starts from now on, into a new network namespace
+/// with `lo` up: each measurement starts from empty tables, and the host's are never touched.
+#[allow(unsafe_code, reason = "unshare(2) has no safe wrapper in std")]
+fn fresh_netns() -> Result<()> {
+    // SAFETY: unshare takes no pointers; it only changes this thread's namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNET)");
+    }
+    let status = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()?;
+    ensure!(status.success(), "ip link set lo up: {status}");
+    Ok(())
+}
+
+fn common_flags(dir: &Path) -> Vec<String> {
+    [
+        "--manifests",
+        &dir.to_string_lossy(),
+        "--hostname-override",
+        "node-a",
+        "--cluster-cidr",
+        "10.128.0.0/10",
+        "--proxy-mode",
+        "iptables",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// `ipvs-proxy plan --only iptables` of the directory: the same rules the daemon writes.
+fn plan(dir: &Path) -> Result<String> {
+    let mut argv = vec!["ipvs-proxy".to_owned(), "plan".into()];
+    argv.extend(common_flags(dir));
+    argv.extend(["--only".into(), "iptables".into()]);
+    let cli = Cli::parse_from(argv);
+    let Some(CliCommand::Plan(plan)) = cli.command else {
+        bail!("not a plan command");
+    };
+    ipvs_proxy::logging::init(0, LogFormat::Text);
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let status = ipvs_proxy::plan::run(&plan, &mut out, &mut err);
+    ensure!(
+        status == ipvs_proxy::plan::EXIT_OK,
+        "plan --only iptables: {}",
+        String::from_utf8_lossy(&err)
+    );
+    Ok(String::from_utf8(out)?)
+}
+
+/// The same rules loaded by one `iptables-legacy-restore`, in the current (fresh) namespace.
+fn floor(dir: &Path) -> Result<Duration> {
+    let rules = plan(dir)?;
+    let started = Instant::now();
+    let mut child = Command::new("iptables-legacy-restore")
+        .arg("--noflush")
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("starting iptables-legacy-restore")?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(rules.as_bytes())?;
+    let status = child.wait()?;
+    ensure!(status.success(), "iptables-legacy-restore: {status}");
+    let took = started.elapsed();
+    println!(
+        "  floor: iptables-legacy-restore of plan's {} lines: {:.3}s",
+        rules.lines().count(),
+        took.as_secs_f64()
+    );
+    Ok(took)
+}
+
+struct Measured {
+    cold: Duration,
+    first: Duration,
+    resync: Duration,
+    read: Duration,
+    resync_blocking: Duration,
+    change_idle: Duration,
+    change_in_resync: Option<Duration>,
+    peak_rss_kib: u64,
+}
+
+/// The daemon; killed and reaped on drop.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The value of an unlabelled metric, from `/metrics`.
+fn metric(name: &str) -> Option<f64> {
+    let mut stream = TcpStream::connect(METRICS).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix(field)?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+        })
+        .unwrap_or(0)
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// The daemon's log: its lines with `what`, each with the value of `took_ms`.
+fn log_times(log: &Path, what: &str) -> Vec<Duration> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(what))
+        .filter_map(|l| {
+            let ms: f64 = l
+                .split("took_ms=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()?;
+            Some(Duration::from_secs_f64(ms / 1000.0))
+        })
+        .collect()
+}
+
+/// Waits until the log has more than `count` lines with `what`.
+fn wait_for_log(log: &Path, what: &str, count: usize, limit: Duration) -> Result<()> {
+    let started = Instant::now();
+    while log_times(log, what).len() <= count {
+        ensure!(
+            started.elapsed() < limit,
+            "no {what:?} line after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// One endpoint change of Service `i` (round `round`): from the file's rename into the
+/// directory to the jump to the new endpoint's KUBE-SEP chain in its KUBE-SVC chain.
+fn change(dir: &Path, i: u32, round: u32) -> Result<Duration> {
+    let moved = Ipv4Addr::new(
+        10,
+        255,
+        u8::try_from(round / 250)?,
+        u8::try_from(round % 250)?,
+    );
+    let port = format!("bench/svc-{i}:http");
+    let svc = iptables::proxier::service_chain(&port, "tcp");
+    let sep = iptables::proxier::endpoint_chain(&port, "tcp", &format!("{moved}:8080"));
+    let tmp = dir.join(format!(".svc-{i}.tmp"));
+    std::fs::write(&tmp, service_yaml(i, Some(moved)))?;
+    let started = Instant::now();
+    std::fs::rename(&tmp, dir.join(format!("svc-{i}.yaml")))?;
+    loop {
+        let out = Command::new("iptables")
+            .args(["-t", "nat", "-S", &svc])
+            .output()?;
+        if String::from_utf8_lossy(&out.stdout).contains(&sep) {
+            return Ok(started.elapsed());
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(300),
+            "change of svc-{i} not in the kernel after 300 s"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// [`IDLE_CHANGES`] endpoint changes one after another; their median.
+fn idle_changes(dir: &Path, n: u32, round: &mut u32) -> Result<Duration> {
+    let mut idle = Vec::new();
+    for k in 0..IDLE_CHANGES {
+        let i = (u32::try_from(k)? * 7919) % n;
+        idle.push(change(dir, i, *round)?);
+        *round += 1;
+    }
+    let change_idle = median(idle.clone());
+    println!(
+        "  ours: one endpoint change, no resync running: median {:.1}ms of {:?}",
+        change_idle.as_secs_f64() * 1000.0,
+        idle.iter()
+            .map(|d| (d.as_secs_f64() * 1000.0).round())
+            .collect::<Vec<_>>()
+    );
+    Ok(change_idle)
+}
+
+/// Starts the daemon on `dir`, logging to `log_path`.
+fn start_daemon(dir: &Path, log_path: &Path) -> Result<Daemon> {
+    let log = std::fs::File::create(log_path)?;
+    let mut flags = common_flags(dir);
+    flags.extend(
+        [
+            "--metrics-bind-address",
+            METRICS,
+            "--healthz-bind-address",
+            "127.0.0.1:0",
+            "--iptables-sync-period",
+            SYNC_PERIOD,
+            // Each change is synced at once, so its latency is the proxy's, not the period's.
+            "--iptables-min-sync-period",
+            "0s",
+        ]
+        .map(str::to_owned),
+    );
+    Ok(Daemon(
+        Command::new(std::env::current_exe()?)
+            .arg("--daemon")
+            .args(&flags)
+            .env("NO_COLOR", "1")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stderr(log.try_clone()?)
+            .stdout(log)
+            .spawn()?,
+    ))
+}
+
+fn measure(dir: &Path, n: u32) -> Result<Measured> {
+    let log_path: PathBuf = std::env::temp_dir().join(format!("bench-fallback-{n}.log"));
+    let started = Instant::now();
+    let daemon = start_daemon(dir, &log_path)?;
+    let pid = daemon.0.id();
+    let name = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
+    while !metric(name).is_some_and(|t| t > 0.0) {
+        ensure!(
+            started.elapsed() < Duration::from_secs(1200),
+            "no sync after 20 minutes; log:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let cold = started.elapsed();
+    let full = "full=true";
+    let first = *log_times(&log_path, full)
+        .first()
+        .context("no full sync line")?;
+    println!(
+        "  ours: cold start {:.3}s, first full sync {:.3}s; RSS {} MiB",
+        cold.as_secs_f64(),
+        first.as_secs_f64(),
+        proc_status_kib(pid, "VmRSS:") / 1024
+    );
+
+    // Changes with no resync running: right after the first sync, well before the next.
+    let mut round = 0;
+    let change_idle = idle_changes(dir, n, &mut round)?;
+    ensure!(
+        log_times(&log_path, full).len() == 1,
+        "a periodic full sync ran during the idle changes"
+    );
+
+    // Periodic full syncs of the unchanged cluster: nothing else committed, so nf_tables'
+    // generation says the kernel is as the proxy left it, and nothing is read.
+    let checked = "full sync checked the kernel";
+    let limit = Duration::from_secs(600);
+    for r in 0..RESYNCS {
+        wait_for_log(&log_path, checked, r, limit)?;
+    }
+    let resync = median(log_times(&log_path, full)[1..=RESYNCS].to_vec());
+    println!(
+        "  ours: periodic full sync of the unchanged cluster {:.2}ms (median of {RESYNCS}), first {:.3}s",
+        resync.as_secs_f64() * 1000.0,
+        first.as_secs_f64()
+    );
+
+    // After another tool's commit each periodic full sync reads the kernel (off the loop's
+    // thread); one change each, shortly after it starts (the was 1 s in), counted if
+    // the read was still running when it was made. One at a time: each commit makes a running
+    // iptables-nft-save start its dump again (it re-reads when the generation moved under it).
+    let mut during = Vec::new();
+    for r in RESYNCS..2 * RESYNCS {
+        let status = Command::new("iptables")
+            .args(["-t", "filter", "-N", &format!("BENCH-OTHER-TOOL-{r}")])
+            .status()?;
+        ensure!(status.success(), "iptables -N: {status}");
+        wait_for_log(&log_path, full, r + 1, limit)?;
+        std::thread::sleep(CHANGE_INTO_RESYNC);
+        let running = log_times(&log_path, checked).len() <= r;
+        let i = (round * 7919 + 13) % n;
+        let took = change(dir, i, round)?;
+        round += 1;
+        if running {
+            during.push(took);
+        }
+        wait_for_log(&log_path, checked, r, limit)?;
+    }
+    let read = median(log_times(&log_path, checked)[RESYNCS..].to_vec());
+    let resync_blocking = median(log_times(&log_path, full)[RESYNCS + 1..].to_vec());
+    println!(
+        "  ours: periodic full sync after another tool's commit: {:.3}s to the kernel checked (median of {RESYNCS}; the loop held {:.2}ms)",
+        read.as_secs_f64(),
+        resync_blocking.as_secs_f64() * 1000.0,
+    );
+    let change_in_resync = (!during.is_empty()).then(|| median(during.clone()));
+    println!(
+        "  ours: one endpoint change during a periodic full sync that reads: {:?} ms",
+        during
+            .iter()
+            .map(|d| (d.as_secs_f64() * 1000.0).round())
+            .collect::<Vec<_>>()
+    );
+    let peak_rss_kib = proc_status_kib(pid, "VmHWM:");
+    println!(
+        "  ours: peak RSS {} MiB (VmHWM), now {} MiB",
+        peak_rss_kib / 1024,
+        proc_status_kib(pid, "VmRSS:") / 1024
+    );
+    drop(daemon);
+    Ok(Measured {
+        cold,
+        first,
+        resync,
+        read,
+        resync_blocking,
+        change_idle,
+        change_in_resync,
+        peak_rss_kib,
+    })
+}
