@@ -739,7 +739,8 @@ fn daemon_livez_fails_while_the_xtables_lock_is_held_and_recovers_when_it_is_rel
         &["-t", "mangle", "-N", "KUBE-IPTABLES-HINT"],
     );
     let healthz = SocketAddr::from((Ipv4Addr::LOCALHOST, 20256));
-    // A node address, without which no NodePort is planned.
+    // A node address, without which no NodePort is planned: the VM has no NIC, so the NodePort
+    // address is the primary one given here rather than one read from the kernel.
     let daemon = cluster.start(&[
         "--ipvs-sync-period",
         "5s",
@@ -747,6 +748,8 @@ fn daemon_livez_fails_while_the_xtables_lock_is_held_and_recovers_when_it_is_rel
         &healthz.to_string(),
         "--node-ip",
         "192.168.58.10",
+        "--nodeport-addresses",
+        "primary",
     ]);
     wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &WEB_ABC);
     assert!(
