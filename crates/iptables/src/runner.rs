@@ -147,21 +147,7 @@ impl Runner {
                     source,
                 }
             })?;
-        let stderr = || String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        if out.timed_out {
-            return Err(Error::Timeout {
-                tool,
-                after: TOOL_TIMEOUT,
-                stderr: stderr(),
-            });
-        }
-        if !out.status.success() {
-            return Err(Error::Tool {
-                tool,
-                status: out.status,
-                stderr: stderr(),
-            });
-        }
+        ended(tool, out.status, &out.stderr, out.timed_out)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
@@ -284,22 +270,7 @@ impl Runner {
             }
         }
         let out = child.wait_with_output().map_err(spawn)?;
-        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        if deadline.disarm() {
-            return Err(Error::Timeout {
-                tool,
-                after: TOOL_TIMEOUT,
-                stderr,
-            });
-        }
-        if !out.status.success() {
-            return Err(Error::Tool {
-                tool,
-                status: out.status,
-                stderr,
-            });
-        }
-        Ok(())
+        ended(tool, out.status, &out.stderr, deadline.disarm())
     }
 
     /// Starts `iptables-restore -w 5 --noflush` (or the ip6tables one; the lock waited for as
@@ -400,23 +371,34 @@ impl RestoreStream {
                 tool: tool.clone(),
                 source,
             })?;
-        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        if self.deadline.disarm() {
-            return Err(Error::Timeout {
-                tool,
-                after: TOOL_TIMEOUT,
-                stderr,
-            });
-        }
-        if !out.status.success() {
-            return Err(Error::Tool {
-                tool,
-                status: out.status,
-                stderr,
-            });
-        }
+        ended(tool, out.status, &out.stderr, self.deadline.disarm())?;
         Ok(self.bytes)
     }
+}
+
+/// How a tool ended, as the caller's result: killed at its bound, failed, or done.
+fn ended(
+    tool: String,
+    status: std::process::ExitStatus,
+    stderr: &[u8],
+    timed_out: bool,
+) -> Result<(), Error> {
+    let stderr = String::from_utf8_lossy(stderr).trim().to_owned();
+    if timed_out {
+        return Err(Error::Timeout {
+            tool,
+            after: TOOL_TIMEOUT,
+            stderr,
+        });
+    }
+    if !status.success() {
+        return Err(Error::Tool {
+            tool,
+            status,
+            stderr,
+        });
+    }
+    Ok(())
 }
 
 /// Decides which flavour the node uses, as kube-proxy's iptables wrapper does: the flavour
