@@ -1,5 +1,6 @@
 //! Prometheus metrics under kube-proxy's names (subsystem `kubeproxy`), so existing dashboards
-//! and alerts keep working, plus ipvs-proxy's own (`ipvsproxy_*`).
+//! and alerts keep working, plus ipvs-proxy's own (`ipvsproxy_*`), the process collector's
+//! `process_*` and `kubernetes_build_info` (the `telemetry` crate).
 
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
@@ -73,6 +74,8 @@ macro_rules! metrics {
                         sub.register($name, $help, $field.clone());
                     )*
                 )*
+                registry.register_collector(Box::new(telemetry::ProcessCollector));
+                registry.register_collector(Box::new(telemetry::BuildInfo::current()));
                 Metrics { registry, $($($field,)*)* }
             }
         }

@@ -1,0 +1,15 @@
+//! What a Kubernetes component's `/metrics` says of the process itself, as kube-proxy exports
+//! it through client_golang and component-base: the process collector's `process_*` metrics,
+//! read from `/proc/self` at each scrape ([`process`]), and the constant
+//! `kubernetes_build_info` ([`build_info`]). Both are prometheus-client
+//! [`Collector`](prometheus_client::collector::Collector)s the daemon registers.
+//!
+//! This crate only reads the process's own files under `/proc`; it never writes anything and
+//! knows nothing of Services or the kernel's tables.
+#![forbid(unsafe_code)]
+
+pub mod build_info;
+pub mod process;
+
+pub use build_info::BuildInfo;
+pub use process::{ProcessCollector, ProcessStats};
