@@ -43,7 +43,7 @@ impl Observer for Telemetry {
         let m = &self.metrics;
         let succeeded = record.healthy.then_some(record.finished);
         m.observe_sync(record.took, record.full, succeeded);
-        if let Some(latency) = record.programming_latency {
+        for latency in &record.programming_latencies {
             m.network_programming_duration
                 .observe(latency.as_secs_f64());
         }

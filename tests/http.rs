@@ -267,7 +267,7 @@ fn the_last_sync_timestamp_moves_only_when_a_sync_could_program_the_kernel() {
         full: true,
         took: Duration::from_millis(3),
         finished: at(secs),
-        programming_latency: None,
+        programming_latencies: Vec::new(),
         healthy,
     };
     telemetry.synced(&record(1_700_000_000, true));

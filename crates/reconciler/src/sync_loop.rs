@@ -64,6 +64,10 @@ pub struct Folded {
     pub service_changes: u64,
     /// EndpointSlice applies and deletes in the batch.
     pub endpoint_changes: u64,
+    /// Per EndpointSlice change in the batch, when the change behind it happened: the slice's
+    /// `endpoints.kubernetes.io/last-change-trigger-time`, `None` when it has none (a
+    /// manifest, a delete) and the loop counts from the change's arrival instead.
+    pub endpoint_triggers: Vec<Option<SystemTime>>,
 }
 
 /// One finished sync, as health and metrics see it.
@@ -74,8 +78,10 @@ pub struct SyncRecord {
     pub took: Duration,
     /// When it ended.
     pub finished: SystemTime,
-    /// From the oldest change it applied arriving to the sync's end.
-    pub programming_latency: Option<Duration>,
+    /// kube-proxy's network programming latency, one per EndpointSlice change the sync applied:
+    /// from its trigger time (or its arrival, when the slice had none) to the sync's end.
+    /// Empty when it applied none, or failed as a whole.
+    pub programming_latencies: Vec<Duration>,
     /// Whether the sync could read and write the kernel. A Service the kernel refused does
     /// not make it unhealthy; a backend that failed as a whole does.
     pub healthy: bool,
@@ -157,8 +163,10 @@ pub struct SyncLoop<E> {
     rebind_due: bool,
     initial_sync_done: bool,
     dirty: BTreeSet<ServiceName>,
-    /// When the oldest change not yet applied arrived.
-    oldest_pending: Option<Instant>,
+    /// When the loop started: trigger times before it are of changes an earlier run applied.
+    started: SystemTime,
+    /// When each EndpointSlice change not yet applied happened ([`Folded::endpoint_triggers`]).
+    triggers: Vec<SystemTime>,
     /// A change was folded in that no sync has applied yet (a sync that failed as a whole
     /// applied nothing).
     behind: bool,
@@ -255,7 +263,8 @@ impl<E> SyncLoop<E> {
             rebind_due: false,
             initial_sync_done: false,
             dirty: BTreeSet::new(),
-            oldest_pending: None,
+            started: SystemTime::now(),
+            triggers: Vec::new(),
             behind: false,
             pending: (0, 0),
             last_sync: None,
@@ -342,7 +351,15 @@ impl<E> SyncLoop<E> {
                 }
                 self.pending.0 += folded.service_changes;
                 self.pending.1 += folded.endpoint_changes;
-                self.oldest_pending.get_or_insert_with(Instant::now);
+                let arrived = SystemTime::now();
+                // As kube-proxy, a change made before the proxy started is not timed: its
+                // latency would be the restart's.
+                let started = self.started;
+                let triggers = folded
+                    .endpoint_triggers
+                    .iter()
+                    .map(|t| t.unwrap_or(arrived));
+                self.triggers.extend(triggers.filter(|t| *t >= started));
                 self.behind = true;
                 self.observer
                     .queued(&folded, self.pending, SystemTime::now());
@@ -524,14 +541,21 @@ impl<E> SyncLoop<E> {
             "synced"
         );
         let healthy = report.errors.iter().all(|e| e.service.is_some());
+        let finished = SystemTime::now();
+        // Taken by every sync, as kube-proxy's change tracker hands them over: a sync that
+        // failed as a whole programmed nothing to time.
+        let triggers = std::mem::take(&mut self.triggers);
+        let programming_latencies = if healthy {
+            let since = |t: SystemTime| finished.duration_since(t).unwrap_or_default();
+            triggers.into_iter().map(since).collect()
+        } else {
+            Vec::new()
+        };
         self.observer.synced(&SyncRecord {
             full,
             took,
-            finished: SystemTime::now(),
-            programming_latency: self
-                .oldest_pending
-                .take()
-                .map(|oldest| now.saturating_duration_since(oldest) + took),
+            finished,
+            programming_latencies,
             healthy,
         });
         if healthy {
