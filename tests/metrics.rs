@@ -7,27 +7,26 @@ use ipvs_proxy::metrics::{IpFamilyLabel, Metrics};
 #[test]
 fn kube_proxy_metric_names_are_exported() {
     let m = Metrics::new();
+    let ipv4 = IpFamilyLabel { ip_family: "IPv4" };
     m.observe_sync(
+        std::slice::from_ref(&ipv4),
         Duration::from_millis(3),
         true,
         Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
     );
     m.service_changes_total.inc();
-    let ipv4 = IpFamilyLabel { ip_family: "IPv4" };
     m.conntrack_sync_duration
         .get_or_create(&ipv4)
         .observe(0.003);
     m.conntrack_deleted.get_or_create(&ipv4).inc_by(2);
     let text = m.encode();
     for name in [
-        "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 1",
-        "kubeproxy_sync_full_proxy_rules_duration_seconds_count 1",
-        "kubeproxy_sync_partial_proxy_rules_duration_seconds_count 0",
-        "kubeproxy_sync_proxy_rules_last_timestamp_seconds 1700000000",
+        "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\",ip_family=\"IPv4\"} 1",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 1",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"} 1700000000",
         "kubeproxy_sync_proxy_rules_service_changes_total 1",
         "kubeproxy_sync_proxy_rules_endpoint_changes_pending 0",
         "kubeproxy_sync_proxy_rules_iptables_restore_failures_total 0",
-        "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.25\"} 0",
         "kubeproxy_conntrack_reconciler_sync_duration_seconds_bucket{le=\"0.004\",ip_family=\"IPv4\"} 1",
         "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\"} 2",
         "ipvsproxy_virtual_servers 0",
@@ -55,7 +54,13 @@ fn sample(text: &str, prefix: &str) -> Option<f64> {
 #[test]
 fn process_metrics_are_read_at_each_scrape() {
     let m = Metrics::new();
-    m.observe_sync(Duration::from_millis(3), true, Some(SystemTime::now()));
+    let ipv4 = IpFamilyLabel { ip_family: "IPv4" };
+    m.observe_sync(
+        &[ipv4],
+        Duration::from_millis(3),
+        true,
+        Some(SystemTime::now()),
+    );
     let text = m.encode();
     for (name, kind) in [
         ("process_cpu_seconds", "counter"),

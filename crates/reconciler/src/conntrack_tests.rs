@@ -312,7 +312,7 @@ mod in_the_loop {
 
     impl Observer for Shared {
         fn node_eligible(&self, _: bool) {}
-        fn queued(&self, _: &Folded, _: (u64, u64), _: SystemTime) {}
+        fn queued(&self, _: &Folded, _: (u64, u64), _: SystemTime, _: &[inet::Family]) {}
         fn synced(&self, _: &SyncRecord) {}
         fn caught_up(&self) {}
         fn errors(&self, _: &[SyncError], _: bool) {}

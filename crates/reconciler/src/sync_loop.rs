@@ -15,6 +15,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
+use inet::Family;
 use tokio::sync::watch;
 
 use crate::conntrack::{ConntrackKernel, Frontends, Reconciled, Reconciler};
@@ -85,6 +86,9 @@ pub struct SyncRecord {
     /// Whether the sync could read and write the kernel. A Service the kernel refused does
     /// not make it unhealthy; a backend that failed as a whole does.
     pub healthy: bool,
+    /// The IP families it programmed: kube-proxy runs one proxier per family and labels their
+    /// metrics `ip_family`; one sync here programs them all.
+    pub families: Vec<inet::Family>,
 }
 
 /// A Service's health-check node port, as the service health servers serve it.
@@ -115,10 +119,10 @@ pub struct HealthChecks {
 pub trait Observer: Send {
     /// The node's eligibility for load-balancer traffic.
     fn node_eligible(&self, eligible: bool);
-    /// A batch of changes arrived at `at`; `pending` are the service and endpoint changes now
-    /// waiting for a sync, this batch included. (Health learns of changes where they are
-    /// queued, [`crate::pending`], not here.)
-    fn queued(&self, folded: &Folded, pending: (u64, u64), at: SystemTime);
+    /// A batch of changes arrived at `at`, for the proxiers of `families`; `pending` are the
+    /// service and endpoint changes now waiting for a sync, this batch included. (Health
+    /// learns of changes where they are queued, [`crate::pending`], not here.)
+    fn queued(&self, folded: &Folded, pending: (u64, u64), at: SystemTime, families: &[Family]);
     /// A sync ended; nothing is pending any more.
     fn synced(&self, record: &SyncRecord);
     /// The changes taken since the last sync that applied everything changed nothing: the
@@ -361,8 +365,9 @@ impl<E> SyncLoop<E> {
                     .map(|t| t.unwrap_or(arrived));
                 self.triggers.extend(triggers.filter(|t| *t >= started));
                 self.behind = true;
+                let families = &self.planner.config.families;
                 self.observer
-                    .queued(&folded, self.pending, SystemTime::now());
+                    .queued(&folded, self.pending, arrived, families);
                 let Affected { services, nodes } = folded.affected;
                 if nodes || self.needs_new_family(&services) {
                     self.reconfigure();
@@ -379,13 +384,9 @@ impl<E> SyncLoop<E> {
             .filter_map(|s| self.state.service(s))
             .flatten()
             .any(|p| {
-                p.cluster_ips.iter().any(|ip| {
-                    !self
-                        .planner
-                        .config
-                        .families
-                        .contains(&inet::Family::of(*ip))
-                })
+                p.cluster_ips
+                    .iter()
+                    .any(|ip| !self.planner.config.families.contains(&Family::of(*ip)))
             })
     }
 
@@ -557,6 +558,7 @@ impl<E> SyncLoop<E> {
             finished,
             programming_latencies,
             healthy,
+            families: self.planner.config.families.clone(),
         });
         if healthy {
             self.behind = false;

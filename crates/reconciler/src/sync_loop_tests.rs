@@ -173,7 +173,7 @@ impl Observer for Log {
         self.with(|s| s.eligible.push(eligible));
     }
 
-    fn queued(&self, _folded: &Folded, pending: (u64, u64), _at: SystemTime) {
+    fn queued(&self, _: &Folded, pending: (u64, u64), _: SystemTime, _: &[inet::Family]) {
         self.with(|s| s.queued.push(pending));
     }
 
