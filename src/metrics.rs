@@ -12,26 +12,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use telemetry::buckets;
+pub use telemetry::labels::{IpFamilyLabel, TrafficPolicyLabel};
 pub use telemetry::unix_seconds;
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TrafficPolicyLabel {
-    pub traffic_policy: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct IpFamilyLabel {
-    pub ip_family: &'static str,
-}
-
-impl IpFamilyLabel {
-    #[must_use]
-    pub fn of(family: ipvs::Family) -> IpFamilyLabel {
-        IpFamilyLabel {
-            ip_family: family.kubernetes_name(),
-        }
-    }
-}
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {

@@ -34,10 +34,10 @@ impl Observer for Telemetry {
     fn queued(&self, folded: &Folded, pending: (u64, u64), at: SystemTime, families: &[Family]) {
         let m = &self.metrics;
         for &family in families {
-            let label = IpFamilyLabel::of(family);
-            m.last_queued_timestamp
-                .get_or_create(&label)
-                .set(unix_seconds(at));
+            let stamp = m
+                .last_queued_timestamp
+                .get_or_create(&IpFamilyLabel::new(family.kubernetes_name()));
+            stamp.set(unix_seconds(at));
         }
         m.service_changes_total.inc_by(folded.service_changes);
         m.endpoint_changes_total.inc_by(folded.endpoint_changes);
@@ -51,7 +51,7 @@ impl Observer for Telemetry {
         let families: Vec<_> = record
             .families
             .iter()
-            .map(|&f| IpFamilyLabel::of(f))
+            .map(|f| IpFamilyLabel::new(f.kubernetes_name()))
             .collect();
         m.observe_sync(&families, record.took, record.full, succeeded);
         for family in &families {
@@ -101,11 +101,16 @@ impl Observer for Telemetry {
         m.real_servers_draining.set(gauge(counts.draining));
     }
 
-    fn no_local_endpoints(&self, internal: u64, external: u64) {
+    fn no_local_endpoints(&self, family: Family, internal: u64, external: u64) {
+        let ip_family = family.kubernetes_name();
         for (traffic_policy, n) in [("internal", internal), ("external", external)] {
+            let label = TrafficPolicyLabel {
+                ip_family,
+                traffic_policy,
+            };
             self.metrics
                 .no_local_endpoints
-                .get_or_create(&TrafficPolicyLabel { traffic_policy })
+                .get_or_create(&label)
                 .set(gauge(n));
         }
     }

@@ -299,8 +299,10 @@ fn the_last_sync_timestamp_moves_only_when_a_sync_could_program_the_kernel() {
         )
     );
     // One network programming sample per latency the records carry.
+    telemetry.no_local_endpoints(ipvs::Family::V6, 2, 0);
     let text = telemetry.metrics.encode();
     for sample in [
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv6\",traffic_policy=\"internal\"} 2",
         "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.5\",ip_family=\"IPv4\"} 2",
         "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 4",
     ] {

@@ -317,7 +317,7 @@ mod in_the_loop {
         fn caught_up(&self) {}
         fn errors(&self, _: &[SyncError], _: bool) {}
         fn counts(&self, _: Counts) {}
-        fn no_local_endpoints(&self, _: u64, _: u64) {}
+        fn no_local_endpoints(&self, _: inet::Family, _: u64, _: u64) {}
         fn health_checks(&self, _: &HealthChecks) {}
         fn conntrack_reconciled(&self, reconciled: &Reconciled) {
             self.with(|s| s.1.push(*reconciled));

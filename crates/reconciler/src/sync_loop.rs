@@ -136,8 +136,8 @@ pub trait Observer: Send {
     /// What the engine has programmed.
     fn counts(&self, counts: Counts);
     /// Service ports with a Local traffic policy and no ready endpoint on this node
-    /// (internal, external), counted after each full sync.
-    fn no_local_endpoints(&self, internal: u64, external: u64);
+    /// (internal, external) of `family`, counted after each full sync for every family.
+    fn no_local_endpoints(&self, family: Family, internal: u64, external: u64);
     /// The health-check node ports after a sync: of the Services it synced, or all of them.
     fn health_checks(&self, checks: &HealthChecks);
     /// Stale conntrack entries of one family were reconciled after a sync.
@@ -574,8 +574,10 @@ impl<E> SyncLoop<E> {
         if full {
             // A walk over every Service: done with full syncs only, so a one-Service change
             // costs the same whatever the cluster's size.
-            let (internal, external) = self.no_local_endpoints();
-            self.observer.no_local_endpoints(internal, external);
+            for &family in &self.planner.config.families {
+                let (internal, external) = self.no_local_endpoints(family);
+                self.observer.no_local_endpoints(family, internal, external);
+            }
         }
         self.observer
             .health_checks(&self.health_checks(full, &synced));
@@ -692,23 +694,25 @@ impl<E> SyncLoop<E> {
         }
     }
 
-    /// kube-proxy's `sync_proxy_rules_no_local_endpoints_total`: Services with a Local policy
-    /// and no endpoint on this node.
-    fn no_local_endpoints(&self) -> (u64, u64) {
+    /// kube-proxy's `sync_proxy_rules_no_local_endpoints_total` of `family`'s proxier: the
+    /// Service ports with a ClusterIP of `family`, a Local policy and no endpoint of `family`
+    /// on this node.
+    fn no_local_endpoints(&self, family: Family) -> (u64, u64) {
         let node = &*self.planner.config.node_name;
         let (mut internal, mut external) = (0, 0);
         for (_, ports) in self.state.services() {
             for port in ports {
                 let (int_local, ext_local) =
                     (port.internal_policy_local(), port.external_policy_local());
-                if !int_local && !ext_local {
+                let of_family = port.cluster_ips.iter().any(|ip| Family::of(*ip) == family);
+                if !of_family || (!int_local && !ext_local) {
                     continue;
                 }
                 let has_local = self
                     .state
                     .endpoints(&port.name)
                     .iter()
-                    .any(|e| e.is_local_and_ready(node));
+                    .any(|e| Family::of(e.ip) == family && e.is_local_and_ready(node));
                 if !has_local {
                     internal += u64::from(int_local);
                     external += u64::from(ext_local);

@@ -42,6 +42,8 @@ struct Shared {
     /// Services planned with an unknown scheduler annotation: a warning each time they sync.
     odd_scheduler: BTreeSet<&'static str>,
     caught_up: usize,
+    /// `no_local_endpoints` reports: (family, internal, external).
+    no_local: Vec<(inet::Family, u64, u64)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -195,7 +197,9 @@ impl Observer for Log {
 
     fn counts(&self, _counts: Counts) {}
 
-    fn no_local_endpoints(&self, _internal: u64, _external: u64) {}
+    fn no_local_endpoints(&self, family: inet::Family, internal: u64, external: u64) {
+        self.with(|s| s.no_local.push((family, internal, external)));
+    }
 
     fn health_checks(&self, checks: &HealthChecks) {
         self.with(|s| s.health_checks.push(checks.clone()));
@@ -892,4 +896,30 @@ fn changes_that_change_nothing_are_caught_up_only_after_a_sync_applied_everythin
     send(Change::Service("web", "10.96.0.20"));
     l.take_all(&mut updates);
     assert_eq!(caught_up(), 2);
+}
+
+#[test]
+fn no_local_endpoints_are_counted_per_family_after_each_full_sync() {
+    let (mut l, log, t0) = started();
+    log.with(|s| s.no_local.clear());
+    l.receive(SourceUpdate::Events(vec![Change::LocalLoadBalancer(
+        "lb", 32000,
+    )]));
+    l.tick(t0 + PERIOD);
+    // Only the IPv4 proxier exists: its Local LoadBalancer has no endpoint on this node.
+    let last = |log: &Log| log.with(|s| std::mem::take(&mut s.no_local));
+    assert_eq!(last(&log), vec![(inet::Family::V4, 0, 1)]);
+    // An endpoint elsewhere does not count; a ready one here does.
+    l.receive(SourceUpdate::Events(vec![Change::Endpoints(
+        "lb",
+        vec![("10.244.1.5", "node-b", true)],
+    )]));
+    l.tick(t0 + PERIOD * 2);
+    assert_eq!(last(&log), vec![(inet::Family::V4, 0, 1)]);
+    l.receive(SourceUpdate::Events(vec![Change::Endpoints(
+        "lb",
+        vec![("10.244.0.5", "node-a", true)],
+    )]));
+    l.tick(t0 + PERIOD * 3);
+    assert_eq!(last(&log), vec![(inet::Family::V4, 0, 0)]);
 }

@@ -11,6 +11,7 @@
 
 pub mod buckets;
 pub mod build_info;
+pub mod labels;
 pub mod process;
 
 use std::time::SystemTime;
