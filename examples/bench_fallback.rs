@@ -420,7 +420,7 @@ fn measure(dir: &Path, n: u32) -> Result<Measured> {
     let started = Instant::now();
     let daemon = start_daemon(dir, &log_path)?;
     let pid = daemon.0.id();
-    let name = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
+    let name = r#"kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}"#;
     while !metric(name).is_some_and(|t| t > 0.0) {
         ensure!(
             started.elapsed() < Duration::from_secs(1200),

@@ -475,7 +475,7 @@ fn cold_start(source: &Source, n: u32) -> Result<Measured> {
             .spawn()?,
     );
     let pid = daemon.0.id();
-    let name = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
+    let name = r#"kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}"#;
     let deadline = started + Duration::from_secs(1200);
     loop {
         if metric(name).is_some_and(|t| t > 0.0) {

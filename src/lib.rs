@@ -3,7 +3,7 @@
 //!
 //! The binary is thin: `main.rs` parses flags and hands over to this library; the crates work:
 //! `inet`, `netlink`, `ipvs`, `netif`, `conntrack`, `iptables`, `reconciler`, `controllers`,
-//! `healthcheck`.
+//! `healthcheck`, `telemetry`.
 #![forbid(unsafe_code)]
 
 pub mod backends;

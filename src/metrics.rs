@@ -1,5 +1,6 @@
 //! Prometheus metrics under kube-proxy's names (subsystem `kubeproxy`), so existing dashboards
-//! and alerts keep working, plus ipvs-proxy's own (`ipvsproxy_*`).
+//! and alerts keep working, plus ipvs-proxy's own (`ipvsproxy_*`), the process collector's
+//! `process_*` and `kubernetes_build_info` (the `telemetry` crate).
 
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
@@ -8,18 +9,11 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TrafficPolicyLabel {
-    pub traffic_policy: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct IpFamilyLabel {
-    pub ip_family: &'static str,
-}
+use telemetry::buckets;
+pub use telemetry::labels::{IpFamilyLabel, TrafficPolicyLabel};
+pub use telemetry::unix_seconds;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
@@ -34,20 +28,8 @@ pub struct KernelErrorLabel {
 }
 
 type FloatGauge = Gauge<f64, AtomicU64>;
-
-/// kube-proxy's buckets for sync durations: 1 ms doubling to about 16 s.
-fn sync_buckets() -> Histogram {
-    Histogram::new(exponential_buckets(0.001, 2.0, 15))
-}
-
-/// kube-proxy's buckets for network programming latency: 0.25 s up to 5 minutes.
-fn programming_buckets() -> Histogram {
-    let quarter = [0.25, 0.5];
-    let seconds = (1..60).map(f64::from);
-    let five = (0..12).map(|i| 60.0 + 5.0 * f64::from(i));
-    let thirty = (0..7).map(|i| 120.0 + 30.0 * f64::from(i));
-    Histogram::new(quarter.into_iter().chain(seconds).chain(five).chain(thirty))
-}
+/// One metric per IP family, as kube-proxy's per-family proxiers export theirs.
+type ByFamily<M> = Family<IpFamilyLabel, M>;
 
 /// Declares every metric once: its field, its type and first value, its name (under the
 /// prefix) and its help text; the struct, its constructor and the registration follow.
@@ -73,6 +55,8 @@ macro_rules! metrics {
                         sub.register($name, $help, $field.clone());
                     )*
                 )*
+                registry.register_collector(Box::new(telemetry::ProcessCollector));
+                registry.register_collector(Box::new(telemetry::BuildInfo::current()));
                 Metrics { registry, $($($field,)*)* }
             }
         }
@@ -81,21 +65,23 @@ macro_rules! metrics {
 
 metrics! {
     "kubeproxy" {
-        sync_duration: Histogram = sync_buckets(),
+        sync_duration: ByFamily<Histogram> = Family::new_with_constructor(buckets::sync),
             "sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds";
-        sync_full_duration: Histogram = sync_buckets(),
+        sync_full_duration: ByFamily<Histogram> = Family::new_with_constructor(buckets::sync),
             "sync_full_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds for full resyncs";
-        sync_partial_duration: Histogram = sync_buckets(),
+        sync_partial_duration: ByFamily<Histogram> =
+            Family::new_with_constructor(buckets::sync),
             "sync_partial_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds for partial resyncs";
-        network_programming_duration: Histogram = programming_buckets(),
+        network_programming_duration: ByFamily<Histogram> =
+            Family::new_with_constructor(buckets::network_programming),
             "network_programming_duration_seconds",
             "In Cluster Network Programming Latency in seconds";
-        last_sync_timestamp: FloatGauge = FloatGauge::default(),
+        last_sync_timestamp: ByFamily<FloatGauge> = Family::default(),
             "sync_proxy_rules_last_timestamp_seconds",
             "The last time proxy rules were successfully synced";
-        last_queued_timestamp: FloatGauge = FloatGauge::default(),
+        last_queued_timestamp: ByFamily<FloatGauge> = Family::default(),
             "sync_proxy_rules_last_queued_timestamp_seconds",
             "The last time a sync of proxy rules was queued";
         service_changes_pending: Gauge = Gauge::default(),
@@ -120,7 +106,7 @@ metrics! {
         livez_requests: Family<CodeLabel, Counter> = Family::default(),
             "proxy_livez", "Cumulative proxy livez HTTP status";
         conntrack_sync_duration: Family<IpFamilyLabel, Histogram, fn() -> Histogram> =
-            Family::new_with_constructor(sync_buckets),
+            Family::new_with_constructor(buckets::sync),
             "conntrack_reconciler_sync_duration_seconds",
             "ReconcileConntrackFlowsLatency latency in seconds";
         conntrack_deleted: Family<IpFamilyLabel, Counter> = Family::default(),
@@ -150,19 +136,31 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Records one completed sync.
+    /// Records one completed sync of `families`.
     /// `succeeded` is when it ended, if it could program the kernel: only then does the
     /// last-sync timestamp move (so that staleness alerts fire while syncs fail).
-    pub fn observe_sync(&self, duration: Duration, full: bool, succeeded: Option<SystemTime>) {
-        let secs = duration.as_secs_f64();
-        self.sync_duration.observe(secs);
-        if full {
-            self.sync_full_duration.observe(secs);
+    pub fn observe_sync(
+        &self,
+        families: &[IpFamilyLabel],
+        took: Duration,
+        full: bool,
+        succeeded: Option<SystemTime>,
+    ) {
+        let partial = if full {
+            &self.sync_full_duration
         } else {
-            self.sync_partial_duration.observe(secs);
-        }
-        if let Some(now) = succeeded {
-            self.last_sync_timestamp.set(unix_seconds(now));
+            &self.sync_partial_duration
+        };
+        for family in families {
+            self.sync_duration
+                .get_or_create(family)
+                .observe(took.as_secs_f64());
+            partial.get_or_create(family).observe(took.as_secs_f64());
+            if let Some(now) = succeeded {
+                self.last_sync_timestamp
+                    .get_or_create(family)
+                    .set(unix_seconds(now));
+            }
         }
     }
 
@@ -174,12 +172,4 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         out
     }
-}
-
-/// Seconds since the Unix epoch, as Prometheus timestamps are given.
-#[must_use]
-pub fn unix_seconds(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64()
 }

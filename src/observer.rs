@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use healthcheck::{Desired, ServiceHealthServers, ServiceKey};
+use ipvs::Family;
 use reconciler::conntrack::Reconciled;
 use reconciler::sync::{Counts, SyncError};
 use reconciler::{Folded, HealthChecks, Observer, SyncRecord};
@@ -30,22 +31,35 @@ impl Observer for Telemetry {
         self.health.set_node_eligible(eligible);
     }
 
-    fn queued(&self, folded: &Folded, pending: (u64, u64), at: SystemTime) {
+    fn queued(&self, folded: &Folded, pending: (u64, u64), at: SystemTime, families: &[Family]) {
         let m = &self.metrics;
+        for &family in families {
+            let stamp = m
+                .last_queued_timestamp
+                .get_or_create(&IpFamilyLabel::new(family.kubernetes_name()));
+            stamp.set(unix_seconds(at));
+        }
         m.service_changes_total.inc_by(folded.service_changes);
         m.endpoint_changes_total.inc_by(folded.endpoint_changes);
         m.service_changes_pending.set(gauge(pending.0));
         m.endpoint_changes_pending.set(gauge(pending.1));
-        m.last_queued_timestamp.set(unix_seconds(at));
     }
 
     fn synced(&self, record: &SyncRecord) {
         let m = &self.metrics;
         let succeeded = record.healthy.then_some(record.finished);
-        m.observe_sync(record.took, record.full, succeeded);
-        if let Some(latency) = record.programming_latency {
-            m.network_programming_duration
-                .observe(latency.as_secs_f64());
+        let families: Vec<_> = record
+            .families
+            .iter()
+            .map(|f| IpFamilyLabel::new(f.kubernetes_name()))
+            .collect();
+        m.observe_sync(&families, record.took, record.full, succeeded);
+        for family in &families {
+            let histogram = m.network_programming_duration.get_or_create(family);
+            record
+                .programming_latencies
+                .iter()
+                .for_each(|l| histogram.observe(l.as_secs_f64()));
         }
         m.service_changes_pending.set(0);
         m.endpoint_changes_pending.set(0);
@@ -87,11 +101,16 @@ impl Observer for Telemetry {
         m.real_servers_draining.set(gauge(counts.draining));
     }
 
-    fn no_local_endpoints(&self, internal: u64, external: u64) {
+    fn no_local_endpoints(&self, family: Family, internal: u64, external: u64) {
+        let ip_family = family.kubernetes_name();
         for (traffic_policy, n) in [("internal", internal), ("external", external)] {
+            let label = TrafficPolicyLabel {
+                ip_family,
+                traffic_policy,
+            };
             self.metrics
                 .no_local_endpoints
-                .get_or_create(&TrafficPolicyLabel { traffic_policy })
+                .get_or_create(&label)
                 .set(gauge(n));
         }
     }

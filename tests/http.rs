@@ -211,18 +211,23 @@ async fn metrics_server_serves_prometheus_text_proxy_mode_and_configz() {
 
     let (code, before) = get(addr, "/metrics").await;
     assert_eq!(code, 200);
+    // Per family, as kube-proxy's: no family has synced yet.
     assert!(
-        before.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 0"),
+        !before.contains("kubeproxy_sync_proxy_rules_duration_seconds_count"),
         "{before}"
     );
-    metrics.observe_sync(Duration::from_millis(5), false, Some(SystemTime::now()));
+    let ipv6 = ipvs_proxy::metrics::IpFamilyLabel { ip_family: "IPv6" };
+    let now = Some(SystemTime::now());
+    metrics.observe_sync(&[ipv6], Duration::from_millis(5), false, now);
     let (_, after) = get(addr, "/metrics").await;
     assert!(
-        after.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 1"),
+        after.contains("kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv6\"} 1"),
         "{after}"
     );
     assert!(
-        after.contains("kubeproxy_sync_partial_proxy_rules_duration_seconds_count 1"),
+        after.contains(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_count{ip_family=\"IPv6\"} 1"
+        ),
         "{after}"
     );
     // Every sample line is `name{labels} value` with a numeric value.
@@ -258,7 +263,11 @@ fn the_last_sync_timestamp_moves_only_when_a_sync_could_program_the_kernel() {
     let last = |t: &Telemetry| {
         let text = t.metrics.encode();
         text.lines()
-            .find_map(|l| l.strip_prefix("kubeproxy_sync_proxy_rules_last_timestamp_seconds "))
+            .find_map(|l| {
+                l.strip_prefix(
+                    "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"} ",
+                )
+            })
             .map(str::to_owned)
             .unwrap()
     };
@@ -267,8 +276,9 @@ fn the_last_sync_timestamp_moves_only_when_a_sync_could_program_the_kernel() {
         full: true,
         took: Duration::from_millis(3),
         finished: at(secs),
-        programming_latency: None,
+        programming_latencies: vec![Duration::from_millis(300), Duration::from_secs(2)],
         healthy,
+        families: vec![ipvs::Family::V4],
     };
     telemetry.synced(&record(1_700_000_000, true));
     assert!(
@@ -284,11 +294,20 @@ fn the_last_sync_timestamp_moves_only_when_a_sync_could_program_the_kernel() {
         last(&telemetry)
     );
     assert!(
-        telemetry
-            .metrics
-            .encode()
-            .contains("kubeproxy_sync_full_proxy_rules_duration_seconds_count 2")
+        telemetry.metrics.encode().contains(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 2"
+        )
     );
+    // One network programming sample per latency the records carry.
+    telemetry.no_local_endpoints(ipvs::Family::V6, 2, 0);
+    let text = telemetry.metrics.encode();
+    for sample in [
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv6\",traffic_policy=\"internal\"} 2",
+        "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.5\",ip_family=\"IPv4\"} 2",
+        "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 4",
+    ] {
+        assert!(text.contains(sample), "{sample} in\n{text}");
+    }
 }
 
 #[test]

@@ -237,6 +237,26 @@ pub fn service_ports(svc: &Service) -> Result<Vec<ServicePort>, Skipped> {
     Ok(out)
 }
 
+/// The annotation the EndpointSlice controller sets to when the change behind a slice's update
+/// happened (a Pod's or the Service's), which kube-proxy's network programming latency counts
+/// from.
+pub const LAST_CHANGE_TRIGGER_TIME_ANNOTATION: &str =
+    "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// The slice's `endpoints.kubernetes.io/last-change-trigger-time` (RFC 3339, as the controller
+/// writes it in UTC); `None` without it, or, logged, when it cannot be read.
+#[must_use]
+pub fn last_change_trigger_time(slice: &EndpointSlice) -> Option<std::time::SystemTime> {
+    let annotations = slice.metadata.annotations.as_ref()?;
+    let value = annotations.get(LAST_CHANGE_TRIGGER_TIME_ANNOTATION)?;
+    humantime::parse_rfc3339_weak(value)
+        .inspect_err(|e| {
+            let (namespace, name) = slice_name(slice);
+            tracing::warn!(%namespace, %name, value, "EndpointSlice annotation {LAST_CHANGE_TRIGGER_TIME_ANNOTATION}: {e}; its change is timed from its arrival");
+        })
+        .ok()
+}
+
 /// The slice's identity (namespace, name).
 #[must_use]
 pub fn slice_name(slice: &EndpointSlice) -> SliceName {

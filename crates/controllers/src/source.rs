@@ -14,7 +14,8 @@ use reconciler::state::{Affected, ClusterState};
 use reconciler::sync_loop::Folded;
 
 use crate::convert::{
-    Skipped, endpoint_slice, node_facts, service_name, service_ports, slice_name,
+    Skipped, endpoint_slice, last_change_trigger_time, node_facts, service_name, service_ports,
+    slice_name,
 };
 
 /// The kinds a proxy reads.
@@ -193,12 +194,21 @@ pub fn apply_all(state: &mut ClusterState, events: impl IntoIterator<Item = Even
 /// function the sync loop is given for this crate's sources.
 pub fn fold(state: &mut ClusterState, events: Vec<Event>) -> Folded {
     let (mut service_changes, mut endpoint_changes) = (0, 0);
+    let mut endpoint_triggers = Vec::new();
     for e in &events {
         let kind = match e {
             Event::Apply(Object::Service(_)) => Kind::Service,
-            Event::Apply(Object::EndpointSlice(_)) => Kind::EndpointSlice,
+            Event::Apply(Object::EndpointSlice(slice)) => {
+                endpoint_triggers.push(last_change_trigger_time(slice));
+                Kind::EndpointSlice
+            }
             Event::Apply(Object::Node(_)) => Kind::Node,
-            Event::Delete(k) => k.kind,
+            Event::Delete(k) => {
+                if k.kind == Kind::EndpointSlice {
+                    endpoint_triggers.push(None);
+                }
+                k.kind
+            }
         };
         match kind {
             Kind::Service => service_changes += 1,
@@ -210,5 +220,6 @@ pub fn fold(state: &mut ClusterState, events: Vec<Event>) -> Folded {
         affected: apply_all(state, events),
         service_changes,
         endpoint_changes,
+        endpoint_triggers,
     }
 }

@@ -521,3 +521,50 @@ fn odd_service_and_slice_fields_convert_without_panicking() {
     let model = controllers::convert::endpoint_slice(&slice).unwrap();
     assert!(model.ports.is_empty());
 }
+
+#[test]
+fn each_endpoint_slice_change_carries_its_last_change_trigger_time() {
+    use std::time::{Duration, SystemTime};
+    let snap = parse(
+        r"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+  annotations: {endpoints.kubernetes.io/last-change-trigger-time: '2026-12-01T13:00:00.25Z'}
+addressType: IPv4
+endpoints: [{addresses: [10.244.1.5]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-2
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+  annotations: {endpoints.kubernetes.io/last-change-trigger-time: 'yesterday'}
+addressType: IPv4
+endpoints: [{addresses: [10.244.1.6]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-1, namespace: shop, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+endpoints: [{addresses: [10.244.1.7]}]
+",
+    );
+    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+    let mut events = snap.events();
+    events.push(Event::Delete(controllers::source::ObjectKey {
+        kind: Kind::EndpointSlice,
+        namespace: "shop".into(),
+        name: "db-1".into(),
+    }));
+    let mut folded = controllers::source::fold(&mut ClusterState::new(), events);
+    let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_796_130_000_250);
+    // The slice whose annotation cannot be read, the one without, the delete; the annotated.
+    folded.endpoint_triggers.sort();
+    assert_eq!(folded.endpoint_triggers, vec![None, None, None, Some(at)]);
+    assert_eq!(folded.endpoint_changes, 4);
+}

@@ -51,6 +51,15 @@ impl Family {
         }
     }
 
+    /// Kubernetes' name for it (`v1.IPFamily`), as kube-proxy's `ip_family` metric label says it.
+    #[must_use]
+    pub fn kubernetes_name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
     /// The longest prefix: 32 or 128.
     #[must_use]
     pub fn max_prefix(self) -> u8 {

@@ -15,6 +15,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
+use inet::Family;
 use tokio::sync::watch;
 
 use crate::conntrack::{ConntrackKernel, Frontends, Reconciled, Reconciler};
@@ -64,6 +65,10 @@ pub struct Folded {
     pub service_changes: u64,
     /// EndpointSlice applies and deletes in the batch.
     pub endpoint_changes: u64,
+    /// Per EndpointSlice change in the batch, when the change behind it happened: the slice's
+    /// `endpoints.kubernetes.io/last-change-trigger-time`, `None` when it has none (a
+    /// manifest, a delete) and the loop counts from the change's arrival instead.
+    pub endpoint_triggers: Vec<Option<SystemTime>>,
 }
 
 /// One finished sync, as health and metrics see it.
@@ -74,11 +79,16 @@ pub struct SyncRecord {
     pub took: Duration,
     /// When it ended.
     pub finished: SystemTime,
-    /// From the oldest change it applied arriving to the sync's end.
-    pub programming_latency: Option<Duration>,
+    /// kube-proxy's network programming latency, one per EndpointSlice change the sync applied:
+    /// from its trigger time (or its arrival, when the slice had none) to the sync's end.
+    /// Empty when it applied none, or failed as a whole.
+    pub programming_latencies: Vec<Duration>,
     /// Whether the sync could read and write the kernel. A Service the kernel refused does
     /// not make it unhealthy; a backend that failed as a whole does.
     pub healthy: bool,
+    /// The IP families it programmed: kube-proxy runs one proxier per family and labels their
+    /// metrics `ip_family`; one sync here programs them all.
+    pub families: Vec<inet::Family>,
 }
 
 /// A Service's health-check node port, as the service health servers serve it.
@@ -109,10 +119,10 @@ pub struct HealthChecks {
 pub trait Observer: Send {
     /// The node's eligibility for load-balancer traffic.
     fn node_eligible(&self, eligible: bool);
-    /// A batch of changes arrived at `at`; `pending` are the service and endpoint changes now
-    /// waiting for a sync, this batch included. (Health learns of changes where they are
-    /// queued, [`crate::pending`], not here.)
-    fn queued(&self, folded: &Folded, pending: (u64, u64), at: SystemTime);
+    /// A batch of changes arrived at `at`, for the proxiers of `families`; `pending` are the
+    /// service and endpoint changes now waiting for a sync, this batch included. (Health
+    /// learns of changes where they are queued, [`crate::pending`], not here.)
+    fn queued(&self, folded: &Folded, pending: (u64, u64), at: SystemTime, families: &[Family]);
     /// A sync ended; nothing is pending any more.
     fn synced(&self, record: &SyncRecord);
     /// The changes taken since the last sync that applied everything changed nothing: the
@@ -126,8 +136,8 @@ pub trait Observer: Send {
     /// What the engine has programmed.
     fn counts(&self, counts: Counts);
     /// Service ports with a Local traffic policy and no ready endpoint on this node
-    /// (internal, external), counted after each full sync.
-    fn no_local_endpoints(&self, internal: u64, external: u64);
+    /// (internal, external) of `family`, counted after each full sync for every family.
+    fn no_local_endpoints(&self, family: Family, internal: u64, external: u64);
     /// The health-check node ports after a sync: of the Services it synced, or all of them.
     fn health_checks(&self, checks: &HealthChecks);
     /// Stale conntrack entries of one family were reconciled after a sync.
@@ -157,8 +167,10 @@ pub struct SyncLoop<E> {
     rebind_due: bool,
     initial_sync_done: bool,
     dirty: BTreeSet<ServiceName>,
-    /// When the oldest change not yet applied arrived.
-    oldest_pending: Option<Instant>,
+    /// When the loop started: trigger times before it are of changes an earlier run applied.
+    started: SystemTime,
+    /// When each EndpointSlice change not yet applied happened ([`Folded::endpoint_triggers`]).
+    triggers: Vec<SystemTime>,
     /// A change was folded in that no sync has applied yet (a sync that failed as a whole
     /// applied nothing).
     behind: bool,
@@ -255,7 +267,8 @@ impl<E> SyncLoop<E> {
             rebind_due: false,
             initial_sync_done: false,
             dirty: BTreeSet::new(),
-            oldest_pending: None,
+            started: SystemTime::now(),
+            triggers: Vec::new(),
             behind: false,
             pending: (0, 0),
             last_sync: None,
@@ -342,10 +355,19 @@ impl<E> SyncLoop<E> {
                 }
                 self.pending.0 += folded.service_changes;
                 self.pending.1 += folded.endpoint_changes;
-                self.oldest_pending.get_or_insert_with(Instant::now);
+                let arrived = SystemTime::now();
+                // As kube-proxy, a change made before the proxy started is not timed: its
+                // latency would be the restart's.
+                let started = self.started;
+                let triggers = folded
+                    .endpoint_triggers
+                    .iter()
+                    .map(|t| t.unwrap_or(arrived));
+                self.triggers.extend(triggers.filter(|t| *t >= started));
                 self.behind = true;
+                let families = &self.planner.config.families;
                 self.observer
-                    .queued(&folded, self.pending, SystemTime::now());
+                    .queued(&folded, self.pending, arrived, families);
                 let Affected { services, nodes } = folded.affected;
                 if nodes || self.needs_new_family(&services) {
                     self.reconfigure();
@@ -362,13 +384,9 @@ impl<E> SyncLoop<E> {
             .filter_map(|s| self.state.service(s))
             .flatten()
             .any(|p| {
-                p.cluster_ips.iter().any(|ip| {
-                    !self
-                        .planner
-                        .config
-                        .families
-                        .contains(&inet::Family::of(*ip))
-                })
+                p.cluster_ips
+                    .iter()
+                    .any(|ip| !self.planner.config.families.contains(&Family::of(*ip)))
             })
     }
 
@@ -524,15 +542,23 @@ impl<E> SyncLoop<E> {
             "synced"
         );
         let healthy = report.errors.iter().all(|e| e.service.is_some());
+        let finished = SystemTime::now();
+        // Taken by every sync, as kube-proxy's change tracker hands them over: a sync that
+        // failed as a whole programmed nothing to time.
+        let triggers = std::mem::take(&mut self.triggers);
+        let programming_latencies = if healthy {
+            let since = |t: SystemTime| finished.duration_since(t).unwrap_or_default();
+            triggers.into_iter().map(since).collect()
+        } else {
+            Vec::new()
+        };
         self.observer.synced(&SyncRecord {
             full,
             took,
-            finished: SystemTime::now(),
-            programming_latency: self
-                .oldest_pending
-                .take()
-                .map(|oldest| now.saturating_duration_since(oldest) + took),
+            finished,
+            programming_latencies,
             healthy,
+            families: self.planner.config.families.clone(),
         });
         if healthy {
             self.behind = false;
@@ -548,8 +574,10 @@ impl<E> SyncLoop<E> {
         if full {
             // A walk over every Service: done with full syncs only, so a one-Service change
             // costs the same whatever the cluster's size.
-            let (internal, external) = self.no_local_endpoints();
-            self.observer.no_local_endpoints(internal, external);
+            for &family in &self.planner.config.families {
+                let (internal, external) = self.no_local_endpoints(family);
+                self.observer.no_local_endpoints(family, internal, external);
+            }
         }
         self.observer
             .health_checks(&self.health_checks(full, &synced));
@@ -666,23 +694,25 @@ impl<E> SyncLoop<E> {
         }
     }
 
-    /// kube-proxy's `sync_proxy_rules_no_local_endpoints_total`: Services with a Local policy
-    /// and no endpoint on this node.
-    fn no_local_endpoints(&self) -> (u64, u64) {
+    /// kube-proxy's `sync_proxy_rules_no_local_endpoints_total` of `family`'s proxier: the
+    /// Service ports with a ClusterIP of `family`, a Local policy and no endpoint of `family`
+    /// on this node.
+    fn no_local_endpoints(&self, family: Family) -> (u64, u64) {
         let node = &*self.planner.config.node_name;
         let (mut internal, mut external) = (0, 0);
         for (_, ports) in self.state.services() {
             for port in ports {
                 let (int_local, ext_local) =
                     (port.internal_policy_local(), port.external_policy_local());
-                if !int_local && !ext_local {
+                let of_family = port.cluster_ips.iter().any(|ip| Family::of(*ip) == family);
+                if !of_family || (!int_local && !ext_local) {
                     continue;
                 }
                 let has_local = self
                     .state
                     .endpoints(&port.name)
                     .iter()
-                    .any(|e| e.is_local_and_ready(node));
+                    .any(|e| Family::of(e.ip) == family && e.is_local_and_ready(node));
                 if !has_local {
                     internal += u64::from(int_local);
                     external += u64::from(ext_local);

@@ -42,6 +42,8 @@ struct Shared {
     /// Services planned with an unknown scheduler annotation: a warning each time they sync.
     odd_scheduler: BTreeSet<&'static str>,
     caught_up: usize,
+    /// `no_local_endpoints` reports: (family, internal, external).
+    no_local: Vec<(inet::Family, u64, u64)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -173,7 +175,7 @@ impl Observer for Log {
         self.with(|s| s.eligible.push(eligible));
     }
 
-    fn queued(&self, _folded: &Folded, pending: (u64, u64), _at: SystemTime) {
+    fn queued(&self, _: &Folded, pending: (u64, u64), _: SystemTime, _: &[inet::Family]) {
         self.with(|s| s.queued.push(pending));
     }
 
@@ -195,7 +197,9 @@ impl Observer for Log {
 
     fn counts(&self, _counts: Counts) {}
 
-    fn no_local_endpoints(&self, _internal: u64, _external: u64) {}
+    fn no_local_endpoints(&self, family: inet::Family, internal: u64, external: u64) {
+        self.with(|s| s.no_local.push((family, internal, external)));
+    }
 
     fn health_checks(&self, checks: &HealthChecks) {
         self.with(|s| s.health_checks.push(checks.clone()));
@@ -212,6 +216,8 @@ enum Change {
     LocalLoadBalancer(&'static str, u16),
     /// The Service's one slice: its endpoints' (address, node, ready).
     Endpoints(&'static str, Vec<(&'static str, &'static str, bool)>),
+    /// The Service's one slice, with one ready endpoint, annotated with this trigger time.
+    Triggered(&'static str, std::time::SystemTime),
     Removed(&'static str),
 }
 
@@ -222,7 +228,7 @@ impl crate::pending::Keyed for Change {
             Change::Service(name, _)
             | Change::LocalLoadBalancer(name, _)
             | Change::Removed(name) => ("service", name),
-            Change::Endpoints(name, _) => ("slice", name),
+            Change::Endpoints(name, _) | Change::Triggered(name, _) => ("slice", name),
             Change::Node(_) | Change::Zone(_) => ("node", "node-a"),
         }
     }
@@ -295,6 +301,15 @@ fn fold(state: &mut ClusterState, changes: Vec<Change>) -> Folded {
                 let slice_name = ("ns".into(), format!("{name}-1").into());
                 let affected = state.upsert_slice(slice_name, slice(name, &endpoints));
                 folded.affected.services.extend(affected);
+                folded.endpoint_triggers.push(None);
+            }
+            Change::Triggered(name, at) => {
+                folded.endpoint_changes += 1;
+                let slice_name = ("ns".into(), format!("{name}-1").into());
+                let endpoints = [("10.244.0.9", "node-a", true)];
+                let affected = state.upsert_slice(slice_name, slice(name, &endpoints));
+                folded.affected.services.extend(affected);
+                folded.endpoint_triggers.push(Some(at));
             }
             Change::Removed(name) => {
                 folded.service_changes += 1;
@@ -560,22 +575,50 @@ fn a_refused_service_is_retried_on_its_own_with_backoff_and_never_forces_a_full_
 }
 
 #[test]
-fn the_programming_latency_counts_from_the_oldest_pending_change() {
+fn the_programming_latency_counts_from_each_endpoint_changes_trigger_time() {
+    use std::time::SystemTime;
     let (mut l, log, t0) = started();
+    let latencies = |l: &mut SyncLoop<Vec<Change>>, at: Instant| {
+        l.tick(at);
+        log.with(|s| s.synced.last().cloned())
+            .unwrap()
+            .programming_latencies
+    };
+    // Changed before the proxy started: an earlier run's change, not timed (as kube-proxy).
+    let before = SystemTime::now() - Duration::from_secs(3600);
+    l.receive(SourceUpdate::Events(vec![Change::Triggered("web", before)]));
+    assert_eq!(latencies(&mut l, t0 + MIN), vec![]);
+    // Timed from the annotation, not from its arrival at the loop.
+    let changed = SystemTime::now();
+    std::thread::sleep(Duration::from_millis(200));
+    l.receive(SourceUpdate::Events(vec![
+        Change::Triggered("api", changed),
+        Change::Endpoints("db", vec![("10.244.0.7", "node-a", true)]),
+    ]));
+    let both = latencies(&mut l, t0 + MIN * 2);
+    assert_eq!(both.len(), 2, "{both:?}");
+    assert!(both[0] >= Duration::from_millis(200), "{both:?}");
+    // Without the annotation, from the change's arrival.
+    assert!(both[1] < Duration::from_millis(200), "{both:?}");
+    // A Service change is no EndpointSlice change, and a periodic full sync applies none.
     l.receive(SourceUpdate::Events(vec![Change::Service(
         "a",
         "10.96.0.1",
     )]));
-    l.tick(Instant::now() + MIN * 5);
-    let record = log.with(|s| s.synced.last().cloned()).unwrap();
-    assert!(!record.full);
-    let latency = record.programming_latency.expect("a change was applied");
-    assert!(latency >= MIN * 5, "{latency:?}");
-    // A periodic full sync applies no change: no latency to report.
-    l.tick(t0 + PERIOD * 2);
-    let record = log.with(|s| s.synced.last().cloned()).unwrap();
-    assert!(record.full);
-    assert_eq!(record.programming_latency, None);
+    assert_eq!(latencies(&mut l, t0 + MIN * 3), vec![]);
+    assert_eq!(latencies(&mut l, t0 + PERIOD * 2), vec![]);
+    // A sync that failed as a whole programmed nothing to time.
+    log.with(|s| s.fail_next.push(None));
+    l.receive(SourceUpdate::Events(vec![Change::Triggered(
+        "cache",
+        SystemTime::now(),
+    )]));
+    let record = {
+        l.tick(t0 + PERIOD * 2 + MIN);
+        log.with(|s| s.synced.last().cloned()).unwrap()
+    };
+    assert!(!record.healthy, "{record:?}");
+    assert_eq!(record.programming_latencies, vec![]);
 }
 
 #[test]
@@ -853,4 +896,30 @@ fn changes_that_change_nothing_are_caught_up_only_after_a_sync_applied_everythin
     send(Change::Service("web", "10.96.0.20"));
     l.take_all(&mut updates);
     assert_eq!(caught_up(), 2);
+}
+
+#[test]
+fn no_local_endpoints_are_counted_per_family_after_each_full_sync() {
+    let (mut l, log, t0) = started();
+    log.with(|s| s.no_local.clear());
+    l.receive(SourceUpdate::Events(vec![Change::LocalLoadBalancer(
+        "lb", 32000,
+    )]));
+    l.tick(t0 + PERIOD);
+    // Only the IPv4 proxier exists: its Local LoadBalancer has no endpoint on this node.
+    let last = |log: &Log| log.with(|s| std::mem::take(&mut s.no_local));
+    assert_eq!(last(&log), vec![(inet::Family::V4, 0, 1)]);
+    // An endpoint elsewhere does not count; a ready one here does.
+    l.receive(SourceUpdate::Events(vec![Change::Endpoints(
+        "lb",
+        vec![("10.244.1.5", "node-b", true)],
+    )]));
+    l.tick(t0 + PERIOD * 2);
+    assert_eq!(last(&log), vec![(inet::Family::V4, 0, 1)]);
+    l.receive(SourceUpdate::Events(vec![Change::Endpoints(
+        "lb",
+        vec![("10.244.0.5", "node-a", true)],
+    )]));
+    l.tick(t0 + PERIOD * 3);
+    assert_eq!(last(&log), vec![(inet::Family::V4, 0, 0)]);
 }
