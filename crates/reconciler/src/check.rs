@@ -11,17 +11,16 @@
 //! want are draining, not extra. The ipvs mode's iptables rules are not compared.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::net::IpAddr;
-use std::ops::RangeInclusive;
 
-use ipnet::IpNet;
 use iptables::IpSet;
 use iptables::ipvs_mode::KubeSet;
 use ipvs::{RealServer, ServiceKey, VirtualServer};
 
 use crate::plan::{Plan, PlanConfig};
 use crate::render::Section;
+use crate::sync::SyncOptions;
 
 /// What the kernel holds, as read by the caller.
 #[derive(Debug, Clone, Default)]
@@ -34,13 +33,26 @@ pub struct Observed {
     pub sets: Vec<IpSet>,
 }
 
-/// What the sync owns besides what the plan wants: see docs/sync.md "Ownership".
-#[derive(Debug, Clone)]
-pub struct Ownership {
-    /// `--ipvs-exclude-cidrs`.
-    pub exclude_cidrs: Vec<IpNet>,
-    /// The cluster's NodePort range.
-    pub node_port_range: RangeInclusive<u16>,
+impl Observed {
+    /// From what the kernel answered: the IPVS dump (`ipvs::Handle::dump`), the addresses of
+    /// `kube-ipvs0`, and `ipset save`.
+    #[must_use]
+    pub fn new(dump: Vec<ipvs::TableEntry>, addresses: BTreeSet<IpAddr>, sets: Vec<IpSet>) -> Self {
+        let ipvs = dump
+            .into_iter()
+            .map(|e| {
+                (
+                    e.service.server,
+                    e.real_servers.iter().map(|r| r.server).collect(),
+                )
+            })
+            .collect();
+        Observed {
+            ipvs,
+            addresses,
+            sets,
+        }
+    }
 }
 
 /// One line that differs.
@@ -82,7 +94,7 @@ impl Report {
         for (section, differences) in self.sections.iter().filter(|(_, d)| !d.is_empty()) {
             out.push_str(header(*section));
             for d in differences {
-                out.push_str(&format!("{d}\n"));
+                let _ = writeln!(out, "{d}");
             }
         }
         out
@@ -99,16 +111,17 @@ fn header(section: Section) -> &'static str {
 }
 
 /// Compares `observed` with `plan` (planned with `config`), in `only` or in every section but
-/// the iptables rules.
+/// the iptables rules, owning what the sync with `options` owns (its excluded ranges and
+/// NodePort range).
 #[must_use]
 pub fn compare(
     plan: &Plan,
     config: &PlanConfig,
     observed: &Observed,
-    ownership: &Ownership,
+    options: &SyncOptions,
     only: Option<Section>,
 ) -> Report {
-    let excluded = |ip: IpAddr| ownership.exclude_cidrs.iter().any(|n| n.contains(&ip));
+    let excluded = |ip: IpAddr| options.exclude_cidrs.iter().any(|n| n.contains(&ip));
     let mut report = Report::default();
     let wanted = |section| only.is_none_or(|o| o == section);
     if wanted(Section::Ipvs) {
@@ -118,7 +131,7 @@ pub fn compare(
                 let on_node =
                     config.node_port_ips.contains(&ip) || config.node_addresses.contains(&ip);
                 let ours = observed.addresses.contains(&ip)
-                    || (on_node && ownership.node_port_range.contains(&addr.port()))
+                    || (on_node && options.node_port_range.contains(&addr.port()))
                     || plan
                         .virtual_servers
                         .values()

@@ -93,10 +93,10 @@ fn kernel_of(plan: &Plan) -> Observed {
     }
 }
 
-fn ownership() -> Ownership {
-    Ownership {
+fn ownership() -> SyncOptions {
+    SyncOptions {
         exclude_cidrs: vec!["10.97.0.0/16".parse().unwrap()],
-        node_port_range: 30000..=32767,
+        ..SyncOptions::default()
     }
 }
 
@@ -220,7 +220,7 @@ fn set_members_differ_and_foreign_sets_are_not_reported() {
     cluster_ip.entries.clear();
     cluster_ip
         .entries
-        .insert(SetEntry::IpPort(ip("10.96.0.99"), Protocol::Tcp.into(), 80));
+        .insert(SetEntry::IpPort(ip("10.96.0.99"), Protocol::Tcp, 80));
     kernel.sets.push(iptables::IpSet::new(
         "my-set",
         iptables::ipset::SetType::HashIp,
