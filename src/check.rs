@@ -9,14 +9,16 @@ use reconciler::plan::Planner;
 use crate::flags::{PlanArgs, PlanSection, ProxyMode};
 
 /// The IPVS table, `kube-ipvs0`'s addresses (none without the link) and `ipset save`.
-fn read_kernel() -> anyhow::Result<Observed> {
+fn read_kernel(families: &[iptables::Family]) -> anyhow::Result<Observed> {
     let dump = ipvs::Handle::new()?.dump()?;
     let addresses = match netif::DummyLink::open(netif::KUBE_IPVS0)? {
         Some(mut link) => link.addresses()?,
         None => std::collections::BTreeSet::new(),
     };
-    let sets = iptables::Runner::new(iptables::Flavour::Nft).ipset_save()?;
-    Ok(Observed::new(dump, addresses, sets))
+    let runner = iptables::Runner::new(iptables::detect_flavour(None));
+    let rules = families.iter().map(|&f| Ok((f, runner.save(f, None)?)));
+    let rules = rules.collect::<anyhow::Result<_>>()?;
+    Ok(Observed::new(dump, addresses, runner.ipset_save()?, rules))
 }
 
 /// Runs `check`: 0 when the kernel equals the plan, 1 when not (the differences on `out`), 2
@@ -25,14 +27,11 @@ pub fn run(args: &PlanArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     let Some((config, state, plan_config)) = crate::plan::source(&args.flags, err) else {
         return 2;
     };
-    if config.mode == ProxyMode::Iptables || args.only == Some(PlanSection::Iptables) {
-        let _ = writeln!(
-            err,
-            "error: check compares IPVS mode's IPVS, addresses and ipsets only"
-        );
+    if config.mode == ProxyMode::Iptables {
+        let _ = writeln!(err, "error: check compares IPVS mode only");
         return 2;
     }
-    let observed = match read_kernel() {
+    let observed = match read_kernel(&plan_config.families) {
         Ok(observed) => observed,
         Err(e) => {
             let _ = writeln!(err, "error: reading the kernel: {e:#}");

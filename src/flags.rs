@@ -35,10 +35,10 @@ pub enum Command {
     /// Compute the desired kernel state from a source and print it in the kernel tools' own
     /// formats (`ipvsadm -Sn`, `ipset save`, `iptables-save`), without touching the kernel.
     Plan(PlanArgs),
-    /// Compare the live kernel (IPVS, kube-ipvs0, the KUBE-* ipsets) with what the source asks
-    /// for; print what differs as `+ LINE` (missing) and `- LINE` (extra, the proxy's) in the
-    /// tools' formats. Exit 0 when equal, 1 when not, 2 on error. IPVS mode only; the iptables
-    /// rules are not compared.
+    /// Compare the live kernel (IPVS, kube-ipvs0, the KUBE-* ipsets and the ipvs mode's chains)
+    /// with what the source asks for; print what differs as `+ LINE` (missing) and `- LINE`
+    /// (extra, the proxy's) in the tools' formats. Exit 0 when equal, 1 when not, 2 on error.
+    /// IPVS mode only (not the iptables proxier's rules).
     Check(PlanArgs),
 }
 

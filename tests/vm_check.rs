@@ -1,6 +1,7 @@
 //! `ipvs-proxy check` against the real kernel, in the VM: after the daemon synced it finds
 //! nothing; a virtual server deleted by hand (`ipvsadm -D`) and a real server added by hand
-//! (`ipvsadm -a`) are reported in `ipvsadm -Sn` lines; another tool's virtual server is not.
+//! (`ipvsadm -a`) are reported in `ipvsadm -Sn` lines, a rule added to one of its chains in an
+//! `iptables-save` line; another tool's virtual server and chain are not.
 //! Runs only in the VM: `cargo xtask vm-test -p ipvs-proxy -- check`.
 
 #[allow(
@@ -74,9 +75,10 @@ fn check_finds_nothing_after_a_sync_and_reports_hand_edits_but_not_foreign_serve
     run("ipvsadm", &["-Sn"]);
     run("/bin/ip", &["addr", "show", "kube-ipvs0"]);
     run("ipset", &["save"]);
+    run("iptables-nft-save", &[]);
     let floor = started.elapsed();
     eprintln!(
-        "check after a sync: {:.3}s (ipvsadm -Sn, ip addr and ipset save: {:.3}s)",
+        "check after a sync: {:.3}s (ipvsadm -Sn, ip addr, ipset save and iptables-save: {:.3}s)",
         ours.as_secs_f64(),
         floor.as_secs_f64()
     );
@@ -94,11 +96,17 @@ fn check_finds_nothing_after_a_sync_and_reports_hand_edits_but_not_foreign_serve
         "ipvsadm",
         &["-a", "-t", "10.99.0.1:80", "-r", "10.244.9.9:80", "-m"],
     );
+    // And another tool's chain, jumped to from a built-in chain.
+    run("iptables-nft", &["-t", "nat", "-N", "MY-CHAIN"]);
+    run(
+        "iptables-nft",
+        &["-t", "nat", "-A", "PREROUTING", "-j", "MY-CHAIN"],
+    );
     let (status, out, err) = check(dir.path());
     assert_eq!(
         (status, out.as_str()),
         (Some(0), ""),
-        "a foreign virtual server is not the proxy's\nstderr: {err}"
+        "a foreign virtual server and chain are not the proxy's\nstderr: {err}"
     );
 
     run("ipvsadm", &["-D", "-t", "10.96.0.20:80"]);
@@ -115,6 +123,8 @@ fn check_finds_nothing_after_a_sync_and_reports_hand_edits_but_not_foreign_serve
             "1",
         ],
     );
+    let rule = ["-A", "KUBE-SERVICES", "-s", "10.0.0.0/8", "-j", "RETURN"];
+    run("iptables-nft", &[&["-t", "nat"][..], &rule].concat());
     let (status, out, err) = check(dir.path());
     assert_eq!(
         out,
@@ -123,7 +133,9 @@ fn check_finds_nothing_after_a_sync_and_reports_hand_edits_but_not_foreign_serve
          + -a -t 10.96.0.20:80 -r 10.244.1.5:8080 -m -w 1\n\
          + -a -t 10.96.0.20:80 -r 10.244.2.7:8080 -m -w 1\n\
          + -a -t 10.96.0.20:80 -r 10.244.3.9:8080 -m -w 1\n\
-         - -a -t 10.96.0.21:80 -r 10.244.9.9:8080 -m -w 1\n",
+         - -a -t 10.96.0.21:80 -r 10.244.9.9:8080 -m -w 1\n\
+         # iptables-save -t nat\n\
+         - -A KUBE-SERVICES -s 10.0.0.0/8 -j RETURN\n",
         "stderr: {err}"
     );
     assert_eq!(status, Some(1), "check exits 1 when the kernel differs");

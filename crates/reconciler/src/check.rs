@@ -8,18 +8,22 @@
 //! compared (its ownership rules, docs/sync.md "Ownership"): another tool's virtual servers,
 //! firewall-mark services, sets not named as kube-proxy's and anything inside
 //! `--ipvs-exclude-cidrs` are never reported. Real servers at weight 0 that the plan does not
-//! want are draining, not extra. The ipvs mode's iptables rules are not compared.
+//! want are draining, not extra. The iptables rules are compared in the chains the ipvs mode
+//! writes (declarations and rules) and the jumps to them, per family and table, as line sets:
+//! the order of rules in a chain is not compared.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 
-use iptables::IpSet;
+use iptables::chain::IPVS_MODE_CHAINS;
 use iptables::ipvs_mode::KubeSet;
+use iptables::rule::rule_chain_and_target;
+use iptables::{Family, IpSet, Saved, Table};
 use ipvs::{RealServer, ServiceKey, VirtualServer};
 
 use crate::plan::{Plan, PlanConfig};
-use crate::render::Section;
+use crate::render::{Section, save_header};
 use crate::sync::SyncOptions;
 
 /// What the kernel holds, as read by the caller.
@@ -31,13 +35,20 @@ pub struct Observed {
     pub addresses: BTreeSet<IpAddr>,
     /// Every set `ipset save` printed.
     pub sets: Vec<IpSet>,
+    /// `iptables-save` (and `ip6tables-save`) of each family the plan has.
+    pub rules: Vec<(Family, Saved)>,
 }
 
 impl Observed {
     /// From what the kernel answered: the IPVS dump (`ipvs::Handle::dump`), the addresses of
     /// `kube-ipvs0`, and `ipset save`.
     #[must_use]
-    pub fn new(dump: Vec<ipvs::TableEntry>, addresses: BTreeSet<IpAddr>, sets: Vec<IpSet>) -> Self {
+    pub fn new(
+        dump: Vec<ipvs::TableEntry>,
+        addresses: BTreeSet<IpAddr>,
+        sets: Vec<IpSet>,
+        rules: Vec<(Family, Saved)>,
+    ) -> Self {
         let ipvs = dump
             .into_iter()
             .map(|e| {
@@ -51,6 +62,7 @@ impl Observed {
             ipvs,
             addresses,
             sets,
+            rules,
         }
     }
 }
@@ -73,10 +85,11 @@ impl fmt::Display for Difference {
     }
 }
 
-/// The differences of each section compared, in `plan`'s section order.
+/// The differences of each part compared under its header (`# ipvsadm -Sn`, `# iptables-save
+/// -t nat`), in `plan`'s section order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
-    pub sections: Vec<(Section, Vec<Difference>)>,
+    pub sections: Vec<(String, Vec<Difference>)>,
 }
 
 impl Report {
@@ -91,8 +104,8 @@ impl Report {
     #[must_use]
     pub fn render(&self) -> String {
         let mut out = String::new();
-        for (section, differences) in self.sections.iter().filter(|(_, d)| !d.is_empty()) {
-            out.push_str(header(*section));
+        for (header, differences) in self.sections.iter().filter(|(_, d)| !d.is_empty()) {
+            let _ = writeln!(out, "{header}");
             for d in differences {
                 let _ = writeln!(out, "{d}");
             }
@@ -101,17 +114,8 @@ impl Report {
     }
 }
 
-fn header(section: Section) -> &'static str {
-    match section {
-        Section::Ipvs => "# ipvsadm -Sn\n",
-        Section::Addresses => "# kube-ipvs0\n",
-        Section::Ipsets => "# ipset save\n",
-        Section::Iptables => "# iptables-save\n",
-    }
-}
-
-/// Compares `observed` with `plan` (planned with `config`), in `only` or in every section but
-/// the iptables rules, owning what the sync with `options` owns (its excluded ranges and
+/// Compares `observed` with `plan` (planned with `config`), in `only` or in every section,
+/// owning what the sync with `options` owns (its excluded ranges and
 /// NodePort range).
 #[must_use]
 pub fn compare(
@@ -140,9 +144,10 @@ pub fn compare(
             }
             ServiceKey::Fwmark { .. } => false,
         };
-        report
-            .sections
-            .push((Section::Ipvs, ipvs_differences(plan, observed, owned)));
+        report.sections.push((
+            "# ipvsadm -Sn".into(),
+            ipvs_differences(plan, observed, owned),
+        ));
     }
     if wanted(Section::Addresses) {
         let have: BTreeSet<IpAddr> = observed
@@ -152,7 +157,7 @@ pub fn compare(
             .filter(|ip| !excluded(*ip) || plan.addresses.contains(ip))
             .collect();
         report.sections.push((
-            Section::Addresses,
+            "# kube-ipvs0".into(),
             differences(
                 &lines(&plan.render_addresses()),
                 &have.iter().map(|a| address_line(*a)).collect::<Vec<_>>(),
@@ -162,9 +167,37 @@ pub fn compare(
     if wanted(Section::Ipsets) {
         report
             .sections
-            .push((Section::Ipsets, set_differences(plan, observed)));
+            .push(("# ipset save".into(), set_differences(plan, observed)));
+    }
+    if wanted(Section::Iptables) {
+        for (family, saved) in &observed.rules {
+            let planned = Saved::parse(&plan.render_iptables(config, *family));
+            for table in [Table::Nat, Table::Filter] {
+                let header = format!("{} -t {}", save_header(*family).trim_end(), table.as_str());
+                let d = differences(&rule_lines(&planned, table), &rule_lines(saved, table));
+                report.sections.push((header, d));
+            }
+        }
     }
     report
+}
+
+/// The ipvs mode's chains of `table` as `iptables-save` printed them: their declarations
+/// (counters zeroed), their rules, and the rules of other chains that jump to them.
+fn rule_lines(saved: &Saved, table: Table) -> Vec<String> {
+    let ours = |chain: &str| IPVS_MODE_CHAINS.contains(&(table, chain));
+    let Some(t) = saved.tables.get(&table) else {
+        return Vec::new();
+    };
+    let chains = t.chains.iter().filter(|c| ours(c));
+    let rules = t.rules.iter().filter(|rule| {
+        rule_chain_and_target(rule)
+            .is_some_and(|(chain, target)| ours(chain) || target.is_some_and(ours))
+    });
+    chains
+        .map(|c| format!(":{c} - [0:0]"))
+        .chain(rules.cloned())
+        .collect()
 }
 
 /// `ADDR/32` or `ADDR/128`, as `plan` prints kube-ipvs0's addresses.

@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use iptables::{Family, SetEntry};
+use iptables::{Family, Saved, SetEntry, Table};
 use ipvs::{Protocol as IpvsProtocol, RealServer, ServiceKey, VirtualServer};
 
 use super::*;
@@ -86,10 +86,16 @@ fn kernel_of(plan: &Plan) -> Observed {
             s
         })
         .collect();
+    let rules = config()
+        .families
+        .iter()
+        .map(|&f| (f, Saved::parse(&plan.render_iptables(&config(), f))))
+        .collect();
     Observed {
         ipvs,
         addresses: plan.addresses.clone(),
         sets,
+        rules,
     }
 }
 
@@ -253,4 +259,23 @@ fn only_compares_the_section_asked_for() {
         Some(Section::Ipsets),
     );
     assert!(report.is_equal(), "{}", report.render());
+}
+
+#[test]
+fn removed_and_added_rules_of_our_chains_are_reported_and_other_chains_are_not() {
+    let mut kernel = kernel_of(&plan());
+    let nat = kernel.rules[0].1.tables.get_mut(&Table::Nat).expect("nat");
+    let masq = "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000";
+    assert!(nat.rules.iter().any(|r| r == masq), "{:#?}", nat.rules);
+    nat.rules.retain(|r| r != masq);
+    // Counters and another tool's chain and rules, as iptables-save prints them.
+    nat.chains.insert("MY-CHAIN".into());
+    nat.rules.push("-A MY-CHAIN -j ACCEPT".into());
+    nat.rules.push("-A PREROUTING -j MY-CHAIN".into());
+    nat.rules
+        .push("-A KUBE-SERVICES -s 10.0.0.0/8 -j RETURN".into());
+    assert_eq!(
+        check(&kernel).render(),
+        format!("# iptables-save -t nat\n+ {masq}\n- -A KUBE-SERVICES -s 10.0.0.0/8 -j RETURN\n")
+    );
 }
