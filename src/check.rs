@@ -8,7 +8,8 @@ use reconciler::plan::Planner;
 
 use crate::flags::{PlanArgs, PlanSection, ProxyMode};
 
-/// The IPVS table, `kube-ipvs0`'s addresses (none without the link) and `ipset save`.
+/// The IPVS table, `kube-ipvs0`'s addresses (none without the link), `ipset save` and the
+/// rules of `families` (of the flavour the node uses, found as the daemon finds it).
 fn read_kernel(families: &[iptables::Family]) -> anyhow::Result<Observed> {
     let dump = ipvs::Handle::new()?.dump()?;
     let addresses = match netif::DummyLink::open(netif::KUBE_IPVS0)? {
@@ -39,6 +40,9 @@ pub fn run(args: &PlanArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         }
     };
     let plan = Planner::new(plan_config.clone()).plan(&state);
+    for w in &plan.warnings {
+        let _ = writeln!(err, "warning: {w}");
+    }
     let report = compare(
         &plan,
         &plan_config,

@@ -3,8 +3,9 @@
 //! not wanted).
 //!
 //! Pure: the caller reads the kernel into [`Observed`]. Both sides are printed with the same
-//! printers (`ipvsadm -Sn` lines, `ADDR/32`, `ipset save` lines), so equal state gives equal
-//! text, and compared section by section as line sets. Only what the sync would touch is
+//! printers (`ipvsadm -Sn` lines, `ADDR/32`, `ipset save` lines, `iptables-save` lines as
+//! parsed by `iptables::Saved`), so equal state gives equal text, and compared section by
+//! section as line sets. Only what the sync would touch is
 //! compared (its ownership rules, docs/sync.md "Ownership"): another tool's virtual servers,
 //! firewall-mark services, sets not named as kube-proxy's and anything inside
 //! `--ipvs-exclude-cidrs` are never reported. Real servers at weight 0 that the plan does not
@@ -41,7 +42,7 @@ pub struct Observed {
 
 impl Observed {
     /// From what the kernel answered: the IPVS dump (`ipvs::Handle::dump`), the addresses of
-    /// `kube-ipvs0`, and `ipset save`.
+    /// `kube-ipvs0`, `ipset save`, and `iptables-save` of each family.
     #[must_use]
     pub fn new(
         dump: Vec<ipvs::TableEntry>,
