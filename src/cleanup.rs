@@ -9,9 +9,9 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use iptables::ipvs_mode::KubeSet;
-use iptables::{Runner, SetEntry};
-use ipvs::{Op, Protocol, ServiceKey};
+use iptables::Runner;
+use iptables::ipvs_mode::node_ports;
+use ipvs::{Op, ServiceKey};
 
 use crate::config::ProxyConfig;
 
@@ -23,21 +23,6 @@ pub struct CleanupReport {
     pub chains: usize,
     pub sets: usize,
     pub errors: Vec<String>,
-}
-
-/// The NodePorts the proxy serves, from its sets (`ipset save`): `(protocol, port)`.
-fn node_ports(runner: &Runner) -> BTreeSet<(Protocol, u16)> {
-    let sets = runner.ipset_save().unwrap_or_default();
-    sets.iter()
-        .filter_map(|set| Some((KubeSet::from_name(set.name())?.0.node_port_protocol()?, set)))
-        // bitmap:port entries are `30080`; the SCTP hash sets' are `10.0.0.1,sctp:30080`.
-        .flat_map(|(protocol, set)| {
-            set.entries.iter().filter_map(move |entry| match entry {
-                SetEntry::Port(port) | SetEntry::IpPort(_, _, port) => Some((protocol, *port)),
-                _ => None,
-            })
-        })
-        .collect()
 }
 
 /// Removes what the proxy owns. Steps that fail are reported; the others still run.
@@ -66,7 +51,7 @@ pub fn cleanup(config: &ProxyConfig) -> CleanupReport {
 
     match ipvs::Handle::new() {
         Ok(mut handle) => {
-            let node_ports = node_ports(&runner);
+            let node_ports = node_ports(&runner.ipset_save().unwrap_or_default());
             match handle.services() {
                 Ok(services) => {
                     let ours: Vec<Op> = services

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 
 use reconciler::Settings;
 use reconciler::plan::{NodePortFilter, PlanConfig};
+use reconciler::sync::SyncOptions;
 
 use crate::config_file::{ConfigFileError, KubeProxyConfiguration, ModeField};
 use crate::flags::{
@@ -517,6 +518,15 @@ impl ProxyConfig {
                     .to_owned()
             })
             .to_lowercase()
+    }
+
+    /// The IPVS sync engine's settings: what it owns, and how long real servers drain.
+    #[must_use]
+    pub fn sync_options(&self) -> SyncOptions {
+        SyncOptions {
+            exclude_cidrs: self.exclude_cidrs.clone(),
+            ..SyncOptions::default()
+        }
     }
 
     /// What the reconciler takes from the daemon's configuration.

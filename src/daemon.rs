@@ -11,7 +11,7 @@ use healthcheck::ServiceHealthServers;
 use iptables::{Runner, detect_flavour};
 use reconciler::SyncLoop;
 use reconciler::engine::{Engine, IptablesEngine, IpvsEngine};
-use reconciler::sync::{SyncOptions, Syncer};
+use reconciler::sync::Syncer;
 use tokio::sync::watch;
 
 use crate::backends::{KernelIpvs, KernelNetfilter};
@@ -85,15 +85,11 @@ fn ipvs_engine(
             .context("setting IPVS timeouts")?;
     }
     let link = netif::DummyLink::ensure(netif::KUBE_IPVS0).context("creating kube-ipvs0")?;
-    let options = SyncOptions {
-        exclude_cidrs: config.exclude_cidrs.clone(),
-        ..SyncOptions::default()
-    };
     Ok(Box::new(IpvsEngine(Syncer::new(
         KernelIpvs(handle),
         link,
         KernelNetfilter(runner),
-        options,
+        config.sync_options(),
     ))))
 }
 

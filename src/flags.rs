@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
+use reconciler::render::Section;
 
 /// Top-level command line: `ipvs-proxy [FLAGS]` runs the daemon, `ipvs-proxy plan` prints what
 /// it would program.
@@ -34,6 +35,21 @@ pub enum Command {
     /// Compute the desired kernel state from a source and print it in the kernel tools' own
     /// formats (`ipvsadm -Sn`, `ipset save`, `iptables-save`), without touching the kernel.
     Plan(PlanArgs),
+    /// Compare the live kernel (IPVS, kube-ipvs0, the KUBE-* ipsets and the ipvs mode's chains)
+    /// with what the source asks for; print what differs as `+ LINE` (missing) and `- LINE`
+    /// (extra, the proxy's) in the tools' formats. Exit 0 when equal, 1 when not, 2 on error.
+    /// IPVS mode only (not the iptables proxier's rules).
+    Check(PlanArgs),
+}
+
+impl Command {
+    /// The source flags every subcommand takes.
+    #[must_use]
+    pub fn args(&self) -> &PlanArgs {
+        match self {
+            Command::Plan(args) | Command::Check(args) => args,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -52,6 +68,19 @@ pub enum PlanSection {
     Addresses,
     Ipsets,
     Iptables,
+}
+
+impl PlanSection {
+    /// The section of the plan it names.
+    #[must_use]
+    pub fn section(self) -> Section {
+        match self {
+            PlanSection::Ipvs => Section::Ipvs,
+            PlanSection::Addresses => Section::Addresses,
+            PlanSection::Ipsets => Section::Ipsets,
+            PlanSection::Iptables => Section::Iptables,
+        }
+    }
 }
 
 /// Which proxier programs the kernel.

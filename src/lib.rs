@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backends;
+pub mod check;
 pub mod cleanup;
 pub mod config;
 pub mod config_file;

@@ -3,14 +3,14 @@
 
 use std::io::Write;
 
-use controllers::manifests::read_dir;
+use controllers::kube_source::list_once_blocking;
+use controllers::manifests::read_once;
 use reconciler::fallback::plan_iptables_mode;
-use reconciler::plan::Planner;
-use reconciler::render::Section;
+use reconciler::plan::{PlanConfig, Planner};
 use reconciler::state::ClusterState;
 
 use crate::config::ProxyConfig;
-use crate::flags::{PlanArgs, PlanSection, ProxyMode};
+use crate::flags::{PlanArgs, PlanSection, ProxyFlags, ProxyMode};
 
 /// Exit status: the plan was printed.
 pub const EXIT_OK: u8 = 0;
@@ -19,49 +19,14 @@ pub const EXIT_NOTHING_READ: u8 = 1;
 /// Exit status: the request cannot be served (bad flags, mode not available).
 pub const EXIT_USAGE: u8 = 2;
 
-/// The objects of a manifest directory; `None` (reported to `err`) when nothing could be read.
-fn read_manifests(dir: &std::path::Path, err: &mut dyn Write) -> Option<Vec<controllers::Event>> {
-    let snapshot = match read_dir(dir) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = writeln!(err, "error: {e}: {}", e.source);
-            return None;
-        }
-    };
-    for e in &snapshot.errors {
-        let _ = writeln!(err, "warning: {e}");
-    }
-    if snapshot.objects.is_empty() {
-        let _ = writeln!(
-            err,
-            "error: no Service, EndpointSlice or Node could be read from {} ({} files)",
-            dir.display(),
-            snapshot.files
-        );
-        return None;
-    }
-    Some(snapshot.events())
-}
-
-/// Lists Services, EndpointSlices and this node once from the Kubernetes API (`plan` without
-/// `--manifests`): `--kubeconfig`, `--master`, or in-cluster, as the daemon.
-fn read_cluster(config: &ProxyConfig) -> anyhow::Result<Vec<controllers::Event>> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let client = controllers::kube_source::client(
-            config.kubeconfig.as_deref(),
-            config.master.as_deref(),
-        )
-        .await?;
-        Ok(controllers::kube_source::list_once(client, &config.node_name()).await?)
-    })
-}
-
-/// Runs `plan`, writing the plan to `out` and reports to `err`. Returns the exit status.
-pub fn run(args: &PlanArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
-    let config = match ProxyConfig::resolve(&args.flags) {
+/// What `plan` and `check` start from: the configuration, the cluster as the source has it
+/// (`--manifests`, else the Kubernetes API as the daemon reaches it) and the planner's
+/// settings for it. `None` when nothing could be read, reported to `err`.
+pub fn source(
+    flags: &ProxyFlags,
+    err: &mut dyn Write,
+) -> Option<(ProxyConfig, ClusterState, PlanConfig)> {
+    let config = match ProxyConfig::resolve(flags) {
         Ok((config, unknown)) => {
             for field in unknown {
                 let _ = writeln!(err, "warning: unknown field in --config file: {field}");
@@ -70,21 +35,30 @@ pub fn run(args: &PlanArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         }
         Err(e) => {
             let _ = writeln!(err, "error: {e}");
-            return EXIT_NOTHING_READ;
+            return None;
         }
     };
+    let (kubeconfig, master) = (config.kubeconfig.as_deref(), config.master.as_deref());
     let events = match &config.manifests {
-        Some(dir) => match read_manifests(dir, err) {
-            Some(events) => events,
-            None => return EXIT_NOTHING_READ,
-        },
-        None => match read_cluster(&config) {
-            Ok(events) => events,
-            Err(e) => {
-                let _ = writeln!(err, "error: reading from the Kubernetes API: {e:#}");
-                return EXIT_NOTHING_READ;
+        Some(dir) => read_once(dir).map(|snapshot| {
+            for e in &snapshot.errors {
+                let _ = writeln!(err, "warning: {e}");
             }
-        },
+            snapshot.events()
+        }),
+        None => list_once_blocking(kubeconfig, master, &config.node_name()).map_err(|e| {
+            format!(
+                "reading from the Kubernetes API: {:#}",
+                anyhow::Error::from(e)
+            )
+        }),
+    };
+    let events = match events {
+        Ok(events) => events,
+        Err(e) => {
+            let _ = writeln!(err, "error: {e}");
+            return None;
+        }
     };
     let mut state = ClusterState::new();
     controllers::apply_all(&mut state, events);
@@ -96,6 +70,14 @@ pub fn run(args: &PlanArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
             &*plan_config.node_name
         );
     }
+    Some((config, state, plan_config))
+}
+
+/// Runs `plan`, writing the plan to `out` and reports to `err`. Returns the exit status.
+pub fn run(args: &PlanArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+    let Some((config, state, plan_config)) = source(&args.flags, err) else {
+        return EXIT_NOTHING_READ;
+    };
 
     if config.mode == ProxyMode::Iptables {
         // kube-proxy's iptables rules, per family, as `iptables-save` / `ip6tables-save` print
@@ -119,13 +101,7 @@ pub fn run(args: &PlanArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     for w in &plan.warnings {
         let _ = writeln!(err, "warning: {w}");
     }
-    let only = args.only.map(|only| match only {
-        PlanSection::Ipvs => Section::Ipvs,
-        PlanSection::Addresses => Section::Addresses,
-        PlanSection::Ipsets => Section::Ipsets,
-        PlanSection::Iptables => Section::Iptables,
-    });
-    let text = plan.render(&plan_config, only);
+    let text = plan.render(&plan_config, args.only.map(PlanSection::section));
     if out.write_all(text.as_bytes()).is_err() {
         return EXIT_NOTHING_READ;
     }

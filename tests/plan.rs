@@ -229,3 +229,15 @@ fn iptables_mode_prints_kube_proxys_chains_with_statistic_probabilities() {
         "no IPVS state in iptables mode"
     );
 }
+
+#[test]
+fn check_exits_2_when_the_source_cannot_be_read() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ipvs-proxy"))
+        .args(["check", "--manifests", "/nonexistent/manifests"])
+        .output()
+        .expect("run ipvs-proxy check");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/manifests"), "{err}");
+    assert!(out.stdout.is_empty());
+}

@@ -82,6 +82,8 @@ pub enum Error {
     },
     #[error("the node name is empty (set --hostname-override)")]
     NoNodeName,
+    #[error("cannot start the runtime to read the API with")]
+    Runtime(#[source] std::io::Error),
 }
 
 /// A Kubernetes client as kube-proxy builds one: `--kubeconfig` (its current context), with the
@@ -315,6 +317,20 @@ pub async fn run_with(
             initial_sync_sent = true;
         }
     }
+}
+
+/// [`list_once`] with a [`client`] of `kubeconfig` and `master`, on a runtime of its own: for
+/// `ipvs-proxy plan` and `check`, which have none.
+pub fn list_once_blocking(
+    kubeconfig: Option<&Path>,
+    master: Option<&str>,
+    node_name: &str,
+) -> Result<Vec<Event>, Error> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
+    runtime.block_on(async { list_once(client(kubeconfig, master).await?, node_name).await })
 }
 
 /// Lists Services, EndpointSlices and this node once (consistent reads, paginated), as the

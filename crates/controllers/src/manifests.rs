@@ -10,7 +10,7 @@
 //! only the differences to the same state a kube-rs watcher would feed.
 
 use std::collections::BTreeMap;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize as _;
@@ -91,6 +91,25 @@ pub fn is_manifest(path: &Path) -> bool {
         path.extension().and_then(|e| e.to_str()),
         Some("yaml" | "yml" | "json")
     )
+}
+
+/// A one-off read of `dir` (`ipvs-proxy plan` and `check`): what [`read_dir`] found, or why
+/// nothing could be used (the directory could not be read, or held no object; then the
+/// documents that failed follow, one a line).
+pub fn read_once(dir: &Path) -> Result<Snapshot, String> {
+    let snapshot = read_dir(dir).map_err(|e| format!("{e}: {}", e.source))?;
+    if snapshot.objects.is_empty() {
+        let mut message = format!(
+            "no Service, EndpointSlice or Node could be read from {} ({} files)",
+            dir.display(),
+            snapshot.files
+        );
+        for e in &snapshot.errors {
+            let _ = write!(message, "\n  {e}");
+        }
+        return Err(message);
+    }
+    Ok(snapshot)
 }
 
 /// Reads every manifest under `dir` (recursively, in path order).

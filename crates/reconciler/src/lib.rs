@@ -6,7 +6,7 @@
 //!
 //! - [`model`], [`state`]: Service ports, endpoints and node facts; the cluster as known.
 //! - [`settings`], [`plan`], [`render`]: the flags' settings, the desired state per Service,
-//!   and `ipvs-proxy plan`'s text.
+//!   and `ipvs-proxy plan`'s text; [`check`]: the kernel as read back compared with a plan.
 //! - [`pending`]: the bounded queue from the sources to the loop, one change per object;
 //!   [`sync_loop`]: coalescing, min/max sync periods, drain ticks, repair after a failure,
 //!   [`retries`] of refused Services; [`health`]: what `/healthz` and `/livez` answer.
@@ -16,6 +16,7 @@
 //!   either proxier: which UDP and SCTP entries are stale, and their deletion.
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod conntrack;
 pub mod engine;
 mod error;

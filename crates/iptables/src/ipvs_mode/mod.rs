@@ -7,4 +7,4 @@ mod rules;
 mod sets;
 
 pub use rules::{JUMPS, RuleInput, render_save, ruleset};
-pub use sets::{KubeSet, is_proxy_set};
+pub use sets::{KubeSet, is_proxy_set, node_ports};

@@ -204,6 +204,22 @@ impl KubeSet {
     }
 }
 
+/// The NodePorts the proxy serves, from its sets as `ipset save` read them:
+/// `(protocol, port)`. `--cleanup` deletes the virtual servers on them.
+#[must_use]
+pub fn node_ports(sets: &[IpSet]) -> BTreeSet<(Protocol, u16)> {
+    sets.iter()
+        .filter_map(|set| Some((KubeSet::from_name(set.name())?.0.node_port_protocol()?, set)))
+        // bitmap:port entries are `30080`; the SCTP hash sets' are `10.0.0.1,sctp:30080`.
+        .flat_map(|(protocol, set)| {
+            set.entries.iter().filter_map(move |entry| match entry {
+                SetEntry::Port(port) | SetEntry::IpPort(_, _, port) => Some((protocol, *port)),
+                _ => None,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
