@@ -894,6 +894,8 @@ mod properties {
             prop_assert_eq!(&s.addresses.bound, &addresses);
             prop_assert_eq!(&s.netfilter.entries, &entries);
             prop_assert_eq!(s.counts().draining, 0);
+            let real_servers: usize = s.kernel.values().map(|vs| vs.real.len()).sum();
+            prop_assert_eq!(s.counts().real_servers, real_servers);
         }
     }
 }
