@@ -7,13 +7,15 @@
 //! loop runs them.
 //!
 //! `cargo xtask bench --host change [SIZES]` (default 1000 10000 100000). `BENCH_CHANGES`: how
-//! many changes per size (1000). CPU time is the loop thread's (`CLOCK_THREAD_CPUTIME_ID`);
+//! many changes per size (1000), run in ten rounds in which the sizes take turns, so that a
+//! busy machine weighs on every size alike. CPU time is the thread's (`CLOCK_THREAD_CPUTIME_ID`);
 //! instructions are counted by valgrind's callgrind when it is installed, in a second run of
 //! this program (`--instructions SIZE CHANGES`) that collects only inside the changes
 //! (`--toggle-collect`), so the setup costs nothing there (`BENCH_CHANGE_NO_CALLGRIND=1` skips
 //! it). Last lines: `bench change <N> cpu_us=<median> p99_us=<p99> instr=<per change>`, then
 //! `bench change-ratio 10k/1k=… 100k/1k=…` (goals ≤ 1.1 and ≤ 1.3; printed, not asserted).
 
+use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 use std::sync::Arc;
@@ -52,7 +54,8 @@ fn service_name(i: u32) -> ServiceName {
 
 fn service(i: u32) -> Change {
     let name = service_name(i);
-    let node_port = (i % 10 == 0 && i / 10 < NODE_PORTS).then(|| 30000 + (i / 10) as u16);
+    let node_port = (i.is_multiple_of(10) && i / 10 < NODE_PORTS)
+        .then(|| 30000 + u16::try_from(i / 10).expect("below NODE_PORTS"));
     let port = ServicePort {
         name: ServicePortName {
             service: name.clone(),
@@ -153,67 +156,80 @@ impl Observer for Quiet {
     fn health_checks(&self, _: &HealthChecks) {}
 }
 
-/// The loop over in-memory kernels, after its first full sync of `size` Services.
-fn loop_after_full_sync(size: u32, now: Instant) -> SyncLoop<Vec<Change>> {
-    let ipvs = FakeIpvs {
-        quiet: true,
-        ..FakeIpvs::default()
-    };
-    let engine = IpvsEngine(Syncer::new(
-        ipvs,
-        FakeAddresses::default(),
-        FakeNetfilter::default(),
-        SyncOptions::default(),
-    ));
-    let mut settings = Settings {
-        node_ips: vec![v4(0xc0a8_380a)],
-        sync_period: Duration::from_secs(24 * 3600),
-        ..Settings::default()
-    };
-    settings.plan.node_name = "node-0".into();
-    let mut sync_loop = SyncLoop::new(settings, Box::new(engine), fold, Box::new(Quiet));
-    let cluster = (0..size)
-        .flat_map(|i| [service(i), slice(i, false)])
-        .collect();
-    sync_loop.receive(SourceUpdate::Events(cluster));
-    sync_loop.receive(SourceUpdate::InitialSyncDone);
-    sync_loop.tick(now);
-    sync_loop
-}
-
-/// The Service the `k`th change is to: spread over the cluster.
-fn changed_service(k: u32, size: u32) -> u32 {
-    ((u64::from(k) * 7919 + 13) % u64::from(size)) as u32
-}
-
-/// One change: the slice update folded in, the partial sync, and the loop's next deadline.
-#[inline(never)]
-fn apply_change(sync_loop: &mut SyncLoop<Vec<Change>>, change: Change, now: Instant) {
-    sync_loop.receive(SourceUpdate::Events(vec![change]));
-    sync_loop.tick(now);
-    std::hint::black_box(sync_loop.next_deadline());
-}
-
-/// Runs `count` changes; the CPU time of each, in microseconds.
-#[inline(never)]
-fn apply_changes(
-    sync_loop: &mut SyncLoop<Vec<Change>>,
+/// One cluster's loop over in-memory kernels, and which Services' first endpoint is flipped.
+struct Cluster {
     size: u32,
-    count: u32,
+    sync_loop: SyncLoop<Vec<Change>>,
+    flipped: Vec<bool>,
+    /// The `now` of every tick: the sync period never comes, nor a drain tick after the first.
     now: Instant,
-) -> Vec<f64> {
-    let mut flipped = vec![false; size as usize];
-    (0..count)
-        .map(|k| {
-            let i = changed_service(k, size);
-            let f = &mut flipped[i as usize];
-            *f = !*f;
-            let change = slice(i, *f);
-            let start = thread_cpu();
-            apply_change(sync_loop, change, now);
-            (thread_cpu() - start).as_secs_f64() * 1e6
-        })
-        .collect()
+    /// The next change's number.
+    next: u32,
+}
+
+impl Cluster {
+    /// The loop after its first full sync of `size` Services.
+    fn new(size: u32) -> Cluster {
+        let ipvs = FakeIpvs {
+            quiet: true,
+            ..FakeIpvs::default()
+        };
+        let engine = IpvsEngine(Syncer::new(
+            ipvs,
+            FakeAddresses::default(),
+            FakeNetfilter::default(),
+            SyncOptions::default(),
+        ));
+        let mut settings = Settings {
+            node_ips: vec![v4(0xc0a8_380a)],
+            sync_period: Duration::from_secs(24 * 3600),
+            ..Settings::default()
+        };
+        settings.plan.node_name = "node-0".into();
+        let mut sync_loop = SyncLoop::new(settings, Box::new(engine), fold, Box::new(Quiet));
+        let cluster = (0..size)
+            .flat_map(|i| [service(i), slice(i, false)])
+            .collect();
+        sync_loop.receive(SourceUpdate::Events(cluster));
+        sync_loop.receive(SourceUpdate::InitialSyncDone);
+        let now = Instant::now();
+        sync_loop.tick(now);
+        Cluster {
+            size,
+            sync_loop,
+            flipped: vec![false; size as usize],
+            now,
+            next: 0,
+        }
+    }
+
+    /// Runs the next `count` changes, each to a Service spread over the cluster; the CPU
+    /// time of each, in microseconds.
+    #[inline(never)]
+    fn apply_changes(&mut self, count: u32) -> Vec<f64> {
+        (0..count)
+            .map(|_| {
+                let k = self.next;
+                self.next += 1;
+                let i = u32::try_from((u64::from(k) * 7919 + 13) % u64::from(self.size))
+                    .expect("below the size");
+                let f = &mut self.flipped[i as usize];
+                *f = !*f;
+                let change = slice(i, *f);
+                let start = thread_cpu();
+                self.apply_change(change);
+                thread_cpu().saturating_sub(start).as_secs_f64() * 1e6
+            })
+            .collect()
+    }
+
+    /// One change: the slice update folded in, the partial sync, and the loop's next
+    /// deadline, as the daemon's loop runs them.
+    fn apply_change(&mut self, change: Change) {
+        self.sync_loop.receive(SourceUpdate::Events(vec![change]));
+        self.sync_loop.tick(self.now);
+        std::hint::black_box(self.sync_loop.next_deadline());
+    }
 }
 
 #[allow(unsafe_code, reason = "clock_gettime(2) has no safe wrapper in std")]
@@ -225,16 +241,19 @@ fn thread_cpu() -> Duration {
     // SAFETY: `ts` is a valid, writable timespec for the call's duration.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
     assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let at = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[at]
+/// The `permille`th value of `sorted`, nearest rank.
+fn percentile(sorted: &[f64], permille: usize) -> f64 {
+    sorted[(sorted.len() - 1) * permille / 1000]
 }
 
 /// Instructions per change at `size`, counted by callgrind in a run of this program that
-/// collects only inside `apply_changes`; `None` when valgrind is missing or fails.
+/// collects only inside `Cluster::apply_changes` (one size, no rounds); `None` when valgrind is missing or fails.
 fn instructions(size: u32, count: u32) -> Option<f64> {
     if std::env::var_os("BENCH_CHANGE_NO_CALLGRIND").is_some() {
         return None;
@@ -267,6 +286,10 @@ fn instructions(size: u32, count: u32) -> Option<f64> {
     Some(collected / f64::from(count))
 }
 
+/// Rounds the changes of each size are split into, the sizes taking turns, so that load from
+/// other work on the machine falls on every size alike.
+const ROUNDS: u32 = 10;
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let count: u32 = std::env::var("BENCH_CHANGES")
@@ -276,9 +299,7 @@ fn main() {
     if args.first().map(String::as_str) == Some("--instructions") {
         let size = args[1].parse().expect("SIZE");
         let count = args[2].parse().expect("CHANGES");
-        let now = Instant::now();
-        let mut sync_loop = loop_after_full_sync(size, now);
-        apply_changes(&mut sync_loop, size, count, now);
+        Cluster::new(size).apply_changes(count);
         return;
     }
     let sizes: Vec<u32> = if args.is_empty() {
@@ -288,23 +309,36 @@ fn main() {
             .map(|a| a.parse().expect("SIZE: a number"))
             .collect()
     };
+    let mut clusters: Vec<(Cluster, Vec<f64>)> = sizes
+        .iter()
+        .map(|&size| {
+            let started = Instant::now();
+            let cluster = Cluster::new(size);
+            println!(
+                "{size} Services × {ENDPOINTS} endpoints: set up in {:.2}s",
+                started.elapsed().as_secs_f64()
+            );
+            (cluster, Vec::new())
+        })
+        .collect();
+    let per_round = count.div_ceil(ROUNDS);
+    for _ in 0..ROUNDS {
+        for (cluster, cpu) in &mut clusters {
+            cpu.extend(cluster.apply_changes(per_round));
+        }
+    }
     let mut results = Vec::new();
-    for &size in &sizes {
-        let now = Instant::now();
-        let started = Instant::now();
-        let mut sync_loop = loop_after_full_sync(size, now);
-        let setup = started.elapsed();
-        let mut cpu = apply_changes(&mut sync_loop, size, count, now);
+    for (cluster, mut cpu) in clusters {
+        let size = cluster.size;
+        drop(cluster);
         cpu.sort_by(f64::total_cmp);
-        let (median, p99) = (percentile(&cpu, 0.5), percentile(&cpu, 0.99));
-        drop(sync_loop);
-        let instr = instructions(size, count);
+        let (median, p99) = (percentile(&cpu, 500), percentile(&cpu, 990));
         println!(
-            "{size} Services: setup {:.2}s, {count} changes: cpu median {median:.1} µs, p99 {p99:.1} µs, max {:.1} µs",
-            setup.as_secs_f64(),
+            "{size} Services: {} changes, cpu median {median:.1} µs, p99 {p99:.1} µs, max {:.1} µs",
+            cpu.len(),
             cpu[cpu.len() - 1]
         );
-        results.push((size, median, p99, instr));
+        results.push((size, median, p99, instructions(size, count)));
     }
     for (size, median, p99, instr) in &results {
         let instr = instr.map_or_else(|| "n/a".to_owned(), |i| format!("{i:.0}"));
@@ -320,7 +354,7 @@ fn print_ratios(results: &[(u32, f64, f64, Option<f64>)]) {
         return;
     };
     let short = |n: u32| {
-        if n % 1000 == 0 {
+        if n.is_multiple_of(1000) {
             format!("{}k", n / 1000)
         } else {
             n.to_string()
@@ -328,9 +362,15 @@ fn print_ratios(results: &[(u32, f64, f64, Option<f64>)]) {
     };
     let mut line = String::from("bench change-ratio");
     for &(size, cpu, _, instr) in &results[1..] {
-        line += &format!(" {}/{}={:.2}", short(size), short(base), cpu / base_cpu);
+        let _ = write!(
+            line,
+            " {}/{}={:.2}",
+            short(size),
+            short(base),
+            cpu / base_cpu
+        );
         if let (Some(i), Some(b)) = (instr, base_instr) {
-            line += &format!(" instr_{}/{}={:.2}", short(size), short(base), i / b);
+            let _ = write!(line, " instr_{}/{}={:.2}", short(size), short(base), i / b);
         }
     }
     println!("{line} (goals: 10k/1k <= 1.1, 100k/1k <= 1.3)");

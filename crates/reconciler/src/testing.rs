@@ -208,7 +208,7 @@ impl NetfilterKernel for FakeNetfilter {
         rules: &[RuleInput],
     ) -> Result<(), BackendError> {
         self.full_syncs += 1;
-        self.entries = entries.clone();
+        self.entries.clone_from(entries);
         self.rule_writes.push(rules.to_vec());
         Ok(())
     }
