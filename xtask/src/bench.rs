@@ -10,6 +10,12 @@ use anyhow::{Context, Result, bail};
 use crate::cargo::{self, Workspace};
 use crate::vm;
 
+/// Host packages a benchmark run on the host uses, installed when missing.
+const HOST_PACKAGES: &[(&str, &[&str])] = &[
+    // Counts the instructions of each change.
+    ("bench_change", &["valgrind"]),
+];
+
 pub fn run(options: &vm::VmOptions, host: bool, name: &str, args: &[String]) -> Result<i32> {
     let workspace = Workspace::load()?;
     let example = format!("bench_{}", name.strip_prefix("bench_").unwrap_or(name));
@@ -53,6 +59,9 @@ pub fn run(options: &vm::VmOptions, host: bool, name: &str, args: &[String]) -> 
         .context("cargo built no benchmark executable")?;
 
     if host {
+        if let Some((_, packages)) = HOST_PACKAGES.iter().find(|(b, _)| *b == example) {
+            vm::ensure(packages)?;
+        }
         let status = std::process::Command::new(&executable)
             .args(args)
             .current_dir(&package.dir)

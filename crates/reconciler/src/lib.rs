@@ -14,6 +14,7 @@
 //!   iptables proxier over [`fallback`]'s conversion.
 //! - [`conntrack`]: kube-proxy's conntrack reconciler, run by the loop after each sync for
 //!   either proxier: which UDP and SCTP entries are stale, and their deletion.
+//! - [`testing`]: in-memory kernels for the tests and the host benchmarks.
 #![forbid(unsafe_code)]
 
 pub mod check;
@@ -31,6 +32,7 @@ pub mod settings;
 pub mod state;
 pub mod sync;
 pub mod sync_loop;
+pub mod testing;
 
 pub use error::Error;
 pub use model::{

@@ -24,8 +24,13 @@ pub const PACKAGES: &[&str] = &[
 /// Installed versions of [`PACKAGES`], installing the missing ones first. The versions key
 /// the initramfs cache: a tool upgrade on the host rebuilds it.
 pub fn ensure_packages() -> Result<BTreeMap<String, String>> {
-    let installed = installed_versions(PACKAGES)?;
-    let missing: Vec<&str> = PACKAGES
+    ensure(PACKAGES)
+}
+
+/// Installed versions of `packages`, installing the missing ones first.
+pub fn ensure(packages: &[&str]) -> Result<BTreeMap<String, String>> {
+    let installed = installed_versions(packages)?;
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !installed.contains_key(*p))
@@ -33,7 +38,7 @@ pub fn ensure_packages() -> Result<BTreeMap<String, String>> {
     if missing.is_empty() {
         return Ok(installed);
     }
-    eprintln!("vm: installing host packages: {}", missing.join(" "));
+    eprintln!("xtask: installing host packages: {}", missing.join(" "));
     apt_update()?;
     let status = Command::new("apt-get")
         .args(["install", "--yes", "--no-install-recommends"])
@@ -45,8 +50,8 @@ pub fn ensure_packages() -> Result<BTreeMap<String, String>> {
     if !status.success() {
         bail!("apt-get install {} failed ({status})", missing.join(" "));
     }
-    let installed = installed_versions(PACKAGES)?;
-    if let Some(still) = PACKAGES.iter().find(|p| !installed.contains_key(**p)) {
+    let installed = installed_versions(packages)?;
+    if let Some(still) = packages.iter().find(|p| !installed.contains_key(**p)) {
         bail!("package {still} is still not installed after apt-get install");
     }
     Ok(installed)

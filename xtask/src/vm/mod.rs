@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
-pub use host::ensure_packages;
+pub use host::{ensure, ensure_packages};
 pub use initramfs::RunFiles;
 pub use qemu::Outcome;
 

@@ -57,7 +57,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         for key in &old.keys {
             if !new_keys.contains(key) && self.owner.get(key) == Some(name) {
                 self.owner.remove(key);
-                if self.kernel.remove(key).is_some() {
+                if self.forget_virtual_server(key) {
                     self.draining.retain(|(k, _), _| k != key);
                     p.push(Op::DeleteService(*key), Some(name));
                 }
@@ -161,7 +161,9 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                 }
                 Some(_) => {}
             }
-            entry.real.insert(*rs);
+            if entry.real.insert(*rs) {
+                self.real_servers += 1;
+            }
             self.draining.remove(&(key, rs.addr));
         }
         let gone: Vec<SocketAddr> = entry
@@ -184,6 +186,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                     .insert((key, addr), now + self.options.drain_timeout);
             } else {
                 entry.real.remove(&addr);
+                self.real_servers -= 1;
                 p.push(Op::DeleteDest(key, addr), Some(name));
             }
         }

@@ -39,10 +39,17 @@ impl RealSet {
         self.find(addr).ok().map(|i| &mut self.0[i])
     }
 
-    pub(super) fn insert(&mut self, rs: RealServer) {
+    /// Adds or replaces `rs`; says whether it was new.
+    pub(super) fn insert(&mut self, rs: RealServer) -> bool {
         match self.find(&rs.addr) {
-            Ok(i) => self.0[i] = rs,
-            Err(i) => self.0.insert(i, rs),
+            Ok(i) => {
+                self.0[i] = rs;
+                false
+            }
+            Err(i) => {
+                self.0.insert(i, rs);
+                true
+            }
         }
     }
 

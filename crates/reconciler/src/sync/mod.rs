@@ -89,6 +89,9 @@ pub struct Syncer<I, A, N> {
     services: HashMap<ServiceName, Footprint>,
     /// The proxy's virtual servers as the kernel has them.
     kernel: HashMap<ServiceKey, KernelVs>,
+    /// The real servers of `kernel`, counted as they come and go: metrics read it after every
+    /// sync, and a walk over the mirror would make a one-endpoint change cost the cluster.
+    real_servers: usize,
     owner: HashMap<ServiceKey, ServiceName>,
     address_refs: HashMap<IpAddr, u32>,
     bound: HashSet<IpAddr>,
@@ -152,6 +155,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             options,
             services: HashMap::new(),
             kernel: HashMap::new(),
+            real_servers: 0,
             owner: HashMap::new(),
             address_refs: HashMap::new(),
             bound: HashSet::new(),
@@ -213,9 +217,18 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
     pub fn counts(&self) -> Counts {
         Counts {
             virtual_servers: self.kernel.len(),
-            real_servers: self.kernel.values().map(|vs| vs.real.len()).sum(),
+            real_servers: self.real_servers,
             draining: self.draining.len(),
         }
+    }
+
+    /// Drops a virtual server and its real servers from the mirror; says whether it was there.
+    fn forget_virtual_server(&mut self, key: &ServiceKey) -> bool {
+        let Some(vs) = self.kernel.remove(key) else {
+            return false;
+        };
+        self.real_servers -= vs.real.len();
+        true
     }
 
     fn excluded(&self, ip: IpAddr) -> bool {
@@ -272,7 +285,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             .copied()
             .collect();
         for key in orphans {
-            self.kernel.remove(&key);
+            self.forget_virtual_server(&key);
             if !unclaimed.contains(&key) {
                 self.draining.retain(|(k, _), _| *k != key);
                 pending.push(Op::DeleteService(key), None);
@@ -338,6 +351,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             let real = entries.into_iter().map(|r| r.server).collect();
             kernel.insert(server.key, KernelVs { server, real });
         }
+        self.real_servers = kernel.values().map(|vs| vs.real.len()).sum();
         self.kernel = kernel;
         self.services.clear();
         self.owner.clear();
@@ -455,6 +469,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                     if let Some(vs) = self.kernel.get_mut(&key)
                         && vs.real.remove(&addr).is_some()
                     {
+                        self.real_servers -= 1;
                         pending.push(Op::DeleteDest(key, addr), self.owner.get(&key));
                         report.drained += 1;
                     }

@@ -39,12 +39,14 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                     // The mirror assumed success; put it back so the next sync retries it.
                     match (op, undo) {
                         (Op::AddService(vs), _) => {
-                            self.kernel.remove(&vs.key);
+                            self.forget_virtual_server(&vs.key);
                             refused.insert(vs.key);
                         }
                         (Op::AddDest(key, rs), _) => {
-                            if let Some(vs) = self.kernel.get_mut(key) {
-                                vs.real.remove(&rs.addr);
+                            if let Some(vs) = self.kernel.get_mut(key)
+                                && vs.real.remove(&rs.addr).is_some()
+                            {
+                                self.real_servers -= 1;
                             }
                         }
                         (_, Some(Undo::Server(was))) => {
@@ -53,8 +55,10 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                             }
                         }
                         (_, Some(Undo::Dest(key, was))) => {
-                            if let Some(vs) = self.kernel.get_mut(key) {
-                                vs.real.insert(*was);
+                            if let Some(vs) = self.kernel.get_mut(key)
+                                && vs.real.insert(*was)
+                            {
+                                self.real_servers += 1;
                             }
                             self.draining.remove(&(*key, was.addr));
                         }

@@ -1,0 +1,230 @@
+//! In-memory kernels that answer as the real ones do (EEXIST, ESRCH, ENOENT, ...), for the
+//! engine's tests and for benchmarks that run the real sync loop without a kernel
+//! (`examples/bench_change.rs`). What they prove is proven against the real kernel in the VM
+//! tests too. They check their callers as tests want: a netfilter write that removes an absent
+//! entry panics.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+use iptables::ipvs_mode::RuleInput;
+use ipvs::{Connections, Op, RealServerEntry, Scheduler, ServiceKey, Stats, VirtualServer};
+
+use crate::sync::{AddressKernel, BackendError, IpvsKernel, NetfilterEntry, NetfilterKernel};
+
+/// The IPVS table (`ipvsadm`).
+#[derive(Debug, Default)]
+pub struct FakeIpvs {
+    /// Every virtual server with its real servers, by key.
+    pub table: BTreeMap<ServiceKey, (VirtualServer, BTreeMap<SocketAddr, RealServerEntry>)>,
+    /// Every operation applied, as an `ipvsadm` line (none when `quiet`).
+    pub log: Vec<String>,
+    /// The size of each `apply` call.
+    pub batches: Vec<usize>,
+    /// Keep no log: a benchmark's millions of operations would fill memory and cost time.
+    pub quiet: bool,
+}
+
+fn object(op: &Op) -> String {
+    op.to_string()
+}
+
+impl IpvsKernel for FakeIpvs {
+    fn dump(&mut self) -> Result<Vec<(VirtualServer, Vec<RealServerEntry>)>, ipvs::Error> {
+        Ok(self
+            .table
+            .values()
+            .map(|(vs, r)| (vs.clone(), r.values().cloned().collect()))
+            .collect())
+    }
+
+    fn real_servers(&mut self, key: &ServiceKey) -> Result<Vec<RealServerEntry>, ipvs::Error> {
+        Ok(self
+            .table
+            .get(key)
+            .map(|(_, r)| r.values().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    fn apply(&mut self, ops: &[Op]) -> Vec<Result<(), ipvs::Error>> {
+        self.batches.push(ops.len());
+        ops.iter()
+            .map(|op| {
+                if !self.quiet {
+                    self.log.push(op.to_string());
+                }
+                match op {
+                    Op::AddService(vs) => {
+                        if vs.scheduler == Scheduler::TwoRandomChoices {
+                            return Err(ipvs::Error::SchedulerMissing {
+                                object: object(op),
+                                scheduler: "twos".into(),
+                            });
+                        }
+                        if self.table.contains_key(&vs.key) {
+                            return Err(ipvs::Error::AlreadyExists { object: object(op) });
+                        }
+                        self.table.insert(vs.key, (vs.clone(), BTreeMap::new()));
+                    }
+                    Op::UpdateService(vs) => {
+                        if vs.scheduler == Scheduler::TwoRandomChoices {
+                            return Err(ipvs::Error::SchedulerMissing {
+                                object: object(op),
+                                scheduler: "twos".into(),
+                            });
+                        }
+                        let Some(e) = self.table.get_mut(&vs.key) else {
+                            return Err(ipvs::Error::NoSuchService { object: object(op) });
+                        };
+                        e.0 = vs.clone();
+                    }
+                    Op::DeleteService(key) => {
+                        if self.table.remove(key).is_none() {
+                            return Err(ipvs::Error::NoSuchService { object: object(op) });
+                        }
+                    }
+                    Op::AddDest(key, rs) | Op::UpdateDest(key, rs) => {
+                        let Some(e) = self.table.get_mut(key) else {
+                            return Err(ipvs::Error::NoSuchService { object: object(op) });
+                        };
+                        let exists = e.1.contains_key(&rs.addr);
+                        match (op, exists) {
+                            (Op::AddDest(..), true) => {
+                                return Err(ipvs::Error::AlreadyExists { object: object(op) });
+                            }
+                            (Op::UpdateDest(..), false) => {
+                                return Err(ipvs::Error::NoSuchDestination { object: object(op) });
+                            }
+                            _ => {}
+                        }
+                        let connections =
+                            e.1.get(&rs.addr).map(|r| r.connections).unwrap_or_default();
+                        e.1.insert(
+                            rs.addr,
+                            RealServerEntry {
+                                server: *rs,
+                                connections,
+                                stats: Stats::default(),
+                            },
+                        );
+                    }
+                    Op::DeleteDest(key, addr) => {
+                        let Some(e) = self.table.get_mut(key) else {
+                            return Err(ipvs::Error::NoSuchService { object: object(op) });
+                        };
+                        if e.1.remove(addr).is_none() {
+                            return Err(ipvs::Error::NoSuchDestination { object: object(op) });
+                        }
+                    }
+                    _ => unreachable!("no other ops are made"),
+                }
+                Ok(())
+            })
+            .collect()
+    }
+}
+
+impl FakeIpvs {
+    /// The table as `ipvsadm -Sn` lines.
+    #[must_use]
+    pub fn save(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (vs, reals) in self.table.values() {
+            out.push(vs.to_string());
+            for r in reals.values() {
+                out.push(r.server.line(&vs.key).to_string());
+            }
+        }
+        out
+    }
+
+    /// Sets a real server's connection counts, as traffic would.
+    pub fn set_connections(
+        &mut self,
+        key: &ServiceKey,
+        addr: SocketAddr,
+        active: u32,
+        inactive: u32,
+    ) {
+        let entry = self.table.get_mut(key).unwrap().1.get_mut(&addr).unwrap();
+        entry.connections = Connections {
+            active,
+            inactive,
+            persistent: 0,
+        };
+    }
+}
+
+/// `kube-ipvs0`'s addresses.
+#[derive(Debug, Default)]
+pub struct FakeAddresses {
+    /// The addresses bound.
+    pub bound: BTreeSet<IpAddr>,
+    /// How many add and remove calls were made.
+    pub calls: usize,
+}
+
+impl AddressKernel for FakeAddresses {
+    fn list(&mut self) -> Result<BTreeSet<IpAddr>, BackendError> {
+        Ok(self.bound.clone())
+    }
+    fn add(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>> {
+        self.calls += 1;
+        addrs
+            .iter()
+            .map(|a| {
+                self.bound.insert(*a);
+                Ok(())
+            })
+            .collect()
+    }
+    fn remove(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>> {
+        self.calls += 1;
+        addrs
+            .iter()
+            .map(|a| {
+                self.bound.remove(a);
+                Ok(())
+            })
+            .collect()
+    }
+}
+
+/// The ipsets and the ipvs-mode chains.
+#[derive(Debug, Default)]
+pub struct FakeNetfilter {
+    /// What the sets and out-filter rules hold.
+    pub entries: BTreeSet<NetfilterEntry>,
+    /// How many full writes were made.
+    pub full_syncs: usize,
+    /// The rules of each write, as the chains would hold them.
+    pub rule_writes: Vec<Vec<RuleInput>>,
+}
+
+impl NetfilterKernel for FakeNetfilter {
+    fn full(
+        &mut self,
+        entries: &BTreeSet<NetfilterEntry>,
+        rules: &[RuleInput],
+    ) -> Result<(), BackendError> {
+        self.full_syncs += 1;
+        self.entries.clone_from(entries);
+        self.rule_writes.push(rules.to_vec());
+        Ok(())
+    }
+    fn partial(
+        &mut self,
+        added: &[NetfilterEntry],
+        removed: &[NetfilterEntry],
+        rules: Option<&[RuleInput]>,
+    ) -> Result<(), BackendError> {
+        for e in removed {
+            assert!(self.entries.remove(e), "removing an absent entry {e}");
+        }
+        for e in added {
+            assert!(self.entries.insert(e.clone()), "adding a present entry {e}");
+        }
+        self.rule_writes.extend(rules.map(<[RuleInput]>::to_vec));
+        Ok(())
+    }
+}
