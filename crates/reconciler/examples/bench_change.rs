@@ -147,12 +147,12 @@ struct Quiet;
 
 impl Observer for Quiet {
     fn node_eligible(&self, _: bool) {}
-    fn queued(&self, _: &Folded, _: (u64, u64), _: SystemTime) {}
+    fn queued(&self, _: &Folded, _: (u64, u64), _: SystemTime, _: &[inet::Family]) {}
     fn synced(&self, _: &SyncRecord) {}
     fn caught_up(&self) {}
     fn errors(&self, _: &[SyncError], _: bool) {}
     fn counts(&self, _: Counts) {}
-    fn no_local_endpoints(&self, _: u64, _: u64) {}
+    fn no_local_endpoints(&self, _: inet::Family, _: u64, _: u64) {}
     fn health_checks(&self, _: &HealthChecks) {}
 }
 
