@@ -22,10 +22,10 @@
 //! `sync-api-change`.
 
 use std::fmt::Write as _;
-use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::io::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -35,7 +35,10 @@ use ipvs_proxy::flags::{Cli, Command as CliCommand, LogFormat};
 use serde_json::{Value, json};
 use testapi::ApiServer;
 
-const ENDPOINTS: u32 = 10;
+#[path = "support/mod.rs"]
+mod support;
+use support::{Daemon, ENDPOINTS, endpoint, metric, proc_status_kib, run_daemon, service_yaml};
+
 const CHANGES: usize = 100;
 /// How long the kernel is given to free a namespace left behind (its IPVS table goes in the
 /// background) before the next measurement starts.
@@ -51,27 +54,6 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bench_sync: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// The daemon, as `ipvs-proxy FLAGS` runs it.
-fn run_daemon(flags: &[String]) -> ExitCode {
-    let cli =
-        Cli::parse_from(std::iter::once("ipvs-proxy").chain(flags.iter().map(String::as_str)));
-    let (config, _) = match ipvs_proxy::config::ProxyConfig::resolve(&cli.flags) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("ipvs-proxy: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    ipvs_proxy::logging::init(config.verbosity, config.log_format);
-    match ipvs_proxy::daemon::run(config) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
     }
@@ -252,31 +234,6 @@ fn service_json(i: u32, moved: Option<Ipv4Addr>) -> (Value, Value) {
     (service, slice)
 }
 
-/// Service `i`: ClusterIP 10.96.0.0/12 + i + 1, port 80/TCP, ten endpoints from 10.128.0.0/10.
-/// `moved` replaces the last endpoint's address.
-fn service_yaml(i: u32, moved: Option<Ipv4Addr>) -> String {
-    let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i + 1);
-    let mut endpoints = String::new();
-    for j in 0..ENDPOINTS {
-        let ip = match moved {
-            Some(ip) if j == ENDPOINTS - 1 => ip,
-            _ => endpoint(i, j),
-        };
-        let _ = writeln!(
-            endpoints,
-            "  - addresses: [{ip}]\n    conditions: {{ready: true}}\n    nodeName: node-{}",
-            j % 3
-        );
-    }
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: svc-{i}\n  namespace: bench\nspec:\n  clusterIP: {vip}\n  ports:\n    - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-x\n  namespace: bench\n  labels:\n    kubernetes.io/service-name: svc-{i}\naddressType: IPv4\nports:\n  - {{name: http, port: 8080, protocol: TCP}}\nendpoints:\n{endpoints}"
-    )
-}
-
-fn endpoint(i: u32, j: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * ENDPOINTS + j + 1)
-}
-
 fn vip_key(i: u32) -> ipvs::ServiceKey {
     ipvs::ServiceKey::Addr {
         protocol: ipvs::Protocol::Tcp,
@@ -395,45 +352,6 @@ struct Measured {
     peak_rss_kib: u64,
 }
 
-/// The daemon; killed and reaped on drop (the kernel is reset after it anyway).
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The value of an unlabelled metric, from `/metrics`.
-fn metric(name: &str) -> Option<f64> {
-    let mut stream = TcpStream::connect(METRICS).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).ok()?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix(field)?
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-        })
-        .unwrap_or(0)
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     #[expect(
         clippy::cast_possible_truncation,
@@ -478,7 +396,7 @@ fn cold_start(source: &Source, n: u32) -> Result<Measured> {
     let name = r#"kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}"#;
     let deadline = started + Duration::from_secs(1200);
     loop {
-        if metric(name).is_some_and(|t| t > 0.0) {
+        if metric(METRICS, name).is_some_and(|t| t > 0.0) {
             break;
         }
         ensure!(

@@ -1,0 +1,100 @@
+//! What the daemon benchmarks (`bench_sync`, `bench_fallback`) share: the daemon they run (this
+//! executable again, with `--daemon`), the synthetic cluster's manifests, and reading the
+//! daemon's metrics and memory. Included with `#[path]`; not an example of its own.
+
+use std::fmt::Write as _;
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, TcpStream};
+use std::process::{Child, ExitCode};
+use std::time::Duration;
+
+use clap::Parser;
+use ipvs_proxy::flags::Cli;
+
+/// Endpoints per Service.
+pub const ENDPOINTS: u32 = 10;
+
+/// The daemon, as `ipvs-proxy FLAGS` runs it.
+pub fn run_daemon(flags: &[String]) -> ExitCode {
+    let cli =
+        Cli::parse_from(std::iter::once("ipvs-proxy").chain(flags.iter().map(String::as_str)));
+    let (config, _) = match ipvs_proxy::config::ProxyConfig::resolve(&cli.flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ipvs-proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    ipvs_proxy::logging::init(config.verbosity, config.log_format);
+    match ipvs_proxy::daemon::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Service `i`: ClusterIP 10.96.0.0/12 + i + 1, port 80/TCP, ten endpoints from 10.128.0.0/10.
+/// `moved` replaces the last endpoint's address.
+pub fn service_yaml(i: u32, moved: Option<Ipv4Addr>) -> String {
+    let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i + 1);
+    let mut endpoints = String::new();
+    for j in 0..ENDPOINTS {
+        let ip = match moved {
+            Some(ip) if j == ENDPOINTS - 1 => ip,
+            _ => endpoint(i, j),
+        };
+        let _ = writeln!(
+            endpoints,
+            "  - addresses: [{ip}]\n    conditions: {{ready: true}}\n    nodeName: node-{}",
+            j % 3
+        );
+    }
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: svc-{i}\n  namespace: bench\nspec:\n  clusterIP: {vip}\n  ports:\n    - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-x\n  namespace: bench\n  labels:\n    kubernetes.io/service-name: svc-{i}\naddressType: IPv4\nports:\n  - {{name: http, port: 8080, protocol: TCP}}\nendpoints:\n{endpoints}"
+    )
+}
+
+pub fn endpoint(i: u32, j: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * ENDPOINTS + j + 1)
+}
+
+/// The daemon; killed and reaped on drop.
+pub struct Daemon(pub Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The value of an unlabelled metric, from `/metrics` at `address`.
+pub fn metric(address: &str, name: &str) -> Option<f64> {
+    let mut stream = TcpStream::connect(address).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix(field)?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+        })
+        .unwrap_or(0)
+}
