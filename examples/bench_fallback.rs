@@ -38,7 +38,7 @@ use ipvs_proxy::flags::{Cli, Command as CliCommand, LogFormat};
 /// Changes with no resync running.
 #[path = "support/mod.rs"]
 mod support;
-use support::{Daemon, ENDPOINTS, metric, proc_status_kib, run_daemon, service_yaml};
+use support::{Daemon, ENDPOINTS, fresh_netns, metric, proc_status_kib, service_yaml};
 
 const IDLE_CHANGES: usize = 7;
 /// Periodic full syncs measured of each kind (unchanged; after another tool's commit).
@@ -49,17 +49,7 @@ const CHANGE_INTO_RESYNC: Duration = Duration::from_millis(200);
 const METRICS: &str = "127.0.0.1:10298";
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("--daemon") {
-        return run_daemon(&args[2..]);
-    }
-    match bench(&args[1..]) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench_fallback: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    support::main("bench_fallback", bench)
 }
 
 fn bench(args: &[String]) -> Result<()> {
@@ -123,21 +113,6 @@ fn bench(args: &[String]) -> Result<()> {
     for line in summary {
         println!("{line}");
     }
-    Ok(())
-}
-
-/// Moves this thread, and every process it starts from now on, into a new network namespace
-/// with `lo` up: each measurement starts from empty tables, and the host's are never touched.
-#[allow(unsafe_code, reason = "unshare(2) has no safe wrapper in std")]
-fn fresh_netns() -> Result<()> {
-    // SAFETY: unshare takes no pointers; it only changes this thread's namespace.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNET)");
-    }
-    let status = Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .status()?;
-    ensure!(status.success(), "ip link set lo up: {status}");
     Ok(())
 }
 

@@ -37,27 +37,13 @@ use testapi::ApiServer;
 
 #[path = "support/mod.rs"]
 mod support;
-use support::{Daemon, ENDPOINTS, endpoint, metric, proc_status_kib, run_daemon, service_yaml};
+use support::{Daemon, ENDPOINTS, endpoint, fresh_netns, metric, proc_status_kib, service_yaml};
 
 const CHANGES: usize = 100;
 /// How long the kernel is given to free a namespace left behind (its IPVS table goes in the
 /// background) before the next measurement starts.
 const TEARDOWN: Duration = Duration::from_secs(10);
 const METRICS: &str = "127.0.0.1:10299";
-
-fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("--daemon") {
-        return run_daemon(&args[2..]);
-    }
-    match bench(&args[1..]) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench_sync: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
 
 /// Where the daemon reads the synthetic cluster from.
 enum Source {
@@ -153,6 +139,10 @@ impl Drop for Source {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+fn main() -> ExitCode {
+    support::main("bench_sync", bench)
 }
 
 fn bench(args: &[String]) -> Result<()> {
@@ -254,24 +244,6 @@ fn fresh(source: Option<Source>, api: bool, n: u32) -> Result<Source> {
         Some(source @ Source::Manifests(_)) => Ok(source),
         _ => Source::new(api, n),
     }
-}
-
-/// Moves this thread, and every process it starts from now on, into a new network namespace
-/// with `lo` up, so each measurement starts from an empty kernel: no IPVS table, link, ipset or
-/// rule of another. A flush is not enough: the kernel keeps deleted real servers in a trash
-/// list for up to two minutes and searches that list on every real-server add, which slowed
-/// whichever side ran second several times over.
-#[allow(unsafe_code, reason = "unshare(2) has no safe wrapper in std")]
-fn fresh_netns() -> Result<()> {
-    // SAFETY: unshare takes no pointers; it only changes this thread's namespace.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNET)");
-    }
-    let status = Command::new("/bin/ip")
-        .args(["link", "set", "lo", "up"])
-        .status()?;
-    ensure!(status.success(), "ip link set lo up: {status}");
-    Ok(())
 }
 
 /// One section of `ipvs-proxy plan`.

@@ -15,7 +15,7 @@ use ipvs_proxy::flags::Cli;
 pub const ENDPOINTS: u32 = 10;
 
 /// The daemon, as `ipvs-proxy FLAGS` runs it.
-pub fn run_daemon(flags: &[String]) -> ExitCode {
+fn run_daemon(flags: &[String]) -> ExitCode {
     let cli =
         Cli::parse_from(std::iter::once("ipvs-proxy").chain(flags.iter().map(String::as_str)));
     let (config, _) = match ipvs_proxy::config::ProxyConfig::resolve(&cli.flags) {
@@ -97,4 +97,39 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
             })
         })
         .unwrap_or(0)
+}
+
+/// The benchmark's entry: `--daemon FLAGS…` runs the daemon (this executable re-run by
+/// `bench`), anything else runs `bench` with the arguments.
+pub fn main(name: &str, bench: fn(&[String]) -> anyhow::Result<()>) -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--daemon") {
+        return run_daemon(&args[2..]);
+    }
+    match bench(&args[1..]) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Moves this thread, and every process it starts from now on, into a new network namespace
+/// with `lo` up, so each measurement starts from an empty kernel: no IPVS table, link, ipset or
+/// rule of another. A flush is not enough: the kernel keeps deleted real servers in a trash
+/// list for up to two minutes and searches that list on every real-server add, which slowed
+/// whichever side ran second several times over.
+#[allow(unsafe_code, reason = "unshare(2) has no safe wrapper in std")]
+pub fn fresh_netns() -> anyhow::Result<()> {
+    use anyhow::{Context as _, ensure};
+    // SAFETY: unshare takes no pointers; it only changes this thread's namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNET)");
+    }
+    let status = std::process::Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()?;
+    ensure!(status.success(), "ip link set lo up: {status}");
+    Ok(())
 }
