@@ -19,8 +19,8 @@ use crate::config::ProxyConfig;
 use crate::flags::{IpvsFallback, ProxyMode};
 use crate::health::Health;
 use crate::http::{ServerState, health_router, metrics_router, serve};
-use crate::metrics::Metrics;
 use crate::observer::Telemetry;
+use telemetry::proxy::Metrics;
 
 /// kube-proxy's privileged start-up work (all `--init-only` does): conntrack and mode sysctls.
 pub fn init_node(config: &ProxyConfig) {

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 
 use crate::flags::ProxyMode;
 use crate::health::{Health, HealthReport};
-use crate::metrics::{CodeLabel, Metrics};
+use telemetry::proxy::{CodeLabel, Metrics};
 
 /// What the servers read; the daemon updates it.
 #[derive(Debug)]

@@ -16,6 +16,5 @@ pub mod flags;
 pub use reconciler::health;
 pub mod http;
 pub mod logging;
-pub mod metrics;
 pub mod observer;
 pub mod plan;

@@ -10,7 +10,8 @@ use reconciler::sync::{Counts, SyncError};
 use reconciler::{Folded, HealthChecks, Observer, SyncRecord};
 
 use crate::health::Health;
-use crate::metrics::{IpFamilyLabel, KernelErrorLabel, Metrics, TrafficPolicyLabel, unix_seconds};
+use telemetry::proxy::{IpFamilyLabel, KernelErrorLabel, Metrics, TrafficPolicyLabel};
+use telemetry::unix_seconds;
 
 /// The loop's [`Observer`]: health for `/healthz` and `/livez`, `/metrics`, service health ports.
 #[derive(Debug, Clone)]

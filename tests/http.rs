@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use ipvs_proxy::flags::ProxyMode;
 use ipvs_proxy::health::Health;
 use ipvs_proxy::http::{ServerState, health_router, metrics_router, serve_on};
-use ipvs_proxy::metrics::Metrics;
+use telemetry::proxy::Metrics;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -216,7 +216,7 @@ async fn metrics_server_serves_prometheus_text_proxy_mode_and_configz() {
         !before.contains("kubeproxy_sync_proxy_rules_duration_seconds_count"),
         "{before}"
     );
-    let ipv6 = ipvs_proxy::metrics::IpFamilyLabel { ip_family: "IPv6" };
+    let ipv6 = telemetry::proxy::IpFamilyLabel { ip_family: "IPv6" };
     let now = Some(SystemTime::now());
     metrics.observe_sync(&[ipv6], Duration::from_millis(5), false, now);
     let (_, after) = get(addr, "/metrics").await;

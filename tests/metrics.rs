@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use ipvs_proxy::metrics::{IpFamilyLabel, Metrics};
+use telemetry::proxy::{IpFamilyLabel, Metrics};
 
 #[test]
 fn kube_proxy_metric_names_are_exported() {
@@ -72,7 +72,7 @@ fn process_metrics_are_read_at_each_scrape() {
     ] {
         assert_eq!(metric_type(&text, name), Some(kind), "{name} in\n{text}");
     }
-    let now = ipvs_proxy::metrics::unix_seconds(SystemTime::now());
+    let now = telemetry::unix_seconds(SystemTime::now());
     let value = |prefix| sample(&text, prefix).unwrap_or_else(|| panic!("{prefix} in\n{text}"));
     // The counter moves with the CPU this process spends (in ticks of 10 ms).
     let spin = std::time::Instant::now();

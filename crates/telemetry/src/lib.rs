@@ -3,7 +3,8 @@
 //! read from `/proc/self` at each scrape ([`process`]), and the constant
 //! `kubernetes_build_info` ([`build_info`]). Both are prometheus-client
 //! [`Collector`](prometheus_client::collector::Collector)s the daemon registers. Also
-//! kube-proxy's histogram [`buckets`] and how its timestamps are given ([`unix_seconds`]).
+//! kube-proxy's histogram [`buckets`] and how its timestamps are given ([`unix_seconds`]),
+//! and the daemon's whole registry: every metric it exports ([`proxy::Metrics`]).
 //!
 //! This crate only reads the process's own files under `/proc`; it never writes anything and
 //! knows nothing of Services or the kernel's tables.
@@ -13,6 +14,7 @@ pub mod buckets;
 pub mod build_info;
 pub mod labels;
 pub mod process;
+pub mod proxy;
 
 use std::time::SystemTime;
 

@@ -1,19 +1,18 @@
-//! Prometheus metrics under kube-proxy's names (subsystem `kubeproxy`), so existing dashboards
-//! and alerts keep working, plus ipvs-proxy's own (`ipvsproxy_*`), the process collector's
-//! `process_*` and `kubernetes_build_info` (the `telemetry` crate).
+//! The daemon's Prometheus metrics under kube-proxy's names (subsystem `kubeproxy`), so
+//! existing dashboards and alerts keep working, plus ipvs-proxy's own (`ipvsproxy_*`), the
+//! process collector's `process_*` and `kubernetes_build_info`, in one registry.
 
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
 
+pub use crate::labels::{IpFamilyLabel, TrafficPolicyLabel};
+use crate::{buckets, unix_seconds};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use telemetry::buckets;
-pub use telemetry::labels::{IpFamilyLabel, TrafficPolicyLabel};
-pub use telemetry::unix_seconds;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
@@ -55,8 +54,8 @@ macro_rules! metrics {
                         sub.register($name, $help, $field.clone());
                     )*
                 )*
-                registry.register_collector(Box::new(telemetry::ProcessCollector));
-                registry.register_collector(Box::new(telemetry::BuildInfo::current()));
+                registry.register_collector(Box::new(crate::ProcessCollector));
+                registry.register_collector(Box::new(crate::BuildInfo::current()));
                 Metrics { registry, $($($field,)*)* }
             }
         }
