@@ -12,7 +12,7 @@ use netif::sysctl::Conntrack;
 use serde_json::{Value, json};
 
 use reconciler::Settings;
-use reconciler::plan::{NodePortFilter, PlanConfig};
+use reconciler::plan::{DetectLocal, NodePortFilter, PlanConfig};
 use reconciler::sync::SyncOptions;
 
 use crate::config_file::{ConfigFileError, KubeProxyConfiguration, ModeField};
@@ -426,16 +426,6 @@ impl ProxyConfig {
             "no kube-proxy feature gate changes ipvs-proxy",
         );
         note(
-            self.detect_local_mode != DetectLocalMode::ClusterCidr,
-            "detectLocalMode (--detect-local-mode)",
-            "only ClusterCIDR is implemented; local traffic is told by clusterCIDR",
-        );
-        note(
-            !self.localhost_node_ports,
-            "iptables.localhostNodePorts (--iptables-localhost-nodeports)",
-            "not implemented yet",
-        );
-        note(
             self.bind_address != d.bind_address,
             "bindAddress (--bind-address)",
             "the primary node IPs come from the Node object (or --node-ip)",
@@ -556,7 +546,8 @@ impl ProxyConfig {
                 scheduler: config.scheduler,
                 masquerade_all: config.masquerade_all,
                 masquerade_bit: config.masquerade_bit,
-                cluster_cidrs: config.cluster_cidrs.clone(),
+                detect_local: config.detect_local(),
+                localhost_node_ports: config.localhost_node_ports_served(),
                 node_name: config.node_name().into(),
                 ..PlanConfig::default()
             },
@@ -565,6 +556,30 @@ impl ProxyConfig {
             exclude_cidrs: config.exclude_cidrs.clone(),
             sync_period: config.sync_period(),
             min_sync_period: config.min_sync_period(),
+        }
+    }
+
+    /// Whether the iptables proxier serves NodePorts on 127.0.0.0/8 (and needs
+    /// `route_localnet`): `iptables.localhostNodePorts` with every address serving NodePorts,
+    /// as upstream turns it off when `nodePortAddresses` leaves loopback out.
+    #[must_use]
+    pub fn localhost_node_ports_served(&self) -> bool {
+        self.localhost_node_ports
+            && (self.nodeport_addresses.is_empty()
+                || self.nodeport_addresses.contains(&NodePortAddress::All))
+    }
+
+    /// `detectLocalMode` with the setting its mode reads.
+    fn detect_local(&self) -> DetectLocal {
+        match self.detect_local_mode {
+            DetectLocalMode::ClusterCidr => DetectLocal::ClusterCidr(self.cluster_cidrs.clone()),
+            DetectLocalMode::NodeCidr => DetectLocal::NodeCidr,
+            DetectLocalMode::BridgeInterface => {
+                DetectLocal::BridgeInterface(self.pod_bridge_interface.clone())
+            }
+            DetectLocalMode::InterfaceNamePrefix => {
+                DetectLocal::InterfaceNamePrefix(self.pod_interface_name_prefix.clone())
+            }
         }
     }
 

@@ -27,7 +27,7 @@ pub fn init_node(config: &ProxyConfig) {
     config.conntrack.apply();
     match config.mode {
         ProxyMode::Ipvs => netif::sysctl::ipvs_mode(config.strict_arp),
-        ProxyMode::Iptables => netif::sysctl::ensure("net/ipv4/ip_forward", "1"),
+        ProxyMode::Iptables => netif::sysctl::iptables_mode(config.localhost_node_ports_served()),
     }
 }
 
@@ -104,7 +104,7 @@ fn choose_engine(config: &ProxyConfig) -> anyhow::Result<(ProxyMode, Box<dyn Eng
             mode = "iptables",
             "running the iptables proxier, as --proxy-mode asks"
         );
-        netif::sysctl::ensure("net/ipv4/ip_forward", "1");
+        netif::sysctl::iptables_mode(config.localhost_node_ports_served());
         return Ok((ProxyMode::Iptables, Box::new(IptablesEngine::new(runner))));
     }
     match ipvs::probe_until_known(config.scheduler) {
@@ -118,7 +118,7 @@ fn choose_engine(config: &ProxyConfig) -> anyhow::Result<(ProxyMode, Box<dyn Eng
                 reason = %why,
                 "IPVS is unavailable, running the iptables proxier instead (--ipvs-fallback=exit exits instead)"
             );
-            netif::sysctl::ensure("net/ipv4/ip_forward", "1");
+            netif::sysctl::iptables_mode(config.localhost_node_ports_served());
             Ok((ProxyMode::Iptables, Box::new(IptablesEngine::new(runner))))
         }
         Err(why) => bail!("IPVS is unavailable: {why} (--ipvs-fallback=exit)"),
@@ -187,17 +187,28 @@ async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
             sync_loop
         }
     };
+    // The loop ends by itself only for the process to restart (NodeCIDR's podCIDRs).
+    let (restart_tx, restart_rx) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("sync-loop".into())
-        .spawn(move || sync_loop.run(&runtime, rx, stop_rx))
+        .spawn(move || {
+            let ended = sync_loop.run(&runtime, rx, stop_rx);
+            if ended.is_err() {
+                let _ = restart_tx.send(());
+            }
+            ended
+        })
         .context("starting the sync loop's thread")?;
 
-    let stopped = wait_for_signal(config.config_file.clone()).await;
+    let stopped = tokio::select! {
+        stopped = wait_for_signal(config.config_file.clone()) => stopped,
+        Ok(()) = restart_rx => Ok(()),
+    };
     let _ = stop_tx.send(true);
     tokio::task::spawn_blocking(move || thread.join())
         .await
         .context("joining the sync loop")?
-        .map_err(|_| anyhow::anyhow!("the sync loop's thread panicked"))?;
+        .map_err(|_| anyhow::anyhow!("the sync loop's thread panicked"))??;
     stopped
 }
 

@@ -407,8 +407,9 @@ pub fn node_facts(node: &Node) -> NodeFacts {
             v
         })
         .unwrap_or_default();
+    let name = node.metadata.name.as_deref().unwrap_or("");
     NodeFacts {
-        name: node.metadata.name.as_deref().unwrap_or("").into(),
+        pod_cidrs: pod_cidrs(node, name),
         addresses,
         zone: node
             .metadata
@@ -416,5 +417,29 @@ pub fn node_facts(node: &Node) -> NodeFacts {
             .as_ref()
             .and_then(|l| l.get(ZONE_LABEL))
             .map(|z| z.as_str().into()),
+        name: name.into(),
     }
+}
+
+/// `spec.podCIDRs`, or `spec.podCIDR` when the list is empty (what older clusters and
+/// hand-written manifests set). A value that is not a CIDR is logged with the Node and left
+/// out.
+fn pod_cidrs(node: &Node, name: &str) -> Vec<IpNet> {
+    let spec = node.spec.as_ref();
+    let listed = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
+    let values = if listed.is_empty() {
+        spec.and_then(|s| s.pod_cidr.clone()).into_iter().collect()
+    } else {
+        listed
+    };
+    values
+        .iter()
+        .filter_map(|v| match v.parse::<IpNet>() {
+            Ok(cidr) => Some(cidr),
+            Err(_) => {
+                tracing::warn!(node = name, value = %v, "Node spec.podCIDRs holds a value that is not a CIDR; ignored");
+                None
+            }
+        })
+        .collect()
 }

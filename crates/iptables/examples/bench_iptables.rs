@@ -219,7 +219,7 @@ fn bench(flavour: Flavour, services: u32) -> Result<Vec<String>, Box<dyn std::er
         )
     );
     let config = ProxierConfig {
-        cluster_cidr: Some("10.128.0.0/9".parse()?),
+        local: iptables::LocalDetector::Cidr("10.128.0.0/9".parse()?),
         ..ProxierConfig::default()
     };
     let mut proxier = Proxier::new(config.clone());

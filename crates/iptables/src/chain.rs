@@ -3,7 +3,9 @@
 //! The proxy owns a fixed list of KUBE-* chains plus the per-Service chains whose names start
 //! with a hashed prefix (KUBE-SVC-, KUBE-SEP-, …). Everything else — built-in chains, a user's
 //! chains, and the KUBE-* chains kubelet owns (KUBE-FIREWALL in filter, KUBE-KUBELET-CANARY,
-//! KUBE-IPTABLES-HINT) — is never flushed or deleted.
+//! KUBE-IPTABLES-HINT) — is never flushed or deleted. The iptables mode writes one of kubelet's
+//! chains as kube-proxy does (filter's KUBE-FIREWALL, [`KUBELET_CHAINS_WRITTEN`]), and deletes
+//! it never.
 
 use crate::table::Table;
 
@@ -27,7 +29,8 @@ pub const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
 pub const KUBE_PROXY_CANARY: &str = "KUBE-PROXY-CANARY";
 /// `KUBE-LOAD-BALANCER` (nat, ipvs mode).
 pub const KUBE_LOAD_BALANCER: &str = "KUBE-LOAD-BALANCER";
-/// `KUBE-FIREWALL` in nat (ipvs mode; filter's KUBE-FIREWALL is kubelet's).
+/// `KUBE-FIREWALL` in nat (ipvs mode); filter's KUBE-FIREWALL is kubelet's, which the
+/// iptables mode also writes ([`KUBELET_CHAINS_WRITTEN`]).
 pub const KUBE_FIREWALL: &str = "KUBE-FIREWALL";
 /// `KUBE-SOURCE-RANGES-FIREWALL` (filter, ipvs mode).
 pub const KUBE_SOURCE_RANGES_FIREWALL: &str = "KUBE-SOURCE-RANGES-FIREWALL";
@@ -73,6 +76,12 @@ pub const IPVS_MODE_CHAINS: &[(Table, &str)] = &[
 /// (loadBalancerSourceRanges); the filter table's KUBE-FIREWALL is kubelet's and is not listed.
 pub const IPVS_MODE_UNWRITTEN_CHAINS: &[(Table, &str)] = &[(Table::Nat, KUBE_FIREWALL)];
 
+/// kubelet's chains that kube-proxy's iptables mode writes too: filter's KUBE-FIREWALL, whose
+/// "block incoming localnet connections" rule it writes with `localhostNodePorts` (kubelet
+/// writes the same rule). Written whole like the proxy's own chains, never deleted: kube-proxy's
+/// cleanup leaves it to kubelet, and so does ours.
+pub const KUBELET_CHAINS_WRITTEN: &[(Table, &str)] = &[(Table::Filter, KUBE_FIREWALL)];
+
 /// Prefixes of the per-Service chains (names hashed from the service port name).
 pub const SERVICE_CHAIN_PREFIXES: &[&str] = &[
     "KUBE-SVC-",
@@ -96,6 +105,13 @@ pub fn is_proxy_chain(table: Table, name: &str) -> bool {
             .chain(IPVS_MODE_CHAINS)
             .chain(IPVS_MODE_UNWRITTEN_CHAINS)
             .any(|&(t, n)| t == table && n == name)
+}
+
+/// Whether the proxy may write (flush and fill) the chain `name` in `table` and jump to it: its
+/// own chains and [`KUBELET_CHAINS_WRITTEN`]. Only [`is_proxy_chain`]s are ever deleted.
+#[must_use]
+pub fn may_write_chain(table: Table, name: &str) -> bool {
+    is_proxy_chain(table, name) || KUBELET_CHAINS_WRITTEN.contains(&(table, name))
 }
 
 /// Whether `name` is a per-Service chain (KUBE-SVC-…, KUBE-SEP-…, …).

@@ -16,6 +16,8 @@
 //!   `unsafe`: killing the tool's process group); [`detect_flavour`] picks legacy or nft as
 //!   kube-proxy's iptables wrapper does.
 //! - [`saved`], [`cleanup`]: reading `iptables-save` back; removing only what the proxy owns.
+//! - [`local`]: which traffic comes from this node's pods (kube-proxy's local traffic
+//!   detector, from `detectLocalMode`), as the match both renderings add to their rules.
 //! - [`ipvs_mode`]: kube-proxy's ipvs mode — its KUBE-* ipsets ([`ipvs_mode::KubeSet`]: names,
 //!   types, comments) and the small rule set that matches on them, rendered from plain facts
 //!   ([`ipvs_mode::RuleInput`]).
@@ -28,6 +30,7 @@ pub mod cleanup;
 pub mod generation;
 pub mod ipset;
 pub mod ipvs_mode;
+pub mod local;
 mod process;
 pub mod proxier;
 pub mod rule;
@@ -38,8 +41,10 @@ pub mod table;
 
 pub use cleanup::{CleanupReport, cleanup};
 pub use ipset::{IpSet, SetEntry, SetHeader, SetOp, SetPatch, SetType};
+pub use local::LocalDetector;
 pub use rule::{
-    AddrMatch, AddrType, MarkOp, Match, Protocol, Recent, Rule, Target, masquerade_mark,
+    AddrMatch, AddrType, InterfaceMatch, MarkOp, Match, Protocol, Recent, Rule, Target,
+    masquerade_mark,
 };
 pub use ruleset::{Ruleset, TablePatch};
 pub use runner::{Flavour, Runner, detect_flavour};

@@ -22,6 +22,16 @@ pub struct AddrMatch {
     pub net: IpNet,
 }
 
+/// An input-interface match (`-i`), possibly negated; a name ending in `+` matches every
+/// interface with that prefix (iptables' wildcard).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct InterfaceMatch {
+    /// `! -i …` when true.
+    pub negated: bool,
+    /// The interface name or prefix with `+`.
+    pub name: String,
+}
+
 /// An address type for `-m addrtype`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -184,7 +194,7 @@ pub struct Rule {
     /// `-d`
     pub destination: Option<AddrMatch>,
     /// `-i`
-    pub in_interface: Option<String>,
+    pub in_interface: Option<InterfaceMatch>,
     /// `-o`
     pub out_interface: Option<String>,
     /// `-p`
@@ -231,6 +241,26 @@ impl Rule {
     #[must_use]
     pub fn not_source(mut self, net: impl Into<IpNet>) -> Rule {
         self.source = Some(AddrMatch {
+            negated: true,
+            net: net.into(),
+        });
+        self
+    }
+
+    /// `-i NAME`, or `! -i NAME` when `negated`.
+    #[must_use]
+    pub fn in_interface(mut self, name: impl Into<String>, negated: bool) -> Rule {
+        self.in_interface = Some(InterfaceMatch {
+            negated,
+            name: name.into(),
+        });
+        self
+    }
+
+    /// `! -d NET`
+    #[must_use]
+    pub fn not_destination(mut self, net: impl Into<IpNet>) -> Rule {
+        self.destination = Some(AddrMatch {
             negated: true,
             net: net.into(),
         });
@@ -315,7 +345,10 @@ impl Rule {
             addr(out, "-d", d);
         }
         if let Some(i) = &self.in_interface {
-            let _ = write!(out, " -i {i}");
+            if i.negated {
+                out.push_str(" !");
+            }
+            let _ = write!(out, " -i {}", i.name);
         }
         if let Some(o) = &self.out_interface {
             let _ = write!(out, " -o {o}");

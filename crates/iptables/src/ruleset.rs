@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use crate::Error;
-use crate::chain::is_proxy_chain;
+use crate::chain::{is_proxy_chain, may_write_chain};
 use crate::rule::Rule;
 use crate::rule::rule_chain_and_target;
 use crate::table::Table;
@@ -67,7 +67,7 @@ impl TablePatch {
             chain: chain.to_owned(),
         };
         for (name, rules) in &self.chains {
-            if !is_proxy_chain(table, name) {
+            if !may_write_chain(table, name) {
                 return Err(not_owned(name));
             }
             if let Some(r) = rules.iter().find(|r| &r.chain != name) {
@@ -81,7 +81,7 @@ impl TablePatch {
             let to_own = r
                 .target
                 .jump_chain()
-                .is_some_and(|c| is_proxy_chain(table, c));
+                .is_some_and(|c| may_write_chain(table, c));
             if !table.is_builtin(&r.chain) || !to_own {
                 return Err(not_owned(&r.chain));
             }

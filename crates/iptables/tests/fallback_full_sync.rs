@@ -93,7 +93,7 @@ fn services(count: u8, moved: bool) -> Vec<ServiceSpec> {
 
 fn config() -> ProxierConfig {
     ProxierConfig {
-        cluster_cidr: Some("10.200.0.0/16".parse().unwrap()),
+        local: iptables::LocalDetector::Cidr("10.200.0.0/16".parse().unwrap()),
         ..ProxierConfig::default()
     }
 }

@@ -42,6 +42,20 @@ pub fn ipvs_mode(strict_arp: bool) {
     }
 }
 
+/// The sysctls kube-proxy's iptables mode sets: `route_localnet` too when NodePorts answer on
+/// 127.0.0.0/8 (`--iptables-localhost-nodeports` with every address serving NodePorts).
+pub fn iptables_mode(localhost_node_ports: bool) {
+    ensure("net/ipv4/ip_forward", "1");
+    if localhost_node_ports {
+        tracing::info!(
+            "setting route_localnet=1 to allow NodePorts on localhost; to change this disable \
+             iptables.localhostNodePorts (--iptables-localhost-nodeports) or set \
+             nodePortAddresses (--nodeport-addresses) to filter loopback addresses"
+        );
+        ensure("net/ipv4/conf/all/route_localnet", "1");
+    }
+}
+
 /// kube-proxy's conntrack settings (`KubeProxyConntrackConfiguration`); a zero leaves the
 /// kernel's value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

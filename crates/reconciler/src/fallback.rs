@@ -148,7 +148,8 @@ pub fn proxier_config(config: &PlanConfig, family: Family) -> ProxierConfig {
         family,
         masquerade_bit: config.masquerade_bit,
         masquerade_all: config.masquerade_all,
-        cluster_cidr: config.cluster_cidr(family),
+        local: config.local_detector(family),
+        localhost_node_ports: config.localhost_node_ports,
         node_port_addresses,
         ..ProxierConfig::default()
     }
@@ -203,6 +204,7 @@ mod tests {
             name: "node-a".into(),
             addresses: vec!["192.168.56.10".parse().unwrap()],
             zone: zone.map(Into::into),
+            pod_cidrs: Vec::new(),
         });
         let ep = |ip: &str, node: &str, zone: &str| Endpoint {
             ip: ip.parse().unwrap(),

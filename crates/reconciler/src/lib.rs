@@ -40,11 +40,11 @@ pub use model::{
     ServiceName, ServicePort, ServicePortName, ServiceType, SessionAffinity, TrafficPolicy,
 };
 pub use plan::{
-    NodePortFilter, Plan, PlanConfig, PlanWarning, PlannedVirtualServer, Planner, ServicePlan,
-    node_port_addresses,
+    DetectLocal, NodePortFilter, Plan, PlanConfig, PlanWarning, PlannedVirtualServer, Planner,
+    ServicePlan, node_port_addresses,
 };
 pub use settings::Settings;
 pub use state::{Affected, ClusterState, SliceName};
 pub use sync_loop::{
-    Folded, HealthChecks, Observer, ServiceHealth, SourceUpdate, SyncLoop, SyncRecord,
+    Folded, HealthChecks, Observer, Restart, ServiceHealth, SourceUpdate, SyncLoop, SyncRecord,
 };

@@ -288,4 +288,7 @@ pub struct NodeFacts {
     pub addresses: Vec<IpAddr>,
     /// `topology.kubernetes.io/zone`.
     pub zone: Option<Arc<str>>,
+    /// `spec.podCIDRs` (`spec.podCIDR` when the list is empty): NodeCIDR mode's local
+    /// traffic.
+    pub pod_cidrs: Vec<IpNet>,
 }

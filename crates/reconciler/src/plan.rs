@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use iptables::ipvs_mode::{KubeSet, RuleInput};
-use iptables::{Family, SetEntry};
+use iptables::{Family, LocalDetector, SetEntry};
 use ipvs::{RealServer, ServiceFlags, ServiceKey, VirtualServer};
 
 use crate::model::{
@@ -36,8 +36,12 @@ pub struct PlanConfig {
     pub masquerade_all: bool,
     /// `--iptables-masquerade-bit`.
     pub masquerade_bit: u8,
-    /// `--cluster-cidr` (the first of each family is used, as kube-proxy's local detector does).
-    pub cluster_cidrs: Vec<IpNet>,
+    /// `--detect-local-mode` and what it reads: how traffic from this node's pods is told.
+    pub detect_local: DetectLocal,
+    /// The Node's `spec.podCIDRs` (filled in from the cluster in NodeCIDR mode only).
+    pub node_pod_cidrs: Vec<IpNet>,
+    /// `--iptables-localhost-nodeports` (the iptables fallback's; IPv4 only).
+    pub localhost_node_ports: bool,
     /// This node's name: endpoints with this `nodeName` are local.
     pub node_name: Arc<str>,
     /// This node's `topology.kubernetes.io/zone`, for the endpoints' zone hints.
@@ -64,7 +68,9 @@ impl Default for PlanConfig {
             scheduler: Scheduler::RoundRobin,
             masquerade_all: false,
             masquerade_bit: 14,
-            cluster_cidrs: Vec::new(),
+            detect_local: DetectLocal::default(),
+            node_pod_cidrs: Vec::new(),
+            localhost_node_ports: true,
             node_name: "".into(),
             node_zone: None,
             node_addresses: Vec::new(),
@@ -100,20 +106,53 @@ impl PlanConfig {
             family,
             masquerade_mark: iptables::masquerade_mark(self.masquerade_bit),
             masquerade_all: self.masquerade_all,
-            cluster_cidr: self.cluster_cidr(family),
+            local: self.local_detector(family),
             random_fully: self.random_fully,
             non_empty,
             no_node_access,
         }
     }
 
-    /// The `--cluster-cidr` of `family`, if any.
+    /// The local traffic detector of `family`, as kube-proxy's `getLocalDetectors` picks it:
+    /// the first CIDR of the family (`--cluster-cidr`, or the Node's podCIDRs), or the pod
+    /// interface for both families; not implemented without a CIDR of the family.
     #[must_use]
-    pub fn cluster_cidr(&self, family: Family) -> Option<IpNet> {
-        self.cluster_cidrs
-            .iter()
-            .copied()
-            .find(|n| Family::of(n.addr()) == family)
+    pub fn local_detector(&self, family: Family) -> LocalDetector {
+        let first_of = |cidrs: &[IpNet]| {
+            cidrs
+                .iter()
+                .find(|n| Family::of(n.addr()) == family)
+                .map_or(LocalDetector::NotImplemented, |n| LocalDetector::Cidr(*n))
+        };
+        match &self.detect_local {
+            DetectLocal::ClusterCidr(cidrs) => first_of(cidrs),
+            DetectLocal::NodeCidr => first_of(&self.node_pod_cidrs),
+            DetectLocal::BridgeInterface(name) => LocalDetector::bridge(name),
+            DetectLocal::InterfaceNamePrefix(prefix) => LocalDetector::interface_prefix(prefix),
+        }
+    }
+}
+
+/// `--detect-local-mode` with the setting each mode reads (kube-proxy's `detectLocalMode`,
+/// `clusterCIDR` and `detectLocal`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DetectLocal {
+    /// `ClusterCIDR`: sources inside `--cluster-cidr` are local.
+    ClusterCidr(Vec<IpNet>),
+    /// `NodeCIDR`: sources inside the Node's `spec.podCIDRs` are local
+    /// ([`PlanConfig::node_pod_cidrs`]).
+    NodeCidr,
+    /// `BridgeInterface`: traffic entering on `--pod-bridge-interface` is local.
+    BridgeInterface(String),
+    /// `InterfaceNamePrefix`: traffic entering on an interface whose name starts with
+    /// `--pod-interface-name-prefix` is local.
+    InterfaceNamePrefix(String),
+}
+
+impl Default for DetectLocal {
+    /// kube-proxy's default: ClusterCIDR, with no `--cluster-cidr`.
+    fn default() -> Self {
+        DetectLocal::ClusterCidr(Vec::new())
     }
 }
 

@@ -445,34 +445,71 @@ fn empty_cluster_still_has_every_set_and_the_fixed_rules() {
     assert!(!rules.contains("KUBE-CLUSTER-IP src,dst"), "{rules}");
 }
 
+/// kube-proxy's ipvs mode masquerades ClusterIP traffic that its local detector calls not
+/// local (`IfNotLocal`), every source with --masquerade-all, and without a detector for the
+/// family (no CIDR of it) the node's own traffic from a VIP (`src,dst`).
 #[test]
-fn cluster_ip_masquerade_rule_follows_masquerade_all_and_cluster_cidr() {
-    // (masquerade-all, cluster-cidr, expected rule)
-    for (all, cidr, want) in [
+fn cluster_ip_masquerade_rule_follows_each_detect_local_mode() {
+    let prefix = "-A KUBE-SERVICES ";
+    let rest = "-m comment --comment \"Kubernetes service cluster ip + port for masquerade purpose\" -m set --match-set KUBE-CLUSTER-IP";
+    let cidrs = |c: &[&str]| c.iter().map(|c| c.parse().unwrap()).collect::<Vec<_>>();
+    for (all, detect_local, pod_cidrs, want) in [
         (
             true,
-            None,
-            "-m set --match-set KUBE-CLUSTER-IP dst,dst -j KUBE-MARK-MASQ",
+            DetectLocal::ClusterCidr(cidrs(&["10.244.0.0/16"])),
+            vec![],
+            format!("{prefix}{rest} dst,dst -j KUBE-MARK-MASQ"),
         ),
         (
             false,
-            Some("10.244.0.0/16"),
-            "-A KUBE-SERVICES ! -s 10.244.0.0/16 -m comment --comment \"Kubernetes service cluster ip + port for masquerade purpose\" -m set --match-set KUBE-CLUSTER-IP dst,dst -j KUBE-MARK-MASQ",
+            DetectLocal::ClusterCidr(cidrs(&["fd00::/48", "10.244.0.0/16"])),
+            vec![],
+            format!("{prefix}! -s 10.244.0.0/16 {rest} dst,dst -j KUBE-MARK-MASQ"),
         ),
         (
             false,
-            None,
-            "-m set --match-set KUBE-CLUSTER-IP src,dst -j KUBE-MARK-MASQ",
+            DetectLocal::NodeCidr,
+            cidrs(&["10.244.3.0/24", "10.244.4.0/24"]),
+            format!("{prefix}! -s 10.244.3.0/24 {rest} dst,dst -j KUBE-MARK-MASQ"),
+        ),
+        (
+            false,
+            DetectLocal::BridgeInterface("cbr0".into()),
+            vec![],
+            format!("{prefix}! -i cbr0 {rest} dst,dst -j KUBE-MARK-MASQ"),
+        ),
+        (
+            false,
+            DetectLocal::InterfaceNamePrefix("veth".into()),
+            vec![],
+            format!("{prefix}! -i veth+ {rest} dst,dst -j KUBE-MARK-MASQ"),
+        ),
+        (
+            false,
+            DetectLocal::ClusterCidr(cidrs(&["fd00::/48"])),
+            vec![],
+            format!("{prefix}{rest} src,dst -j KUBE-MARK-MASQ"),
+        ),
+        (
+            false,
+            DetectLocal::NodeCidr,
+            vec![],
+            format!("{prefix}{rest} src,dst -j KUBE-MARK-MASQ"),
         ),
     ] {
         let cfg = PlanConfig {
             masquerade_all: all,
-            cluster_cidrs: cidr.iter().map(|c| c.parse().unwrap()).collect(),
+            detect_local: detect_local.clone(),
+            node_pod_cidrs: pod_cidrs,
             ..config()
         };
         let p = plan_with(cfg.clone(), vec![(svc("web", &["10.96.0.20"], 80), vec![])]);
         let rules = p.render_iptables(&cfg, Family::V4);
-        assert!(rules.contains(want), "{all} {cidr:?}\n{rules}");
+        let masq: Vec<&str> = rules
+            .lines()
+            .filter(|l| l.contains("masquerade purpose"))
+            .collect();
+        assert_eq!(masq, [want.as_str()], "{all} {detect_local:?}");
     }
 }
 

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use iptables::Family;
 use netif::NodeAddresses;
 
-use crate::plan::{NodePortFilter, PlanConfig, node_port_addresses};
+use crate::plan::{DetectLocal, NodePortFilter, PlanConfig, node_port_addresses};
 use crate::state::ClusterState;
 
 /// The flags the reconciler reads: how to plan, what never to touch, how often to sync.
@@ -56,7 +56,7 @@ impl Settings {
     /// as the kernel has them on every link but `kube-ipvs0` (`local`, when known; the daemon
     /// follows them with netif's `AddressMonitor`): this node's zone and addresses
     /// (`--node-ip`, else the Node object's), the NodePort addresses
-    /// ([`node_port_addresses`]), and one family for each the node or a Service's ClusterIP
+    /// ([`node_port_addresses`]), the Node's podCIDRs in NodeCIDR mode, and one family for each the node or a Service's ClusterIP
     /// has (IPv4 when there is none).
     #[must_use]
     pub fn plan_config_with(
@@ -90,10 +90,15 @@ impl Settings {
         if families.is_empty() {
             families.push(Family::V4);
         }
+        let node = state.node(&self.plan.node_name);
+        // Read only where they are used, so that a change elsewhere costs no replan.
+        let node_pod_cidrs = match (&self.plan.detect_local, node) {
+            (DetectLocal::NodeCidr, Some(n)) => n.pod_cidrs.clone(),
+            _ => Vec::new(),
+        };
         PlanConfig {
-            node_zone: state
-                .node(&self.plan.node_name)
-                .and_then(|n| n.zone.clone()),
+            node_zone: node.and_then(|n| n.zone.clone()),
+            node_pod_cidrs,
             node_addresses,
             node_port_ips,
             node_ports_everywhere: filter.cidrs.is_empty() && !filter.primary,

@@ -22,7 +22,7 @@ use crate::conntrack::{ConntrackKernel, Frontends, Reconciled, Reconciler};
 use crate::engine::Engine;
 use crate::model::{ServiceName, ServiceType, TrafficPolicy};
 use crate::pending::{self, Keyed};
-use crate::plan::{PlanWarning, Planner};
+use crate::plan::{DetectLocal, PlanWarning, Planner};
 use crate::retries::Retries;
 use crate::settings::Settings;
 use crate::state::{Affected, ClusterState};
@@ -32,6 +32,16 @@ use crate::sync::{Counts, SyncError, SyncReport};
 pub const DRAIN_INTERVAL: Duration = Duration::from_secs(1);
 /// After a sync that left the kernel unlike the mirror, a full sync follows this soon.
 pub const REPAIR_DELAY: Duration = Duration::from_secs(1);
+/// In NodeCIDR mode, how long the first sync waits for the Node's podCIDRs before the loop
+/// gives up (kube-proxy's `timeoutForNodePodCIDR`).
+pub const POD_CIDR_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Why the loop ended by itself: the process should exit non-zero so that its pod restarts,
+/// as kube-proxy exits. In NodeCIDR mode the local traffic rules depend on the Node's
+/// podCIDRs, which kube-proxy reads once: their change, or their not coming, ends it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Restart(pub String);
 
 /// What a source sends the loop. Every source — the manifest directory, the Kubernetes API
 /// watchers — speaks this, so the loop cannot tell them apart. `E` is the source's batch of
@@ -185,6 +195,10 @@ pub struct SyncLoop<E> {
     retries: Retries,
     /// Where stale UDP and SCTP conntrack entries are deleted after each sync, if anywhere.
     conntrack: Option<Reconciler>,
+    /// In NodeCIDR mode, since when the first sync has waited for the Node's podCIDRs.
+    pod_cidr_wait: Option<Instant>,
+    /// Set when the loop must end for the process to restart.
+    restart: Option<Restart>,
 }
 
 impl<E> std::fmt::Debug for SyncLoop<E> {
@@ -197,13 +211,14 @@ impl<E> std::fmt::Debug for SyncLoop<E> {
 }
 
 impl<C: Keyed> SyncLoop<Vec<C>> {
-    /// Runs until `stop` turns true or every source is gone. Blocking: call it on its own thread.
+    /// Runs until `stop` turns true or every source is gone, or until the process must
+    /// restart ([`Restart`]). Blocking: call it on its own thread.
     pub fn run(
         mut self,
         runtime: &tokio::runtime::Handle,
         mut updates: pending::Receiver<C>,
         mut stop: watch::Receiver<bool>,
-    ) {
+    ) -> Result<(), Restart> {
         loop {
             let wait = self.next_deadline().map_or(Duration::from_secs(3600), |d| {
                 d.saturating_duration_since(Instant::now())
@@ -224,8 +239,13 @@ impl<C: Keyed> SyncLoop<Vec<C>> {
                 break;
             }
             self.tick(Instant::now());
+            if let Some(restart) = self.restart.take() {
+                tracing::error!(%restart, "restarting");
+                return Err(restart);
+            }
         }
         tracing::info!("sync loop stopped; the kernel state is left in place");
+        Ok(())
     }
 
     /// Folds in everything queued (it all joins the next sync). If none of it changed
@@ -277,6 +297,8 @@ impl<E> SyncLoop<E> {
             reported: HashMap::new(),
             retries: Retries::default(),
             conntrack: None,
+            pod_cidr_wait: None,
+            restart: None,
         }
     }
 
@@ -293,11 +315,20 @@ impl<E> SyncLoop<E> {
         &self.state
     }
 
+    /// Why the loop must end for the process to restart, once it must.
+    #[must_use]
+    pub fn restart(&self) -> Option<&Restart> {
+        self.restart.as_ref()
+    }
+
     /// When the loop next has something to do, if anything.
     #[must_use]
     pub fn next_deadline(&self) -> Option<Instant> {
         if !self.initial_sync_done {
             return None;
+        }
+        if self.lacks_pod_cidrs() {
+            return self.pod_cidr_wait.map(|since| since + POD_CIDR_TIMEOUT);
         }
         let mut deadline = self.next_full;
         let mut consider = |t: Instant| deadline = Some(deadline.map_or(t, |d| d.min(t)));
@@ -408,8 +439,20 @@ impl<E> SyncLoop<E> {
             && config.families == old.families
             && config.node_port_ips == old.node_port_ips
             && config.node_zone == old.node_zone
+            && config.node_pod_cidrs == old.node_pod_cidrs
         {
             return false;
+        }
+        if config.node_pod_cidrs != old.node_pod_cidrs {
+            if !old.node_pod_cidrs.is_empty() {
+                // As kube-proxy's NodePodCIDRHandler: the rules were made for the old ones.
+                self.restart = Some(Restart(format!(
+                    "detect-local-mode NodeCIDR: the Node's podCIDRs changed from {:?} to {:?}",
+                    old.node_pod_cidrs, config.node_pod_cidrs
+                )));
+                return false;
+            }
+            tracing::info!(node = %config.node_name, pod_cidrs = ?config.node_pod_cidrs, "the Node's podCIDRs tell local traffic (detect-local-mode NodeCIDR)");
         }
         tracing::info!(node = %config.node_name, zone = ?config.node_zone, addresses = ?config.node_addresses, node_ports = ?config.node_port_ips, families = ?config.families, "node facts changed");
         self.engine.reconfigure(&config);
@@ -417,9 +460,35 @@ impl<E> SyncLoop<E> {
         true
     }
 
+    /// In NodeCIDR mode, whether the Node's podCIDRs are still unknown: nothing is
+    /// programmed before them, as kube-proxy creates no proxier before them.
+    fn lacks_pod_cidrs(&self) -> bool {
+        self.settings.plan.detect_local == DetectLocal::NodeCidr
+            && self.planner.config.node_pod_cidrs.is_empty()
+    }
+
+    /// Whether the first sync still waits for the Node's podCIDRs at `now` (see
+    /// [`SyncLoop::lacks_pod_cidrs`]); after [`POD_CIDR_TIMEOUT`] the loop asks to restart.
+    fn awaits_pod_cidrs(&mut self, now: Instant) -> bool {
+        if !self.lacks_pod_cidrs() {
+            return false;
+        }
+        let node = &self.settings.plan.node_name;
+        let since = *self.pod_cidr_wait.get_or_insert_with(|| {
+            tracing::info!(%node, "watching for the Node, awaiting podCIDR allocation (detect-local-mode NodeCIDR)");
+            now
+        });
+        if now >= since + POD_CIDR_TIMEOUT {
+            self.restart = Some(Restart(format!(
+                "timeout waiting for the podCIDR allocation of Node {node:?} to configure detect-local-mode NodeCIDR"
+            )));
+        }
+        true
+    }
+
     /// Syncs what is due at `now`.
     pub fn tick(&mut self, now: Instant) {
-        if !self.initial_sync_done {
+        if !self.initial_sync_done || self.restart.is_some() || self.awaits_pod_cidrs(now) {
             return;
         }
         if std::mem::take(&mut self.rebind_due) {

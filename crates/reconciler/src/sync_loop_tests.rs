@@ -321,6 +321,7 @@ fn fold(state: &mut ClusterState, changes: Vec<Change>) -> Folded {
                     name: "node-a".into(),
                     addresses: vec![addr.parse().unwrap()],
                     zone: None,
+                    pod_cidrs: Vec::new(),
                 });
             }
             Change::Zone(zone) => {

@@ -13,6 +13,7 @@ use crate::chain::{
     KUBE_MARK_MASQ, KUBE_NODE_PORT, KUBE_POSTROUTING, KUBE_PROXY_FIREWALL, KUBE_SERVICES,
     KUBE_SOURCE_RANGES_FIREWALL,
 };
+use crate::local::LocalDetector;
 use crate::rule::{AddrType, MarkOp, Match, Protocol, Rule, Target};
 use crate::ruleset::{Ruleset, TablePatch};
 use crate::table::{Family, Table};
@@ -27,9 +28,9 @@ pub struct RuleInput {
     pub masquerade_mark: u32,
     /// `--masquerade-all`: every ClusterIP connection is masqueraded.
     pub masquerade_all: bool,
-    /// The `--cluster-cidr` of this family: off-cluster sources to a ClusterIP are
-    /// masqueraded. Without one, node-originated traffic from a VIP is.
-    pub cluster_cidr: Option<IpNet>,
+    /// How this family's local (pod) traffic is told: other sources to a ClusterIP are
+    /// masqueraded. Without a detector, node-originated traffic from a VIP is.
+    pub local: LocalDetector,
     /// MASQUERADE with `--random-fully` (iptables ≥ 1.6.2).
     pub random_fully: bool,
     /// The sets of this family that hold at least one entry: most rules that match a set are
@@ -281,11 +282,11 @@ pub fn ruleset(input: &RuleInput) -> Ruleset {
         };
         let rule = if input.masquerade_all {
             base("dst,dst")
-        } else if let Some(cidr) = input.cluster_cidr {
+        } else if let Some(rule) = input.local.if_not_local(base("dst,dst")) {
             // Off-cluster traffic to a ClusterIP is masqueraded.
-            base("dst,dst").not_source(cidr)
+            rule
         } else {
-            // Without a cluster CIDR: masquerade node-originated traffic whose source is a VIP.
+            // Without a detector: masquerade node-originated traffic whose source is a VIP.
             base("src,dst")
         };
         push(Table::Nat, rule);

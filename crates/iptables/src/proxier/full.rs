@@ -21,7 +21,7 @@ use super::render::{Rendered, SHARED_CHAINS, comments_for, render_service};
 use super::sync::{Applied, Key, Mirror, Port, Written, service_name};
 use super::{ServiceSpec, SyncStats};
 use crate::Error;
-use crate::chain::{is_proxy_chain, is_service_chain};
+use crate::chain::{is_service_chain, may_write_chain};
 use crate::rule::Rule;
 use crate::ruleset::{Ruleset, dependency_order};
 use crate::runner::{Flavour, NFT_RESTORE_LINES, RestoreStream, Runner};
@@ -114,7 +114,7 @@ impl Proxier {
                     out.chain_if_differs(kernel, table, name, &shared[i], true)?;
                 }
             }
-            out.missing_jumps(kernel, table)?;
+            out.missing_jumps(kernel, config, table)?;
             let stale: Vec<&str> = kernel
                 .proxy_chains(table)
                 .filter(|c| is_service_chain(c) && !owned.contains(c))
@@ -266,15 +266,15 @@ impl Proxier {
             ruleset.table(table).delete.extend(stale);
             kernel
                 .jumps()
-                .add_missing_jumps(table, &builtin_jumps(table), &mut ruleset);
+                .add_missing_jumps(table, &builtin_jumps(config, table), &mut ruleset);
         }
         Some((ruleset, repaired))
     }
 }
 
 /// The jumps from `table`'s built-in chains into the proxy's.
-fn builtin_jumps(table: Table) -> Vec<Rule> {
-    Rendered::builtin_jumps()
+fn builtin_jumps(config: &super::ProxierConfig, table: Table) -> Vec<Rule> {
+    Rendered::builtin_jumps(config)
         .into_iter()
         .filter(|(t, _)| *t == table)
         .map(|(_, r)| r)
@@ -356,7 +356,7 @@ impl<'a> Stream<'a> {
         rules: &[Rule],
         any_order: bool,
     ) -> Result<(), Error> {
-        if !is_proxy_chain(table, name) {
+        if !may_write_chain(table, name) {
             return Err(Error::NotOwned {
                 table,
                 chain: name.to_owned(),
@@ -385,11 +385,16 @@ impl<'a> Stream<'a> {
     }
 
     /// Inserts the jumps from `table`'s built-in chains the kernel lacks.
-    fn missing_jumps(&mut self, kernel: &KernelChains, table: Table) -> Result<(), Error> {
+    fn missing_jumps(
+        &mut self,
+        kernel: &KernelChains,
+        config: &super::ProxierConfig,
+        table: Table,
+    ) -> Result<(), Error> {
         let mut missing = Ruleset::default();
         kernel
             .jumps()
-            .add_missing_jumps(table, &builtin_jumps(table), &mut missing);
+            .add_missing_jumps(table, &builtin_jumps(config, table), &mut missing);
         for r in &missing.table(table).insert_jumps {
             self.room(1)?;
             let mut line = String::new();

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash as _, Hasher as _};
 
 use crate::Error;
-use crate::chain::is_proxy_chain;
+use crate::chain::may_write_chain;
 use crate::rule::{Rule, rule_chain_and_target};
 use crate::runner::Runner;
 use crate::saved::Saved;
@@ -103,7 +103,7 @@ impl KernelChains {
         };
         if let Some(decl) = line.strip_prefix(':') {
             let name = decl.split(' ').next().unwrap_or_default();
-            if is_proxy_chain(t, name) {
+            if may_write_chain(t, name) {
                 self.chains
                     .entry(t)
                     .or_default()
@@ -113,7 +113,7 @@ impl KernelChains {
         } else if let Some((chain, target)) = rule_chain_and_target(line) {
             if let Some(fp) = self.chains.get_mut(&t).and_then(|c| c.get_mut(chain)) {
                 fp.add(line);
-            } else if t.is_builtin(chain) && target.is_some_and(|j| is_proxy_chain(t, j)) {
+            } else if t.is_builtin(chain) && target.is_some_and(|j| may_write_chain(t, j)) {
                 self.jumps
                     .tables
                     .entry(t)
@@ -130,7 +130,7 @@ impl KernelChains {
         self.chains.get(&table)?.get(name)
     }
 
-    /// The proxy chains present in `table`.
+    /// The chains the proxy writes present in `table` (its own, and kubelet's it writes too).
     pub fn proxy_chains(&self, table: Table) -> impl Iterator<Item = &str> {
         self.chains
             .get(&table)

@@ -26,6 +26,7 @@ pub use names::{
 pub use render::{Rendered, ServiceRules, render, render_service};
 pub use sync::{Proxier, SyncPlan, SyncStats, service_name};
 
+use crate::local::LocalDetector;
 use crate::rule::Protocol;
 use crate::table::Family;
 
@@ -150,9 +151,15 @@ pub struct ProxierConfig {
     pub masquerade_bit: u8,
     /// `--masquerade-all`.
     pub masquerade_all: bool,
-    /// `--cluster-cidr` of this family: off-cluster sources to a ClusterIP are masqueraded,
-    /// pod sources to an external destination short-circuit the Local policy.
-    pub cluster_cidr: Option<IpNet>,
+    /// How this family's pod traffic is told (`--detect-local-mode`): other sources to a
+    /// ClusterIP are masqueraded, pod sources to an external destination short-circuit the
+    /// Local policy. Neither rule is written without a detector.
+    pub local: LocalDetector,
+    /// `--iptables-localhost-nodeports`: NodePorts answer on 127.0.0.0/8 too (the daemon sets
+    /// `route_localnet` for it), and KUBE-FIREWALL drops what reaches 127.0.0.0/8 from off the
+    /// node. When false the jump to KUBE-NODEPORTS skips 127.0.0.0/8. As upstream, it applies
+    /// to IPv4 only and not with `node_port_addresses` ([`ProxierConfig::localhost_node_ports`]).
+    pub localhost_node_ports: bool,
     /// `--nodeport-addresses` resolved to this node's addresses of the family, one jump to
     /// KUBE-NODEPORTS each (none when no address matched); `None` when the flag is unset:
     /// every local address (`-m addrtype --dst-type LOCAL`).
@@ -173,11 +180,22 @@ impl Default for ProxierConfig {
             family: Family::V4,
             masquerade_bit: 14,
             masquerade_all: false,
-            cluster_cidr: None,
+            local: LocalDetector::NotImplemented,
+            localhost_node_ports: true,
             node_port_addresses: None,
             random_fully: true,
             drop_invalid: true,
             large_cluster_endpoints: 1000,
         }
+    }
+}
+
+impl ProxierConfig {
+    /// Whether NodePorts answer on IPv4 loopback: `localhost_node_ports` for IPv4 with every
+    /// local address serving NodePorts. Upstream turns it off when `--nodeport-addresses`
+    /// leaves loopback out; ours never serves NodePorts on a loopback address it lists.
+    #[must_use]
+    pub fn localhost_node_ports(&self) -> bool {
+        self.localhost_node_ports && self.family == Family::V4 && self.node_port_addresses.is_none()
     }
 }

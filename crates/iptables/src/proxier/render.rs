@@ -15,9 +15,9 @@ use super::names::{endpoint_chain, external_chain, firewall_chain, local_chain, 
 use super::{Backend, ProxierConfig, ServiceSpec};
 // Short names for the fixed chains this mode writes to.
 use crate::chain::{
-    KUBE_EXTERNAL_SERVICES as EXTERNAL_SERVICES, KUBE_FORWARD as FORWARD,
-    KUBE_MARK_MASQ as MARK_MASQ, KUBE_NODEPORTS as NODEPORTS, KUBE_POSTROUTING as POSTROUTING,
-    KUBE_PROXY_FIREWALL as FIREWALL, KUBE_SERVICES as SERVICES,
+    KUBE_EXTERNAL_SERVICES as EXTERNAL_SERVICES, KUBE_FIREWALL as KUBELET_FIREWALL,
+    KUBE_FORWARD as FORWARD, KUBE_MARK_MASQ as MARK_MASQ, KUBE_NODEPORTS as NODEPORTS,
+    KUBE_POSTROUTING as POSTROUTING, KUBE_PROXY_FIREWALL as FIREWALL, KUBE_SERVICES as SERVICES,
 };
 use crate::rule::{AddrType, MarkOp, Match, Protocol, Recent, Rule, Target, masquerade_mark};
 use crate::ruleset::Ruleset;
@@ -425,13 +425,11 @@ impl<'a> Port<'a> {
             kind: AddrType::Local,
         };
         if self.external_local {
-            if let Some(cidr) = config.cluster_cidr {
-                rules.push(
-                    Rule::jump(ext_chain, self.cluster_policy_chain.clone())
-                        .source(cidr)
-                        .comment(format!("pod traffic for {name} external destinations")),
-                );
-            }
+            // Pod traffic to an external destination is subject to neither policy, as if it
+            // went out to a load balancer and came back.
+            let pods = Rule::jump(ext_chain, self.cluster_policy_chain.clone())
+                .comment(format!("pod traffic for {name} external destinations"));
+            rules.extend(config.local.if_local(pods));
             rules.push(
                 Rule::jump(ext_chain, MARK_MASQ)
                     .comment(format!(
@@ -513,8 +511,8 @@ impl<'a> Port<'a> {
                 let r = self.to(internal_chain, ip, &c, Target::Jump(MARK_MASQ.into()));
                 if config.masquerade_all {
                     internal_masq.push(r);
-                } else if let Some(cidr) = config.cluster_cidr {
-                    internal_masq.push(r.not_source(cidr));
+                } else {
+                    internal_masq.extend(config.local.if_not_local(r));
                 }
             }
         }
@@ -598,9 +596,11 @@ impl<'a> Port<'a> {
 }
 
 impl Rendered {
-    /// The jump rules kube-proxy keeps at the top of built-in chains, per table, in order.
+    /// The jump rules kube-proxy keeps at the top of built-in chains, per table, in order:
+    /// its own, then (with localhost NodePorts) kubelet's to KUBE-FIREWALL, which it
+    /// ensures too.
     #[must_use]
-    pub fn builtin_jumps() -> Vec<(Table, Rule)> {
+    pub fn builtin_jumps(config: &ProxierConfig) -> Vec<(Table, Rule)> {
         let new = || Match::Conntrack {
             negated: false,
             states: "NEW",
@@ -612,7 +612,7 @@ impl Rendered {
         let external = "kubernetes externally-visible service portals";
         let portals = "kubernetes service portals";
         let firewall = "kubernetes load balancer firewall";
-        vec![
+        let mut jumps = vec![
             (Table::Filter, jn("INPUT", EXTERNAL_SERVICES, external)),
             (Table::Filter, jn("FORWARD", EXTERNAL_SERVICES, external)),
             (
@@ -634,7 +634,15 @@ impl Rendered {
                 Table::Nat,
                 j("POSTROUTING", POSTROUTING, "kubernetes postrouting rules"),
             ),
-        ]
+        ];
+        // Upstream ensures these always; without the rule below the chain would be only
+        // kubelet's, so ours leaves it and its jumps alone then.
+        if config.localhost_node_ports() {
+            for chain in ["INPUT", "OUTPUT"] {
+                jumps.push((Table::Filter, Rule::jump(chain, KUBELET_FIREWALL)));
+            }
+        }
+        jumps
     }
 
     /// The fixed chains and their rules (KUBE-POSTROUTING, KUBE-MARK-MASQ, KUBE-FORWARD).
@@ -665,7 +673,7 @@ impl Rendered {
                     states: "RELATED,ESTABLISHED",
                 }),
         );
-        vec![
+        let mut chains = vec![
             (Table::Filter, FORWARD.to_owned(), forward),
             (
                 Table::Nat,
@@ -691,7 +699,22 @@ impl Rendered {
                     .comment("kubernetes service traffic requiring SNAT"),
                 ],
             ),
-        ]
+        ];
+        if config.localhost_node_ports() {
+            // route_localnet lets off-node packets to 127.0.0.0/8 in (issue 90259): only those
+            // DNATed to a NodePort's endpoint may pass.
+            let loopback: IpNet = "127.0.0.0/8".parse().expect("valid");
+            let block = Rule::new(KUBELET_FIREWALL, Target::Drop)
+                .not_source(loopback)
+                .destination(loopback)
+                .comment("block incoming localnet connections")
+                .with(Match::Conntrack {
+                    negated: true,
+                    states: "RELATED,ESTABLISHED,DNAT",
+                });
+            chains.push((Table::Filter, KUBELET_FIREWALL.to_owned(), vec![block]));
+        }
+        chains
     }
 
     /// The rules of shared chain `index` of [`SHARED_CHAINS`]: every service's fragment in
@@ -715,13 +738,22 @@ impl Rendered {
                     );
                 }
             } else {
-                rules.push(Rule::jump(SERVICES, NODEPORTS).comment(comment).with(
-                    Match::AddrType {
-                        negated: false,
-                        source: false,
-                        kind: AddrType::Local,
-                    },
-                ));
+                let mut jump =
+                    Rule::jump(SERVICES, NODEPORTS)
+                        .comment(comment)
+                        .with(Match::AddrType {
+                            negated: false,
+                            source: false,
+                            kind: AddrType::Local,
+                        });
+                // NodePorts never work on IPv6 loopback, and on IPv4's only with
+                // route_localnet (localhostNodePorts).
+                if config.family == Family::V6 {
+                    jump = jump.not_destination("::1/128".parse::<IpNet>().expect("valid"));
+                } else if !config.localhost_node_ports() {
+                    jump = jump.not_destination("127.0.0.0/8".parse::<IpNet>().expect("valid"));
+                }
+                rules.push(jump);
             }
         }
         rules
@@ -754,7 +786,7 @@ impl Rendered {
     #[must_use]
     pub fn save_text(&self, config: &ProxierConfig) -> String {
         let rs = self.full_ruleset(config);
-        let jumps = Rendered::builtin_jumps();
+        let jumps = Rendered::builtin_jumps(config);
         let mut out = String::new();
         for (table, patch) in &rs.tables {
             let _ = writeln!(out, "*{table}");
@@ -785,11 +817,12 @@ impl Rendered {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::local::LocalDetector;
     use crate::proxier::Backend;
 
     fn config() -> ProxierConfig {
         ProxierConfig {
-            cluster_cidr: Some("10.0.0.0/8".parse().unwrap()),
+            local: LocalDetector::Cidr("10.0.0.0/8".parse().unwrap()),
             ..ProxierConfig::default()
         }
     }

@@ -320,7 +320,7 @@ impl Proxier {
             ruleset.table(table).delete.extend(stale);
         }
         for table in [Table::Filter, Table::Nat] {
-            let jumps: Vec<_> = Rendered::builtin_jumps()
+            let jumps: Vec<_> = Rendered::builtin_jumps(&self.config)
                 .into_iter()
                 .filter(|(t, _)| *t == table)
                 .map(|(_, r)| r)
