@@ -434,12 +434,12 @@ fn pod_cidrs(node: &Node, name: &str) -> Vec<IpNet> {
     };
     values
         .iter()
-        .filter_map(|v| match v.parse::<IpNet>() {
-            Ok(cidr) => Some(cidr),
-            Err(_) => {
+        .filter_map(|v| {
+            let cidr = v.parse::<IpNet>().ok();
+            if cidr.is_none() {
                 tracing::warn!(node = name, value = %v, "Node spec.podCIDRs holds a value that is not a CIDR; ignored");
-                None
             }
+            cidr
         })
         .collect()
 }

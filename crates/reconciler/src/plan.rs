@@ -28,6 +28,10 @@ pub const SCHEDULER_ANNOTATION: &str = "ipvs-proxy.io/scheduler";
 pub const KUBE_ROUTER_SCHEDULER_ANNOTATION: &str = "kube-router.io/service.scheduler";
 
 /// The node and flag settings planning depends on.
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "kube-proxy's own flags, each a yes or no"
+)]
 #[derive(Debug, Clone)]
 pub struct PlanConfig {
     /// `--ipvs-scheduler`.

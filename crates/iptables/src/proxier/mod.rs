@@ -143,6 +143,10 @@ impl ServiceSpec {
 }
 
 /// Node-wide settings of the iptables proxier (kube-proxy's flags of the same meaning).
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "kube-proxy's own flags, each a yes or no"
+)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxierConfig {
     /// The family this proxier programs (dual-stack runs one per family).

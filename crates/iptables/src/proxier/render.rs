@@ -957,4 +957,126 @@ mod tests {
                 .any(|l| l.contains("-m recent --set --name") && l.contains("DNAT"))
         );
     }
+
+    /// A NodePort Service with `externalTrafficPolicy: Local`, one local endpoint: it has
+    /// both rules that ask the local detector.
+    fn local_policy_port() -> ServiceSpec {
+        let mut s = ServiceSpec::cluster_ip(
+            "ns/web:http",
+            Protocol::Tcp,
+            "172.30.0.41".parse().unwrap(),
+            80,
+        );
+        s.node_port = Some(30080);
+        s.external_local = true;
+        s.backends
+            .push(Backend::ready("10.180.0.1:80".parse().unwrap(), true));
+        s
+    }
+
+    /// The rules kube-proxy's iptables proxier writes with each detector (`IfNotLocal` on the
+    /// ClusterIP masquerade, `IfLocal` on the Local policy's pod short-circuit), as
+    /// `iptables-save` prints them; without a detector, neither is written.
+    #[test]
+    fn each_local_detector_renders_upstreams_rules() {
+        let svc = service_chain("ns/web:http", "tcp");
+        let ext = external_chain("ns/web:http", "tcp");
+        let masq = |local: &str| {
+            format!(
+                "-A {svc} {local}-d 172.30.0.41/32 -p tcp -m comment --comment \"ns/web:http cluster IP\" -m tcp --dport 80 -j KUBE-MARK-MASQ"
+            )
+        };
+        let masq_if = |not_local: &str| {
+            format!(
+                "-A {svc} -d 172.30.0.41/32 {not_local}-p tcp -m comment --comment \"ns/web:http cluster IP\" -m tcp --dport 80 -j KUBE-MARK-MASQ"
+            )
+        };
+        let pods = |local: &str| {
+            format!(
+                "-A {ext} {local}-m comment --comment \"pod traffic for ns/web:http external destinations\" -j {svc}"
+            )
+        };
+        let cases = [
+            (
+                LocalDetector::Cidr("10.0.0.0/8".parse().unwrap()),
+                Some((masq("! -s 10.0.0.0/8 "), pods("-s 10.0.0.0/8 "))),
+            ),
+            (
+                LocalDetector::bridge("cbr0"),
+                Some((masq_if("! -i cbr0 "), pods("-i cbr0 "))),
+            ),
+            (
+                LocalDetector::interface_prefix("veth"),
+                Some((masq_if("! -i veth+ "), pods("-i veth+ "))),
+            ),
+            (LocalDetector::NotImplemented, None),
+        ];
+        for (local, want) in cases {
+            let cfg = ProxierConfig {
+                local: local.clone(),
+                ..ProxierConfig::default()
+            };
+            let out = lines(&render(&cfg, &[local_policy_port()]), &cfg);
+            let asked: Vec<&String> = out
+                .iter()
+                .filter(|l| l.contains("KUBE-MARK-MASQ") && l.contains("cluster IP"))
+                .chain(out.iter().filter(|l| l.contains("pod traffic for")))
+                .collect();
+            match want {
+                Some((masq, pods)) => assert_eq!(asked, [&masq, &pods], "{local:?}"),
+                None => assert!(asked.is_empty(), "{asked:?}"),
+            }
+        }
+    }
+
+    /// kube-proxy's iptables mode with `localhostNodePorts` (IPv4): NodePorts on every local
+    /// address, 127.0.0.0/8 included, and KUBE-FIREWALL (jumped to from INPUT and OUTPUT)
+    /// dropping what reaches 127.0.0.0/8 from elsewhere without being DNATed. Without it, and
+    /// always for IPv6, loopback is left out of the jump to KUBE-NODEPORTS.
+    #[test]
+    fn localhost_node_ports_render_upstreams_rules() {
+        let nodeports = |except: &str| {
+            format!(
+                "-A KUBE-SERVICES {except}-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
+            )
+        };
+        let firewall = [
+            ":KUBE-FIREWALL - [0:0]".to_owned(),
+            "-A INPUT -j KUBE-FIREWALL".to_owned(),
+            "-A OUTPUT -j KUBE-FIREWALL".to_owned(),
+            "-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment \"block incoming localnet connections\" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP".to_owned(),
+        ];
+        for (family, localhost, jump, with_firewall) in [
+            (Family::V4, true, nodeports(""), true),
+            (Family::V4, false, nodeports("! -d 127.0.0.0/8 "), false),
+            (Family::V6, true, nodeports("! -d ::1/128 "), false),
+            (Family::V6, false, nodeports("! -d ::1/128 "), false),
+        ] {
+            let cfg = ProxierConfig {
+                family,
+                localhost_node_ports: localhost,
+                ..ProxierConfig::default()
+            };
+            let out = lines(&render(&cfg, &[]), &cfg);
+            let jumps: Vec<&String> = out
+                .iter()
+                .filter(|l| l.starts_with("-A KUBE-SERVICES") && l.ends_with("-j KUBE-NODEPORTS"))
+                .collect();
+            assert_eq!(jumps, [&jump], "{family:?} {localhost}");
+            let kubelet: Vec<String> = out
+                .iter()
+                .filter(|l| l.contains("KUBE-FIREWALL"))
+                .cloned()
+                .collect();
+            let want: &[String] = if with_firewall { &firewall } else { &[] };
+            assert_eq!(kubelet, want, "{family:?} {localhost}");
+        }
+        // With --nodeport-addresses the node's addresses are listed instead, loopback never.
+        let cfg = ProxierConfig {
+            node_port_addresses: Some(vec!["192.168.56.10".parse().unwrap()]),
+            ..ProxierConfig::default()
+        };
+        let out = lines(&render(&cfg, &[]), &cfg);
+        assert!(!out.iter().any(|l| l.contains("KUBE-FIREWALL")), "{out:#?}");
+    }
 }
