@@ -279,6 +279,30 @@ status:
 }
 
 #[test]
+fn node_pod_cidrs_come_from_pod_cidrs_else_pod_cidr() {
+    let cidrs = |yaml: &str| {
+        let st = state(&format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: node-a}}\nspec: {yaml}\n"
+        ));
+        let n = st.node("node-a").unwrap();
+        n.pod_cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        cidrs("{podCIDR: 10.244.1.0/24, podCIDRs: [10.244.1.0/24, 'fd00:10:244:1::/64']}"),
+        ["10.244.1.0/24", "fd00:10:244:1::/64"]
+    );
+    assert_eq!(cidrs("{podCIDR: 10.244.2.0/24}"), ["10.244.2.0/24"]);
+    assert_eq!(
+        cidrs("{podCIDRs: [10.244.3.0/24, not-a-cidr]}"),
+        ["10.244.3.0/24"]
+    );
+    assert!(cidrs("{}").is_empty());
+}
+
+#[test]
 fn multi_document_files_and_lists_load_and_other_kinds_are_ignored() {
     let snap = parse(
         r"

@@ -11,7 +11,7 @@ use crate::model::{
     Conditions, Endpoint, EndpointPort, EndpointSlice, NodeFacts, Protocol, ServicePort,
     ServicePortName, ServiceType, TrafficPolicy,
 };
-use crate::plan::{NodePortFilter, PlanConfig};
+use crate::plan::{DetectLocal, NodePortFilter, PlanConfig};
 
 /// One call the loop made on its engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,6 +212,8 @@ enum Change {
     Service(&'static str, &'static str),
     Node(&'static str),
     Zone(&'static str),
+    /// node-a's `spec.podCIDRs`.
+    PodCidrs(&'static [&'static str]),
     /// A LoadBalancer Service with `externalTrafficPolicy: Local` and this health-check port.
     LocalLoadBalancer(&'static str, u16),
     /// The Service's one slice: its endpoints' (address, node, ready).
@@ -229,7 +231,7 @@ impl crate::pending::Keyed for Change {
             | Change::LocalLoadBalancer(name, _)
             | Change::Removed(name) => ("service", name),
             Change::Endpoints(name, _) | Change::Triggered(name, _) => ("slice", name),
-            Change::Node(_) | Change::Zone(_) => ("node", "node-a"),
+            Change::Node(_) | Change::Zone(_) | Change::PodCidrs(_) => ("node", "node-a"),
         }
     }
 }
@@ -324,6 +326,12 @@ fn fold(state: &mut ClusterState, changes: Vec<Change>) -> Folded {
                     pod_cidrs: Vec::new(),
                 });
             }
+            Change::PodCidrs(cidrs) => {
+                let mut node = state.node("node-a").cloned().unwrap_or_default();
+                node.name = "node-a".into();
+                node.pod_cidrs = cidrs.iter().map(|c| c.parse().unwrap()).collect();
+                folded.affected.nodes |= state.upsert_node(node);
+            }
             Change::Zone(zone) => {
                 let mut node = state.node("node-a").cloned().unwrap_or_default();
                 node.name = "node-a".into();
@@ -343,10 +351,18 @@ fn looped() -> (SyncLoop<Vec<Change>>, Log) {
 }
 
 fn looped_with(min_sync_period: Duration) -> (SyncLoop<Vec<Change>>, Log) {
+    looped_detecting(min_sync_period, DetectLocal::default())
+}
+
+fn looped_detecting(
+    min_sync_period: Duration,
+    detect_local: DetectLocal,
+) -> (SyncLoop<Vec<Change>>, Log) {
     let log = Log::default();
     let settings = Settings {
         plan: PlanConfig {
             node_name: "node-a".into(),
+            detect_local,
             ..PlanConfig::default()
         },
         sync_period: PERIOD,
@@ -923,4 +939,70 @@ fn no_local_endpoints_are_counted_per_family_after_each_full_sync() {
     )]));
     l.tick(t0 + PERIOD * 3);
     assert_eq!(last(&log), vec![(inet::Family::V4, 0, 0)]);
+}
+
+/// As kube-proxy in NodeCIDR mode: nothing is programmed before the Node has podCIDRs (the
+/// rules are made from them), then they are fixed: a change ends the loop for the process to
+/// restart, as does their not coming within five minutes.
+#[test]
+fn node_cidr_mode_waits_for_the_pod_cidrs_and_restarts_when_they_change() {
+    let (mut l, log) = looped_detecting(MIN, DetectLocal::NodeCidr);
+    let t0 = Instant::now();
+    l.receive(SourceUpdate::Events(vec![Change::Service(
+        "web",
+        "10.96.0.10",
+    )]));
+    l.receive(SourceUpdate::InitialSyncDone);
+    l.tick(t0);
+    l.tick(t0 + PERIOD);
+    assert_eq!(log.take_calls(), vec![], "synced without podCIDRs");
+    assert_eq!(l.next_deadline(), Some(t0 + POD_CIDR_TIMEOUT));
+
+    l.receive(SourceUpdate::Events(vec![Change::PodCidrs(&[
+        "10.244.1.0/24",
+    ])]));
+    l.tick(t0 + PERIOD);
+    assert_eq!(log.take_calls().last(), Some(&Call::Full));
+    assert_eq!(l.restart(), None);
+    // The same podCIDRs again change nothing.
+    l.receive(SourceUpdate::Events(vec![Change::PodCidrs(&[
+        "10.244.1.0/24",
+    ])]));
+    l.tick(t0 + PERIOD + MIN);
+    assert_eq!(l.restart(), None);
+
+    l.receive(SourceUpdate::Events(vec![Change::PodCidrs(&[
+        "10.244.2.0/24",
+    ])]));
+    let restart = l.restart().expect("a restart").to_string();
+    assert!(
+        restart.contains("10.244.1.0/24") && restart.contains("10.244.2.0/24"),
+        "{restart}"
+    );
+    l.tick(t0 + PERIOD * 2);
+    assert_eq!(log.take_calls(), vec![], "synced with changed podCIDRs");
+
+    // Never given any: the loop gives up after the timeout.
+    let (mut l, log) = looped_detecting(MIN, DetectLocal::NodeCidr);
+    l.receive(SourceUpdate::InitialSyncDone);
+    l.tick(t0);
+    assert_eq!(l.restart(), None);
+    l.tick(t0 + POD_CIDR_TIMEOUT);
+    assert!(l.restart().is_some());
+    assert_eq!(log.take_calls(), vec![]);
+}
+
+/// In the other modes the podCIDRs are not read: their change costs nothing.
+#[test]
+fn pod_cidrs_are_ignored_outside_node_cidr_mode() {
+    let (mut l, log, t0) = started();
+    l.receive(SourceUpdate::Events(vec![Change::PodCidrs(&[
+        "10.244.1.0/24",
+    ])]));
+    l.receive(SourceUpdate::Events(vec![Change::PodCidrs(&[
+        "10.244.2.0/24",
+    ])]));
+    l.tick(t0 + MIN);
+    assert_eq!(log.take_calls(), vec![]);
+    assert_eq!(l.restart(), None);
 }
