@@ -1274,6 +1274,10 @@ mod tests {
                 &["--detect-local-mode=BridgeInterface"][..],
                 "--pod-bridge-interface",
             ),
+            (
+                &["--detect-local-mode=InterfaceNamePrefix"][..],
+                "--pod-interface-name-prefix",
+            ),
         ] {
             let err = ProxyConfig::resolve(&cli(args).flags)
                 .unwrap_err()
@@ -1314,13 +1318,18 @@ mod tests {
         for flag in [
             "--profiling",
             "--feature-gates",
-            "--detect-local-mode",
-            "--iptables-localhost-nodeports",
             "--kube-api-qps",
             "--vmodule",
         ] {
             assert!(
                 noted.iter().any(|n| n.contains(flag)),
+                "{flag} in {noted:?}"
+            );
+        }
+        // Acted on in both proxiers (detect-local) and in the iptables one (localhost).
+        for flag in ["--detect-local-mode", "--iptables-localhost-nodeports"] {
+            assert!(
+                !noted.iter().any(|n| n.contains(flag)),
                 "{flag} in {noted:?}"
             );
         }

@@ -271,7 +271,7 @@ pub struct ProxyFlags {
     pub masquerade_all: Option<bool>,
 
     /// If false, disable the legacy behavior of allowing NodePort services to be accessed via
-    /// localhost (iptables mode and IPv4 only; not acted on yet). [default: true]
+    /// localhost (iptables mode and IPv4 only). [default: true]
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub iptables_localhost_nodeports: Option<bool>,
 
@@ -322,7 +322,7 @@ pub struct ProxyFlags {
     pub ipvs_udp_timeout: Option<Duration>,
 
     /// Mode to use to detect local traffic: ClusterCIDR, NodeCIDR, BridgeInterface or
-    /// InterfaceNamePrefix (only ClusterCIDR is acted on yet). Ignored if a config file is
+    /// InterfaceNamePrefix. Ignored if a config file is
     /// specified by --config. [default: ClusterCIDR]
     #[arg(long, value_name = "MODE", value_parser = parse_detect_local_mode)]
     pub detect_local_mode: Option<DetectLocalMode>,

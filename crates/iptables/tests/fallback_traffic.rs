@@ -290,10 +290,15 @@ impl Lab {
 
     /// `count` connections from the client namespace to `addr`.
     fn requests(&self, addr: &str, count: usize) -> Vec<String> {
-        eprintln!("{}: {count} requests to {addr}", self.node);
+        self.requests_from(&self.client, addr, count)
+    }
+
+    /// `count` connections from namespace `ns` (the client's or a pod's) to `addr`.
+    fn requests_from(&self, ns: &str, addr: &str, count: usize) -> Vec<String> {
+        eprintln!("{ns}: {count} requests to {addr}");
         let exe = std::env::current_exe().unwrap();
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.client])
+            .args(["netns", "exec", ns])
             .arg(&exe)
             .args([
                 "helper_client",
@@ -811,4 +816,63 @@ fn large_nft_restores_in_parts_program_what_one_restore_does() {
         let left = proxy_lines(node, runner.flavour());
         assert!(only_kubelets_firewall(&left), "left behind: {left:?}");
     }
+}
+
+/// kube-proxy's interface detectors with real traffic: ClusterIP traffic entering on an
+/// interface that is not the pods' is masqueraded (the backend sees the node's address),
+/// traffic entering on the pods' is not (the backend sees the pod's own). The client comes in
+/// on `nc0`, the pods on `np0`…`np2`.
+#[test]
+fn interface_detectors_masquerade_cluster_ip_traffic_from_other_interfaces_only() {
+    if !is_root() {
+        eprintln!("skipping: needs root to create network namespaces");
+        return;
+    }
+    let lab = Lab::new("ifdetect");
+    let flavour = detect_flavour(Some(&lab.node));
+    let runner = Runner::new(flavour).in_netns(&lab.node);
+    // One Service whose only endpoint is pod0, so pod1 never reaches itself (a hairpin,
+    // which is masqueraded whatever the detector).
+    let mut web =
+        ServiceSpec::cluster_ip("test/web:http", Protocol::Tcp, [10, 96, 0, 10].into(), 80);
+    web.backends = vec![backend(0, true)];
+    let seen_by_pod0 = |from: &str| {
+        let lines = lab.requests_from(from, "10.96.0.10:80", 3);
+        let (counts, mut peers) = Lab::tally(&lines);
+        assert_eq!(counts.get("pod0"), Some(&3), "{lines:?}");
+        peers.dedup();
+        peers
+    };
+    let (client, pod1) = (lab.client.clone(), lab.pods[1].clone());
+    // (detector, the source pod0 sees from the client, from pod1)
+    for (local, from_client, from_pod1) in [
+        // The pods' interfaces np0…np2 are local: the client's traffic is masqueraded.
+        (
+            iptables::LocalDetector::interface_prefix("np"),
+            "10.244.0.1",
+            "10.244.1.2",
+        ),
+        // Only the client's link is local: pod1's traffic is masqueraded.
+        (
+            iptables::LocalDetector::bridge("nc0"),
+            CLIENT_IP,
+            "10.244.0.1",
+        ),
+    ] {
+        let mut proxier = Proxier::new(ProxierConfig {
+            local: local.clone(),
+            ..ProxierConfig::default()
+        });
+        proxier
+            .sync_full(&runner, std::slice::from_ref(&web))
+            .expect("full sync");
+        assert_eq!(
+            seen_by_pod0(&client),
+            [from_client],
+            "{local:?}, from the client"
+        );
+        assert_eq!(seen_by_pod0(&pod1), [from_pod1], "{local:?}, from pod1");
+    }
+    let report = cleanup(&runner);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
 }
