@@ -518,6 +518,130 @@ fn nodeport_addresses_restrict_the_fallbacks_node_port_rules_and_traffic() {
     assert!(!log.contains("ERROR"), "{log}");
 }
 
+/// A node namespace with one "pod" namespace (10.244.1.5, answering `pod` on :8080) behind
+/// the veth `vpod` (10.244.1.1 on the node side); the server stops when the pod goes.
+struct OnePod {
+    node: Netns,
+    pod: Netns,
+    server: Option<std::thread::JoinHandle<()>>,
+}
+
+impl OnePod {
+    fn new(tag: &str) -> OnePod {
+        let node = Netns::new(&format!("{tag}-node"));
+        let pod = Netns::new(&format!("{tag}-pod"));
+        let ip = |args: &[&str]| {
+            let ok = Command::new("ip").args(args).status().unwrap().success();
+            assert!(ok, "ip {args:?}");
+        };
+        ip(&[
+            "-n", &node.0, "link", "add", "vpod", "type", "veth", "peer", "name", "eth0", "netns",
+            &pod.0,
+        ]);
+        ip(&["-n", &node.0, "addr", "add", "10.244.1.1/24", "dev", "vpod"]);
+        ip(&["-n", &node.0, "link", "set", "vpod", "up"]);
+        ip(&["-n", &pod.0, "addr", "add", "10.244.1.5/24", "dev", "eth0"]);
+        ip(&["-n", &pod.0, "link", "set", "eth0", "up"]);
+        ip(&["-n", &pod.0, "route", "add", "default", "via", "10.244.1.1"]);
+        let listener = in_netns(&pod.0, || {
+            std::net::TcpListener::bind("0.0.0.0:8080").unwrap()
+        });
+        let server = std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut line = String::new();
+                let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                if reader.read_line(&mut line).is_ok() && line == "quit\n" {
+                    return;
+                }
+                let _ = stream.write_all(b"pod\n");
+            }
+        });
+        OnePod {
+            node,
+            pod,
+            server: Some(server),
+        }
+    }
+}
+
+impl Drop for OnePod {
+    fn drop(&mut self) {
+        // The server's last connection tells it to stop.
+        let _ = in_netns(&self.pod.0, || {
+            use std::io::Write;
+            std::net::TcpStream::connect("10.244.1.5:8080").and_then(|mut s| s.write_all(b"quit\n"))
+        });
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
+        }
+    }
+}
+
+/// Upstream's iptables mode with `--iptables-localhost-nodeports` (the default): a NodePort
+/// answers on 127.0.0.1 too, `route_localnet` is set, and KUBE-FIREWALL drops what reaches
+/// 127.0.0.0/8 from off the node; with `=false` 127.0.0.1 does not answer (the jump to
+/// KUBE-NODEPORTS skips 127.0.0.0/8) while the node's other addresses still do.
+#[test]
+fn localhost_node_ports_answer_on_127_0_0_1_only_when_enabled() {
+    let dir = std::env::temp_dir().join(format!("ipvs-proxy-lnp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("web.yaml"), NODE_PORT_WEB).unwrap();
+    let loopback = "127.0.0.1:30080".parse().unwrap();
+    let node_address = "10.244.1.1:30080".parse().unwrap();
+    for (tag, flags, answered) in [
+        ("lnp-on", &[][..], true),
+        (
+            "lnp-off",
+            &["--iptables-localhost-nodeports=false"][..],
+            false,
+        ),
+    ] {
+        let lab = OnePod::new(tag);
+        let mut daemon = start_daemon(&lab.node, &dir.display().to_string(), flags);
+        wait_for_nat(&lab.node, "the NodePort's rule", |nat| {
+            nat.contains("--dport 30080")
+        });
+        let route_localnet = lab
+            .node
+            .exec(&["sysctl", "-n", "net.ipv4.conf.all.route_localnet"])
+            .output()
+            .unwrap();
+        let route_localnet = String::from_utf8_lossy(&route_localnet.stdout)
+            .trim()
+            .to_owned();
+        let filter = lab
+            .node
+            .exec(&["iptables-save", "-t", "filter"])
+            .output()
+            .unwrap();
+        let filter = String::from_utf8_lossy(&filter.stdout).into_owned();
+        let blocks = filter.lines().any(|l| {
+            l == "-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment \"block incoming localnet connections\" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+        });
+        let from_loopback = ask_from(&lab.node.0, loopback);
+        let from_node_address = ask_from(&lab.node.0, node_address);
+        let log = stop(&mut daemon);
+        assert_eq!(
+            from_node_address.ok().as_deref(),
+            Some("pod"),
+            "{tag}: the node's address\n{log}"
+        );
+        if answered {
+            assert_eq!(from_loopback.ok().as_deref(), Some("pod"), "{tag}\n{log}");
+            assert_eq!(route_localnet, "1", "{tag}");
+            assert!(blocks, "{tag}: no KUBE-FIREWALL rule:\n{filter}");
+        } else {
+            assert!(from_loopback.is_err(), "{tag}: 127.0.0.1 answered");
+            assert_eq!(route_localnet, "0", "{tag}");
+            assert!(!filter.contains("KUBE-FIREWALL"), "{tag}:\n{filter}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Lines in `path` (0 when it does not exist).
 fn lines_in(path: &Path) -> usize {
     std::fs::read_to_string(path).map_or(0, |s| s.lines().count())
