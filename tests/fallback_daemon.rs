@@ -642,6 +642,88 @@ fn localhost_node_ports_answer_on_127_0_0_1_only_when_enabled() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Node node-a with `spec.podCIDR(s)` = `cidr` (none when empty).
+fn node_a(cidr: &str) -> String {
+    let spec = if cidr.is_empty() {
+        String::new()
+    } else {
+        format!("spec: {{podCIDR: {cidr}, podCIDRs: [{cidr}]}}\n")
+    };
+    format!("apiVersion: v1\nkind: Node\nmetadata: {{name: node-a}}\n{spec}")
+}
+
+/// As kube-proxy with `--detect-local-mode NodeCIDR`: nothing is programmed while the Node
+/// has no podCIDR (the log says it waits), then the rules use it (`! -s PODCIDR`, not
+/// `--cluster-cidr`), and when it changes the daemon exits non-zero for its pod to restart.
+#[test]
+fn node_cidr_mode_waits_for_the_pod_cidr_and_exits_when_it_changes() {
+    let dir = std::env::temp_dir().join(format!("ipvs-proxy-nodecidr-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("web.yaml"), NODE_PORT_WEB).unwrap();
+    std::fs::write(dir.join("node.yaml"), node_a("")).unwrap();
+    let ns = Netns::new("nodecidr");
+    let mut daemon = start_daemon(
+        &ns,
+        &dir.display().to_string(),
+        &[
+            "--detect-local-mode",
+            "NodeCIDR",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !saved_nat(&ns).contains("KUBE-"),
+        "programmed before the podCIDR:\n{}",
+        saved_nat(&ns)
+    );
+
+    // Written whole by a rename, so the source never reads it half-written.
+    let write = |text: &str| {
+        std::fs::write(dir.join(".node.tmp"), text).unwrap();
+        std::fs::rename(dir.join(".node.tmp"), dir.join("node.yaml")).unwrap();
+    };
+    write(&node_a("10.244.1.0/24"));
+    let masq = "! -s 10.244.1.0/24 -d 10.96.0.20/32 -p tcp -m comment --comment \"default/web:http cluster IP\" -m tcp --dport 80 -j KUBE-MARK-MASQ";
+    wait_for_nat(&ns, "the podCIDR's masquerade rule", |nat| {
+        nat.contains(masq)
+    });
+    assert!(
+        !saved_nat(&ns).contains("10.244.0.0/16"),
+        "{}",
+        saved_nat(&ns)
+    );
+    assert!(daemon.try_wait().unwrap().is_none(), "exited");
+
+    write(&node_a("10.244.9.0/24"));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "still running after the podCIDR changed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = read_log(&mut daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        log.lines().any(|l| l.contains("awaiting podCIDR")),
+        "says it waits:\n{log}"
+    );
+    assert!(!status.success(), "exits non-zero:\n{log}");
+    assert!(
+        log.lines().any(|l| l.contains("ERROR")
+            && l.contains("10.244.1.0/24")
+            && l.contains("10.244.9.0/24")),
+        "says why:\n{log}"
+    );
+}
+
 /// Lines in `path` (0 when it does not exist).
 fn lines_in(path: &Path) -> usize {
     std::fs::read_to_string(path).map_or(0, |s| s.lines().count())

@@ -566,6 +566,81 @@ fn netfilter_pod_reaches_itself_through_its_cluster_ip() {
     conn.reset();
 }
 
+/// `--detect-local-mode NodeCIDR` in IPVS mode: the Node's podCIDR (10.244.1.0/24), not
+/// `--cluster-cidr` (10.244.0.0/16), tells local traffic. A ClusterIP connection from inside
+/// it reaches the pod with its own source; one from another node's pod range (inside the
+/// cluster CIDR) is masqueraded, the pod seeing the node. The rule is upstream's
+/// `! -s PODCIDR … KUBE-CLUSTER-IP dst,dst -j KUBE-MARK-MASQ`.
+#[test]
+#[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
+fn netfilter_node_cidr_mode_masquerades_cluster_ip_traffic_from_outside_the_pod_cidr_only() {
+    let _kernel = Kernel::take();
+    let setup = Setup::new("nfnc");
+    let local_ip = Ipv4Addr::new(10, 244, 1, 20);
+    let other_ip = Ipv4Addr::new(10, 244, 2, 20);
+    let local = Client::start("nfnc-in", Ipv4Addr::new(10, 244, 1, 1), local_ip);
+    let other = Client::start("nfnc-out", Ipv4Addr::new(10, 244, 2, 1), other_ip);
+    setup.dir.write(
+        "node.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nspec:\n  podCIDR: 10.244.1.0/24\n  podCIDRs: [10.244.1.0/24]\n",
+    );
+    setup.dir.write(
+        "nc.yaml",
+        &service("nc", "10.96.0.70", &tcp_port(80, None), "", ""),
+    );
+    // The pod answers unmasqueraded clients through its default route, which has no
+    // gateway: the node answers ARP for them, as CNI plugins arrange.
+    set_sysctl(
+        &format!("net/ipv4/conf/veth-{}/proxy_arp", setup.pod.name),
+        "1",
+    );
+    let daemon = Daemon::start(
+        setup.dir.path(),
+        &setup.logs.path().join("daemon.log"),
+        &[
+            "--node-ip",
+            &NODE_IP.to_string(),
+            "--detect-local-mode",
+            "NodeCIDR",
+        ],
+    );
+    let vip = SocketAddr::from((Ipv4Addr::new(10, 96, 0, 70), 80));
+    wait_answered(&local.name, vip, &setup.pod, &daemon);
+    let rule = "-A KUBE-SERVICES ! -s 10.244.1.0/24 -m comment --comment \"Kubernetes service cluster ip + port for masquerade purpose\" -m set --match-set KUBE-CLUSTER-IP dst,dst -j KUBE-MARK-MASQ";
+    assert!(
+        saved_rules().lines().any(|l| l == rule),
+        "no `{rule}`\n{}",
+        kernel_state(&daemon)
+    );
+
+    let mut conn = local.connect(vip).expect("connecting from the pod CIDR");
+    assert_eq!(conn.ask().expect("asking"), setup.pod.name);
+    assert_eq!(
+        peers_seen_by(&setup.pod),
+        vec![IpAddr::V4(local_ip)],
+        "from inside the node's podCIDR the pod sees the client itself\n{}",
+        kernel_state(&daemon)
+    );
+    conn.reset();
+
+    wait_answered(&other.name, vip, &setup.pod, &daemon);
+    let mut conn = other
+        .connect(vip)
+        .expect("connecting from another pod CIDR");
+    assert_eq!(conn.ask().expect("asking"), setup.pod.name);
+    let peers = peers_seen_by(&setup.pod);
+    let node = node_addresses();
+    assert!(
+        !peers.is_empty()
+            && peers
+                .iter()
+                .all(|p| node.contains(p) && *p != IpAddr::V4(other_ip)),
+        "from outside the node's podCIDR the pod sees the node ({node:?}), saw {peers:?}\n{}",
+        kernel_state(&daemon)
+    );
+    conn.reset();
+}
+
 /// A daemon with its metrics server on `metrics`; killed on drop.
 struct MetricsDaemon(Child);
 
