@@ -230,6 +230,75 @@ fn iptables_mode_prints_kube_proxys_chains_with_statistic_probabilities() {
     );
 }
 
+/// Each `--detect-local-mode` in both proxiers' `plan`: the ClusterIP masquerade rule as
+/// kube-proxy writes it, from the flags or the example Node's podCIDRs.
+#[test]
+fn plan_prints_each_detect_local_modes_masquerade_rules() {
+    let masq = "-m comment --comment \"Kubernetes service cluster ip + port for masquerade purpose\" -m set --match-set";
+    for (flags, ipv4, ipv6) in [
+        (
+            &["--cluster-cidr", "10.244.0.0/16,fd00:10:244::/56"][..],
+            "! -s 10.244.0.0/16 ",
+            "! -s fd00:10:244::/56 ",
+        ),
+        (
+            &["--detect-local-mode", "NodeCIDR"][..],
+            "! -s 10.244.1.0/24 ",
+            "! -s fd00:10:244:1::/64 ",
+        ),
+        (
+            &[
+                "--detect-local-mode",
+                "BridgeInterface",
+                "--pod-bridge-interface",
+                "cbr0",
+            ][..],
+            "! -i cbr0 ",
+            "! -i cbr0 ",
+        ),
+        (
+            &[
+                "--detect-local-mode",
+                "InterfaceNamePrefix",
+                "--pod-interface-name-prefix",
+                "veth",
+            ][..],
+            "! -i veth+ ",
+            "! -i veth+ ",
+        ),
+    ] {
+        let mut args = vec!["--hostname-override", "node-a", "--only", "iptables"];
+        args.extend_from_slice(flags);
+        let text = stdout(&plan(&args));
+        let rules: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("cluster ip + port for masquerade purpose"))
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                format!("-A KUBE-SERVICES {ipv4}{masq} KUBE-CLUSTER-IP dst,dst -j KUBE-MARK-MASQ"),
+                format!(
+                    "-A KUBE-SERVICES {ipv6}{masq} KUBE-6-CLUSTER-IP dst,dst -j KUBE-MARK-MASQ"
+                )
+            ],
+            "{flags:?}"
+        );
+        // The fallback's ClusterIP masquerade of web, with the same fragment.
+        let mut args = vec!["--hostname-override", "node-a", "--proxy-mode", "iptables"];
+        args.extend_from_slice(flags);
+        let text = stdout(&plan(&args));
+        let web = text.lines().find(|l| {
+            l.contains("-d 10.96.0.20/32")
+                && l.contains("cluster IP")
+                && l.ends_with("-j KUBE-MARK-MASQ")
+        });
+        let web = web.unwrap_or_else(|| panic!("{flags:?}: no masquerade rule for web\n{text}"));
+        let fragment = ipv4.trim_end();
+        assert!(web.contains(fragment), "{flags:?}: {web}");
+    }
+}
+
 #[test]
 fn check_exits_2_when_the_source_cannot_be_read() {
     let out = Command::new(env!("CARGO_BIN_EXE_ipvs-proxy"))
