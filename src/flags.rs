@@ -322,8 +322,8 @@ pub struct ProxyFlags {
     pub ipvs_udp_timeout: Option<Duration>,
 
     /// Mode to use to detect local traffic: ClusterCIDR, NodeCIDR, BridgeInterface or
-    /// InterfaceNamePrefix. Ignored if a config file is
-    /// specified by --config. [default: ClusterCIDR]
+    /// InterfaceNamePrefix. Ignored if a config file is specified by --config.
+    /// [default: ClusterCIDR]
     #[arg(long, value_name = "MODE", value_parser = parse_detect_local_mode)]
     pub detect_local_mode: Option<DetectLocalMode>,
 
