@@ -59,8 +59,9 @@ impl TablePatch {
             + self.insert_rules.len()
     }
 
-    /// Refuses a patch that would write or delete a chain the proxy does not own, or touch a
-    /// built-in chain other than through a jump to one of its own chains.
+    /// Refuses a patch that would write or delete a chain the proxy does not own (it may
+    /// write, never delete, kubelet's [`crate::chain::KUBELET_CHAINS_WRITTEN`]), or touch a
+    /// built-in chain other than through a jump to one of the chains it writes.
     pub fn check_ownership(&self, table: Table) -> Result<(), Error> {
         let not_owned = |chain: &str| Error::NotOwned {
             table,

@@ -290,11 +290,11 @@ impl Lab {
 
     /// `count` connections from the client namespace to `addr`.
     fn requests(&self, addr: &str, count: usize) -> Vec<String> {
-        self.requests_from(&self.client, addr, count)
+        Lab::requests_from(&self.client, addr, count)
     }
 
     /// `count` connections from namespace `ns` (the client's or a pod's) to `addr`.
-    fn requests_from(&self, ns: &str, addr: &str, count: usize) -> Vec<String> {
+    fn requests_from(ns: &str, addr: &str, count: usize) -> Vec<String> {
         eprintln!("{ns}: {count} requests to {addr}");
         let exe = std::env::current_exe().unwrap();
         let out = Command::new("ip")
@@ -837,7 +837,7 @@ fn interface_detectors_masquerade_cluster_ip_traffic_from_other_interfaces_only(
         ServiceSpec::cluster_ip("test/web:http", Protocol::Tcp, [10, 96, 0, 10].into(), 80);
     web.backends = vec![backend(0, true)];
     let seen_by_pod0 = |from: &str| {
-        let lines = lab.requests_from(from, "10.96.0.10:80", 3);
+        let lines = Lab::requests_from(from, "10.96.0.10:80", 3);
         let (counts, mut peers) = Lab::tally(&lines);
         assert_eq!(counts.get("pod0"), Some(&3), "{lines:?}");
         peers.dedup();

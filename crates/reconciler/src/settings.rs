@@ -56,8 +56,8 @@ impl Settings {
     /// as the kernel has them on every link but `kube-ipvs0` (`local`, when known; the daemon
     /// follows them with netif's `AddressMonitor`): this node's zone and addresses
     /// (`--node-ip`, else the Node object's), the NodePort addresses
-    /// ([`node_port_addresses`]), the Node's podCIDRs in NodeCIDR mode, and one family for each the node or a Service's ClusterIP
-    /// has (IPv4 when there is none).
+    /// ([`node_port_addresses`]), the Node's podCIDRs in NodeCIDR mode, and one family for
+    /// each the node or a Service's ClusterIP has (IPv4 when there is none).
     #[must_use]
     pub fn plan_config_with(
         &self,
