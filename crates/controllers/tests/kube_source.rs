@@ -750,6 +750,34 @@ async fn after_a_paginated_list_the_next_relist_tries_streaming_again() {
     assert!(!after.iter().any(Request::is_quorum_list), "{after:#?}");
 }
 
+/// The Node's `spec.podCIDRs` reach the model from the API (detect-local-mode NodeCIDR's
+/// local traffic), and follow it when the allocator assigns them after the Node registers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_pod_cidrs_reach_the_model_when_assigned() {
+    let server = small_cluster().await;
+    let proxy = follow(&server, fast()).await;
+    proxy.synced().await;
+    assert_eq!(
+        proxy.seen().state.node(NODE).map(|n| n.pod_cidrs.clone()),
+        Some(Vec::new())
+    );
+    let mut assigned = node(NODE, "192.0.2.10");
+    assigned["spec"] =
+        json!({"podCIDR": "10.244.7.0/24", "podCIDRs": ["10.244.7.0/24", "fd00:10:244:7::/64"]});
+    server.apply(Kind::Node, assigned);
+    proxy
+        .until("the podCIDRs in the model", |o| {
+            o.state.node(NODE).is_some_and(|n| {
+                n.pod_cidrs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    == ["10.244.7.0/24", "fd00:10:244:7::/64"]
+            })
+        })
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_is_ineligible_while_being_deleted_or_tainted_for_deletion() {
     let server = small_cluster().await;

@@ -301,16 +301,18 @@ mod tests {
     }
 
     /// Upstream's iptables mode: one jump to KUBE-NODEPORTS per matching address when
-    /// `--nodeport-addresses` is set (none when nothing matched), else `addrtype LOCAL`.
+    /// `--nodeport-addresses` is set (none when nothing matched), else `addrtype LOCAL`, which
+    /// leaves out IPv6 loopback, and IPv4's without `--iptables-localhost-nodeports`.
     #[test]
     fn nodeport_addresses_give_one_jump_each_and_unset_gives_addrtype_local() {
         let state = zoned(None, false, TrafficPolicy::Cluster);
-        let jumps = |everywhere: bool, ips: &[&str]| -> Vec<String> {
+        let jumps_with = |localhost: bool, everywhere: bool, ips: &[&str]| -> Vec<String> {
             let config = PlanConfig {
                 node_name: "node-a".into(),
                 node_port_ips: ips.iter().map(|a| a.parse().unwrap()).collect(),
                 node_ports_everywhere: everywhere,
                 families: vec![Family::V4, Family::V6],
+                localhost_node_ports: localhost,
                 ..PlanConfig::default()
             };
             plan_iptables_mode(&state, &config, true)
@@ -319,13 +321,22 @@ mod tests {
                 .map(without_comment)
                 .collect()
         };
+        let jumps = |everywhere: bool, ips: &[&str]| jumps_with(true, everywhere, ips);
         assert_eq!(
             jumps(true, &["192.168.56.10"]),
             [
                 "-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS",
-                "-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
+                "-A KUBE-SERVICES ! -d ::1/128 -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
             ],
             "unset: every local address, both families"
+        );
+        assert_eq!(
+            jumps_with(false, true, &["192.168.56.10"]),
+            [
+                "-A KUBE-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS",
+                "-A KUBE-SERVICES ! -d ::1/128 -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
+            ],
+            "--iptables-localhost-nodeports=false"
         );
         assert_eq!(
             jumps(false, &["192.168.10.7", "fd00::7"]),
