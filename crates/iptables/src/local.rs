@@ -14,6 +14,7 @@ use crate::rule::Rule;
 /// How local traffic is told, for one family (upstream's `getLocalDetectors` picks it from
 /// `detectLocalMode`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum LocalDetector {
     /// Upstream's no-op detector: the mode names no CIDR of this family (no `clusterCIDR` of
     /// it with ClusterCIDR, no `podCIDR` of it with NodeCIDR). The rules that need a detector

@@ -859,13 +859,22 @@ fn interface_detectors_masquerade_cluster_ip_traffic_from_other_interfaces_only(
             "10.244.0.1",
         ),
     ] {
-        let mut proxier = Proxier::new(ProxierConfig {
+        let config = ProxierConfig {
             local: local.clone(),
             ..ProxierConfig::default()
-        });
-        proxier
+        };
+        Proxier::new(config.clone())
             .sync_full(&runner, std::slice::from_ref(&web))
             .expect("full sync");
+        // A restart reads back exactly what it would write (KUBE-FIREWALL too): nothing.
+        let again = Proxier::new(config)
+            .sync_full(&runner, std::slice::from_ref(&web))
+            .expect("full sync after a restart");
+        assert_eq!(
+            (again.chains_written, again.rules),
+            (0, 0),
+            "{local:?}: {again:?}"
+        );
         assert_eq!(
             seen_by_pod0(&client),
             [from_client],
