@@ -45,8 +45,9 @@ async fn start_source(
         });
         return Ok(None);
     }
+    let (kubeconfig, master) = (config.kubeconfig.as_deref(), config.master.as_deref());
     let client =
-        controllers::kube_source::client(config.kubeconfig.as_deref(), config.master.as_deref())
+        controllers::kube_source::throttled_client(kubeconfig, master, config.rate_limit())
             .await
             .context("connecting to the Kubernetes API")?;
     let node_name = config.node_name();
