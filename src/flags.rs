@@ -231,8 +231,8 @@ pub struct ProxyFlags {
     #[arg(long, value_name = "IP[:PORT]", value_parser = parse_bind_address)]
     pub metrics_bind_address: Option<BindAddress>,
 
-    /// If true the proxy treats failure to bind to a port as fatal and exits. (ipvs-proxy
-    /// always does.)
+    /// If true the proxy treats failure to bind to a port as fatal and exits; if false it logs
+    /// the error and tries again every 5 seconds.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub bind_address_hard_fail: Option<bool>,
 

@@ -1,0 +1,223 @@
+//! The daemon's health and metrics servers as an operator meets them: a port already taken
+//! (`--bind-address-hard-fail`), and `/metrics` after the iptables proxier synced. Each test
+//! runs the daemon in a network namespace it makes (this host has no IPVS, so the iptables
+//! fallback runs), so the host's ports and rules are never touched.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PROXY: &str = env!("CARGO_BIN_EXE_ipvs-proxy");
+
+/// A network namespace with `lo` up, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("ipvsproxy-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let ok = Command::new("ip").args(["netns", "add", &name]).status();
+        assert!(
+            ok.unwrap().success(),
+            "ip netns add {name} (these tests need root)"
+        );
+        let up = ["-n", &name, "link", "set", "lo", "up"];
+        assert!(Command::new("ip").args(up).status().unwrap().success());
+        Netns(name)
+    }
+
+    fn exec(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.0]).args(args);
+        cmd
+    }
+
+    /// Runs `body` on a thread inside the namespace (sockets made there stay there).
+    fn run<T: Send>(&self, body: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+                enter_netns(&file);
+                body()
+            })
+            .join()
+            .expect("the namespace thread panicked")
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[allow(
+    unsafe_code,
+    reason = "setns(2) has no safe wrapper in our dependencies"
+)]
+fn enter_netns(ns: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the whole call; setns only changes this thread's
+    // network namespace, which this thread (made for it) never leaves.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+fn examples() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("manifests/examples")
+        .display()
+        .to_string()
+}
+
+/// The daemon in `ns` on the example manifests as node-a, with `servers` (its bind address
+/// flags and any other), its stderr piped.
+fn start_daemon(ns: &Netns, servers: &[&str]) -> Child {
+    ns.exec(&[
+        PROXY,
+        "--manifests",
+        &examples(),
+        "--hostname-override",
+        "node-a",
+    ])
+    .args(servers)
+    .env("NO_COLOR", "1")
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
+/// Stops the daemon with SIGTERM (if it still runs) and returns what it logged.
+fn stop(daemon: &mut Child) -> String {
+    let _ = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status();
+    let _ = daemon.wait();
+    let mut log = String::new();
+    let _ = daemon.stderr.take().unwrap().read_to_string(&mut log);
+    log
+}
+
+/// `GET path` from inside `ns`: the status line and body, or the error.
+fn get(ns: &Netns, to: SocketAddr, path: &str) -> std::io::Result<String> {
+    ns.run(|| {
+        let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })
+}
+
+/// A port on the namespace's loopback, taken by a listener of the test's.
+fn taken_port(ns: &Netns) -> (TcpListener, SocketAddr) {
+    let listener = ns.run(|| TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    (listener, addr)
+}
+
+#[test]
+fn with_bind_address_hard_fail_a_taken_port_makes_the_daemon_exit_saying_which() {
+    let ns = Netns::new("hardfail");
+    let (_taken, addr) = taken_port(&ns);
+    let healthz = addr.to_string();
+    let mut daemon = start_daemon(
+        &ns,
+        &[
+            "--healthz-bind-address",
+            &healthz,
+            "--metrics-bind-address",
+            "127.0.0.1:0",
+            "--bind-address-hard-fail",
+        ],
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "still running: {}",
+            stop(&mut daemon)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = stop(&mut daemon);
+    assert!(!status.success(), "exited with {status}:\n{log}");
+    assert!(
+        log.lines().any(|l| l.contains("ERROR")
+            && l.contains(&format!("binding --healthz-bind-address {healthz}"))
+            && l.contains("in use")),
+        "the error names the flag, the address and why:\n{log}"
+    );
+}
+
+#[test]
+fn without_bind_address_hard_fail_a_taken_port_is_retried_until_it_is_free() {
+    let ns = Netns::new("softfail");
+    let (taken, addr) = taken_port(&ns);
+    let metrics = addr.to_string();
+    let mut daemon = start_daemon(
+        &ns,
+        &[
+            "--healthz-bind-address",
+            "127.0.0.1:0",
+            "--metrics-bind-address",
+            &metrics,
+        ],
+    );
+    // It keeps running (and syncing) while the port is taken.
+    let web = "-A KUBE-SERVICES -d 10.96.0.20/32 -p tcp";
+    let start = Instant::now();
+    loop {
+        let nat = ns.exec(&["iptables-save", "-t", "nat"]).output().unwrap();
+        if String::from_utf8_lossy(&nat.stdout).contains(web) {
+            break;
+        }
+        assert!(
+            daemon.try_wait().unwrap().is_none(),
+            "exited: {}",
+            stop(&mut daemon)
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no sync: {}",
+            stop(&mut daemon)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        daemon.try_wait().unwrap().is_none(),
+        "exited: {}",
+        stop(&mut daemon)
+    );
+    drop(taken);
+    // Retried every 5 seconds: served within two tries of the port coming free.
+    let freed = Instant::now();
+    let served = loop {
+        match get(&ns, addr, "/healthz") {
+            Ok(response) if response.starts_with("HTTP/1.1 200") => break freed.elapsed(),
+            _ if freed.elapsed() > Duration::from_secs(15) => {
+                panic!("not served after the port was freed: {}", stop(&mut daemon))
+            }
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    let log = stop(&mut daemon);
+    assert!(
+        log.lines().any(|l| l.contains("ERROR")
+            && l.contains("cannot serve /metrics")
+            && l.contains(&metrics)),
+        "the bind failure is logged:\n{log}"
+    );
+    println!("/metrics served {served:?} after its port was freed");
+}
