@@ -211,6 +211,7 @@ impl ProxyConfig {
             self.kube_api_content_type => kube_api_content_type,
             self.bind_address => bind_address,
             self.bind_address_hard_fail => bind_address_hard_fail,
+            self.port_range => proxy_port_range,
             self.enable_profiling => profiling,
             self.show_hidden_metrics_for_version => show_hidden_metrics_for_version,
             self.cluster_cidrs => cluster_cidr,
