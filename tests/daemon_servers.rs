@@ -17,7 +17,11 @@ struct Netns(String);
 impl Netns {
     fn new(tag: &str) -> Netns {
         let name = format!("ipvsproxy-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let mut stale = Command::new("ip");
+        let _ = stale
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
         let ok = Command::new("ip").args(["netns", "add", &name]).status();
         assert!(
             ok.unwrap().success(),
@@ -77,10 +81,14 @@ fn examples() -> String {
 /// The daemon in `ns` on the example manifests as node-a, with `servers` (its bind address
 /// flags and any other), its stderr piped.
 fn start_daemon(ns: &Netns, servers: &[&str]) -> Child {
+    start_daemon_on(ns, &examples(), servers)
+}
+
+fn start_daemon_on(ns: &Netns, manifests: &str, servers: &[&str]) -> Child {
     ns.exec(&[
         PROXY,
         "--manifests",
-        &examples(),
+        manifests,
         "--hostname-override",
         "node-a",
     ])
@@ -220,4 +228,121 @@ fn without_bind_address_hard_fail_a_taken_port_is_retried_until_it_is_free() {
         "the bind failure is logged:\n{log}"
     );
     println!("/metrics served {served:?} after its port was freed");
+}
+
+/// The rules in the proxy's chains of `table`, as `iptables-save` prints them in `ns`.
+fn saved_proxy_rules(ns: &Netns, table: &str) -> usize {
+    let out = ns.exec(&["iptables-save", "-t", table]).output().unwrap();
+    let saved = String::from_utf8_lossy(&out.stdout);
+    saved.lines().filter(|l| l.starts_with("-A KUBE-")).count()
+}
+
+/// The value of `name{table="TABLE",ip_family="IPv4"}` in `/metrics` at `addr` in `ns`.
+fn rules_metric(ns: &Netns, addr: SocketAddr, name: &str, table: &str) -> Option<usize> {
+    let text = get(ns, addr, "/metrics").ok()?;
+    let prefix = format!("{name}{{table=\"{table}\",ip_family=\"IPv4\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+}
+
+const EXTRA: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: extra, namespace: default}
+spec:
+  clusterIP: 10.96.77.7
+  ports: [{name: http, port: 80, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: extra-abcde
+  namespace: default
+  labels: {kubernetes.io/service-name: extra}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+  - addresses: [10.244.1.77]
+    conditions: {ready: true}
+    nodeName: node-a
+  - addresses: [10.244.1.78]
+    conditions: {ready: true}
+    nodeName: node-a
+";
+
+/// Waits until `/metrics` says `iptables-save`'s counts of the proxy's rules, per table, and
+/// returns the rules the last sync wrote, per table.
+fn wait_for_counts(ns: &Netns, addr: SocketAddr, daemon: &mut Child) -> [(usize, usize); 2] {
+    let start = Instant::now();
+    loop {
+        let counts = ["filter", "nat"].map(|table| {
+            let saved = saved_proxy_rules(ns, table);
+            let total = rules_metric(ns, addr, "kubeproxy_sync_proxy_rules_iptables_total", table);
+            let last = rules_metric(ns, addr, "kubeproxy_sync_proxy_rules_iptables_last", table);
+            (saved, total, last)
+        });
+        if counts
+            .iter()
+            .all(|(saved, total, _)| *saved > 0 && Some(*saved) == *total)
+        {
+            return counts.map(|(saved, _, last)| (saved, last.expect("_last beside _total")));
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "(iptables-save, _total, _last) per table: {counts:?}\n{}",
+            stop(daemon)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn after_an_iptables_sync_metrics_count_the_rules_iptables_save_shows() {
+    let dir = std::env::temp_dir().join(format!("ipvs-proxy-rules-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for file in ["web.yaml", "node.yaml"] {
+        std::fs::copy(Path::new(&examples()).join(file), dir.join(file)).unwrap();
+    }
+    let ns = Netns::new("rules");
+    let (free, addr) = taken_port(&ns);
+    drop(free);
+    let metrics = addr.to_string();
+    let manifests = dir.display().to_string();
+    let mut daemon = start_daemon_on(
+        &ns,
+        &manifests,
+        &[
+            "--healthz-bind-address",
+            "127.0.0.1:0",
+            "--metrics-bind-address",
+            &metrics,
+            "--proxy-mode=iptables",
+        ],
+    );
+    // The first sync writes every rule into an empty namespace: _last is _total.
+    let [(filter, filter_last), (nat, nat_last)] = wait_for_counts(&ns, addr, &mut daemon);
+    assert_eq!((filter_last, nat_last), (filter, nat));
+    // A Service more, synced alone: its chains (a SVC, two SEPs) and one KUBE-SERVICES rule.
+    std::fs::write(dir.join("extra.yaml"), EXTRA).unwrap();
+    let start = Instant::now();
+    while saved_proxy_rules(&ns, "nat") == nat {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            stop(&mut daemon)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let [(filter_after, _), (nat_after, nat_written)] = wait_for_counts(&ns, addr, &mut daemon);
+    let log = stop(&mut daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(filter_after, filter, "{log}");
+    assert_eq!(
+        nat_written,
+        nat_after - nat,
+        "only the new rules written:\n{log}"
+    );
+    assert_eq!(nat_written, 1 + 2 + 2 * 2, "{log}");
+    println!("nat rules {nat} then {nat_after} (last sync wrote {nat_written}), filter {filter}");
 }
