@@ -1,13 +1,16 @@
-//! The daemon's health and metrics servers as an operator meets them: a port already taken
-//! (`--bind-address-hard-fail`), and `/metrics` after the iptables proxier synced. Each test
-//! runs the daemon in a network namespace it makes (this host has no IPVS, so the iptables
-//! fallback runs), so the host's ports and rules are never touched.
+//! The daemon as an operator meets it, each test in a network namespace of its own (this host
+//! has no IPVS, so the iptables fallback runs; the host's ports and rules are never touched):
+//! a port already taken (`--bind-address-hard-fail`), `/metrics` after the iptables proxier
+//! synced, and the API client's rate limit (`--kube-api-qps`, `--kube-api-burst`) as the test
+//! API server, listening in the namespace, sees it.
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use controllers::source::Kind;
 
 const PROXY: &str = env!("CARGO_BIN_EXE_ipvs-proxy");
 
@@ -103,6 +106,7 @@ fn start_daemon_on(ns: &Netns, manifests: &str, servers: &[&str]) -> Child {
 fn stop(daemon: &mut Child) -> String {
     let _ = Command::new("kill")
         .args(["-TERM", &daemon.id().to_string()])
+        .stderr(Stdio::null())
         .status();
     let _ = daemon.wait();
     let mut log = String::new();
@@ -345,4 +349,99 @@ fn after_an_iptables_sync_metrics_count_the_rules_iptables_save_shows() {
     );
     assert_eq!(nat_written, 1 + 2 + 2 * 2, "{log}");
     println!("nat rules {nat} then {nat_after} (last sync wrote {nat_written}), filter {filter}");
+}
+
+/// The test API server listening on the namespace's loopback, on a runtime of its own (the
+/// tests are blocking), with streaming lists off: the daemon starts with one paginated list
+/// of each kind (three requests that take a token), and its watches.
+struct Api {
+    // Dropped before the runtime: its Drop aborts the server's tasks.
+    server: testapi::ApiServer,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Api {
+    fn start_in(ns: &Netns) -> Api {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        // Bound on the namespace's thread, so its listener is the namespace's.
+        let server = ns.run(|| runtime.block_on(testapi::ApiServer::start()));
+        server.knobs(|k| k.streaming = false);
+        server.apply(Kind::Node, testapi::node("node-a", "192.168.56.10"));
+        server.apply(
+            Kind::Service,
+            testapi::service("default", "web", "10.96.0.20", 80),
+        );
+        let ips = ["10.244.1.5".to_owned()];
+        let slice = testapi::slice("default", "web-abc", "web", &ips, 8080);
+        server.apply(Kind::EndpointSlice, slice);
+        Api {
+            server,
+            _runtime: runtime,
+        }
+    }
+}
+
+#[test]
+fn the_api_client_waits_for_a_token_beyond_the_burst_at_kube_api_qps() {
+    let ns = Netns::new("qps");
+    let api = Api::start_in(&ns);
+    let started = Instant::now();
+    let mut daemon = ns
+        .exec(&[
+            PROXY,
+            "--master",
+            &api.server.url(),
+            "--hostname-override",
+            "node-a",
+        ])
+        .args([
+            "--proxy-mode=iptables",
+            "--kube-api-qps=1",
+            "--kube-api-burst=1",
+        ])
+        .args([
+            "--healthz-bind-address=127.0.0.1:0",
+            "--metrics-bind-address=127.0.0.1:0",
+        ])
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let web = "-A KUBE-SERVICES -d 10.96.0.20/32 -p tcp";
+    loop {
+        let nat = ns.exec(&["iptables-save", "-t", "nat"]).output().unwrap();
+        if String::from_utf8_lossy(&nat.stdout).contains(web) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no sync: {}",
+            stop(&mut daemon)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let synced = started.elapsed();
+    let log = stop(&mut daemon);
+    let requests = api.server.requests();
+    let mut lists: Vec<Duration> = requests
+        .iter()
+        .filter(|r| !r.watch)
+        .map(|r| r.at - started)
+        .collect();
+    lists.sort();
+    assert_eq!(lists.len(), 3, "a list per kind: {requests:#?}\n{log}");
+    // A token a second, one at first: the k-th list (from 0) is sent k seconds in at the
+    // earliest (counted from the daemon's start, before its client was made).
+    for (k, at) in (0_u32..).zip(&lists) {
+        assert!(
+            at.as_secs_f64() >= f64::from(k),
+            "list {k} at {at:?}: {lists:?}"
+        );
+    }
+    assert!(requests.iter().any(|r| r.watch), "{requests:#?}");
+    println!("lists at {lists:?}, synced after {synced:?}");
 }
