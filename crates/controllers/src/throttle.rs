@@ -5,7 +5,8 @@
 //!
 //! As client-go's `rest.Request`: lists, gets and writes (Events) wait for a token before they
 //! are sent; watches do not (`Request.Watch` skips the limiter, and streaming lists are
-//! watches), so following the API costs tokens only for paginated lists and Events.
+//! watches), so following the API costs tokens only for paginated lists and Events. kube's own
+//! retries (429, 503, 504) run below this layer and take no token, where client-go's take one.
 //!
 //! [`Client`]: kube::Client
 
