@@ -81,12 +81,13 @@ impl Observer for Telemetry {
     fn errors(&self, errors: &[SyncError], partial: bool, families: &[Family]) {
         let m = &self.metrics;
         for e in errors {
-            let own = e.family().map(|f| [f]);
-            let of = own.as_ref().map_or(families, <[Family; 1]>::as_slice);
-            let restore = matches!(e.backend(), "iptables" | "netfilter");
-            for family in of.iter().filter(|_| restore) {
-                let label = IpFamilyLabel::new(family.kubernetes_name());
-                m.restore_failed(&label, partial && e.backend() == "iptables");
+            if matches!(e.backend(), "iptables" | "netfilter") {
+                // Its own family's failure, or (the ipvs mode's restore of all) each family's.
+                let own = e.family().map(|f| [f]);
+                for f in own.as_ref().map_or(families, <[Family; 1]>::as_slice) {
+                    let label = IpFamilyLabel::new(f.kubernetes_name());
+                    m.restore_failed(&label, partial && e.backend() == "iptables");
+                }
             }
             self.metrics
                 .kernel_operation_errors

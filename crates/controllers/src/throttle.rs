@@ -37,10 +37,11 @@ pub struct RateLimit {
 
 impl RateLimit {
     /// The limit client-go applies for `qps` and `burst`: none for a negative `qps`
-    /// (unlimited), client-go's defaults (5 per second, bursts of 10) for zeros.
+    /// (unlimited; also an infinite or NaN one, which client-go's limiter lets all through),
+    /// client-go's defaults (5 per second, bursts of 10) for zeros.
     #[must_use]
     pub fn new(qps: f32, burst: u32) -> Option<RateLimit> {
-        if qps < 0.0 {
+        if qps < 0.0 || !qps.is_finite() {
             return None;
         }
         let qps = if qps == 0.0 { DEFAULT_QPS } else { qps };
@@ -177,6 +178,8 @@ mod tests {
         assert_eq!(limit(0.0, 0), Some((5.0, 10)));
         assert_eq!(limit(0.5, 1), Some((0.5, 1)));
         assert_eq!(limit(-1.0, 10), None);
+        assert_eq!(limit(f32::INFINITY, 10), None);
+        assert_eq!(limit(f32::NAN, 10), None);
     }
 
     #[test]
