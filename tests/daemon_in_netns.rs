@@ -351,6 +351,43 @@ fn after_an_iptables_sync_metrics_count_the_rules_iptables_save_shows() {
     println!("nat rules {nat} then {nat_after} (last sync wrote {nat_written}), filter {filter}");
 }
 
+#[test]
+fn a_periodic_full_sync_that_finds_nothing_to_change_writes_no_rules() {
+    let ns = Netns::new("periodic");
+    let (free, addr) = taken_port(&ns);
+    drop(free);
+    let metrics = addr.to_string();
+    let mut daemon = start_daemon(
+        &ns,
+        &[
+            "--healthz-bind-address=127.0.0.1:0",
+            "--metrics-bind-address",
+            &metrics,
+            "--proxy-mode=iptables",
+            "--iptables-sync-period=2s",
+        ],
+    );
+    let [(filter, _), (nat, _)] = wait_for_counts(&ns, addr, &mut daemon);
+    let start = Instant::now();
+    loop {
+        let last = ["filter", "nat"]
+            .map(|t| rules_metric(&ns, addr, "kubeproxy_sync_proxy_rules_iptables_last", t));
+        let total = ["filter", "nat"]
+            .map(|t| rules_metric(&ns, addr, "kubeproxy_sync_proxy_rules_iptables_total", t));
+        if last == [Some(0), Some(0)] {
+            assert_eq!(total, [Some(filter), Some(nat)]);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "_last {last:?}, _total {total:?}: {}",
+            stop(&mut daemon)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop(&mut daemon);
+}
+
 /// The test API server listening on the namespace's loopback, on a runtime of its own (the
 /// tests are blocking), with streaming lists off: the daemon starts with one paginated list
 /// of each kind (three requests that take a token), and its watches.

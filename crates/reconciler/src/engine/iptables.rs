@@ -132,6 +132,7 @@ impl IptablesEngine {
         }
         SyncReport {
             services: state.service_count(),
+            iptables_rules: report.iptables_rules,
             ..SyncReport::default()
         }
     }
