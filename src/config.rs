@@ -211,6 +211,7 @@ impl ProxyConfig {
             self.kube_api_content_type => kube_api_content_type,
             self.bind_address => bind_address,
             self.bind_address_hard_fail => bind_address_hard_fail,
+            self.port_range => proxy_port_range,
             self.enable_profiling => profiling,
             self.show_hidden_metrics_for_version => show_hidden_metrics_for_version,
             self.cluster_cidrs => cluster_cidr,
@@ -380,11 +381,12 @@ impl ProxyConfig {
                 "must be within the range [-1000, 1000]",
             );
         }
-        if self.kube_api_qps < 0.0 || self.kube_api_burst < 0 {
+        // A negative qps is client-go's "unlimited"; only burst is checked, as kube-proxy does.
+        if self.kube_api_burst < 0 {
             return fail(
-                "clientConnection.qps",
-                "--kube-api-qps",
-                "qps and burst must not be negative",
+                "clientConnection.burst",
+                "--kube-api-burst",
+                "must be greater than or equal to 0",
             );
         }
         match self.detect_local_mode {
@@ -436,12 +438,6 @@ impl ProxyConfig {
             "ipvs-proxy hides no metrics",
         );
         note(
-            (self.kube_api_qps - d.kube_api_qps).abs() > f32::EPSILON
-                || self.kube_api_burst != d.kube_api_burst,
-            "clientConnection.qps/burst (--kube-api-qps/--kube-api-burst)",
-            "kube-rs has no client-side rate limiter; requests are not throttled",
-        );
-        note(
             self.kube_api_content_type != d.kube_api_content_type
                 || !self.accept_content_types.is_empty(),
             "clientConnection.contentType/acceptContentTypes (--kube-api-content-type)",
@@ -486,6 +482,14 @@ impl ProxyConfig {
             );
         }
         out
+    }
+
+    /// The API client's rate limit, as client-go makes it of `clientConnection.qps` and
+    /// `burst`: none for a negative qps.
+    #[must_use]
+    pub fn rate_limit(&self) -> Option<controllers::throttle::RateLimit> {
+        let burst = u32::try_from(self.kube_api_burst).unwrap_or_default();
+        controllers::throttle::RateLimit::new(self.kube_api_qps, burst)
     }
 
     /// Logs [`Self::not_acted_on`], once, at start.
@@ -1254,6 +1258,22 @@ mod tests {
     }
 
     #[test]
+    fn a_negative_qps_is_client_gos_unlimited() {
+        let limit = |args: &[&str]| {
+            ProxyConfig::resolve(&cli(args).flags)
+                .unwrap()
+                .0
+                .rate_limit()
+        };
+        assert_eq!(limit(&["--kube-api-qps=-1"]), None);
+        assert_eq!(limit(&[]), controllers::throttle::RateLimit::new(5.0, 10));
+        assert_eq!(
+            limit(&["--kube-api-qps=50", "--kube-api-burst=100"]),
+            controllers::throttle::RateLimit::new(50.0, 100)
+        );
+    }
+
+    #[test]
     fn invalid_flag_values_are_refused_naming_the_flag() {
         for (args, flag) in [
             (&["--ipvs-sync-period=0s"][..], "--ipvs-sync-period"),
@@ -1278,6 +1298,7 @@ mod tests {
                 &["--detect-local-mode=InterfaceNamePrefix"][..],
                 "--pod-interface-name-prefix",
             ),
+            (&["--kube-api-burst=-1"][..], "--kube-api-burst"),
         ] {
             let err = ProxyConfig::resolve(&cli(args).flags)
                 .unwrap_err()
@@ -1305,7 +1326,7 @@ mod tests {
                 "--feature-gates=NFTablesProxyMode=true",
                 "--detect-local-mode=NodeCIDR",
                 "--iptables-localhost-nodeports=false",
-                "--kube-api-qps=50",
+                "--kube-api-qps=20",
                 "--vmodule=proxier=5",
             ])
             .flags,
@@ -1315,19 +1336,19 @@ mod tests {
             .into_iter()
             .map(|(what, _)| what)
             .collect();
-        for flag in [
-            "--profiling",
-            "--feature-gates",
-            "--kube-api-qps",
-            "--vmodule",
-        ] {
+        for flag in ["--profiling", "--feature-gates", "--vmodule"] {
             assert!(
                 noted.iter().any(|n| n.contains(flag)),
                 "{flag} in {noted:?}"
             );
         }
-        // Acted on in both proxiers (detect-local) and in the iptables one (localhost).
-        for flag in ["--detect-local-mode", "--iptables-localhost-nodeports"] {
+        // Acted on in both proxiers (detect-local), in the iptables one (localhost), by the
+        // API client (qps).
+        for flag in [
+            "--detect-local-mode",
+            "--iptables-localhost-nodeports",
+            "--kube-api-qps",
+        ] {
             assert!(
                 !noted.iter().any(|n| n.contains(flag)),
                 "{flag} in {noted:?}"

@@ -45,8 +45,9 @@ async fn start_source(
         });
         return Ok(None);
     }
+    let (kubeconfig, master) = (config.kubeconfig.as_deref(), config.master.as_deref());
     let client =
-        controllers::kube_source::client(config.kubeconfig.as_deref(), config.master.as_deref())
+        controllers::kube_source::throttled_client(kubeconfig, master, config.rate_limit())
             .await
             .context("connecting to the Kubernetes API")?;
     let node_name = config.node_name();
@@ -150,10 +151,10 @@ async fn serve_until_stopped(config: ProxyConfig) -> anyhow::Result<()> {
         ),
     ];
     for (address, router, name) in servers {
-        let context = || format!("binding --{name}-bind-address {address}");
-        if let Some(addr) = serve(address, router).await.with_context(context)? {
-            tracing::info!(%addr, "serving /{name}");
-        }
+        let context =
+            || format!("binding --{name}-bind-address {address} (--bind-address-hard-fail)");
+        let served = serve(name, address, router, config.bind_address_hard_fail).await;
+        served.with_context(context)?;
     }
 
     let (tx, rx) = controllers::channel(Some(health.clone()));

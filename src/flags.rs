@@ -231,8 +231,8 @@ pub struct ProxyFlags {
     #[arg(long, value_name = "IP[:PORT]", value_parser = parse_bind_address)]
     pub metrics_bind_address: Option<BindAddress>,
 
-    /// If true the proxy treats failure to bind to a port as fatal and exits. (ipvs-proxy
-    /// always does.)
+    /// If true the proxy treats failure to bind to a port as fatal and exits; if false it logs
+    /// the error and tries again every 5 seconds.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub bind_address_hard_fail: Option<bool>,
 
@@ -390,15 +390,19 @@ pub struct ProxyFlags {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub config_sync_period: Option<Duration>,
 
-    /// The port to bind the health check server. Use 0 to disable. DEPRECATED: use
-    /// --healthz-bind-address instead. [default: 10256]
-    #[arg(long, value_name = "PORT")]
+    /// The port to bind the health check server. Use 0 to disable. Deprecated (hidden, and
+    /// warned of when given, as kube-proxy's pflag does): --healthz-bind-address.
+    #[arg(long, hide = true, value_name = "PORT")]
     pub healthz_port: Option<u16>,
 
-    /// The port to bind the metrics server. Use 0 to disable. DEPRECATED: use
-    /// --metrics-bind-address instead. [default: 10249]
-    #[arg(long, value_name = "PORT")]
+    /// The port to bind the metrics server. Use 0 to disable. Deprecated (hidden, warned of):
+    /// --metrics-bind-address.
+    #[arg(long, hide = true, value_name = "PORT")]
     pub metrics_port: Option<u16>,
+
+    /// Once the userspace proxier's port range, now unused. Deprecated (hidden, warned of).
+    #[arg(long, hide = true, value_name = "RANGE", value_parser = parse_port_range)]
+    pub proxy_port_range: Option<String>,
 
     /// Sets the log format: text or json. [default: text]
     #[arg(
@@ -452,7 +456,40 @@ pub struct ProxyFlags {
     pub node_ips: Vec<IpAddr>,
 }
 
+/// kube-proxy's deprecated flags (`MarkDeprecated` in its options.go) and pflag's message for each.
+const DEPRECATED: [(&str, &str); 3] = [
+    (
+        "healthz-port",
+        "This flag is deprecated and will be removed in a future release. Please use --healthz-bind-address instead.",
+    ),
+    (
+        "metrics-port",
+        "This flag is deprecated and will be removed in a future release. Please use --metrics-bind-address instead.",
+    ),
+    (
+        "proxy-port-range",
+        "This flag has no effect and will be removed in a future release.",
+    ),
+];
+
 impl ProxyFlags {
+    /// pflag's warning for each deprecated flag given (`Flag --X has been deprecated, <why>`),
+    /// which kube-proxy prints on stderr as it parses its flags.
+    #[must_use]
+    pub fn deprecation_warnings(&self) -> Vec<String> {
+        let given = [
+            self.healthz_port.is_some(),
+            self.metrics_port.is_some(),
+            self.proxy_port_range.is_some(),
+        ];
+        DEPRECATED
+            .iter()
+            .zip(given)
+            .filter(|(_, given)| *given)
+            .map(|((flag, why), _)| format!("Flag --{flag} has been deprecated, {why}"))
+            .collect()
+    }
+
     /// The flags that still apply when a `--config` file is given, as kube-proxy's: the
     /// logging flags, `--hostname-override`, and those no config file has (`--master`, the
     /// actions, and ipvs-proxy's own).
@@ -640,6 +677,23 @@ pub fn parse_bind_address(s: &str) -> Result<BindAddress, String> {
         .map_err(|_| format!("invalid bind address {s:?}; use IP:PORT, e.g. 0.0.0.0:10256"))
 }
 
+/// Checks a port range as kube-proxy's `--proxy-port-range` does (`utilnet.ParsePortRange`):
+/// `BEGIN-END`, `BEGIN+OFFSET`, a single port, or empty; kept as given.
+pub fn parse_port_range(s: &str) -> Result<String, String> {
+    let bad = || format!("invalid port range {s:?}; use BEGIN-END, BEGIN+OFFSET or PORT");
+    let port = |p: &str| p.trim().parse::<u16>().map_err(|_| bad());
+    let valid = if s.trim().is_empty() {
+        true
+    } else if let Some((begin, end)) = s.split_once('-') {
+        port(begin)? <= port(end)?
+    } else if let Some((begin, offset)) = s.split_once('+') {
+        port(begin)?.checked_add(port(offset)?).is_some()
+    } else {
+        port(s).is_ok()
+    };
+    valid.then(|| s.to_owned()).ok_or_else(bad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -729,5 +783,58 @@ mod tests {
         };
         assert_eq!(plan.only, Some(PlanSection::Ipvs));
         assert_eq!(plan.flags.node_ips.len(), 1);
+    }
+
+    #[test]
+    fn deprecated_flags_are_hidden_and_warned_of_as_kube_proxy_marks_them() {
+        let help = <Cli as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        for (args, warning) in [
+            (
+                &["--healthz-port=10266"][..],
+                Some(
+                    "Flag --healthz-port has been deprecated, This flag is deprecated and will be removed in a future release. Please use --healthz-bind-address instead.",
+                ),
+            ),
+            (
+                &["--metrics-port", "10259"],
+                Some(
+                    "Flag --metrics-port has been deprecated, This flag is deprecated and will be removed in a future release. Please use --metrics-bind-address instead.",
+                ),
+            ),
+            (
+                &["--proxy-port-range=30000-32767"],
+                Some(
+                    "Flag --proxy-port-range has been deprecated, This flag has no effect and will be removed in a future release.",
+                ),
+            ),
+            (&["--healthz-bind-address=0.0.0.0:10256"], None),
+            (&["--masquerade-bit=14"], None),
+        ] {
+            let cli = parse(args).unwrap();
+            let warnings = cli.flags.deprecation_warnings();
+            assert_eq!(
+                warnings,
+                Vec::from_iter(warning.map(str::to_owned)),
+                "{args:?}"
+            );
+            if warning.is_some() {
+                let flag = args[0].split('=').next().unwrap();
+                // Listed as an option, it would read `--flag <VALUE>`.
+                let listed = format!("{flag} <");
+                assert!(!help.contains(&listed), "{flag} is listed in --help");
+                assert!(help.contains("--healthz-bind-address <"), "{help}");
+            }
+        }
+        for range in ["", "30000-32767", "30000+100", "8080"] {
+            assert!(parse_port_range(range).is_ok(), "{range:?}");
+        }
+        for range in ["32767-30000", "x", "65535+1", "1-2-3"] {
+            assert!(
+                parse(&[&format!("--proxy-port-range={range}")]).is_err(),
+                "{range:?}"
+            );
+        }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::extract::State;
@@ -120,13 +120,45 @@ pub fn metrics_router(state: Shared) -> Router {
         .with_state(state)
 }
 
-/// Binds `addr` and serves `router` until the task is dropped. A port of 0 binds nothing,
-/// as kube-proxy treats an empty bind address.
-pub async fn serve(addr: SocketAddr, router: Router) -> std::io::Result<Option<SocketAddr>> {
+/// How often kube-proxy tries again to bind a server that could not (`wait.Until`, 5 s).
+const BIND_RETRY: Duration = Duration::from_secs(5);
+
+/// Binds `addr` and serves `router` (`name` is `healthz` or `metrics`) until the runtime ends.
+/// A port of 0 binds nothing, as kube-proxy treats an empty bind address. When the address
+/// cannot be bound: with `hard_fail` (`--bind-address-hard-fail`) that is the error, for the
+/// daemon to exit; without, as kube-proxy, it is logged and the bind retried every 5 seconds.
+pub async fn serve(
+    name: &'static str,
+    addr: SocketAddr,
+    router: Router,
+    hard_fail: bool,
+) -> std::io::Result<()> {
     if addr.port() == 0 {
-        return Ok(None);
+        return Ok(());
     }
-    serve_on(TcpListener::bind(addr).await?, router).map(Some)
+    match TcpListener::bind(addr).await {
+        Ok(listener) => serve_named(name, listener, router),
+        Err(e) if hard_fail => Err(e),
+        Err(error) => {
+            tracing::error!(%addr, %error, "cannot serve /{name}, retrying every 5 s (--bind-address-hard-fail=true exits instead)");
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(BIND_RETRY).await;
+                    match TcpListener::bind(addr).await {
+                        Ok(listener) => return serve_named(name, listener, router),
+                        Err(error) => tracing::error!(%addr, %error, "cannot serve /{name}"),
+                    }
+                }
+            });
+            Ok(())
+        }
+    }
+}
+
+fn serve_named(name: &str, listener: TcpListener, router: Router) -> std::io::Result<()> {
+    let addr = serve_on(listener, router)?;
+    tracing::info!(%addr, "serving /{name}");
+    Ok(())
 }
 
 /// Serves `router` on a bound listener, within the bounds every server of the proxy has

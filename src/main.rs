@@ -6,6 +6,11 @@ use ipvs_proxy::flags::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let flags = cli.command.as_ref().map_or(&cli.flags, |c| &c.args().flags);
+    flags
+        .deprecation_warnings()
+        .iter()
+        .for_each(|w| eprintln!("{w}"));
     if let Some(command) = &cli.command {
         let plan = command.args();
         let run = match command {

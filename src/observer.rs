@@ -10,7 +10,7 @@ use reconciler::sync::{Counts, SyncError};
 use reconciler::{Folded, HealthChecks, Observer, SyncRecord};
 
 use crate::health::Health;
-use telemetry::proxy::{IpFamilyLabel, KernelErrorLabel, Metrics, TrafficPolicyLabel};
+use telemetry::proxy::{IpFamilyLabel, KernelErrorLabel, Metrics, TableLabel, TrafficPolicyLabel};
 use telemetry::unix_seconds;
 
 /// The loop's [`Observer`]: health for `/healthz` and `/livez`, `/metrics`, service health ports.
@@ -62,6 +62,11 @@ impl Observer for Telemetry {
                 .iter()
                 .for_each(|l| histogram.observe(l.as_secs_f64()));
         }
+        for rules in &record.iptables_rules {
+            let (table, ip_family) = (rules.table, rules.family.kubernetes_name());
+            let (total, last) = (gauge(rules.total), gauge(rules.written));
+            m.observe_iptables_rules(&TableLabel { table, ip_family }, total, last);
+        }
         m.service_changes_pending.set(0);
         m.endpoint_changes_pending.set(0);
         if record.healthy {
@@ -73,13 +78,16 @@ impl Observer for Telemetry {
         self.health.caught_up();
     }
 
-    fn errors(&self, errors: &[SyncError], partial: bool) {
+    fn errors(&self, errors: &[SyncError], partial: bool, families: &[Family]) {
+        let m = &self.metrics;
         for e in errors {
             if matches!(e.backend(), "iptables" | "netfilter") {
-                self.metrics.iptables_restore_failures.inc();
-            }
-            if partial && e.backend() == "iptables" {
-                self.metrics.iptables_partial_restore_failures.inc();
+                // Its own family's failure, or (the ipvs mode's restore of all) each family's.
+                let own = e.family().map(|f| [f]);
+                for f in own.as_ref().map_or(families, <[Family; 1]>::as_slice) {
+                    let label = IpFamilyLabel::new(f.kubernetes_name());
+                    m.restore_failed(&label, partial && e.backend() == "iptables");
+                }
             }
             self.metrics
                 .kernel_operation_errors

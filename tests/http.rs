@@ -279,6 +279,7 @@ fn the_last_sync_timestamp_moves_only_when_a_sync_could_program_the_kernel() {
         programming_latencies: vec![Duration::from_millis(300), Duration::from_secs(2)],
         healthy,
         families: vec![ipvs::Family::V4],
+        iptables_rules: Vec::new(),
     };
     telemetry.synced(&record(1_700_000_000, true));
     assert!(

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use telemetry::proxy::{IpFamilyLabel, Metrics};
+use telemetry::proxy::{IpFamilyLabel, Metrics, TableLabel};
 
 #[test]
 fn kube_proxy_metric_names_are_exported() {
@@ -19,6 +19,14 @@ fn kube_proxy_metric_names_are_exported() {
         .get_or_create(&ipv4)
         .observe(0.003);
     m.conntrack_deleted.get_or_create(&ipv4).inc_by(2);
+    m.restore_failed(&ipv4, true);
+    let ipv6 = IpFamilyLabel { ip_family: "IPv6" };
+    m.restore_failed(&ipv6, false);
+    let nat = TableLabel {
+        table: "nat",
+        ip_family: "IPv4",
+    };
+    m.observe_iptables_rules(&nat, 42, 7);
     let text = m.encode();
     for name in [
         "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\",ip_family=\"IPv4\"} 1",
@@ -26,7 +34,11 @@ fn kube_proxy_metric_names_are_exported() {
         "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"} 1700000000",
         "kubeproxy_sync_proxy_rules_service_changes_total 1",
         "kubeproxy_sync_proxy_rules_endpoint_changes_pending 0",
-        "kubeproxy_sync_proxy_rules_iptables_restore_failures_total 0",
+        "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv4\"} 1",
+        "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv6\"} 1",
+        "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total{ip_family=\"IPv4\"} 1",
+        "kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\",ip_family=\"IPv4\"} 42",
+        "kubeproxy_sync_proxy_rules_iptables_last{table=\"nat\",ip_family=\"IPv4\"} 7",
         "kubeproxy_conntrack_reconciler_sync_duration_seconds_bucket{le=\"0.004\",ip_family=\"IPv4\"} 1",
         "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\"} 2",
         "ipvsproxy_virtual_servers 0",
@@ -36,6 +48,20 @@ fn kube_proxy_metric_names_are_exported() {
             text.lines().any(|l| l.starts_with(name)),
             "missing {name:?} in\n{text}"
         );
+    }
+    assert!(
+        !text.contains("partial_restore_failures_total{ip_family=\"IPv6\"}"),
+        "{text}"
+    );
+    for (name, kind) in [
+        ("kubeproxy_sync_proxy_rules_iptables_total", "gauge"),
+        ("kubeproxy_sync_proxy_rules_iptables_last", "gauge"),
+        (
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures",
+            "counter",
+        ),
+    ] {
+        assert_eq!(metric_type(&text, name), Some(kind), "{name} in\n{text}");
     }
 }
 

@@ -35,6 +35,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Resource;
 use kube::api::{Api, ListParams};
+use kube::client::ClientBuilder;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher;
@@ -43,6 +44,7 @@ use serde::de::DeserializeOwned;
 use crate::events::EventSender;
 use crate::paginated;
 use crate::source::{Event, Kind, Object, ObjectKey, SourceSink, SourceUpdate};
+use crate::throttle::RateLimit;
 
 /// kube-proxy's label selector for Services and EndpointSlices: not another proxy's, and not
 /// a headless Service's slices.
@@ -88,10 +90,21 @@ pub enum Error {
 
 /// A Kubernetes client as kube-proxy builds one: `--kubeconfig` (its current context), with the
 /// server replaced by `--master` when both are given; `--master` alone is a plain URL without
-/// credentials; neither means in-cluster (the pod's service account).
+/// credentials; neither means in-cluster (the pod's service account). Its requests are not
+/// rate-limited: [`throttled_client`] is kube-proxy's.
 pub async fn client(
     kubeconfig: Option<&Path>,
     master: Option<&str>,
+) -> Result<kube::Client, Error> {
+    throttled_client(kubeconfig, master, None).await
+}
+
+/// [`client`] with client-go's client-side rate limit (`--kube-api-qps`, `--kube-api-burst`);
+/// `None` for none.
+pub async fn throttled_client(
+    kubeconfig: Option<&Path>,
+    master: Option<&str>,
+    limit: Option<RateLimit>,
 ) -> Result<kube::Client, Error> {
     let config = match (kubeconfig, master) {
         (None, None) => kube::Config::incluster().map_err(Error::InCluster)?,
@@ -114,7 +127,11 @@ pub async fn client(
     };
     let mut config = without_tls_roots_for_http(config);
     config.headers.push((USER_AGENT, user_agent()));
-    kube::Client::try_from(config).map_err(Error::Client)
+    let builder = ClientBuilder::try_from(config).map_err(Error::Client)?;
+    Ok(match limit {
+        Some(limit) => builder.with_layer(&limit.layer()).build(),
+        None => builder.build(),
+    })
 }
 
 /// `ipvs-proxy/<version> (linux/<arch>)`, as kube-proxy names itself on every request, so that

@@ -10,6 +10,7 @@ pub mod kube_source;
 pub mod manifests;
 mod paginated;
 pub mod source;
+pub mod throttle;
 pub mod validate;
 pub mod watch;
 

@@ -315,7 +315,7 @@ mod in_the_loop {
         fn queued(&self, _: &Folded, _: (u64, u64), _: SystemTime, _: &[inet::Family]) {}
         fn synced(&self, _: &SyncRecord) {}
         fn caught_up(&self) {}
-        fn errors(&self, _: &[SyncError], _: bool) {}
+        fn errors(&self, _: &[SyncError], _: bool, _: &[inet::Family]) {}
         fn counts(&self, _: Counts) {}
         fn no_local_endpoints(&self, _: inet::Family, _: u64, _: u64) {}
         fn health_checks(&self, _: &HealthChecks) {}

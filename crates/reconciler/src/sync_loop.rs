@@ -26,7 +26,7 @@ use crate::plan::{DetectLocal, PlanWarning, Planner};
 use crate::retries::Retries;
 use crate::settings::Settings;
 use crate::state::{Affected, ClusterState};
-use crate::sync::{Counts, SyncError, SyncReport};
+use crate::sync::{Counts, IptablesRules, SyncError, SyncReport};
 
 /// How often draining real servers are checked for remaining connections.
 pub const DRAIN_INTERVAL: Duration = Duration::from_secs(1);
@@ -99,6 +99,8 @@ pub struct SyncRecord {
     /// The IP families it programmed: kube-proxy runs one proxier per family and labels their
     /// metrics `ip_family`; one sync here programs them all.
     pub families: Vec<inet::Family>,
+    /// The iptables proxier's rules after it ([`SyncReport::iptables_rules`]).
+    pub iptables_rules: Vec<IptablesRules>,
 }
 
 /// A Service's health-check node port, as the service health servers serve it.
@@ -138,8 +140,10 @@ pub trait Observer: Send {
     /// The changes taken since the last sync that applied everything changed nothing: the
     /// kernel is up to date without a sync.
     fn caught_up(&self);
-    /// Errors of a sync or a drain, each once; `partial` for those of a partial sync.
-    fn errors(&self, errors: &[SyncError], partial: bool);
+    /// Errors of a sync or a drain, each once; `partial` for those of a partial sync;
+    /// `families` those the proxy programs (an error naming none, [`SyncError::family`], is
+    /// of them all).
+    fn errors(&self, errors: &[SyncError], partial: bool, families: &[Family]);
     /// The errors just logged: each failing Service's when it is new or changed (not at every
     /// retry), and every error no Service is to blame for.
     fn reported(&self, _errors: &[&SyncError]) {}
@@ -498,7 +502,8 @@ impl<E> SyncLoop<E> {
                 errors = report.errors.len(),
                 "kube-ipvs0 made again"
             );
-            self.observer.errors(&report.errors, false);
+            self.observer
+                .errors(&report.errors, false, &self.planner.config.families);
             if report.needs_full_sync() {
                 self.next_full = Some(now);
             }
@@ -535,7 +540,8 @@ impl<E> SyncLoop<E> {
             if report.drained > 0 {
                 tracing::info!(deleted = report.drained, "drained real servers deleted");
             }
-            self.observer.errors(&report.errors, false);
+            self.observer
+                .errors(&report.errors, false, &self.planner.config.families);
             self.next_drain = now + DRAIN_INTERVAL;
             self.observer.counts(self.engine.counts());
         }
@@ -574,7 +580,8 @@ impl<E> SyncLoop<E> {
         for error in &report.errors {
             tracing::error!(backend = error.backend(), kind = error.kind(), "{error}");
         }
-        self.observer.errors(&report.errors, false);
+        self.observer
+            .errors(&report.errors, false, &self.planner.config.families);
         if report.needs_full_sync() {
             let repair = now + REPAIR_DELAY.max(self.settings.min_sync_period);
             self.next_full = Some(self.next_full.map_or(repair, |t| t.min(repair)));
@@ -596,7 +603,8 @@ impl<E> SyncLoop<E> {
             tracing::error!(backend = error.backend(), kind = error.kind(), "{error}");
         }
         self.observer.reported(&to_log);
-        self.observer.errors(&report.errors, !full);
+        let families = &self.planner.config.families;
+        self.observer.errors(&report.errors, !full, families);
         tracing::info!(
             full,
             services = report.services,
@@ -628,6 +636,7 @@ impl<E> SyncLoop<E> {
             programming_latencies,
             healthy,
             families: self.planner.config.families.clone(),
+            iptables_rules: report.iptables_rules.clone(),
         });
         if healthy {
             self.behind = false;

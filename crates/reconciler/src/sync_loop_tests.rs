@@ -187,7 +187,7 @@ impl Observer for Log {
         self.with(|s| s.caught_up += 1);
     }
 
-    fn errors(&self, errors: &[SyncError], _partial: bool) {
+    fn errors(&self, errors: &[SyncError], _partial: bool, _: &[inet::Family]) {
         self.with(|s| s.errors += errors.len());
     }
 

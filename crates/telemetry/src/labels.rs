@@ -16,6 +16,13 @@ impl IpFamilyLabel {
     }
 }
 
+/// `sync_proxy_rules_iptables_total`'s and `_last`'s: the table (`filter`, `nat`) and family.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    pub table: &'static str,
+    pub ip_family: &'static str,
+}
+
 /// `sync_proxy_rules_no_local_endpoints_total`'s: the family, and which traffic policy
 /// (`internal`, `external`) is Local.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -5,7 +5,7 @@
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
 
-pub use crate::labels::{IpFamilyLabel, TrafficPolicyLabel};
+pub use crate::labels::{IpFamilyLabel, TableLabel, TrafficPolicyLabel};
 use crate::{buckets, unix_seconds};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -91,12 +91,17 @@ metrics! {
             "sync_proxy_rules_endpoint_changes_pending", "Pending proxy rules Endpoint changes";
         endpoint_changes_total: Counter = Counter::default(),
             "sync_proxy_rules_endpoint_changes", "Cumulative proxy rules Endpoint changes";
-        iptables_restore_failures: Counter = Counter::default(),
+        iptables_restore_failures: ByFamily<Counter> = Family::default(),
             "sync_proxy_rules_iptables_restore_failures",
             "Cumulative proxy iptables restore failures";
-        iptables_partial_restore_failures: Counter = Counter::default(),
+        iptables_partial_restore_failures: ByFamily<Counter> = Family::default(),
             "sync_proxy_rules_iptables_partial_restore_failures",
             "Cumulative proxy iptables partial restore failures";
+        iptables_rules_total: Family<TableLabel, Gauge> = Family::default(),
+            "sync_proxy_rules_iptables_total", "Total number of iptables rules owned by kube-proxy";
+        iptables_rules_last: Family<TableLabel, Gauge> = Family::default(),
+            "sync_proxy_rules_iptables_last",
+            "Number of iptables rules written by kube-proxy in last sync";
         no_local_endpoints: Family<TrafficPolicyLabel, Gauge> = Family::default(),
             "sync_proxy_rules_no_local_endpoints_total",
             "Number of services with a Local traffic policy and no endpoints";
@@ -160,6 +165,22 @@ impl Metrics {
                     .get_or_create(family)
                     .set(unix_seconds(now));
             }
+        }
+    }
+
+    /// The iptables proxier's rules in one table of one family after a sync: `total` in its
+    /// chains, `last` written by the sync.
+    pub fn observe_iptables_rules(&self, label: &TableLabel, total: i64, last: i64) {
+        self.iptables_rules_total.get_or_create(label).set(total);
+        self.iptables_rules_last.get_or_create(label).set(last);
+    }
+
+    /// An `iptables-restore` of one family failed; `partial` in a partial sync.
+    pub fn restore_failed(&self, family: &IpFamilyLabel, partial: bool) {
+        self.iptables_restore_failures.get_or_create(family).inc();
+        if partial {
+            let partial = &self.iptables_partial_restore_failures;
+            partial.get_or_create(family).inc();
         }
     }
 

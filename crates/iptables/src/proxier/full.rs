@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use super::kernel::{Fingerprint, KernelChains};
 use super::render::{Rendered, SHARED_CHAINS, comments_for, render_service};
-use super::sync::{Applied, Key, Mirror, Port, Written, service_name};
+use super::sync::{Applied, Key, Mirror, Port, RuleCounts, Written, service_name};
 use super::{ServiceSpec, SyncStats};
 use crate::Error;
 use crate::chain::{is_service_chain, may_write_chain};
@@ -122,6 +122,7 @@ impl Proxier {
             out.delete(table, &stale)?;
         }
         let stats = out.finish()?;
+        mirror.count_rules();
         self.applied = Some(mirror);
         self.written = None;
         Ok(stats)
@@ -163,6 +164,7 @@ impl Proxier {
             chains_written: ruleset.tables.values().map(|t| t.chains.len()).sum(),
             chains_deleted: ruleset.tables.values().map(|t| t.delete.len()).sum(),
             rules: ruleset.rule_count(),
+            written: RuleCounts::written(&ruleset),
             ..SyncStats::default()
         };
         if ruleset.is_empty() {
@@ -381,6 +383,7 @@ impl<'a> Stream<'a> {
         }
         self.stats.chains_written += 1;
         self.stats.rules += rules.len();
+        self.stats.written.add(table, rules.len());
         Ok(())
     }
 

@@ -24,7 +24,7 @@ pub use names::{
     endpoint_chain, external_chain, firewall_chain, local_chain, name_hash, service_chain, sha256,
 };
 pub use render::{Rendered, ServiceRules, render, render_service};
-pub use sync::{Proxier, SyncPlan, SyncStats, service_name};
+pub use sync::{Proxier, RuleCounts, SyncPlan, SyncStats, service_name};
 
 use crate::local::LocalDetector;
 use crate::rule::Protocol;

@@ -44,6 +44,50 @@ pub fn service_name(port_name: &str) -> &str {
         .map_or(port_name, |(service, _)| service)
 }
 
+/// Rules in the proxy's own chains of the filter and nat tables, as kube-proxy counts them
+/// for `sync_proxy_rules_iptables_total` and `_last` (its jumps from the built-in chains are
+/// not among them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuleCounts {
+    pub filter: usize,
+    pub nat: usize,
+}
+
+impl RuleCounts {
+    pub(super) fn add(&mut self, table: Table, rules: usize) {
+        match table {
+            Table::Filter => self.filter += rules,
+            Table::Nat => self.nat += rules,
+            _ => {}
+        }
+    }
+
+    fn plus(self, other: RuleCounts) -> RuleCounts {
+        RuleCounts {
+            filter: self.filter + other.filter,
+            nat: self.nat + other.nat,
+        }
+    }
+
+    fn minus(self, other: RuleCounts) -> RuleCounts {
+        RuleCounts {
+            filter: self.filter.saturating_sub(other.filter),
+            nat: self.nat.saturating_sub(other.nat),
+        }
+    }
+
+    /// The rules `ruleset` writes into the proxy's chains: those of the chains it writes
+    /// whole, and those it inserts into the shared chains.
+    pub(super) fn written(ruleset: &Ruleset) -> RuleCounts {
+        let mut counts = RuleCounts::default();
+        for (&table, patch) in &ruleset.tables {
+            let whole: usize = patch.chains.values().map(Vec::len).sum();
+            counts.add(table, whole + patch.insert_rules.len());
+        }
+        counts
+    }
+}
+
 /// What one sync did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SyncStats {
@@ -57,6 +101,8 @@ pub struct SyncStats {
     pub chains_deleted: usize,
     /// Rule lines sent.
     pub rules: usize,
+    /// Of those, the rules written into the proxy's chains, per table.
+    pub written: RuleCounts,
     /// Bytes of `iptables-restore` input.
     pub bytes: usize,
     /// `iptables-restore` runs (more than one only for a large iptables-nft restore, see
@@ -94,10 +140,17 @@ pub(super) struct Applied {
     pub(super) shared: [Vec<Rule>; SHARED_CHAINS.len()],
     /// Sorted by name.
     pub(super) chains: Vec<(Box<str>, u64)>,
+    /// Its rules, shared and own, per table.
+    pub(super) rules: RuleCounts,
 }
 
 impl Applied {
     pub(super) fn of(rules: &ServiceRules) -> Applied {
+        let mut counts = RuleCounts::default();
+        for (i, shared) in rules.shared.iter().enumerate() {
+            counts.add(SHARED_CHAINS[i].0, shared.len());
+        }
+        counts.add(Table::Nat, rules.chains.values().map(Vec::len).sum());
         Applied {
             shared: rules.shared.clone(),
             chains: rules
@@ -105,6 +158,15 @@ impl Applied {
                 .iter()
                 .map(|(name, r)| (name.as_str().into(), Fingerprint::of(r).ordered))
                 .collect(),
+            rules: counts,
+        }
+    }
+
+    /// A port's fragments of the shared chains only, to render those chains.
+    fn shared_only(shared: &[Vec<Rule>; SHARED_CHAINS.len()]) -> Applied {
+        Applied {
+            shared: shared.clone(),
+            ..Applied::default()
         }
     }
 
@@ -127,9 +189,17 @@ pub(super) struct Mirror {
     pub(super) services: HashMap<String, Vec<Port>>,
     /// The endpoints of every port, kept as Services change.
     pub(super) endpoints: usize,
+    /// The rules of every port ([`Applied::rules`]), kept as ports change.
+    pub(super) port_rules: RuleCounts,
 }
 
 impl Mirror {
+    /// Counts [`Mirror::port_rules`] afresh, once its ports are all in.
+    pub(super) fn count_rules(&mut self) {
+        self.port_rules =
+            (self.ports.values()).fold(RuleCounts::default(), |sum, a| sum.plus(a.rules));
+    }
+
     /// The shared chains' rules as the mirror's ports give them, with what the config adds
     /// (the jump to KUBE-NODEPORTS): index `i` of [`SHARED_CHAINS`].
     pub(super) fn shared_chains(&self, config: &ProxierConfig) -> Vec<Vec<Rule>> {
@@ -296,6 +366,28 @@ impl Proxier {
     #[must_use]
     pub fn needs_full(&self) -> bool {
         self.applied.is_none()
+    }
+
+    /// The rules in the proxy's chains as last applied (kube-proxy's
+    /// `sync_proxy_rules_iptables_total`): the base chains', and the shared and own chains'
+    /// of every port; `None` when nothing is applied. Costs the base chains' rendering, not
+    /// the ports'.
+    #[must_use]
+    pub fn rule_counts(&self) -> Option<RuleCounts> {
+        let mirror = self.applied.as_ref()?;
+        let mut counts = mirror.port_rules;
+        for (table, _, rules) in Rendered::base_chains(&self.config) {
+            counts.add(table, rules.len());
+        }
+        // What the config adds to the shared chains (the jumps to KUBE-NODEPORTS).
+        let bare = Rendered {
+            services: BTreeMap::new(),
+            comments: mirror.comments,
+        };
+        for (i, &(table, _)) in SHARED_CHAINS.iter().enumerate() {
+            counts.add(table, bare.shared_chain(&self.config, i).len());
+        }
+        Some(counts)
     }
 
     /// Computes a full sync of every service port, `specs`, against `saved` (the current
@@ -490,21 +582,9 @@ impl Proxier {
                 .ports
                 .iter()
                 .filter(|(k, _)| !overrides.contains_key(k))
-                .map(|(k, a)| {
-                    let shared = Applied {
-                        shared: a.shared.clone(),
-                        chains: Vec::new(),
-                    };
-                    (k.clone(), shared)
-                })
+                .map(|(k, a)| (k.clone(), Applied::shared_only(&a.shared)))
                 .chain(overrides.iter().filter_map(|(k, v)| {
-                    v.map(|v| {
-                        let shared = Applied {
-                            shared: v.shared.clone(),
-                            chains: Vec::new(),
-                        };
-                        ((*k).clone(), shared)
-                    })
+                    v.map(|v| ((*k).clone(), Applied::shared_only(&v.shared)))
                 }))
                 .collect();
             let chains = merged.shared_chains(&self.config);
@@ -521,7 +601,10 @@ impl Proxier {
     /// Records `plan` as applied (without running it; [`Proxier::apply`] runs it).
     pub fn commit(&mut self, plan: SyncPlan) {
         match plan.change {
-            Change::Full(mirror) => self.applied = Some(mirror),
+            Change::Full(mut mirror) => {
+                mirror.count_rules();
+                self.applied = Some(mirror);
+            }
             Change::Partial {
                 updates,
                 services,
@@ -531,10 +614,16 @@ impl Proxier {
                     return;
                 };
                 for (key, rules) in updates {
-                    match rules {
-                        Some(r) => mirror.ports.insert(key, r),
+                    let old = match rules {
+                        Some(r) => {
+                            mirror.port_rules = mirror.port_rules.plus(r.rules);
+                            mirror.ports.insert(key, r)
+                        }
                         None => mirror.ports.remove(&key),
                     };
+                    if let Some(old) = old {
+                        mirror.port_rules = mirror.port_rules.minus(old.rules);
+                    }
                 }
                 for (name, ports) in services {
                     if ports.is_empty() {
@@ -560,6 +649,7 @@ impl Proxier {
             chains_written: rs.tables.values().map(|t| t.chains.len()).sum(),
             chains_deleted: rs.tables.values().map(|t| t.delete.len()).sum(),
             rules: rs.rule_count(),
+            written: RuleCounts::written(&rs),
             ..SyncStats::default()
         };
         if !rs.is_empty() {
@@ -694,6 +784,43 @@ mod tests {
         let ruleset = std::mem::take(&mut plan.ruleset);
         p.commit(plan);
         ruleset
+    }
+
+    #[test]
+    fn rule_counts_are_the_rules_of_the_proxys_chains_and_written_those_restored() {
+        let config = ProxierConfig {
+            node_port_addresses: Some(vec!["192.168.0.1".parse().unwrap()]),
+            ..ProxierConfig::default()
+        };
+        let mut p = Proxier::new(config.clone());
+        assert_eq!(p.rule_counts(), None);
+        let plan = p.plan_full(&specs(3, 3), &Saved::default());
+        let rules = |rs: &Ruleset, t| {
+            rs.tables
+                .get(&t)
+                .map_or(0, |p| p.chains.values().map(Vec::len).sum())
+        };
+        let (filter, nat) = (
+            rules(&plan.ruleset, Table::Filter),
+            rules(&plan.ruleset, Table::Nat),
+        );
+        p.commit(plan);
+        assert_eq!(p.rule_counts(), Some(RuleCounts { filter, nat }));
+        assert!(nat > 3 * 5 && filter > 0, "{nat} {filter}");
+        // A Service more, synced alone: its own chains written and its rule inserted into
+        // KUBE-SERVICES, all of them new rules; then the counts a full sync of all four gives.
+        let plan = p.plan_services([service(3, 3, true)]).unwrap();
+        let written = RuleCounts::written(&plan.ruleset);
+        let inserted = plan.ruleset.tables[&Table::Nat].insert_rules.len();
+        assert_eq!(inserted, 1);
+        assert_eq!(written.nat, rules(&plan.ruleset, Table::Nat) + inserted);
+        p.commit(plan);
+        let counts = p.rule_counts().unwrap();
+        assert_eq!(counts.nat, nat + written.nat);
+        assert_eq!(
+            Some(counts),
+            synced_with(config, &specs(4, 3)).rule_counts()
+        );
     }
 
     #[test]
@@ -863,6 +990,7 @@ mod tests {
         all.remove(3);
         all.extend(s1.1.iter().skip(1).cloned());
         let full = synced_with(ProxierConfig::default(), &all);
+        assert_eq!(p.rule_counts(), full.rule_counts());
         let (ours, want) = (p.applied.unwrap(), full.applied.unwrap());
         assert_eq!(ours.ports, want.ports);
         assert_eq!(ours.comments, want.comments);

@@ -21,7 +21,7 @@ use crate::fallback::{changed_service_specs, proxier_config, service_specs, serv
 use crate::model::ServiceName;
 use crate::plan::{PlanConfig, PlanWarning, Planner};
 use crate::state::ClusterState;
-use crate::sync::{SyncError, SyncReport};
+use crate::sync::{IptablesRules, SyncError, SyncReport};
 
 /// How often the loop looks whether a periodic full sync's kernel read is done.
 const READ_POLL: Duration = Duration::from_millis(10);
@@ -132,6 +132,7 @@ impl IptablesEngine {
         }
         SyncReport {
             services: state.service_count(),
+            iptables_rules: report.iptables_rules,
             ..SyncReport::default()
         }
     }
@@ -175,6 +176,20 @@ impl IptablesEngine {
                         rules = written.rules,
                         "iptables-restore"
                     );
+                    let (total, last) =
+                        (proxier.rule_counts().unwrap_or_default(), written.written);
+                    for (table, total, written) in [
+                        ("filter", total.filter, last.filter),
+                        ("nat", total.nat, last.nat),
+                    ] {
+                        let rules = IptablesRules {
+                            family,
+                            table,
+                            total,
+                            written,
+                        };
+                        report.iptables_rules.push(rules);
+                    }
                 }
                 Err(source) => report.errors.push(SyncError::new(
                     None,

@@ -44,7 +44,7 @@ use ipvs::{Op, RealServer, ServiceKey, VirtualServer};
 
 pub use self::kernel::{AddressKernel, BackendError, IpvsKernel, NetfilterEntry, NetfilterKernel};
 use self::mirror::{Footprint, KernelVs};
-pub use self::report::{Counts, SyncError, SyncReport};
+pub use self::report::{Counts, IptablesRules, SyncError, SyncReport};
 pub use self::target::ServiceTarget;
 use crate::error::Error;
 use crate::model::{Protocol, ServiceName};

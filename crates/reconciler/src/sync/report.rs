@@ -21,6 +21,16 @@ impl SyncError {
         }
     }
 
+    /// The IP family whose rules failed, when the error names one (the iptables proxier's
+    /// restores are per family; the ipvs mode's netfilter restore is of every family at once).
+    #[must_use]
+    pub fn family(&self) -> Option<inet::Family> {
+        match self.error {
+            Error::IptablesRules { family, .. } => Some(family),
+            _ => None,
+        }
+    }
+
     /// `ipvs`, `addresses`, `netfilter` or `iptables`: the metric's `backend` label.
     #[must_use]
     pub fn backend(&self) -> &'static str {
@@ -75,6 +85,21 @@ pub struct SyncReport {
     /// Real servers deleted after draining.
     pub drained: usize,
     pub errors: Vec<SyncError>,
+    /// The iptables proxier's rules after the sync, per family and table (none from the
+    /// ipvs proxier, as kube-proxy's exports them in iptables mode only).
+    pub iptables_rules: Vec<IptablesRules>,
+}
+
+/// The rules of the iptables proxier's chains of one family and table: kube-proxy's
+/// `sync_proxy_rules_iptables_total` (`total`, all of them) and `_last` (`written` by the
+/// sync; ours writes only what changed, so a sync that changed nothing writes none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IptablesRules {
+    pub family: inet::Family,
+    /// `filter` or `nat`.
+    pub table: &'static str,
+    pub total: usize,
+    pub written: usize,
 }
 
 impl SyncReport {
