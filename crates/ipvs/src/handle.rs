@@ -23,6 +23,10 @@ use std::time::Duration;
 
 /// The default bound on every wait for the kernel.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many sockets [`Handle::dump`] reads the real servers on at once: on two CPUs, four
+/// keep both busy while each socket waits for its thread to be scheduled (`bench ipvs`
+/// measures 1, 2 and 4).
+pub const DUMP_SOCKETS: usize = 4;
 
 /// Socket buffers asked for; the kernel caps them at `net.core.[rw]mem_max` (doubled).
 const SOCKET_BUF: usize = 8 * 1024 * 1024;
@@ -343,20 +347,59 @@ impl Handle {
     }
 
     /// `ipvsadm -Sn`: the whole table, every virtual server with its real servers, for a
-    /// resync. One dump of the services, then one of each service's real servers (the kernel
-    /// runs one dump at a time per socket, so these cannot share a `sendmsg`). Not atomic: the
-    /// table may change between the dumps; a service deleted meanwhile shows no real servers.
+    /// resync, read on [`DUMP_SOCKETS`] sockets at once ([`Handle::dump_on`]).
     pub fn dump(&mut self) -> Result<Vec<TableEntry>, Error> {
+        self.dump_on(DUMP_SOCKETS)
+    }
+
+    /// [`Handle::dump`] on `sockets` sockets: one dump of the services, then one of each
+    /// service's real servers. The kernel runs one dump at a time per socket, so these cannot
+    /// share a `sendmsg`; instead the services are split into `sockets` runs, one read on this
+    /// socket and each other on a socket of its own, opened for the call on a thread of its
+    /// own (in this thread's network namespace, which threads inherit). Not atomic: the table
+    /// may change between the dumps; a service deleted meanwhile shows no real servers.
+    pub fn dump_on(&mut self, sockets: usize) -> Result<Vec<TableEntry>, Error> {
         let services = self.services()?;
-        let mut table = Vec::with_capacity(services.len());
-        for service in services {
-            let real_servers = self.real_servers(&service.server.key)?;
-            table.push(TableEntry {
+        let keys: Vec<ServiceKey> = services.iter().map(|s| s.server.key).collect();
+        let run = keys.len().div_ceil(sockets.max(1)).max(1);
+        let mut runs = keys.chunks(run);
+        let own = runs.next().unwrap_or_default();
+        let timeout = self.timeout;
+        let reals = std::thread::scope(|scope| {
+            let others: Vec<_> = runs
+                .map(|keys| {
+                    scope.spawn(move || Handle::with_timeout(timeout)?.real_servers_of(keys))
+                })
+                .collect();
+            let mut reals = self.real_servers_of(own)?;
+            for other in others {
+                let read = other
+                    .join()
+                    .map_err(|_| Error::Io(io::Error::other("an IPVS dump thread panicked")))?;
+                reals.extend(read?);
+            }
+            Ok::<_, Error>(reals)
+        })?;
+        Ok(services
+            .into_iter()
+            .zip(reals)
+            .map(|(service, real_servers)| TableEntry {
                 service,
                 real_servers,
-            });
-        }
-        Ok(table)
+            })
+            .collect())
+    }
+
+    /// The real servers of each of `keys`, in order.
+    fn real_servers_of(&mut self, keys: &[ServiceKey]) -> Result<Vec<Vec<RealServerEntry>>, Error> {
+        keys.iter().map(|key| self.real_servers(key)).collect()
+    }
+
+    /// The bound on each wait for the kernel: a reader on another thread opens its own
+    /// handle with it.
+    #[must_use]
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// `ipvsadm --version`'s kernel half, and the header of `ipvsadm -L`.
