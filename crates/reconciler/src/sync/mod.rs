@@ -24,11 +24,14 @@
 //! - `mirror`: what the engine believes the kernel holds; `diff`: one Service's target against
 //!   the mirror, as operations; `send`: the operations sent, and the mirror corrected where the
 //!   kernel refused one.
+//! - `resync`: the periodic full sync, which reads the kernel off the loop's thread and
+//!   repairs only what differs from the mirror.
 
 mod diff;
 pub mod kernel;
 mod mirror;
 mod report;
+mod resync;
 mod send;
 pub mod target;
 
@@ -42,9 +45,12 @@ use iptables::Family;
 use iptables::ipvs_mode::{KubeSet, RuleInput};
 use ipvs::{Op, RealServer, ServiceKey, VirtualServer};
 
-pub use self::kernel::{AddressKernel, BackendError, IpvsKernel, NetfilterEntry, NetfilterKernel};
+pub use self::kernel::{
+    AddressKernel, BackendError, IpvsKernel, IpvsTable, NetfilterEntry, NetfilterKernel, Reader,
+};
 use self::mirror::{Footprint, KernelVs};
 pub use self::report::{Counts, SyncError, SyncReport};
+use self::resync::Resync;
 pub use self::target::ServiceTarget;
 use crate::error::Error;
 use crate::model::{Protocol, ServiceName};
@@ -102,6 +108,11 @@ pub struct Syncer<I, A, N> {
     rules: PlanConfig,
     /// Real servers at weight 0, with the instant they are deleted regardless.
     draining: HashMap<(ServiceKey, SocketAddr), Instant>,
+    /// The mirror was built from a read of the kernel and no sync since failed as a whole, so
+    /// a periodic full sync need only look for drift ([`Syncer::start_resync`]).
+    verified: bool,
+    /// A periodic full sync's kernel read, running.
+    resync: Option<Resync>,
 }
 
 /// The operations of one sync, collected before anything is sent.
@@ -163,6 +174,8 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             set_sizes: HashMap::new(),
             rules: PlanConfig::default(),
             draining: HashMap::new(),
+            verified: false,
+            resync: None,
         }
     }
 
@@ -170,6 +183,8 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
     /// with the next full sync, which the loop runs after this).
     pub fn reconfigure(&mut self, config: &PlanConfig) {
         self.rules = config.clone();
+        // Every Service is planned again, by a full sync that reads the kernel first.
+        self.verified = false;
     }
 
     fn non_empty_sets(&self) -> BTreeSet<(Family, KubeSet)> {
@@ -259,6 +274,8 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
     ) -> SyncReport {
         let started = Instant::now();
         let mut report = SyncReport::default();
+        // A periodic read in flight is older than this one.
+        self.resync = None;
         let unclaimed = match self.read_kernel() {
             Ok(unclaimed) => unclaimed,
             Err(e) => {
@@ -317,6 +334,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             rest_ms = ms(started.elapsed().saturating_sub(netfilter)),
             "full sync phases"
         );
+        self.verified = !report.needs_full_sync();
         report
     }
 
@@ -416,6 +434,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                 .chain(&pending.del_entries)
                 .any(|e| matches!(e, NetfilterEntry::NoNodeAccess { .. }));
         let rules = rules_changed.then(|| self.rule_inputs());
+        self.note_written(&pending);
         let added: Vec<NetfilterEntry> = std::mem::take(&mut pending.add_entries)
             .into_iter()
             .collect();
