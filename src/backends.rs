@@ -6,23 +6,25 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use iptables::ipset::SetOp;
 use iptables::ipvs_mode::{self, KubeSet, RuleInput};
-use iptables::{Family, Runner, SetEntry, SetPatch, Table};
-use reconciler::sync::{BackendError, IpvsKernel, NetfilterEntry, NetfilterKernel};
+use iptables::{Family, IpSet, Runner, SetEntry, SetPatch, Table};
+use reconciler::sync::{
+    BackendError, IpvsKernel, IpvsTable, NetfilterEntry, NetfilterKernel, Reader,
+};
 
 /// The real IPVS table.
 #[derive(Debug)]
 pub struct KernelIpvs(pub ipvs::Handle);
 
 impl IpvsKernel for KernelIpvs {
-    fn dump(
-        &mut self,
-    ) -> Result<Vec<(ipvs::VirtualServer, Vec<ipvs::RealServerEntry>)>, ipvs::Error> {
-        Ok(self
-            .0
-            .dump()?
-            .into_iter()
-            .map(|e| (e.service.server, e.real_servers))
-            .collect())
+    fn dump(&mut self) -> Result<IpvsTable, ipvs::Error> {
+        self.0.dump()
+    }
+
+    fn reader(&self) -> Option<Reader<IpvsTable, ipvs::Error>> {
+        let timeout = self.0.timeout();
+        Some(Box::new(move || {
+            ipvs::Handle::with_timeout(timeout)?.dump()
+        }))
     }
 
     fn real_servers(
@@ -80,13 +82,13 @@ impl NetfilterKernel for KernelNetfilter {
                 sets.entry((*family, *set)).or_default().insert(*entry);
             }
         }
-        // Sets must exist before the rules that name them.
-        let existing: BTreeSet<String> = self.0.ipset_names()?.into_iter().collect();
-        let mut patch = SetPatch::default();
-        for (&(family, set), entries) in &sets {
-            patch.refill(&existing, &set.to_ipset(family, entries));
-        }
+        let wanted: Vec<IpSet> = sets
+            .iter()
+            .map(|(&(f, set), e)| set.to_ipset(f, e))
+            .collect();
         drop(sets);
+        // Sets must exist before the rules that name them.
+        let patch = SetPatch::between(&self.0.ipset_save()?, &wanted);
         self.0.ipset_restore(&patch)?;
         self.write_rules(rules)
     }
@@ -115,5 +117,13 @@ impl NetfilterKernel for KernelNetfilter {
             self.write_rules(rules)?;
         }
         Ok(())
+    }
+
+    fn reader(&self, rules: Vec<RuleInput>) -> Option<Reader<Vec<IpSet>>> {
+        let netfilter = KernelNetfilter(self.0.clone());
+        Some(Box::new(move || {
+            netfilter.write_rules(&rules)?;
+            Ok(netfilter.0.ipset_save()?)
+        }))
     }
 }

@@ -133,7 +133,13 @@ impl FakeIpvs {
     fn snapshot(&self) -> IpvsTable {
         self.table
             .values()
-            .map(|(vs, r)| (vs.clone(), r.values().cloned().collect()))
+            .map(|(vs, r)| ipvs::TableEntry {
+                service: ipvs::VirtualServerEntry {
+                    server: vs.clone(),
+                    stats: Stats::default(),
+                },
+                real_servers: r.values().cloned().collect(),
+            })
             .collect()
     }
 

@@ -8,13 +8,13 @@ use std::net::IpAddr;
 
 use iptables::ipvs_mode::{KubeSet, RuleInput};
 use iptables::{Family, IpSet};
-use ipvs::{Op, RealServerEntry, ServiceKey, VirtualServer};
+use ipvs::{Op, RealServerEntry, ServiceKey};
 
 pub use crate::error::BackendError;
 use crate::model::Protocol;
 
 /// Every virtual server with its real servers, as a dump reads them.
-pub type IpvsTable = Vec<(VirtualServer, Vec<RealServerEntry>)>;
+pub type IpvsTable = Vec<ipvs::TableEntry>;
 
 /// A read of the kernel to run on another thread, on sockets of its own: a periodic full
 /// sync reads there while the loop goes on syncing changes.

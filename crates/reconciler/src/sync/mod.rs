@@ -353,7 +353,8 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             .map_err(|e| SyncError::new(None, Error::ListAddresses(e)))?;
         let mut unclaimed = HashSet::new();
         let mut kernel = HashMap::with_capacity(dump.len());
-        for (server, entries) in dump {
+        for entry in dump {
+            let server = entry.service.server;
             let ServiceKey::Addr { addr, .. } = server.key else {
                 continue;
             };
@@ -366,7 +367,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             {
                 unclaimed.insert(server.key);
             }
-            let real = entries.into_iter().map(|r| r.server).collect();
+            let real = entry.real_servers.into_iter().map(|r| r.server).collect();
             kernel.insert(server.key, KernelVs { server, real });
         }
         self.real_servers = kernel.values().map(|vs| vs.real.len()).sum();

@@ -74,9 +74,10 @@ fn read(
     let ipvs = table
         .into_iter()
         // Firewall-mark services are never the proxy's.
-        .filter(|(server, _)| matches!(server.key, ServiceKey::Addr { .. }))
-        .map(|(server, reals)| {
-            let real = reals.into_iter().map(|r| r.server).collect();
+        .filter(|e| matches!(e.service.server.key, ServiceKey::Addr { .. }))
+        .map(|e| {
+            let real = e.real_servers.into_iter().map(|r| r.server).collect();
+            let server = e.service.server;
             (server.key, KernelVs { server, real })
         })
         .collect();
