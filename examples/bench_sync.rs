@@ -525,10 +525,14 @@ fn split_by_resync(
     let windows = resync_reads(log);
     let read_ms: Vec<Duration> = windows
         .iter()
-        .map(|(s, e)| Duration::from_secs_f64(e - s))
+        .map(|(s, e, _)| Duration::from_secs_f64(e - s))
+        .collect();
+    let compare_ms: Vec<Duration> = windows
+        .iter()
+        .map(|(_, _, c)| Duration::from_secs_f64(c / 1000.0))
         .collect();
     let during = |t: &std::time::SystemTime| {
-        clock_time(*t).is_some_and(|at| windows.iter().any(|(s, e)| *s <= at && at <= *e))
+        clock_time(*t).is_some_and(|at| windows.iter().any(|(s, e, _)| *s <= at && at <= *e))
     };
     let split = |times: &[(std::time::SystemTime, Duration)], want: bool| {
         let chosen = times.iter().filter(|(t, _)| during(t) == want);
@@ -542,9 +546,10 @@ fn split_by_resync(
     let (idle, during_resync) = (split(&ours, false), split(&ours, true));
     let direct = split(direct, false);
     println!(
-        "  periodic full syncs that read the kernel: {} (read and compare {}); changes during one {}, during none {}; the same change by the ipvs crate {}",
+        "  periodic full syncs that read the kernel: {} (read and compare {}; of which the comparison, on the loop's thread, {}); changes during one {}, during none {}; the same change by the ipvs crate {}",
         windows.len(),
         Latencies::of(read_ms).describe(),
+        Latencies::of(compare_ms).describe(),
         during_resync.describe(),
         idle.describe(),
         direct.describe(),
@@ -559,14 +564,16 @@ fn sync_period(n: u32) -> String {
 }
 
 /// The (start, end) of every periodic full sync's kernel read and comparison, in seconds of
-/// the day as [`log_time`], from its `full sync checked the kernel` line.
-fn resync_reads(log: &str) -> Vec<(f64, f64)> {
+/// the day as [`log_time`], and the comparison's milliseconds (on the loop's thread), from its
+/// `full sync checked the kernel` line.
+fn resync_reads(log: &str) -> Vec<(f64, f64, f64)> {
     log.lines()
         .filter(|l| l.contains("full sync checked the kernel"))
         .filter_map(|l| {
             let end = log_time(l)?;
-            let took = field(l, "read_ms")? + field(l, "compare_ms")?;
-            Some((end - took / 1000.0, end))
+            let compare = field(l, "compare_ms")?;
+            let took = field(l, "read_ms")? + compare;
+            Some((end - took / 1000.0, end, compare))
         })
         .collect()
 }
