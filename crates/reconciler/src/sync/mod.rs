@@ -183,8 +183,10 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
     /// with the next full sync, which the loop runs after this).
     pub fn reconfigure(&mut self, config: &PlanConfig) {
         self.rules = config.clone();
-        // Every Service is planned again, by a full sync that reads the kernel first.
+        // Every Service is planned again, by a full sync that reads the kernel first; a
+        // periodic read in flight was for the old settings.
         self.verified = false;
+        self.resync = None;
     }
 
     fn non_empty_sets(&self) -> BTreeSet<(Family, KubeSet)> {
