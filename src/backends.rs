@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use iptables::ipset::SetOp;
 use iptables::ipvs_mode::{self, KubeSet, RuleInput};
-use iptables::{Family, IpSet, Runner, SetEntry, SetPatch, Table};
+use iptables::{Family, IpSet, Runner, SetEntry, SetPatch};
 use reconciler::sync::{
     BackendError, IpvsKernel, IpvsTable, NetfilterEntry, NetfilterKernel, Reader,
 };
@@ -46,20 +46,10 @@ impl IpvsKernel for KernelIpvs {
 pub struct KernelNetfilter(pub Runner);
 
 impl KernelNetfilter {
-    /// Rewrites the proxy's chains of each family; jumps from built-in chains are added only
-    /// where `iptables-save` does not show them already.
+    /// Rewrites the proxy's chains of each family where they differ from `iptables-save`.
     fn write_rules(&self, rules: &[RuleInput]) -> Result<(), BackendError> {
         for input in rules {
-            let mut ruleset = ipvs_mode::ruleset(input);
-            let saved = self.0.save(input.family, None)?;
-            for table in [Table::Nat, Table::Filter, Table::Mangle, Table::Raw] {
-                let Some(patch) = ruleset.tables.get_mut(&table) else {
-                    continue;
-                };
-                let jumps = std::mem::take(&mut patch.insert_jumps);
-                saved.add_missing_jumps(table, &jumps, &mut ruleset);
-            }
-            self.0.apply(input.family, &ruleset)?;
+            ipvs_mode::write_rules(&self.0, input)?;
         }
         Ok(())
     }
