@@ -211,7 +211,10 @@ impl<C: Keyed> SyncLoop<Vec<C>> {
                 d.saturating_duration_since(Instant::now())
             });
             let received = runtime.block_on(async {
+                // Changes first: a periodic full sync's comparison, due again at once while
+                // it lasts, takes turns with them instead of racing them.
                 tokio::select! {
+                    biased;
                     open = updates.wait() => Some(open),
                     () = tokio::time::sleep(wait) => None,
                     _ = stop.changed() => Some(false),

@@ -9,7 +9,9 @@
 //! once; changes keep being synced meanwhile, and every object they write is noted. When the
 //! read is done, [`Syncer::finish_resync`] compares it with the mirror, skipping what was
 //! written since the read began (the mirror is newer there, as with the iptables proxier's
-//! `Proxier::check`), and writes only what differs.
+//! `Proxier::check`), and writes only what differs. The comparison runs on the loop's thread
+//! (the mirror is there) in slices of [`SLICE`], each sending what it found, so a change
+//! waits for one slice at most.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -30,17 +32,53 @@ use crate::error::Error;
 
 /// How often the loop looks whether the read is done.
 const POLL: Duration = Duration::from_millis(10);
+/// How long one slice of the comparison may hold the loop: at 10,000 Services the whole
+/// comparison takes about a second in the emulator.
+const SLICE: Duration = Duration::from_millis(5);
+/// How many objects are compared between looks at the clock.
+const STRIDE: usize = 32;
 
-/// A periodic full sync's kernel read, running.
+/// A periodic full sync's kernel read, running, then its comparison with the mirror.
 #[derive(Debug)]
 pub(super) struct Resync {
-    thread: JoinHandle<Result<KernelRead, SyncError>>,
+    stage: Stage,
     started: Instant,
     next_poll: Instant,
     /// The chains the reader wrote, as the mirror had them when it began.
     rules: Vec<RuleInput>,
     /// What syncs wrote since the read began.
     touched: Touched,
+}
+
+#[derive(Debug)]
+enum Stage {
+    Reading(JoinHandle<Result<KernelRead, SyncError>>),
+    Comparing(Box<Comparison>),
+}
+
+/// A comparison under way: the read, what is left to compare, and what was done so far.
+#[derive(Debug)]
+struct Comparison {
+    read: KernelRead,
+    /// Objects left to compare, the next last.
+    todo: Vec<Item>,
+    report: SyncReport,
+    /// When the read ended, and the loop's time spent comparing so far.
+    read_done: Instant,
+    comparing: Duration,
+}
+
+/// One object to compare with the read.
+#[derive(Debug)]
+enum Item {
+    /// A virtual server of the mirror.
+    Mirror(ServiceKey),
+    /// A virtual server of the kernel's.
+    Kernel(ServiceKey),
+    Address(IpAddr),
+    Entry(NetfilterEntry),
+    /// The chains, after everything else.
+    Rules,
 }
 
 /// The objects written since a read began: the read may predate them, so they are not
@@ -130,7 +168,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             Ok(thread) => {
                 tracing::debug!("full sync: reading the kernel off the loop's thread");
                 self.resync = Some(Resync {
-                    thread,
+                    stage: Stage::Reading(thread),
                     started: now,
                     next_poll: now + POLL,
                     rules,
@@ -145,13 +183,13 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         }
     }
 
-    /// When to call [`Syncer::finish_resync`], while a read runs.
+    /// When to call [`Syncer::finish_resync`], while a read or its comparison runs.
     #[must_use]
     pub fn resync_due(&self) -> Option<Instant> {
         self.resync.as_ref().map(|r| r.next_poll)
     }
 
-    /// Notes what `p` writes, while a read runs.
+    /// Notes what `p` writes, while a read or its comparison runs.
     pub(super) fn note_written(&mut self, p: &Pending) {
         let Some(resync) = &mut self.resync else {
             return;
@@ -166,44 +204,73 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             .extend(p.add_entries.iter().chain(&p.del_entries).cloned());
     }
 
-    /// Once the read is done: compares it with the mirror, leaving out what was written since
-    /// it began, and writes what differs. `None` while it runs.
+    /// Once the read is done: compares one slice of it with the mirror, leaving out what was
+    /// written since it began, and writes what differs there. `None` while the read runs or
+    /// objects are left to compare (it is due again at once); what the whole did when done.
     pub fn finish_resync(&mut self, now: Instant) -> Option<SyncReport> {
-        let resync = self.resync.take()?;
-        if !resync.thread.is_finished() {
-            self.resync = Some(Resync {
-                next_poll: now + POLL,
-                ..resync
-            });
+        let mut resync = self.resync.take()?;
+        let mut comparison = match resync.stage {
+            Stage::Reading(thread) if !thread.is_finished() => {
+                resync.stage = Stage::Reading(thread);
+                resync.next_poll = now + POLL;
+                self.resync = Some(resync);
+                return None;
+            }
+            Stage::Reading(thread) => match self.begin_comparison(thread) {
+                Ok(comparison) => Box::new(comparison),
+                Err(report) => return Some(report),
+            },
+            Stage::Comparing(comparison) => comparison,
+        };
+        let slice = Instant::now();
+        let mut p = Pending::default();
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        let mut rules = None;
+        let mut done = 0;
+        while let Some(item) = comparison.todo.pop() {
+            let read = &comparison.read;
+            let touched = &resync.touched;
+            match item {
+                Item::Mirror(key) => self.compare_mirror(key, read, touched, &mut p),
+                Item::Kernel(key) => self.compare_kernel(key, read, touched, &mut p),
+                Item::Address(ip) => self.compare_address(ip, read, touched, &mut p),
+                Item::Entry(e) => self.compare_entry(e, read, touched, &mut added, &mut removed),
+                Item::Rules => {
+                    let now_rules = self.rule_inputs();
+                    rules = (now_rules != resync.rules).then_some(now_rules);
+                }
+            }
+            done += 1;
+            if done % STRIDE == 0 && slice.elapsed() >= SLICE {
+                break;
+            }
+        }
+        let report = &mut comparison.report;
+        if !added.is_empty() || !removed.is_empty() || rules.is_some() {
+            match self.netfilter.partial(&added, &removed, rules.as_deref()) {
+                Ok(()) => {
+                    report.set_entries_added += added.len();
+                    report.set_entries_removed += removed.len();
+                }
+                Err(e) => p.errors.push(SyncError::new(None, Error::UpdateSets(e))),
+            }
+        }
+        self.execute(p, report);
+        comparison.comparing += slice.elapsed();
+        if !comparison.todo.is_empty() && !report.needs_full_sync() {
+            resync.stage = Stage::Comparing(comparison);
+            resync.next_poll = now;
+            self.resync = Some(resync);
             return None;
         }
-        let compared = Instant::now();
-        let mut report = SyncReport {
-            services: self.services.len(),
-            ..SyncReport::default()
-        };
-        let read = match resync.thread.join() {
-            Ok(Ok(read)) => read,
-            Ok(Err(e)) => {
-                report.errors.push(e);
-                self.verified = false;
-                return Some(report);
-            }
-            Err(_) => {
-                let panicked = std::io::Error::other("the kernel read panicked");
-                let e = Error::ReadIpvs(ipvs::Error::Io(panicked));
-                report.errors.push(SyncError::new(None, e));
-                self.verified = false;
-                return Some(report);
-            }
-        };
-        let touched = &resync.touched;
-        let mut p = Pending::default();
-        self.repair_ipvs(&read, touched, &mut p);
-        self.repair_addresses(&read, touched, &mut p);
-        self.repair_sets(&read, touched, &resync.rules, &mut report, &mut p);
-        self.execute(p, &mut report);
+        let Comparison {
+            report,
+            read_done,
+            comparing,
+            ..
+        } = *comparison;
         self.verified = !report.needs_full_sync();
+        let touched = &resync.touched;
         tracing::info!(
             ipvs_ops = report.ipvs_ops,
             addresses_added = report.addresses_added,
@@ -212,49 +279,115 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             set_entries_removed = report.set_entries_removed,
             skipped = touched.keys.len() + touched.addresses.len() + touched.entries.len(),
             errors = report.errors.len(),
-            read_ms = ms(compared.saturating_duration_since(resync.started)),
-            compare_ms = ms(compared.elapsed()),
+            read_ms = ms(read_done.saturating_duration_since(resync.started)),
+            compare_ms = ms(Instant::now().saturating_duration_since(read_done)),
+            compare_cpu_ms = ms(comparing),
             "full sync checked the kernel"
         );
         Some(report)
     }
 
-    /// Virtual and real servers: the mirror's put back where the kernel lost or changed them,
-    /// the proxy's that the mirror does not hold deleted.
-    fn repair_ipvs(&mut self, read: &KernelRead, touched: &Touched, p: &mut Pending) {
-        // Draining real servers the kernel no longer has are done draining.
-        let mut drained: Vec<(ServiceKey, SocketAddr)> = Vec::new();
-        for (key, vs) in &self.kernel {
-            if touched.keys.contains(key) {
-                continue;
+    /// Takes the read and lists what to compare; a read that failed is the report.
+    fn begin_comparison(
+        &mut self,
+        thread: JoinHandle<Result<KernelRead, SyncError>>,
+    ) -> Result<Comparison, SyncReport> {
+        let mut report = SyncReport {
+            services: self.services.len(),
+            ..SyncReport::default()
+        };
+        let read = match thread.join() {
+            Ok(Ok(read)) => read,
+            Ok(Err(e)) => {
+                report.errors.push(e);
+                self.verified = false;
+                return Err(report);
             }
-            let owner = self.owner.get(key);
-            let have = read.ipvs.get(key);
-            match have {
-                None => p.push(Op::AddService(vs.server.clone()), owner),
-                Some(have) if have.server != vs.server => {
-                    p.push(Op::UpdateService(vs.server.clone()), owner);
-                }
+            Err(_) => {
+                let panicked = std::io::Error::other("the kernel read panicked");
+                let e = Error::ReadIpvs(ipvs::Error::Io(panicked));
+                report.errors.push(SyncError::new(None, e));
+                self.verified = false;
+                return Err(report);
+            }
+        };
+        let read_done = Instant::now();
+        let mut todo = vec![Item::Rules];
+        // A set of the proxy's missing: the sets are written whole, as a full sync writes them.
+        let missing = self
+            .rules
+            .families
+            .iter()
+            .flat_map(|&f| KubeSet::ALL.map(|set| (f, set)))
+            .any(|set| !read.sets.contains(&set));
+        if missing {
+            let entries: BTreeSet<NetfilterEntry> = self.set_refs.keys().cloned().collect();
+            match self.netfilter.full(&entries, &self.rule_inputs()) {
+                Ok(()) => report.set_entries_added = entries.len(),
+                Err(e) => report
+                    .errors
+                    .push(SyncError::new(None, Error::RestoreNetfilter(e))),
+            }
+        } else {
+            let is_member = |e: &&NetfilterEntry| matches!(e, NetfilterEntry::Set { .. });
+            todo.extend(read.entries.iter().cloned().map(Item::Entry));
+            let wanted = self.set_refs.keys().filter(is_member);
+            todo.extend(wanted.cloned().map(Item::Entry));
+        }
+        todo.extend(read.addresses.iter().copied().map(Item::Address));
+        todo.extend(self.address_refs.keys().copied().map(Item::Address));
+        todo.extend(read.ipvs.keys().copied().map(Item::Kernel));
+        todo.extend(self.kernel.keys().copied().map(Item::Mirror));
+        Ok(Comparison {
+            read,
+            todo,
+            report,
+            read_done,
+            comparing: read_done.elapsed(),
+        })
+    }
+
+    /// One virtual server of the mirror: put back where the kernel lost or changed it or its
+    /// real servers, its extra real servers deleted.
+    fn compare_mirror(
+        &mut self,
+        key: ServiceKey,
+        read: &KernelRead,
+        touched: &Touched,
+        p: &mut Pending,
+    ) {
+        if touched.keys.contains(&key) {
+            return;
+        }
+        let Some(vs) = self.kernel.get(&key) else {
+            return;
+        };
+        let owner = self.owner.get(&key);
+        let have = read.ipvs.get(&key);
+        match have {
+            None => p.push(Op::AddService(vs.server.clone()), owner),
+            Some(have) if have.server != vs.server => {
+                p.push(Op::UpdateService(vs.server.clone()), owner);
+            }
+            Some(_) => {}
+        }
+        // Draining real servers the kernel no longer has are done draining.
+        let mut drained: Vec<SocketAddr> = Vec::new();
+        for addr in vs.real.addrs() {
+            let want = vs.real.get(&addr).expect("listed");
+            match have.and_then(|h| h.real.get(&addr)) {
+                None if self.draining.contains_key(&(key, addr)) => drained.push(addr),
+                None => p.push(Op::AddDest(key, *want), owner),
+                Some(found) if found != want => p.push(Op::UpdateDest(key, *want), owner),
                 Some(_) => {}
             }
-            for addr in vs.real.addrs() {
-                let want = vs.real.get(&addr).expect("listed");
-                match have.and_then(|h| h.real.get(&addr)) {
-                    None if self.draining.contains_key(&(*key, addr)) => {
-                        drained.push((*key, addr));
-                    }
-                    None => p.push(Op::AddDest(*key, *want), owner),
-                    Some(found) if found != want => p.push(Op::UpdateDest(*key, *want), owner),
-                    Some(_) => {}
-                }
-            }
-            for addr in have.iter().flat_map(|h| h.real.addrs()) {
-                if vs.real.get(&addr).is_none() {
-                    p.push(Op::DeleteDest(*key, addr), owner);
-                }
+        }
+        for addr in have.iter().flat_map(|h| h.real.addrs()) {
+            if vs.real.get(&addr).is_none() {
+                p.push(Op::DeleteDest(key, addr), owner);
             }
         }
-        for (key, addr) in drained {
+        for addr in drained {
             self.draining.remove(&(key, addr));
             if let Some(vs) = self.kernel.get_mut(&key)
                 && vs.real.remove(&addr).is_some()
@@ -262,90 +395,78 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                 self.real_servers -= 1;
             }
         }
-        for key in read.ipvs.keys() {
-            let ServiceKey::Addr { addr, .. } = key else {
-                continue;
-            };
-            let ours = read.addresses.contains(&addr.ip()) || self.is_node_port(*addr);
-            if ours
-                && !self.kernel.contains_key(key)
-                && !touched.keys.contains(key)
-                && !self.excluded(addr.ip())
-            {
-                p.push(Op::DeleteService(*key), None);
-            }
-        }
     }
 
-    /// `kube-ipvs0`: what the Services hold bound, nothing else.
-    fn repair_addresses(&mut self, read: &KernelRead, touched: &Touched, p: &mut Pending) {
-        let untouched = |ip: &&IpAddr| !touched.addresses.contains(*ip);
-        self.bound
-            .retain(|ip| !untouched(&ip) || read.addresses.contains(ip));
-        self.bound.extend(read.addresses.iter().filter(untouched));
-        let missing = self.address_refs.keys().filter(untouched);
-        p.add_addrs
-            .extend(missing.filter(|ip| !read.addresses.contains(*ip)));
-        let extra = read.addresses.iter().filter(untouched);
-        p.del_addrs
-            .extend(extra.filter(|ip| !self.address_refs.contains_key(*ip)));
-    }
-
-    /// The sets: only the members that differ are added and deleted, and the chains are
-    /// written again only if they changed since the reader wrote them. A set of the proxy's
-    /// that is missing brings the full write of a full sync.
-    fn repair_sets(
-        &mut self,
+    /// One virtual server of the kernel's: deleted if it is the proxy's and the mirror does
+    /// not hold it.
+    fn compare_kernel(
+        &self,
+        key: ServiceKey,
         read: &KernelRead,
         touched: &Touched,
-        written: &[RuleInput],
-        report: &mut SyncReport,
         p: &mut Pending,
     ) {
-        let families = self.rules.families.clone();
-        let rules = self.rule_inputs();
-        let missing = families
-            .iter()
-            .flat_map(|&f| KubeSet::ALL.map(|set| (f, set)))
-            .any(|set| !read.sets.contains(&set));
-        if missing {
-            let entries: BTreeSet<NetfilterEntry> = self.set_refs.keys().cloned().collect();
-            match self.netfilter.full(&entries, &rules) {
-                Ok(()) => report.set_entries_added = entries.len(),
-                Err(e) => p
-                    .errors
-                    .push(SyncError::new(None, Error::RestoreNetfilter(e))),
-            }
+        let ServiceKey::Addr { addr, .. } = key else {
+            return;
+        };
+        let ours = read.addresses.contains(&addr.ip()) || self.is_node_port(addr);
+        if ours
+            && !self.kernel.contains_key(&key)
+            && !touched.keys.contains(&key)
+            && !self.excluded(addr.ip())
+        {
+            p.push(Op::DeleteService(key), None);
+        }
+    }
+
+    /// One address: bound if a Service holds it, unbound otherwise.
+    fn compare_address(
+        &mut self,
+        ip: IpAddr,
+        read: &KernelRead,
+        touched: &Touched,
+        p: &mut Pending,
+    ) {
+        if touched.addresses.contains(&ip) {
             return;
         }
-        let is_member = |e: &&NetfilterEntry| matches!(e, NetfilterEntry::Set { .. });
-        let added: Vec<NetfilterEntry> = self
-            .set_refs
-            .keys()
-            .filter(is_member)
-            .filter(|e| !read.entries.contains(*e) && !touched.entries.contains(*e))
-            .cloned()
-            .collect();
-        let removed: Vec<NetfilterEntry> = read
-            .entries
-            .iter()
-            .filter(|e| match e {
-                NetfilterEntry::Set { family, .. } => families.contains(family),
-                NetfilterEntry::NoNodeAccess { .. } => false,
-            })
-            .filter(|e| !self.set_refs.contains_key(*e) && !touched.entries.contains(*e))
-            .cloned()
-            .collect();
-        let rules = (rules != written).then_some(rules);
-        if added.is_empty() && removed.is_empty() && rules.is_none() {
+        let bound = read.addresses.contains(&ip);
+        if bound {
+            self.bound.insert(ip);
+        } else {
+            self.bound.remove(&ip);
+        }
+        match (self.address_refs.contains_key(&ip), bound) {
+            (true, false) => {
+                p.add_addrs.insert(ip);
+            }
+            (false, true) => {
+                p.del_addrs.insert(ip);
+            }
+            _ => {}
+        }
+    }
+
+    /// One set member: added if a Service holds it, deleted otherwise (in the sets of the
+    /// families programmed).
+    fn compare_entry(
+        &self,
+        e: NetfilterEntry,
+        read: &KernelRead,
+        touched: &Touched,
+        added: &mut Vec<NetfilterEntry>,
+        removed: &mut Vec<NetfilterEntry>,
+    ) {
+        let NetfilterEntry::Set { family, .. } = &e else {
+            return;
+        };
+        if touched.entries.contains(&e) || !self.rules.families.contains(family) {
             return;
         }
-        match self.netfilter.partial(&added, &removed, rules.as_deref()) {
-            Ok(()) => {
-                report.set_entries_added = added.len();
-                report.set_entries_removed = removed.len();
-            }
-            Err(e) => p.errors.push(SyncError::new(None, Error::UpdateSets(e))),
+        match (self.set_refs.contains_key(&e), read.entries.contains(&e)) {
+            (true, false) => added.push(e),
+            (false, true) => removed.push(e),
+            _ => {}
         }
     }
 }
