@@ -2,7 +2,7 @@
 //! The same behaviours are proven against the real kernel in the VM tests.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ipvs::{
@@ -1086,4 +1086,54 @@ fn a_resync_needs_a_mirror_read_from_the_kernel() {
     // A full sync meanwhile makes the read in flight moot.
     s.full_sync(two_services(), now);
     assert_eq!(s.resync_due(), None);
+}
+
+#[test]
+fn a_change_between_two_slices_of_the_comparison_is_not_undone() {
+    let mut s = syncer();
+    let now = Instant::now();
+    let name = |i: u32| svc(&format!("s{i}"));
+    let vip = |i: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i).to_string();
+    let all: Vec<_> = (0..3000)
+        .map(|i| (name(i), target(&vip(i), 80, RR, &["10.244.0.1:80"])))
+        .collect();
+    s.full_sync(all, now);
+    // Drift at both ends of the mirror's order, whichever the comparison takes first.
+    for i in [0, 2999] {
+        s.ipvs.table.remove(&ServiceKey::tcp(ip(&vip(i)), 80));
+    }
+    assert!(s.start_resync(now));
+    let changed = target(&vip(7), 80, RR, &["10.244.0.1:80", "10.244.0.2:80"]);
+    let mut slices = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        if let Some(report) = s.finish_resync(now) {
+            break report;
+        }
+        if s.resync_due() == Some(now) {
+            // Between two slices: a change comes.
+            slices += 1;
+            if slices == 1 {
+                s.sync(vec![(name(7), changed.clone())], now);
+            }
+        }
+        assert!(Instant::now() < deadline, "the comparison never ended");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    if slices == 0 {
+        // Compared in one slice (a fast machine): the change comes after it.
+        s.sync(vec![(name(7), changed)], now);
+    }
+    let table = s.ipvs.save();
+    for i in [0, 2999] {
+        assert!(
+            table.contains(&format!("-A -t {}:80 -s rr", vip(i))),
+            "drift repaired"
+        );
+    }
+    assert!(
+        table.contains(&format!("-a -t {}:80 -r 10.244.0.2:80 -m -w 1", vip(7))),
+        "the change stays"
+    );
 }
