@@ -361,40 +361,55 @@ impl Handle {
     /// own (in this thread's network namespace, which threads inherit). Not atomic: the table
     /// may change between the dumps; a service deleted meanwhile shows no real servers.
     pub fn dump_on(&mut self, sockets: usize) -> Result<Vec<TableEntry>, Error> {
+        self.dump_map(sockets, |entry| entry)
+    }
+
+    /// [`Handle::dump_on`], each entry handed to `keep` as soon as its real servers are read,
+    /// on the thread that read them: a caller that keeps less of it (no counters) never holds
+    /// the whole table's entries, about 15 MiB at 10,000 virtual servers × 10 real servers.
+    pub fn dump_map<T: Send>(
+        &mut self,
+        sockets: usize,
+        keep: impl Fn(TableEntry) -> T + Sync,
+    ) -> Result<Vec<T>, Error> {
         let services = self.services()?;
-        let keys: Vec<ServiceKey> = services.iter().map(|s| s.server.key).collect();
-        let run = keys.len().div_ceil(sockets.max(1)).max(1);
-        let mut runs = keys.chunks(run);
+        let run = services.len().div_ceil(sockets.max(1)).max(1);
+        let mut runs = services.chunks(run);
         let own = runs.next().unwrap_or_default();
-        let timeout = self.timeout;
-        let reals = std::thread::scope(|scope| {
+        let (timeout, keep) = (self.timeout, &keep);
+        std::thread::scope(|scope| {
             let others: Vec<_> = runs
-                .map(|keys| {
-                    scope.spawn(move || Handle::with_timeout(timeout)?.real_servers_of(keys))
+                .map(|services| {
+                    scope.spawn(move || Handle::with_timeout(timeout)?.read_run(services, keep))
                 })
                 .collect();
-            let mut reals = self.real_servers_of(own)?;
+            let mut table = self.read_run(own, keep)?;
             for other in others {
                 let read = other
                     .join()
                     .map_err(|_| Error::Io(io::Error::other("an IPVS dump thread panicked")))?;
-                reals.extend(read?);
+                table.extend(read?);
             }
-            Ok::<_, Error>(reals)
-        })?;
-        Ok(services
-            .into_iter()
-            .zip(reals)
-            .map(|(service, real_servers)| TableEntry {
-                service,
-                real_servers,
-            })
-            .collect())
+            Ok(table)
+        })
     }
 
-    /// The real servers of each of `keys`, in order.
-    fn real_servers_of(&mut self, keys: &[ServiceKey]) -> Result<Vec<Vec<RealServerEntry>>, Error> {
-        keys.iter().map(|key| self.real_servers(key)).collect()
+    /// The real servers of each of `services`, in order, each entry handed to `keep`.
+    fn read_run<T>(
+        &mut self,
+        services: &[VirtualServerEntry],
+        keep: impl Fn(TableEntry) -> T,
+    ) -> Result<Vec<T>, Error> {
+        services
+            .iter()
+            .map(|service| {
+                let real_servers = self.real_servers(&service.server.key)?;
+                Ok(keep(TableEntry {
+                    service: service.clone(),
+                    real_servers,
+                }))
+            })
+            .collect()
     }
 
     /// The bound on each wait for the kernel: a reader on another thread opens its own

@@ -12,7 +12,8 @@ use iptables::{IpSet, SetEntry};
 use ipvs::{Connections, Op, RealServerEntry, Scheduler, ServiceKey, Stats, VirtualServer};
 
 use crate::sync::{
-    AddressKernel, BackendError, IpvsKernel, IpvsTable, NetfilterEntry, NetfilterKernel, Reader,
+    AddressKernel, BackendError, IpvsKernel, IpvsServers, IpvsTable, NetfilterEntry,
+    NetfilterKernel, Reader,
 };
 
 /// The IPVS table (`ipvsadm`).
@@ -38,9 +39,13 @@ impl IpvsKernel for FakeIpvs {
     }
 
     /// The table as it is when the read begins.
-    fn reader(&self) -> Option<Reader<IpvsTable, ipvs::Error>> {
-        let table = self.snapshot();
-        Some(Box::new(move || Ok(table)))
+    fn reader(&self) -> Option<Reader<IpvsServers, ipvs::Error>> {
+        let servers: IpvsServers = self
+            .table
+            .values()
+            .map(|(vs, r)| (vs.clone(), r.values().map(|e| e.server).collect()))
+            .collect();
+        Some(Box::new(move || Ok(servers)))
     }
 
     fn real_servers(&mut self, key: &ServiceKey) -> Result<Vec<RealServerEntry>, ipvs::Error> {

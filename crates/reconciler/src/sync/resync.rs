@@ -22,7 +22,7 @@ use iptables::Family;
 use iptables::ipvs_mode::{KubeSet, RuleInput};
 use ipvs::{Op, ServiceKey};
 
-use super::kernel::{IpvsTable, Reader};
+use super::kernel::{IpvsServers, Reader};
 use super::mirror::KernelVs;
 use super::report::SyncError;
 use super::{
@@ -103,7 +103,7 @@ struct KernelRead {
 
 /// Runs the three reads; on the reader's thread.
 fn read(
-    ipvs: Reader<IpvsTable, ipvs::Error>,
+    ipvs: Reader<IpvsServers, ipvs::Error>,
     addresses: Reader<BTreeSet<IpAddr>>,
     netfilter: Reader<Vec<iptables::IpSet>>,
 ) -> Result<KernelRead, SyncError> {
@@ -112,10 +112,9 @@ fn read(
     let ipvs = table
         .into_iter()
         // Firewall-mark services are never the proxy's.
-        .filter(|e| matches!(e.service.server.key, ServiceKey::Addr { .. }))
-        .map(|e| {
-            let real = e.real_servers.into_iter().map(|r| r.server).collect();
-            let server = e.service.server;
+        .filter(|(server, _)| matches!(server.key, ServiceKey::Addr { .. }))
+        .map(|(server, real)| {
+            let real = real.into_iter().collect();
             (server.key, KernelVs { server, real })
         })
         .collect();
