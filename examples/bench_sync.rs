@@ -6,14 +6,22 @@
 //!   the IPVS table; the floor is the same state (from `ipvs-proxy plan --only …`) loaded on a
 //!   clean kernel by `ipvsadm -R`, `ip -batch`, `ipset restore` and `iptables-restore`;
 //! - one endpoint change: from the file's rename into the directory to the new real server in
-//!   the IPVS table (polled with the `ipvs` crate), median and p99 over 100 changes;
+//!   the IPVS table (polled with the `ipvs` crate), median and p99 over 200 changes, split by
+//!   the daemon's log into those that arrived while a periodic full sync read the kernel and
+//!   those that did not (the period, `BENCH_SYNC_PERIOD`, is N/2 ms, at least 500 ms, so that
+//!   reads run about half the time);
+//! - the same change sent directly by the `ipvs` crate (the same two operations on a virtual
+//!   server of its own), after each of the daemon's, in turns;
 //! - the daemon's peak RSS (VmHWM).
 //!
 //! The daemon is this executable run again with `--daemon` (the examples have no path to the
 //! `ipvs-proxy` binary); it is the same library code as the binary's. Default sizes: 1000
 //! 10000. Ends with, per size:
-//! `bench sync-cold <N> ours=<s>s floor=<s>s ratio=<ours/floor> rss=<MiB>MiB` and
-//! `bench sync-change <N> ours=<median s>s p99=<ms>ms`.
+//! `bench sync-cold <N> ours=<s>s floor=<s>s ratio=<ours/floor> rss=<MiB>MiB`,
+//! `bench sync-change <N> ours=<median s>s p99=<ms>ms` (no read running),
+//! `bench sync-change-resync <N> ours=<median s>s floor=<median without>s ratio=… p99=…` and
+//! `bench sync-change-direct <N> ours=<median s>s floor=<the ipvs crate's>s ratio=… p99=…
+//! p99_floor=… p99_ratio=…`.
 //!
 //! `--source api` (first argument) serves the same cluster from the test API server (the
 //! `testapi` crate, in this process, on loopback) instead: the daemon follows it with
@@ -39,7 +47,7 @@ use testapi::ApiServer;
 mod support;
 use support::{Daemon, ENDPOINTS, endpoint, fresh_netns, metric, proc_status_kib, service_yaml};
 
-const CHANGES: usize = 100;
+const CHANGES: usize = 200;
 /// How long the kernel is given to free a namespace left behind (its IPVS table goes in the
 /// background) before the next measurement starts.
 const TEARDOWN: Duration = Duration::from_secs(10);
@@ -187,8 +195,27 @@ fn bench(args: &[String]) -> Result<()> {
         });
         summary.push(format!(
             "bench {name}-change {n} ours={:.4}s p99={:.1}ms",
-            cold.change_median.as_secs_f64(),
-            cold.change_p99.as_secs_f64() * 1000.0,
+            cold.idle.median.as_secs_f64(),
+            cold.idle.p99.as_secs_f64() * 1000.0,
+        ));
+        // The same change during a periodic full sync, against it without one.
+        let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+        summary.push(format!(
+            "bench {name}-change-resync {n} ours={:.4}s floor={:.4}s ratio={:.2} p99={:.1}ms",
+            cold.during_resync.median.as_secs_f64(),
+            cold.idle.median.as_secs_f64(),
+            ratio(cold.during_resync.median, cold.idle.median),
+            cold.during_resync.p99.as_secs_f64() * 1000.0,
+        ));
+        // The daemon's change against the same netlink operations sent by the ipvs crate.
+        summary.push(format!(
+            "bench {name}-change-direct {n} ours={:.4}s floor={:.4}s ratio={:.2} p99={:.1}ms p99_floor={:.1}ms p99_ratio={:.2}",
+            cold.idle.median.as_secs_f64(),
+            cold.direct.median.as_secs_f64(),
+            ratio(cold.idle.median, cold.direct.median),
+            cold.idle.p99.as_secs_f64() * 1000.0,
+            cold.direct.p99.as_secs_f64() * 1000.0,
+            ratio(cold.idle.p99, cold.direct.p99),
         ));
     }
     for line in summary {
@@ -319,9 +346,53 @@ fn floor(source: &Source) -> Result<Duration> {
 
 struct Measured {
     ours: Duration,
-    change_median: Duration,
-    change_p99: Duration,
+    /// Changes while no full sync read the kernel.
+    idle: Latencies,
+    /// Changes that arrived while a periodic full sync read the kernel.
+    during_resync: Latencies,
+    /// The same changes made with the bare `ipvs` crate, while no full sync read the kernel.
+    direct: Latencies,
     peak_rss_kib: u64,
+}
+
+/// Median and p99 of some changes' latencies.
+#[derive(Clone, Copy)]
+struct Latencies {
+    count: usize,
+    median: Duration,
+    p99: Duration,
+}
+
+impl Latencies {
+    fn of(mut latencies: Vec<Duration>) -> Latencies {
+        latencies.sort();
+        if latencies.is_empty() {
+            return Latencies {
+                count: 0,
+                median: Duration::ZERO,
+                p99: Duration::ZERO,
+            };
+        }
+        Latencies {
+            count: latencies.len(),
+            median: percentile(&latencies, 0.5),
+            p99: percentile(&latencies, 0.99),
+        }
+    }
+
+    fn ms(d: Duration) -> f64 {
+        d.as_secs_f64() * 1000.0
+    }
+
+    /// `median=…ms p99=…ms (n=…)`.
+    fn describe(&self) -> String {
+        format!(
+            "median {:.2}ms p99 {:.2}ms (n={})",
+            Latencies::ms(self.median),
+            Latencies::ms(self.p99),
+            self.count
+        )
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -344,11 +415,10 @@ fn cold_start(source: &Source, n: u32) -> Result<Measured> {
         METRICS.into(),
         "--healthz-bind-address".into(),
         "127.0.0.1:0".into(),
-        // A change is measured alone: at 10,000 Services in the emulated VM one full resync
-        // takes longer than the default 30s period, and a change waits for it. The first
-        // (full) sync's duration is in the log lines printed below.
+        // Periodic full syncs often enough that many changes arrive during one (which reads
+        // the kernel off the loop's thread): the log says which did.
         "--ipvs-sync-period".into(),
-        "1h".into(),
+        sync_period(n),
     ]);
     let exe = std::env::current_exe()?;
     let started = Instant::now();
@@ -405,7 +475,8 @@ fn cold_start(source: &Source, n: u32) -> Result<Measured> {
         println!("  (net.ipv4.vs.run_estimation=0 for the changes)");
     }
     let mut renames = Vec::with_capacity(CHANGES);
-    let latencies = match changes(&mut handle, source, n, &mut renames) {
+    let mut direct = Vec::with_capacity(CHANGES);
+    let latencies = match changes(&mut handle, source, n, &mut renames, &mut direct) {
         Ok(l) => l,
         Err(e) => {
             print_log(&std::fs::read_to_string(&log_path).unwrap_or_default());
@@ -414,14 +485,12 @@ fn cold_start(source: &Source, n: u32) -> Result<Measured> {
     };
     let mut sorted = latencies.clone();
     sorted.sort();
-    let change_median = percentile(&sorted, 0.5);
-    let change_p99 = percentile(&sorted, 0.99);
     println!(
         "  ours: one endpoint change, source to kernel (file renamed or slice updated), over {CHANGES}: min {:.2}ms median {:.2}ms p90 {:.2}ms p99 {:.2}ms max {:.2}ms",
         sorted[0].as_secs_f64() * 1000.0,
-        change_median.as_secs_f64() * 1000.0,
+        percentile(&sorted, 0.5).as_secs_f64() * 1000.0,
         percentile(&sorted, 0.9).as_secs_f64() * 1000.0,
-        change_p99.as_secs_f64() * 1000.0,
+        percentile(&sorted, 0.99).as_secs_f64() * 1000.0,
         sorted[sorted.len() - 1].as_secs_f64() * 1000.0,
     );
     let peak_rss_kib = proc_status_kib(pid, "VmHWM:");
@@ -432,27 +501,100 @@ fn cold_start(source: &Source, n: u32) -> Result<Measured> {
     );
     drop(daemon);
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let (idle, during_resync, direct) = split_by_resync(&log, &renames, &latencies, &direct);
     explain_changes(&log, &renames);
     slowest_changes(&log, &renames, &latencies);
     print_log(&log);
     Ok(Measured {
         ours,
-        change_median,
-        change_p99,
+        idle,
+        during_resync,
+        direct,
         peak_rss_kib,
     })
+}
+
+/// The daemon's changes that arrived while no periodic full sync read the kernel, those that
+/// arrived while one did (by the daemon's log), and the direct ones made while none did.
+fn split_by_resync(
+    log: &str,
+    renames: &[std::time::SystemTime],
+    latencies: &[Duration],
+    direct: &[(std::time::SystemTime, Duration)],
+) -> (Latencies, Latencies, Latencies) {
+    let windows = resync_reads(log);
+    let read_ms: Vec<Duration> = windows
+        .iter()
+        .map(|(s, e, _)| Duration::from_secs_f64(e - s))
+        .collect();
+    let compare_ms: Vec<Duration> = windows
+        .iter()
+        .map(|(_, _, c)| Duration::from_secs_f64(c / 1000.0))
+        .collect();
+    let during = |t: &std::time::SystemTime| {
+        clock_time(*t).is_some_and(|at| windows.iter().any(|(s, e, _)| *s <= at && at <= *e))
+    };
+    let split = |times: &[(std::time::SystemTime, Duration)], want: bool| {
+        let chosen = times.iter().filter(|(t, _)| during(t) == want);
+        Latencies::of(chosen.map(|(_, l)| *l).collect())
+    };
+    let ours: Vec<_> = renames
+        .iter()
+        .copied()
+        .zip(latencies.iter().copied())
+        .collect();
+    let (idle, during_resync) = (split(&ours, false), split(&ours, true));
+    let direct = split(direct, false);
+    println!(
+        "  periodic full syncs that read the kernel: {} (read and compare {}; of which the comparison, on the loop's thread, {}); changes during one {}, during none {}; the same change by the ipvs crate {}",
+        windows.len(),
+        Latencies::of(read_ms).describe(),
+        Latencies::of(compare_ms).describe(),
+        during_resync.describe(),
+        idle.describe(),
+        direct.describe(),
+    );
+    (idle, during_resync, direct)
+}
+
+/// A period that keeps a periodic full sync reading the kernel about half the time (a read
+/// takes about 0.2 s per 1,000 Services in the emulator).
+fn sync_period(n: u32) -> String {
+    std::env::var("BENCH_SYNC_PERIOD").unwrap_or_else(|_| format!("{}ms", (n / 2).max(500)))
+}
+
+/// The (start, end) of every periodic full sync's kernel read and comparison, in seconds of
+/// the day as [`log_time`], and the comparison's milliseconds (on the loop's thread), from its
+/// `full sync checked the kernel` line.
+fn resync_reads(log: &str) -> Vec<(f64, f64, f64)> {
+    log.lines()
+        .filter(|l| l.contains("full sync checked the kernel"))
+        .filter_map(|l| {
+            let end = log_time(l)?;
+            let compare = field(l, "compare_ms")?;
+            let took = field(l, "read_ms")? + compare;
+            Some((end - took / 1000.0, end, compare))
+        })
+        .collect()
 }
 
 /// One endpoint change at a time: the last endpoint of a Service moves to a new address; how
 /// long each took from the file's rename (or the slice's update) to the new real server in the
 /// IPVS table.
+///
+/// Each is followed by the same change made directly with the `ipvs` crate (`direct`: when,
+/// and how long until polled in the table): the same two operations (the new real server
+/// added, the moved one set to weight 0 to drain) on a virtual server of its own, which the
+/// proxy does not own (its address is not on `kube-ipvs0`), so the two never meet.
 fn changes(
     handle: &mut ipvs::Handle,
     source: &Source,
     n: u32,
     renames: &mut Vec<std::time::SystemTime>,
+    direct: &mut Vec<(std::time::SystemTime, Duration)>,
 ) -> Result<Vec<Duration>> {
     let mut latencies = Vec::with_capacity(CHANGES);
+    let mut bare = Bare::new(handle)?;
     for k in 0..CHANGES {
         let k32 = u32::try_from(k)?;
         let i = (k32 * 7919) % n;
@@ -479,8 +621,89 @@ fn changes(
         latencies.push(t0.elapsed());
         // Changes are measured one by one, not coalesced.
         std::thread::sleep(Duration::from_millis(20));
+        direct.push(bare.change(handle, k)?);
+        std::thread::sleep(Duration::from_millis(20));
     }
+    bare.remove(handle);
     Ok(latencies)
+}
+
+/// The virtual server the bare `ipvs` crate changes, beside the daemon's.
+struct Bare {
+    key: ipvs::ServiceKey,
+    /// The real server the next change moves.
+    last: ipvs::RealServer,
+}
+
+impl Bare {
+    fn new(handle: &mut ipvs::Handle) -> Result<Bare> {
+        let key = ipvs::ServiceKey::tcp(Ipv4Addr::new(10, 99, 0, 1).into(), 80);
+        let reals: Vec<ipvs::RealServer> = (0..ENDPOINTS)
+            .map(|j| {
+                let ip = Ipv4Addr::new(10, 246, 0, u8::try_from(j + 1).unwrap_or(1));
+                ipvs::RealServer::masquerade(SocketAddr::from((ip, 8080)))
+            })
+            .collect();
+        let mut ops = vec![ipvs::Op::AddService(ipvs::VirtualServer::new(
+            key,
+            ipvs::Scheduler::RoundRobin,
+        ))];
+        ops.extend(reals.iter().map(|r| ipvs::Op::AddDest(key, *r)));
+        for result in handle.apply(&ops) {
+            result?;
+        }
+        Ok(Bare {
+            key,
+            last: reals[reals.len() - 1],
+        })
+    }
+
+    /// Moves the last real server as the daemon's change does: when it began, and how long
+    /// until the new one was polled in the table. The drained one is deleted after, untimed,
+    /// as the daemon deletes it after its drain check.
+    fn change(
+        &mut self,
+        handle: &mut ipvs::Handle,
+        k: usize,
+    ) -> Result<(std::time::SystemTime, Duration)> {
+        let moved = SocketAddr::from((
+            Ipv4Addr::new(10, 247, u8::try_from(k / 250)?, u8::try_from(k % 250 + 1)?),
+            8080,
+        ));
+        let new = ipvs::RealServer::masquerade(moved);
+        let drained = ipvs::RealServer {
+            weight: 0,
+            ..self.last
+        };
+        let at = std::time::SystemTime::now();
+        let t0 = Instant::now();
+        let ops = [
+            ipvs::Op::AddDest(self.key, new),
+            ipvs::Op::UpdateDest(self.key, drained),
+        ];
+        for result in handle.apply(&ops) {
+            result?;
+        }
+        while !handle
+            .real_servers(&self.key)?
+            .iter()
+            .any(|r| r.server.addr == moved)
+        {
+            ensure!(
+                t0.elapsed() < Duration::from_secs(30),
+                "direct change {k} not seen"
+            );
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        let took = t0.elapsed();
+        handle.delete_real_server(&self.key, drained.addr)?;
+        self.last = new;
+        Ok((at, took))
+    }
+
+    fn remove(self, handle: &mut ipvs::Handle) {
+        let _ = handle.delete_service(&self.key);
+    }
 }
 
 /// Seconds since midnight UTC of `t`, on the scale of [`log_time`].

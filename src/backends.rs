@@ -6,23 +6,29 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use iptables::ipset::SetOp;
 use iptables::ipvs_mode::{self, KubeSet, RuleInput};
-use iptables::{Family, Runner, SetEntry, SetPatch, Table};
-use reconciler::sync::{BackendError, IpvsKernel, NetfilterEntry, NetfilterKernel};
+use iptables::{Family, IpSet, Runner, SetEntry, SetPatch};
+use reconciler::sync::{
+    BackendError, IpvsKernel, IpvsServers, IpvsTable, NetfilterEntry, NetfilterKernel, Reader,
+};
 
 /// The real IPVS table.
 #[derive(Debug)]
 pub struct KernelIpvs(pub ipvs::Handle);
 
 impl IpvsKernel for KernelIpvs {
-    fn dump(
-        &mut self,
-    ) -> Result<Vec<(ipvs::VirtualServer, Vec<ipvs::RealServerEntry>)>, ipvs::Error> {
-        Ok(self
-            .0
-            .dump()?
-            .into_iter()
-            .map(|e| (e.service.server, e.real_servers))
-            .collect())
+    fn dump(&mut self) -> Result<IpvsTable, ipvs::Error> {
+        self.0.dump()
+    }
+
+    fn reader(&self) -> Option<Reader<IpvsServers, ipvs::Error>> {
+        let timeout = self.0.timeout();
+        let keep = |e: ipvs::TableEntry| {
+            let reals = e.real_servers.into_iter().map(|r| r.server).collect();
+            (e.service.server, reals)
+        };
+        Some(Box::new(move || {
+            ipvs::Handle::with_timeout(timeout)?.dump_map(ipvs::DUMP_SOCKETS, keep)
+        }))
     }
 
     fn real_servers(
@@ -44,20 +50,10 @@ impl IpvsKernel for KernelIpvs {
 pub struct KernelNetfilter(pub Runner);
 
 impl KernelNetfilter {
-    /// Rewrites the proxy's chains of each family; jumps from built-in chains are added only
-    /// where `iptables-save` does not show them already.
+    /// Rewrites the proxy's chains of each family where they differ from `iptables-save`.
     fn write_rules(&self, rules: &[RuleInput]) -> Result<(), BackendError> {
         for input in rules {
-            let mut ruleset = ipvs_mode::ruleset(input);
-            let saved = self.0.save(input.family, None)?;
-            for table in [Table::Nat, Table::Filter, Table::Mangle, Table::Raw] {
-                let Some(patch) = ruleset.tables.get_mut(&table) else {
-                    continue;
-                };
-                let jumps = std::mem::take(&mut patch.insert_jumps);
-                saved.add_missing_jumps(table, &jumps, &mut ruleset);
-            }
-            self.0.apply(input.family, &ruleset)?;
+            ipvs_mode::write_rules(&self.0, input)?;
         }
         Ok(())
     }
@@ -80,13 +76,13 @@ impl NetfilterKernel for KernelNetfilter {
                 sets.entry((*family, *set)).or_default().insert(*entry);
             }
         }
-        // Sets must exist before the rules that name them.
-        let existing: BTreeSet<String> = self.0.ipset_names()?.into_iter().collect();
-        let mut patch = SetPatch::default();
-        for (&(family, set), entries) in &sets {
-            patch.refill(&existing, &set.to_ipset(family, entries));
-        }
+        let wanted: Vec<IpSet> = sets
+            .iter()
+            .map(|(&(f, set), e)| set.to_ipset(f, e))
+            .collect();
         drop(sets);
+        // Sets must exist before the rules that name them.
+        let patch = SetPatch::between(&self.0.ipset_save()?, &wanted);
         self.0.ipset_restore(&patch)?;
         self.write_rules(rules)
     }
@@ -115,5 +111,13 @@ impl NetfilterKernel for KernelNetfilter {
             self.write_rules(rules)?;
         }
         Ok(())
+    }
+
+    fn reader(&self, rules: Vec<RuleInput>) -> Option<Reader<Vec<IpSet>>> {
+        let netfilter = KernelNetfilter(self.0.clone());
+        Some(Box::new(move || {
+            netfilter.write_rules(&rules)?;
+            Ok(netfilter.0.ipset_save()?)
+        }))
     }
 }

@@ -481,6 +481,84 @@ fn daemon_full_resync_restores_its_own_and_leaves_others() {
     assert_eq!(tcp_answers(vip(80), 6), cluster.names(&[0, 1, 2]));
 }
 
+/// A change made while a periodic full sync reads the kernel (on its own thread) lands, is
+/// not undone by that older read, and the reads still repair what was changed by hand.
+#[test]
+#[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
+fn daemon_changes_during_full_resyncs_land_and_the_resyncs_still_repair_drift() {
+    let _kernel = Kernel::take();
+    let cluster = Cluster::new("during");
+    cluster
+        .dir
+        .write("web.yaml", &web(&[POD_A, POD_B, POD_C]).yaml());
+    // Enough Services that each read of the kernel takes a while: with a period of a second,
+    // one runs much of the time.
+    let bulk_endpoints: Vec<Ipv4Addr> = (1..=10).map(|i| Ipv4Addr::new(10, 245, 0, i)).collect();
+    for i in 0..1000_u32 {
+        let name = format!("bulk-{i}");
+        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 0)) + i).to_string();
+        let spec = ServiceSpec {
+            name: &name,
+            vip: &vip,
+            ..web(&bulk_endpoints)
+        };
+        cluster.dir.write(&format!("{name}.yaml"), &spec.yaml());
+    }
+    let daemon = cluster.start(&["--ipvs-sync-period", "1s"]);
+    let planned = plan_ipvs(&cluster);
+    wait_until(
+        "the whole plan in the kernel",
+        || ipvs_lines() == planned,
+        || daemon.log(),
+    );
+    let checked = |daemon: &Daemon| -> Vec<String> {
+        daemon
+            .full_syncs()
+            .into_iter()
+            .filter(|l| l.contains("checked the kernel"))
+            .collect()
+    };
+    wait_until(
+        "a periodic full sync",
+        || !checked(&daemon).is_empty(),
+        || daemon.log(),
+    );
+
+    // One of the proxy's virtual servers deleted by hand, then a change every 50 ms for 3 s,
+    // ending with all three pods.
+    run("ipvsadm", &["-D", "-t", "10.97.0.7:80"]);
+    let endpoint_sets: [&[Ipv4Addr]; 4] = [
+        &[POD_A],
+        &[POD_A, POD_B],
+        &[POD_B, POD_C],
+        &[POD_A, POD_B, POD_C],
+    ];
+    for k in 0..60 {
+        let endpoints = endpoint_sets[k % endpoint_sets.len()];
+        cluster.dir.write("web.yaml", &web(endpoints).yaml());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_for_ipvs(&daemon, "-t 10.96.0.20:80", &WEB_ABC);
+    // Two more reads after the last change: neither undoes it, and the deleted one is back.
+    let seen = checked(&daemon).len();
+    wait_until(
+        "two more periodic full syncs",
+        || checked(&daemon).len() >= seen + 2,
+        || daemon.log(),
+    );
+    assert_eq!(ipvs_lines(), planned, "{}", daemon.log());
+    let skipped = checked(&daemon)
+        .iter()
+        .filter(|l| !l.contains("skipped=0 "))
+        .count();
+    assert!(
+        skipped > 0,
+        "no change was made while a read ran, so this proved nothing:\n{}",
+        daemon.log()
+    );
+    assert_eq!(tcp_answers(vip(80), 6), cluster.names(&[0, 1, 2]));
+}
+
 #[test]
 #[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
 fn daemon_reports_a_malformed_manifest_and_keeps_working() {

@@ -398,11 +398,15 @@ impl Daemon {
         strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
     }
 
-    /// The `synced` lines of full syncs, oldest first.
+    /// The lines of full syncs, oldest first: `synced` with `full=true`, and the periodic ones
+    /// that read the kernel off the loop's thread, `full sync checked the kernel`.
     pub fn full_syncs(&self) -> Vec<String> {
         self.log()
             .lines()
-            .filter(|l| l.contains(" synced ") && l.contains("full=true"))
+            .filter(|l| {
+                (l.contains(" synced ") && l.contains("full=true"))
+                    || l.contains("full sync checked the kernel")
+            })
             .map(str::to_owned)
             .collect()
     }

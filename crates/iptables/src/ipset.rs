@@ -216,6 +216,16 @@ impl SetHeader {
         }
     }
 
+    /// Whether a set made with these parameters can hold what `wanted` is sized for: the same
+    /// type and family (a bitmap has none) and at least its `maxelem`. The kernel grows a
+    /// hash set's `hashsize` as it fills, so that is not compared.
+    #[must_use]
+    pub fn fits(&self, wanted: &SetHeader) -> bool {
+        self.kind == wanted.kind
+            && (self.kind == SetType::BitmapPort
+                || (self.family == wanted.family && self.maxelem >= wanted.maxelem))
+    }
+
     /// Writes `create NAME TYPE …` (without `-exist`; `ipset restore -exist` supplies it).
     pub fn write_create(&self, name: &str, out: &mut String) {
         let _ = write!(out, "create {name} {}", self.kind);
@@ -408,6 +418,36 @@ impl SetPatch {
             self.ops.push(SetOp::Destroy(swap));
         }
         self.fill_twin_and_swap(set);
+    }
+
+    /// The operations that make each of `wanted` hold exactly its entries, given the sets
+    /// `ipset save` read (`kernel`): where a set exists with room for them (same type and
+    /// family, `maxelem` as large), only the members that differ are deleted and added; a
+    /// missing set, or one that needs other parameters, is built as [`SetPatch::refill`]
+    /// builds it. A full sync over sets that hold what they should writes nothing.
+    #[must_use]
+    pub fn between(kernel: &[IpSet], wanted: &[IpSet]) -> SetPatch {
+        let existing: BTreeSet<String> = kernel.iter().map(|s| s.name().to_owned()).collect();
+        let mut patch = SetPatch::default();
+        for set in wanted {
+            let name = set.name();
+            match kernel.iter().find(|k| k.name() == name) {
+                Some(old) if old.header.fits(&set.header) => {
+                    let swap = swap_name(name);
+                    if existing.contains(&swap) {
+                        patch.ops.push(SetOp::Destroy(swap));
+                    }
+                    for e in old.entries.difference(&set.entries) {
+                        patch.ops.push(SetOp::Del(name.to_owned(), *e));
+                    }
+                    for e in set.entries.difference(&old.entries) {
+                        patch.ops.push(SetOp::Add(name.to_owned(), *e));
+                    }
+                }
+                _ => patch.refill(&existing, set),
+            }
+        }
+        patch
     }
 
     /// Creates `set`'s twin, fills it, swaps it with `set` and destroys it.
@@ -729,6 +769,54 @@ mod tests {
              swap KUBE~IPVS-IPS KUBE-IPVS-IPS\n\
              destroy KUBE~IPVS-IPS\n"
         );
+    }
+
+    #[test]
+    fn between_writes_only_the_members_that_differ_and_builds_what_does_not_fit() {
+        let set = |name: &str, entries: &[SetEntry]| {
+            IpSet::new(
+                name,
+                SetType::HashIp,
+                Family::V4,
+                entries.iter().copied().collect(),
+            )
+        };
+        let (a, b, c) = (
+            SetEntry::Ip(ip(1, 1, 1, 1)),
+            SetEntry::Ip(ip(2, 2, 2, 2)),
+            SetEntry::Ip(ip(3, 3, 3, 3)),
+        );
+        let mut small = set("KUBE-CLUSTER-IP", &[a]);
+        small.header.maxelem = 1024;
+        let kernel = [
+            set("KUBE-LOOP-BACK", &[a, b]),
+            small,
+            set("KUBE~LOOP-BACK", &[]),
+            set("KUBE-IPVS-IPS", &[c]),
+        ];
+        let wanted = [
+            set("KUBE-LOOP-BACK", &[b, c]),
+            set("KUBE-CLUSTER-IP", &[a]),
+            set("KUBE-EXTERNAL-IP", &[]),
+            set("KUBE-IPVS-IPS", &[c]),
+        ];
+        let patch = SetPatch::between(&kernel, &wanted);
+        patch.check_ownership(is_proxy_set).unwrap();
+        assert_eq!(
+            patch.render(),
+            "destroy KUBE~LOOP-BACK\n\
+             del KUBE-LOOP-BACK 1.1.1.1\n\
+             add KUBE-LOOP-BACK 3.3.3.3\n\
+             create KUBE~CLUSTER-IP hash:ip family inet hashsize 1024 maxelem 65536\n\
+             add KUBE~CLUSTER-IP 1.1.1.1\n\
+             swap KUBE~CLUSTER-IP KUBE-CLUSTER-IP\n\
+             destroy KUBE~CLUSTER-IP\n\
+             create KUBE-EXTERNAL-IP hash:ip family inet hashsize 1024 maxelem 65536\n\
+             create KUBE~EXTERNAL-IP hash:ip family inet hashsize 1024 maxelem 65536\n\
+             swap KUBE~EXTERNAL-IP KUBE-EXTERNAL-IP\n\
+             destroy KUBE~EXTERNAL-IP\n"
+        );
+        assert!(SetPatch::between(&wanted, &wanted).is_empty());
     }
 
     #[test]

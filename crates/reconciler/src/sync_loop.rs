@@ -2,7 +2,9 @@
 //! the kernel — the changed Services at most every `--ipvs-min-sync-period`, everything (after
 //! re-reading the kernel) every `--ipvs-sync-period`, and draining real servers every second.
 //! After a sync a backend failed as a whole, a full sync follows soon to repair it; a Service
-//! the kernel refused is retried on its own, with backoff ([`crate::retries`]).
+//! the kernel refused is retried on its own, with backoff ([`crate::retries`]). A periodic
+//! full sync the engine can run off the loop's thread ([`Engine::start_resync`]) holds no
+//! change back: the loop goes on syncing them until the engine resumes.
 //!
 //! It runs on its own thread ([`SyncLoop::run`]): kernel calls are blocking and quick, and a
 //! sync must never wait behind HTTP or watch traffic. Time is a parameter of
@@ -228,7 +230,10 @@ impl<C: Keyed> SyncLoop<Vec<C>> {
                 d.saturating_duration_since(Instant::now())
             });
             let received = runtime.block_on(async {
+                // Changes first: a periodic full sync's comparison, due again at once while
+                // it lasts, takes turns with them instead of racing them.
                 tokio::select! {
+                    biased;
                     open = updates.wait() => Some(open),
                     () = tokio::time::sleep(wait) => None,
                     _ = stop.changed() => Some(false),
@@ -508,7 +513,18 @@ impl<E> SyncLoop<E> {
                 self.next_full = Some(now);
             }
         }
-        let full_due = self.next_full.is_none_or(|t| now >= t);
+        let mut full_due = self.next_full.is_none_or(|t| now >= t);
+        if full_due && self.last_sync.is_some() {
+            // Families may have moved with the Services; a replan makes the engine sync all.
+            self.replan();
+            if self.engine.start_resync(now) {
+                // The engine looks for drift off this thread; changes go on meanwhile.
+                self.next_full = Some(now + self.settings.sync_period);
+                full_due = false;
+                self.report_all();
+                self.reconcile_conntrack(true, &BTreeSet::new());
+            }
+        }
         let retry: Vec<ServiceName> = self.retries.due(now).cloned().collect();
         if !retry.is_empty() {
             tracing::debug!(
@@ -650,15 +666,23 @@ impl<E> SyncLoop<E> {
         self.last_sync = Some(now);
         self.observer.counts(self.engine.counts());
         if full {
-            // A walk over every Service: done with full syncs only, so a one-Service change
-            // costs the same whatever the cluster's size.
-            for &family in &self.planner.config.families {
-                let (internal, external) = self.no_local_endpoints(family);
-                self.observer.no_local_endpoints(family, internal, external);
-            }
+            self.report_all();
+        } else {
+            self.observer
+                .health_checks(&self.health_checks(false, &synced));
+        }
+    }
+
+    /// What a full sync reports of every Service: the Service ports without local endpoints
+    /// and every health check. A walk over every Service: done with full syncs only, so a
+    /// one-Service change costs the same whatever the cluster's size.
+    fn report_all(&mut self) {
+        for &family in &self.planner.config.families {
+            let (internal, external) = self.no_local_endpoints(family);
+            self.observer.no_local_endpoints(family, internal, external);
         }
         self.observer
-            .health_checks(&self.health_checks(full, &synced));
+            .health_checks(&self.health_checks(true, &BTreeSet::new()));
     }
 
     /// Deletes the stale conntrack entries of the Services synced (all after a full sync), once

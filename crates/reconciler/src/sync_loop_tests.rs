@@ -22,6 +22,7 @@ enum Call {
     Reconfigure(Vec<IpAddr>),
     Rebind,
     Resume,
+    Resync,
 }
 
 #[derive(Debug, Default)]
@@ -32,6 +33,8 @@ struct Shared {
     draining: usize,
     /// Work a sync left running: when it wants resuming, and whether it then fails.
     resume_at: Option<(Instant, bool)>,
+    /// Periodic full syncs read the kernel off the loop's thread.
+    resyncs: bool,
     synced: Vec<SyncRecord>,
     queued: Vec<(u64, u64)>,
     errors: usize,
@@ -147,6 +150,15 @@ impl Engine for FakeEngine {
     fn rebind(&mut self) -> SyncReport {
         self.0.with(|s| s.calls.push(Call::Rebind));
         SyncReport::default()
+    }
+
+    fn start_resync(&mut self, _now: Instant) -> bool {
+        self.0.with(|s| {
+            if s.resyncs {
+                s.calls.push(Call::Resync);
+            }
+            s.resyncs
+        })
     }
 
     fn resume_at(&self) -> Option<Instant> {
@@ -487,6 +499,33 @@ fn a_full_sync_runs_every_sync_period() {
     assert_eq!(log.take_calls(), vec![Call::Full]);
     l.tick(t0 + PERIOD * 2 + MIN);
     assert_eq!(log.take_calls(), vec![]);
+}
+
+#[test]
+fn a_periodic_full_sync_the_engine_runs_off_the_loop_holds_no_change_back() {
+    let (mut l, log, t0) = started();
+    log.with(|s| s.resyncs = true);
+    l.receive(SourceUpdate::Events(vec![Change::Service(
+        "a",
+        "10.96.0.1",
+    )]));
+    log.with(|s| s.health_checks.clear());
+    l.tick(t0 + PERIOD);
+    assert_eq!(
+        log.take_calls(),
+        vec![Call::Resync, services(&["a"])],
+        "the change pending is synced at once, not dropped for the full sync"
+    );
+    assert_eq!(l.next_deadline(), Some(t0 + PERIOD * 2));
+    let complete = log.with(|s| s.health_checks.iter().filter(|h| h.complete).count());
+    assert_eq!(
+        complete, 1,
+        "every health check is reported, as after a full sync"
+    );
+    // An engine that cannot (its mirror is in doubt) gets a full sync.
+    log.with(|s| s.resyncs = false);
+    l.tick(t0 + PERIOD * 2);
+    assert_eq!(log.take_calls(), vec![Call::Full]);
 }
 
 #[test]

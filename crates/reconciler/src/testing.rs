@@ -7,10 +7,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
-use iptables::ipvs_mode::RuleInput;
+use iptables::ipvs_mode::{KubeSet, RuleInput};
+use iptables::{IpSet, SetEntry};
 use ipvs::{Connections, Op, RealServerEntry, Scheduler, ServiceKey, Stats, VirtualServer};
 
-use crate::sync::{AddressKernel, BackendError, IpvsKernel, NetfilterEntry, NetfilterKernel};
+use crate::sync::{
+    AddressKernel, BackendError, IpvsKernel, IpvsServers, IpvsTable, NetfilterEntry,
+    NetfilterKernel, Reader,
+};
 
 /// The IPVS table (`ipvsadm`).
 #[derive(Debug, Default)]
@@ -30,12 +34,18 @@ fn object(op: &Op) -> String {
 }
 
 impl IpvsKernel for FakeIpvs {
-    fn dump(&mut self) -> Result<Vec<(VirtualServer, Vec<RealServerEntry>)>, ipvs::Error> {
-        Ok(self
+    fn dump(&mut self) -> Result<IpvsTable, ipvs::Error> {
+        Ok(self.snapshot())
+    }
+
+    /// The table as it is when the read begins.
+    fn reader(&self) -> Option<Reader<IpvsServers, ipvs::Error>> {
+        let servers: IpvsServers = self
             .table
             .values()
-            .map(|(vs, r)| (vs.clone(), r.values().cloned().collect()))
-            .collect())
+            .map(|(vs, r)| (vs.clone(), r.values().map(|e| e.server).collect()))
+            .collect();
+        Some(Box::new(move || Ok(servers)))
     }
 
     fn real_servers(&mut self, key: &ServiceKey) -> Result<Vec<RealServerEntry>, ipvs::Error> {
@@ -125,6 +135,19 @@ impl IpvsKernel for FakeIpvs {
 }
 
 impl FakeIpvs {
+    fn snapshot(&self) -> IpvsTable {
+        self.table
+            .values()
+            .map(|(vs, r)| ipvs::TableEntry {
+                service: ipvs::VirtualServerEntry {
+                    server: vs.clone(),
+                    stats: Stats::default(),
+                },
+                real_servers: r.values().cloned().collect(),
+            })
+            .collect()
+    }
+
     /// The table as `ipvsadm -Sn` lines.
     #[must_use]
     pub fn save(&self) -> Vec<String> {
@@ -167,6 +190,11 @@ pub struct FakeAddresses {
 impl AddressKernel for FakeAddresses {
     fn list(&mut self) -> Result<BTreeSet<IpAddr>, BackendError> {
         Ok(self.bound.clone())
+    }
+    /// The addresses as they are when the read begins.
+    fn reader(&self) -> Option<Reader<BTreeSet<IpAddr>>> {
+        let bound = self.bound.clone();
+        Some(Box::new(move || Ok(bound)))
     }
     fn add(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>> {
         self.calls += 1;
@@ -226,5 +254,23 @@ impl NetfilterKernel for FakeNetfilter {
         }
         self.rule_writes.extend(rules.map(<[RuleInput]>::to_vec));
         Ok(())
+    }
+    /// Every set of the families of `rules` as it is when the read begins (the out-filter
+    /// rules are chains, not sets; the chains' write is not recorded).
+    fn reader(&self, rules: Vec<RuleInput>) -> Option<Reader<Vec<IpSet>>> {
+        let mut sets: BTreeMap<(iptables::Family, KubeSet), BTreeSet<SetEntry>> = rules
+            .iter()
+            .flat_map(|r| KubeSet::ALL.map(|set| ((r.family, set), BTreeSet::new())))
+            .collect();
+        for e in &self.entries {
+            if let NetfilterEntry::Set { family, set, entry } = e {
+                sets.entry((*family, *set)).or_default().insert(*entry);
+            }
+        }
+        let sets: Vec<IpSet> = sets
+            .into_iter()
+            .map(|((family, set), entries)| set.to_ipset(family, &entries))
+            .collect();
+        Some(Box::new(move || Ok(sets)))
     }
 }

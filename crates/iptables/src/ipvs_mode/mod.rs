@@ -5,6 +5,8 @@
 
 mod rules;
 mod sets;
+mod write;
 
 pub use rules::{JUMPS, RuleInput, render_save, ruleset};
 pub use sets::{KubeSet, is_proxy_set, node_ports};
+pub use write::write_rules;

@@ -1,4 +1,5 @@
-//! The IPVS proxier: the sync engine over the kernel's IPVS, `kube-ipvs0` and netfilter.
+//! The IPVS proxier: the sync engine over the kernel's IPVS, `kube-ipvs0` and netfilter. Its
+//! periodic full syncs read the kernel off the loop's thread (`sync::resync`).
 
 use std::collections::BTreeSet;
 use std::time::Instant;
@@ -78,5 +79,22 @@ where
 
     fn reconfigure(&mut self, config: &PlanConfig) {
         self.0.reconfigure(config);
+    }
+
+    fn start_resync(&mut self, now: Instant) -> bool {
+        self.0.start_resync(now)
+    }
+
+    fn resume_at(&self) -> Option<Instant> {
+        self.0.resync_due()
+    }
+
+    fn resume(
+        &mut self,
+        _state: &ClusterState,
+        _planner: &Planner,
+        now: Instant,
+    ) -> Option<SyncReport> {
+        self.0.finish_resync(now)
     }
 }

@@ -48,6 +48,13 @@ pub trait Engine: Send {
     fn rebind(&mut self) -> SyncReport {
         SyncReport::default()
     }
+    /// A periodic full sync, if the engine can look for drift off the loop's thread: it starts
+    /// the kernel read there and says so, and [`Engine::resume`] repairs what the read found
+    /// while the loop syncs changes meanwhile. `false` (the default): the loop runs
+    /// [`Engine::full_sync`].
+    fn start_resync(&mut self, _now: Instant) -> bool {
+        false
+    }
     /// When to call [`Engine::resume`]: a sync left work running off the loop's thread (the
     /// iptables proxier's kernel read of a periodic full sync), so that changes need not wait
     /// for it; `None` when nothing runs.

@@ -6,17 +6,31 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
 
-use iptables::Family;
 use iptables::ipvs_mode::{KubeSet, RuleInput};
-use ipvs::{Op, RealServerEntry, ServiceKey, VirtualServer};
+use iptables::{Family, IpSet};
+use ipvs::{Op, RealServer, RealServerEntry, ServiceKey, VirtualServer};
 
 pub use crate::error::BackendError;
 use crate::model::Protocol;
 
+/// Every virtual server with its real servers, as a dump reads them.
+pub type IpvsTable = Vec<ipvs::TableEntry>;
+/// The same without the counters: what a periodic full sync's read keeps.
+pub type IpvsServers = Vec<(VirtualServer, Vec<RealServer>)>;
+
+/// A read of the kernel to run on another thread, on sockets of its own: a periodic full
+/// sync reads there while the loop goes on syncing changes.
+pub type Reader<T, E = BackendError> = Box<dyn FnOnce() -> Result<T, E> + Send>;
+
 /// The kernel's IPVS table, as the engine needs it.
 pub trait IpvsKernel {
     /// Every virtual server with its real servers (`ipvsadm -Ln`).
-    fn dump(&mut self) -> Result<Vec<(VirtualServer, Vec<RealServerEntry>)>, ipvs::Error>;
+    fn dump(&mut self) -> Result<IpvsTable, ipvs::Error>;
+    /// The same read for another thread, without the counters; `None` when the backend
+    /// cannot read off its own thread, and full syncs then read on the loop's.
+    fn reader(&self) -> Option<Reader<IpvsServers, ipvs::Error>> {
+        None
+    }
     /// The real servers of one virtual server, with their connection counts.
     fn real_servers(&mut self, key: &ServiceKey) -> Result<Vec<RealServerEntry>, ipvs::Error>;
     /// Applies a batch; one result per operation, in order.
@@ -27,6 +41,11 @@ pub trait IpvsKernel {
 pub trait AddressKernel {
     /// What the link holds; makes the link again first if it was deleted.
     fn list(&mut self) -> Result<BTreeSet<IpAddr>, BackendError>;
+    /// What the link holds, read on another thread (which never makes the link: a missing one
+    /// is an error, and the full sync that follows makes it); `None` as [`IpvsKernel::reader`].
+    fn reader(&self) -> Option<Reader<BTreeSet<IpAddr>>> {
+        None
+    }
     /// One result per address, in order.
     fn add(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>>;
     /// One result per address, in order.
@@ -69,6 +88,14 @@ impl AddressKernel for netif::DummyLink {
     fn remove(&mut self, addrs: &[IpAddr]) -> Vec<Result<(), BackendError>> {
         per_address(addrs, |a| netif::DummyLink::remove(self, a))
     }
+
+    fn reader(&self) -> Option<Reader<BTreeSet<IpAddr>>> {
+        let name = self.name().to_owned();
+        Some(Box::new(move || match netif::DummyLink::open(&name)? {
+            Some(mut link) => Ok(link.addresses()?),
+            None => Err(format!("{name} is gone").into()),
+        }))
+    }
 }
 
 /// The ipsets and the small iptables rule set that uses them. The engine keeps what they
@@ -90,6 +117,12 @@ pub trait NetfilterKernel {
         removed: &[NetfilterEntry],
         rules: Option<&[RuleInput]>,
     ) -> Result<(), BackendError>;
+    /// For another thread: rewrites the chains from `rules` (a few dozen rules, written there
+    /// so that no full sync holds the loop for them), then reads every set (`ipset save`);
+    /// `None` as [`IpvsKernel::reader`].
+    fn reader(&self, _rules: Vec<RuleInput>) -> Option<Reader<Vec<IpSet>>> {
+        None
+    }
 }
 
 /// One fact the ipvs-mode netfilter state is made of.

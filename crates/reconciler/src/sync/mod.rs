@@ -24,11 +24,14 @@
 //! - `mirror`: what the engine believes the kernel holds; `diff`: one Service's target against
 //!   the mirror, as operations; `send`: the operations sent, and the mirror corrected where the
 //!   kernel refused one.
+//! - `resync`: the periodic full sync, which reads the kernel off the loop's thread and
+//!   repairs only what differs from the mirror.
 
 mod diff;
 pub mod kernel;
 mod mirror;
 mod report;
+mod resync;
 mod send;
 pub mod target;
 
@@ -42,9 +45,13 @@ use iptables::Family;
 use iptables::ipvs_mode::{KubeSet, RuleInput};
 use ipvs::{Op, RealServer, ServiceKey, VirtualServer};
 
-pub use self::kernel::{AddressKernel, BackendError, IpvsKernel, NetfilterEntry, NetfilterKernel};
+pub use self::kernel::{
+    AddressKernel, BackendError, IpvsKernel, IpvsServers, IpvsTable, NetfilterEntry,
+    NetfilterKernel, Reader,
+};
 use self::mirror::{Footprint, KernelVs};
 pub use self::report::{Counts, IptablesRules, SyncError, SyncReport};
+use self::resync::Resync;
 pub use self::target::ServiceTarget;
 use crate::error::Error;
 use crate::model::{Protocol, ServiceName};
@@ -102,6 +109,11 @@ pub struct Syncer<I, A, N> {
     rules: PlanConfig,
     /// Real servers at weight 0, with the instant they are deleted regardless.
     draining: HashMap<(ServiceKey, SocketAddr), Instant>,
+    /// The mirror was built from a read of the kernel and no sync since failed as a whole, so
+    /// a periodic full sync need only look for drift ([`Syncer::start_resync`]).
+    verified: bool,
+    /// A periodic full sync's kernel read, running.
+    resync: Option<Resync>,
 }
 
 /// The operations of one sync, collected before anything is sent.
@@ -163,6 +175,8 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             set_sizes: HashMap::new(),
             rules: PlanConfig::default(),
             draining: HashMap::new(),
+            verified: false,
+            resync: None,
         }
     }
 
@@ -170,6 +184,10 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
     /// with the next full sync, which the loop runs after this).
     pub fn reconfigure(&mut self, config: &PlanConfig) {
         self.rules = config.clone();
+        // Every Service is planned again, by a full sync that reads the kernel first; a
+        // periodic read in flight was for the old settings.
+        self.verified = false;
+        self.resync = None;
     }
 
     fn non_empty_sets(&self) -> BTreeSet<(Family, KubeSet)> {
@@ -259,6 +277,8 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
     ) -> SyncReport {
         let started = Instant::now();
         let mut report = SyncReport::default();
+        // A periodic read in flight is older than this one.
+        self.resync = None;
         let unclaimed = match self.read_kernel() {
             Ok(unclaimed) => unclaimed,
             Err(e) => {
@@ -317,6 +337,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             rest_ms = ms(started.elapsed().saturating_sub(netfilter)),
             "full sync phases"
         );
+        self.verified = !report.needs_full_sync();
         report
     }
 
@@ -335,7 +356,8 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             .map_err(|e| SyncError::new(None, Error::ListAddresses(e)))?;
         let mut unclaimed = HashSet::new();
         let mut kernel = HashMap::with_capacity(dump.len());
-        for (server, entries) in dump {
+        for entry in dump {
+            let server = entry.service.server;
             let ServiceKey::Addr { addr, .. } = server.key else {
                 continue;
             };
@@ -348,7 +370,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             {
                 unclaimed.insert(server.key);
             }
-            let real = entries.into_iter().map(|r| r.server).collect();
+            let real = entry.real_servers.into_iter().map(|r| r.server).collect();
             kernel.insert(server.key, KernelVs { server, real });
         }
         self.real_servers = kernel.values().map(|vs| vs.real.len()).sum();
@@ -416,6 +438,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                 .chain(&pending.del_entries)
                 .any(|e| matches!(e, NetfilterEntry::NoNodeAccess { .. }));
         let rules = rules_changed.then(|| self.rule_inputs());
+        self.note_written(&pending);
         let added: Vec<NetfilterEntry> = std::mem::take(&mut pending.add_entries)
             .into_iter()
             .collect();

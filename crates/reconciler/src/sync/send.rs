@@ -13,8 +13,12 @@ use crate::error::Error;
 impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
     /// Sends the collected operations and records what failed.
     pub(super) fn execute(&mut self, mut p: Pending, report: &mut SyncReport) {
+        self.note_written(&p);
         self.execute_ipvs(&mut p, report);
         self.execute_addresses(p, report);
+        // A backend that failed as a whole leaves the mirror in doubt: the next full sync
+        // reads the kernel on the loop's thread and plans every Service.
+        self.verified &= !report.needs_full_sync();
     }
 
     /// Sends the IPVS operations collected so far and forgets them.

@@ -2,7 +2,7 @@
 //! The same behaviours are proven against the real kernel in the VM tests.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ipvs::{
@@ -898,4 +898,242 @@ mod properties {
             prop_assert_eq!(s.counts().real_servers, real_servers);
         }
     }
+}
+
+/// Waits for the periodic full sync's read (on its own thread) and what it repaired.
+fn finish_resync(s: &mut TestSyncer, now: Instant) -> SyncReport {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(report) = s.finish_resync(now) {
+            return report;
+        }
+        assert!(Instant::now() < deadline, "the kernel read never ended");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn cluster_ip_entry(vip: &str, port: u16) -> NetfilterEntry {
+    NetfilterEntry::Set {
+        family: Family::V4,
+        set: KubeSet::ClusterIp,
+        entry: iptables::SetEntry::IpPort(ip(vip), iptables::Protocol::Tcp, port),
+    }
+}
+
+fn two_services() -> Vec<(ServiceName, ServiceTarget)> {
+    vec![
+        (
+            svc("web"),
+            target(
+                "10.96.0.10",
+                80,
+                RR,
+                &["10.244.1.5:8080", "10.244.2.5:8080"],
+            ),
+        ),
+        (
+            svc("api"),
+            target(
+                "10.96.0.11",
+                443,
+                RR,
+                &["10.244.1.6:8443", "10.244.2.6:8443"],
+            ),
+        ),
+    ]
+}
+
+#[test]
+fn a_periodic_resync_repairs_drift_and_writes_only_what_differs() {
+    let mut s = syncer();
+    let now = Instant::now();
+    s.full_sync(two_services(), now);
+    let programmed = s.ipvs.save();
+    s.ipvs.log.clear();
+    // Drift, by hand: a virtual server deleted, a real server of the other deleted and one
+    // added, an address unbound and one bound, a set member deleted and one added.
+    let web = ServiceKey::tcp(ip("10.96.0.10"), 80);
+    let api = ServiceKey::tcp(ip("10.96.0.11"), 443);
+    s.ipvs.table.remove(&web);
+    let api_reals = &mut s.ipvs.table.get_mut(&api).unwrap().1;
+    api_reals.remove(&"10.244.2.6:8443".parse().unwrap());
+    let stray: SocketAddr = "10.244.9.9:8443".parse().unwrap();
+    api_reals.insert(
+        stray,
+        RealServerEntry {
+            server: RealServer::masquerade(stray),
+            connections: Connections::default(),
+            stats: Stats::default(),
+        },
+    );
+    s.addresses.bound.remove(&ip("10.96.0.11"));
+    s.addresses.bound.insert(ip("10.96.0.99"));
+    s.netfilter
+        .entries
+        .remove(&cluster_ip_entry("10.96.0.10", 80));
+    s.netfilter
+        .entries
+        .insert(cluster_ip_entry("10.96.0.99", 80));
+
+    assert!(s.start_resync(now), "a full sync's mirror is verified");
+    let report = finish_resync(&mut s, now);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(s.ipvs.save(), programmed);
+    let mut sent = s.ipvs.log.clone();
+    sent.sort();
+    assert_eq!(
+        sent,
+        [
+            "-A -t 10.96.0.10:80 -s rr",
+            "-a -t 10.96.0.10:80 -r 10.244.1.5:8080 -m -w 1",
+            "-a -t 10.96.0.10:80 -r 10.244.2.5:8080 -m -w 1",
+            "-a -t 10.96.0.11:443 -r 10.244.2.6:8443 -m -w 1",
+            "-d -t 10.96.0.11:443 -r 10.244.9.9:8443",
+        ],
+        "only what differs is sent"
+    );
+    assert_eq!(
+        s.addresses.bound,
+        BTreeSet::from([ip("10.96.0.10"), ip("10.96.0.11")])
+    );
+    assert_eq!(
+        s.netfilter.entries,
+        BTreeSet::from([
+            cluster_ip_entry("10.96.0.10", 80),
+            cluster_ip_entry("10.96.0.11", 443)
+        ])
+    );
+    assert_eq!(
+        (report.set_entries_added, report.set_entries_removed),
+        (1, 1)
+    );
+    assert_eq!(s.netfilter.full_syncs, 1, "no set was refilled");
+
+    // Nothing drifted: nothing is written.
+    s.ipvs.log.clear();
+    assert!(s.start_resync(now));
+    let report = finish_resync(&mut s, now);
+    assert_eq!(report.ipvs_ops, 0, "{:?}", s.ipvs.log);
+    assert_eq!(report.addresses_added + report.addresses_removed, 0);
+    assert_eq!(report.set_entries_added + report.set_entries_removed, 0);
+}
+
+#[test]
+fn a_change_made_while_the_kernel_is_read_is_not_undone_by_the_older_read() {
+    let mut s = syncer();
+    let now = Instant::now();
+    s.full_sync(two_services(), now);
+    // Drift before the read begins, which it repairs.
+    let api = ServiceKey::tcp(ip("10.96.0.11"), 443);
+    s.ipvs.table.remove(&api);
+    assert!(s.start_resync(now));
+    // Changes synced while the read runs (the fake's read is of the table when it began):
+    // web gets a third endpoint, a new Service comes with its address and set member.
+    let mut web = target(
+        "10.96.0.10",
+        80,
+        RR,
+        &["10.244.1.5:8080", "10.244.2.5:8080", "10.244.3.5:8080"],
+    );
+    web.netfilter.push(cluster_ip_entry("10.96.0.10", 8080));
+    let new = target("10.96.0.12", 80, RR, &["10.244.1.7:80"]);
+    let report = s.sync(vec![(svc("web"), web), (svc("new"), new)], now);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(
+        s.resync_due().is_some(),
+        "the read is still to be looked at"
+    );
+    let after_change = s.ipvs.save();
+
+    let report = finish_resync(&mut s, now);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let table = s.ipvs.save();
+    for line in &after_change {
+        assert!(table.contains(line), "{line} was undone: {table:?}");
+    }
+    assert!(
+        table.contains(&"-A -t 10.96.0.11:443 -s rr".to_owned()),
+        "drift from before the read is repaired"
+    );
+    assert!(s.addresses.bound.contains(&ip("10.96.0.12")));
+    assert!(
+        s.netfilter
+            .entries
+            .contains(&cluster_ip_entry("10.96.0.10", 8080))
+    );
+    assert!(
+        s.netfilter
+            .entries
+            .contains(&cluster_ip_entry("10.96.0.12", 80))
+    );
+}
+
+#[test]
+fn a_resync_needs_a_mirror_read_from_the_kernel() {
+    let mut s = syncer();
+    let now = Instant::now();
+    assert!(!s.start_resync(now), "before the first full sync");
+    s.full_sync(two_services(), now);
+    assert!(s.start_resync(now));
+    finish_resync(&mut s, now);
+    s.reconfigure(&PlanConfig::default());
+    assert!(
+        !s.start_resync(now),
+        "node facts changed: every Service is planned again"
+    );
+    s.full_sync(two_services(), now);
+    assert!(s.start_resync(now));
+    // A full sync meanwhile makes the read in flight moot.
+    s.full_sync(two_services(), now);
+    assert_eq!(s.resync_due(), None);
+}
+
+#[test]
+fn a_change_between_two_slices_of_the_comparison_is_not_undone() {
+    let mut s = syncer();
+    let now = Instant::now();
+    let name = |i: u32| svc(&format!("s{i}"));
+    let vip = |i: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i).to_string();
+    let all: Vec<_> = (0..3000)
+        .map(|i| (name(i), target(&vip(i), 80, RR, &["10.244.0.1:80"])))
+        .collect();
+    s.full_sync(all, now);
+    // Drift at both ends of the mirror's order, whichever the comparison takes first.
+    for i in [0, 2999] {
+        s.ipvs.table.remove(&ServiceKey::tcp(ip(&vip(i)), 80));
+    }
+    assert!(s.start_resync(now));
+    let changed = target(&vip(7), 80, RR, &["10.244.0.1:80", "10.244.0.2:80"]);
+    let mut slices = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        if let Some(report) = s.finish_resync(now) {
+            break report;
+        }
+        if s.resync_due() == Some(now) {
+            // Between two slices: a change comes.
+            slices += 1;
+            if slices == 1 {
+                s.sync(vec![(name(7), changed.clone())], now);
+            }
+        }
+        assert!(Instant::now() < deadline, "the comparison never ended");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    if slices == 0 {
+        // Compared in one slice (a fast machine): the change comes after it.
+        s.sync(vec![(name(7), changed)], now);
+    }
+    let table = s.ipvs.save();
+    for i in [0, 2999] {
+        assert!(
+            table.contains(&format!("-A -t {}:80 -s rr", vip(i))),
+            "drift repaired"
+        );
+    }
+    assert!(
+        table.contains(&format!("-a -t {}:80 -r 10.244.0.2:80 -m -w 1", vip(7))),
+        "the change stays"
+    );
 }
