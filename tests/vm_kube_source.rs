@@ -626,7 +626,13 @@ fn kube_outage_keeps_the_kernel_then_catches_up_without_relisting() {
     let sampler = Sampler::start();
     daemon.lose(&api);
     let down = Instant::now();
-    let full_syncs = |d: &KubeDaemon| d.syncs().iter().filter(|l| l.contains("full=true")).count();
+    // Periodic full syncs read the kernel off the loop's thread and log when they checked it.
+    let full_syncs = |d: &KubeDaemon| {
+        d.log()
+            .lines()
+            .filter(|l| l.contains("full=true") || l.contains("full sync checked the kernel"))
+            .count()
+    };
     let resyncs_before = full_syncs(&daemon);
     // A change the daemon cannot see yet.
     api.apply_slice("api", &[POD_A, POD_B]);

@@ -65,7 +65,7 @@ mod tests {
             family: Family::V4,
             masquerade_mark: 0x4000,
             masquerade_all: false,
-            cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
+            local: crate::LocalDetector::Cidr("10.244.0.0/16".parse().unwrap()),
             random_fully: false,
             non_empty: [super::super::KubeSet::ClusterIp].into(),
             no_node_access: std::collections::BTreeSet::default(),
