@@ -1,6 +1,7 @@
 //! What the daemon benchmarks (`bench_sync`, `bench_fallback`) share: the daemon they run (this
 //! executable again, with `--daemon`), the synthetic cluster's manifests, and reading the
-//! daemon's metrics and memory. Included with `#[path]`; not an example of its own.
+//! daemon's metrics and memory, and the source it reads the cluster from ([`source`]). Included
+//! with `#[path]`; not an example of its own.
 
 use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
@@ -10,6 +11,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use ipvs_proxy::flags::Cli;
+
+pub mod source;
 
 /// Endpoints per Service.
 pub const ENDPOINTS: u32 = 10;
