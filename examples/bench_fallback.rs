@@ -280,26 +280,14 @@ fn start_daemon(source: &Source, log_path: &Path) -> Result<Daemon> {
         ]
         .map(str::to_owned),
     );
-    Ok(Daemon(
-        Command::new(std::env::current_exe()?)
-            .arg("--daemon")
-            .args(&flags)
-            .env("NO_COLOR", "1")
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stderr(log.try_clone()?)
-            .stdout(log)
-            .spawn()?,
-    ))
+    Daemon::start(&flags, &log)
 }
 
 fn measure(source: &Source, n: u32) -> Result<Measured> {
     let log_path: PathBuf = std::env::temp_dir().join(format!("bench-fallback-{n}.log"));
     let started = Instant::now();
     let daemon = start_daemon(source, &log_path)?;
-    let pid = daemon.0.id();
+    let pid = daemon.pid();
     let name = r#"kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}"#;
     while !metric(METRICS, name).is_some_and(|t| t > 0.0) {
         ensure!(

@@ -211,21 +211,9 @@ fn cold_start(source: &Source, n: u32) -> Result<Measured> {
         "--ipvs-sync-period".into(),
         "1h".into(),
     ]);
-    let exe = std::env::current_exe()?;
     let started = Instant::now();
-    let daemon = Daemon(
-        Command::new(exe)
-            .arg("--daemon")
-            .args(&flags)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stderr(log.try_clone()?)
-            .stdout(log)
-            .spawn()?,
-    );
-    let pid = daemon.0.id();
+    let daemon = Daemon::start(&flags, &log)?;
+    let pid = daemon.pid();
     let name = r#"kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}"#;
     let deadline = started + Duration::from_secs(1200);
     loop {

@@ -6,6 +6,7 @@
 
 pub mod convert;
 pub mod events;
+mod intern;
 pub mod kube_source;
 pub mod manifests;
 mod paginated;

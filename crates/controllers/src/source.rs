@@ -56,7 +56,7 @@ impl Object {
         };
         ObjectKey {
             kind,
-            namespace: namespace.into(),
+            namespace: crate::intern::intern(namespace),
             name: meta.name.as_deref().unwrap_or("").into(),
         }
     }
