@@ -16,6 +16,6 @@ pub mod watch;
 
 pub use manifests::{ManifestError, Snapshot, read_dir};
 pub use source::{
-    Event, Kind, Object, ObjectKey, SourceReceiver, SourceSender, SourceSink, SourceUpdate, apply,
-    apply_all, channel, fold,
+    Event, Kind, Model, Object, ObjectKey, SourceReceiver, SourceSender, SourceSink, SourceUpdate,
+    apply, apply_all, channel, fold,
 };

@@ -161,7 +161,7 @@ impl DirIndex {
             }
         }
         let mut events: Vec<Event> = lost.into_iter().map(Event::Delete).collect();
-        events.extend(applies.into_values().map(Event::Apply));
+        events.extend(applies.values().map(Event::apply));
         events
     }
 
@@ -634,10 +634,12 @@ mod tests {
             panic!("expected events, got {update:?}");
         };
         assert_eq!(names(&events), ["apply a"]);
-        let Event::Apply(crate::source::Object::Service(svc)) = &events[0] else {
+        let Event::Apply(crate::source::Model::Service {
+            ports: Ok(ports), ..
+        }) = &events[0]
+        else {
             panic!("expected the Service, got {events:?}");
         };
-        let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref()).unwrap();
         assert_eq!(ports[0].port, 8080);
         drop(rx);
         task.abort();
