@@ -95,7 +95,6 @@ impl Proxier {
             mirror.ports.insert(spec.key(), Applied::of(&rules));
             out.stats.changed_services += 1;
         }
-        let shared = mirror.shared_chains(config);
         let owned: HashSet<&str> = mirror
             .ports
             .values()
@@ -110,8 +109,9 @@ impl Proxier {
             // KUBE-NODEPORTS before the KUBE-SERVICES that jumps to it.
             for (i, &(t, name)) in SHARED_CHAINS.iter().enumerate().rev() {
                 if t == table {
-                    out.room(shared[i].len() + 1)?;
-                    out.chain_if_differs(kernel, table, name, &shared[i], true)?;
+                    let rules = mirror.shared_chain(config, i);
+                    out.room(rules.len() + 1)?;
+                    out.chain_if_differs(kernel, table, name, &rules, true)?;
                 }
             }
             out.missing_jumps(kernel, table)?;
@@ -240,9 +240,8 @@ impl Proxier {
                 ruleset.table(Table::Nat).chains.extend(rules.chains);
             }
         }
-        let shared = mirror.shared_chains(config);
-        for (i, rules) in shared.into_iter().enumerate() {
-            let (table, name) = SHARED_CHAINS[i];
+        for (i, &(table, name)) in SHARED_CHAINS.iter().enumerate() {
+            let rules = mirror.shared_chain(config, i);
             if drifted(table, name, &Fingerprint::of(&rules), true) {
                 ruleset.table(table).chains.insert(name.to_owned(), rules);
             }

@@ -698,33 +698,11 @@ impl Rendered {
     /// order, and for nat KUBE-SERVICES the final jump to KUBE-NODEPORTS.
     #[must_use]
     pub fn shared_chain(&self, config: &ProxierConfig, index: usize) -> Vec<Rule> {
-        let mut rules: Vec<Rule> = self
-            .services
-            .values()
-            .flat_map(|s| s.shared[index].iter().cloned())
-            .collect();
-        if SHARED_CHAINS[index] == (Table::Nat, SERVICES) {
-            let comment =
-                "kubernetes service nodeports; NOTE: this must be the last rule in this chain";
-            if let Some(addresses) = &config.node_port_addresses {
-                for a in addresses {
-                    rules.push(
-                        Rule::jump(SERVICES, NODEPORTS)
-                            .destination(host(*a))
-                            .comment(comment),
-                    );
-                }
-            } else {
-                rules.push(Rule::jump(SERVICES, NODEPORTS).comment(comment).with(
-                    Match::AddrType {
-                        negated: false,
-                        source: false,
-                        kind: AddrType::Local,
-                    },
-                ));
-            }
-        }
-        rules
+        shared_chain(
+            config,
+            index,
+            self.services.values().map(|s| &s.shared[index][..]),
+        )
     }
 
     /// Every chain the proxier writes, with its rules, as a full-sync restore patch (without
@@ -780,6 +758,41 @@ impl Rendered {
         }
         out
     }
+}
+
+/// Shared chain `index` of [`SHARED_CHAINS`] from the ports' `fragments` of it, in order,
+/// and for nat KUBE-SERVICES the final jump to KUBE-NODEPORTS: one chain at a time, so a full
+/// sync never holds a second copy of every port's rules.
+pub(super) fn shared_chain<'a>(
+    config: &ProxierConfig,
+    index: usize,
+    fragments: impl Iterator<Item = &'a [Rule]>,
+) -> Vec<Rule> {
+    let mut rules: Vec<Rule> = fragments.flatten().cloned().collect();
+    if SHARED_CHAINS[index] == (Table::Nat, SERVICES) {
+        let comment =
+            "kubernetes service nodeports; NOTE: this must be the last rule in this chain";
+        if let Some(addresses) = &config.node_port_addresses {
+            for a in addresses {
+                rules.push(
+                    Rule::jump(SERVICES, NODEPORTS)
+                        .destination(host(*a))
+                        .comment(comment),
+                );
+            }
+        } else {
+            rules.push(
+                Rule::jump(SERVICES, NODEPORTS)
+                    .comment(comment)
+                    .with(Match::AddrType {
+                        negated: false,
+                        source: false,
+                        kind: AddrType::Local,
+                    }),
+            );
+        }
+    }
+    rules
 }
 
 #[cfg(test)]
