@@ -17,7 +17,9 @@ use iptables::proxier::{KernelChains, Proxier};
 
 use super::Engine;
 use crate::error::Error;
-use crate::fallback::{changed_service_specs, proxier_config, service_specs, service_specs_of};
+use crate::fallback::{
+    changed_service_specs, each_service_spec, proxier_config, service_specs, service_specs_of,
+};
 use crate::model::ServiceName;
 use crate::plan::{PlanConfig, PlanWarning, Planner};
 use crate::state::ClusterState;
@@ -148,7 +150,8 @@ impl IptablesEngine {
             self.reconfigure(&planner.config);
         }
         let node = &*planner.config.node_name;
-        // Converted once for all families; every Service only if a sync is full.
+        // Converted once for all families; every Service only if a partial sync turns full. A
+        // full sync converts each port as it renders it instead, once per family.
         let changed = dirty.map(|dirty| changed_service_specs(state, dirty, node));
         let all = std::cell::OnceCell::new();
         let all = || all.get_or_init(|| service_specs(state, node)).as_slice();
@@ -159,12 +162,12 @@ impl IptablesEngine {
         // Each family's proxier takes the addresses of its own family from every spec.
         for proxier in &mut self.proxiers {
             let family = proxier.config().family;
-            let synced = match &changed {
-                Some(changed) => {
-                    let changed = changed.iter().map(|(name, ports)| (name, ports));
-                    proxier.sync_services(&self.runner, changed, all)
-                }
-                None => proxier.sync_full(&self.runner, all()),
+            let synced = if let Some(changed) = &changed {
+                let changed = changed.iter().map(|(name, ports)| (name, ports));
+                proxier.sync_services(&self.runner, changed, all)
+            } else {
+                let (endpoints, specs) = each_service_spec(state, node);
+                proxier.sync_full_each(&self.runner, endpoints, specs)
             };
             match synced {
                 Ok(written) => {
