@@ -324,6 +324,8 @@ fn measure(source: &Source, n: u32) -> Result<Measured> {
     for r in 0..RESYNCS {
         wait_for_log(&log_path, checked, r, limit)?;
     }
+    // Each sync's own line follows its kernel check's.
+    wait_for_log(&log_path, full, RESYNCS, limit)?;
     let resync = median(log_times(&log_path, full)[1..=RESYNCS].to_vec());
     println!(
         "  ours: periodic full sync of the unchanged cluster {:.2}ms (median of {RESYNCS}), first {:.3}s",
