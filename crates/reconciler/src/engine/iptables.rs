@@ -25,6 +25,9 @@ use crate::plan::{PlanConfig, PlanWarning, Planner};
 use crate::state::ClusterState;
 use crate::sync::{SyncError, SyncReport};
 
+/// Services per partial sync of a periodic full sync's first half.
+const CHECK_CHUNK: usize = 1000;
+
 /// How often the loop looks whether a periodic full sync's kernel read is done.
 const READ_POLL: Duration = Duration::from_millis(10);
 
@@ -79,9 +82,19 @@ impl IptablesEngine {
         for proxier in &self.proxiers {
             all.extend(proxier.service_names().map(service_name_of));
         }
-        let report = self.sync(state, planner, Some(&all));
-        if !report.errors.is_empty() || self.proxiers.iter().any(Proxier::needs_full) {
-            return report;
+        // A chunk of Services at a time: each converts only its own Services' ports (all of
+        // them at once held 7 MiB at 10,000 Services), and one that changed nothing restores
+        // nothing.
+        let all: Vec<ServiceName> = all.into_iter().collect();
+        let mut report = SyncReport::default();
+        for chunk in all.chunks(CHECK_CHUNK) {
+            let chunk: BTreeSet<ServiceName> = chunk.iter().cloned().collect();
+            let part = self.sync(state, planner, Some(&chunk));
+            report.services += part.services;
+            report.errors.extend(part.errors);
+            if !report.errors.is_empty() || self.proxiers.iter().any(Proxier::needs_full) {
+                return report;
+            }
         }
         if self.read.is_none()
             && self
