@@ -1,8 +1,10 @@
-//! `cargo run --release --example bench_fallback [SIZES…]` (as root, on the host: the
+//! `cargo xtask bench --host fallback [--source api] [SIZES…]` (as root, on the host: the
 //! fallback needs no IPVS, and the host's iptables are the ones it runs on) or
 //! `cargo xtask bench fallback [SIZES…]` (in the VM): the daemon in `--proxy-mode iptables`
-//! on synthetic clusters of N Services × 10 endpoints from a manifest directory, each size in
-//! a network namespace of its own. Default sizes: 1000 10000. Measures:
+//! on synthetic clusters of N Services × 10 endpoints from a manifest directory, or with
+//! `--source api` from the test API server (the `testapi` crate, in this process, on loopback:
+//! a streaming list, then watches; each change an EndpointSlice update), each size in a
+//! network namespace of its own. Default sizes: 1000 10000. Measures:
 //!
 //! - cold start: from starting the daemon to its first sync done (the metrics endpoint's
 //!   `kubeproxy_sync_proxy_rules_last_timestamp_seconds`); the floor is one
@@ -13,12 +15,14 @@
 //!   (nothing else committed: no read), and after another tool's commit (a chain created
 //!   with `iptables -N`): from its start to its kernel check done (the daemon's `full sync
 //!   checked the kernel` line) and how long it held the sync loop, against the first full sync;
-//! - one endpoint change, from the file's rename into the directory to the new KUBE-SEP jump
+//! - one endpoint change, from the file's rename into the directory (or the slice's update on
+//!   the server) to the new KUBE-SEP jump
 //!   in the Service's KUBE-SVC chain (polled with `iptables -t nat -S CHAIN`): with no resync
 //!   running, and made 0.2 s into a periodic full sync that reads the kernel (medians);
 //! - the daemon's peak RSS (VmHWM) over all of it.
 //!
-//! The daemon is this executable run again with `--daemon`. Ends with, per size:
+//! The daemon is this executable run again with `--daemon`. Ends with, per size (named
+//! `fallback-api-…` with `--source api`):
 //! `bench fallback-cold <N> ours=<s>s floor=<s>s ratio=<ours/floor> rss=<MiB>MiB`,
 //! `bench fallback-resync <N> ours=<s>s first=<s>s ratio=<ours/first>` (unchanged),
 //! `bench fallback-resync-read <N> ours=<s>s first=<s>s ratio=<ours/first> blocking=<s>s`,
@@ -35,11 +39,12 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use ipvs_proxy::flags::{Cli, Command as CliCommand, LogFormat};
 
-/// Changes with no resync running.
 #[path = "support/mod.rs"]
 mod support;
-use support::{Daemon, ENDPOINTS, fresh_netns, metric, proc_status_kib, service_yaml};
+use support::source::{Source, parse_args};
+use support::{Daemon, ENDPOINTS, fresh_netns, metric, proc_status_kib};
 
+/// Changes with no resync running.
 const IDLE_CHANGES: usize = 7;
 /// Periodic full syncs measured of each kind (unchanged; after another tool's commit).
 const RESYNCS: usize = 3;
@@ -53,62 +58,54 @@ fn main() -> ExitCode {
 }
 
 fn bench(args: &[String]) -> Result<()> {
-    let sizes: Vec<u32> = match args
-        .iter()
-        .map(|a| a.parse())
-        .collect::<Result<Vec<_>, _>>()?
-    {
-        sizes if sizes.is_empty() => vec![1000, 10_000],
-        sizes => sizes,
-    };
-    ensure!(sizes.iter().all(|&n| n <= 60_000), "at most 60000 Services");
+    let (api, sizes) = parse_args(args)?;
+    let name = if api { "fallback-api" } else { "fallback" };
     let mut summary = Vec::new();
     for &n in &sizes {
-        let dir = std::env::temp_dir().join(format!("bench-fallback-{n}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        for i in 0..n {
-            std::fs::write(dir.join(format!("svc-{i}.yaml")), service_yaml(i, None))?;
-        }
         println!("{n} Services x {ENDPOINTS} endpoints, iptables fallback");
+        // The API server listens in the namespace it is started in: one for each side.
         fresh_netns()?;
-        let floor = floor(&dir)?;
+        let source = Source::new(api, "bench-fallback", n)?;
+        let floor = floor(&source)?;
         fresh_netns()?;
-        let m = measure(&dir, n)?;
+        let source = match source {
+            Source::Manifests(_) => source,
+            Source::Api(_) => Source::new(api, "bench-fallback", n)?,
+        };
+        let m = measure(&source, n)?;
         let cold = m.cold.as_secs_f64();
         summary.push(format!(
-            "bench fallback-cold {n} ours={cold:.2}s floor={:.2}s ratio={:.2} rss={}MiB",
+            "bench {name}-cold {n} ours={cold:.2}s floor={:.2}s ratio={:.2} rss={}MiB",
             floor.as_secs_f64(),
             cold / floor.as_secs_f64(),
             m.peak_rss_kib.div_ceil(1024)
         ));
         summary.push(format!(
-            "bench fallback-resync {n} ours={:.4}s first={:.2}s ratio={:.4}",
+            "bench {name}-resync {n} ours={:.4}s first={:.2}s ratio={:.4}",
             m.resync.as_secs_f64(),
             m.first.as_secs_f64(),
             m.resync.as_secs_f64() / m.first.as_secs_f64(),
         ));
         summary.push(format!(
-            "bench fallback-resync-read {n} ours={:.2}s first={:.2}s ratio={:.3} blocking={:.4}s",
+            "bench {name}-resync-read {n} ours={:.2}s first={:.2}s ratio={:.3} blocking={:.4}s",
             m.read.as_secs_f64(),
             m.first.as_secs_f64(),
             m.read.as_secs_f64() / m.first.as_secs_f64(),
             m.resync_blocking.as_secs_f64()
         ));
         summary.push(format!(
-            "bench fallback-change {n} ours={:.4}s",
+            "bench {name}-change {n} ours={:.4}s",
             m.change_idle.as_secs_f64()
         ));
         summary.push(match m.change_in_resync {
             Some(during) => format!(
-                "bench fallback-change-in-resync {n} ours={:.4}s floor={:.4}s ratio={:.2}",
+                "bench {name}-change-in-resync {n} ours={:.4}s floor={:.4}s ratio={:.2}",
                 during.as_secs_f64(),
                 m.change_idle.as_secs_f64(),
                 during.as_secs_f64() / m.change_idle.as_secs_f64()
             ),
-            None => format!("bench fallback-change-in-resync {n} none landed during a resync"),
+            None => format!("bench {name}-change-in-resync {n} none landed during a resync"),
         });
-        let _ = std::fs::remove_dir_all(&dir);
     }
     for line in summary {
         println!("{line}");
@@ -116,25 +113,17 @@ fn bench(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn common_flags(dir: &Path) -> Vec<String> {
-    [
-        "--manifests",
-        &dir.to_string_lossy(),
-        "--hostname-override",
-        "node-a",
-        "--cluster-cidr",
-        "10.128.0.0/10",
-        "--proxy-mode",
-        "iptables",
-    ]
-    .map(str::to_owned)
-    .to_vec()
+/// The source's flags, and the iptables proxier.
+fn common_flags(source: &Source) -> Vec<String> {
+    let mut flags = source.flags();
+    flags.extend(["--proxy-mode".into(), "iptables".into()]);
+    flags
 }
 
-/// `ipvs-proxy plan --only iptables` of the directory: the same rules the daemon writes.
-fn plan(dir: &Path) -> Result<String> {
+/// `ipvs-proxy plan --only iptables` of the source: the same rules the daemon writes.
+fn plan(source: &Source) -> Result<String> {
     let mut argv = vec!["ipvs-proxy".to_owned(), "plan".into()];
-    argv.extend(common_flags(dir));
+    argv.extend(common_flags(source));
     argv.extend(["--only".into(), "iptables".into()]);
     let cli = Cli::parse_from(argv);
     let Some(CliCommand::Plan(plan)) = cli.command else {
@@ -152,8 +141,8 @@ fn plan(dir: &Path) -> Result<String> {
 }
 
 /// The same rules loaded by one `iptables-legacy-restore`, in the current (fresh) namespace.
-fn floor(dir: &Path) -> Result<Duration> {
-    let rules = plan(dir)?;
+fn floor(source: &Source) -> Result<Duration> {
+    let rules = plan(source)?;
     let started = Instant::now();
     let mut child = Command::new("iptables-legacy-restore")
         .arg("--noflush")
@@ -225,8 +214,9 @@ fn wait_for_log(log: &Path, what: &str, count: usize, limit: Duration) -> Result
 }
 
 /// One endpoint change of Service `i` (round `round`): from the file's rename into the
-/// directory to the jump to the new endpoint's KUBE-SEP chain in its KUBE-SVC chain.
-fn change(dir: &Path, i: u32, round: u32) -> Result<Duration> {
+/// directory (or the slice's update on the API server) to the jump to the new endpoint's
+/// KUBE-SEP chain in its KUBE-SVC chain.
+fn change(source: &Source, i: u32, round: u32) -> Result<Duration> {
     let moved = Ipv4Addr::new(
         10,
         255,
@@ -236,10 +226,8 @@ fn change(dir: &Path, i: u32, round: u32) -> Result<Duration> {
     let port = format!("bench/svc-{i}:http");
     let svc = iptables::proxier::service_chain(&port, "tcp");
     let sep = iptables::proxier::endpoint_chain(&port, "tcp", &format!("{moved}:8080"));
-    let tmp = dir.join(format!(".svc-{i}.tmp"));
-    std::fs::write(&tmp, service_yaml(i, Some(moved)))?;
     let started = Instant::now();
-    std::fs::rename(&tmp, dir.join(format!("svc-{i}.yaml")))?;
+    source.change(i, moved)?;
     loop {
         let out = Command::new("iptables")
             .args(["-t", "nat", "-S", &svc])
@@ -256,11 +244,11 @@ fn change(dir: &Path, i: u32, round: u32) -> Result<Duration> {
 }
 
 /// [`IDLE_CHANGES`] endpoint changes one after another; their median.
-fn idle_changes(dir: &Path, n: u32, round: &mut u32) -> Result<Duration> {
+fn idle_changes(source: &Source, n: u32, round: &mut u32) -> Result<Duration> {
     let mut idle = Vec::new();
     for k in 0..IDLE_CHANGES {
         let i = (u32::try_from(k)? * 7919) % n;
-        idle.push(change(dir, i, *round)?);
+        idle.push(change(source, i, *round)?);
         *round += 1;
     }
     let change_idle = median(idle.clone());
@@ -274,10 +262,10 @@ fn idle_changes(dir: &Path, n: u32, round: &mut u32) -> Result<Duration> {
     Ok(change_idle)
 }
 
-/// Starts the daemon on `dir`, logging to `log_path`.
-fn start_daemon(dir: &Path, log_path: &Path) -> Result<Daemon> {
+/// Starts the daemon on `source`, logging to `log_path`.
+fn start_daemon(source: &Source, log_path: &Path) -> Result<Daemon> {
     let log = std::fs::File::create(log_path)?;
-    let mut flags = common_flags(dir);
+    let mut flags = common_flags(source);
     flags.extend(
         [
             "--metrics-bind-address",
@@ -292,26 +280,14 @@ fn start_daemon(dir: &Path, log_path: &Path) -> Result<Daemon> {
         ]
         .map(str::to_owned),
     );
-    Ok(Daemon(
-        Command::new(std::env::current_exe()?)
-            .arg("--daemon")
-            .args(&flags)
-            .env("NO_COLOR", "1")
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stderr(log.try_clone()?)
-            .stdout(log)
-            .spawn()?,
-    ))
+    Daemon::start(&flags, &log)
 }
 
-fn measure(dir: &Path, n: u32) -> Result<Measured> {
+fn measure(source: &Source, n: u32) -> Result<Measured> {
     let log_path: PathBuf = std::env::temp_dir().join(format!("bench-fallback-{n}.log"));
     let started = Instant::now();
-    let daemon = start_daemon(dir, &log_path)?;
-    let pid = daemon.0.id();
+    let daemon = start_daemon(source, &log_path)?;
+    let pid = daemon.pid();
     let name = r#"kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}"#;
     while !metric(METRICS, name).is_some_and(|t| t > 0.0) {
         ensure!(
@@ -335,7 +311,7 @@ fn measure(dir: &Path, n: u32) -> Result<Measured> {
 
     // Changes with no resync running: right after the first sync, well before the next.
     let mut round = 0;
-    let change_idle = idle_changes(dir, n, &mut round)?;
+    let change_idle = idle_changes(source, n, &mut round)?;
     ensure!(
         log_times(&log_path, full).len() == 1,
         "a periodic full sync ran during the idle changes"
@@ -348,6 +324,8 @@ fn measure(dir: &Path, n: u32) -> Result<Measured> {
     for r in 0..RESYNCS {
         wait_for_log(&log_path, checked, r, limit)?;
     }
+    // Each sync's own line follows its kernel check's.
+    wait_for_log(&log_path, full, RESYNCS, limit)?;
     let resync = median(log_times(&log_path, full)[1..=RESYNCS].to_vec());
     println!(
         "  ours: periodic full sync of the unchanged cluster {:.2}ms (median of {RESYNCS}), first {:.3}s",
@@ -369,7 +347,7 @@ fn measure(dir: &Path, n: u32) -> Result<Measured> {
         std::thread::sleep(CHANGE_INTO_RESYNC);
         let running = log_times(&log_path, checked).len() <= r;
         let i = (round * 7919 + 13) % n;
-        let took = change(dir, i, round)?;
+        let took = change(source, i, round)?;
         round += 1;
         if running {
             during.push(took);

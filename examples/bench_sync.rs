@@ -26,7 +26,9 @@
 //! `--source api` (first argument) serves the same cluster from the test API server (the
 //! `testapi` crate, in this process, on loopback) instead: the daemon follows it with
 //! `--master` (a streaming list, then watches), and each change is an EndpointSlice update on
-//! the server, timed from the update to the kernel. Its summary lines are `sync-api-cold` and
+//! the server, timed from the update to the kernel. Its objects carry what a real API server
+//! and its controllers add (managedFields, kubectl's last-applied-configuration, owner and Pod
+//! references), which the proxy must not keep. Its summary lines are `sync-api-cold` and
 //! `sync-api-change`.
 
 use std::fmt::Write as _;
@@ -38,14 +40,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
-use controllers::source::Kind;
 use ipvs_proxy::flags::{Cli, Command as CliCommand, LogFormat};
-use serde_json::{Value, json};
-use testapi::ApiServer;
 
 #[path = "support/mod.rs"]
 mod support;
-use support::{Daemon, ENDPOINTS, endpoint, fresh_netns, metric, proc_status_kib, service_yaml};
+use support::source::{Source, parse_args};
+use support::{Daemon, ENDPOINTS, fresh_netns, metric, proc_status_kib};
 
 const CHANGES: usize = 200;
 /// How long the kernel is given to free a namespace left behind (its IPVS table goes in the
@@ -53,124 +53,12 @@ const CHANGES: usize = 200;
 const TEARDOWN: Duration = Duration::from_secs(10);
 const METRICS: &str = "127.0.0.1:10299";
 
-/// Where the daemon reads the synthetic cluster from.
-enum Source {
-    /// One manifest file per Service in this directory.
-    Manifests(PathBuf),
-    /// The test API server, on a runtime of its own.
-    Api(Api),
-}
-
-struct Api {
-    // Dropped before the runtime: its Drop aborts the server's tasks.
-    server: ApiServer,
-    _runtime: tokio::runtime::Runtime,
-}
-
-impl Source {
-    fn new(api: bool, n: u32) -> Result<Source> {
-        let started = Instant::now();
-        let source = if api {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()?;
-            let server = runtime.block_on(ApiServer::start());
-            server.apply(Kind::Node, testapi::node("node-a", "192.168.56.10"));
-            server.apply_many((0..n).flat_map(|i| {
-                let (service, slice) = service_json(i, None);
-                [(Kind::Service, service), (Kind::EndpointSlice, slice)]
-            }));
-            Source::Api(Api {
-                server,
-                _runtime: runtime,
-            })
-        } else {
-            let dir = std::env::temp_dir().join(format!("bench-sync-{n}"));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir)?;
-            for i in 0..n {
-                std::fs::write(dir.join(format!("svc-{i}.yaml")), service_yaml(i, None))?;
-            }
-            Source::Manifests(dir)
-        };
-        println!(
-            "{n} Services x {ENDPOINTS} endpoints: {} in {:.2}s",
-            if api {
-                "API server loaded"
-            } else {
-                "manifests written"
-            },
-            started.elapsed().as_secs_f64()
-        );
-        Ok(source)
-    }
-
-    /// The daemon's (and plan's) flags that name the source.
-    fn flags(&self) -> Vec<String> {
-        let mut flags = match self {
-            Source::Manifests(dir) => {
-                vec!["--manifests".into(), dir.to_string_lossy().into_owned()]
-            }
-            Source::Api(api) => vec!["--master".into(), api.server.url()],
-        };
-        flags.extend([
-            "--hostname-override".into(),
-            "node-a".into(),
-            "--cluster-cidr".into(),
-            "10.128.0.0/10".into(),
-        ]);
-        flags
-    }
-
-    /// Moves Service `i`'s last endpoint to `moved`: a file renamed into the directory, or an
-    /// EndpointSlice updated on the server.
-    fn change(&self, i: u32, moved: Ipv4Addr) -> Result<()> {
-        match self {
-            Source::Manifests(dir) => {
-                let tmp = dir.join(format!(".svc-{i}.tmp"));
-                std::fs::write(&tmp, service_yaml(i, Some(moved)))?;
-                std::fs::rename(&tmp, dir.join(format!("svc-{i}.yaml")))?;
-            }
-            Source::Api(api) => {
-                api.server
-                    .apply(Kind::EndpointSlice, service_json(i, Some(moved)).1);
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Source {
-    fn drop(&mut self) {
-        if let Source::Manifests(dir) = self {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
 fn main() -> ExitCode {
     support::main("bench_sync", bench)
 }
 
 fn bench(args: &[String]) -> Result<()> {
-    let (api, args) = match args {
-        [flag, source, rest @ ..] if flag == "--source" => match source.as_str() {
-            "api" => (true, rest),
-            "manifests" => (false, rest),
-            other => bail!("--source {other}: api or manifests"),
-        },
-        _ => (false, args),
-    };
-    let sizes: Vec<u32> = match args
-        .iter()
-        .map(|a| a.parse())
-        .collect::<Result<Vec<_>, _>>()?
-    {
-        sizes if sizes.is_empty() => vec![1000, 10_000],
-        sizes => sizes,
-    };
-    ensure!(sizes.iter().all(|&n| n <= 60_000), "at most 60000 Services");
+    let (api, sizes) = parse_args(args)?;
     let name = if api { "sync-api" } else { "sync" };
     let mut summary = Vec::new();
     for &n in &sizes {
@@ -224,33 +112,6 @@ fn bench(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Service `i` and its slice as [`service_yaml`] writes them, as API objects.
-fn service_json(i: u32, moved: Option<Ipv4Addr>) -> (Value, Value) {
-    let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i + 1).to_string();
-    let endpoints: Vec<Value> = (0..ENDPOINTS)
-        .map(|j| {
-            let ip = match moved {
-                Some(ip) if j == ENDPOINTS - 1 => ip,
-                _ => endpoint(i, j),
-            };
-            json!({"addresses": [ip.to_string()], "conditions": {"ready": true}, "nodeName": format!("node-{}", j % 3)})
-        })
-        .collect();
-    let service = json!({
-        "metadata": {"name": format!("svc-{i}"), "namespace": "bench"},
-        "spec": {"type": "ClusterIP", "clusterIP": vip, "clusterIPs": [vip],
-                 "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
-    });
-    let slice = json!({
-        "metadata": {"name": format!("svc-{i}-x"), "namespace": "bench",
-                     "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        "endpoints": endpoints,
-    });
-    (service, slice)
-}
-
 fn vip_key(i: u32) -> ipvs::ServiceKey {
     ipvs::ServiceKey::Addr {
         protocol: ipvs::Protocol::Tcp,
@@ -269,7 +130,7 @@ fn fresh(source: Option<Source>, api: bool, n: u32) -> Result<Source> {
     std::thread::sleep(TEARDOWN);
     match source {
         Some(source @ Source::Manifests(_)) => Ok(source),
-        _ => Source::new(api, n),
+        _ => Source::new(api, "bench-sync", n),
     }
 }
 
@@ -420,21 +281,9 @@ fn cold_start(source: &Source, n: u32) -> Result<Measured> {
         "--ipvs-sync-period".into(),
         sync_period(n),
     ]);
-    let exe = std::env::current_exe()?;
     let started = Instant::now();
-    let daemon = Daemon(
-        Command::new(exe)
-            .arg("--daemon")
-            .args(&flags)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stderr(log.try_clone()?)
-            .stdout(log)
-            .spawn()?,
-    );
-    let pid = daemon.0.id();
+    let daemon = Daemon::start(&flags, &log)?;
+    let pid = daemon.pid();
     let name = r#"kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}"#;
     let deadline = started + Duration::from_secs(1200);
     loop {

@@ -1,15 +1,18 @@
 //! What the daemon benchmarks (`bench_sync`, `bench_fallback`) share: the daemon they run (this
 //! executable again, with `--daemon`), the synthetic cluster's manifests, and reading the
-//! daemon's metrics and memory. Included with `#[path]`; not an example of its own.
+//! daemon's metrics and memory, and the source it reads the cluster from ([`source`]). Included
+//! with `#[path]`; not an example of its own.
 
 use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, TcpStream};
-use std::process::{Child, ExitCode};
+use std::process::{Child, Command, ExitCode};
 use std::time::Duration;
 
 use clap::Parser;
 use ipvs_proxy::flags::Cli;
+
+pub mod source;
 
 /// Endpoints per Service.
 pub const ENDPOINTS: u32 = 10;
@@ -60,13 +63,89 @@ pub fn endpoint(i: u32, j: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * ENDPOINTS + j + 1)
 }
 
-/// The daemon; killed and reaped on drop.
-pub struct Daemon(pub Child);
+/// The daemon, this executable run again with `--daemon FLAGS…`; stopped and reaped on drop.
+///
+/// `BENCH_HEAPTRACK=DIR` runs it under heaptrack (`heaptrack -o DIR/heaptrack.daemon.<pid>`),
+/// to find where its bytes go: stopped with SIGTERM then, so that heaptrack writes its file.
+pub struct Daemon {
+    child: Child,
+    /// The daemon's own process: the child, or heaptrack's child.
+    pid: u32,
+    profiled: bool,
+}
+
+impl Daemon {
+    /// Starts the daemon with `flags`, its output (without colours) to `log`.
+    pub fn start(flags: &[String], log: &std::fs::File) -> anyhow::Result<Daemon> {
+        let exe = std::env::current_exe()?;
+        let profile = std::env::var_os("BENCH_HEAPTRACK");
+        let mut command = match &profile {
+            Some(dir) => {
+                let mut c = Command::new("heaptrack");
+                c.arg("-o")
+                    .arg(std::path::Path::new(dir).join("heaptrack.daemon"))
+                    .arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let child = command
+            .arg("--daemon")
+            .args(flags)
+            .env("NO_COLOR", "1")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stderr(log.try_clone()?)
+            .stdout(log.try_clone()?)
+            .spawn()?;
+        let mut daemon = Daemon {
+            pid: child.id(),
+            child,
+            profiled: profile.is_some(),
+        };
+        if daemon.profiled {
+            daemon.pid = profiled_child(daemon.pid)?;
+        }
+        Ok(daemon)
+    }
+
+    /// The daemon's process id, for its `/proc` status.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
+/// The program heaptrack (the script `pid`, which starts its recorder too) runs: its child
+/// running this executable, once it is started.
+fn profiled_child(pid: u32) -> anyhow::Result<u32> {
+    let exe = std::env::current_exe()?;
+    let children = format!("/proc/{pid}/task/{pid}/children");
+    for _ in 0..1000 {
+        let found = std::fs::read_to_string(&children).unwrap_or_default();
+        let daemon = found
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+            .find(|c| std::fs::read_link(format!("/proc/{c}/exe")).is_ok_and(|e| e == exe));
+        if let Some(child) = daemon {
+            return Ok(child);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    anyhow::bail!("heaptrack started nothing")
+}
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if self.profiled {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.pid.to_string()])
+                .status();
+        } else {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
     }
 }
 

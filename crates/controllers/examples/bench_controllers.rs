@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use controllers::kube_source::{self, ListStrategy, Options};
-use controllers::source::{Event, Kind, Object, SourceUpdate};
+use controllers::source::{Event, Kind, Model, SourceUpdate};
 use reconciler::ClusterState;
 use testapi::ApiServer;
 use tokio::sync::{Notify, mpsc};
@@ -218,7 +218,7 @@ fn case(n: usize, lists: Option<&str>) -> anyhow::Result<()> {
                     SourceUpdate::Events(events) => {
                         let slices = events
                             .iter()
-                            .filter(|e| matches!(e, Event::Apply(Object::EndpointSlice(_))))
+                            .filter(|e| matches!(e, Event::Apply(Model::EndpointSlice { .. })))
                             .count();
                         controllers::apply_all(&mut state, events);
                         if synced {

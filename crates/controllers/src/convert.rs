@@ -14,6 +14,8 @@ use reconciler::model::{
 use reconciler::plan::{KUBE_ROUTER_SCHEDULER_ANNOTATION, SCHEDULER_ANNOTATION};
 use reconciler::state::SliceName;
 
+use crate::intern::intern;
+
 /// Services with this label belong to another proxy (kube-proxy ignores them too).
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// The label that ties an EndpointSlice to its Service.
@@ -52,13 +54,9 @@ pub enum Skipped {
 #[must_use]
 pub fn service_name(svc: &Service) -> ServiceName {
     ServiceName {
-        namespace: svc
-            .metadata
-            .namespace
-            .as_deref()
-            .unwrap_or("default")
-            .into(),
-        name: svc.metadata.name.as_deref().unwrap_or("").into(),
+        namespace: intern(svc.metadata.namespace.as_deref().unwrap_or("default")),
+        // Shared with its EndpointSlices' references to it.
+        name: intern(svc.metadata.name.as_deref().unwrap_or("")),
     }
 }
 
@@ -207,7 +205,7 @@ pub fn service_ports(svc: &Service) -> Result<Vec<ServicePort>, Skipped> {
         out.push(ServicePort {
             name: ServicePortName {
                 service: name.clone(),
-                port: p.name.as_deref().unwrap_or("").into(),
+                port: intern(p.name.as_deref().unwrap_or("")),
                 protocol,
             },
             service_type,
@@ -261,12 +259,7 @@ pub fn last_change_trigger_time(slice: &EndpointSlice) -> Option<std::time::Syst
 #[must_use]
 pub fn slice_name(slice: &EndpointSlice) -> SliceName {
     (
-        slice
-            .metadata
-            .namespace
-            .as_deref()
-            .unwrap_or("default")
-            .into(),
+        intern(slice.metadata.namespace.as_deref().unwrap_or("default")),
         slice.metadata.name.as_deref().unwrap_or("").into(),
     )
 }
@@ -294,20 +287,11 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Option<SliceModel> {
     let (namespace, _) = slice_name(slice);
     let service = ServiceName {
         namespace,
-        name: service.as_str().into(),
+        name: intern(service),
     };
-    // Node and zone strings are shared by every port of the slice, and so are hints, which
-    // are also shared by the endpoints that have the same (with trafficDistribution, one set
-    // per zone or node).
-    let mut shared: Vec<Arc<str>> = Vec::new();
-    let mut intern = |s: &str| -> Arc<str> {
-        if let Some(a) = shared.iter().find(|a| &***a == s) {
-            return a.clone();
-        }
-        let a: Arc<str> = s.into();
-        shared.push(a.clone());
-        a
-    };
+    // Node and zone names are shared with every other object that names them ([`intern`]);
+    // hints are shared by the endpoints of the slice that have the same (with
+    // trafficDistribution, one set per zone or node) and by its ports.
     let mut shared_hints: Vec<Arc<Hints>> = Vec::new();
     let addrs: Vec<Address> = slice
         .endpoints
@@ -321,8 +305,8 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Option<SliceModel> {
                 serving: c.and_then(|c| c.serving).unwrap_or(true),
                 terminating: c.and_then(|c| c.terminating).unwrap_or(false),
             };
-            let node = e.node_name.as_deref().map(&mut intern);
-            let zone = e.zone.as_deref().map(&mut intern);
+            let node = e.node_name.as_deref().map(intern);
+            let zone = e.zone.as_deref().map(intern);
             let hints = e.hints.as_ref().and_then(|h| {
                 let zones = h
                     .for_zones
@@ -364,7 +348,7 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Option<SliceModel> {
                 Some(_) => return None,
             };
             Some(EndpointPort {
-                name: p.name.as_deref().unwrap_or("").into(),
+                name: intern(p.name.as_deref().unwrap_or("")),
                 protocol,
                 endpoints: addrs
                     .iter()
@@ -409,6 +393,7 @@ pub fn node_facts(node: &Node) -> NodeFacts {
         .unwrap_or_default();
     let name = node.metadata.name.as_deref().unwrap_or("");
     NodeFacts {
+        name: intern(name),
         pod_cidrs: pod_cidrs(node, name),
         addresses,
         zone: node
@@ -416,8 +401,7 @@ pub fn node_facts(node: &Node) -> NodeFacts {
             .labels
             .as_ref()
             .and_then(|l| l.get(ZONE_LABEL))
-            .map(|z| z.as_str().into()),
-        name: name.into(),
+            .map(|z| intern(z)),
     }
 }
 

@@ -43,7 +43,7 @@ use serde::de::DeserializeOwned;
 
 use crate::events::EventSender;
 use crate::paginated;
-use crate::source::{Event, Kind, Object, ObjectKey, SourceSink, SourceUpdate};
+use crate::source::{Event, Kind, Model, ObjectKey, SourceSink, SourceUpdate};
 use crate::throttle::RateLimit;
 
 /// kube-proxy's label selector for Services and EndpointSlices: not another proxy's, and not
@@ -259,21 +259,21 @@ pub async fn run_with(
             Kind::Service,
             Api::<Service>::all(client.clone()),
             labels.clone(),
-            |o| Object::Service(Box::new(o)),
+            |o| Model::service(&o),
             &options,
         ),
         Follower::new(
             Kind::EndpointSlice,
             Api::<EndpointSlice>::all(client.clone()),
             labels,
-            |o| Object::EndpointSlice(Box::new(o)),
+            |o| Model::endpoint_slice(&o),
             &options,
         ),
         Follower::new(
             Kind::Node,
             Api::<Node>::all(client),
             watcher::Config::default().fields(&node_fields),
-            |o| Object::Node(Box::new(o)),
+            |o| Model::node(&o),
             &options,
         ),
     ];
@@ -358,7 +358,7 @@ pub async fn list_once(client: kube::Client, node_name: &str) -> Result<Vec<Even
         .limit(500);
     let mut events = Vec::new();
     for svc in list_all(&Api::<Service>::all(client.clone()), &labels, Kind::Service).await? {
-        events.push(Event::Apply(Object::Service(Box::new(svc))));
+        events.push(Event::Apply(Model::service(&svc)));
     }
     for slice in list_all(
         &Api::<EndpointSlice>::all(client.clone()),
@@ -367,11 +367,11 @@ pub async fn list_once(client: kube::Client, node_name: &str) -> Result<Vec<Even
     )
     .await?
     {
-        events.push(Event::Apply(Object::EndpointSlice(Box::new(slice))));
+        events.push(Event::Apply(Model::endpoint_slice(&slice)));
     }
     let node_fields = ListParams::default().fields(&format!("metadata.name={node_name}"));
     for node in list_all(&Api::<Node>::all(client), &node_fields, Kind::Node).await? {
-        events.push(Event::Apply(Object::Node(Box::new(node))));
+        events.push(Event::Apply(Model::node(&node)));
     }
     Ok(events)
 }
@@ -407,15 +407,16 @@ pub fn node_eligible(node: &Node) -> bool {
     !deleting && !tainted
 }
 
-type ObjectStream = BoxStream<'static, watcher::Result<watcher::Event<Object>>>;
+type ObjectStream = BoxStream<'static, watcher::Result<watcher::Event<Model>>>;
 type StreamMaker = Box<dyn Fn(bool, Backoff) -> ObjectStream + Send>;
 
 /// A list in progress: the keys listed so far and, for a relist, the objects held back until
-/// the list is complete.
+/// the list is complete (converted: a relist of 10,000 Services holds the model's few MiB,
+/// not the API objects').
 #[derive(Default)]
 struct Listing {
     keys: HashSet<ObjectKey>,
-    objects: Vec<Object>,
+    objects: Vec<Model>,
 }
 
 /// One kind's watcher, and what the proxier has been told about that kind.
@@ -445,7 +446,7 @@ impl Follower {
         kind: Kind,
         api: Api<K>,
         config: watcher::Config,
-        wrap: fn(K) -> Object,
+        wrap: fn(K) -> Model,
         options: &Options,
     ) -> Follower
     where
@@ -463,9 +464,7 @@ impl Follower {
             };
             events
                 .backoff(backoff)
-                // managedFields are often as large as the rest of an object, and nothing
-                // here reads them.
-                .map_ok(|event| event.modify(|o| o.meta_mut().managed_fields = None))
+                // Converted as each object arrives: the API object goes at once.
                 .map_ok(move |event| match event {
                     watcher::Event::Apply(o) => watcher::Event::Apply(wrap(o)),
                     watcher::Event::Delete(o) => watcher::Event::Delete(wrap(o)),
@@ -503,7 +502,7 @@ impl Follower {
         self.listing = None;
     }
 
-    fn handle(&mut self, item: watcher::Result<watcher::Event<Object>>, out: &mut Vec<Event>) {
+    fn handle(&mut self, item: watcher::Result<watcher::Event<Model>>, out: &mut Vec<Event>) {
         let kind = self.kind;
         match item {
             Ok(watcher::Event::Init) => {
@@ -638,12 +637,12 @@ impl Follower {
         self.listed = true;
     }
 
-    fn note_node(&mut self, object: Option<&Object>) {
+    fn note_node(&mut self, object: Option<&Model>) {
         if self.kind != Kind::Node {
             return;
         }
         self.eligible = Some(match object {
-            Some(Object::Node(node)) => node_eligible(node),
+            Some(Model::Node { eligible, .. }) => *eligible,
             _ => false,
         });
     }

@@ -6,6 +6,7 @@
 
 pub mod convert;
 pub mod events;
+mod intern;
 pub mod kube_source;
 pub mod manifests;
 mod paginated;
@@ -16,6 +17,6 @@ pub mod watch;
 
 pub use manifests::{ManifestError, Snapshot, read_dir};
 pub use source::{
-    Event, Kind, Object, ObjectKey, SourceReceiver, SourceSender, SourceSink, SourceUpdate, apply,
-    apply_all, channel, fold,
+    Event, Kind, Model, Object, ObjectKey, SourceReceiver, SourceSender, SourceSink, SourceUpdate,
+    apply, apply_all, channel, fold,
 };

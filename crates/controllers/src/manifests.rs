@@ -72,7 +72,7 @@ impl Snapshot {
             self.objects
                 .iter()
                 .filter(|(k, o)| previous.objects.get(*k) != Some(*o))
-                .map(|(_, o)| Event::Apply(o.clone())),
+                .map(|(_, o)| Event::apply(o)),
         );
         events
     }

@@ -1,22 +1,29 @@
 //! What every source produces: objects applied and objects deleted, as [`Event`]s, folded
 //! into a [`ClusterState`] by [`apply`]. The manifest directory and the kube-rs
 //! watchers both speak this, so the sync engine does not care where objects come from.
+//!
+//! An applied object travels as a [`Model`]: converted where it was read, on the source's
+//! thread, so the API object (a few KiB for an EndpointSlice with its managedFields and Pod
+//! references) is dropped there at once, and what waits in the queue for the sync loop, or in
+//! a relist, is the few hundred bytes the proxy keeps.
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use reconciler::health::Health;
-use reconciler::model::ServiceName;
+use reconciler::model::{EndpointSlice as SliceModel, NodeFacts, ServiceName, ServicePort};
 use reconciler::pending::{self, Closed, Keyed};
-use reconciler::state::{Affected, ClusterState};
+use reconciler::state::{Affected, ClusterState, SliceName};
 use reconciler::sync_loop::Folded;
 
 use crate::convert::{
     Skipped, endpoint_slice, last_change_trigger_time, node_facts, service_name, service_ports,
     slice_name,
 };
+use crate::kube_source::node_eligible;
 
 /// The kinds a proxy reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -56,8 +63,86 @@ impl Object {
         };
         ObjectKey {
             kind,
-            namespace: namespace.into(),
+            namespace: crate::intern::intern(namespace),
             name: meta.name.as_deref().unwrap_or("").into(),
+        }
+    }
+}
+
+/// An object as the proxy keeps it: converted into the model where it was read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Model {
+    /// A Service's ports, or why it has none (skipped Services are held as absent).
+    Service {
+        name: ServiceName,
+        ports: Result<Vec<ServicePort>, Skipped>,
+    },
+    /// An EndpointSlice (`None`: it names no Service, or holds FQDNs), and its
+    /// `endpoints.kubernetes.io/last-change-trigger-time`.
+    EndpointSlice {
+        name: SliceName,
+        slice: Option<SliceModel>,
+        trigger: Option<SystemTime>,
+    },
+    /// A Node's facts, and whether it may receive load-balancer traffic
+    /// ([`node_eligible`]).
+    Node { facts: NodeFacts, eligible: bool },
+}
+
+impl Model {
+    #[must_use]
+    pub fn service(svc: &Service) -> Model {
+        Model::Service {
+            name: service_name(svc),
+            ports: service_ports(svc),
+        }
+    }
+
+    #[must_use]
+    pub fn endpoint_slice(slice: &EndpointSlice) -> Model {
+        Model::EndpointSlice {
+            name: slice_name(slice),
+            slice: endpoint_slice(slice),
+            trigger: last_change_trigger_time(slice),
+        }
+    }
+
+    #[must_use]
+    pub fn node(node: &Node) -> Model {
+        Model::Node {
+            facts: node_facts(node),
+            eligible: node_eligible(node),
+        }
+    }
+
+    /// The identity of the object it was converted from.
+    #[must_use]
+    pub fn key(&self) -> ObjectKey {
+        let (kind, namespace, name) = match self {
+            Model::Service { name, .. } => (Kind::Service, &name.namespace, &name.name),
+            Model::EndpointSlice { name, .. } => (Kind::EndpointSlice, &name.0, &name.1),
+            Model::Node { facts, .. } => {
+                return ObjectKey {
+                    kind: Kind::Node,
+                    namespace: crate::intern::intern(""),
+                    name: facts.name.clone(),
+                };
+            }
+        };
+        ObjectKey {
+            kind,
+            namespace: namespace.clone(),
+            name: name.clone(),
+        }
+    }
+}
+
+impl From<&Object> for Model {
+    fn from(object: &Object) -> Model {
+        match object {
+            Object::Service(svc) => Model::service(svc),
+            Object::EndpointSlice(slice) => Model::endpoint_slice(slice),
+            Object::Node(node) => Model::node(node),
         }
     }
 }
@@ -66,9 +151,17 @@ impl Object {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Created or updated.
-    Apply(Object),
+    Apply(Model),
     /// Gone.
     Delete(ObjectKey),
+}
+
+impl Event {
+    /// `object` created or updated, converted.
+    #[must_use]
+    pub fn apply(object: &Object) -> Event {
+        Event::Apply(object.into())
+    }
 }
 
 /// What a source sends the sync loop: batches of [`Event`]s, the end of the initial lists,
@@ -134,9 +227,8 @@ impl SourceSink for tokio::sync::mpsc::UnboundedSender<SourceUpdate> {
 pub fn apply(state: &mut ClusterState, event: Event) -> Affected {
     let mut out = Affected::default();
     match event {
-        Event::Apply(Object::Service(svc)) => {
-            let name = service_name(&svc);
-            let ports = match service_ports(&svc) {
+        Event::Apply(Model::Service { name, ports }) => {
+            let ports = match ports {
                 Ok(ports) => ports,
                 Err(why @ Skipped::TooManyVirtualServers { .. }) => {
                     tracing::warn!(service = %name, %why, "service rejected");
@@ -149,14 +241,11 @@ pub fn apply(state: &mut ClusterState, event: Event) -> Affected {
             };
             out.services.extend(state.upsert_service(name, ports));
         }
-        Event::Apply(Object::EndpointSlice(slice)) => {
-            let key = slice_name(&slice);
-            match endpoint_slice(&slice) {
-                Some(model) => out.services = state.upsert_slice(key, model),
-                None => out.services.extend(state.remove_slice(&key)),
-            }
-        }
-        Event::Apply(Object::Node(node)) => out.nodes = state.upsert_node(node_facts(&node)),
+        Event::Apply(Model::EndpointSlice { name, slice, .. }) => match slice {
+            Some(model) => out.services = state.upsert_slice(name, model),
+            None => out.services.extend(state.remove_slice(&name)),
+        },
+        Event::Apply(Model::Node { facts, .. }) => out.nodes = state.upsert_node(facts),
         Event::Delete(key) => match key.kind {
             Kind::Service => out.services.extend(state.remove_service(&ServiceName {
                 namespace: key.namespace,
@@ -197,12 +286,12 @@ pub fn fold(state: &mut ClusterState, events: Vec<Event>) -> Folded {
     let mut endpoint_triggers = Vec::new();
     for e in &events {
         let kind = match e {
-            Event::Apply(Object::Service(_)) => Kind::Service,
-            Event::Apply(Object::EndpointSlice(slice)) => {
-                endpoint_triggers.push(last_change_trigger_time(slice));
+            Event::Apply(Model::Service { .. }) => Kind::Service,
+            Event::Apply(Model::EndpointSlice { trigger, .. }) => {
+                endpoint_triggers.push(*trigger);
                 Kind::EndpointSlice
             }
-            Event::Apply(Object::Node(_)) => Kind::Node,
+            Event::Apply(Model::Node { .. }) => Kind::Node,
             Event::Delete(k) => {
                 if k.kind == Kind::EndpointSlice {
                     endpoint_triggers.push(None);

@@ -26,13 +26,14 @@ struct FileEntry {
     keys: Vec<ObjectKey>,
 }
 
-/// What each file under the directory defines.
+/// What each file under the directory defines. Each path is held once, shared by the file's
+/// entry and the lists of the objects it defines.
 #[derive(Debug, Default)]
 pub struct DirIndex {
-    files: BTreeMap<PathBuf, FileEntry>,
+    files: BTreeMap<Arc<Path>, FileEntry>,
     /// The files defining each object, sorted: almost always one, so a list, not a tree
-    /// (whose smallest node holds eleven).
-    owners: HashMap<ObjectKey, Vec<PathBuf>>,
+    /// (whose smallest node holds eleven), and a list with room for one.
+    owners: HashMap<ObjectKey, Vec<Arc<Path>>>,
 }
 
 fn text_hash(text: &str) -> u64 {
@@ -81,7 +82,7 @@ impl DirIndex {
         })?;
         files.sort();
         let mut paths: BTreeSet<PathBuf> = files.into_iter().collect();
-        paths.extend(self.files.keys().cloned());
+        paths.extend(self.files.keys().map(|p| p.to_path_buf()));
         Ok(self.update(paths))
     }
 
@@ -90,8 +91,8 @@ impl DirIndex {
     pub fn update(&mut self, paths: impl IntoIterator<Item = PathBuf>) -> Vec<Event> {
         let mut applies: BTreeMap<ObjectKey, crate::source::Object> = BTreeMap::new();
         let mut lost: BTreeSet<ObjectKey> = BTreeSet::new();
-        let mut queue: Vec<PathBuf> = paths.into_iter().collect();
-        let mut forced: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut queue: Vec<Arc<Path>> = paths.into_iter().map(Arc::from).collect();
+        let mut forced: BTreeSet<Arc<Path>> = BTreeSet::new();
         while let Some(path) = queue.pop() {
             let text = if is_manifest(&path) {
                 std::fs::read_to_string(&path).ok()
@@ -99,7 +100,10 @@ impl DirIndex {
                 None
             };
             let hash = text.as_deref().map(text_hash);
-            let old = self.files.get(&path).cloned();
+            let (path, old) = match self.files.get_key_value(&path) {
+                Some((known, entry)) => (known.clone(), Some(entry.clone())),
+                None => (path, None),
+            };
             if !forced.contains(&path) && old.as_ref().map(|e| e.hash) == hash && hash.is_some() {
                 continue;
             }
@@ -135,8 +139,12 @@ impl DirIndex {
                     lost.insert(key.clone());
                 }
             }
+            keys.shrink_to_fit();
             for (key, object) in snap.objects {
-                let owners = self.owners.entry(key.clone()).or_default();
+                let owners = self
+                    .owners
+                    .entry(key.clone())
+                    .or_insert_with(|| Vec::with_capacity(1));
                 if let Err(at) = owners.binary_search(&path) {
                     owners.insert(at, path.clone());
                 }
@@ -153,7 +161,7 @@ impl DirIndex {
             }
         }
         let mut events: Vec<Event> = lost.into_iter().map(Event::Delete).collect();
-        events.extend(applies.into_values().map(Event::Apply));
+        events.extend(applies.values().map(Event::apply));
         events
     }
 
@@ -626,10 +634,12 @@ mod tests {
             panic!("expected events, got {update:?}");
         };
         assert_eq!(names(&events), ["apply a"]);
-        let Event::Apply(crate::source::Object::Service(svc)) = &events[0] else {
+        let Event::Apply(crate::source::Model::Service {
+            ports: Ok(ports), ..
+        }) = &events[0]
+        else {
             panic!("expected the Service, got {events:?}");
         };
-        let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref()).unwrap();
         assert_eq!(ports[0].port, 8080);
         drop(rx);
         task.abort();

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use controllers::manifests::{Snapshot, parse_into, read_dir};
-use controllers::source::{Event, Kind, Object};
+use controllers::source::{Event, Kind, Model, Object};
 use reconciler::model::{
     Protocol, Scheduler, SchedulerChoice, ServiceType, SessionAffinity, TrafficPolicy,
 };
@@ -382,7 +382,7 @@ fn rereading_yields_only_the_differences_as_events() {
     assert!(
         events[1..]
             .iter()
-            .all(|e| matches!(e, Event::Apply(Object::Node(_))))
+            .all(|e| matches!(e, Event::Apply(Model::Node { .. })))
     );
     assert!(after.events_since(&after).is_empty());
 }
@@ -521,7 +521,7 @@ fn a_service_over_the_virtual_server_cap_is_rejected_and_one_at_it_loads() {
         "2 VIPs × 501 ports are 1002 virtual servers, more than the 1000 a Service may have"
     );
     let mut st = ClusterState::new();
-    controllers::apply_all(&mut st, [Event::Apply(Object::Service(Box::new(over)))]);
+    controllers::apply_all(&mut st, [Event::apply(&Object::Service(Box::new(over)))]);
     assert!(
         st.service(&ServiceName::new("default", "big")).is_none(),
         "held as absent"

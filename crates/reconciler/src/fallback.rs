@@ -27,6 +27,18 @@ pub fn service_specs(state: &ClusterState, node: &str) -> Vec<ServiceSpec> {
     specs
 }
 
+/// Every Service's ports as the iptables proxier takes them, converted one at a time as a
+/// full sync renders them (`Proxier::sync_full_each`), in the state's order, with the sum of
+/// their endpoints, which that sync needs first.
+pub fn each_service_spec<'a>(
+    state: &'a ClusterState,
+    node: &'a str,
+) -> (usize, impl Iterator<Item = ServiceSpec> + 'a) {
+    let ports = || state.services().flat_map(|(_, ports)| ports);
+    let endpoints = ports().map(|sp| state.endpoints(&sp.name).len()).sum();
+    (endpoints, ports().map(move |sp| port_spec(state, sp, node)))
+}
+
 /// One Service's ports as the iptables proxier takes them, for a partial sync
 /// (`Proxier::sync_services`, under `service.to_string()`): empty when the Service is gone
 /// from `state` or was skipped (headless, ExternalName, another proxy's), which the proxier

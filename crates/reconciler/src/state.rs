@@ -83,7 +83,12 @@ impl ClusterState {
         }
         let service = slice.service.clone();
         self.slice_owner.insert(name.clone(), service.clone());
-        let list = self.slices.entry(service.clone()).or_default();
+        // Room for one: a Service's first slice is usually its only one (a Vec's first push
+        // makes room for four, and the map holds a list per Service).
+        let list = self
+            .slices
+            .entry(service.clone())
+            .or_insert_with(|| Vec::with_capacity(1));
         match list.binary_search_by(|(n, _)| n.cmp(&name)) {
             Ok(at) => list[at].1 = slice,
             Err(at) => list.insert(at, (name, slice)),

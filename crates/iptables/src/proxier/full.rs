@@ -13,6 +13,7 @@
 //! rules; stale chains; missing jumps. Its cost is the read (by another thread and
 //! `iptables-save`) and a lookup per chain.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
@@ -39,10 +40,24 @@ impl Proxier {
         runner: &Runner,
         specs: &[ServiceSpec],
     ) -> Result<SyncStats, Error> {
+        let endpoints = specs.iter().map(|s| s.backends.len()).sum();
+        self.sync_full_each(runner, endpoints, specs)
+    }
+
+    /// [`Proxier::sync_full`] over service ports made one at a time as it renders them (the
+    /// daemon converts each from its model here, so they are never all in memory at once),
+    /// with `endpoints` (the sum of their backends) known before: it decides whether rules
+    /// carry comments (kube-proxy's large-cluster mode).
+    pub fn sync_full_each(
+        &mut self,
+        runner: &Runner,
+        endpoints: usize,
+        specs: impl IntoIterator<Item = impl Borrow<ServiceSpec>>,
+    ) -> Result<SyncStats, Error> {
         let start = Instant::now();
         let before = runner.nft_generation();
         let result = KernelChains::read(runner, self.config.family)
-            .and_then(|kernel| self.stream_full(runner, specs, &kernel));
+            .and_then(|kernel| self.stream_full(runner, endpoints, specs, &kernel));
         match result {
             Ok(mut stats) => {
                 // Known if the read saw generation `before` and only this sync's commits followed.
@@ -62,11 +77,11 @@ impl Proxier {
     fn stream_full(
         &mut self,
         runner: &Runner,
-        specs: &[ServiceSpec],
+        endpoints: usize,
+        specs: impl IntoIterator<Item = impl Borrow<ServiceSpec>>,
         kernel: &KernelChains,
     ) -> Result<SyncStats, Error> {
         let config = &self.config;
-        let endpoints = specs.iter().map(|s| s.backends.len()).sum();
         let mut mirror = Mirror {
             comments: comments_for(config, endpoints),
             endpoints,
@@ -77,7 +92,10 @@ impl Proxier {
         for (table, name, rules) in base.iter().filter(|(t, ..)| *t == Table::Nat) {
             out.chain_if_differs(kernel, *table, name, rules, false)?;
         }
+        let mut backends = 0;
         for spec in specs {
+            let spec = spec.borrow();
+            backends += spec.backends.len();
             mirror
                 .services
                 .entry(service_name(&spec.name).to_owned())
@@ -95,7 +113,7 @@ impl Proxier {
             mirror.ports.insert(spec.key(), Applied::of(&rules));
             out.stats.changed_services += 1;
         }
-        let shared = mirror.shared_chains(config);
+        debug_assert_eq!(backends, endpoints, "the endpoints given are the specs'");
         let owned: HashSet<&str> = mirror
             .ports
             .values()
@@ -110,8 +128,9 @@ impl Proxier {
             // KUBE-NODEPORTS before the KUBE-SERVICES that jumps to it.
             for (i, &(t, name)) in SHARED_CHAINS.iter().enumerate().rev() {
                 if t == table {
-                    out.room(shared[i].len() + 1)?;
-                    out.chain_if_differs(kernel, table, name, &shared[i], true)?;
+                    let rules = mirror.shared_chain(config, i);
+                    out.room(rules.len() + 1)?;
+                    out.chain_if_differs(kernel, table, name, &rules, true)?;
                 }
             }
             out.missing_jumps(kernel, config, table)?;
@@ -242,9 +261,8 @@ impl Proxier {
                 ruleset.table(Table::Nat).chains.extend(rules.chains);
             }
         }
-        let shared = mirror.shared_chains(config);
-        for (i, rules) in shared.into_iter().enumerate() {
-            let (table, name) = SHARED_CHAINS[i];
+        for (i, &(table, name)) in SHARED_CHAINS.iter().enumerate() {
+            let rules = mirror.shared_chain(config, i);
             if drifted(table, name, &Fingerprint::of(&rules), true) {
                 ruleset.table(table).chains.insert(name.to_owned(), rules);
             }

@@ -721,42 +721,11 @@ impl Rendered {
     /// order, and for nat KUBE-SERVICES the final jump to KUBE-NODEPORTS.
     #[must_use]
     pub fn shared_chain(&self, config: &ProxierConfig, index: usize) -> Vec<Rule> {
-        let mut rules: Vec<Rule> = self
-            .services
-            .values()
-            .flat_map(|s| s.shared[index].iter().cloned())
-            .collect();
-        if SHARED_CHAINS[index] == (Table::Nat, SERVICES) {
-            let comment =
-                "kubernetes service nodeports; NOTE: this must be the last rule in this chain";
-            if let Some(addresses) = &config.node_port_addresses {
-                for a in addresses {
-                    rules.push(
-                        Rule::jump(SERVICES, NODEPORTS)
-                            .destination(host(*a))
-                            .comment(comment),
-                    );
-                }
-            } else {
-                let mut jump =
-                    Rule::jump(SERVICES, NODEPORTS)
-                        .comment(comment)
-                        .with(Match::AddrType {
-                            negated: false,
-                            source: false,
-                            kind: AddrType::Local,
-                        });
-                // NodePorts never work on IPv6 loopback, and on IPv4's only with
-                // route_localnet (localhostNodePorts).
-                if config.family == Family::V6 {
-                    jump = jump.not_destination("::1/128".parse::<IpNet>().expect("valid"));
-                } else if !config.localhost_node_ports() {
-                    jump = jump.not_destination("127.0.0.0/8".parse::<IpNet>().expect("valid"));
-                }
-                rules.push(jump);
-            }
-        }
-        rules
+        shared_chain(
+            config,
+            index,
+            self.services.values().map(|s| &s.shared[index][..]),
+        )
     }
 
     /// Every chain the proxier writes, with its rules, as a full-sync restore patch (without
@@ -812,6 +781,47 @@ impl Rendered {
         }
         out
     }
+}
+
+/// Shared chain `index` of [`SHARED_CHAINS`] from the ports' `fragments` of it, in order,
+/// and for nat KUBE-SERVICES the final jump to KUBE-NODEPORTS: one chain at a time, so a full
+/// sync never holds a second copy of every port's rules.
+pub(super) fn shared_chain<'a>(
+    config: &ProxierConfig,
+    index: usize,
+    fragments: impl Iterator<Item = &'a [Rule]>,
+) -> Vec<Rule> {
+    let mut rules: Vec<Rule> = fragments.flatten().cloned().collect();
+    if SHARED_CHAINS[index] == (Table::Nat, SERVICES) {
+        let comment =
+            "kubernetes service nodeports; NOTE: this must be the last rule in this chain";
+        if let Some(addresses) = &config.node_port_addresses {
+            for a in addresses {
+                rules.push(
+                    Rule::jump(SERVICES, NODEPORTS)
+                        .destination(host(*a))
+                        .comment(comment),
+                );
+            }
+        } else {
+            let mut jump = Rule::jump(SERVICES, NODEPORTS)
+                .comment(comment)
+                .with(Match::AddrType {
+                    negated: false,
+                    source: false,
+                    kind: AddrType::Local,
+                });
+            // NodePorts never work on IPv6 loopback, and on IPv4's only with route_localnet
+            // (localhostNodePorts).
+            if config.family == Family::V6 {
+                jump = jump.not_destination("::1/128".parse::<IpNet>().expect("valid"));
+            } else if !config.localhost_node_ports() {
+                jump = jump.not_destination("127.0.0.0/8".parse::<IpNet>().expect("valid"));
+            }
+            rules.push(jump);
+        }
+    }
+    rules
 }
 
 #[cfg(test)]

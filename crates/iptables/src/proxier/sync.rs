@@ -17,7 +17,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use super::kernel::Fingerprint;
-use super::render::{Rendered, SHARED_CHAINS, ServiceRules, comments_for, render, render_service};
+use super::render::{
+    self, Rendered, SHARED_CHAINS, ServiceRules, comments_for, render, render_service,
+};
 use super::{ProxierConfig, ServiceSpec};
 use crate::Error;
 use crate::chain::is_service_chain;
@@ -200,27 +202,14 @@ impl Mirror {
             (self.ports.values()).fold(RuleCounts::default(), |sum, a| sum.plus(a.rules));
     }
 
-    /// The shared chains' rules as the mirror's ports give them, with what the config adds
-    /// (the jump to KUBE-NODEPORTS): index `i` of [`SHARED_CHAINS`].
-    pub(super) fn shared_chains(&self, config: &ProxierConfig) -> Vec<Vec<Rule>> {
-        // Only the fragments are needed: a render without own chains.
-        let shared = Rendered {
-            services: self
-                .ports
-                .iter()
-                .map(|(k, a)| {
-                    let rules = ServiceRules {
-                        shared: a.shared.clone(),
-                        chains: BTreeMap::new(),
-                    };
-                    (k.clone(), rules)
-                })
-                .collect(),
-            comments: self.comments,
-        };
-        (0..SHARED_CHAINS.len())
-            .map(|i| shared.shared_chain(config, i))
-            .collect()
+    /// Shared chain `index` of [`SHARED_CHAINS`] as the mirror's ports give it, with what the
+    /// config adds (the jump to KUBE-NODEPORTS).
+    pub(super) fn shared_chain(&self, config: &ProxierConfig, index: usize) -> Vec<Rule> {
+        render::shared_chain(
+            config,
+            index,
+            self.ports.values().map(|a| &a.shared[index][..]),
+        )
     }
 }
 
@@ -587,12 +576,10 @@ impl Proxier {
                     v.map(|v| ((*k).clone(), Applied::shared_only(&v.shared)))
                 }))
                 .collect();
-            let chains = merged.shared_chains(&self.config);
-            for (i, rules) in chains.into_iter().enumerate() {
-                if rebuild[i] {
-                    let (table, name) = SHARED_CHAINS[i];
-                    ruleset.table(table).chains.insert(name.to_owned(), rules);
-                }
+            for (i, _) in rebuild.iter().enumerate().filter(|(_, r)| **r) {
+                let (table, name) = SHARED_CHAINS[i];
+                let rules = merged.shared_chain(&self.config, i);
+                ruleset.table(table).chains.insert(name.to_owned(), rules);
             }
         }
         ruleset

@@ -17,11 +17,16 @@ use iptables::proxier::{KernelChains, Proxier};
 
 use super::Engine;
 use crate::error::Error;
-use crate::fallback::{changed_service_specs, proxier_config, service_specs, service_specs_of};
+use crate::fallback::{
+    changed_service_specs, each_service_spec, proxier_config, service_specs, service_specs_of,
+};
 use crate::model::ServiceName;
 use crate::plan::{PlanConfig, PlanWarning, Planner};
 use crate::state::ClusterState;
 use crate::sync::{IptablesRules, SyncError, SyncReport};
+
+/// Services per partial sync of a periodic full sync's first half.
+const CHECK_CHUNK: usize = 1000;
 
 /// How often the loop looks whether a periodic full sync's kernel read is done.
 const READ_POLL: Duration = Duration::from_millis(10);
@@ -77,9 +82,19 @@ impl IptablesEngine {
         for proxier in &self.proxiers {
             all.extend(proxier.service_names().map(service_name_of));
         }
-        let report = self.sync(state, planner, Some(&all));
-        if !report.errors.is_empty() || self.proxiers.iter().any(Proxier::needs_full) {
-            return report;
+        // A chunk of Services at a time: each converts only its own Services' ports (all of
+        // them at once held 7 MiB at 10,000 Services), and one that changed nothing restores
+        // nothing.
+        let all: Vec<ServiceName> = all.into_iter().collect();
+        let mut report = SyncReport::default();
+        for chunk in all.chunks(CHECK_CHUNK) {
+            let chunk: BTreeSet<ServiceName> = chunk.iter().cloned().collect();
+            let part = self.sync(state, planner, Some(&chunk));
+            report.services += part.services;
+            report.errors.extend(part.errors);
+            if !report.errors.is_empty() || self.proxiers.iter().any(Proxier::needs_full) {
+                return report;
+            }
         }
         if self.read.is_none()
             && self
@@ -149,7 +164,8 @@ impl IptablesEngine {
             self.reconfigure(&planner.config);
         }
         let node = &*planner.config.node_name;
-        // Converted once for all families; every Service only if a sync is full.
+        // Converted once for all families; every Service only if a partial sync turns full. A
+        // full sync converts each port as it renders it instead, once per family.
         let changed = dirty.map(|dirty| changed_service_specs(state, dirty, node));
         let all = std::cell::OnceCell::new();
         let all = || all.get_or_init(|| service_specs(state, node)).as_slice();
@@ -160,12 +176,12 @@ impl IptablesEngine {
         // Each family's proxier takes the addresses of its own family from every spec.
         for proxier in &mut self.proxiers {
             let family = proxier.config().family;
-            let synced = match &changed {
-                Some(changed) => {
-                    let changed = changed.iter().map(|(name, ports)| (name, ports));
-                    proxier.sync_services(&self.runner, changed, all)
-                }
-                None => proxier.sync_full(&self.runner, all()),
+            let synced = if let Some(changed) = &changed {
+                let changed = changed.iter().map(|(name, ports)| (name, ports));
+                proxier.sync_services(&self.runner, changed, all)
+            } else {
+                let (endpoints, specs) = each_service_spec(state, node);
+                proxier.sync_full_each(&self.runner, endpoints, specs)
             };
             match synced {
                 Ok(written) => {
