@@ -92,6 +92,20 @@ impl IptablesEngine {
             let part = self.sync(state, planner, Some(&chunk));
             report.services += part.services;
             report.errors.extend(part.errors);
+            // The rules in the tables after the last chunk; written, by all of them.
+            for rules in part.iptables_rules {
+                match report
+                    .iptables_rules
+                    .iter_mut()
+                    .find(|r| (r.family, r.table) == (rules.family, rules.table))
+                {
+                    Some(sum) => {
+                        sum.total = rules.total;
+                        sum.written += rules.written;
+                    }
+                    None => report.iptables_rules.push(rules),
+                }
+            }
             if !report.errors.is_empty() || self.proxiers.iter().any(Proxier::needs_full) {
                 return report;
             }
