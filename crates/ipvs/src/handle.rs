@@ -359,7 +359,7 @@ impl Handle {
     /// share a `sendmsg`; instead the services are split into `sockets` runs, one read on this
     /// socket and each other on a socket of its own, opened for the call on a thread of its
     /// own (in this thread's network namespace, which threads inherit). Not atomic: the table
-    /// may change between the dumps; a service deleted meanwhile shows no real servers.
+    /// may change between the dumps; a service deleted meanwhile is left out.
     pub fn dump_on(&mut self, sockets: usize) -> Result<Vec<TableEntry>, Error> {
         self.dump_map(sockets, |entry| entry)
     }
@@ -395,21 +395,30 @@ impl Handle {
     }
 
     /// The real servers of each of `services`, in order, each entry handed to `keep`.
+    ///
+    /// The kernel answers a real-server dump of a missing virtual server with nothing, so a
+    /// service that shows none is looked up again: one deleted since the services were read
+    /// is left out, as a read taken after its deletion would have it, rather than read as a
+    /// virtual server without real servers (which a resync would fill by adding real servers
+    /// to a virtual server that is gone).
     fn read_run<T>(
         &mut self,
         services: &[VirtualServerEntry],
         keep: impl Fn(TableEntry) -> T,
     ) -> Result<Vec<T>, Error> {
-        services
-            .iter()
-            .map(|service| {
-                let real_servers = self.real_servers(&service.server.key)?;
-                Ok(keep(TableEntry {
-                    service: service.clone(),
-                    real_servers,
-                }))
-            })
-            .collect()
+        let mut out = Vec::with_capacity(services.len());
+        for service in services {
+            let key = &service.server.key;
+            let real_servers = self.real_servers(key)?;
+            if real_servers.is_empty() && self.service(key)?.is_none() {
+                continue;
+            }
+            out.push(keep(TableEntry {
+                service: service.clone(),
+                real_servers,
+            }));
+        }
+        Ok(out)
     }
 
     /// The bound on each wait for the kernel: a reader on another thread opens its own

@@ -591,11 +591,16 @@ impl<E> SyncLoop<E> {
     }
 
     /// What a full sync left running ([`Engine::resume`]) did: its errors are reported as a
-    /// full sync's, and a backend failing as a whole brings a full sync soon.
+    /// full sync's, a Service the kernel refused is retried on its own (as after any sync),
+    /// and a backend failing as a whole brings a full sync soon.
     fn resumed(&mut self, report: &SyncReport, now: Instant) {
-        for error in &report.errors {
+        // Only its errors count: the Services it compared without one keep their own retries.
+        let cap = self.settings.sync_period;
+        let to_log = self.retries.record(|_| false, &report.errors, now, cap);
+        for error in &to_log {
             tracing::error!(backend = error.backend(), kind = error.kind(), "{error}");
         }
+        self.observer.reported(&to_log);
         self.observer
             .errors(&report.errors, false, &self.planner.config.families);
         if report.needs_full_sync() {
