@@ -26,6 +26,10 @@ use crate::request;
 
 /// How often a dump interrupted by concurrent changes is read again before giving up.
 const DUMP_ATTEMPTS: u32 = 5;
+/// The first pause before reading a dump again that [`DUMP_ATTEMPTS`] reads in a row found
+/// interrupted, and the longest.
+const INTERRUPTED_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+const INTERRUPTED_PAUSE_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 /// Room for one notification datagram (they are a few hundred bytes; more is truncated, which
 /// does not matter as they are not parsed).
 const NOTIFICATION_BUFFER: usize = 64 << 10;
@@ -163,16 +167,33 @@ impl AddressMonitor {
     /// the previous call returned and returns them. A change that leaves them as they were
     /// (an address added and removed again, a link that comes and goes without addresses)
     /// returns nothing.
+    ///
+    /// A dump that concurrent changes keep interrupting (the proxy binding thousands of
+    /// addresses to its own link at start) is read again after a pause, growing to
+    /// [`INTERRUPTED_PAUSE_MAX`], instead of failing: the changes are still to be seen.
     pub fn changed(&mut self) -> Result<NodeAddresses, Error> {
+        let mut wait = self.last.is_some();
+        let mut pause = INTERRUPTED_PAUSE;
         loop {
-            if self.last.is_some() {
+            if wait {
                 self.wait()?;
             }
-            let now = read(&mut self.connection, &self.except)?;
+            let now = match read(&mut self.connection, &self.except) {
+                Ok(now) => now,
+                Err(Error::DumpInterrupted { .. }) => {
+                    tracing::debug!(?pause, "address dump interrupted by changes; reading again");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(INTERRUPTED_PAUSE_MAX);
+                    wait = false;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if self.last.as_ref() != Some(&now) {
                 self.last = Some(now.clone());
                 return Ok(now);
             }
+            wait = true;
         }
     }
 
