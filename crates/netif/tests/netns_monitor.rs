@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
@@ -45,15 +46,11 @@ fn an_address_added_after_a_churn_of_another_links_addresses_is_seen() {
         // 20,000 changes on the excluded link, in rounds of adds and deletes.
         for _ in 0..5 {
             for op in ["add", "del"] {
-                let lines: String = (0..2000_u32)
-                    .map(|i| {
-                        format!(
-                            "addr {op} 10.96.{}.{}/32 dev churn0\n",
-                            i / 250,
-                            i % 250 + 1
-                        )
-                    })
-                    .collect();
+                let mut lines = String::new();
+                for i in 0..2000_u32 {
+                    let (high, low) = (i / 250, i % 250 + 1);
+                    writeln!(lines, "addr {op} 10.96.{high}.{low}/32 dev churn0").unwrap();
+                }
                 ip_batch(&lines);
             }
         }
