@@ -12,74 +12,11 @@ use std::time::{Duration, Instant};
 
 use controllers::source::Kind;
 
+mod netns;
+
+use netns::{Netns, examples};
+
 const PROXY: &str = env!("CARGO_BIN_EXE_ipvs-proxy");
-
-/// A network namespace with `lo` up, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("ipvsproxy-{tag}-{}", std::process::id());
-        let mut stale = Command::new("ip");
-        let _ = stale
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        let ok = Command::new("ip").args(["netns", "add", &name]).status();
-        assert!(
-            ok.unwrap().success(),
-            "ip netns add {name} (these tests need root)"
-        );
-        let up = ["-n", &name, "link", "set", "lo", "up"];
-        assert!(Command::new("ip").args(up).status().unwrap().success());
-        Netns(name)
-    }
-
-    fn exec(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.0]).args(args);
-        cmd
-    }
-
-    /// Runs `body` on a thread inside the namespace (sockets made there stay there).
-    fn run<T: Send>(&self, body: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-                enter_netns(&file);
-                body()
-            })
-            .join()
-            .expect("the namespace thread panicked")
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-#[allow(
-    unsafe_code,
-    reason = "setns(2) has no safe wrapper in our dependencies"
-)]
-fn enter_netns(ns: &std::fs::File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: the descriptor is open for the whole call; setns only changes this thread's
-    // network namespace, which this thread (made for it) never leaves.
-    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-}
-
-fn examples() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("manifests/examples")
-        .display()
-        .to_string()
-}
 
 /// The daemon in `ns` on the example manifests as node-a, with `servers` (its bind address
 /// flags and any other), its stderr piped.

@@ -7,47 +7,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod netns;
+
+use netns::{Netns, examples, in_netns};
+
 const PROXY: &str = env!("CARGO_BIN_EXE_ipvs-proxy");
-
-/// A network namespace, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("ipvsproxy-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "ip netns add {name} (these tests need root)");
-        Command::new("ip")
-            .args(["-n", &name, "link", "set", "lo", "up"])
-            .status()
-            .unwrap();
-        Netns(name)
-    }
-
-    fn exec(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.0]).args(args);
-        cmd
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn examples() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("manifests/examples")
-        .display()
-        .to_string()
-}
 
 fn saved_nat(ns: &Netns) -> String {
     let out = ns.exec(&["iptables-save", "-t", "nat"]).output().unwrap();
@@ -349,33 +313,6 @@ spec:
         "the newline name is logged:\n{daemon_log}"
     );
     assert!(refused(&long), "the 300-byte name is logged:\n{daemon_log}");
-}
-
-/// Runs `body` on a thread inside the network namespace `ns` (sockets made there stay
-/// there); the caller's thread never moves.
-fn in_netns<T: Send>(ns: &str, body: impl FnOnce() -> T + Send) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            enter_netns(&file);
-            body()
-        })
-        .join()
-        .expect("the namespace thread panicked")
-    })
-}
-
-#[allow(
-    unsafe_code,
-    reason = "setns(2) has no safe wrapper in our dependencies"
-)]
-fn enter_netns(ns: &std::fs::File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: the descriptor is open for the whole call; setns only changes this thread's
-    // network namespace, which this thread (made for it) never leaves.
-    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
 /// One line asked of `to` from inside `ns`: what answered, or the error.

@@ -1,0 +1,81 @@
+//! What the host tests of the daemon share: a network namespace of the test's own (this host
+//! has no IPVS, so the daemon runs its iptables fallback there and the host's ports and rules
+//! are never touched), a thread inside it, and the example manifests.
+#![allow(dead_code, reason = "each test file uses its own part")]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// A network namespace with `lo` up, deleted on drop.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("ipvsproxy-{tag}-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        let ok = Command::new("ip").args(["netns", "add", &name]).status();
+        assert!(
+            ok.unwrap().success(),
+            "ip netns add {name} (these tests need root)"
+        );
+        let up = ["-n", &name, "link", "set", "lo", "up"];
+        assert!(Command::new("ip").args(up).status().unwrap().success());
+        Netns(name)
+    }
+
+    /// `ip netns exec NAME ARGS…`, to run a program inside.
+    pub fn exec(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.0]).args(args);
+        cmd
+    }
+
+    /// Runs `body` on a thread inside the namespace (sockets made there stay there).
+    pub fn run<T: Send>(&self, body: impl FnOnce() -> T + Send) -> T {
+        in_netns(&self.0, body)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Runs `body` on a thread inside the network namespace named `ns` (sockets made there stay
+/// there); the caller's thread never moves.
+pub fn in_netns<T: Send>(ns: &str, body: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            enter_netns(&file);
+            body()
+        })
+        .join()
+        .expect("the namespace thread panicked")
+    })
+}
+
+#[allow(
+    unsafe_code,
+    reason = "setns(2) has no safe wrapper in our dependencies"
+)]
+fn enter_netns(ns: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the whole call; setns only changes this thread's
+    // network namespace, which this thread (made for it) never leaves.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+/// The bundled example manifests (`manifests/examples`).
+pub fn examples() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("manifests/examples")
+        .display()
+        .to_string()
+}
