@@ -14,7 +14,7 @@ use controllers::source::Kind;
 
 mod netns;
 
-use netns::{Netns, examples};
+use netns::{Netns, examples, extra_service};
 
 const PROXY: &str = env!("CARGO_BIN_EXE_ipvs-proxy");
 
@@ -186,31 +186,6 @@ fn rules_metric(ns: &Netns, addr: SocketAddr, name: &str, table: &str) -> Option
         .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
 }
 
-const EXTRA: &str = "\
-apiVersion: v1
-kind: Service
-metadata: {name: extra, namespace: default}
-spec:
-  clusterIP: 10.96.77.7
-  ports: [{name: http, port: 80, protocol: TCP}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: extra-abcde
-  namespace: default
-  labels: {kubernetes.io/service-name: extra}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}]
-endpoints:
-  - addresses: [10.244.1.77]
-    conditions: {ready: true}
-    nodeName: node-a
-  - addresses: [10.244.1.78]
-    conditions: {ready: true}
-    nodeName: node-a
-";
-
 /// Waits until `/metrics` says `iptables-save`'s counts of the proxy's rules, per table, and
 /// returns the rules the last sync wrote, per table.
 fn wait_for_counts(ns: &Netns, addr: SocketAddr, daemon: &mut Child) -> [(usize, usize); 2] {
@@ -265,7 +240,11 @@ fn after_an_iptables_sync_metrics_count_the_rules_iptables_save_shows() {
     let [(filter, filter_last), (nat, nat_last)] = wait_for_counts(&ns, addr, &mut daemon);
     assert_eq!((filter_last, nat_last), (filter, nat));
     // A Service more, synced alone: its chains (a SVC, two SEPs) and one KUBE-SERVICES rule.
-    std::fs::write(dir.join("extra.yaml"), EXTRA).unwrap();
+    std::fs::write(
+        dir.join("extra.yaml"),
+        extra_service(&["10.244.1.77", "10.244.1.78"]),
+    )
+    .unwrap();
     let start = Instant::now();
     while saved_proxy_rules(&ns, "nat") == nat {
         assert!(

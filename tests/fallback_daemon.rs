@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 mod netns;
 
-use netns::{Netns, examples, in_netns};
+use netns::{Netns, examples, extra_service, in_netns};
 
 const PROXY: &str = env!("CARGO_BIN_EXE_ipvs-proxy");
 
@@ -121,28 +121,6 @@ fn wait_for_nat(ns: &Netns, what: &str, done: impl Fn(&str) -> bool) {
     }
 }
 
-const EXTRA: &str = "\
-apiVersion: v1
-kind: Service
-metadata: {name: extra, namespace: default}
-spec:
-  clusterIP: 10.96.77.7
-  ports: [{name: http, port: 80, protocol: TCP}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: extra-abcde
-  namespace: default
-  labels: {kubernetes.io/service-name: extra}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}]
-endpoints:
-  - addresses: [10.244.1.77]
-    conditions: {ready: true}
-    nodeName: node-a
-";
-
 #[test]
 fn a_service_added_and_removed_is_synced_alone_by_the_iptables_proxier() {
     let dir = std::env::temp_dir().join(format!("ipvs-proxy-fallback-{}", std::process::id()));
@@ -161,7 +139,7 @@ fn a_service_added_and_removed_is_synced_alone_by_the_iptables_proxier() {
     wait_for_nat(&ns, "no iptables rules for web", |nat| nat.contains(web));
     let before = saved_nat(&ns);
 
-    std::fs::write(dir.join("extra.yaml"), EXTRA).unwrap();
+    std::fs::write(dir.join("extra.yaml"), extra_service(&["10.244.1.77"])).unwrap();
     wait_for_nat(&ns, "the added Service has no rule", |nat| {
         nat.contains(extra)
     });
@@ -291,8 +269,11 @@ spec:
   ports: [{{name: http, port: 80, protocol: TCP}}]
 "
     );
-    let (alone, _) = run_on_manifests("limits-good", EXTRA);
-    let (with_bad, daemon_log) = run_on_manifests("limits-bad", &format!("{EXTRA}{bad}"));
+    let (alone, _) = run_on_manifests("limits-good", &extra_service(&["10.244.1.77"]));
+    let (with_bad, daemon_log) = run_on_manifests(
+        "limits-bad",
+        &format!("{}{bad}", extra_service(&["10.244.1.77"])),
+    );
     assert!(
         alone.iter().any(|l| l.contains("10.244.1.77:8080")),
         "{alone:#?}"
@@ -754,7 +735,7 @@ fn a_change_during_a_slow_periodic_full_sync_is_synced_at_once() {
     }
     let extra = "-A KUBE-SERVICES -d 10.96.77.7/32 -p tcp";
     let start = Instant::now();
-    std::fs::write(dir.join("extra.yaml"), EXTRA).unwrap();
+    std::fs::write(dir.join("extra.yaml"), extra_service(&["10.244.1.77"])).unwrap();
     wait_for_nat(&ns, "the added Service has no rule", |nat| {
         nat.contains(extra)
     });

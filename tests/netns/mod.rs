@@ -3,6 +3,7 @@
 //! are never touched), a thread inside it, and the example manifests.
 #![allow(dead_code, reason = "each test file uses its own part")]
 
+use std::fmt::Write as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -78,4 +79,28 @@ pub fn examples() -> String {
         .join("manifests/examples")
         .display()
         .to_string()
+}
+
+/// Manifests of one more Service beside the examples': `default/extra` (ClusterIP
+/// 10.96.77.7:80 → 8080) with one ready endpoint on node-a per address of `endpoints`.
+pub fn extra_service(endpoints: &[&str]) -> String {
+    let mut yaml = String::from(
+        "apiVersion: v1\n\
+         kind: Service\n\
+         metadata: {name: extra, namespace: default}\n\
+         spec:\n  clusterIP: 10.96.77.7\n  ports: [{name: http, port: 80, protocol: TCP}]\n\
+         ---\n\
+         apiVersion: discovery.k8s.io/v1\n\
+         kind: EndpointSlice\n\
+         metadata:\n  name: extra-abcde\n  namespace: default\n  \
+         labels: {kubernetes.io/service-name: extra}\n\
+         addressType: IPv4\n\
+         ports: [{name: http, port: 8080, protocol: TCP}]\n\
+         endpoints:\n",
+    );
+    for address in endpoints {
+        let endpoint = "conditions: {ready: true}\n    nodeName: node-a";
+        writeln!(yaml, "  - addresses: [{address}]\n    {endpoint}").expect("to a String");
+    }
+    yaml
 }
