@@ -345,45 +345,17 @@ fn node_port_jumps(nat: &str) -> Vec<String> {
 /// connection to a matching address reaches the pod, one to another address does not.
 #[test]
 fn nodeport_addresses_restrict_the_fallbacks_node_port_rules_and_traffic() {
-    let node = Netns::new("np-node");
-    let pod = Netns::new("np-pod");
-    let ip = |args: &[&str]| {
-        let ok = Command::new("ip").args(args).status().unwrap().success();
-        assert!(ok, "ip {args:?}");
-    };
-    ip(&[
-        "-n", &node.0, "link", "add", "vpod", "type", "veth", "peer", "name", "eth0", "netns",
-        &pod.0,
-    ]);
-    for address in ["10.244.1.1/24", "192.168.10.7/24", "192.168.20.7/24"] {
-        ip(&["-n", &node.0, "addr", "add", address, "dev", "vpod"]);
-    }
-    ip(&["-n", &node.0, "link", "set", "vpod", "up"]);
-    ip(&["-n", &pod.0, "addr", "add", "10.244.1.5/24", "dev", "eth0"]);
-    ip(&["-n", &pod.0, "link", "set", "eth0", "up"]);
-    ip(&["-n", &pod.0, "route", "add", "default", "via", "10.244.1.1"]);
-    let listener = in_netns(&pod.0, || {
-        std::net::TcpListener::bind("0.0.0.0:8080").unwrap()
-    });
-    let server = std::thread::spawn(move || {
-        use std::io::{BufRead, Write};
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let mut line = String::new();
-            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
-            if reader.read_line(&mut line).is_ok() && line == "quit\n" {
-                return;
-            }
-            let _ = stream.write_all(b"pod\n");
-        }
-    });
-
+    let lab = OnePod::new(
+        "np",
+        &["10.244.1.1/24", "192.168.10.7/24", "192.168.20.7/24"],
+    );
+    let node = &lab.node;
     let dir = std::env::temp_dir().join(format!("ipvs-proxy-np-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("web.yaml"), NODE_PORT_WEB).unwrap();
     let mut daemon = start_daemon(
-        &node,
+        node,
         &dir.display().to_string(),
         &[
             "--nodeport-addresses",
@@ -393,10 +365,10 @@ fn nodeport_addresses_restrict_the_fallbacks_node_port_rules_and_traffic() {
         ],
     );
     let only_10_7 = ["-A KUBE-SERVICES -d 192.168.10.7/32 -j KUBE-NODEPORTS"];
-    wait_for_nat(&node, "a NodePort jump for 192.168.10.7", |nat| {
+    wait_for_nat(node, "a NodePort jump for 192.168.10.7", |nat| {
         node_port_jumps(nat) == only_10_7
     });
-    let nat = saved_nat(&node);
+    let nat = saved_nat(node);
     assert!(nat.contains("--dport 30080"), "{nat}");
     assert_eq!(
         ask_from(&node.0, "192.168.10.7:30080".parse().unwrap()).expect("the matching address"),
@@ -417,7 +389,7 @@ fn nodeport_addresses_restrict_the_fallbacks_node_port_rules_and_traffic() {
         "dev",
         "vpod",
     ]);
-    wait_for_nat(&node, "a NodePort jump for the new 192.168.10.8", |nat| {
+    wait_for_nat(node, "a NodePort jump for the new 192.168.10.8", |nat| {
         node_port_jumps(nat).len() == 2
     });
     assert_eq!(
@@ -427,17 +399,18 @@ fn nodeport_addresses_restrict_the_fallbacks_node_port_rules_and_traffic() {
 
     let log = stop(&mut daemon);
     let _ = std::fs::remove_dir_all(&dir);
-    // The server's last connection tells it to stop.
-    let _ = in_netns(&pod.0, || {
-        use std::io::Write;
-        std::net::TcpStream::connect("10.244.1.5:8080").and_then(|mut s| s.write_all(b"quit\n"))
-    });
-    server.join().unwrap();
     assert!(!log.contains("ERROR"), "{log}");
 }
 
-/// A node namespace with one "pod" namespace (10.244.1.5, answering `pod` on :8080) behind
-/// the veth `vpod` (10.244.1.1 on the node side); the server stops when the pod goes.
+/// `ip ARGS…`, which must succeed.
+fn ip(args: &[&str]) {
+    let ok = Command::new("ip").args(args).status().unwrap().success();
+    assert!(ok, "ip {args:?}");
+}
+
+/// A node namespace with one "pod" namespace (10.244.1.5, answering `pod` on :8080, routed
+/// through 10.244.1.1) behind the veth `vpod`, whose node side has `node_addresses` (10.244.1.1
+/// among them); the server stops when the pod goes.
 struct OnePod {
     node: Netns,
     pod: Netns,
@@ -445,18 +418,16 @@ struct OnePod {
 }
 
 impl OnePod {
-    fn new(tag: &str) -> OnePod {
+    fn new(tag: &str, node_addresses: &[&str]) -> OnePod {
         let node = Netns::new(&format!("{tag}-node"));
         let pod = Netns::new(&format!("{tag}-pod"));
-        let ip = |args: &[&str]| {
-            let ok = Command::new("ip").args(args).status().unwrap().success();
-            assert!(ok, "ip {args:?}");
-        };
         ip(&[
             "-n", &node.0, "link", "add", "vpod", "type", "veth", "peer", "name", "eth0", "netns",
             &pod.0,
         ]);
-        ip(&["-n", &node.0, "addr", "add", "10.244.1.1/24", "dev", "vpod"]);
+        for address in node_addresses {
+            ip(&["-n", &node.0, "addr", "add", address, "dev", "vpod"]);
+        }
         ip(&["-n", &node.0, "link", "set", "vpod", "up"]);
         ip(&["-n", &pod.0, "addr", "add", "10.244.1.5/24", "dev", "eth0"]);
         ip(&["-n", &pod.0, "link", "set", "eth0", "up"]);
@@ -517,7 +488,7 @@ fn localhost_node_ports_answer_on_127_0_0_1_only_when_enabled() {
             false,
         ),
     ] {
-        let lab = OnePod::new(tag);
+        let lab = OnePod::new(tag, &["10.244.1.1/24"]);
         let mut daemon = start_daemon(&lab.node, &dir.display().to_string(), flags);
         wait_for_nat(&lab.node, "the NodePort's rule", |nat| {
             nat.contains("--dport 30080")
