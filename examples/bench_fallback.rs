@@ -35,14 +35,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
-use clap::Parser;
-use ipvs_proxy::flags::{Cli, Command as CliCommand, LogFormat};
+use anyhow::{Context, Result, ensure};
 
 #[path = "support/mod.rs"]
 mod support;
 use support::source::{Source, parse_args};
-use support::{Daemon, ENDPOINTS, fresh_netns, metric, proc_status_kib};
+use support::{Daemon, ENDPOINTS, fresh_netns, metric, plan, proc_status_kib};
 
 /// Changes with no resync running.
 const IDLE_CHANGES: usize = 7;
@@ -120,29 +118,9 @@ fn common_flags(source: &Source) -> Vec<String> {
     flags
 }
 
-/// `ipvs-proxy plan --only iptables` of the source: the same rules the daemon writes.
-fn plan(source: &Source) -> Result<String> {
-    let mut argv = vec!["ipvs-proxy".to_owned(), "plan".into()];
-    argv.extend(common_flags(source));
-    argv.extend(["--only".into(), "iptables".into()]);
-    let cli = Cli::parse_from(argv);
-    let Some(CliCommand::Plan(plan)) = cli.command else {
-        bail!("not a plan command");
-    };
-    ipvs_proxy::logging::init(0, LogFormat::Text);
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let status = ipvs_proxy::plan::run(&plan, &mut out, &mut err);
-    ensure!(
-        status == ipvs_proxy::plan::EXIT_OK,
-        "plan --only iptables: {}",
-        String::from_utf8_lossy(&err)
-    );
-    Ok(String::from_utf8(out)?)
-}
-
 /// The same rules loaded by one `iptables-legacy-restore`, in the current (fresh) namespace.
 fn floor(source: &Source) -> Result<Duration> {
-    let rules = plan(source)?;
+    let rules = plan(common_flags(source), "iptables")?;
     let started = Instant::now();
     let mut child = Command::new("iptables-legacy-restore")
         .arg("--noflush")

@@ -38,14 +38,12 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
-use clap::Parser;
-use ipvs_proxy::flags::{Cli, Command as CliCommand, LogFormat};
+use anyhow::{Context, Result, ensure};
 
 #[path = "support/mod.rs"]
 mod support;
 use support::source::{Source, parse_args};
-use support::{Daemon, ENDPOINTS, fresh_netns, metric, proc_status_kib};
+use support::{Daemon, ENDPOINTS, fresh_netns, metric, plan, proc_status_kib};
 
 const CHANGES: usize = 200;
 /// How long the kernel is given to free a namespace left behind (its IPVS table goes in the
@@ -134,26 +132,6 @@ fn fresh(source: Option<Source>, api: bool, n: u32) -> Result<Source> {
     }
 }
 
-/// One section of `ipvs-proxy plan`.
-fn plan_section(source: &Source, section: &str) -> Result<String> {
-    let mut argv = vec!["ipvs-proxy".to_owned(), "plan".into()];
-    argv.extend(source.flags());
-    argv.extend(["--only".into(), section.into()]);
-    let cli = Cli::parse_from(argv);
-    let Some(CliCommand::Plan(plan)) = cli.command else {
-        bail!("not a plan command");
-    };
-    ipvs_proxy::logging::init(0, LogFormat::Text);
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let status = ipvs_proxy::plan::run(&plan, &mut out, &mut err);
-    ensure!(
-        status == ipvs_proxy::plan::EXIT_OK,
-        "plan --only {section}: {}",
-        String::from_utf8_lossy(&err)
-    );
-    Ok(String::from_utf8(out)?)
-}
-
 /// Runs `program args` with `input` on stdin; returns how long it took.
 fn feed(program: &str, args: &[&str], input: &str) -> Result<Duration> {
     let started = Instant::now();
@@ -174,10 +152,10 @@ fn feed(program: &str, args: &[&str], input: &str) -> Result<Duration> {
 
 /// The same state loaded by the kernel's own tools, in a fresh network namespace.
 fn floor(source: &Source) -> Result<Duration> {
-    let ipvs = plan_section(source, "ipvs")?;
-    let addresses = plan_section(source, "addresses")?;
-    let ipsets = plan_section(source, "ipsets")?;
-    let iptables = plan_section(source, "iptables")?;
+    let ipvs = plan(source.flags(), "ipvs")?;
+    let addresses = plan(source.flags(), "addresses")?;
+    let ipsets = plan(source.flags(), "ipsets")?;
+    let iptables = plan(source.flags(), "iptables")?;
     let batch: String = addresses.lines().fold(
         String::from("link add kube-ipvs0 type dummy\n"),
         |mut s, a| {

@@ -212,3 +212,24 @@ pub fn fresh_netns() -> anyhow::Result<()> {
     ensure!(status.success(), "ip link set lo up: {status}");
     Ok(())
 }
+
+/// One section of `ipvs-proxy plan FLAGS --only SECTION` (ipvs, addresses, ipsets, iptables):
+/// what the daemon run with the same flags programs, in the kernel tools' formats.
+pub fn plan(flags: impl IntoIterator<Item = String>, section: &str) -> anyhow::Result<String> {
+    use ipvs_proxy::flags::{Command as CliCommand, LogFormat};
+    let mut argv = vec!["ipvs-proxy".to_owned(), "plan".into()];
+    argv.extend(flags);
+    argv.extend(["--only".into(), section.into()]);
+    let Some(CliCommand::Plan(plan)) = Cli::parse_from(argv).command else {
+        anyhow::bail!("not a plan command");
+    };
+    ipvs_proxy::logging::init(0, LogFormat::Text);
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let status = ipvs_proxy::plan::run(&plan, &mut out, &mut err);
+    anyhow::ensure!(
+        status == ipvs_proxy::plan::EXIT_OK,
+        "plan --only {section}: {}",
+        String::from_utf8_lossy(&err)
+    );
+    Ok(String::from_utf8(out)?)
+}
