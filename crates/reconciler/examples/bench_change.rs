@@ -48,18 +48,39 @@ fn v4(n: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(n))
 }
 
-fn service_name(i: u32) -> ServiceName {
-    ServiceName::new("bench", &format!("svc-{i}"))
+/// The strings the daemon's sources share between objects (`controllers::intern`: namespaces,
+/// Service, port and node names), made once, so that a change's objects hold the same copies
+/// as the state, as the daemon's do (it interns them on the source's thread, outside the loop).
+struct Names {
+    services: Vec<ServiceName>,
+    port: Arc<str>,
+    nodes: Vec<Arc<str>>,
 }
 
-fn service(i: u32) -> Change {
-    let name = service_name(i);
+impl Names {
+    fn new(size: u32) -> Names {
+        let namespace: Arc<str> = "bench".into();
+        Names {
+            services: (0..size)
+                .map(|i| ServiceName {
+                    namespace: namespace.clone(),
+                    name: format!("svc-{i}").into(),
+                })
+                .collect(),
+            port: "http".into(),
+            nodes: (0..NODES).map(|n| format!("node-{n}").into()).collect(),
+        }
+    }
+}
+
+fn service(names: &Names, i: u32) -> Change {
+    let name = names.services[i as usize].clone();
     let node_port = (i.is_multiple_of(10) && i / 10 < NODE_PORTS)
         .then(|| 30000 + u16::try_from(i / 10).expect("below NODE_PORTS"));
     let port = ServicePort {
         name: ServicePortName {
             service: name.clone(),
-            port: "http".into(),
+            port: names.port.clone(),
             protocol: Protocol::Tcp,
         },
         service_type: if node_port.is_some() {
@@ -82,8 +103,9 @@ fn service(i: u32) -> Change {
     Change::Service(name, vec![port])
 }
 
-/// Service `i`'s slice; its first endpoint not ready when `flipped`.
-fn slice(i: u32, flipped: bool) -> Change {
+/// Service `i`'s slice; its first endpoint not ready when `flipped`. Its name is its own copy,
+/// as the daemon's sources make it.
+fn slice(names: &Names, i: u32, flipped: bool) -> Change {
     let endpoints: Vec<Endpoint> = (0..ENDPOINTS)
         .map(|e| Endpoint {
             ip: v4(0x0af4_0000 + i * ENDPOINTS + e),
@@ -97,17 +119,20 @@ fn slice(i: u32, flipped: bool) -> Change {
             } else {
                 Conditions::default()
             },
-            node_name: Some(format!("node-{}", (i + e) % NODES).into()),
+            node_name: Some(names.nodes[((i + e) % NODES) as usize].clone()),
             zone: None,
             hints: None,
         })
         .collect();
     Change::Slice(
-        ("bench".into(), format!("svc-{i}-abcde").into()),
+        (
+            names.services[i as usize].namespace.clone(),
+            format!("svc-{i}-abcde").into(),
+        ),
         EndpointSlice {
-            service: service_name(i),
+            service: names.services[i as usize].clone(),
             ports: vec![EndpointPort {
-                name: "http".into(),
+                name: names.port.clone(),
                 protocol: Protocol::Tcp,
                 endpoints: endpoints.into(),
             }],
@@ -160,6 +185,7 @@ impl Observer for Quiet {
 struct Cluster {
     size: u32,
     sync_loop: SyncLoop<Vec<Change>>,
+    names: Names,
     flipped: Vec<bool>,
     /// The `now` of every tick: the sync period never comes, nor a drain tick after the first.
     now: Instant,
@@ -187,8 +213,9 @@ impl Cluster {
         };
         settings.plan.node_name = "node-0".into();
         let mut sync_loop = SyncLoop::new(settings, Box::new(engine), fold, Box::new(Quiet));
+        let names = Names::new(size);
         let cluster = (0..size)
-            .flat_map(|i| [service(i), slice(i, false)])
+            .flat_map(|i| [service(&names, i), slice(&names, i, false)])
             .collect();
         sync_loop.receive(SourceUpdate::Events(cluster));
         sync_loop.receive(SourceUpdate::InitialSyncDone);
@@ -197,6 +224,7 @@ impl Cluster {
         Cluster {
             size,
             sync_loop,
+            names,
             flipped: vec![false; size as usize],
             now,
             next: 0,
@@ -215,7 +243,7 @@ impl Cluster {
                     .expect("below the size");
                 let f = &mut self.flipped[i as usize];
                 *f = !*f;
-                let change = slice(i, *f);
+                let change = slice(&self.names, i, *f);
                 let start = thread_cpu();
                 self.apply_change(change);
                 thread_cpu().saturating_sub(start).as_secs_f64() * 1e6
