@@ -23,8 +23,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use reconciler::engine::IpvsEngine;
 use reconciler::model::{
-    Conditions, Endpoint, EndpointPort, EndpointSlice, Protocol, SchedulerChoice, ServiceName,
-    ServicePort, ServicePortName, ServiceType, SessionAffinity, TrafficPolicy,
+    Conditions, Endpoint, EndpointPort, EndpointSlice, Placement, Protocol, SchedulerChoice,
+    ServiceName, ServicePort, ServicePortName, ServiceType, SessionAffinity, TrafficPolicy,
 };
 use reconciler::sync::{Counts, SyncError, SyncOptions, Syncer};
 use reconciler::testing::{FakeAddresses, FakeIpvs, FakeNetfilter};
@@ -54,7 +54,8 @@ fn v4(n: u32) -> IpAddr {
 struct Names {
     services: Vec<ServiceName>,
     port: Arc<str>,
-    nodes: Vec<Arc<str>>,
+    /// Each node's placement (node and zone), shared as the sources share it.
+    nodes: Vec<Option<Arc<Placement>>>,
 }
 
 impl Names {
@@ -68,7 +69,9 @@ impl Names {
                 })
                 .collect(),
             port: "http".into(),
-            nodes: (0..NODES).map(|n| format!("node-{n}").into()).collect(),
+            nodes: (0..NODES)
+                .map(|n| Placement::of(Some(&format!("node-{n}")), None))
+                .collect(),
         }
     }
 }
@@ -119,8 +122,7 @@ fn slice(names: &Names, i: u32, flipped: bool) -> Change {
             } else {
                 Conditions::default()
             },
-            node_name: Some(names.nodes[((i + e) % NODES) as usize].clone()),
-            zone: None,
+            placement: names.nodes[((i + e) % NODES) as usize].clone(),
             hints: None,
         })
         .collect();

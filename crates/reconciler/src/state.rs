@@ -241,8 +241,7 @@ mod tests {
                     ip: ip.parse().unwrap(),
                     port: 8080,
                     conditions: Conditions::default(),
-                    node_name: None,
-                    zone: None,
+                    placement: None,
                     hints: None,
                 }]
                 .into(),
