@@ -7,14 +7,14 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use reconciler::model::{
-    Conditions, Endpoint, EndpointPort, EndpointSlice as SliceModel, Hints, NodeFacts, Protocol,
-    SchedulerChoice, ServiceName, ServicePort, ServicePortName, ServiceType, SessionAffinity,
-    TrafficPolicy,
+    Conditions, Endpoint, EndpointPort, EndpointSlice as SliceModel, Hints, NodeFacts, Placement,
+    Protocol, SchedulerChoice, ServiceName, ServicePort, ServicePortName, ServiceType,
+    SessionAffinity, TrafficPolicy,
 };
 use reconciler::plan::{KUBE_ROUTER_SCHEDULER_ANNOTATION, SCHEDULER_ANNOTATION};
 use reconciler::state::SliceName;
 
-use crate::intern::intern;
+use crate::intern::{intern, placement};
 
 /// Services with this label belong to another proxy (kube-proxy ignores them too).
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -264,12 +264,11 @@ pub fn slice_name(slice: &EndpointSlice) -> SliceName {
     )
 }
 
-/// An endpoint's address, conditions, node, zone and hints, before it is paired with a port.
+/// An endpoint's address, conditions, placement and hints, before it is paired with a port.
 type Address = (
     IpAddr,
     Conditions,
-    Option<Arc<str>>,
-    Option<Arc<str>>,
+    Option<Arc<Placement>>,
     Option<Arc<Hints>>,
 );
 
@@ -289,7 +288,8 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Option<SliceModel> {
         namespace,
         name: intern(service),
     };
-    // Node and zone names are shared with every other object that names them ([`intern`]);
+    // Placements (node and zone) are shared with every other endpoint on the node, their names
+    // with every other object that names them ([`intern`]);
     // hints are shared by the endpoints of the slice that have the same (with
     // trafficDistribution, one set per zone or node) and by its ports.
     let mut shared_hints: Vec<Arc<Hints>> = Vec::new();
@@ -305,8 +305,7 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Option<SliceModel> {
                 serving: c.and_then(|c| c.serving).unwrap_or(true),
                 terminating: c.and_then(|c| c.terminating).unwrap_or(false),
             };
-            let node = e.node_name.as_deref().map(intern);
-            let zone = e.zone.as_deref().map(intern);
+            let placement = placement(e.node_name.as_deref(), e.zone.as_deref());
             let hints = e.hints.as_ref().and_then(|h| {
                 let zones = h
                     .for_zones
@@ -331,7 +330,7 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Option<SliceModel> {
                 shared_hints.push(h.clone());
                 Some(h)
             });
-            Some((ip, conditions, node, zone, hints))
+            Some((ip, conditions, placement, hints))
         })
         .collect();
     let ports = slice
@@ -352,12 +351,11 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Option<SliceModel> {
                 protocol,
                 endpoints: addrs
                     .iter()
-                    .map(|(ip, conditions, node, zone, hints)| Endpoint {
+                    .map(|(ip, conditions, placement, hints)| Endpoint {
                         ip: *ip,
                         port,
                         conditions: *conditions,
-                        node_name: node.clone(),
-                        zone: zone.clone(),
+                        placement: placement.clone(),
                         hints: hints.clone(),
                     })
                     .collect(),

@@ -165,7 +165,7 @@ endpoints:
     assert_eq!(eps[0].port, 5353);
     assert!(eps[0].conditions.ready && !eps[0].conditions.terminating);
     assert!(eps[0].is_local("node-a"));
-    assert_eq!(eps[0].zone.as_deref(), Some("z1"));
+    assert_eq!(eps[0].zone(), Some("z1"));
     assert!(!eps[1].conditions.ready && eps[1].conditions.terminating);
     let wrong_protocol = ServicePortName {
         protocol: Protocol::Tcp,

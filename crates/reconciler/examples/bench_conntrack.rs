@@ -60,8 +60,7 @@ fn state(endpoint: &str) -> ClusterState {
         ip: endpoint.parse().unwrap(),
         port: 5353,
         conditions: Conditions::default(),
-        node_name: None,
-        zone: None,
+        placement: None,
         hints: None,
     };
     let slice = EndpointSlice {

@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use iptables::Family;
 use reconciler::model::{
-    Conditions, Endpoint, EndpointPort, EndpointSlice, Protocol, SchedulerChoice, ServiceName,
-    ServicePort, ServicePortName, ServiceType, SessionAffinity, TrafficPolicy,
+    Conditions, Endpoint, EndpointPort, EndpointSlice, Placement, Protocol, SchedulerChoice,
+    ServiceName, ServicePort, ServicePortName, ServiceType, SessionAffinity, TrafficPolicy,
 };
 use reconciler::{ClusterState, PlanConfig, Planner};
 
@@ -24,7 +24,9 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(10_000);
-    let nodes: Vec<Arc<str>> = (0..50).map(|i| format!("node-{i}").into()).collect();
+    let nodes: Vec<Option<Arc<Placement>>> = (0..50)
+        .map(|i| Placement::of(Some(&format!("node-{i}")), None))
+        .collect();
     let mut state = ClusterState::new();
     for i in 0..services {
         let name = ServiceName::new("bench", &format!("svc-{i}"));
@@ -57,8 +59,7 @@ fn main() {
                 ip: v4(0x0af4_0000 + i * 10 + e),
                 port: 8080,
                 conditions: Conditions::default(),
-                node_name: Some(nodes[((i + e) % 50) as usize].clone()),
-                zone: None,
+                placement: nodes[((i + e) % 50) as usize].clone(),
                 hints: None,
             })
             .collect();

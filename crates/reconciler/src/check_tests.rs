@@ -8,8 +8,8 @@ use ipvs::{Protocol as IpvsProtocol, RealServer, ServiceKey, VirtualServer};
 
 use super::*;
 use crate::model::{
-    Conditions, Endpoint, EndpointPort, EndpointSlice, Protocol, ServiceName, ServicePort,
-    ServicePortName,
+    Conditions, Endpoint, EndpointPort, EndpointSlice, Placement, Protocol, ServiceName,
+    ServicePort, ServicePortName,
 };
 use crate::plan::Planner;
 use crate::state::ClusterState;
@@ -44,8 +44,7 @@ fn plan() -> Plan {
             serving: true,
             terminating: false,
         },
-        node_name: Some("node-b".into()),
-        zone: None,
+        placement: Placement::of(Some("node-b"), None),
         hints: None,
     };
     let mut state = ClusterState::new();

@@ -53,8 +53,7 @@ fn state(protocol: Protocol, endpoints: &[(&str, bool)]) -> ClusterState {
                     serving: *serving,
                     terminating: !serving,
                 },
-                node_name: None,
-                zone: None,
+                placement: None,
                 hints: None,
             })
             .collect();

@@ -210,7 +210,9 @@ mod tests {
     /// 10.244.1.5 (node-b) and 10.244.2.5 (node-a) are hinted for zone-a and zone-b when
     /// `hinted`.
     fn zoned(zone: Option<&str>, hinted: bool, etp: TrafficPolicy) -> ClusterState {
-        use crate::model::{Conditions, Endpoint, EndpointPort, EndpointSlice, Hints, NodeFacts};
+        use crate::model::{
+            Conditions, Endpoint, EndpointPort, EndpointSlice, Hints, NodeFacts, Placement,
+        };
         let mut state = ClusterState::new();
         state.upsert_node(NodeFacts {
             name: "node-a".into(),
@@ -222,8 +224,7 @@ mod tests {
             ip: ip.parse().unwrap(),
             port: 8080,
             conditions: Conditions::default(),
-            node_name: Some(node.into()),
-            zone: Some(zone.into()),
+            placement: Placement::of(Some(node), Some(zone)),
             hints: hinted.then(|| {
                 std::sync::Arc::new(Hints {
                     zones: Box::new([zone.into()]),

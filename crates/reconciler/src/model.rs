@@ -220,26 +220,63 @@ pub struct Hints {
     pub nodes: Box<[Arc<str>]>,
 }
 
+/// Where an endpoint runs: `endpoints[].nodeName` and `endpoints[].zone`. A cluster has about
+/// as many pairs as nodes, so the sources keep one shared copy of each
+/// (`controllers::intern`), and an endpoint one pointer for both.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Placement {
+    pub node: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
+}
+
+impl Placement {
+    /// A placement of its own on `node` in `zone` (the sources share theirs); `None` when
+    /// neither is known.
+    #[must_use]
+    pub fn of(node: Option<&str>, zone: Option<&str>) -> Option<Arc<Placement>> {
+        (node.is_some() || zone.is_some()).then(|| {
+            Arc::new(Placement {
+                node: node.map(Into::into),
+                zone: zone.map(Into::into),
+            })
+        })
+    }
+}
+
 /// One backend address of one port: kube-proxy's `Endpoint`.
+///
+/// 40 bytes: at 10,000 Services × 10 endpoints the model holds 100,000 of them, and a change
+/// reads and drops a slice's worth.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Endpoint {
     pub ip: IpAddr,
     pub port: u16,
     pub conditions: Conditions,
-    /// `endpoints[].nodeName`: decides whether the endpoint is local to this node.
-    pub node_name: Option<Arc<str>>,
-    /// `endpoints[].zone`.
-    pub zone: Option<Arc<str>>,
+    /// Its node, which decides whether the endpoint is local to this node, and its zone;
+    /// `None` when the slice names neither.
+    pub placement: Option<Arc<Placement>>,
     /// Its topology hints; `None` without any (most endpoints, and no allocation for them).
     /// Shared by the endpoints of a slice that have the same hints, and by the slice's ports.
     pub hints: Option<Arc<Hints>>,
 }
 
 impl Endpoint {
+    /// `endpoints[].nodeName`.
+    #[must_use]
+    pub fn node_name(&self) -> Option<&str> {
+        self.placement.as_deref()?.node.as_deref()
+    }
+
+    /// `endpoints[].zone`.
+    #[must_use]
+    pub fn zone(&self) -> Option<&str> {
+        self.placement.as_deref()?.zone.as_deref()
+    }
+
     /// Whether it runs on the node named `node`.
     #[must_use]
     pub fn is_local(&self, node: &str) -> bool {
-        self.node_name.as_deref() == Some(node)
+        self.node_name() == Some(node)
     }
 
     /// Whether it runs on `node` and is ready: what kube-proxy counts as a local endpoint for
@@ -291,4 +328,14 @@ pub struct NodeFacts {
     /// `spec.podCIDRs` (`spec.podCIDR` when the list is empty): NodeCIDR mode's local
     /// traffic.
     pub pod_cidrs: Vec<IpNet>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_takes_40_bytes() {
+        assert_eq!(std::mem::size_of::<Endpoint>(), 40);
+    }
 }

@@ -502,11 +502,14 @@ impl<'a> EndpointChoice<'a> {
 /// ones, whatever their hints (a topology other than [`Topology::All`] always admits a ready
 /// endpoint, so this happens only when none is ready).
 fn usable<'a>(eps: &[&'a Endpoint], admits: impl Fn(&Endpoint) -> bool) -> Vec<&'a Endpoint> {
-    let ready: Vec<&Endpoint> = eps
-        .iter()
-        .copied()
-        .filter(|e| e.conditions.ready && admits(e))
-        .collect();
+    // Sized for all: growing a Vec reallocates, and at 100,000 Services the allocator hands
+    // out memory that has left the cache.
+    let mut ready: Vec<&Endpoint> = Vec::with_capacity(eps.len());
+    ready.extend(
+        eps.iter()
+            .copied()
+            .filter(|e| e.conditions.ready && admits(e)),
+    );
     if !ready.is_empty() {
         return ready;
     }
@@ -591,7 +594,8 @@ impl Planner {
         };
         let node = &*self.config.node_name;
         let proto = port.name.protocol;
-        let fam_eps: Vec<&Endpoint> = eps.iter().filter(|e| Family::of(e.ip) == family).collect();
+        let mut fam_eps: Vec<&Endpoint> = Vec::with_capacity(eps.len());
+        fam_eps.extend(eps.iter().filter(|e| Family::of(e.ip) == family));
 
         // Hairpin: a local endpoint reaching its own Service is masqueraded.
         for e in fam_eps.iter().filter(|e| e.is_local(node)) {

@@ -10,7 +10,8 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::model::{
-    Conditions, EndpointPort, EndpointSlice, Hints, ServiceType, SessionAffinity, TrafficPolicy,
+    Conditions, EndpointPort, EndpointSlice, Hints, Placement, ServiceType, SessionAffinity,
+    TrafficPolicy,
 };
 
 const NODE: &str = "node-a";
@@ -39,8 +40,7 @@ fn ep(addr: &str, ready: bool, serving: bool, terminating: bool, node: &str) -> 
             serving,
             terminating,
         },
-        node_name: Some(node.into()),
-        zone: None,
+        placement: Placement::of(Some(node), None),
         hints: None,
     }
 }

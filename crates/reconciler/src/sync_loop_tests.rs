@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::*;
 use crate::engine::Engine;
 use crate::model::{
-    Conditions, Endpoint, EndpointPort, EndpointSlice, NodeFacts, Protocol, ServicePort,
+    Conditions, Endpoint, EndpointPort, EndpointSlice, NodeFacts, Placement, Protocol, ServicePort,
     ServicePortName, ServiceType, TrafficPolicy,
 };
 use crate::plan::{DetectLocal, NodePortFilter, PlanConfig};
@@ -266,8 +266,7 @@ fn slice(name: &str, endpoints: &[(&str, &str, bool)]) -> EndpointSlice {
             ready: *ready,
             ..Conditions::default()
         },
-        node_name: Some((*node).into()),
-        zone: None,
+        placement: Placement::of(Some(*node), None),
         hints: None,
     });
     EndpointSlice {

@@ -4,7 +4,7 @@
 //! tests too. They check their callers as tests want: a netfilter write that removes an absent
 //! entry panics.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
 use iptables::ipvs_mode::{KubeSet, RuleInput};
@@ -16,11 +16,16 @@ use crate::sync::{
     NetfilterKernel, Reader,
 };
 
+/// A virtual server with its real servers.
+pub type FakeVirtualServer = (VirtualServer, BTreeMap<SocketAddr, RealServerEntry>);
+
 /// The IPVS table (`ipvsadm`).
 #[derive(Debug, Default)]
 pub struct FakeIpvs {
-    /// Every virtual server with its real servers, by key.
-    pub table: BTreeMap<ServiceKey, (VirtualServer, BTreeMap<SocketAddr, RealServerEntry>)>,
+    /// Every virtual server with its real servers, by key. A hash table, as the kernel's
+    /// (`ip_vs_svc_table`): a tree's search would put cache misses of its own into every
+    /// operation of `bench change`, which the kernel does not make. Reads and `save` sort.
+    pub table: HashMap<ServiceKey, FakeVirtualServer>,
     /// Every operation applied, as an `ipvsadm` line (none when `quiet`).
     pub log: Vec<String>,
     /// The size of each `apply` call.
@@ -41,8 +46,7 @@ impl IpvsKernel for FakeIpvs {
     /// The table as it is when the read begins.
     fn reader(&self) -> Option<Reader<IpvsServers, ipvs::Error>> {
         let servers: IpvsServers = self
-            .table
-            .values()
+            .sorted()
             .map(|(vs, r)| (vs.clone(), r.values().map(|e| e.server).collect()))
             .collect();
         Some(Box::new(move || Ok(servers)))
@@ -135,9 +139,15 @@ impl IpvsKernel for FakeIpvs {
 }
 
 impl FakeIpvs {
+    /// The virtual servers in key order, as `ipvsadm -Sn` would list them here.
+    fn sorted(&self) -> impl Iterator<Item = &FakeVirtualServer> {
+        let mut all: Vec<&FakeVirtualServer> = self.table.values().collect();
+        all.sort_unstable_by_key(|(vs, _)| vs.key);
+        all.into_iter()
+    }
+
     fn snapshot(&self) -> IpvsTable {
-        self.table
-            .values()
+        self.sorted()
             .map(|(vs, r)| ipvs::TableEntry {
                 service: ipvs::VirtualServerEntry {
                     server: vs.clone(),
@@ -152,7 +162,7 @@ impl FakeIpvs {
     #[must_use]
     pub fn save(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for (vs, reals) in self.table.values() {
+        for (vs, reals) in self.sorted() {
             out.push(vs.to_string());
             for r in reals.values() {
                 out.push(r.server.line(&vs.key).to_string());
