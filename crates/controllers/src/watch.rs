@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use notify::{EventKind, RecursiveMode, Watcher};
 
 use crate::manifests::{DirError, Snapshot, is_manifest, parse_into};
-use crate::source::{Event, ObjectKey, SourceSender, SourceUpdate};
+use crate::source::{Event, ObjectKey, SourceSink, SourceUpdate};
 
 /// Files per batch of the first read.
 const FIRST_READ_CHUNK: usize = 256;
@@ -242,17 +242,17 @@ pub enum WatchError {
 /// What the watcher works on. Changed files are read on notify's own thread as their events
 /// arrive, and their objects go straight to the proxier: no other thread is woken between a
 /// file's close and its sync.
-struct Follower {
+struct Follower<S> {
     dir: PathBuf,
     index: DirIndex,
-    tx: SourceSender,
+    tx: S,
     /// Until the first read is done, changes are only noted.
     ready: bool,
     changed: BTreeSet<PathBuf>,
     rescan: bool,
 }
 
-impl Follower {
+impl<S: SourceSink> Follower<S> {
     fn note(&mut self, event: notify::Result<notify::Event>) {
         match event {
             Ok(e) => self.rescan |= note_change(e, &self.dir, &mut self.changed),
@@ -299,13 +299,13 @@ impl Follower {
     }
 }
 
-fn lock(f: &Mutex<Follower>) -> MutexGuard<'_, Follower> {
+fn lock<S>(f: &Mutex<Follower<S>>) -> MutexGuard<'_, Follower<S>> {
     f.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Sends the directory's objects, then `InitialSyncDone`, then a batch per change, until the
 /// receiver is dropped.
-pub async fn watch_dir(dir: PathBuf, tx: SourceSender) -> Result<(), WatchError> {
+pub async fn watch_dir<S: SourceSink + Clone>(dir: PathBuf, tx: S) -> Result<(), WatchError> {
     let follower = Arc::new(Mutex::new(Follower {
         dir: dir.clone(),
         index: DirIndex::default(),
