@@ -91,7 +91,7 @@ async fn measure(dir: &Path, n: u32) -> anyhow::Result<(Duration, Duration, Vec<
         }
     }
     let read = started.elapsed();
-    let cpu = cpu_time()? - cpu_before;
+    let cpu = cpu_time()?.saturating_sub(cpu_before);
     if objects != 2 * n as usize {
         bail!("{objects} objects read, expected {}", 2 * n);
     }
