@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod convert;
+mod decode;
 pub mod events;
 mod intern;
 pub mod kube_source;

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize as _;
 
-use crate::source::{Event, Object, ObjectKey};
+use crate::decode::{Body, Document, Target};
+use crate::source::{Event, Kind, Object, ObjectKey};
 
 /// A document that could not be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,7 +155,71 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 }
 
 /// Parses one file's text into `snap` (objects and errors).
+///
+/// Each document is decoded once, straight into the typed object of its kind ([`Document`]).
+/// A file that this cannot decode whole (a syntax error, a field of the wrong type, a body
+/// before its kind) is read again the thorough way, through `serde_yaml::Value`, which says
+/// which document failed and why and keeps the documents before a syntax error: errors are
+/// rare, and reported the same whichever way the good documents were read.
 pub fn parse_into(file: &Path, text: &str, snap: &mut Snapshot) {
+    let mut found = Vec::new();
+    if decode(text, &mut found).is_ok() {
+        for (index, object) in found {
+            match object {
+                Ok(o) => {
+                    snap.objects.insert(o.key(), o);
+                }
+                Err(reason) => snap.errors.push(ManifestError {
+                    file: file.to_owned(),
+                    document: index,
+                    reason,
+                }),
+            }
+        }
+    } else {
+        parse_values(file, text, snap);
+    }
+}
+
+/// The objects (or why not) of a file's documents, by document index, decoded in one pass;
+/// fails at the first document that cannot be.
+fn decode(
+    text: &str,
+    out: &mut Vec<(usize, Result<Object, String>)>,
+) -> Result<(), serde_yaml::Error> {
+    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let Some(doc) = Option::<Document>::deserialize(doc)? else {
+            continue; // an empty document (`---` at the end)
+        };
+        let Body::List { items, given } = doc.body else {
+            if let Some(o) = decoded(Some(doc)).transpose() {
+                out.push((index, o));
+            }
+            continue;
+        };
+        if !given && doc.kind.as_deref() != Some("List") {
+            // Another kind named …List, without items.
+            let _ = read(&doc.api_version, doc.kind.as_deref().unwrap_or(""));
+            continue;
+        }
+        let Some(items) = items else {
+            out.push((index, Err("List without items".into())));
+            continue;
+        };
+        for (i, item) in items.into_iter().enumerate() {
+            match decoded(item) {
+                Ok(None) => {}
+                Ok(Some(o)) => out.push((index, Ok(o))),
+                Err(reason) => out.push((index, Err(format!("item {i}: {reason}")))),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`parse_into`] through `serde_yaml::Value`: every document parsed into a tree, then
+/// converted into its kind's type.
+fn parse_values(file: &Path, text: &str, snap: &mut Snapshot) {
     let err = |document, reason: String| ManifestError {
         file: file.to_owned(),
         document,
@@ -200,7 +265,7 @@ pub fn parse_into(file: &Path, text: &str, snap: &mut Snapshot) {
     }
 }
 
-/// One document as an object of a kind we read; `None` for other kinds.
+/// One document's tree as an object of a kind we read; `None` for other kinds.
 fn object(value: serde_yaml::Value) -> Result<Option<Object>, String> {
     let api_version = value
         .get("apiVersion")
@@ -214,31 +279,137 @@ fn object(value: serde_yaml::Value) -> Result<Option<Object>, String> {
     else {
         return Err("no kind".into());
     };
-    let named = value
-        .get("metadata")
-        .and_then(|m| m.get("name"))
-        .and_then(|n| n.as_str())
-        .is_some_and(|n| !n.is_empty());
-    let obj = match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Service") => serde_yaml::from_value(value).map(|o| Object::Service(Box::new(o))),
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
+    let obj = match read(&api_version, &kind)? {
+        Some(Kind::Service) => serde_yaml::from_value(value).map(|o| Object::Service(Box::new(o))),
+        Some(Kind::EndpointSlice) => {
             serde_yaml::from_value(value).map(|o| Object::EndpointSlice(Box::new(o)))
         }
-        ("v1", "Node") => serde_yaml::from_value(value).map(|o| Object::Node(Box::new(o))),
-        (_, "Service" | "EndpointSlice" | "Node") => {
-            return Err(format!(
-                "{kind} with unsupported apiVersion {api_version:?}"
-            ));
-        }
-        _ => {
-            tracing::debug!(%api_version, %kind, "ignoring manifest of another kind");
-            return Ok(None);
-        }
+        Some(Kind::Node) => serde_yaml::from_value(value).map(|o| Object::Node(Box::new(o))),
+        None => return Ok(None),
     };
-    let obj = obj.map_err(|e| format!("invalid {kind}: {e}"))?;
-    if !named {
+    checked(&kind, obj.map_err(|e| format!("invalid {kind}: {e}"))?).map(Some)
+}
+
+/// One decoded document as an object of a kind we read; `None` for other kinds (a list
+/// within a list among them, as [`object`] reads it).
+fn decoded(doc: Option<Document>) -> Result<Option<Object>, String> {
+    let Some(Document {
+        api_version,
+        kind: Some(kind),
+        body,
+    }) = doc
+    else {
+        return Err("no kind".into());
+    };
+    if read(&api_version, &kind)?.is_none() {
+        return Ok(None);
+    }
+    let obj = match body {
+        Body::Service(o) => Object::Service(o),
+        Body::EndpointSlice(o) => Object::EndpointSlice(o),
+        Body::Node(o) => Object::Node(o),
+        Body::None | Body::List { .. } => return Ok(None),
+    };
+    checked(&kind, obj).map(Some)
+}
+
+/// Which of the kinds we read `api_version` and `kind` name; `None` (logged) for others.
+fn read(api_version: &str, kind: &str) -> Result<Option<Kind>, String> {
+    match Target::of(api_version, kind) {
+        Target::Service => Ok(Some(Kind::Service)),
+        Target::EndpointSlice => Ok(Some(Kind::EndpointSlice)),
+        Target::Node => Ok(Some(Kind::Node)),
+        Target::Unsupported => Err(format!(
+            "{kind} with unsupported apiVersion {api_version:?}"
+        )),
+        Target::List | Target::Other => {
+            tracing::debug!(%api_version, %kind, "ignoring manifest of another kind");
+            Ok(None)
+        }
+    }
+}
+
+/// `obj` if it is named, with names the API server accepts.
+fn checked(kind: &str, obj: Object) -> Result<Object, String> {
+    let meta = match &obj {
+        Object::Service(o) => &o.metadata,
+        Object::EndpointSlice(o) => &o.metadata,
+        Object::Node(o) => &o.metadata,
+    };
+    if meta.name.as_deref().is_none_or(str::is_empty) {
         return Err(format!("{kind} without metadata.name"));
     }
     crate::validate::object(&obj)?;
-    Ok(Some(obj))
+    Ok(obj)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the `Value` path reads from `text`.
+    fn through_values(text: &str) -> Snapshot {
+        let mut snap = Snapshot::default();
+        parse_values(Path::new("t.yaml"), text, &mut snap);
+        snap
+    }
+
+    fn parsed(text: &str) -> Snapshot {
+        let mut snap = Snapshot::default();
+        parse_into(Path::new("t.yaml"), text, &mut snap);
+        snap
+    }
+
+    const SLICE: &str = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: shop\n  labels: {kubernetes.io/service-name: web}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n  - addresses: [10.244.1.5]\n    conditions: {ready: true}\n    nodeName: node-a\n    hints: {forZones: [{name: a}]}\n";
+
+    #[test]
+    fn one_pass_decoding_reads_what_the_tree_reads() {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../manifests/examples");
+        let mut texts: Vec<String> = std::fs::read_dir(examples)
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .collect();
+        texts.extend(
+            [
+                SLICE,
+                "apiVersion: v1\nkind: Node\nmetadata: {name: n, labels: {topology.kubernetes.io/zone: a}}\nspec: {podCIDRs: [10.244.0.0/24], taints: [{key: k, effect: NoSchedule}]}\nstatus: {addresses: [{type: InternalIP, address: 192.168.1.1}]}\n",
+                // Other kinds, lists, a List within a list, empty documents, fields the
+                // proxy does not read, a name the API server refuses, an unsupported version.
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: b}\n---\n---\napiVersion: v1\nkind: List\nitems:\n  - {apiVersion: v1, kind: Service, metadata: {name: a}, spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}}\n  - {apiVersion: v1, kind: List, items: []}\n  - {apiVersion: v1, kind: Node, metadata: {name: Bad}}\n  - ~\n  - {apiVersion: v2, kind: Service, metadata: {name: b}}\n---\napiVersion: v1\nkind: ServiceList\nitems: [{apiVersion: v1, kind: Node, metadata: {name: m}}]\n---\napiVersion: v1\nkind: PodList\n---\napiVersion: v1\nkind: List\n",
+                "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: shop, annotations: {a: b}, managedFields: [{manager: m}]}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}], selector: {app: s}}\nstatus: {loadBalancer: {ingress: [{ip: 198.51.100.1}]}}\nextra: [1, 2]\n---\napiVersion: v1\nkind: Service\nmetadata: ~\n---\napiVersion: v1\nkind: Service\n",
+            ]
+            .map(str::to_owned),
+        );
+        texts.push(format!("{SLICE}---\n{}", SLICE.replace("web-1", "web-2")));
+        for text in &texts {
+            let mut found = Vec::new();
+            assert!(decode(text, &mut found).is_ok(), "one pass failed:\n{text}");
+            assert_eq!(parsed(text), through_values(text), "{text}");
+        }
+    }
+
+    #[test]
+    fn documents_one_pass_cannot_decode_are_read_through_the_tree() {
+        for text in [
+            // The body before the kind, or no apiVersion before it.
+            "metadata: {name: a}\napiVersion: v1\nkind: Service\nspec: {clusterIP: 10.96.0.1}\n",
+            "kind: Service\nmetadata: {name: a}\n",
+            // A kind that is no string, a document that is no mapping.
+            "apiVersion: v1\nkind: 5\nmetadata: {name: a}\n",
+            "just text\n",
+            // A field of the wrong type, and a syntax error after a good document.
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: eighty}]}\n",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n}\n---\nkind: [unclosed\n",
+            "apiVersion: v1\nkind: List\nitems: {a: b}\n",
+        ] {
+            let mut found = Vec::new();
+            assert!(decode(text, &mut found).is_err(), "decoded:\n{text}");
+            let snap = parsed(text);
+            assert_eq!(snap, through_values(text), "{text}");
+            assert!(
+                !snap.errors.is_empty() || !snap.objects.is_empty(),
+                "{text}"
+            );
+        }
+    }
 }

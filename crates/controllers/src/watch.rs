@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use notify::{EventKind, RecursiveMode, Watcher};
 
 use crate::manifests::{DirError, Snapshot, is_manifest, parse_into};
-use crate::source::{Event, ObjectKey, SourceSender, SourceUpdate};
+use crate::source::{Event, ObjectKey, SourceSink, SourceUpdate};
+use reconciler::pending::Closed;
 
 /// Files per batch of the first read.
 const FIRST_READ_CHUNK: usize = 256;
@@ -86,13 +87,61 @@ impl DirIndex {
         Ok(self.update(paths))
     }
 
+    /// The first read of `files` (sorted, none of them known yet), sent to `tx` as it goes,
+    /// FIRST_READ_CHUNK files a batch: the proxier programs nothing before InitialSyncDone, and
+    /// the parsed API objects of 10,000 Services never need to be in memory at once.
+    ///
+    /// The files are read on two threads, each reading, parsing and converting a half of them
+    /// into the model and sending its own batches: the API objects are freed on the thread that
+    /// decoded them, so glibc's per-thread arenas keep none of them. An object that several
+    /// files define is sent again from the first of them, as [`DirIndex::update`] holds it.
+    fn first_read<S: SourceSink>(&mut self, files: &[PathBuf], tx: &S) -> Result<(), Closed> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
+        let (first, second) = files.split_at(if threads > 1 {
+            files.len() / 2
+        } else {
+            files.len()
+        });
+        let (first, second) = std::thread::scope(|scope| {
+            let second = scope.spawn(|| read_files(second, tx));
+            let first = read_files(first, tx);
+            let second = second
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (first, second)
+        });
+        let mut shared = BTreeSet::new();
+        for (path, entry) in first?.into_iter().chain(second?) {
+            for key in &entry.keys {
+                let owners = self
+                    .owners
+                    .entry(key.clone())
+                    .or_insert_with(|| Vec::with_capacity(1));
+                owners.push(path.clone());
+                if owners.len() > 1 {
+                    shared.insert(owners[0].clone());
+                }
+            }
+            self.files.insert(path, entry);
+        }
+        if shared.is_empty() {
+            return Ok(());
+        }
+        tx.send(SourceUpdate::Events(
+            self.read(shared.iter().cloned().collect(), shared),
+        ))
+    }
+
     /// Re-reads `paths` (files that changed, appeared or disappeared) and returns the events
     /// that bring a model up to date.
     pub fn update(&mut self, paths: impl IntoIterator<Item = PathBuf>) -> Vec<Event> {
+        self.read(paths.into_iter().map(Arc::from).collect(), BTreeSet::new())
+    }
+
+    /// [`DirIndex::update`] of `queue`, reading the files in `forced` even if unchanged.
+    fn read(&mut self, mut queue: Vec<Arc<Path>>, mut forced: BTreeSet<Arc<Path>>) -> Vec<Event> {
         let mut applies: BTreeMap<ObjectKey, crate::source::Object> = BTreeMap::new();
         let mut lost: BTreeSet<ObjectKey> = BTreeSet::new();
-        let mut queue: Vec<Arc<Path>> = paths.into_iter().map(Arc::from).collect();
-        let mut forced: BTreeSet<Arc<Path>> = BTreeSet::new();
         while let Some(path) = queue.pop() {
             let text = if is_manifest(&path) {
                 std::fs::read_to_string(&path).ok()
@@ -172,6 +221,42 @@ impl DirIndex {
     }
 }
 
+/// Reads `files` for a first read, sending their objects' events a batch of FIRST_READ_CHUNK
+/// files at a time; returns what the index keeps of each file.
+fn read_files<S: SourceSink>(
+    files: &[PathBuf],
+    tx: &S,
+) -> Result<Vec<(Arc<Path>, FileEntry)>, Closed> {
+    let mut read = Vec::with_capacity(files.len());
+    for chunk in files.chunks(FIRST_READ_CHUNK) {
+        let mut events = Vec::new();
+        for file in chunk {
+            let Ok(text) = std::fs::read_to_string(file) else {
+                continue; // gone since it was listed
+            };
+            let mut snap = Snapshot::default();
+            parse_into(file, &text, &mut snap);
+            for error in &snap.errors {
+                tracing::warn!(%error, "manifest skipped");
+            }
+            let mut keys = Vec::with_capacity(snap.objects.len());
+            for (key, object) in &snap.objects {
+                keys.push(key.clone());
+                events.push(Event::apply(object));
+            }
+            let entry = FileEntry {
+                hash: text_hash(&text),
+                keys,
+            };
+            read.push((Arc::from(file.as_path()), entry));
+        }
+        if !events.is_empty() {
+            tx.send(SourceUpdate::Events(events))?;
+        }
+    }
+    Ok(read)
+}
+
 /// Adds the paths a file-system event changed to `changed`; returns whether the whole
 /// directory must be read again (the kernel's queue overflowed, or kubelet swapped a mounted
 /// ConfigMap's files).
@@ -242,17 +327,17 @@ pub enum WatchError {
 /// What the watcher works on. Changed files are read on notify's own thread as their events
 /// arrive, and their objects go straight to the proxier: no other thread is woken between a
 /// file's close and its sync.
-struct Follower {
+struct Follower<S> {
     dir: PathBuf,
     index: DirIndex,
-    tx: SourceSender,
+    tx: S,
     /// Until the first read is done, changes are only noted.
     ready: bool,
     changed: BTreeSet<PathBuf>,
     rescan: bool,
 }
 
-impl Follower {
+impl<S: SourceSink> Follower<S> {
     fn note(&mut self, event: notify::Result<notify::Event>) {
         match event {
             Ok(e) => self.rescan |= note_change(e, &self.dir, &mut self.changed),
@@ -299,13 +384,13 @@ impl Follower {
     }
 }
 
-fn lock(f: &Mutex<Follower>) -> MutexGuard<'_, Follower> {
+fn lock<S>(f: &Mutex<Follower<S>>) -> MutexGuard<'_, Follower<S>> {
     f.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Sends the directory's objects, then `InitialSyncDone`, then a batch per change, until the
 /// receiver is dropped.
-pub async fn watch_dir(dir: PathBuf, tx: SourceSender) -> Result<(), WatchError> {
+pub async fn watch_dir<S: SourceSink + Clone>(dir: PathBuf, tx: S) -> Result<(), WatchError> {
     let follower = Arc::new(Mutex::new(Follower {
         dir: dir.clone(),
         index: DirIndex::default(),
@@ -335,20 +420,14 @@ pub async fn watch_dir(dir: PathBuf, tx: SourceSender) -> Result<(), WatchError>
 
     {
         let mut f = lock(&follower);
-        // The first read goes out a few hundred files at a time: the proxier programs nothing
-        // before InitialSyncDone, and the parsed API objects of 10,000 Services never need to
-        // be in memory at once.
         let mut files = Vec::new();
         manifest_files(&dir, &mut files).map_err(|source| DirError {
             dir: dir.clone(),
             source,
         })?;
         files.sort();
-        for chunk in files.chunks(FIRST_READ_CHUNK) {
-            let events = f.index.update(chunk.iter().cloned());
-            if !events.is_empty() && tx.send(SourceUpdate::Events(events)).is_err() {
-                return Ok(());
-            }
+        if f.index.first_read(&files, &tx).is_err() {
+            return Ok(());
         }
         tracing::info!(dir = %dir.display(), objects = f.index.object_count(), "manifests read");
         if tx.send(SourceUpdate::InitialSyncDone).is_err() {
@@ -525,6 +604,54 @@ mod tests {
         );
         drop(rx);
         task.abort();
+    }
+
+    #[tokio::test]
+    async fn an_object_two_files_define_is_the_first_files_after_the_first_read() {
+        let dir = tempdir("first-read-shared");
+        std::fs::write(dir.0.join("a.yaml"), SVC_A).unwrap();
+        std::fs::write(dir.0.join("b.yaml"), SVC_B).unwrap();
+        std::fs::write(
+            dir.0.join("copy-of-a.yaml"),
+            SVC_A.replace("10.96.0.10", "10.96.0.12"),
+        )
+        .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(watch_dir(dir.0.clone(), tx));
+        let mut last_a = None;
+        let mut applied = BTreeSet::new();
+        loop {
+            match next_of(&mut rx).await {
+                SourceUpdate::Events(events) => {
+                    for event in events {
+                        let Event::Apply(crate::source::Model::Service { name, ports }) = event
+                        else {
+                            panic!("unexpected {event:?}");
+                        };
+                        applied.insert(name.name.to_string());
+                        if &*name.name == "a" {
+                            last_a = Some(ports.unwrap()[0].cluster_ips[0].to_string());
+                        }
+                    }
+                }
+                SourceUpdate::InitialSyncDone => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(applied, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
+        assert_eq!(
+            last_a.as_deref(),
+            Some("10.96.0.10"),
+            "a.yaml's, not its copy's"
+        );
+        task.abort();
+    }
+
+    async fn next_of(rx: &mut tokio::sync::mpsc::UnboundedReceiver<SourceUpdate>) -> SourceUpdate {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("an update within 5 s")
+            .unwrap()
     }
 
     /// The events of `dir` noted until none comes for 300 ms: the changed paths, and whether
