@@ -12,8 +12,8 @@ use iptables::{IpSet, SetEntry};
 use ipvs::{Connections, Op, RealServerEntry, Scheduler, ServiceKey, Stats, VirtualServer};
 
 use crate::sync::{
-    AddressKernel, BackendError, IpvsKernel, IpvsServers, IpvsTable, NetfilterEntry,
-    NetfilterKernel, Reader,
+    AddressKernel, BackendError, IpvsKernel, IpvsTable, NetfilterEntry, NetfilterKernel, Reader,
+    ServerSink,
 };
 
 /// The IPVS table (`ipvsadm`).
@@ -38,14 +38,21 @@ impl IpvsKernel for FakeIpvs {
         Ok(self.snapshot())
     }
 
-    /// The table as it is when the read begins.
-    fn reader(&self) -> Option<Reader<IpvsServers, ipvs::Error>> {
-        let servers: IpvsServers = self
+    /// The table as it is when the read begins, handed over one virtual server at a time.
+    fn reader(&self, each: ServerSink) -> Option<Reader<(), ipvs::Error>> {
+        let servers: Vec<_> = self
             .table
             .values()
             .map(|(vs, r)| (vs.clone(), r.values().map(|e| e.server).collect()))
             .collect();
-        Some(Box::new(move || Ok(servers)))
+        Some(Box::new(move || {
+            for (vs, reals) in servers {
+                if !each(vs, reals) {
+                    break;
+                }
+            }
+            Ok(())
+        }))
     }
 
     fn real_servers(&mut self, key: &ServiceKey) -> Result<Vec<RealServerEntry>, ipvs::Error> {
