@@ -22,12 +22,6 @@ impl IpvsKernel for KernelIpvs {
 
     fn reader(&self, each: ServerSink) -> Option<Reader<(), ipvs::Error>> {
         let timeout = self.0.timeout();
-        let each = move |e: ipvs::TableEntry| {
-            each(
-                e.service.server,
-                e.real_servers.into_iter().map(|r| r.server).collect(),
-            )
-        };
         Some(Box::new(move || {
             ipvs::Handle::with_timeout(timeout)?.dump_each(ipvs::DUMP_SOCKETS, each)
         }))

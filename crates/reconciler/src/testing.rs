@@ -40,14 +40,10 @@ impl IpvsKernel for FakeIpvs {
 
     /// The table as it is when the read begins, handed over one virtual server at a time.
     fn reader(&self, each: ServerSink) -> Option<Reader<(), ipvs::Error>> {
-        let servers: Vec<_> = self
-            .table
-            .values()
-            .map(|(vs, r)| (vs.clone(), r.values().map(|e| e.server).collect()))
-            .collect();
+        let table = self.snapshot();
         Some(Box::new(move || {
-            for (vs, reals) in servers {
-                if !each(vs, reals) {
+            for entry in table {
+                if !each(entry) {
                     break;
                 }
             }

@@ -8,17 +8,17 @@ use std::net::IpAddr;
 
 use iptables::ipvs_mode::{KubeSet, RuleInput};
 use iptables::{Family, IpSet};
-use ipvs::{Op, RealServer, RealServerEntry, ServiceKey, VirtualServer};
+use ipvs::{Op, RealServerEntry, ServiceKey};
 
 pub use crate::error::BackendError;
 use crate::model::Protocol;
 
 /// Every virtual server with its real servers, as a dump reads them.
 pub type IpvsTable = Vec<ipvs::TableEntry>;
-/// Where a periodic full sync's read hands each virtual server with its real servers (without
-/// their counters) as soon as they are read, on whichever thread read them; `false` when
-/// nobody wants more, and the read stops.
-pub type ServerSink = Box<dyn Fn(VirtualServer, Vec<RealServer>) -> bool + Send + Sync>;
+/// Where a periodic full sync's read hands each virtual server with its real servers as soon
+/// as they are read, on whichever thread read them; `false` when nobody wants more, and the
+/// read stops.
+pub type ServerSink = Box<dyn Fn(ipvs::TableEntry) -> bool + Send + Sync>;
 
 /// A read of the kernel to run on another thread, on sockets of its own: a periodic full
 /// sync reads there while the loop goes on syncing changes.

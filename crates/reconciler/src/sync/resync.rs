@@ -203,14 +203,16 @@ fn read(
     Ok(())
 }
 
-/// The sink the IPVS reader hands each virtual server to: converted to the mirror's shape on
-/// the reader's thread and sent to the loop. Firewall-mark services are never the proxy's.
+/// The sink the IPVS reader hands each virtual server to: kept without its counters, in the
+/// mirror's shape, on the reader's thread, and sent to the loop. Firewall-mark services are
+/// never the proxy's.
 fn server_sink(to: SyncSender<Read>) -> ServerSink {
-    Box::new(move |server, real| {
+    Box::new(move |entry| {
+        let server = entry.service.server;
         if !matches!(server.key, ServiceKey::Addr { .. }) {
             return true;
         }
-        let real = real.into_iter().collect();
+        let real = entry.real_servers.into_iter().map(|r| r.server).collect();
         to.send(Read::Server(KernelVs { server, real })).is_ok()
     })
 }
