@@ -5,7 +5,7 @@ use ipvs_proxy::config::ProxyConfig;
 use ipvs_proxy::flags::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
-    tune_allocator();
+    ipvs_proxy::allocator::tune();
     let cli = Cli::parse();
     let flags = cli.command.as_ref().map_or(&cli.flags, |c| &c.args().flags);
     flags
@@ -72,21 +72,5 @@ fn main() -> ExitCode {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// glibc's allocator, before any thread exists: one arena, not one per thread (what a thread
-/// freed stayed in its arena), and blocks over 128 KiB mapped alone and free memory above it
-/// returned, instead of thresholds that grow to the largest block freed (docs/sync.md).
-#[allow(
-    unsafe_code,
-    reason = "mallopt only sets allocator parameters; no thread runs yet"
-)]
-fn tune_allocator() {
-    // SAFETY: mallopt sets allocator state from two integers; no other thread exists yet.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
     }
 }
