@@ -528,8 +528,8 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             let want = vs.real.get(&addr).expect("listed");
             match have.and_then(|h| h.real.get(&addr)) {
                 None if self.draining.contains_key(&(key, addr)) => drained.push(addr),
-                None => p.push(Op::AddDest(key, *want), owner),
-                Some(found) if found != want => p.push(Op::UpdateDest(key, *want), owner),
+                None => p.push(Op::AddDest(key, want), owner),
+                Some(found) if found != want => p.push(Op::UpdateDest(key, want), owner),
                 Some(_) => {}
             }
         }
