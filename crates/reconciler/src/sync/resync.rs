@@ -84,8 +84,9 @@ enum Read {
 /// The proxy's sets as the reader found them.
 #[derive(Debug)]
 struct SetsRead {
-    /// Their members.
-    entries: HashSet<NetfilterEntry>,
+    /// Their members, sorted: half a hash set's memory (20,000 at 10,000 Services), and
+    /// walked in order by the comparison with nothing copied.
+    entries: Vec<NetfilterEntry>,
     /// The proxy's sets that exist.
     sets: HashSet<(Family, KubeSet)>,
 }
@@ -104,23 +105,27 @@ struct Stream {
 /// The read done: what is left to compare with it.
 #[derive(Debug)]
 struct Comparison {
-    addresses: BTreeSet<IpAddr>,
-    entries: HashSet<NetfilterEntry>,
-    /// Objects left to compare, the next last.
-    todo: Vec<Item>,
+    /// `kube-ipvs0`'s addresses as read, sorted.
+    addresses: Vec<IpAddr>,
+    /// The sets' members as read, sorted (empty when the sets were written whole).
+    entries: Vec<NetfilterEntry>,
+    /// How far the walks over `addresses` and `entries` have come.
+    next_address: usize,
+    next_entry: usize,
+    /// What the mirror holds and the read lacks, the next last (seldom any).
+    lacking: Vec<Item>,
+    /// The chains are compared after everything else.
+    rules_left: bool,
     /// When the read ended.
     read_done: Instant,
 }
 
-/// One object left to compare once the read is done.
+/// One object of the mirror's that the read lacks.
 #[derive(Debug)]
 enum Item {
-    /// A virtual server of the mirror's that the read did not hold.
-    Mirror(ServiceKey),
+    VirtualServer(ServiceKey),
     Address(IpAddr),
     Entry(NetfilterEntry),
-    /// The chains, after everything else.
-    Rules,
 }
 
 /// The objects written since a read began: the read may predate them, so they are not
@@ -185,9 +190,10 @@ fn read(
         return Ok(());
     }
     ipvs().map_err(|e| fail(Error::ReadIpvs(e)))?;
-    let mut entries = HashSet::new();
+    let ipsets = netfilter().map_err(|e| fail(Error::RestoreNetfilter(e)))?;
+    let mut entries = Vec::with_capacity(ipsets.iter().map(|s| s.entries.len()).sum());
     let mut sets = HashSet::new();
-    for ipset in netfilter().map_err(|e| fail(Error::RestoreNetfilter(e)))? {
+    for ipset in ipsets {
         let Some((set, family)) = KubeSet::from_name(ipset.name()) else {
             continue;
         };
@@ -198,6 +204,7 @@ fn read(
             entry,
         }));
     }
+    entries.sort_unstable();
     // The loop may be gone (a full sync began): nothing is left to do either way.
     let _ = to.send(Read::Sets(SetsRead { entries, sets }));
     Ok(())
@@ -430,7 +437,6 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         let Stream {
             addresses, seen, ..
         } = stream;
-        let mut todo = vec![Item::Rules];
         // A set of the proxy's missing: the sets are written whole, as a full sync writes them.
         let missing = self
             .rules
@@ -438,7 +444,8 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             .iter()
             .flat_map(|&f| KubeSet::ALL.map(|set| (f, set)))
             .any(|set| !sets.contains(&set));
-        if missing {
+        let mut lacking = Vec::new();
+        let entries = if missing {
             let wanted: BTreeSet<NetfilterEntry> = self.set_refs.keys().cloned().collect();
             match self.netfilter.full(&wanted, &self.rule_inputs()) {
                 Ok(()) => report.set_entries_added = wanted.len(),
@@ -446,27 +453,29 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                     .errors
                     .push(SyncError::new(None, Error::RestoreNetfilter(e))),
             }
+            Vec::new()
         } else {
-            // Each member once: those of the kernel's, and the wanted ones it lacks.
-            todo.extend(entries.iter().cloned().map(Item::Entry));
-            let lacking = self
-                .set_refs
-                .keys()
-                .filter(|e| matches!(e, NetfilterEntry::Set { .. }) && !entries.contains(e));
-            todo.extend(lacking.cloned().map(Item::Entry));
-        }
-        todo.extend(addresses.iter().copied().map(Item::Address));
-        let unbound = self
-            .address_refs
-            .keys()
-            .filter(|ip| !addresses.contains(ip));
-        todo.extend(unbound.copied().map(Item::Address));
+            let is_lacking = |e: &&NetfilterEntry| {
+                matches!(e, NetfilterEntry::Set { .. }) && entries.binary_search(e).is_err()
+            };
+            let wanted = self.set_refs.keys().filter(is_lacking);
+            lacking.extend(wanted.cloned().map(Item::Entry));
+            entries
+        };
+        let addresses: Vec<IpAddr> = addresses.into_iter().collect();
+        let unbound = self.address_refs.keys();
+        let unbound = unbound.filter(|ip| addresses.binary_search(ip).is_err());
+        lacking.extend(unbound.copied().map(Item::Address));
         let unseen = self.kernel.keys().filter(|k| !seen.contains(k));
-        todo.extend(unseen.copied().map(Item::Mirror));
+        lacking.extend(unseen.copied().map(Item::VirtualServer));
+        drop(seen);
         Some(Comparison {
             addresses,
             entries,
-            todo,
+            next_address: 0,
+            next_entry: 0,
+            lacking,
+            rules_left: true,
             read_done,
         })
     }
@@ -482,19 +491,34 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         writes: &mut SetWrites,
         slice: &mut Slice,
     ) -> bool {
-        while let Some(item) = comparison.todo.pop() {
+        let c = comparison;
+        while let Some(item) = c.lacking.pop() {
             match item {
-                Item::Mirror(key) => self.compare_mirror(key, None, touched, p),
-                Item::Address(ip) => self.compare_address(ip, &comparison.addresses, touched, p),
-                Item::Entry(e) => self.compare_entry(e, &comparison.entries, touched, writes),
-                Item::Rules => {
-                    let now_rules = self.rule_inputs();
-                    writes.rules = (now_rules != rules_read).then_some(now_rules);
-                }
+                Item::VirtualServer(key) => self.compare_mirror(key, None, touched, p),
+                Item::Address(ip) => self.compare_address(ip, &c.addresses, touched, p),
+                Item::Entry(e) => self.compare_entry(&e, &c.entries, touched, writes),
             }
             if slice.over() {
-                return !comparison.todo.is_empty();
+                return true;
             }
+        }
+        while let Some(&ip) = c.addresses.get(c.next_address) {
+            c.next_address += 1;
+            self.compare_address(ip, &c.addresses, touched, p);
+            if slice.over() {
+                return true;
+            }
+        }
+        while let Some(e) = c.entries.get(c.next_entry) {
+            c.next_entry += 1;
+            self.compare_entry(e, &c.entries, touched, writes);
+            if slice.over() {
+                return true;
+            }
+        }
+        if std::mem::take(&mut c.rules_left) {
+            let now_rules = self.rule_inputs();
+            writes.rules = (now_rules != rules_read).then_some(now_rules);
         }
         false
     }
@@ -567,17 +591,11 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
     }
 
     /// One address: bound if a Service holds it, unbound otherwise.
-    fn compare_address(
-        &mut self,
-        ip: IpAddr,
-        read: &BTreeSet<IpAddr>,
-        touched: &Touched,
-        p: &mut Pending,
-    ) {
+    fn compare_address(&mut self, ip: IpAddr, read: &[IpAddr], touched: &Touched, p: &mut Pending) {
         if touched.addresses.contains(&ip) {
             return;
         }
-        let bound = read.contains(&ip);
+        let bound = read.binary_search(&ip).is_ok();
         if bound {
             self.bound.insert(ip);
         } else {
@@ -598,20 +616,20 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
     /// families programmed).
     fn compare_entry(
         &self,
-        e: NetfilterEntry,
-        read: &HashSet<NetfilterEntry>,
+        e: &NetfilterEntry,
+        read: &[NetfilterEntry],
         touched: &Touched,
         writes: &mut SetWrites,
     ) {
-        let NetfilterEntry::Set { family, .. } = &e else {
+        let NetfilterEntry::Set { family, .. } = e else {
             return;
         };
-        if touched.entries.contains(&e) || !self.rules.families.contains(family) {
+        if touched.entries.contains(e) || !self.rules.families.contains(family) {
             return;
         }
-        match (self.set_refs.contains_key(&e), read.contains(&e)) {
-            (true, false) => writes.added.push(e),
-            (false, true) => writes.removed.push(e),
+        match (self.set_refs.contains_key(e), read.binary_search(e).is_ok()) {
+            (true, false) => writes.added.push(e.clone()),
+            (false, true) => writes.removed.push(e.clone()),
             _ => {}
         }
     }
