@@ -42,7 +42,7 @@ const SLICE: Duration = Duration::from_millis(5);
 /// How many objects are compared between looks at the clock.
 const STRIDE: usize = 32;
 /// How many virtual servers the reader may be ahead of the comparison (a few hundred KiB):
-/// the loop takes what came every [`POLL`], and the reader reads about two a millisecond in
+/// the loop takes what came every [`POLL`], and the reader reads one or two a millisecond in
 /// the emulator, so it seldom waits.
 const AHEAD: usize = 1024;
 
@@ -177,7 +177,7 @@ impl Slice {
 }
 
 /// Runs the reads, sending what each found; on the reader's thread. A send fails only when
-/// the loop dropped the read (a full sync began meanwhile): the rest is not read.
+/// the loop dropped the read (a full sync began meanwhile): the IPVS read then stops early.
 fn read(
     ipvs: Reader<(), ipvs::Error>,
     addresses: Reader<BTreeSet<IpAddr>>,
