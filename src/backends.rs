@@ -8,7 +8,7 @@ use iptables::ipset::SetOp;
 use iptables::ipvs_mode::{self, KubeSet, RuleInput};
 use iptables::{Family, IpSet, Runner, SetEntry, SetPatch};
 use reconciler::sync::{
-    BackendError, IpvsKernel, IpvsServers, IpvsTable, NetfilterEntry, NetfilterKernel, Reader,
+    BackendError, IpvsKernel, IpvsTable, NetfilterEntry, NetfilterKernel, Reader, ServerSink,
 };
 
 /// The real IPVS table.
@@ -20,14 +20,10 @@ impl IpvsKernel for KernelIpvs {
         self.0.dump()
     }
 
-    fn reader(&self) -> Option<Reader<IpvsServers, ipvs::Error>> {
+    fn reader(&self, each: ServerSink) -> Option<Reader<(), ipvs::Error>> {
         let timeout = self.0.timeout();
-        let keep = |e: ipvs::TableEntry| {
-            let reals = e.real_servers.into_iter().map(|r| r.server).collect();
-            (e.service.server, reals)
-        };
         Some(Box::new(move || {
-            ipvs::Handle::with_timeout(timeout)?.dump_map(ipvs::DUMP_SOCKETS, keep)
+            ipvs::Handle::with_timeout(timeout)?.dump_each(ipvs::DUMP_SOCKETS, each)
         }))
     }
 

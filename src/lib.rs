@@ -4,8 +4,9 @@
 //! The binary is thin: `main.rs` parses flags and hands over to this library; the crates work:
 //! `inet`, `netlink`, `ipvs`, `netif`, `conntrack`, `iptables`, `reconciler`, `controllers`,
 //! `healthcheck`, `telemetry`.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+pub mod allocator;
 pub mod backends;
 pub mod check;
 pub mod cleanup;

@@ -5,6 +5,7 @@ use ipvs_proxy::config::ProxyConfig;
 use ipvs_proxy::flags::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
+    ipvs_proxy::allocator::tune();
     let cli = Cli::parse();
     let flags = cli.command.as_ref().map_or(&cli.flags, |c| &c.args().flags);
     flags

@@ -19,6 +19,8 @@ pub const ENDPOINTS: u32 = 10;
 
 /// The daemon, as `ipvs-proxy FLAGS` runs it.
 fn run_daemon(flags: &[String]) -> ExitCode {
+    // As `main` does: the allocator is part of what is measured.
+    ipvs_proxy::allocator::tune();
     let cli =
         Cli::parse_from(std::iter::once("ipvs-proxy").chain(flags.iter().map(String::as_str)));
     let (config, _) = match ipvs_proxy::config::ProxyConfig::resolve(&cli.flags) {

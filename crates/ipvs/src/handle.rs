@@ -361,64 +361,88 @@ impl Handle {
     /// own (in this thread's network namespace, which threads inherit). Not atomic: the table
     /// may change between the dumps; a service deleted meanwhile is left out.
     pub fn dump_on(&mut self, sockets: usize) -> Result<Vec<TableEntry>, Error> {
-        self.dump_map(sockets, |entry| entry)
+        let runs = self.dump_runs(sockets, |handle, services| {
+            let mut read = Vec::with_capacity(services.len());
+            handle.read_run(services, |entry| {
+                read.push(entry);
+                true
+            })?;
+            Ok(read)
+        })?;
+        Ok(runs.into_iter().flatten().collect())
     }
 
-    /// [`Handle::dump_on`], each entry handed to `keep` as soon as its real servers are read,
-    /// on the thread that read them: a caller that keeps less of it (no counters) never holds
-    /// the whole table's entries, about 15 MiB at 10,000 virtual servers × 10 real servers.
-    pub fn dump_map<T: Send>(
+    /// [`Handle::dump_on`] streamed: each entry is handed to `each` as soon as its real servers
+    /// are read, on the thread that read them, and nothing is kept, so a caller that compares
+    /// as it reads holds one entry per socket at a time. `each` returns `false` to stop the
+    /// read (its receiver went away): the call then ends with `Ok`.
+    pub fn dump_each(
         &mut self,
         sockets: usize,
-        keep: impl Fn(TableEntry) -> T + Sync,
-    ) -> Result<Vec<T>, Error> {
+        each: impl Fn(TableEntry) -> bool + Sync,
+    ) -> Result<(), Error> {
+        self.dump_runs(sockets, |handle, services| handle.read_run(services, &each))
+            .map(drop)
+    }
+
+    /// One dump of the services, split into `sockets` runs, each handed to `run` with a handle
+    /// of its own: this one for the first run, a new one on a thread of its own for each other.
+    /// The runs' results, in order.
+    fn dump_runs<R: Send>(
+        &mut self,
+        sockets: usize,
+        run: impl Fn(&mut Handle, &[VirtualServerEntry]) -> Result<R, Error> + Sync,
+    ) -> Result<Vec<R>, Error> {
         let services = self.services()?;
-        let run = services.len().div_ceil(sockets.max(1)).max(1);
-        let mut runs = services.chunks(run);
-        let own = runs.next().unwrap_or_default();
-        let (timeout, keep) = (self.timeout, &keep);
+        let chunk = services.len().div_ceil(sockets.max(1)).max(1);
+        let mut chunks = services.chunks(chunk);
+        let own = chunks.next().unwrap_or_default();
+        let (timeout, run) = (self.timeout, &run);
         std::thread::scope(|scope| {
-            let others: Vec<_> = runs
+            let others: Vec<_> = chunks
                 .map(|services| {
-                    scope.spawn(move || Handle::with_timeout(timeout)?.read_run(services, keep))
+                    scope.spawn(move || run(&mut Handle::with_timeout(timeout)?, services))
                 })
                 .collect();
-            let mut table = self.read_run(own, keep)?;
+            let mut results = vec![run(self, own)?];
             for other in others {
                 let read = other
                     .join()
                     .map_err(|_| Error::Io(io::Error::other("an IPVS dump thread panicked")))?;
-                table.extend(read?);
+                results.push(read?);
             }
-            Ok(table)
+            Ok(results)
         })
     }
 
-    /// The real servers of each of `services`, in order, each entry handed to `keep`.
+    /// The real servers of each of `services`, in order, each entry handed to `each` until it
+    /// returns `false`.
     ///
     /// The kernel answers a real-server dump of a missing virtual server with nothing, so a
     /// service that shows none is looked up again: one deleted since the services were read
     /// is left out, as a read taken after its deletion would have it, rather than read as a
     /// virtual server without real servers (which a resync would fill by adding real servers
     /// to a virtual server that is gone).
-    fn read_run<T>(
+    fn read_run(
         &mut self,
         services: &[VirtualServerEntry],
-        keep: impl Fn(TableEntry) -> T,
-    ) -> Result<Vec<T>, Error> {
-        let mut out = Vec::with_capacity(services.len());
+        mut each: impl FnMut(TableEntry) -> bool,
+    ) -> Result<(), Error> {
         for service in services {
             let key = &service.server.key;
             let real_servers = self.real_servers(key)?;
             if real_servers.is_empty() && self.service(key)?.is_none() {
                 continue;
             }
-            out.push(keep(TableEntry {
+            let entry = TableEntry {
                 service: service.clone(),
                 real_servers,
-            }));
+            };
+            if !each(entry) {
+                break;
+            }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The bound on each wait for the kernel: a reader on another thread opens its own

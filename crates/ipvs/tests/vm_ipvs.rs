@@ -367,6 +367,56 @@ fn a_batch_of_ten_thousand_ops_applies() {
 
 #[test]
 #[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
+fn a_streamed_dump_reads_what_ipvsadm_saves_and_stops_when_asked() {
+    let mut t = Table::take();
+    let mut rules = String::new();
+    for s in 0..300u16 {
+        let [hi, lo] = s.to_be_bytes();
+        writeln!(rules, "-A -t 10.98.{hi}.{lo}:80 -s rr").unwrap();
+        for d in 0..3u16 {
+            writeln!(
+                rules,
+                "-a -t 10.98.{hi}.{lo}:80 -r 10.246.{hi}.{lo}:{} -m -w 1",
+                8000 + d
+            )
+            .unwrap();
+        }
+    }
+    ipvsadm_restore(&rules);
+    for sockets in [1, 2, 3] {
+        // Handed over from each socket's thread as read.
+        let lines = Mutex::new(Vec::new());
+        t.handle
+            .dump_each(sockets, |entry| {
+                let mut lines = lines.lock().unwrap();
+                lines.push(entry.service.server.to_string());
+                for rs in entry.real_servers {
+                    lines.push(rs.server.line(&entry.service.server.key).to_string());
+                }
+                true
+            })
+            .unwrap();
+        let mut lines = lines.into_inner().unwrap();
+        lines.sort();
+        assert_eq!(
+            lines,
+            sorted_lines(&run("ipvsadm", &["-Sn"])),
+            "{sockets} sockets"
+        );
+    }
+    // A receiver gone: each run stops at its first entry.
+    let calls = Mutex::new(0);
+    t.handle
+        .dump_each(2, |_| {
+            *calls.lock().unwrap() += 1;
+            false
+        })
+        .unwrap();
+    assert_eq!(*calls.lock().unwrap(), 2, "one entry per socket, then none");
+}
+
+#[test]
+#[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
 fn timeouts_and_info_read_and_set() {
     let mut t = Table::take();
     let info = t.handle.info().unwrap();

@@ -12,8 +12,8 @@ use iptables::{IpSet, SetEntry};
 use ipvs::{Connections, Op, RealServerEntry, Scheduler, ServiceKey, Stats, VirtualServer};
 
 use crate::sync::{
-    AddressKernel, BackendError, IpvsKernel, IpvsServers, IpvsTable, NetfilterEntry,
-    NetfilterKernel, Reader,
+    AddressKernel, BackendError, IpvsKernel, IpvsTable, NetfilterEntry, NetfilterKernel, Reader,
+    ServerSink,
 };
 
 /// A virtual server with its real servers.
@@ -43,13 +43,17 @@ impl IpvsKernel for FakeIpvs {
         Ok(self.snapshot())
     }
 
-    /// The table as it is when the read begins.
-    fn reader(&self) -> Option<Reader<IpvsServers, ipvs::Error>> {
-        let servers: IpvsServers = self
-            .sorted()
-            .map(|(vs, r)| (vs.clone(), r.values().map(|e| e.server).collect()))
-            .collect();
-        Some(Box::new(move || Ok(servers)))
+    /// The table as it is when the read begins, handed over one virtual server at a time.
+    fn reader(&self, each: ServerSink) -> Option<Reader<(), ipvs::Error>> {
+        let table = self.snapshot();
+        Some(Box::new(move || {
+            for entry in table {
+                if !each(entry) {
+                    break;
+                }
+            }
+            Ok(())
+        }))
     }
 
     fn real_servers(&mut self, key: &ServiceKey) -> Result<Vec<RealServerEntry>, ipvs::Error> {

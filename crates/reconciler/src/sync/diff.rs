@@ -158,8 +158,8 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         for rs in reals {
             match entry.real.get(&rs.addr) {
                 None => p.push(Op::AddDest(key, *rs), Some(name)),
-                Some(have) if have != rs => {
-                    let undo = Undo::Dest(key, *have);
+                Some(have) if have != *rs => {
+                    let undo = Undo::Dest(key, have);
                     p.push_update(Op::UpdateDest(key, *rs), Some(name), undo);
                 }
                 Some(_) => {}
@@ -179,11 +179,12 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                 continue;
             }
             if is_tcp(&key) {
-                let rs = entry.real.get_mut(&addr).expect("listed above");
+                let mut rs = entry.real.get(&addr).expect("listed above");
                 if rs.weight != 0 {
-                    let undo = Undo::Dest(key, *rs);
+                    let undo = Undo::Dest(key, rs);
                     rs.weight = 0;
-                    p.push_update(Op::UpdateDest(key, *rs), Some(name), undo);
+                    entry.real.insert(rs);
+                    p.push_update(Op::UpdateDest(key, rs), Some(name), undo);
                 }
                 self.draining
                     .insert((key, addr), now + self.options.drain_timeout);

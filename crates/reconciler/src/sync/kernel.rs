@@ -8,15 +8,17 @@ use std::net::IpAddr;
 
 use iptables::ipvs_mode::{KubeSet, RuleInput};
 use iptables::{Family, IpSet};
-use ipvs::{Op, RealServer, RealServerEntry, ServiceKey, VirtualServer};
+use ipvs::{Op, RealServerEntry, ServiceKey};
 
 pub use crate::error::BackendError;
 use crate::model::Protocol;
 
 /// Every virtual server with its real servers, as a dump reads them.
 pub type IpvsTable = Vec<ipvs::TableEntry>;
-/// The same without the counters: what a periodic full sync's read keeps.
-pub type IpvsServers = Vec<(VirtualServer, Vec<RealServer>)>;
+/// Where a periodic full sync's read hands each virtual server with its real servers as soon
+/// as they are read, on whichever thread read them; `false` when nobody wants more, and the
+/// read stops.
+pub type ServerSink = Box<dyn Fn(ipvs::TableEntry) -> bool + Send + Sync>;
 
 /// A read of the kernel to run on another thread, on sockets of its own: a periodic full
 /// sync reads there while the loop goes on syncing changes.
@@ -26,9 +28,10 @@ pub type Reader<T, E = BackendError> = Box<dyn FnOnce() -> Result<T, E> + Send>;
 pub trait IpvsKernel {
     /// Every virtual server with its real servers (`ipvsadm -Ln`).
     fn dump(&mut self) -> Result<IpvsTable, ipvs::Error>;
-    /// The same read for another thread, without the counters; `None` when the backend
-    /// cannot read off its own thread, and full syncs then read on the loop's.
-    fn reader(&self) -> Option<Reader<IpvsServers, ipvs::Error>> {
+    /// The same read for another thread, each virtual server handed to `each` as it is read
+    /// (so the table is never held whole); `None` when the backend cannot read off its own
+    /// thread, and full syncs then read on the loop's.
+    fn reader(&self, _each: ServerSink) -> Option<Reader<(), ipvs::Error>> {
         None
     }
     /// The real servers of one virtual server, with their connection counts.

@@ -46,8 +46,8 @@ use iptables::ipvs_mode::{KubeSet, RuleInput};
 use ipvs::{Op, RealServer, ServiceKey, VirtualServer};
 
 pub use self::kernel::{
-    AddressKernel, BackendError, IpvsKernel, IpvsServers, IpvsTable, NetfilterEntry,
-    NetfilterKernel, Reader,
+    AddressKernel, BackendError, IpvsKernel, IpvsTable, NetfilterEntry, NetfilterKernel, Reader,
+    ServerSink,
 };
 use self::mirror::{Footprint, KernelVs};
 pub use self::report::{Counts, IptablesRules, SyncError, SyncReport};

@@ -4,17 +4,21 @@
 //! reads the kernel on the loop's thread and plans every Service. The periodic one needs
 //! neither: partial syncs keep the mirror equal to the plan, so what it is for is drift, a
 //! kernel no longer as the mirror says (a virtual server deleted by hand, a set member gone).
-//! [`Syncer::start_resync`] reads the IPVS table (on several sockets), `kube-ipvs0` and the
-//! sets on a thread of its own, which also rewrites the few ipvs-mode chains, and returns at
-//! once; changes keep being synced meanwhile, and every object they write is noted. When the
-//! read is done, [`Syncer::finish_resync`] compares it with the mirror, skipping what was
-//! written since the read began (the mirror is newer there, as with the iptables proxier's
-//! `Proxier::check`), and writes only what differs. The comparison runs on the loop's thread
-//! (the mirror is there) in slices of [`SLICE`], each sending what it found, so a change
+//! [`Syncer::start_resync`] starts a thread of its own that lists `kube-ipvs0`, dumps the
+//! IPVS table (on several sockets), rewrites the few ipvs-mode chains and reads the sets, and
+//! returns at once; changes keep being synced meanwhile, and every object they write is
+//! noted. The reader hands each virtual server over a bounded channel as soon as it is read,
+//! and [`Syncer::finish_resync`] compares it with the mirror as it comes, so the table is
+//! never held whole beside the mirror; once the read is done it compares the rest (the mirror's
+//! virtual servers the kernel lacks, the addresses, the set members). What was written since
+//! the read began is skipped (the mirror is newer there, as with the iptables proxier's
+//! `Proxier::check`), and only what differs is written. The comparison runs on the loop's
+//! thread (the mirror is there) in slices of [`SLICE`], each sending what it found, so a change
 //! waits for one slice at most.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -22,7 +26,7 @@ use iptables::Family;
 use iptables::ipvs_mode::{KubeSet, RuleInput};
 use ipvs::{Op, ServiceKey};
 
-use super::kernel::{IpvsServers, Reader};
+use super::kernel::{Reader, ServerSink};
 use super::mirror::KernelVs;
 use super::report::SyncError;
 use super::{
@@ -30,15 +34,19 @@ use super::{
 };
 use crate::error::Error;
 
-/// How often the loop looks whether the read is done.
+/// How often the loop looks for what the reader sent, while it reads.
 const POLL: Duration = Duration::from_millis(10);
 /// How long one slice of the comparison may hold the loop: at 10,000 Services the whole
 /// comparison takes about a second in the emulator.
 const SLICE: Duration = Duration::from_millis(5);
 /// How many objects are compared between looks at the clock.
 const STRIDE: usize = 32;
+/// How many virtual servers the reader may be ahead of the comparison (a few hundred KiB):
+/// the loop takes what came every [`POLL`], and the reader reads one or two a millisecond in
+/// the emulator, so it seldom waits.
+const AHEAD: usize = 1024;
 
-/// A periodic full sync's kernel read, running, then its comparison with the mirror.
+/// A periodic full sync's kernel read, running, then the comparison of what is left.
 #[derive(Debug)]
 pub(super) struct Resync {
     stage: Stage,
@@ -48,37 +56,76 @@ pub(super) struct Resync {
     rules: Vec<RuleInput>,
     /// What syncs wrote since the read began.
     touched: Touched,
+    /// What the comparison did so far.
+    report: SyncReport,
+    /// The loop's time spent comparing so far.
+    comparing: Duration,
+    /// When the read ended, once a comparison of all of it is done.
+    read_done: Option<Instant>,
 }
 
 #[derive(Debug)]
 enum Stage {
-    Reading(JoinHandle<Result<KernelRead, SyncError>>),
+    Reading(Box<Stream>),
     Comparing(Box<Comparison>),
 }
 
-/// A comparison under way: the read, what is left to compare, and what was done so far.
+/// What the reader thread sends, in this order.
 #[derive(Debug)]
-struct Comparison {
-    read: KernelRead,
-    /// Objects left to compare, the next last.
-    todo: Vec<Item>,
-    report: SyncReport,
-    /// When the read ended, and the loop's time spent comparing so far.
-    read_done: Instant,
-    comparing: Duration,
+enum Read {
+    /// `kube-ipvs0`'s addresses: whether a virtual server of the kernel's is the proxy's
+    /// depends on them.
+    Addresses(BTreeSet<IpAddr>),
+    /// One virtual server of the kernel's, with its real servers.
+    Server(KernelVs),
+    Sets(SetsRead),
 }
 
-/// One object to compare with the read.
+/// The proxy's sets as the reader found them.
+#[derive(Debug)]
+struct SetsRead {
+    /// Their members, sorted: half a hash set's memory (20,000 at 10,000 Services), and
+    /// walked in order by the comparison with nothing copied.
+    entries: Vec<NetfilterEntry>,
+    /// The proxy's sets that exist.
+    sets: HashSet<(Family, KubeSet)>,
+}
+
+/// The read under way: each virtual server is compared as it comes.
+#[derive(Debug)]
+struct Stream {
+    thread: JoinHandle<Result<(), SyncError>>,
+    from: Receiver<Read>,
+    addresses: BTreeSet<IpAddr>,
+    /// The mirror's virtual servers the kernel was found to hold.
+    seen: HashSet<ServiceKey>,
+    sets: Option<SetsRead>,
+}
+
+/// The read done: what is left to compare with it.
+#[derive(Debug)]
+struct Comparison {
+    /// `kube-ipvs0`'s addresses as read, sorted.
+    addresses: Vec<IpAddr>,
+    /// The sets' members as read, sorted (empty when the sets were written whole).
+    entries: Vec<NetfilterEntry>,
+    /// How far the walks over `addresses` and `entries` have come.
+    next_address: usize,
+    next_entry: usize,
+    /// What the mirror holds and the read lacks, the next last (seldom any).
+    lacking: Vec<Item>,
+    /// The chains are compared after everything else.
+    rules_left: bool,
+    /// When the read ended.
+    read_done: Instant,
+}
+
+/// One object of the mirror's that the read lacks.
 #[derive(Debug)]
 enum Item {
-    /// A virtual server of the mirror.
-    Mirror(ServiceKey),
-    /// A virtual server of the kernel's.
-    Kernel(ServiceKey),
+    VirtualServer(ServiceKey),
     Address(IpAddr),
     Entry(NetfilterEntry),
-    /// The chains, after everything else.
-    Rules,
 }
 
 /// The objects written since a read began: the read may predate them, so they are not
@@ -90,38 +137,63 @@ struct Touched {
     entries: HashSet<NetfilterEntry>,
 }
 
-/// What the reader found, in the mirror's shapes (built on the reader's thread).
-#[derive(Debug)]
-struct KernelRead {
-    ipvs: HashMap<ServiceKey, KernelVs>,
-    addresses: BTreeSet<IpAddr>,
-    /// The members of the proxy's sets.
-    entries: HashSet<NetfilterEntry>,
-    /// The proxy's sets that exist.
-    sets: HashSet<(Family, KubeSet)>,
+/// How far one slice took the read.
+enum Taken {
+    /// Everything sent so far is compared; the reader goes on.
+    Waiting,
+    /// The slice's time is up.
+    Sliced,
+    /// The reader is done.
+    Ended,
 }
 
-/// Runs the three reads; on the reader's thread.
+/// The netfilter writes one slice found.
+#[derive(Default)]
+struct SetWrites {
+    added: Vec<NetfilterEntry>,
+    removed: Vec<NetfilterEntry>,
+    rules: Option<Vec<RuleInput>>,
+}
+
+/// Counts what one slice compared, and says when its time is up.
+struct Slice {
+    started: Instant,
+    done: usize,
+}
+
+impl Slice {
+    fn new() -> Slice {
+        Slice {
+            started: Instant::now(),
+            done: 0,
+        }
+    }
+
+    /// One more object compared; whether the slice's time is up.
+    fn over(&mut self) -> bool {
+        self.done += 1;
+        self.done.is_multiple_of(STRIDE) && self.started.elapsed() >= SLICE
+    }
+}
+
+/// Runs the reads, sending what each found; on the reader's thread. A send fails only when
+/// the loop dropped the read (a full sync began meanwhile): the IPVS read then stops early.
 fn read(
-    ipvs: Reader<IpvsServers, ipvs::Error>,
+    ipvs: Reader<(), ipvs::Error>,
     addresses: Reader<BTreeSet<IpAddr>>,
     netfilter: Reader<Vec<iptables::IpSet>>,
-) -> Result<KernelRead, SyncError> {
+    to: &SyncSender<Read>,
+) -> Result<(), SyncError> {
     let fail = |e| SyncError::new(None, e);
-    let table = ipvs().map_err(|e| fail(Error::ReadIpvs(e)))?;
-    let ipvs = table
-        .into_iter()
-        // Firewall-mark services are never the proxy's.
-        .filter(|(server, _)| matches!(server.key, ServiceKey::Addr { .. }))
-        .map(|(server, real)| {
-            let real = real.into_iter().collect();
-            (server.key, KernelVs { server, real })
-        })
-        .collect();
     let addresses = addresses().map_err(|e| fail(Error::ListAddresses(e)))?;
-    let mut entries = HashSet::new();
+    if to.send(Read::Addresses(addresses)).is_err() {
+        return Ok(());
+    }
+    ipvs().map_err(|e| fail(Error::ReadIpvs(e)))?;
+    let ipsets = netfilter().map_err(|e| fail(Error::RestoreNetfilter(e)))?;
+    let mut entries = Vec::with_capacity(ipsets.iter().map(|s| s.entries.len()).sum());
     let mut sets = HashSet::new();
-    for ipset in netfilter().map_err(|e| fail(Error::RestoreNetfilter(e)))? {
+    for ipset in ipsets {
         let Some((set, family)) = KubeSet::from_name(ipset.name()) else {
             continue;
         };
@@ -132,11 +204,23 @@ fn read(
             entry,
         }));
     }
-    Ok(KernelRead {
-        ipvs,
-        addresses,
-        entries,
-        sets,
+    entries.sort_unstable();
+    // The loop may be gone (a full sync began): nothing is left to do either way.
+    let _ = to.send(Read::Sets(SetsRead { entries, sets }));
+    Ok(())
+}
+
+/// The sink the IPVS reader hands each virtual server to: kept without its counters, in the
+/// mirror's shape, on the reader's thread, and sent to the loop. Firewall-mark services are
+/// never the proxy's.
+fn server_sink(to: SyncSender<Read>) -> ServerSink {
+    Box::new(move |entry| {
+        let server = entry.service.server;
+        if !matches!(server.key, ServiceKey::Addr { .. }) {
+            return true;
+        }
+        let real = entry.real_servers.into_iter().map(|r| r.server).collect();
+        to.send(Read::Server(KernelVs { server, real })).is_ok()
     })
 }
 
@@ -153,8 +237,9 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             return true;
         }
         let rules = self.rule_inputs();
+        let (to, from) = mpsc::sync_channel(AHEAD);
         let (Some(ipvs), Some(addresses), Some(netfilter)) = (
-            self.ipvs.reader(),
+            self.ipvs.reader(server_sink(to.clone())),
             self.addresses.reader(),
             self.netfilter.reader(rules.clone()),
         ) else {
@@ -162,16 +247,29 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         };
         let spawned = std::thread::Builder::new()
             .name("kernel-read".into())
-            .spawn(move || read(ipvs, addresses, netfilter));
+            .spawn(move || read(ipvs, addresses, netfilter, &to));
         match spawned {
             Ok(thread) => {
                 tracing::debug!("full sync: reading the kernel off the loop's thread");
+                let stream = Stream {
+                    thread,
+                    from,
+                    addresses: BTreeSet::new(),
+                    seen: HashSet::new(),
+                    sets: None,
+                };
                 self.resync = Some(Resync {
-                    stage: Stage::Reading(thread),
+                    stage: Stage::Reading(Box::new(stream)),
                     started: now,
                     next_poll: now + POLL,
                     rules,
                     touched: Touched::default(),
+                    report: SyncReport {
+                        services: self.services.len(),
+                        ..SyncReport::default()
+                    },
+                    comparing: Duration::ZERO,
+                    read_done: None,
                 });
                 true
             }
@@ -203,48 +301,47 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             .extend(p.add_entries.iter().chain(&p.del_entries).cloned());
     }
 
-    /// Once the read is done: compares one slice of it with the mirror, leaving out what was
-    /// written since it began, and writes what differs there. `None` while the read runs or
-    /// objects are left to compare (it is due again at once); what the whole did when done.
+    /// Compares one slice of what the reader sent, or of what is left once it is done, with
+    /// the mirror, leaving out what was written since the read began, and writes what differs
+    /// there. `None` while the read runs or objects are left to compare ([`Syncer::resync_due`]
+    /// says when to call again); what the whole did when done.
     pub fn finish_resync(&mut self, now: Instant) -> Option<SyncReport> {
         let mut resync = self.resync.take()?;
-        let mut comparison = match resync.stage {
-            Stage::Reading(thread) if !thread.is_finished() => {
-                resync.stage = Stage::Reading(thread);
-                resync.next_poll = now + POLL;
-                self.resync = Some(resync);
-                return None;
-            }
-            Stage::Reading(thread) => match self.begin_comparison(thread) {
-                Ok(comparison) => Box::new(comparison),
-                Err(report) => return Some(report),
-            },
-            Stage::Comparing(comparison) => comparison,
-        };
-        let slice = Instant::now();
+        let mut slice = Slice::new();
         let mut p = Pending::default();
-        let (mut added, mut removed) = (Vec::new(), Vec::new());
-        let mut rules = None;
-        let mut done = 0;
-        while let Some(item) = comparison.todo.pop() {
-            let read = &comparison.read;
-            let touched = &resync.touched;
-            match item {
-                Item::Mirror(key) => self.compare_mirror(key, read, touched, &mut p),
-                Item::Kernel(key) => self.compare_kernel(key, read, touched, &mut p),
-                Item::Address(ip) => self.compare_address(ip, read, touched, &mut p),
-                Item::Entry(e) => self.compare_entry(e, read, touched, &mut added, &mut removed),
-                Item::Rules => {
-                    let now_rules = self.rule_inputs();
-                    rules = (now_rules != resync.rules).then_some(now_rules);
+        let mut writes = SetWrites::default();
+        let mut stage = resync.stage;
+        // When to come back and where the comparison stands, or `None` when the whole is
+        // done (or the read failed).
+        let left = loop {
+            stage = match stage {
+                Stage::Reading(mut stream) => {
+                    match self.take_read(&mut stream, &resync.touched, &mut p, &mut slice) {
+                        Taken::Waiting => break Some((now + POLL, Stage::Reading(stream))),
+                        Taken::Sliced => break Some((now, Stage::Reading(stream))),
+                        Taken::Ended => match self.end_read(*stream, &mut resync.report) {
+                            Some(comparison) => Stage::Comparing(Box::new(comparison)),
+                            None => break None,
+                        },
+                    }
                 }
-            }
-            done += 1;
-            if done % STRIDE == 0 && slice.elapsed() >= SLICE {
-                break;
-            }
-        }
-        let report = &mut comparison.report;
+                Stage::Comparing(mut comparison) => {
+                    let (touched, rules) = (&resync.touched, &resync.rules);
+                    let (p, writes, slice) = (&mut p, &mut writes, &mut slice);
+                    if self.compare_rest(&mut comparison, touched, rules, p, writes, slice) {
+                        break Some((now, Stage::Comparing(comparison)));
+                    }
+                    resync.read_done = Some(comparison.read_done);
+                    break None;
+                }
+            };
+        };
+        let report = &mut resync.report;
+        let SetWrites {
+            added,
+            removed,
+            rules,
+        } = writes;
         if !added.is_empty() || !removed.is_empty() || rules.is_some() {
             match self.netfilter.partial(&added, &removed, rules.as_deref()) {
                 Ok(()) => {
@@ -255,20 +352,21 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             }
         }
         self.execute(p, report);
-        comparison.comparing += slice.elapsed();
-        if !comparison.todo.is_empty() && !report.needs_full_sync() {
-            resync.stage = Stage::Comparing(comparison);
-            resync.next_poll = now;
+        resync.comparing += slice.started.elapsed();
+        if let Some((next, stage)) = left
+            && !report.needs_full_sync()
+        {
+            resync.stage = stage;
+            resync.next_poll = next;
             self.resync = Some(resync);
             return None;
         }
-        let Comparison {
-            report,
-            read_done,
-            comparing,
-            ..
-        } = *comparison;
-        self.verified = !report.needs_full_sync();
+        let Some(read_done) = resync.read_done.filter(|_| !report.needs_full_sync()) else {
+            // The read failed, or a write did as a whole: the next period runs a full sync.
+            self.verified = false;
+            return Some(resync.report);
+        };
+        self.verified = true;
         let touched = &resync.touched;
         tracing::info!(
             ipvs_ops = report.ipvs_ops,
@@ -280,78 +378,157 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             errors = report.errors.len(),
             read_ms = ms(read_done.saturating_duration_since(resync.started)),
             compare_ms = ms(Instant::now().saturating_duration_since(read_done)),
-            compare_cpu_ms = ms(comparing),
+            compare_cpu_ms = ms(resync.comparing),
             "full sync checked the kernel"
         );
-        Some(report)
+        Some(resync.report)
     }
 
-    /// Takes the read and lists what to compare; a read that failed is the report.
-    fn begin_comparison(
+    /// Compares what the reader sent so far, as the slice's time allows.
+    fn take_read(
         &mut self,
-        thread: JoinHandle<Result<KernelRead, SyncError>>,
-    ) -> Result<Comparison, SyncReport> {
-        let mut report = SyncReport {
-            services: self.services.len(),
-            ..SyncReport::default()
-        };
-        let read = match thread.join() {
-            Ok(Ok(read)) => read,
-            Ok(Err(e)) => {
-                report.errors.push(e);
-                self.verified = false;
-                return Err(report);
+        stream: &mut Stream,
+        touched: &Touched,
+        p: &mut Pending,
+        slice: &mut Slice,
+    ) -> Taken {
+        loop {
+            match stream.from.try_recv() {
+                Ok(Read::Addresses(addresses)) => stream.addresses = addresses,
+                Ok(Read::Server(have)) => {
+                    let key = have.server.key;
+                    if self.kernel.contains_key(&key) {
+                        stream.seen.insert(key);
+                        self.compare_mirror(key, Some(&have), touched, p);
+                    } else {
+                        self.compare_kernel(key, &stream.addresses, touched, p);
+                    }
+                    if slice.over() {
+                        return Taken::Sliced;
+                    }
+                }
+                Ok(Read::Sets(sets)) => stream.sets = Some(sets),
+                Err(TryRecvError::Empty) => return Taken::Waiting,
+                Err(TryRecvError::Disconnected) => return Taken::Ended,
             }
+        }
+    }
+
+    /// The reader is done: lists what is left to compare, or says why it cannot (the read
+    /// failed: the report says so, and the next period runs a full sync).
+    fn end_read(&mut self, stream: Stream, report: &mut SyncReport) -> Option<Comparison> {
+        let failed = match stream.thread.join() {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
             Err(_) => {
                 let panicked = std::io::Error::other("the kernel read panicked");
-                let e = Error::ReadIpvs(ipvs::Error::Io(panicked));
-                report.errors.push(SyncError::new(None, e));
-                self.verified = false;
-                return Err(report);
+                Some(SyncError::new(
+                    None,
+                    Error::ReadIpvs(ipvs::Error::Io(panicked)),
+                ))
             }
         };
         let read_done = Instant::now();
-        let mut todo = vec![Item::Rules];
+        let sets = stream.sets.filter(|_| failed.is_none());
+        let Some(SetsRead { entries, sets }) = sets else {
+            report.errors.extend(failed);
+            return None;
+        };
+        let Stream {
+            addresses, seen, ..
+        } = stream;
         // A set of the proxy's missing: the sets are written whole, as a full sync writes them.
         let missing = self
             .rules
             .families
             .iter()
             .flat_map(|&f| KubeSet::ALL.map(|set| (f, set)))
-            .any(|set| !read.sets.contains(&set));
-        if missing {
-            let entries: BTreeSet<NetfilterEntry> = self.set_refs.keys().cloned().collect();
-            match self.netfilter.full(&entries, &self.rule_inputs()) {
-                Ok(()) => report.set_entries_added = entries.len(),
+            .any(|set| !sets.contains(&set));
+        let mut lacking = Vec::new();
+        let entries = if missing {
+            let wanted: BTreeSet<NetfilterEntry> = self.set_refs.keys().cloned().collect();
+            match self.netfilter.full(&wanted, &self.rule_inputs()) {
+                Ok(()) => report.set_entries_added = wanted.len(),
                 Err(e) => report
                     .errors
                     .push(SyncError::new(None, Error::RestoreNetfilter(e))),
             }
+            Vec::new()
         } else {
-            let is_member = |e: &&NetfilterEntry| matches!(e, NetfilterEntry::Set { .. });
-            todo.extend(read.entries.iter().cloned().map(Item::Entry));
-            let wanted = self.set_refs.keys().filter(is_member);
-            todo.extend(wanted.cloned().map(Item::Entry));
-        }
-        todo.extend(read.addresses.iter().copied().map(Item::Address));
-        todo.extend(self.address_refs.keys().copied().map(Item::Address));
-        todo.extend(read.ipvs.keys().copied().map(Item::Kernel));
-        todo.extend(self.kernel.keys().copied().map(Item::Mirror));
-        Ok(Comparison {
-            read,
-            todo,
-            report,
+            let is_lacking = |e: &&NetfilterEntry| {
+                matches!(e, NetfilterEntry::Set { .. }) && entries.binary_search(e).is_err()
+            };
+            let wanted = self.set_refs.keys().filter(is_lacking);
+            lacking.extend(wanted.cloned().map(Item::Entry));
+            entries
+        };
+        let addresses: Vec<IpAddr> = addresses.into_iter().collect();
+        let unbound = self.address_refs.keys();
+        let unbound = unbound.filter(|ip| addresses.binary_search(ip).is_err());
+        lacking.extend(unbound.copied().map(Item::Address));
+        let unseen = self.kernel.keys().filter(|k| !seen.contains(k));
+        lacking.extend(unseen.copied().map(Item::VirtualServer));
+        drop(seen);
+        Some(Comparison {
+            addresses,
+            entries,
+            next_address: 0,
+            next_entry: 0,
+            lacking,
+            rules_left: true,
             read_done,
-            comparing: read_done.elapsed(),
         })
     }
 
-    /// One virtual server of the mirror: put back where the kernel lost or changed it or its
-    /// real servers, its extra real servers deleted.
+    /// Compares what is left once the read is done, as the slice's time allows; whether some
+    /// is still left.
+    fn compare_rest(
+        &mut self,
+        comparison: &mut Comparison,
+        touched: &Touched,
+        rules_read: &[RuleInput],
+        p: &mut Pending,
+        writes: &mut SetWrites,
+        slice: &mut Slice,
+    ) -> bool {
+        let c = comparison;
+        while let Some(item) = c.lacking.pop() {
+            match item {
+                Item::VirtualServer(key) => self.compare_mirror(key, None, touched, p),
+                Item::Address(ip) => self.compare_address(ip, &c.addresses, touched, p),
+                Item::Entry(e) => self.compare_entry(&e, &c.entries, touched, writes),
+            }
+            if slice.over() {
+                return true;
+            }
+        }
+        while let Some(&ip) = c.addresses.get(c.next_address) {
+            c.next_address += 1;
+            self.compare_address(ip, &c.addresses, touched, p);
+            if slice.over() {
+                return true;
+            }
+        }
+        while let Some(e) = c.entries.get(c.next_entry) {
+            c.next_entry += 1;
+            self.compare_entry(e, &c.entries, touched, writes);
+            if slice.over() {
+                return true;
+            }
+        }
+        if std::mem::take(&mut c.rules_left) {
+            let now_rules = self.rule_inputs();
+            writes.rules = (now_rules != rules_read).then_some(now_rules);
+        }
+        false
+    }
+
+    /// One virtual server of the mirror, against what the kernel has of it (`have`): put back
+    /// where the kernel lost or changed it or its real servers, its extra real servers deleted.
     fn compare_mirror(
         &mut self,
         key: ServiceKey,
-        read: &KernelRead,
+        have: Option<&KernelVs>,
         touched: &Touched,
         p: &mut Pending,
     ) {
@@ -362,7 +539,6 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             return;
         };
         let owner = self.owner.get(&key);
-        let have = read.ipvs.get(&key);
         match have {
             None => p.push(Op::AddService(vs.server.clone()), owner),
             Some(have) if have.server != vs.server => {
@@ -376,8 +552,8 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             let want = vs.real.get(&addr).expect("listed");
             match have.and_then(|h| h.real.get(&addr)) {
                 None if self.draining.contains_key(&(key, addr)) => drained.push(addr),
-                None => p.push(Op::AddDest(key, *want), owner),
-                Some(found) if found != want => p.push(Op::UpdateDest(key, *want), owner),
+                None => p.push(Op::AddDest(key, want), owner),
+                Some(found) if found != want => p.push(Op::UpdateDest(key, want), owner),
                 Some(_) => {}
             }
         }
@@ -396,40 +572,30 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         }
     }
 
-    /// One virtual server of the kernel's: deleted if it is the proxy's and the mirror does
-    /// not hold it.
+    /// One virtual server of the kernel's that the mirror does not hold: deleted if it is the
+    /// proxy's (by `kube-ipvs0`'s addresses as read).
     fn compare_kernel(
         &self,
         key: ServiceKey,
-        read: &KernelRead,
+        bound: &BTreeSet<IpAddr>,
         touched: &Touched,
         p: &mut Pending,
     ) {
         let ServiceKey::Addr { addr, .. } = key else {
             return;
         };
-        let ours = read.addresses.contains(&addr.ip()) || self.is_node_port(addr);
-        if ours
-            && !self.kernel.contains_key(&key)
-            && !touched.keys.contains(&key)
-            && !self.excluded(addr.ip())
-        {
+        let ours = bound.contains(&addr.ip()) || self.is_node_port(addr);
+        if ours && !touched.keys.contains(&key) && !self.excluded(addr.ip()) {
             p.push(Op::DeleteService(key), None);
         }
     }
 
     /// One address: bound if a Service holds it, unbound otherwise.
-    fn compare_address(
-        &mut self,
-        ip: IpAddr,
-        read: &KernelRead,
-        touched: &Touched,
-        p: &mut Pending,
-    ) {
+    fn compare_address(&mut self, ip: IpAddr, read: &[IpAddr], touched: &Touched, p: &mut Pending) {
         if touched.addresses.contains(&ip) {
             return;
         }
-        let bound = read.addresses.contains(&ip);
+        let bound = read.binary_search(&ip).is_ok();
         if bound {
             self.bound.insert(ip);
         } else {
@@ -450,21 +616,20 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
     /// families programmed).
     fn compare_entry(
         &self,
-        e: NetfilterEntry,
-        read: &KernelRead,
+        e: &NetfilterEntry,
+        read: &[NetfilterEntry],
         touched: &Touched,
-        added: &mut Vec<NetfilterEntry>,
-        removed: &mut Vec<NetfilterEntry>,
+        writes: &mut SetWrites,
     ) {
-        let NetfilterEntry::Set { family, .. } = &e else {
+        let NetfilterEntry::Set { family, .. } = e else {
             return;
         };
-        if touched.entries.contains(&e) || !self.rules.families.contains(family) {
+        if touched.entries.contains(e) || !self.rules.families.contains(family) {
             return;
         }
-        match (self.set_refs.contains_key(&e), read.entries.contains(&e)) {
-            (true, false) => added.push(e),
-            (false, true) => removed.push(e),
+        match (self.set_refs.contains_key(e), read.binary_search(e).is_ok()) {
+            (true, false) => writes.added.push(e.clone()),
+            (false, true) => writes.removed.push(e.clone()),
             _ => {}
         }
     }

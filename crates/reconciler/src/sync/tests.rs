@@ -1137,3 +1137,85 @@ fn a_change_between_two_slices_of_the_comparison_is_not_undone() {
         "the change stays"
     );
 }
+
+/// The in-memory IPVS table, whose periodic read, once it has handed over the table, waits
+/// for the test to let it end.
+struct HeldIpvs {
+    fake: FakeIpvs,
+    release: std::sync::Arc<std::sync::Barrier>,
+}
+
+impl IpvsKernel for HeldIpvs {
+    fn dump(&mut self) -> Result<IpvsTable, ipvs::Error> {
+        self.fake.dump()
+    }
+
+    fn reader(&self, each: ServerSink) -> Option<Reader<(), ipvs::Error>> {
+        let read = self.fake.reader(each)?;
+        let release = self.release.clone();
+        Some(Box::new(move || {
+            let read = read();
+            release.wait();
+            read
+        }))
+    }
+
+    fn real_servers(&mut self, key: &ServiceKey) -> Result<Vec<RealServerEntry>, ipvs::Error> {
+        self.fake.real_servers(key)
+    }
+
+    fn apply(&mut self, ops: &[Op]) -> Vec<Result<(), ipvs::Error>> {
+        self.fake.apply(ops)
+    }
+}
+
+#[test]
+fn virtual_servers_are_compared_as_they_are_read_and_missing_ones_once_the_read_ends() {
+    let release = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let ipvs = HeldIpvs {
+        fake: FakeIpvs::default(),
+        release: release.clone(),
+    };
+    let mut s = Syncer::new(
+        ipvs,
+        FakeAddresses::default(),
+        FakeNetfilter::default(),
+        SyncOptions::default(),
+    );
+    let now = Instant::now();
+    s.full_sync(two_services(), now);
+    let programmed = s.ipvs.fake.save();
+    s.ipvs.fake.log.clear();
+    // Drift: a real server of api deleted, web's virtual server deleted.
+    let api = ServiceKey::tcp(ip("10.96.0.11"), 443);
+    let web = ServiceKey::tcp(ip("10.96.0.10"), 80);
+    let api_reals = &mut s.ipvs.fake.table.get_mut(&api).unwrap().1;
+    api_reals.remove(&"10.244.2.6:8443".parse().unwrap());
+    s.ipvs.fake.table.remove(&web);
+
+    assert!(s.start_resync(now));
+    let repaired = "-a -t 10.96.0.11:443 -r 10.244.2.6:8443 -m -w 1".to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.ipvs.fake.log.contains(&repaired) {
+        assert!(s.finish_resync(now).is_none(), "the read has not ended yet");
+        assert!(Instant::now() < deadline, "api was never repaired");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        s.ipvs.fake.log,
+        [repaired],
+        "api is repaired while the read runs; web's absence is known only at its end"
+    );
+    release.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let report = loop {
+        if let Some(report) = s.finish_resync(now) {
+            break report;
+        }
+        assert!(Instant::now() < deadline, "the comparison never ended");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(s.ipvs.fake.save(), programmed);
+    assert_eq!(report.ipvs_ops, 4, "{:?}", s.ipvs.fake.log);
+}
