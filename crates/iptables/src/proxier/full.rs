@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use super::kernel::{Fingerprint, KernelChains};
 use super::names::HashedName;
-use super::render::{Rendered, SHARED_CHAINS, comments_for, render_service};
+use super::render::{Rendered, SHARED_CHAINS, comments_for, render_service, shared_tail};
 use super::sync::{Applied, Key, Mirror, Port, RuleCounts, Written, service_name};
 use super::{ServiceSpec, SyncStats};
 use crate::Error;
@@ -127,12 +127,12 @@ impl Proxier {
                 if t != table {
                     continue;
                 }
-                // Built only if it differs: a copy of every port's rules is 4 MiB at 10,000.
-                let want = mirror.shared_fingerprint(config, i);
+                // Sent from the mirror: a copy of every port's rules is 4 MiB at 10,000.
+                let tail = shared_tail(config, i);
+                let want = Fingerprint::of(mirror.shared_rules(i, &tail));
                 if !held(kernel, table, name, &want, true)? {
-                    let rules = mirror.shared_chain(config, i);
-                    out.room(rules.len() + 1)?;
-                    out.chain(table, name, &rules)?;
+                    out.room(mirror.shared_rules(i, &tail).count() + 1)?;
+                    out.chain(table, name, mirror.shared_rules(i, &tail))?;
                 }
             }
             out.missing_jumps(kernel, config, table)?;
@@ -260,7 +260,13 @@ impl Proxier {
         };
         for (i, &(table, name)) in SHARED_CHAINS.iter().enumerate() {
             // Built only if it drifted: a copy of every port's rules is 4 MiB at 10,000.
-            if drifted(table, name, &mirror.shared_fingerprint(config, i), true) {
+            let tail = shared_tail(config, i);
+            if drifted(
+                table,
+                name,
+                &Fingerprint::of(mirror.shared_rules(i, &tail)),
+                true,
+            ) {
                 let rules = mirror.shared_chain(config, i);
                 ruleset.table(table).chains.insert(name.to_owned(), rules);
             }
@@ -394,9 +400,16 @@ impl<'a> Stream<'a> {
     }
 
     /// Writes chain `name` of `table` whole.
-    fn chain(&mut self, table: Table, name: &str, rules: &[Rule]) -> Result<(), Error> {
+    fn chain<'r>(
+        &mut self,
+        table: Table,
+        name: &str,
+        rules: impl IntoIterator<Item = &'r Rule>,
+    ) -> Result<(), Error> {
         self.send(table, &format!(":{name} - [0:0]\n"))?;
+        let mut count = 0;
         for r in rules {
+            count += 1;
             let mut line = std::mem::take(&mut self.line);
             line.clear();
             r.write_with("-A", &mut line);
@@ -406,8 +419,8 @@ impl<'a> Stream<'a> {
             sent?;
         }
         self.stats.chains_written += 1;
-        self.stats.rules += rules.len();
-        self.stats.written.add(table, rules.len());
+        self.stats.rules += count;
+        self.stats.written.add(table, count);
         Ok(())
     }
 

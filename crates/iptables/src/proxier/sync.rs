@@ -241,22 +241,18 @@ impl Mirror {
     /// Shared chain `index` of [`SHARED_CHAINS`] as the mirror's ports give it, with what the
     /// config adds (the jump to KUBE-NODEPORTS).
     pub(super) fn shared_chain(&self, config: &ProxierConfig, index: usize) -> Vec<Rule> {
-        render::shared_chain(
-            config,
-            index,
-            self.ports.values().flat_map(|a| a.shared(index)),
-        )
+        let tail = render::shared_tail(config, index);
+        self.shared_rules(index, &tail).cloned().collect()
     }
 
-    /// The fingerprint of [`Mirror::shared_chain`], without building it.
-    pub(super) fn shared_fingerprint(&self, config: &ProxierConfig, index: usize) -> Fingerprint {
-        let tail = render::shared_tail(config, index);
-        Fingerprint::of(
-            self.ports
-                .values()
-                .flat_map(|a| a.shared(index))
-                .chain(&tail),
-        )
+    /// The rules of shared chain `index` without a copy: the ports' fragments, then `tail`
+    /// ([`render::shared_tail`]).
+    pub(super) fn shared_rules<'a>(
+        &'a self,
+        index: usize,
+        tail: &'a [Rule],
+    ) -> impl Iterator<Item = &'a Rule> {
+        (self.ports.values().flat_map(move |a| a.shared(index))).chain(tail)
     }
 }
 
