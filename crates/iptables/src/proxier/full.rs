@@ -116,6 +116,8 @@ impl Proxier {
             out.stats.changed_services += 1;
         }
         debug_assert_eq!(backends, endpoints, "the endpoints given are the specs'");
+        // A Vec's first push makes room for four ports; most Services have one (1.2 MiB).
+        mirror.services.values_mut().for_each(Vec::shrink_to_fit);
         for table in [Table::Nat, Table::Filter] {
             if table == Table::Filter {
                 for (t, name, rules) in base.iter().filter(|(t, ..)| *t == table) {
