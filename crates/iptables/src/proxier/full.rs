@@ -250,7 +250,7 @@ impl Proxier {
                 let Some(rules) = render_service(config, &spec, mirror.comments) else {
                     continue;
                 };
-                if mirror.ports.get(&key) != Some(&Applied::of(&rules)) {
+                if !mirror.ports.get(&key).is_some_and(|a| a.holds(&rules)) {
                     continue;
                 }
                 repaired += 1;

@@ -160,20 +160,30 @@ impl Applied {
         }
         counts.add(Table::Nat, rules.chains.values().map(Vec::len).sum());
         let shared = Applied::shared_from(&rules.shared);
-        let mut chains: Box<[(HashedName, u64)]> = (rules.chains.iter())
-            .filter_map(|(name, r)| {
-                // Every own chain is named by `names`, whose names are all HashedNames.
-                let held = HashedName::parse(name);
-                debug_assert!(held.is_some(), "{name} is a hashed name");
-                Some((held?, Fingerprint::of(r).ordered))
-            })
-            .collect();
+        let mut chains = Vec::with_capacity(rules.chains.len());
+        for (name, r) in &rules.chains {
+            // Every own chain is named by `names`, whose names are all HashedNames.
+            let held = HashedName::parse(name);
+            debug_assert!(held.is_some(), "{name} is a hashed name");
+            chains.extend(held.map(|held| (held, Fingerprint::of(r).ordered)));
+        }
         chains.sort_unstable_by_key(|(name, _)| *name);
         Applied {
             shared,
-            chains,
+            chains: chains.into_boxed_slice(),
             rules: counts,
         }
+    }
+
+    /// Whether `rules` are what this port applied (what [`Applied::of`] them equals), told
+    /// without a copy: a periodic full sync asks it of every port.
+    pub(super) fn holds(&self, rules: &ServiceRules) -> bool {
+        let shared = (rules.shared.iter().zip(0u8..))
+            .flat_map(|(rules, i)| rules.iter().map(move |r| (i, r)));
+        self.shared.iter().map(|(i, r)| (*i, r)).eq(shared)
+            && self.chains.len() == rules.chains.len()
+            && (rules.chains.iter())
+                .all(|(name, r)| self.chain(name) == Some(Fingerprint::of(r).ordered))
     }
 
     /// Its rules in shared chain `index` of [`SHARED_CHAINS`], in order.
@@ -204,9 +214,11 @@ impl Applied {
     }
 
     fn shared_from(shared: &[Vec<Rule>; SHARED_CHAINS.len()]) -> Box<[(u8, Rule)]> {
-        (shared.iter().zip(0u8..))
-            .flat_map(|(rules, i)| rules.iter().map(move |r| (i, r.clone())))
-            .collect()
+        let mut all = Vec::with_capacity(shared.iter().map(Vec::len).sum());
+        for (rules, i) in shared.iter().zip(0u8..) {
+            all.extend(rules.iter().map(|r| (i, r.clone())));
+        }
+        all.into_boxed_slice()
     }
 
     /// The fingerprint of its own chain `name`.
@@ -531,7 +543,11 @@ impl Proxier {
             for s in specs {
                 let rules = render_service(&self.config, s, comments);
                 let key = s.key();
-                if mirror.ports.get(&key) != rules.as_ref().map(Applied::of).as_ref() {
+                let same = match (mirror.ports.get(&key), &rules) {
+                    (Some(applied), Some(rules)) => applied.holds(rules),
+                    (applied, rules) => applied.is_none() && rules.is_none(),
+                };
+                if !same {
                     updates.push((key, rules));
                 }
             }
@@ -1047,6 +1063,24 @@ mod tests {
             ports.sort_by(|a, b| a.key.cmp(&b.key));
             assert_eq!(ours.services[name], ports, "{name}");
         }
+    }
+
+    #[test]
+    fn a_port_holds_the_rules_it_applied_and_no_others() {
+        let config = ProxierConfig::default();
+        let all = specs(3, 3);
+        let rendered: Vec<ServiceRules> = all
+            .iter()
+            .map(|s| render_service(&config, s, true).unwrap())
+            .collect();
+        let mut moved = all[0].clone();
+        moved.backends[2].addr.set_port(81);
+        let moved = render_service(&config, &moved, true).unwrap();
+        let applied = Applied::of(&rendered[0]);
+        assert!(applied.holds(&rendered[0]));
+        assert!(!applied.holds(&rendered[1]), "another port's");
+        assert!(!applied.holds(&moved), "an endpoint moved");
+        assert_eq!(applied == Applied::of(&moved), applied.holds(&moved));
     }
 
     #[test]
