@@ -129,7 +129,7 @@ fn drift_is_repaired_alone(flavour: Flavour) {
     proxier.watch_writes();
     let kernel = KernelChains::read(&runner, Family::V4).unwrap();
     let checked = proxier
-        .check(&runner, &kernel, (None, None), |_| unreachable!())
+        .check(&runner, kernel, (None, None), |_| unreachable!())
         .unwrap();
     assert_eq!(checked.rules, 0, "unchanged: {checked:?}");
 
@@ -158,7 +158,7 @@ fn drift_is_repaired_alone(flavour: Flavour) {
     let kernel = KernelChains::read(&runner, Family::V4).unwrap();
     let mut asked = Vec::new();
     let checked = proxier
-        .check(&runner, &kernel, (None, None), |service| {
+        .check(&runner, kernel, (None, None), |service| {
             asked.push(service.to_owned());
             specs
                 .iter()
@@ -193,7 +193,7 @@ fn drift_is_repaired_alone(flavour: Flavour) {
         .expect("partial sync");
     let changed = ns.proxy_lines(flavour);
     let checked = proxier
-        .check(&runner, &stale_read, (None, None), |_| unreachable!())
+        .check(&runner, stale_read, (None, None), |_| unreachable!())
         .unwrap();
     assert_eq!(checked.rules, 0, "nothing undone: {checked:?}");
     assert_eq!(ns.proxy_lines(flavour), changed);

@@ -14,15 +14,16 @@
 //! `iptables-save`) and a lookup per chain.
 
 use std::borrow::Borrow;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use super::kernel::{Fingerprint, KernelChains};
-use super::render::{Rendered, SHARED_CHAINS, comments_for, render_service};
+use super::names::HashedName;
+use super::render::{Rendered, SHARED_CHAINS, comments_for, render_service, shared_tail};
 use super::sync::{Applied, Key, Mirror, Port, RuleCounts, Written, service_name};
 use super::{ServiceSpec, SyncStats};
 use crate::Error;
-use crate::chain::{is_service_chain, may_write_chain};
+use crate::chain::may_write_chain;
 use crate::rule::Rule;
 use crate::ruleset::{Ruleset, dependency_order};
 use crate::runner::{Flavour, NFT_RESTORE_LINES, RestoreStream, Runner};
@@ -57,7 +58,7 @@ impl Proxier {
         let start = Instant::now();
         let before = runner.nft_generation();
         let result = KernelChains::read(runner, self.config.family)
-            .and_then(|kernel| self.stream_full(runner, endpoints, specs, &kernel));
+            .and_then(|kernel| self.stream_full(runner, endpoints, specs, kernel));
         match result {
             Ok(mut stats) => {
                 // Known if the read saw generation `before` and only this sync's commits followed.
@@ -79,8 +80,9 @@ impl Proxier {
         runner: &Runner,
         endpoints: usize,
         specs: impl IntoIterator<Item = impl Borrow<ServiceSpec>>,
-        kernel: &KernelChains,
+        mut kernel: KernelChains,
     ) -> Result<SyncStats, Error> {
+        let kernel = &mut kernel;
         let config = &self.config;
         let mut mirror = Mirror {
             comments: comments_for(config, endpoints),
@@ -114,11 +116,8 @@ impl Proxier {
             out.stats.changed_services += 1;
         }
         debug_assert_eq!(backends, endpoints, "the endpoints given are the specs'");
-        let owned: HashSet<&str> = mirror
-            .ports
-            .values()
-            .flat_map(|a| a.chains.iter().map(|(n, _)| &**n))
-            .collect();
+        // A Vec's first push makes room for four ports; most Services have one (1.2 MiB).
+        mirror.services.values_mut().for_each(Vec::shrink_to_fit);
         for table in [Table::Nat, Table::Filter] {
             if table == Table::Filter {
                 for (t, name, rules) in base.iter().filter(|(t, ..)| *t == table) {
@@ -127,18 +126,20 @@ impl Proxier {
             }
             // KUBE-NODEPORTS before the KUBE-SERVICES that jumps to it.
             for (i, &(t, name)) in SHARED_CHAINS.iter().enumerate().rev() {
-                if t == table {
-                    let rules = mirror.shared_chain(config, i);
-                    out.room(rules.len() + 1)?;
-                    out.chain_if_differs(kernel, table, name, &rules, true)?;
+                if t != table {
+                    continue;
+                }
+                // Sent from the mirror: a copy of every port's rules is 4 MiB at 10,000.
+                let tail = shared_tail(config, i);
+                let want = Fingerprint::of(mirror.shared_rules(i, &tail));
+                if !held(kernel, table, name, &want, true)? {
+                    out.room(mirror.shared_rules(i, &tail).count() + 1)?;
+                    out.chain(table, name, mirror.shared_rules(i, &tail))?;
                 }
             }
             out.missing_jumps(kernel, config, table)?;
-            let stale: Vec<&str> = kernel
-                .proxy_chains(table)
-                .filter(|c| is_service_chain(c) && !owned.contains(c))
-                .collect();
-            out.delete(table, &stale)?;
+            // Every chain the ports use was kept as it was compared.
+            out.delete(table, &kernel.stale(table))?;
         }
         let stats = out.finish()?;
         mirror.count_rules();
@@ -160,7 +161,7 @@ impl Proxier {
     pub fn check(
         &mut self,
         runner: &Runner,
-        kernel: &KernelChains,
+        kernel: KernelChains,
         read_generations: (Option<u32>, Option<u32>),
         mut spec_of: impl FnMut(&str) -> Vec<ServiceSpec>,
     ) -> Result<SyncStats, Error> {
@@ -220,26 +221,21 @@ impl Proxier {
     /// `None` without a mirror.
     fn repair(
         &self,
-        kernel: &KernelChains,
+        mut kernel: KernelChains,
         written: &Written,
         spec_of: &mut impl FnMut(&str) -> Vec<ServiceSpec>,
     ) -> Option<(Ruleset, usize)> {
         let mirror = self.applied.as_ref()?;
         let config = &self.config;
-        let drifted = |table: Table, name: &str, want: &Fingerprint, any_order: bool| {
-            !written.contains(table, name)
-                && !kernel
-                    .chain(table, name)
-                    .is_some_and(|fp| fp.matches(want, any_order))
-        };
         let mut ruleset = Ruleset::default();
-        // Own chains: re-render the ports with a chain that differs.
+        // Own chains: re-render the ports with a chain that differs; every one is kept.
         let mut rerender: BTreeMap<&str, Vec<&Key>> = BTreeMap::new();
         for (key, applied) in &mirror.ports {
-            let differs = applied.chains.iter().any(|(name, fp)| {
-                !written.contains(Table::Nat, name)
-                    && kernel.chain(Table::Nat, name).map(|k| k.ordered) != Some(*fp)
-            });
+            let mut differs = false;
+            for &(name, fp) in &applied.chains {
+                let held = kernel.keep(Table::Nat, name);
+                differs |= !written.contains_own(Table::Nat, name) && held != Some(fp);
+            }
             if differs {
                 rerender.entry(service_name(&key.0)).or_default().push(key);
             }
@@ -254,16 +250,26 @@ impl Proxier {
                 let Some(rules) = render_service(config, &spec, mirror.comments) else {
                     continue;
                 };
-                if mirror.ports.get(&key) != Some(&Applied::of(&rules)) {
+                if !mirror.ports.get(&key).is_some_and(|a| a.holds(&rules)) {
                     continue;
                 }
                 repaired += 1;
                 ruleset.table(Table::Nat).chains.extend(rules.chains);
             }
         }
+        let drifted = |table: Table, name: &str, want: &Fingerprint, any_order: bool| {
+            !written.contains(table, name) && !kernel.matches(table, name, want, any_order)
+        };
         for (i, &(table, name)) in SHARED_CHAINS.iter().enumerate() {
-            let rules = mirror.shared_chain(config, i);
-            if drifted(table, name, &Fingerprint::of(&rules), true) {
+            // Built only if it drifted: a copy of every port's rules is 4 MiB at 10,000.
+            let tail = shared_tail(config, i);
+            if drifted(
+                table,
+                name,
+                &Fingerprint::of(mirror.shared_rules(i, &tail)),
+                true,
+            ) {
+                let rules = mirror.shared_chain(config, i);
                 ruleset.table(table).chains.insert(name.to_owned(), rules);
             }
         }
@@ -272,17 +278,8 @@ impl Proxier {
                 ruleset.table(table).chains.insert(name, rules);
             }
         }
-        let owned: HashSet<&str> = mirror
-            .ports
-            .values()
-            .flat_map(|a| a.chains.iter().map(|(n, _)| &**n))
-            .collect();
         for table in [Table::Nat, Table::Filter] {
-            let stale = kernel
-                .proxy_chains(table)
-                .filter(|c| is_service_chain(c) && !owned.contains(c))
-                .filter(|c| !written.contains(table, c))
-                .map(str::to_owned);
+            let stale = (kernel.stale(table).into_iter()).filter(|c| !written.contains(table, c));
             ruleset.table(table).delete.extend(stale);
             kernel
                 .jumps()
@@ -290,6 +287,28 @@ impl Proxier {
         }
         Some((ruleset, repaired))
     }
+}
+
+/// Whether the kernel holds chain `name` of `table` with `want`'s rules (a per-Service
+/// chain is then kept: it is the ports'); an error if the chain is not the proxy's to
+/// write.
+fn held(
+    kernel: &mut KernelChains,
+    table: Table,
+    name: &str,
+    want: &Fingerprint,
+    any_order: bool,
+) -> Result<bool, Error> {
+    if !may_write_chain(table, name) {
+        return Err(Error::NotOwned {
+            table,
+            chain: name.to_owned(),
+        });
+    }
+    Ok(match HashedName::parse(name) {
+        Some(own) => kernel.keep(table, own) == Some(want.ordered),
+        None => kernel.matches(table, name, want, any_order),
+    })
 }
 
 /// The jumps from `table`'s built-in chains into the proxy's.
@@ -370,27 +389,29 @@ impl<'a> Stream<'a> {
     /// Writes chain `name` of `table` whole unless the kernel already holds `rules`.
     fn chain_if_differs(
         &mut self,
-        kernel: &KernelChains,
+        kernel: &mut KernelChains,
         table: Table,
         name: &str,
         rules: &[Rule],
         any_order: bool,
     ) -> Result<(), Error> {
-        if !may_write_chain(table, name) {
-            return Err(Error::NotOwned {
-                table,
-                chain: name.to_owned(),
-            });
-        }
-        let want = Fingerprint::of(rules);
-        if kernel
-            .chain(table, name)
-            .is_some_and(|fp| fp.matches(&want, any_order))
-        {
+        if held(kernel, table, name, &Fingerprint::of(rules), any_order)? {
             return Ok(());
         }
+        self.chain(table, name, rules)
+    }
+
+    /// Writes chain `name` of `table` whole.
+    fn chain<'r>(
+        &mut self,
+        table: Table,
+        name: &str,
+        rules: impl IntoIterator<Item = &'r Rule>,
+    ) -> Result<(), Error> {
         self.send(table, &format!(":{name} - [0:0]\n"))?;
+        let mut count = 0;
         for r in rules {
+            count += 1;
             let mut line = std::mem::take(&mut self.line);
             line.clear();
             r.write_with("-A", &mut line);
@@ -400,8 +421,8 @@ impl<'a> Stream<'a> {
             sent?;
         }
         self.stats.chains_written += 1;
-        self.stats.rules += rules.len();
-        self.stats.written.add(table, rules.len());
+        self.stats.rules += count;
+        self.stats.written.add(table, count);
         Ok(())
     }
 
@@ -429,7 +450,7 @@ impl<'a> Stream<'a> {
 
     /// Deletes `chains` of `table`: all flushed, then all deleted (a stale chain may jump to
     /// another), in separate restores when split.
-    fn delete(&mut self, table: Table, chains: &[&str]) -> Result<(), Error> {
+    fn delete(&mut self, table: Table, chains: &[String]) -> Result<(), Error> {
         if chains.is_empty() {
             return Ok(());
         }

@@ -1,13 +1,15 @@
 //! What the kernel holds of the proxier's chains, read from `iptables-save` as it streams:
 //! per chain a [`Fingerprint`] of its rules, never their text. At 10,000 Services the saved
-//! text is 31 MB in 320,000 lines; the fingerprints of its 111,000 chains are a few MB, and
-//! they are all a full sync needs to tell which chains differ from what it would write.
+//! text is 31 MB in 320,000 lines; the per-Service chains among its 111,000 are held as 24
+//! bytes each in one sorted array (2.7 MB; as a map by `Box<str>` names they took 7.7 MiB),
+//! and they are all a full sync needs to tell which chains differ from what it would write.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash as _, Hasher as _};
 
+use super::names::HashedName;
 use crate::Error;
-use crate::chain::may_write_chain;
+use crate::chain::{is_service_chain, may_write_chain};
 use crate::rule::{Rule, rule_chain_and_target};
 use crate::runner::Runner;
 use crate::saved::Saved;
@@ -41,7 +43,7 @@ impl Fingerprint {
 
     /// The fingerprint the kernel shows for `rules` once they are restored.
     #[must_use]
-    pub fn of(rules: &[Rule]) -> Fingerprint {
+    pub fn of<'a>(rules: impl IntoIterator<Item = &'a Rule>) -> Fingerprint {
         let mut fp = Fingerprint::default();
         let mut line = String::with_capacity(160);
         for r in rules {
@@ -68,9 +70,52 @@ impl Fingerprint {
 /// built-in chains.
 #[derive(Debug, Default)]
 pub struct KernelChains {
-    chains: BTreeMap<Table, HashMap<Box<str>, Fingerprint>>,
+    tables: BTreeMap<Table, TableChains>,
     /// The built-in chains' rules that jump to a proxy chain, verbatim (a handful).
     jumps: Saved,
+}
+
+/// One table's chains of the proxy.
+#[derive(Debug, Default)]
+struct TableChains {
+    /// The per-Service chains, sorted by name when `sorted` (`iptables-save` declares every
+    /// chain of a table before its rules, so they are sorted once, at the first rule).
+    service: Vec<ServiceChain>,
+    sorted: bool,
+    /// Where the last rule's chain was found: a chain's rules are printed together.
+    last: usize,
+    /// The fixed chains the proxy writes (a dozen), and per-Service chains of names that are
+    /// not a [`HashedName`] (never the proxy's own: stale).
+    other: HashMap<Box<str>, Fingerprint>,
+}
+
+/// A per-Service chain in the kernel: its name, its rules in order (all a full sync compares
+/// of them: they are rewritten whole), and whether the proxy keeps it ([`KernelChains::keep`]).
+#[derive(Debug, Clone, Copy)]
+struct ServiceChain {
+    name: HashedName,
+    kept: bool,
+    ordered: u64,
+}
+
+impl TableChains {
+    fn find(&mut self, name: HashedName) -> Option<&mut ServiceChain> {
+        if !self.sorted {
+            self.service.sort_unstable_by_key(|c| c.name);
+            self.service.dedup_by_key(|c| c.name);
+            self.sorted = true;
+        }
+        if self.service.get(self.last).is_none_or(|c| c.name != name) {
+            self.last = self.service.binary_search_by_key(&name, |c| c.name).ok()?;
+        }
+        self.service.get_mut(self.last)
+    }
+
+    fn get(&self, name: HashedName) -> Option<&ServiceChain> {
+        debug_assert!(self.sorted || self.service.is_empty(), "sorted when read");
+        let i = self.service.binary_search_by_key(&name, |c| c.name).ok()?;
+        self.service.get(i)
+    }
 }
 
 impl KernelChains {
@@ -79,6 +124,7 @@ impl KernelChains {
         let mut kernel = KernelChains::default();
         let mut table = None;
         runner.save_each_line(family, &mut |line| kernel.add_line(&mut table, line))?;
+        kernel.finish();
         Ok(kernel)
     }
 
@@ -90,6 +136,7 @@ impl KernelChains {
         for line in text.lines() {
             kernel.add_line(&mut table, line);
         }
+        kernel.finish();
         kernel
     }
 
@@ -103,17 +150,37 @@ impl KernelChains {
         };
         if let Some(decl) = line.strip_prefix(':') {
             let name = decl.split(' ').next().unwrap_or_default();
-            if may_write_chain(t, name) {
-                self.chains
-                    .entry(t)
-                    .or_default()
-                    .entry(name.into())
-                    .or_default();
+            if !may_write_chain(t, name) {
+                return;
+            }
+            let chains = self.tables.entry(t).or_default();
+            if let Some(name) = HashedName::parse(name) {
+                chains.service.push(ServiceChain {
+                    name,
+                    kept: false,
+                    ordered: 0,
+                });
+                chains.sorted = false;
+            } else {
+                chains.other.entry(name.into()).or_default();
             }
         } else if let Some((chain, target)) = rule_chain_and_target(line) {
-            if let Some(fp) = self.chains.get_mut(&t).and_then(|c| c.get_mut(chain)) {
-                fp.add(line);
-            } else if t.is_builtin(chain) && target.is_some_and(|j| may_write_chain(t, j)) {
+            let chains = self.tables.get_mut(&t);
+            let found = chains.and_then(|c| match HashedName::parse(chain) {
+                Some(name) => c.find(name).map(|c| {
+                    let mut fp = Fingerprint {
+                        ordered: c.ordered,
+                        ..Fingerprint::default()
+                    };
+                    fp.add(line);
+                    c.ordered = fp.ordered;
+                }),
+                None => c.other.get_mut(chain).map(|fp| fp.add(line)),
+            });
+            if found.is_none()
+                && t.is_builtin(chain)
+                && target.is_some_and(|j| may_write_chain(t, j))
+            {
                 self.jumps
                     .tables
                     .entry(t)
@@ -124,18 +191,56 @@ impl KernelChains {
         }
     }
 
-    /// The fingerprint of the proxy chain `name` of `table`, if the kernel has it.
-    #[must_use]
-    pub fn chain(&self, table: Table, name: &str) -> Option<&Fingerprint> {
-        self.chains.get(&table)?.get(name)
+    /// Sorts what is left unsorted and gives back what the array grew by beyond its need.
+    fn finish(&mut self) {
+        for chains in self.tables.values_mut() {
+            if !chains.sorted {
+                chains.service.sort_unstable_by_key(|c| c.name);
+                chains.service.dedup_by_key(|c| c.name);
+                chains.sorted = true;
+            }
+            chains.service.shrink_to_fit();
+        }
     }
 
-    /// The chains the proxy writes present in `table` (its own, and kubelet's it writes too).
-    pub fn proxy_chains(&self, table: Table) -> impl Iterator<Item = &str> {
-        self.chains
-            .get(&table)
-            .into_iter()
-            .flat_map(|c| c.keys().map(AsRef::as_ref))
+    /// Whether the kernel's chain `name` of `table` holds `want`'s rules, in order unless
+    /// `any_order` (a per-Service chain is compared in order: it is written whole);
+    /// `false` when the kernel lacks it.
+    #[must_use]
+    pub fn matches(&self, table: Table, name: &str, want: &Fingerprint, any_order: bool) -> bool {
+        let Some(chains) = self.tables.get(&table) else {
+            return false;
+        };
+        match HashedName::parse(name) {
+            Some(name) => chains.get(name).is_some_and(|c| c.ordered == want.ordered),
+            None => chains
+                .other
+                .get(name)
+                .is_some_and(|fp| fp.matches(want, any_order)),
+        }
+    }
+
+    /// The in-order fingerprint ([`Fingerprint::ordered`]) of the per-Service chain `name`
+    /// of `table`, if the kernel has it, which is then kept: [`KernelChains::stale`] leaves
+    /// it out.
+    pub(super) fn keep(&mut self, table: Table, name: HashedName) -> Option<u64> {
+        let chain = self.tables.get_mut(&table)?.find(name)?;
+        chain.kept = true;
+        Some(chain.ordered)
+    }
+
+    /// The per-Service chains of `table` nobody kept ([`KernelChains::keep`]): left by Services
+    /// that are gone, or by hand.
+    pub(super) fn stale(&self, table: Table) -> Vec<String> {
+        let Some(chains) = self.tables.get(&table) else {
+            return Vec::new();
+        };
+        let service = chains.service.iter().filter(|c| !c.kept);
+        let other = chains.other.keys().filter(|c| is_service_chain(c));
+        service
+            .map(|c| c.name.to_string())
+            .chain(other.map(ToString::to_string))
+            .collect()
     }
 
     /// The built-in chains' jumps into the proxy's chains, as a [`Saved`] (for
@@ -153,38 +258,74 @@ mod tests {
 
     const SAVED: &str = "*nat
 :PREROUTING ACCEPT [0:0]
-:KUBE-SVC-ABC - [0:0]
-:KUBE-SEP-DEF - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-AAAAAAAAAAAAAAAA - [0:0]
+:KUBE-SEP-BBBBBBBBBBBBBBBB - [0:0]
+:KUBE-SEP-OLD - [0:0]
+:KUBE-SEP-CCCCCCCCCCCCCCCC - [0:0]
 :USER - [0:0]
 -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
 -A PREROUTING -j USER
 -A USER -j RETURN
--A KUBE-SVC-ABC -m statistic --mode random --probability 0.33333333349 -j KUBE-SEP-DEF
--A KUBE-SVC-ABC -j KUBE-SEP-DEF
+-A KUBE-SERVICES -j KUBE-SVC-AAAAAAAAAAAAAAAA
+-A KUBE-SERVICES -j KUBE-SEP-BBBBBBBBBBBBBBBB
+-A KUBE-SVC-AAAAAAAAAAAAAAAA -m statistic --mode random --probability 0.33333333349 -j KUBE-SEP-BBBBBBBBBBBBBBBB
+-A KUBE-SVC-AAAAAAAAAAAAAAAA -j KUBE-SEP-BBBBBBBBBBBBBBBB
 COMMIT
 ";
 
     #[test]
     fn a_chain_matches_the_rules_that_were_restored_into_it() {
-        let kernel = KernelChains::parse(SAVED);
+        let mut kernel = KernelChains::parse(SAVED);
+        let (svc, sep) = ("KUBE-SVC-AAAAAAAAAAAAAAAA", "KUBE-SEP-BBBBBBBBBBBBBBBB");
         let rules = [
-            Rule::jump("KUBE-SVC-ABC", "KUBE-SEP-DEF").with(Match::OneIn(3)),
-            Rule::jump("KUBE-SVC-ABC", "KUBE-SEP-DEF"),
+            Rule::jump(svc, sep).with(Match::OneIn(3)),
+            Rule::jump(svc, sep),
         ];
-        let svc = kernel.chain(Table::Nat, "KUBE-SVC-ABC").unwrap();
-        assert!(svc.matches(&Fingerprint::of(&rules), false));
         let swapped = [rules[1].clone(), rules[0].clone()];
-        assert!(!svc.matches(&Fingerprint::of(&swapped), false));
-        assert!(svc.matches(&Fingerprint::of(&swapped), true), "any order");
-        assert!(!svc.matches(&Fingerprint::of(&rules[..1]), true));
-        assert_eq!(
-            kernel.chain(Table::Nat, "KUBE-SEP-DEF"),
-            Some(&Fingerprint::default()),
+        let fp = Fingerprint::of(&rules);
+        assert!(kernel.matches(Table::Nat, svc, &fp, false));
+        assert!(!kernel.matches(Table::Nat, svc, &Fingerprint::of(&swapped), false));
+        assert!(
+            !kernel.matches(Table::Nat, svc, &Fingerprint::of(&swapped), true),
+            "a per-Service chain is compared in order"
+        );
+        assert!(!kernel.matches(Table::Nat, svc, &Fingerprint::of(&rules[..1]), false));
+        assert!(!kernel.matches(Table::Filter, svc, &fp, false));
+        let shared = [
+            Rule::jump("KUBE-SERVICES", sep),
+            Rule::jump("KUBE-SERVICES", svc),
+        ];
+        let shared = Fingerprint::of(&shared);
+        assert!(kernel.matches(Table::Nat, "KUBE-SERVICES", &shared, true));
+        assert!(!kernel.matches(Table::Nat, "KUBE-SERVICES", &shared, false));
+        let empty = Fingerprint::default();
+        assert!(
+            kernel.matches(Table::Nat, sep, &empty, false),
             "declared, empty"
         );
-        assert_eq!(kernel.chain(Table::Nat, "USER"), None, "not the proxy's");
-        let names: Vec<&str> = kernel.proxy_chains(Table::Nat).collect();
-        assert_eq!(names.len(), 2);
+        assert!(
+            !kernel.matches(Table::Nat, "USER", &empty, false),
+            "not the proxy's"
+        );
+
+        // Kept chains are not stale; the others are, whatever their names.
+        let held = |name| HashedName::parse(name).unwrap();
+        assert_eq!(kernel.keep(Table::Nat, held(svc)), Some(fp.ordered));
+        assert_eq!(
+            kernel.keep(Table::Nat, held("KUBE-SVC-CCCCCCCCCCCCCCCC")),
+            None
+        );
+        let mut stale = kernel.stale(Table::Nat);
+        stale.sort();
+        assert_eq!(
+            stale,
+            [
+                "KUBE-SEP-BBBBBBBBBBBBBBBB",
+                "KUBE-SEP-CCCCCCCCCCCCCCCC",
+                "KUBE-SEP-OLD"
+            ]
+        );
         assert!(
             kernel
                 .jumps()

@@ -724,7 +724,7 @@ impl Rendered {
         shared_chain(
             config,
             index,
-            self.services.values().map(|s| &s.shared[index][..]),
+            self.services.values().flat_map(|s| &s.shared[index]),
         )
     }
 
@@ -784,14 +784,22 @@ impl Rendered {
 }
 
 /// Shared chain `index` of [`SHARED_CHAINS`] from the ports' `fragments` of it, in order,
-/// and for nat KUBE-SERVICES the final jump to KUBE-NODEPORTS: one chain at a time, so a full
-/// sync never holds a second copy of every port's rules.
+/// then [`shared_tail`]: one chain at a time, so a full sync never holds a second copy of
+/// every port's rules.
 pub(super) fn shared_chain<'a>(
     config: &ProxierConfig,
     index: usize,
-    fragments: impl Iterator<Item = &'a [Rule]>,
+    fragments: impl Iterator<Item = &'a Rule>,
 ) -> Vec<Rule> {
-    let mut rules: Vec<Rule> = fragments.flatten().cloned().collect();
+    let mut rules: Vec<Rule> = fragments.cloned().collect();
+    rules.extend(shared_tail(config, index));
+    rules
+}
+
+/// What shared chain `index` of [`SHARED_CHAINS`] holds after the ports' fragments: for nat
+/// KUBE-SERVICES the final jump to KUBE-NODEPORTS, nothing for the others.
+pub(super) fn shared_tail(config: &ProxierConfig, index: usize) -> Vec<Rule> {
+    let mut rules = Vec::new();
     if SHARED_CHAINS[index] == (Table::Nat, SERVICES) {
         let comment =
             "kubernetes service nodeports; NOTE: this must be the last rule in this chain";

@@ -291,8 +291,8 @@ impl Engine for IptablesEngine {
                 continue;
             };
             let family = proxier.config().family;
-            let checked = kernel
-                .and_then(|kernel| proxier.check(&self.runner, &kernel, generations, spec_of));
+            let checked =
+                kernel.and_then(|kernel| proxier.check(&self.runner, kernel, generations, spec_of));
             match checked {
                 Ok(checked) => {
                     repaired += checked.chains_written + checked.chains_deleted;
