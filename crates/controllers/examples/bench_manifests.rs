@@ -12,7 +12,6 @@
 //! `bench manifests-read <N> ours=<s>s cpu=<s>s` and `bench manifests-change <N> ours=<median s>s
 //! p99=<ms>ms`.
 
-use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -21,7 +20,10 @@ use anyhow::{Context as _, bail};
 use controllers::source::{Event, SourceUpdate};
 use tokio::sync::mpsc;
 
-const ENDPOINTS: u32 = 10;
+#[path = "../../../examples/support/cluster.rs"]
+mod cluster;
+use cluster::service_yaml;
+
 const CHANGES: usize = 200;
 
 fn main() -> anyhow::Result<()> {
@@ -134,25 +136,4 @@ fn cpu_time() -> anyhow::Result<Duration> {
         .collect();
     let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
     Ok(Duration::from_millis(ticks * 10))
-}
-
-/// Service `i` and its slice, as `bench sync` writes them; `moved` replaces the last
-/// endpoint's address.
-fn service_yaml(i: u32, moved: Option<Ipv4Addr>) -> String {
-    let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i + 1);
-    let mut endpoints = String::new();
-    for j in 0..ENDPOINTS {
-        let ip = match moved {
-            Some(ip) if j == ENDPOINTS - 1 => ip,
-            _ => Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * ENDPOINTS + j + 1),
-        };
-        let _ = writeln!(
-            endpoints,
-            "  - addresses: [{ip}]\n    conditions: {{ready: true}}\n    nodeName: node-{}",
-            j % 3
-        );
-    }
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: svc-{i}\n  namespace: bench\nspec:\n  clusterIP: {vip}\n  ports:\n    - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-x\n  namespace: bench\n  labels:\n    kubernetes.io/service-name: svc-{i}\naddressType: IPv4\nports:\n  - {{name: http, port: 8080, protocol: TCP}}\nendpoints:\n{endpoints}"
-    )
 }

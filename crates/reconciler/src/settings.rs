@@ -78,7 +78,7 @@ impl Settings {
         let mut families = Vec::new();
         for family in Family::ALL {
             let node_has = node_addresses.iter().any(|a| Family::of(*a) == family);
-            let services_have = state.services().any(|(_, ports)| {
+            let services_have = state.services_any_order().any(|(_, ports)| {
                 ports
                     .iter()
                     .any(|p| p.cluster_ips.iter().any(|ip| Family::of(*ip) == family))

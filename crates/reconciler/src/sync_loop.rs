@@ -699,7 +699,7 @@ impl<E> SyncLoop<E> {
         };
         let state = &self.state;
         let frontends = if full {
-            Frontends::new(state, state.services().map(|(_, ports)| ports))
+            Frontends::new(state, state.services_any_order().map(|(_, ports)| ports))
         } else {
             Frontends::new(state, synced.iter().filter_map(|name| state.service(name)))
         };
@@ -755,11 +755,14 @@ impl<E> SyncLoop<E> {
             self.planner.config.node_port_ips.clone()
         };
         let services = if full {
-            self.state
-                .services()
+            let mut all: Vec<ServiceHealth> = self
+                .state
+                .services_any_order()
                 .map(|(name, _)| self.service_health(name))
                 .filter(|h| h.port.is_some())
-                .collect()
+                .collect();
+            all.sort_unstable_by(|a, b| a.service.cmp(&b.service));
+            all
         } else {
             synced
                 .iter()
@@ -807,7 +810,7 @@ impl<E> SyncLoop<E> {
     fn no_local_endpoints(&self, family: Family) -> (u64, u64) {
         let node = &*self.planner.config.node_name;
         let (mut internal, mut external) = (0, 0);
-        for (_, ports) in self.state.services() {
+        for (_, ports) in self.state.services_any_order() {
             for port in ports {
                 let (int_local, ext_local) =
                     (port.internal_policy_local(), port.external_policy_local());
