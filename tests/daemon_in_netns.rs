@@ -14,7 +14,7 @@ use controllers::source::Kind;
 
 mod netns;
 
-use netns::{Netns, examples, extra_service};
+use netns::{Netns, examples, exited_within, extra_service};
 
 const PROXY: &str = env!("CARGO_BIN_EXE_ipvs-proxy");
 
@@ -88,17 +88,8 @@ fn with_bind_address_hard_fail_a_taken_port_makes_the_daemon_exit_saying_which()
             "--bind-address-hard-fail",
         ],
     );
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = daemon.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "still running: {}",
-            stop(&mut daemon)
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    let Some(status) = exited_within(&mut daemon, Duration::from_secs(30)) else {
+        panic!("still running: {}", stop(&mut daemon));
     };
     let log = stop(&mut daemon);
     assert!(!status.success(), "exited with {status}:\n{log}");

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 mod netns;
 
-use netns::{Netns, examples, extra_service, in_netns};
+use netns::{Netns, examples, exited_within, extra_service, in_netns};
 
 const PROXY: &str = env!("CARGO_BIN_EXE_ipvs-proxy");
 
@@ -200,17 +200,8 @@ fn the_daemon_exits_when_its_config_file_changes_for_its_pod_to_restart() {
         nat.contains("-A KUBE-SERVICES -d 10.96.0.20/32 -p tcp")
     });
     std::fs::write(&config, format!("{text}clusterCIDR: 10.244.0.0/16\n")).unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = daemon.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "still running after the change"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = exited_within(&mut daemon, Duration::from_secs(20))
+        .expect("still running after the change");
     std::fs::remove_file(&config).unwrap();
     let log = read_log(&mut daemon);
     assert!(!status.success(), "exits non-zero:\n{log}");
@@ -587,17 +578,8 @@ fn node_cidr_mode_waits_for_the_pod_cidr_and_exits_when_it_changes() {
     assert!(daemon.try_wait().unwrap().is_none(), "exited");
 
     write(&node_a("10.244.9.0/24"));
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = daemon.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "still running after the podCIDR changed"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = exited_within(&mut daemon, Duration::from_secs(20))
+        .expect("still running after the podCIDR changed");
     let log = read_log(&mut daemon);
     let _ = std::fs::remove_dir_all(&dir);
     assert!(

@@ -104,3 +104,20 @@ pub fn extra_service(endpoints: &[&str]) -> String {
     }
     yaml
 }
+
+/// How `daemon` exited, polled every 50 ms; `None` if it still runs after `limit`.
+pub fn exited_within(
+    daemon: &mut std::process::Child,
+    limit: std::time::Duration,
+) -> Option<std::process::ExitStatus> {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            return Some(status);
+        }
+        if start.elapsed() >= limit {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
