@@ -20,7 +20,7 @@ use crate::state::ClusterState;
 #[must_use]
 pub fn service_specs(state: &ClusterState, node: &str) -> Vec<ServiceSpec> {
     let mut specs: Vec<ServiceSpec> = state
-        .services()
+        .services_any_order()
         .flat_map(|(_, ports)| ports.iter().map(|sp| port_spec(state, sp, node)))
         .collect();
     specs.sort_by(|a, b| (&a.name, a.protocol).cmp(&(&b.name, b.protocol)));
@@ -34,9 +34,13 @@ pub fn each_service_spec<'a>(
     state: &'a ClusterState,
     node: &'a str,
 ) -> (usize, impl Iterator<Item = ServiceSpec> + 'a) {
-    let ports = || state.services().flat_map(|(_, ports)| ports);
-    let endpoints = ports().map(|sp| state.endpoints(&sp.name).len()).sum();
-    (endpoints, ports().map(move |sp| port_spec(state, sp, node)))
+    let endpoints = state
+        .services_any_order()
+        .flat_map(|(_, ports)| ports)
+        .map(|sp| state.endpoints(&sp.name).len())
+        .sum();
+    let ports = state.services().flat_map(|(_, ports)| ports);
+    (endpoints, ports.map(move |sp| port_spec(state, sp, node)))
 }
 
 /// One Service's ports as the iptables proxier takes them, for a partial sync

@@ -77,8 +77,10 @@ impl IptablesEngine {
         // A full sync programs every Service (the loop drops its dirty set for it): those
         // that differ from the mirror are written now, before the kernel read begins.
         // Those gone from the state too: they are only in the mirrors.
-        let mut all: BTreeSet<ServiceName> =
-            state.services().map(|(name, _)| name.clone()).collect();
+        let mut all: BTreeSet<ServiceName> = state
+            .services_any_order()
+            .map(|(name, _)| name.clone())
+            .collect();
         for proxier in &self.proxiers {
             all.extend(proxier.service_names().map(service_name_of));
         }
