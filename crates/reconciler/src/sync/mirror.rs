@@ -13,6 +13,12 @@ pub(super) struct Footprint {
     pub(super) keys: Vec<ServiceKey>,
     pub(super) addresses: Vec<IpAddr>,
     pub(super) netfilter: Vec<NetfilterEntry>,
+    /// A hash of the three above, kept inline: a change that leaves them as they were (an
+    /// endpoint's) is told without reading them (see `diff`).
+    pub(super) fingerprint: u64,
+    /// Every virtual server in `keys` is this Service's in the owner map (none was another
+    /// Service's when it was last synced), so a change need not look its owner up again.
+    pub(super) owns_all: bool,
 }
 
 #[derive(Debug, Clone)]
