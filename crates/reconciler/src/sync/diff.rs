@@ -304,3 +304,76 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use ipvs::{RealServer, Scheduler, ServiceKey, VirtualServer};
+
+    use crate::model::ServiceName;
+    use crate::sync::{ServiceTarget, SyncOptions, Syncer};
+    use crate::testing::{FakeAddresses, FakeIpvs, FakeNetfilter};
+
+    fn target(backends: &[&str]) -> ServiceTarget {
+        let key = ServiceKey::tcp("10.96.0.10".parse().unwrap(), 80);
+        ServiceTarget {
+            virtual_servers: vec![(
+                VirtualServer::new(key, Scheduler::RoundRobin),
+                backends
+                    .iter()
+                    .map(|b| RealServer::masquerade(b.parse().unwrap()))
+                    .collect(),
+            )],
+            addresses: vec!["10.96.0.10".parse().unwrap()],
+            netfilter: Vec::new(),
+        }
+    }
+
+    /// The lines of the virtual server's real servers in `ipvsadm -Sn`.
+    fn reals(s: &Syncer<FakeIpvs, FakeAddresses, FakeNetfilter>) -> Vec<String> {
+        s.ipvs
+            .save()
+            .into_iter()
+            .filter(|l| l.starts_with("-a"))
+            .collect()
+    }
+
+    #[test]
+    fn an_unchanged_footprint_still_syncs_its_real_servers_and_a_conflict_is_checked_each_time() {
+        let mut s = Syncer::new(
+            FakeIpvs::default(),
+            FakeAddresses::default(),
+            FakeNetfilter::default(),
+            SyncOptions::default(),
+        );
+        let now = Instant::now();
+        let (a, b) = (ServiceName::new("ns", "a"), ServiceName::new("ns", "b"));
+        let report = s.sync(vec![(a.clone(), target(&["10.244.0.1:8080"]))], now);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        // The same virtual servers and addresses, another endpoint: only real servers move.
+        let report = s.sync(vec![(a.clone(), target(&["10.244.0.2:8080"]))], now);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(
+            reals(&s),
+            [
+                "-a -t 10.96.0.10:80 -r 10.244.0.1:8080 -m -w 0",
+                "-a -t 10.96.0.10:80 -r 10.244.0.2:8080 -m -w 1"
+            ]
+        );
+        // b wants a's virtual server: refused, and again when only its endpoints change.
+        for backend in ["10.244.9.1:8080", "10.244.9.2:8080"] {
+            let report = s.sync(vec![(b.clone(), target(&[backend]))], now);
+            assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+            assert_eq!(report.errors[0].service.as_ref(), Some(&b));
+        }
+        // Once a lets it go, b's unchanged target takes it over.
+        s.sync(vec![(a, ServiceTarget::default())], now);
+        let report = s.sync(vec![(b, target(&["10.244.9.2:8080"]))], now);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(
+            reals(&s),
+            ["-a -t 10.96.0.10:80 -r 10.244.9.2:8080 -m -w 1"]
+        );
+    }
+}
