@@ -26,6 +26,15 @@ fn is_tcp(key: &ServiceKey) -> bool {
     )
 }
 
+/// The lowest bit of a [`Footprint::fingerprint`]: the Service owns all its virtual servers.
+/// One field for both keeps the footprint, which the mirror holds per Service, 8 bytes
+/// smaller; the hash keeps 63 bits.
+const OWNS_ALL: u64 = 1;
+
+fn marked(fingerprint: u64, owns_all: bool) -> u64 {
+    (fingerprint & !OWNS_ALL) | u64::from(owns_all)
+}
+
 /// A hash of what a target holds besides its real servers (its virtual servers' keys, its
 /// addresses and set entries), made as its footprint's is ([`Footprint::fingerprint`]).
 fn fingerprint(target: &ServiceTarget) -> u64 {
@@ -59,7 +68,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             && self
                 .services
                 .get(name)
-                .is_some_and(|old| old.owns_all && old.fingerprint == fingerprint)
+                .is_some_and(|old| old.fingerprint == fingerprint | OWNS_ALL)
         {
             for (vs, reals) in &new.virtual_servers {
                 self.reconcile_virtual_server(name, vs, reals, now, p);
@@ -118,8 +127,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         }
         let footprint = if same_keys && same_addresses && same_netfilter {
             Footprint {
-                fingerprint,
-                owns_all,
+                fingerprint: marked(fingerprint, owns_all),
                 ..old
             }
         } else {
@@ -131,8 +139,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                     .collect(),
                 addresses: new.addresses,
                 netfilter: new.netfilter,
-                fingerprint,
-                owns_all,
+                fingerprint: marked(fingerprint, owns_all),
             }
         };
         match self.services.get_mut(name) {
