@@ -105,26 +105,26 @@ impl IpvsKernel for FakeIpvs {
                         let Some(e) = self.table.get_mut(key) else {
                             return Err(ipvs::Error::NoSuchService { object: object(op) });
                         };
-                        let exists = e.1.contains_key(&rs.addr);
-                        match (op, exists) {
-                            (Op::AddDest(..), true) => {
+                        // One search of the real servers, as the kernel walks its list once.
+                        match (op, e.1.get_mut(&rs.addr)) {
+                            (Op::AddDest(..), Some(_)) => {
                                 return Err(ipvs::Error::AlreadyExists { object: object(op) });
                             }
-                            (Op::UpdateDest(..), false) => {
+                            (Op::UpdateDest(..), None) => {
                                 return Err(ipvs::Error::NoSuchDestination { object: object(op) });
                             }
-                            _ => {}
+                            (_, Some(have)) => have.server = *rs,
+                            (_, None) => {
+                                e.1.insert(
+                                    rs.addr,
+                                    RealServerEntry {
+                                        server: *rs,
+                                        connections: Connections::default(),
+                                        stats: Stats::default(),
+                                    },
+                                );
+                            }
                         }
-                        let connections =
-                            e.1.get(&rs.addr).map(|r| r.connections).unwrap_or_default();
-                        e.1.insert(
-                            rs.addr,
-                            RealServerEntry {
-                                server: *rs,
-                                connections,
-                                stats: Stats::default(),
-                            },
-                        );
                     }
                     Op::DeleteDest(key, addr) => {
                         let Some(e) = self.table.get_mut(key) else {

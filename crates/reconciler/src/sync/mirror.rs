@@ -13,6 +13,11 @@ pub(super) struct Footprint {
     pub(super) keys: Vec<ServiceKey>,
     pub(super) addresses: Vec<IpAddr>,
     pub(super) netfilter: Vec<NetfilterEntry>,
+    /// A hash of the three above, kept inline, so that a change that leaves them as they
+    /// were (an endpoint's) is told without reading them; its lowest bit says whether every
+    /// key is this Service's in the owner map (none was another's when it was last synced),
+    /// so that such a change need not look their owners up. See `diff`.
+    pub(super) fingerprint: u64,
 }
 
 #[derive(Debug, Clone)]
