@@ -103,8 +103,14 @@ impl DirIndex {
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             (first, second)
         });
+        // The halves are in path order, one after the other: the index is built from them in
+        // one pass (inserting 10,000 paths one by one, comparing paths component by component,
+        // took a sixth of the read's CPU time, after both threads were done).
+        let read: Vec<(Arc<Path>, FileEntry)> = first?.into_iter().chain(second?).collect();
+        self.owners
+            .reserve(read.iter().map(|(_, entry)| entry.keys.len()).sum());
         let mut shared = BTreeSet::new();
-        for (path, entry) in first?.into_iter().chain(second?) {
+        for (path, entry) in &read {
             for key in &entry.keys {
                 let owners = self
                     .owners
@@ -115,7 +121,11 @@ impl DirIndex {
                     shared.insert(owners[0].clone());
                 }
             }
-            self.files.insert(path, entry);
+        }
+        if self.files.is_empty() {
+            self.files = read.into_iter().collect();
+        } else {
+            self.files.extend(read);
         }
         if shared.is_empty() {
             return Ok(());
@@ -283,17 +293,22 @@ fn apply_changes<S: SourceSink>(
     } else {
         index.update(changes.paths)
     };
+    let took = started.elapsed();
+    let count = events.len();
+    // Sent before the line is logged: writing it is no part of a change's way to the kernel.
+    let sent = if events.is_empty() {
+        Ok(())
+    } else {
+        tx.send(SourceUpdate::Events(events))
+    };
     tracing::debug!(
         files,
         rescan = changes.rescan,
-        events = events.len(),
-        took_ms = started.elapsed().as_secs_f64() * 1000.0,
+        events = count,
+        took_ms = took.as_secs_f64() * 1000.0,
         "manifest changes read"
     );
-    if events.is_empty() {
-        return Ok(());
-    }
-    tx.send(SourceUpdate::Events(events))
+    sent
 }
 
 /// The watcher's thread: the first read of `files`, `InitialSyncDone`, then each batch of
