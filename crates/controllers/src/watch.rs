@@ -24,7 +24,11 @@ const FIRST_READ_CHUNK: usize = 256;
 #[derive(Debug, Clone)]
 struct FileEntry {
     hash: u64,
-    keys: Vec<ObjectKey>,
+    /// The file's objects, each with the hash of the text of the document that defines it
+    /// (0: not known, the file was decoded whole), so that a change decodes only the
+    /// documents whose text changed: a Service's document stays as it was when its
+    /// EndpointSlice's, beside it, changes.
+    keys: Vec<(ObjectKey, u64)>,
 }
 
 /// What each file under the directory defines. Each path is held once, shared by the file's
@@ -41,6 +45,76 @@ fn text_hash(text: &str) -> u64 {
     let mut h = DefaultHasher::new();
     text.hash(&mut h);
     h.finish()
+}
+
+/// A file's text read: the hash of the whole, the objects of the documents decoded (in
+/// `snap`, with their errors) and the keys of every object with its document's hash.
+///
+/// A file of several documents ([`crate::manifests::documents`]) is decoded a document at a
+/// time, and a document whose text hashes as one of `known`'s (the file's last read) is not
+/// decoded again: its objects keep their keys and are not in `snap`. A document that does
+/// not decode alone, or an object that two documents define, has the file decoded whole, so
+/// that its errors name their documents as the file counts them and the later definition
+/// holds.
+fn decode_file(
+    path: &Path,
+    text: &str,
+    known: &[(ObjectKey, u64)],
+) -> (u64, Snapshot, Vec<(ObjectKey, u64)>) {
+    if let Some(documents) = crate::manifests::documents(text) {
+        let hashes: Vec<u64> = documents.iter().map(|d| text_hash(d)).collect();
+        let mut file = DefaultHasher::new();
+        hashes.hash(&mut file);
+        let file = file.finish();
+        if let Some((snap, keys)) = decode_documents(path, &documents, &hashes, known) {
+            return (file, snap, keys);
+        }
+        let mut snap = Snapshot::default();
+        parse_into(path, text, &mut snap);
+        let keys = snap.objects.keys().map(|k| (k.clone(), 0)).collect();
+        return (file, snap, keys);
+    }
+    let mut snap = Snapshot::default();
+    parse_into(path, text, &mut snap);
+    let keys = snap.objects.keys().map(|k| (k.clone(), 0)).collect();
+    (text_hash(text), snap, keys)
+}
+
+/// [`decode_file`]'s documents one by one; `None` when the file must be decoded whole.
+fn decode_documents(
+    path: &Path,
+    documents: &[&str],
+    hashes: &[u64],
+    known: &[(ObjectKey, u64)],
+) -> Option<(Snapshot, Vec<(ObjectKey, u64)>)> {
+    let mut snap = Snapshot::default();
+    let mut keys = Vec::new();
+    let mut fresh = Vec::new();
+    for (i, (document, &hash)) in documents.iter().zip(hashes).enumerate() {
+        let kept = known.iter().filter(|(_, h)| *h == hash && hash != 0);
+        if kept.clone().next().is_some() {
+            if hashes[..i].contains(&hash) {
+                return None; // the same document twice: its objects twice
+            }
+            keys.extend(kept.cloned());
+            continue;
+        }
+        let mut one = Snapshot::default();
+        parse_into(path, document, &mut one);
+        if !one.errors.is_empty() {
+            return None;
+        }
+        fresh.extend(one.objects.keys().map(|k| (k.clone(), hash)));
+        snap.objects.append(&mut one.objects);
+    }
+    // Each object defined once: not by two decoded documents, nor by a kept and a decoded one.
+    let once = snap.objects.len() == fresh.len()
+        && keys.iter().all(|(k, _)| !snap.objects.contains_key(k));
+    if !once {
+        return None;
+    }
+    keys.append(&mut fresh);
+    Some((snap, keys))
 }
 
 fn manifest_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -111,7 +185,7 @@ impl DirIndex {
             .reserve(read.iter().map(|(_, entry)| entry.keys.len()).sum());
         let mut shared = BTreeSet::new();
         for (path, entry) in &read {
-            for key in &entry.keys {
+            for (key, _) in &entry.keys {
                 let owners = self
                     .owners
                     .entry(key.clone())
@@ -151,32 +225,41 @@ impl DirIndex {
             } else {
                 None
             };
-            let hash = text.as_deref().map(text_hash);
             let (path, old) = match self.files.get_key_value(&path) {
                 Some((known, entry)) => (known.clone(), Some(entry.clone())),
                 None => (path, None),
             };
-            if !forced.contains(&path) && old.as_ref().map(|e| e.hash) == hash && hash.is_some() {
+            let force = forced.contains(&path);
+            // A file read for another's sake sends all its objects: none is kept unread.
+            let known = match &old {
+                Some(entry) if !force => &entry.keys[..],
+                _ => &[],
+            };
+            let read = text.as_deref().map(|text| decode_file(&path, text, known));
+            let hash = read.as_ref().map(|(hash, ..)| *hash);
+            if !force && old.as_ref().map(|e| e.hash) == hash && hash.is_some() {
                 continue;
             }
-            let mut snap = Snapshot::default();
-            if let Some(text) = &text {
-                parse_into(&path, text, &mut snap);
-            }
+            let (snap, mut keys) = match read {
+                Some((_, snap, keys)) => (snap, keys),
+                None => (Snapshot::default(), Vec::new()),
+            };
             for error in &snap.errors {
                 tracing::warn!(%error, "manifest skipped");
             }
-            let mut keys: Vec<ObjectKey> = snap.objects.keys().cloned().collect();
             // A file that no longer parses whole keeps the objects it had: a typo in an edit
             // must not delete live Services. They go when the file is fixed or removed.
             let damaged = !snap.errors.is_empty();
-            for key in old.iter().flat_map(|e| &e.keys) {
-                if snap.objects.contains_key(key) {
+            let present: BTreeSet<&ObjectKey> = keys.iter().map(|(k, _)| k).collect();
+            let mut damaged_kept = Vec::new();
+            for (key, _) in old.iter().flat_map(|e| &e.keys) {
+                if present.contains(key) {
                     continue;
                 }
                 if damaged {
                     tracing::warn!(file = %path.display(), object = %key.name, "kept while its file does not parse");
-                    keys.push(key.clone());
+                    // Not kept by its document's hash: it is decoded again once the file is fixed.
+                    damaged_kept.push((key.clone(), 0));
                     continue;
                 }
                 let owners = self.owners.entry(key.clone()).or_default();
@@ -191,6 +274,8 @@ impl DirIndex {
                     lost.insert(key.clone());
                 }
             }
+            drop(present);
+            keys.append(&mut damaged_kept);
             keys.shrink_to_fit();
             for (key, object) in snap.objects {
                 let owners = self
@@ -237,20 +322,13 @@ fn read_files<S: SourceSink>(
             let Ok(text) = std::fs::read_to_string(file) else {
                 continue; // gone since it was listed
             };
-            let mut snap = Snapshot::default();
-            parse_into(file, &text, &mut snap);
+            let (hash, snap, mut keys) = decode_file(file, &text, &[]);
             for error in &snap.errors {
                 tracing::warn!(%error, "manifest skipped");
             }
-            let mut keys = Vec::with_capacity(snap.objects.len());
-            for (key, object) in &snap.objects {
-                keys.push(key.clone());
-                events.push(Event::apply(object));
-            }
-            let entry = FileEntry {
-                hash: text_hash(&text),
-                keys,
-            };
+            events.extend(snap.objects.values().map(Event::apply));
+            keys.shrink_to_fit();
+            let entry = FileEntry { hash, keys };
             read.push((Arc::from(file.as_path()), entry));
         }
         if !events.is_empty() {
@@ -450,6 +528,42 @@ mod tests {
         )
         .unwrap();
         assert_eq!(names(&index.update([dir.0.join("a.yaml")])), ["apply a"]);
+    }
+
+    #[test]
+    fn only_the_documents_whose_text_changed_are_sent_again() {
+        let dir = tempdir("documents");
+        let slice = |ip: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: a-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: a}}\naddressType: IPv4\nendpoints: [{{addresses: [{ip}]}}]\n"
+            )
+        };
+        let path = dir.0.join("a.yaml");
+        std::fs::write(&path, format!("{SVC_A}---\n{}", slice("10.244.0.1"))).unwrap();
+        let (mut index, events) = DirIndex::load(&dir.0).unwrap();
+        assert_eq!(names(&events), ["apply a", "apply a-1"]);
+        std::fs::write(&path, format!("{SVC_A}---\n{}", slice("10.244.0.2"))).unwrap();
+        assert_eq!(names(&index.update([path.clone()])), ["apply a-1"]);
+        // The slice's document moved first, the Service's edited: the Service alone.
+        let edited = SVC_A.replace("port: 80", "port: 8080");
+        std::fs::write(&path, format!("{}---\n{edited}", slice("10.244.0.2"))).unwrap();
+        assert_eq!(names(&index.update([path.clone()])), ["apply a"]);
+        // The Service's document gone, the slice's kept: the Service is deleted.
+        std::fs::write(&path, format!("{}---\n", slice("10.244.0.2"))).unwrap();
+        assert_eq!(names(&index.update([path.clone()])), ["delete a"]);
+        // The same document twice is decoded whole, the object once.
+        let twice = format!("{SVC_A}---\n{SVC_A}");
+        std::fs::write(&path, &twice).unwrap();
+        assert_eq!(
+            names(&index.update([path.clone()])),
+            ["delete a-1", "apply a"]
+        );
+        assert_eq!(index.object_count(), 1);
+        std::fs::write(&path, format!("{twice}---\n{}", slice("10.244.0.3"))).unwrap();
+        assert_eq!(
+            names(&index.update([path.clone()])),
+            ["apply a", "apply a-1"]
+        );
     }
 
     #[test]
