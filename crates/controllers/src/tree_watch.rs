@@ -178,6 +178,12 @@ impl TreeWatch {
         changes: &mut Changes,
     ) {
         if mask.contains(EventMask::Q_OVERFLOW) {
+            // Lost events may have been directories made: watch whatever is there now.
+            if let Some(root) = self.dirs.get(&self.root_wd).cloned()
+                && let Err(error) = self.add_subdirs(&root)
+            {
+                tracing::warn!(%error, "watching the manifests directory's subdirectories");
+            }
             changes.rescan = true;
             return;
         }
