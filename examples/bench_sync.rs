@@ -303,6 +303,22 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
+/// The benchmarked daemon's flags: the source's, the metrics endpoint the benchmark reads, and
+/// periodic full syncs often enough that many changes arrive during one (which reads the
+/// kernel off the loop's thread): the log says which did.
+fn daemon_flags(source: &Source, n: u32) -> Vec<String> {
+    let mut flags = source.flags();
+    flags.extend([
+        "--metrics-bind-address".into(),
+        METRICS.into(),
+        "--healthz-bind-address".into(),
+        "127.0.0.1:0".into(),
+        "--ipvs-sync-period".into(),
+        sync_period(n),
+    ]);
+    flags
+}
+
 /// Starts the daemon with `flags` (its output to `log`): the daemon, and how long it took to
 /// its first sync.
 fn until_first_sync(
@@ -332,13 +348,7 @@ fn until_first_sync(
 fn cold_start_alone(source: &Source, n: u32) -> Result<Duration> {
     let log_path: PathBuf = std::env::temp_dir().join(format!("bench-sync-{n}-round.log"));
     let log = std::fs::File::create(&log_path)?;
-    let mut flags = source.flags();
-    flags.extend([
-        "--metrics-bind-address".into(),
-        METRICS.into(),
-        "--healthz-bind-address".into(),
-        "127.0.0.1:0".into(),
-    ]);
+    let flags = daemon_flags(source, n);
     let (daemon, ours) = until_first_sync(&flags, &log, &log_path)?;
     let dump = ipvs::Handle::with_timeout(Duration::from_secs(30))?.dump()?;
     drop(daemon);
@@ -353,17 +363,7 @@ fn cold_start_alone(source: &Source, n: u32) -> Result<Duration> {
 fn cold_start(source: &Source, n: u32) -> Result<Measured> {
     let log_path: PathBuf = std::env::temp_dir().join(format!("bench-sync-{n}.log"));
     let log = std::fs::File::create(&log_path)?;
-    let mut flags = source.flags();
-    flags.extend([
-        "--metrics-bind-address".into(),
-        METRICS.into(),
-        "--healthz-bind-address".into(),
-        "127.0.0.1:0".into(),
-        // Periodic full syncs often enough that many changes arrive during one (which reads
-        // the kernel off the loop's thread): the log says which did.
-        "--ipvs-sync-period".into(),
-        sync_period(n),
-    ]);
+    let flags = daemon_flags(source, n);
     let (daemon, ours) = until_first_sync(&flags, &log, &log_path)?;
     let pid = daemon.pid();
     let rss_after_start = proc_status_kib(pid, "VmRSS:");
