@@ -13,6 +13,7 @@ pub mod manifests;
 mod paginated;
 pub mod source;
 pub mod throttle;
+mod tree_watch;
 pub mod validate;
 pub mod watch;
 

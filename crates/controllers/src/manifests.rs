@@ -154,6 +154,31 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A file's text cut into its documents at its `---` lines, when it has several and nothing
+/// the cut could misread: a line that is `---` alone always starts a document (YAML forbids
+/// it inside one, in a block or quoted scalar too). `None` for a single document, or when a
+/// line starts with `%` (a directive), `...` (a document end) or `---` followed by content
+/// (`--- !tag`, `--- {}`): such files are decoded whole. Decoding each document alone reads
+/// the same objects as decoding the file (`manifests::tests`).
+#[must_use]
+pub(crate) fn documents(text: &str) -> Option<Vec<&str>> {
+    let mut documents = Vec::new();
+    let mut start = 0;
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end();
+        if bare == "---" {
+            documents.push(&text[start..at]);
+            start = at + line.len();
+        } else if bare.starts_with("---") || bare.starts_with("...") || line.starts_with('%') {
+            return None;
+        }
+        at += line.len();
+    }
+    documents.push(&text[start..]);
+    (documents.len() > 1).then_some(documents)
+}
+
 /// Parses one file's text into `snap` (objects and errors).
 ///
 /// Each document is decoded once, straight into the typed object of its kind ([`Document`]).
@@ -410,6 +435,35 @@ mod tests {
                 !snap.errors.is_empty() || !snap.objects.is_empty(),
                 "{text}"
             );
+        }
+    }
+
+    #[test]
+    fn documents_decoded_alone_read_what_the_file_reads() {
+        let block = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata:\n  a: |\n    text\n    --- not a marker\n";
+        let two = format!("{SLICE}---\n{}", SLICE.replace("web-1", "web-2"));
+        let texts = [
+            format!("---\n{two}---\n"),
+            format!("{block}---\r\n{SLICE}\n---  \n\n# only a comment\n"),
+            format!(
+                "{SLICE}---\napiVersion: v1\nkind: List\nitems:\n  - {{apiVersion: v1, kind: Node, metadata: {{name: m}}}}\n"
+            ),
+        ];
+        for text in &texts {
+            let documents = documents(text).expect("several documents");
+            let mut alone = Snapshot::default();
+            for document in documents {
+                parse_into(Path::new("t.yaml"), document, &mut alone);
+            }
+            assert_eq!(alone, parsed(text), "{text}");
+        }
+        for text in [
+            SLICE.to_owned(),
+            format!("%YAML 1.2\n---\n{SLICE}---\n{SLICE}"),
+            format!("--- !!map\n{SLICE}---\n{SLICE}"),
+            format!("{SLICE}...\n---\n{SLICE}"),
+        ] {
+            assert_eq!(documents(&text), None, "{text}");
         }
     }
 }
