@@ -71,6 +71,11 @@ pub struct SyncOptions {
     /// The cluster's NodePort range (kube-apiserver's `--service-node-port-range`): a virtual
     /// server on a node address with a port inside it is the proxy's.
     pub node_port_range: RangeInclusive<u16>,
+    /// Called once a full sync, or a periodic one's read and comparison, has dropped what it
+    /// held (the read, the batches, the restore input): the daemon hands glibc's `malloc_trim`
+    /// here, which the crates cannot call (they forbid unsafe code), so that the freed pages
+    /// go back to the kernel instead of staying in RSS until reused.
+    pub release_memory: Option<fn()>,
 }
 
 impl Default for SyncOptions {
@@ -81,6 +86,7 @@ impl Default for SyncOptions {
             exclude_cidrs: Vec::new(),
             // kube-apiserver's default.
             node_port_range: 30000..=32767,
+            release_memory: None,
         }
     }
 }
@@ -249,6 +255,13 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         true
     }
 
+    /// What a full sync or a read freed goes back to the kernel ([`SyncOptions::release_memory`]).
+    fn release_memory(&self) {
+        if let Some(release) = self.options.release_memory {
+            release();
+        }
+    }
+
     fn excluded(&self, ip: IpAddr) -> bool {
         self.options
             .exclude_cidrs
@@ -338,6 +351,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             "full sync phases"
         );
         self.verified = !report.needs_full_sync();
+        self.release_memory();
         report
     }
 
