@@ -152,6 +152,13 @@ impl Pending {
         self.op_undo.push(None);
     }
 
+    /// Frees the room of the operations sent (a full sync's batches).
+    fn free_ops(&mut self) {
+        self.ops.shrink_to_fit();
+        self.op_owner.shrink_to_fit();
+        self.op_undo.shrink_to_fit();
+    }
+
     fn push_update(&mut self, op: Op, owner: Option<&ServiceName>, undo: Undo) {
         self.push(op, owner);
         if let Some(last) = self.op_undo.last_mut() {
@@ -292,6 +299,10 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         let mut report = SyncReport::default();
         // A periodic read in flight is older than this one.
         self.resync = None;
+        // What came before is freed (the source's first read, decoded on its own threads, or
+        // that read in flight): released first, so that the mirror built next does not come
+        // on top of it.
+        self.release_memory();
         let unclaimed = match self.read_kernel() {
             Ok(unclaimed) => unclaimed,
             Err(e) => {
@@ -324,6 +335,12 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                 pending.push(Op::DeleteService(key), None);
             }
         }
+        drop(unclaimed);
+        // The last batch goes now, and the batches' room with it (4,096 operations with their
+        // owners and undos: 1.7 MiB), before the restore below copies every set entry and
+        // renders them: the sync's peak.
+        self.execute_ipvs(&mut pending, &mut report);
+        pending.free_ops();
         for ip in &self.bound {
             if !self.address_refs.contains_key(ip) {
                 pending.del_addrs.insert(*ip);
