@@ -90,7 +90,10 @@ fn ipvs_engine(
         KernelIpvs(handle),
         link,
         KernelNetfilter(runner),
-        config.sync_options(),
+        reconciler::sync::SyncOptions {
+            release_memory: Some(crate::allocator::release),
+            ..config.sync_options()
+        },
     ))))
 }
 

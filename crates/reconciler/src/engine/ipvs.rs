@@ -6,11 +6,21 @@ use std::time::Instant;
 
 use super::Engine;
 use crate::model::ServiceName;
-use crate::plan::{PlanConfig, PlanWarning, Planner};
+use crate::plan::{PlanConfig, PlanWarning, Planner, ServicePlan};
 use crate::state::ClusterState;
 use crate::sync::{
     AddressKernel, Counts, IpvsKernel, NetfilterKernel, ServiceTarget, SyncReport, Syncer,
 };
+
+/// A Service's plan as the engine keeps it: its addresses and set entries become the
+/// mirror's record of the Service, so they are held at their length (collected, a vector
+/// makes room for four: 1.2 MiB at 10,000 Services of one address and two entries).
+fn target(plan: ServicePlan) -> ServiceTarget {
+    let mut target = ServiceTarget::from(plan);
+    target.addresses.shrink_to_fit();
+    target.netfilter.shrink_to_fit();
+    target
+}
 
 /// The IPVS proxier.
 #[derive(Debug)]
@@ -34,7 +44,7 @@ where
         let targets = state.services().map(|(name, ports)| {
             let plan = planner.plan_service(ports, |p| state.endpoints(p));
             warnings.extend(plan.warnings.iter().cloned());
-            (name.clone(), ServiceTarget::from(plan))
+            (name.clone(), target(plan))
         });
         let report = self.0.full_sync(targets, now);
         (report, warnings)
@@ -55,7 +65,7 @@ where
                     Some(ports) => {
                         let plan = planner.plan_service(ports, |p| state.endpoints(p));
                         warnings.extend(plan.warnings.iter().cloned());
-                        ServiceTarget::from(plan)
+                        target(plan)
                     }
                     None => ServiceTarget::default(),
                 };

@@ -364,7 +364,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         let Some(read_done) = resync.read_done.filter(|_| !report.needs_full_sync()) else {
             // The read failed, or a write did as a whole: the next period runs a full sync.
             self.verified = false;
-            return Some(resync.report);
+            return Some(self.end_resync(resync.report, resync.touched));
         };
         self.verified = true;
         let touched = &resync.touched;
@@ -381,7 +381,15 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             compare_cpu_ms = ms(resync.comparing),
             "full sync checked the kernel"
         );
-        Some(resync.report)
+        Some(self.end_resync(resync.report, resync.touched))
+    }
+
+    /// The read and its comparison are dropped by now; with the writes noted meanwhile, what
+    /// they held is released ([`super::SyncOptions::release_memory`]). What the whole did.
+    fn end_resync(&self, report: SyncReport, touched: Touched) -> SyncReport {
+        drop(touched);
+        self.release_memory();
+        report
     }
 
     /// Compares what the reader sent so far, as the slice's time allows.

@@ -1068,6 +1068,40 @@ fn a_change_made_while_the_kernel_is_read_is_not_undone_by_the_older_read() {
     );
 }
 
+thread_local! {
+    /// How often this thread's syncer released memory ([`SyncOptions::release_memory`]).
+    static RELEASED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn count_release() {
+    RELEASED.with(|n| n.set(n.get() + 1));
+}
+
+#[test]
+fn memory_is_released_around_each_full_sync_and_after_each_read_never_after_a_change() {
+    let mut s = Syncer::new(
+        FakeIpvs::default(),
+        FakeAddresses::default(),
+        FakeNetfilter::default(),
+        SyncOptions {
+            release_memory: Some(count_release),
+            ..SyncOptions::default()
+        },
+    );
+    let released = || RELEASED.with(std::cell::Cell::get);
+    let now = Instant::now();
+    s.full_sync(two_services(), now);
+    assert_eq!(released(), 2, "before the first full sync and after it");
+    let web = target("10.96.0.10", 80, RR, &["10.244.1.5:8080"]);
+    s.sync(vec![(svc("web"), web)], now);
+    assert_eq!(released(), 2, "not after a change");
+    assert!(s.start_resync(now));
+    assert_eq!(released(), 2, "not while the read runs");
+    let report = finish_resync(&mut s, now);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(released(), 3, "once the read is compared and dropped");
+}
+
 #[test]
 fn a_resync_needs_a_mirror_read_from_the_kernel() {
     let mut s = syncer();
