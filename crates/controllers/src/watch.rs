@@ -652,6 +652,24 @@ mod tests {
             .unwrap()
     }
 
+    /// The next update, which must be one Service applied: its name and first port.
+    async fn next_service_port(rx: &mut SourceReceiver) -> (String, i32) {
+        let update = next(rx).await;
+        let SourceUpdate::Events(events) = update else {
+            panic!("expected events, got {update:?}");
+        };
+        let [
+            Event::Apply(crate::source::Model::Service {
+                name,
+                ports: Ok(ports),
+            }),
+        ] = &events[..]
+        else {
+            panic!("expected one Service applied, got {events:?}");
+        };
+        (name.name.to_string(), ports[0].port.into())
+    }
+
     #[tokio::test]
     async fn watching_sends_the_first_read_then_each_change() {
         let dir = tempdir("watch");
@@ -815,18 +833,11 @@ mod tests {
         std::fs::write(outside.0.join("team/b.yaml"), SVC_B).unwrap();
         std::fs::create_dir(dir.0.join("new")).unwrap();
         std::fs::write(dir.0.join("new/b.yaml"), &edited).unwrap();
-        let update = next(&mut rx).await;
-        let SourceUpdate::Events(events) = update else {
-            panic!("expected events, got {update:?}");
-        };
-        assert_eq!(names(&events), ["apply b"], "only the new directory's file");
-        let Event::Apply(crate::source::Model::Service {
-            ports: Ok(ports), ..
-        }) = &events[0]
-        else {
-            panic!("expected the Service, got {events:?}");
-        };
-        assert_eq!(ports[0].port, 8080);
+        assert_eq!(
+            next_service_port(&mut rx).await,
+            ("b".to_owned(), 8080),
+            "only the new directory's file"
+        );
         drop(rx);
         task.abort();
     }
@@ -849,18 +860,7 @@ mod tests {
         std::fs::write(dir.0.join("..v2/a.yaml"), &edited).unwrap();
         std::os::unix::fs::symlink("..v2", dir.0.join("..data_tmp")).unwrap();
         std::fs::rename(dir.0.join("..data_tmp"), dir.0.join("..data")).unwrap();
-        let update = next(&mut rx).await;
-        let SourceUpdate::Events(events) = update else {
-            panic!("expected events, got {update:?}");
-        };
-        assert_eq!(names(&events), ["apply a"]);
-        let Event::Apply(crate::source::Model::Service {
-            ports: Ok(ports), ..
-        }) = &events[0]
-        else {
-            panic!("expected the Service, got {events:?}");
-        };
-        assert_eq!(ports[0].port, 8080);
+        assert_eq!(next_service_port(&mut rx).await, ("a".to_owned(), 8080));
         drop(rx);
         task.abort();
     }
