@@ -316,25 +316,15 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
 mod tests {
     use std::time::Instant;
 
-    use ipvs::{RealServer, Scheduler, ServiceKey, VirtualServer};
+    use ipvs::ServiceKey;
 
     use crate::model::ServiceName;
     use crate::sync::{ServiceTarget, SyncOptions, Syncer};
     use crate::testing::{FakeAddresses, FakeIpvs, FakeNetfilter};
 
     fn target(backends: &[&str]) -> ServiceTarget {
-        let key = ServiceKey::tcp("10.96.0.10".parse().unwrap(), 80);
-        ServiceTarget {
-            virtual_servers: vec![(
-                VirtualServer::new(key, Scheduler::RoundRobin),
-                backends
-                    .iter()
-                    .map(|b| RealServer::masquerade(b.parse().unwrap()))
-                    .collect(),
-            )],
-            addresses: vec!["10.96.0.10".parse().unwrap()],
-            netfilter: Vec::new(),
-        }
+        let vip = "10.96.0.10".parse().unwrap();
+        crate::sync::tests::bare_target(ServiceKey::tcp(vip, 80), vip, backends)
     }
 
     /// The lines of the virtual server's real servers in `ipvsadm -Sn`.

@@ -37,25 +37,25 @@ fn svc(name: &str) -> ServiceName {
 /// A ClusterIP Service `vip:port` over `backends` (`ip:port`), as the planner would make it.
 fn target(vip: &str, port: u16, scheduler: Scheduler, backends: &[&str]) -> ServiceTarget {
     let key = ServiceKey::tcp(ip(vip), port);
+    let mut target = bare_target(key, ip(vip), backends);
+    target.virtual_servers[0].0.scheduler = scheduler;
     ServiceTarget {
-        virtual_servers: vec![(
-            VirtualServer::new(key, scheduler),
-            backends
-                .iter()
-                .map(|b| RealServer::masquerade(b.parse().unwrap()))
-                .collect(),
-        )],
-        addresses: vec![ip(vip)],
         netfilter: vec![NetfilterEntry::Set {
             family: Family::V4,
             set: KubeSet::ClusterIp,
             entry: iptables::SetEntry::IpPort(ip(vip), iptables::Protocol::Tcp, port),
         }],
+        ..target
     }
 }
 
 fn udp_target(vip: &str, port: u16, backends: &[&str]) -> ServiceTarget {
-    let key = ServiceKey::udp(ip(vip), port);
+    bare_target(ServiceKey::udp(ip(vip), port), ip(vip), backends)
+}
+
+/// One round-robin virtual server `key` over `backends` (`ip:port`), its address `vip` bound,
+/// no set entries.
+pub(super) fn bare_target(key: ServiceKey, vip: IpAddr, backends: &[&str]) -> ServiceTarget {
     ServiceTarget {
         virtual_servers: vec![(
             VirtualServer::new(key, Scheduler::RoundRobin),
@@ -64,7 +64,7 @@ fn udp_target(vip: &str, port: u16, backends: &[&str]) -> ServiceTarget {
                 .map(|b| RealServer::masquerade(b.parse().unwrap()))
                 .collect(),
         )],
-        addresses: vec![ip(vip)],
+        addresses: vec![vip],
         netfilter: vec![],
     }
 }
