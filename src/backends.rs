@@ -2,13 +2,12 @@
 //! state (ipsets, and the small iptables rule set that uses them); `kube-ipvs0` is netif's
 //! `DummyLink` as it is.
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use iptables::ipset::SetOp;
 use iptables::ipvs_mode::{self, KubeSet, RuleInput};
-use iptables::{Family, IpSet, Runner, SetEntry, SetPatch};
+use iptables::{Family, IpSet, Runner, SetEntry, SetHeader, SetPatch};
 use reconciler::sync::{
     BackendError, IpvsKernel, IpvsTable, NetfilterEntry, NetfilterKernel, Reader, ServerSink,
+    WantedEntries,
 };
 
 /// The real IPVS table.
@@ -58,28 +57,34 @@ impl KernelNetfilter {
 impl NetfilterKernel for KernelNetfilter {
     fn full(
         &mut self,
-        entries: &BTreeSet<NetfilterEntry>,
+        entries: &WantedEntries<'_>,
         rules: &[RuleInput],
     ) -> Result<(), BackendError> {
-        let mut sets: BTreeMap<(Family, KubeSet), BTreeSet<SetEntry>> = BTreeMap::new();
-        for input in rules {
-            for set in KubeSet::ALL {
-                sets.insert((input.family, set), BTreeSet::new());
-            }
-        }
-        for entry in entries {
-            if let NetfilterEntry::Set { family, set, entry } = entry {
-                sets.entry((*family, *set)).or_default().insert(*entry);
-            }
-        }
-        let wanted: Vec<IpSet> = sets
+        let sets: Vec<(Family, KubeSet)> = rules
             .iter()
-            .map(|(&(f, set), e)| set.to_ipset(f, e))
+            .flat_map(|input| KubeSet::ALL.map(|set| (input.family, set)))
             .collect();
-        drop(sets);
+        let headers: Vec<SetHeader> = sets
+            .iter()
+            .map(|&(family, set)| set.header(family, entries.members(family, set)))
+            .collect();
+        let members = entries.iter().filter_map(|e| match e {
+            NetfilterEntry::Set { family, set, entry } => {
+                Some((sets.iter().position(|s| *s == (*family, *set))?, entry))
+            }
+            NetfilterEntry::NoNodeAccess { .. } => None,
+        });
+        let holds = |i: usize, entry: &SetEntry| {
+            let (family, set) = sets[i];
+            entries.contains(&NetfilterEntry::Set {
+                family,
+                set,
+                entry: *entry,
+            })
+        };
         // Sets must exist before the rules that name them.
-        let patch = SetPatch::between(&self.0.ipset_save()?, &wanted);
-        self.0.ipset_restore(&patch)?;
+        self.0
+            .ipset_restore_between(&self.0.ipset_save()?, &headers, members, holds)?;
         self.write_rules(rules)
     }
 

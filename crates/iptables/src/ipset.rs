@@ -7,7 +7,7 @@
 //! above twice the entry count.
 
 use std::collections::BTreeSet;
-use std::fmt::{self, Write as _};
+use std::fmt::{self, Write};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -420,36 +420,6 @@ impl SetPatch {
         self.fill_twin_and_swap(set);
     }
 
-    /// The operations that make each of `wanted` hold exactly its entries, given the sets
-    /// `ipset save` read (`kernel`): where a set exists with room for them (same type and
-    /// family, `maxelem` as large), only the members that differ are deleted and added; a
-    /// missing set, or one that needs other parameters, is built as [`SetPatch::refill`]
-    /// builds it. A full sync over sets that hold what they should writes nothing.
-    #[must_use]
-    pub fn between(kernel: &[IpSet], wanted: &[IpSet]) -> SetPatch {
-        let existing: BTreeSet<String> = kernel.iter().map(|s| s.name().to_owned()).collect();
-        let mut patch = SetPatch::default();
-        for set in wanted {
-            let name = set.name();
-            match kernel.iter().find(|k| k.name() == name) {
-                Some(old) if old.header.fits(&set.header) => {
-                    let swap = swap_name(name);
-                    if existing.contains(&swap) {
-                        patch.ops.push(SetOp::Destroy(swap));
-                    }
-                    for e in old.entries.difference(&set.entries) {
-                        patch.ops.push(SetOp::Del(name.to_owned(), *e));
-                    }
-                    for e in set.entries.difference(&old.entries) {
-                        patch.ops.push(SetOp::Add(name.to_owned(), *e));
-                    }
-                }
-                _ => patch.refill(&existing, set),
-            }
-        }
-        patch
-    }
-
     /// Creates `set`'s twin, fills it, swaps it with `set` and destroys it.
     fn fill_twin_and_swap(&mut self, set: &IpSet) {
         let swap = swap_name(set.name());
@@ -492,6 +462,67 @@ impl SetPatch {
         }
         out
     }
+}
+
+/// Writes the `ipset restore -exist` input that makes each set of `wanted` hold exactly its
+/// members, given the sets `ipset save` read (`kernel`), without a copy of the members:
+/// `members` yields each one once, with the index in `wanted` of its set, in any order, and
+/// `holds(i, e)` says whether set `i` wants `e`. Where a set exists with room for them (same
+/// type and family, `maxelem` as large), only the members that differ are deleted and added;
+/// a missing set, or one that needs other parameters, is built as [`SetPatch::refill`] builds
+/// it (its twin filled, then swapped in). A full sync over sets that hold what they should
+/// writes nothing.
+pub fn write_between<'e, W: Write>(
+    out: &mut W,
+    kernel: &[IpSet],
+    wanted: &[SetHeader],
+    members: impl IntoIterator<Item = (usize, &'e SetEntry)>,
+    holds: impl Fn(usize, &SetEntry) -> bool,
+) -> fmt::Result {
+    let in_kernel = |name: &str| kernel.iter().position(|k| k.name() == name);
+    // Per wanted set: the kernel's set it patches, or `None` when it is built in its twin.
+    let mut patched: Vec<Option<&IpSet>> = Vec::with_capacity(wanted.len());
+    let swaps: Vec<String> = wanted.iter().map(|set| swap_name(&set.name)).collect();
+    let mut header = String::new();
+    for (i, (set, swap)) in wanted.iter().zip(&swaps).enumerate() {
+        let name = &set.name;
+        if in_kernel(swap).is_some() {
+            writeln!(out, "destroy {swap}")?;
+        }
+        match in_kernel(name).map(|k| &kernel[k]) {
+            Some(old) if old.header.fits(set) => {
+                for e in old.entries.iter().filter(|e| !holds(i, e)) {
+                    writeln!(out, "del {name} {e}")?;
+                }
+                patched.push(Some(old));
+            }
+            old => {
+                header.clear();
+                if old.is_none() {
+                    set.write_create(name, &mut header);
+                }
+                set.write_create(swap, &mut header);
+                out.write_str(&header)?;
+                patched.push(None);
+            }
+        }
+    }
+    for (i, e) in members {
+        match patched[i] {
+            Some(old) if old.entries.contains(e) => {}
+            Some(_) => writeln!(out, "add {} {e}", wanted[i].name)?,
+            None => writeln!(out, "add {} {e}", swaps[i])?,
+        }
+    }
+    for ((set, swap), _) in wanted
+        .iter()
+        .zip(&swaps)
+        .zip(&patched)
+        .filter(|(_, p)| p.is_none())
+    {
+        writeln!(out, "swap {swap} {}\ndestroy {swap}", set.name)?;
+    }
+    Ok(())
 }
 
 /// Renders sets as `ipset save` prints them, sorted by name.
@@ -772,7 +803,7 @@ mod tests {
     }
 
     #[test]
-    fn between_writes_only_the_members_that_differ_and_builds_what_does_not_fit() {
+    fn a_full_write_sends_only_the_members_that_differ_and_builds_what_does_not_fit() {
         let set = |name: &str, entries: &[SetEntry]| {
             IpSet::new(
                 name,
@@ -800,23 +831,36 @@ mod tests {
             set("KUBE-EXTERNAL-IP", &[]),
             set("KUBE-IPVS-IPS", &[c]),
         ];
-        let patch = SetPatch::between(&kernel, &wanted);
-        patch.check_ownership(is_proxy_set).unwrap();
+        let between = |kernel: &[IpSet]| {
+            let headers: Vec<SetHeader> = wanted.iter().map(|s| s.header.clone()).collect();
+            // Members come in any order: here the last set's first.
+            let members = wanted
+                .iter()
+                .enumerate()
+                .rev()
+                .flat_map(|(i, s)| s.entries.iter().map(move |e| (i, e)));
+            let mut out = String::new();
+            write_between(&mut out, kernel, &headers, members, |i, e| {
+                wanted[i].entries.contains(e)
+            })
+            .unwrap();
+            out
+        };
         assert_eq!(
-            patch.render(),
+            between(&kernel),
             "destroy KUBE~LOOP-BACK\n\
              del KUBE-LOOP-BACK 1.1.1.1\n\
-             add KUBE-LOOP-BACK 3.3.3.3\n\
              create KUBE~CLUSTER-IP hash:ip family inet hashsize 1024 maxelem 65536\n\
-             add KUBE~CLUSTER-IP 1.1.1.1\n\
-             swap KUBE~CLUSTER-IP KUBE-CLUSTER-IP\n\
-             destroy KUBE~CLUSTER-IP\n\
              create KUBE-EXTERNAL-IP hash:ip family inet hashsize 1024 maxelem 65536\n\
              create KUBE~EXTERNAL-IP hash:ip family inet hashsize 1024 maxelem 65536\n\
+             add KUBE~CLUSTER-IP 1.1.1.1\n\
+             add KUBE-LOOP-BACK 3.3.3.3\n\
+             swap KUBE~CLUSTER-IP KUBE-CLUSTER-IP\n\
+             destroy KUBE~CLUSTER-IP\n\
              swap KUBE~EXTERNAL-IP KUBE-EXTERNAL-IP\n\
              destroy KUBE~EXTERNAL-IP\n"
         );
-        assert!(SetPatch::between(&wanted, &wanted).is_empty());
+        assert_eq!(between(&wanted), "");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::Error;
-use crate::ipset::{IpSet, SetPatch, parse_save};
+use crate::ipset::{IpSet, SetEntry, SetHeader, SetPatch, parse_save, write_between};
 use crate::ipvs_mode::is_proxy_set;
 use crate::process;
 use crate::ruleset::Ruleset;
@@ -280,7 +280,12 @@ impl Runner {
         let program = self.flavour.tool(family, "restore");
         let mut args = self.flavour.lock_wait().to_vec();
         args.push("--noflush");
-        let (mut cmd, tool) = self.command(&program, &args);
+        self.stream(&program, &args)
+    }
+
+    /// Starts `program args` to be fed on stdin ([`RestoreStream`]).
+    fn stream(&self, program: &str, args: &[&str]) -> Result<RestoreStream, Error> {
+        let (mut cmd, tool) = self.command(program, args);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -315,6 +320,33 @@ impl Runner {
             .map(drop)
     }
 
+    /// Makes each of `wanted` (the proxy's sets only) hold exactly its members, given the sets
+    /// `ipset save` read (`kernel`): the input [`write_between`] writes, fed to `ipset restore
+    /// -exist` as it is written (never held whole), which runs only if there is something to
+    /// write. The bytes sent.
+    pub fn ipset_restore_between<'e>(
+        &self,
+        kernel: &[IpSet],
+        wanted: &[SetHeader],
+        members: impl IntoIterator<Item = (usize, &'e SetEntry)>,
+        holds: impl Fn(usize, &SetEntry) -> bool,
+    ) -> Result<usize, Error> {
+        if let Some(set) = wanted.iter().find(|s| !is_proxy_set(&s.name)) {
+            return Err(Error::SetNotOwned(set.name.clone()));
+        }
+        let mut out = LazyStream {
+            runner: self,
+            stream: None,
+            failed: None,
+        };
+        let written = write_between(&mut out, kernel, wanted, members, holds);
+        if let Some(e) = out.failed {
+            return Err(e);
+        }
+        debug_assert!(written.is_ok(), "only a failed start fails the writing");
+        out.stream.map_or(Ok(0), RestoreStream::finish)
+    }
+
     /// Every ipset in the namespace with its entries (`ipset save`, read by
     /// [`crate::ipset::parse_save`]).
     pub fn ipset_save(&self) -> Result<Vec<IpSet>, Error> {
@@ -333,7 +365,8 @@ impl Runner {
     }
 }
 
-/// A running `iptables-restore` fed piece by piece ([`Runner::restore_stream`]).
+/// A running `iptables-restore` or `ipset restore` fed piece by piece ([`Runner::restore_stream`],
+/// [`Runner::ipset_restore_between`]).
 #[derive(Debug)]
 pub struct RestoreStream {
     child: std::process::Child,
@@ -373,6 +406,36 @@ impl RestoreStream {
             })?;
         ended(tool, out.status, &out.stderr, self.deadline.disarm())?;
         Ok(self.bytes)
+    }
+}
+
+/// `ipset restore -exist` started at the first text written to it, so that a restore with
+/// nothing to say runs nothing.
+struct LazyStream<'r> {
+    runner: &'r Runner,
+    stream: Option<RestoreStream>,
+    /// The start failed: nothing more is written.
+    failed: Option<Error>,
+}
+
+impl std::fmt::Write for LazyStream<'_> {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        if self.failed.is_some() {
+            return Err(std::fmt::Error);
+        }
+        if self.stream.is_none() {
+            match self.runner.stream("ipset", &["restore", "-exist"]) {
+                Ok(stream) => self.stream = Some(stream),
+                Err(e) => {
+                    self.failed = Some(e);
+                    return Err(std::fmt::Error);
+                }
+            }
+        }
+        if let Some(stream) = &mut self.stream {
+            stream.write(text);
+        }
+        Ok(())
     }
 }
 

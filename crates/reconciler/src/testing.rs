@@ -13,7 +13,7 @@ use ipvs::{Connections, Op, RealServerEntry, Scheduler, ServiceKey, Stats, Virtu
 
 use crate::sync::{
     AddressKernel, BackendError, IpvsKernel, IpvsTable, NetfilterEntry, NetfilterKernel, Reader,
-    ServerSink,
+    ServerSink, WantedEntries,
 };
 
 /// A virtual server with its real servers.
@@ -246,11 +246,11 @@ pub struct FakeNetfilter {
 impl NetfilterKernel for FakeNetfilter {
     fn full(
         &mut self,
-        entries: &BTreeSet<NetfilterEntry>,
+        entries: &WantedEntries<'_>,
         rules: &[RuleInput],
     ) -> Result<(), BackendError> {
         self.full_syncs += 1;
-        self.entries.clone_from(entries);
+        self.entries = entries.iter().cloned().collect();
         self.rule_writes.push(rules.to_vec());
         Ok(())
     }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::ipset::{IpSet, MAX_SET_NAME_LEN, SetEntry, SetType};
+use crate::ipset::{IpSet, MAX_SET_NAME_LEN, SetEntry, SetHeader, SetType};
 use crate::rule::Protocol;
 use crate::table::Family;
 
@@ -195,6 +195,13 @@ impl KubeSet {
             KubeSet::HealthCheckNodePort => "Kubernetes health check node port",
             KubeSet::IpvsIps => "Addresses on the ipvs interface",
         }
+    }
+
+    /// The set's `create` parameters for `len` members, sized from them as [`KubeSet::to_ipset`]
+    /// sizes a set.
+    #[must_use]
+    pub fn header(self, family: Family, len: usize) -> SetHeader {
+        SetHeader::sized(self.name(family), self.set_type(), family, len)
     }
 
     /// The set with its entries, sized from them (no fixed 65536 cap).

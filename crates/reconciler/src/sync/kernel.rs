@@ -2,7 +2,7 @@
 //! fake in the tests. `kube-ipvs0` is netif's [`netif::DummyLink`] as it is; the IPVS and
 //! netfilter backends are the daemon's.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -108,7 +108,7 @@ pub trait NetfilterKernel {
     /// `entries`, then rewrites the proxy's chains of each family from `rules`.
     fn full(
         &mut self,
-        entries: &BTreeSet<NetfilterEntry>,
+        entries: &WantedEntries<'_>,
         rules: &[RuleInput],
     ) -> Result<(), BackendError>;
     /// Adds and deletes members; rewrites the chains from `rules` when given (the engine gives
@@ -125,6 +125,45 @@ pub trait NetfilterKernel {
     /// `None` as [`IpvsKernel::reader`].
     fn reader(&self, _rules: Vec<RuleInput>) -> Option<Reader<Vec<IpSet>>> {
         None
+    }
+}
+
+/// What a full sync wants the netfilter state to hold: the engine's own maps, walked and looked
+/// up in place (a copy of every set member, 20,000 at 10,000 Services, would come on top of
+/// the full sync's peak).
+#[derive(Debug, Clone, Copy)]
+pub struct WantedEntries<'a> {
+    /// Every entry, with how many Service ports want it.
+    pub(super) refs: &'a HashMap<NetfilterEntry, u32>,
+    /// Members per non-empty set.
+    pub(super) sizes: &'a HashMap<(Family, KubeSet), usize>,
+}
+
+impl WantedEntries<'_> {
+    /// Every entry, in no order.
+    pub fn iter(&self) -> impl Iterator<Item = &NetfilterEntry> {
+        self.refs.keys()
+    }
+
+    #[must_use]
+    pub fn contains(&self, entry: &NetfilterEntry) -> bool {
+        self.refs.contains_key(entry)
+    }
+
+    /// How many members `set` of `family` holds.
+    #[must_use]
+    pub fn members(&self, family: Family, set: KubeSet) -> usize {
+        self.sizes.get(&(family, set)).copied().unwrap_or(0)
+    }
+
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.refs.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.refs.is_empty()
     }
 }
 

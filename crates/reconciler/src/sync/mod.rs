@@ -47,7 +47,7 @@ use ipvs::{Op, RealServer, ServiceKey, VirtualServer};
 
 pub use self::kernel::{
     AddressKernel, BackendError, IpvsKernel, IpvsTable, NetfilterEntry, NetfilterKernel, Reader,
-    ServerSink,
+    ServerSink, WantedEntries,
 };
 use self::mirror::{Footprint, KernelVs};
 pub use self::report::{Counts, IptablesRules, SyncError, SyncReport};
@@ -203,6 +203,17 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         self.resync = None;
     }
 
+    /// Writes the sets whole, from the mirror's members, and the chains: the entries written.
+    fn write_netfilter(&mut self) -> Result<usize, BackendError> {
+        let rules = self.rule_inputs();
+        let wanted = WantedEntries {
+            refs: &self.set_refs,
+            sizes: &self.set_sizes,
+        };
+        self.netfilter.full(&wanted, &rules)?;
+        Ok(wanted.len())
+    }
+
     fn non_empty_sets(&self) -> BTreeSet<(Family, KubeSet)> {
         self.set_sizes.keys().copied().collect()
     }
@@ -352,15 +363,12 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             }
         }
         let planned = started.elapsed();
-        let entries: BTreeSet<NetfilterEntry> = self.set_refs.keys().cloned().collect();
-        if let Err(e) = self.netfilter.full(&entries, &self.rule_inputs()) {
-            pending
+        match self.write_netfilter() {
+            Ok(written) => report.set_entries_added = written,
+            Err(e) => pending
                 .errors
-                .push(SyncError::new(None, Error::RestoreNetfilter(e)));
-        } else {
-            report.set_entries_added = entries.len();
+                .push(SyncError::new(None, Error::RestoreNetfilter(e))),
         }
-        drop(entries);
         let netfilter = started.elapsed();
         self.execute(pending, &mut report);
         tracing::debug!(

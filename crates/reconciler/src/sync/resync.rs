@@ -454,9 +454,8 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             .any(|set| !sets.contains(&set));
         let mut lacking = Vec::new();
         let entries = if missing {
-            let wanted: BTreeSet<NetfilterEntry> = self.set_refs.keys().cloned().collect();
-            match self.netfilter.full(&wanted, &self.rule_inputs()) {
-                Ok(()) => report.set_entries_added = wanted.len(),
+            match self.write_netfilter() {
+                Ok(written) => report.set_entries_added = written,
                 Err(e) => report
                     .errors
                     .push(SyncError::new(None, Error::RestoreNetfilter(e))),
