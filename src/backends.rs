@@ -4,10 +4,10 @@
 
 use iptables::ipset::SetOp;
 use iptables::ipvs_mode::{self, KubeSet, RuleInput};
-use iptables::{Family, IpSet, Runner, SetEntry, SetHeader, SetPatch};
+use iptables::{Family, Runner, SetEntry, SetHeader, SetPatch};
 use reconciler::sync::{
     BackendError, IpvsKernel, IpvsTable, NetfilterEntry, NetfilterKernel, Reader, ServerSink,
-    WantedEntries,
+    SetsRead, WantedEntries,
 };
 
 /// The real IPVS table.
@@ -114,11 +114,19 @@ impl NetfilterKernel for KernelNetfilter {
         Ok(())
     }
 
-    fn reader(&self, rules: Vec<RuleInput>) -> Option<Reader<Vec<IpSet>>> {
+    fn reader(&self, rules: Vec<RuleInput>) -> Option<Reader<SetsRead>> {
         let netfilter = KernelNetfilter(self.0.clone());
         Some(Box::new(move || {
             netfilter.write_rules(&rules)?;
-            Ok(netfilter.0.ipset_save()?)
+            let mut entries = Vec::new();
+            let headers = netfilter.0.ipset_save_each(&mut |_, header, entry| {
+                if let Some((set, family)) = KubeSet::from_name(&header.name) {
+                    entries.push(NetfilterEntry::Set { family, set, entry });
+                }
+            })?;
+            let sets = headers.iter().filter_map(|h| KubeSet::from_name(&h.name));
+            let sets = sets.map(|(set, family)| (family, set)).collect();
+            Ok(SetsRead { entries, sets })
         }))
     }
 }

@@ -543,14 +543,39 @@ pub fn render_save<'a>(sets: impl IntoIterator<Item = &'a IpSet>) -> String {
 /// know are skipped, so a newer ipset never breaks the reading.
 #[must_use]
 pub fn parse_save(text: &str) -> Vec<IpSet> {
-    let mut sets: Vec<IpSet> = Vec::new();
+    let mut parser = SaveParser::default();
+    let mut entries: Vec<BTreeSet<SetEntry>> = Vec::new();
     for line in text.lines() {
+        if let Some((i, e)) = parser.line(line) {
+            entries.resize_with(parser.headers.len(), BTreeSet::new);
+            entries[i].insert(e);
+        }
+    }
+    entries.resize_with(parser.headers.len(), BTreeSet::new);
+    parser
+        .headers
+        .into_iter()
+        .zip(entries)
+        .map(|(header, entries)| IpSet { header, entries })
+        .collect()
+}
+
+/// Reads `ipset save` output one line at a time, as [`parse_save`] reads it whole, so that a
+/// large save is never held (as text, or as sets) to be read.
+#[derive(Debug, Default)]
+pub struct SaveParser {
+    /// The sets read so far, in the order printed.
+    pub headers: Vec<SetHeader>,
+}
+
+impl SaveParser {
+    /// Reads one line: a set's `create` line is kept; a member of a set read before is
+    /// returned, with its set's index in [`SaveParser::headers`].
+    pub fn line(&mut self, line: &str) -> Option<(usize, SetEntry)> {
         let mut words = line.split_whitespace();
         match (words.next(), words.next(), words.next()) {
             (Some("create"), Some(name), Some(kind)) => {
-                let Some(kind) = SetType::from_name(kind) else {
-                    continue;
-                };
+                let kind = SetType::from_name(kind)?;
                 // ipset's defaults, for what a line leaves out.
                 let mut header = SetHeader {
                     name: name.to_owned(),
@@ -569,23 +594,16 @@ pub fn parse_save(text: &str) -> Vec<IpSet> {
                         _ => {}
                     }
                 }
-                sets.push(IpSet {
-                    header,
-                    entries: BTreeSet::new(),
-                });
+                self.headers.push(header);
+                None
             }
             (Some("add"), Some(name), Some(entry)) => {
-                let Some(set) = sets.iter_mut().rev().find(|s| s.name() == name) else {
-                    continue;
-                };
-                if let Some(e) = SetEntry::parse(set.header.kind, entry) {
-                    set.entries.insert(e);
-                }
+                let i = self.headers.iter().rposition(|s| s.name == name)?;
+                Some((i, SetEntry::parse(self.headers[i].kind, entry)?))
             }
-            _ => {}
+            _ => None,
         }
     }
-    sets
 }
 
 #[cfg(test)]

@@ -8,13 +8,14 @@
 //! forked, once it has run [`TOOL_TIMEOUT`]: a sync that cannot finish fails, it is not
 //! waited on.
 
+use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::Error;
-use crate::ipset::{IpSet, SetEntry, SetHeader, SetPatch, parse_save, write_between};
+use crate::ipset::{IpSet, SaveParser, SetEntry, SetHeader, SetPatch, write_between};
 use crate::ipvs_mode::is_proxy_set;
 use crate::process;
 use crate::ruleset::Ruleset;
@@ -241,9 +242,18 @@ impl Runner {
     /// `iptables-save` of every table, each line handed to `line` as the tool prints it, so
     /// that a large table is never held whole (the proxier hashes it chain by chain).
     pub fn save_each_line(&self, family: Family, line: &mut dyn FnMut(&str)) -> Result<(), Error> {
+        self.each_line(&self.flavour.tool(family, "save"), &[], line)
+    }
+
+    /// Runs `program args`, each line it prints handed to `line` (without its newline).
+    fn each_line(
+        &self,
+        program: &str,
+        args: &[&str],
+        line: &mut dyn FnMut(&str),
+    ) -> Result<(), Error> {
         use std::io::BufRead as _;
-        let program = self.flavour.tool(family, "save");
-        let (mut cmd, tool) = self.command(&program, &[]);
+        let (mut cmd, tool) = self.command(program, args);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -350,7 +360,34 @@ impl Runner {
     /// Every ipset in the namespace with its entries (`ipset save`, read by
     /// [`crate::ipset::parse_save`]).
     pub fn ipset_save(&self) -> Result<Vec<IpSet>, Error> {
-        Ok(parse_save(&self.run("ipset", &["save"], None)?))
+        let mut entries: Vec<BTreeSet<SetEntry>> = Vec::new();
+        let headers = self.ipset_save_each(&mut |i, _, entry| {
+            if entries.len() <= i {
+                entries.resize_with(i + 1, BTreeSet::new);
+            }
+            entries[i].insert(entry);
+        })?;
+        entries.resize_with(headers.len(), BTreeSet::new);
+        let sets = headers.into_iter().zip(entries);
+        Ok(sets
+            .map(|(header, entries)| IpSet { header, entries })
+            .collect())
+    }
+
+    /// `ipset save` read as it is printed, never held whole: each member of every set handed
+    /// to `each` with its set's index among the sets and header; the sets, in the order
+    /// printed.
+    pub fn ipset_save_each(
+        &self,
+        each: &mut dyn FnMut(usize, &SetHeader, SetEntry),
+    ) -> Result<Vec<SetHeader>, Error> {
+        let mut parser = SaveParser::default();
+        self.each_line("ipset", &["save"], &mut |line| {
+            if let Some((i, entry)) = parser.line(line) {
+                each(i, &parser.headers[i], entry);
+            }
+        })?;
+        Ok(parser.headers)
     }
 
     /// The names of every ipset in the namespace (`ipset list -n`).

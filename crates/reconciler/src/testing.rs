@@ -8,12 +8,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
 use iptables::ipvs_mode::{KubeSet, RuleInput};
-use iptables::{IpSet, SetEntry};
 use ipvs::{Connections, Op, RealServerEntry, Scheduler, ServiceKey, Stats, VirtualServer};
 
 use crate::sync::{
     AddressKernel, BackendError, IpvsKernel, IpvsTable, NetfilterEntry, NetfilterKernel, Reader,
-    ServerSink, WantedEntries,
+    ServerSink, SetsRead, WantedEntries,
 };
 
 /// A virtual server with its real servers.
@@ -271,20 +270,19 @@ impl NetfilterKernel for FakeNetfilter {
     }
     /// Every set of the families of `rules` as it is when the read begins (the out-filter
     /// rules are chains, not sets; the chains' write is not recorded).
-    fn reader(&self, rules: Vec<RuleInput>) -> Option<Reader<Vec<IpSet>>> {
-        let mut sets: BTreeMap<(iptables::Family, KubeSet), BTreeSet<SetEntry>> = rules
-            .iter()
-            .flat_map(|r| KubeSet::ALL.map(|set| ((r.family, set), BTreeSet::new())))
-            .collect();
-        for e in &self.entries {
-            if let NetfilterEntry::Set { family, set, entry } = e {
-                sets.entry((*family, *set)).or_default().insert(*entry);
-            }
-        }
-        let sets: Vec<IpSet> = sets
-            .into_iter()
-            .map(|((family, set), entries)| set.to_ipset(family, &entries))
-            .collect();
-        Some(Box::new(move || Ok(sets)))
+    fn reader(&self, rules: Vec<RuleInput>) -> Option<Reader<SetsRead>> {
+        let read = SetsRead {
+            entries: self
+                .entries
+                .iter()
+                .filter(|e| matches!(e, NetfilterEntry::Set { .. }))
+                .cloned()
+                .collect(),
+            sets: rules
+                .iter()
+                .flat_map(|r| KubeSet::ALL.map(|set| (r.family, set)))
+                .collect(),
+        };
+        Some(Box::new(move || Ok(read)))
     }
 }

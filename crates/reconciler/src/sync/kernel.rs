@@ -2,12 +2,12 @@
 //! fake in the tests. `kube-ipvs0` is netif's [`netif::DummyLink`] as it is; the IPVS and
 //! netfilter backends are the daemon's.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 
+use iptables::Family;
 use iptables::ipvs_mode::{KubeSet, RuleInput};
-use iptables::{Family, IpSet};
 use ipvs::{Op, RealServerEntry, ServiceKey};
 
 pub use crate::error::BackendError;
@@ -121,11 +121,21 @@ pub trait NetfilterKernel {
         rules: Option<&[RuleInput]>,
     ) -> Result<(), BackendError>;
     /// For another thread: rewrites the chains from `rules` (a few dozen rules, written there
-    /// so that no full sync holds the loop for them), then reads every set (`ipset save`);
+    /// so that no full sync holds the loop for them), then reads every set of the proxy's (`ipset save`);
     /// `None` as [`IpvsKernel::reader`].
-    fn reader(&self, _rules: Vec<RuleInput>) -> Option<Reader<Vec<IpSet>>> {
+    fn reader(&self, _rules: Vec<RuleInput>) -> Option<Reader<SetsRead>> {
         None
     }
+}
+
+/// The proxy's sets as a read found them.
+#[derive(Debug, Default)]
+pub struct SetsRead {
+    /// Their members, in any order (the engine sorts them: 20,000 at 10,000 Services, half a
+    /// hash set's memory, walked in order by the comparison with nothing copied).
+    pub entries: Vec<NetfilterEntry>,
+    /// The proxy's sets that exist.
+    pub sets: HashSet<(Family, KubeSet)>,
 }
 
 /// What a full sync wants the netfilter state to hold: the engine's own maps, walked and looked

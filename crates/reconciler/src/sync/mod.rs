@@ -47,7 +47,7 @@ use ipvs::{Op, RealServer, ServiceKey, VirtualServer};
 
 pub use self::kernel::{
     AddressKernel, BackendError, IpvsKernel, IpvsTable, NetfilterEntry, NetfilterKernel, Reader,
-    ServerSink, WantedEntries,
+    ServerSink, SetsRead, WantedEntries,
 };
 use self::mirror::{Footprint, KernelVs};
 pub use self::report::{Counts, IptablesRules, SyncError, SyncReport};

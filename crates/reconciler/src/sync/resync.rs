@@ -22,11 +22,10 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use iptables::Family;
 use iptables::ipvs_mode::{KubeSet, RuleInput};
 use ipvs::{Op, ServiceKey};
 
-use super::kernel::{Reader, ServerSink};
+use super::kernel::{Reader, ServerSink, SetsRead};
 use super::mirror::KernelVs;
 use super::report::SyncError;
 use super::{
@@ -79,16 +78,6 @@ enum Read {
     /// One virtual server of the kernel's, with its real servers.
     Server(KernelVs),
     Sets(SetsRead),
-}
-
-/// The proxy's sets as the reader found them.
-#[derive(Debug)]
-struct SetsRead {
-    /// Their members, sorted: half a hash set's memory (20,000 at 10,000 Services), and
-    /// walked in order by the comparison with nothing copied.
-    entries: Vec<NetfilterEntry>,
-    /// The proxy's sets that exist.
-    sets: HashSet<(Family, KubeSet)>,
 }
 
 /// The read under way: each virtual server is compared as it comes.
@@ -181,7 +170,7 @@ impl Slice {
 fn read(
     ipvs: Reader<(), ipvs::Error>,
     addresses: Reader<BTreeSet<IpAddr>>,
-    netfilter: Reader<Vec<iptables::IpSet>>,
+    netfilter: Reader<SetsRead>,
     to: &SyncSender<Read>,
 ) -> Result<(), SyncError> {
     let fail = |e| SyncError::new(None, e);
@@ -190,23 +179,11 @@ fn read(
         return Ok(());
     }
     ipvs().map_err(|e| fail(Error::ReadIpvs(e)))?;
-    let ipsets = netfilter().map_err(|e| fail(Error::RestoreNetfilter(e)))?;
-    let mut entries = Vec::with_capacity(ipsets.iter().map(|s| s.entries.len()).sum());
-    let mut sets = HashSet::new();
-    for ipset in ipsets {
-        let Some((set, family)) = KubeSet::from_name(ipset.name()) else {
-            continue;
-        };
-        sets.insert((family, set));
-        entries.extend(ipset.entries.into_iter().map(|entry| NetfilterEntry::Set {
-            family,
-            set,
-            entry,
-        }));
-    }
-    entries.sort_unstable();
+    let mut sets = netfilter().map_err(|e| fail(Error::RestoreNetfilter(e)))?;
+    sets.entries.sort_unstable();
+    sets.entries.shrink_to_fit();
     // The loop may be gone (a full sync began): nothing is left to do either way.
-    let _ = to.send(Read::Sets(SetsRead { entries, sets }));
+    let _ = to.send(Read::Sets(sets));
     Ok(())
 }
 
