@@ -364,9 +364,12 @@ fn cold_start(source: &Source, n: u32) -> Result<Measured> {
     let log_path: PathBuf = std::env::temp_dir().join(format!("bench-sync-{n}.log"));
     let log = std::fs::File::create(&log_path)?;
     let flags = daemon_flags(source, n);
+    let start = std::time::SystemTime::now();
     let (daemon, ours) = until_first_sync(&flags, &log, &log_path)?;
     let pid = daemon.pid();
+    let trace = std::env::var_os("BENCH_SYNC_RSS_TRACE").map(|_| RssTrace::start(pid));
     let rss_after_start = proc_status_kib(pid, "VmRSS:");
+    let hwm_after_start = proc_status_kib(pid, "VmHWM:");
 
     let mut handle = ipvs::Handle::with_timeout(Duration::from_secs(30))?;
     let dump = handle.dump()?;
@@ -377,10 +380,11 @@ fn cold_start(source: &Source, n: u32) -> Result<Measured> {
         dump.len()
     );
     println!(
-        "  ours: cold start {:.3}s to the first sync ({} virtual servers, {reals} real servers); RSS {} MiB",
+        "  ours: cold start {:.3}s to the first sync ({} virtual servers, {reals} real servers); RSS {} MiB (VmHWM {} MiB)",
         ours.as_secs_f64(),
         dump.len(),
-        rss_after_start / 1024
+        rss_after_start / 1024,
+        hwm_after_start / 1024
     );
     drop(dump);
 
@@ -418,6 +422,9 @@ fn cold_start(source: &Source, n: u32) -> Result<Measured> {
     );
     drop(daemon);
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    if let Some(trace) = trace {
+        trace.print(start, &log);
+    }
     let (idle, during_resync, direct) = split_by_resync(&log, &renames, &latencies, &direct);
     explain_changes(&log, &renames);
     slowest_changes(&log, &renames, &latencies);
@@ -429,6 +436,60 @@ fn cold_start(source: &Source, n: u32) -> Result<Measured> {
         direct,
         peak_rss_kib,
     })
+}
+
+/// `BENCH_SYNC_RSS_TRACE=1`: the daemon's RSS read every 20 ms from its first sync on (the
+/// first sync's own peak is the VmHWM printed right after it), to tell which phase of the
+/// rest its peak is in.
+struct RssTrace {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(std::time::SystemTime, u64)>>,
+}
+
+impl RssTrace {
+    fn start(pid: u32) -> RssTrace {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                samples.push((std::time::SystemTime::now(), proc_status_kib(pid, "VmRSS:")));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            samples
+        });
+        RssTrace { stop, thread }
+    }
+
+    /// The highest RSS of each second since the daemon started, then the periodic reads'
+    /// windows in the same seconds.
+    fn print(self, start: std::time::SystemTime, log: &str) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let samples = self.thread.join().unwrap_or_default();
+        let since = |t: std::time::SystemTime| t.duration_since(start).unwrap_or_default();
+        let mut seconds: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+        for (t, kib) in &samples {
+            let max = seconds.entry(since(*t).as_secs()).or_default();
+            *max = (*max).max(*kib);
+        }
+        let line: Vec<String> = seconds
+            .iter()
+            .map(|(s, kib)| format!("{s}:{}.{}", kib / 1024, kib % 1024 * 10 / 1024))
+            .collect();
+        println!("  rss trace (second since start: MiB): {}", line.join(" "));
+        let day = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64()
+                % 86_400.0
+        };
+        let origin = day(start);
+        let reads: Vec<String> = resync_reads(log)
+            .iter()
+            .map(|(s, e, _)| format!("{:.1}-{:.1}", s - origin, e - origin))
+            .collect();
+        println!("  periodic reads (seconds since start): {}", reads.join(" "));
+    }
 }
 
 /// The daemon's changes that arrived while no periodic full sync read the kernel, those that
