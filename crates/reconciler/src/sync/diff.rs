@@ -53,9 +53,8 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
     ///
     /// The usual change (an endpoint's) leaves the Service's virtual servers, addresses and
     /// set entries as they were: its footprint's fingerprint says so from the map's slot, and
-    /// only its virtual servers' real servers are compared, their owners not looked up again
-    /// (nothing but this Service's own diff takes a key it owns away). At 100,000 Services
-    /// each map slot and vector touched is a cache miss.
+    /// only its virtual servers' real servers are compared (each found with its owner in one
+    /// lookup). At 100,000 Services each map slot and vector touched is a cache miss.
     pub(super) fn diff_service(
         &mut self,
         name: &ServiceName,
@@ -90,24 +89,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                 .all(|(k, (vs, _))| *k == vs.key);
         let mut owns_all = true;
         for (vs, reals) in &new.virtual_servers {
-            match self.owner.entry(vs.key) {
-                Entry::Occupied(other) if other.get() != name => {
-                    owns_all = false;
-                    p.errors.push(SyncError::new(
-                        Some(name),
-                        Error::Conflict {
-                            key: vs.key,
-                            owner: other.get().clone(),
-                        },
-                    ));
-                    continue;
-                }
-                Entry::Occupied(_) => {}
-                Entry::Vacant(slot) => {
-                    slot.insert(name.clone());
-                }
-            }
-            self.reconcile_virtual_server(name, vs, reals, now, p);
+            owns_all &= self.reconcile_virtual_server(name, vs, reals, now, p);
         }
         if !same_keys {
             self.forget_old_keys(name, &old.keys, &new, p);
@@ -161,8 +143,8 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         let new_keys: HashSet<ServiceKey> =
             new.virtual_servers.iter().map(|(vs, _)| vs.key).collect();
         for key in old {
-            if !new_keys.contains(key) && self.owner.get(key) == Some(name) {
-                self.owner.remove(key);
+            if !new_keys.contains(key) && self.owner(key) == Some(name) {
+                self.refused.remove(key);
                 if self.forget_virtual_server(key) {
                     self.draining.retain(|(k, _), _| k != key);
                     p.push(Op::DeleteService(*key), Some(name));
@@ -228,6 +210,8 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             }
         }
     }
+    /// Claims one virtual server of the Service and diffs its real servers; says whether the
+    /// Service owns it (another Service's is refused, with an error, and left as it is).
     fn reconcile_virtual_server(
         &mut self,
         name: &ServiceName,
@@ -235,15 +219,49 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         reals: &[RealServer],
         now: Instant,
         p: &mut Pending,
-    ) {
+    ) -> bool {
         let key = vs.key;
-        let entry = self.kernel.entry(key).or_insert_with(|| {
-            p.push(Op::AddService(vs.clone()), Some(name));
-            KernelVs {
-                server: vs.clone(),
-                real: RealSet::default(),
+        let conflict = |owner: &ServiceName| {
+            SyncError::new(
+                Some(name),
+                Error::Conflict {
+                    key,
+                    owner: owner.clone(),
+                },
+            )
+        };
+        // The virtual server and its owner in one lookup.
+        let entry = match self.kernel.entry(key) {
+            Entry::Occupied(slot) => {
+                let entry = slot.into_mut();
+                match &entry.owner {
+                    Some(other) if other != name => {
+                        p.errors.push(conflict(other));
+                        return false;
+                    }
+                    Some(_) => {}
+                    None => entry.owner = Some(name.clone()),
+                }
+                entry
             }
-        });
+            Entry::Vacant(slot) => {
+                if !self.refused.is_empty() {
+                    if let Some(other) = self.refused.get(&key)
+                        && other != name
+                    {
+                        p.errors.push(conflict(other));
+                        return false;
+                    }
+                    self.refused.remove(&key);
+                }
+                p.push(Op::AddService(vs.clone()), Some(name));
+                slot.insert(KernelVs {
+                    server: vs.clone(),
+                    real: RealSet::default(),
+                    owner: Some(name.clone()),
+                })
+            }
+        };
         if entry.server != *vs {
             let was = std::mem::replace(&mut entry.server, vs.clone());
             p.push_update(Op::UpdateService(vs.clone()), Some(name), Undo::Server(was));
@@ -298,6 +316,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                 p.push(Op::DeleteDest(key, addr), Some(name));
             }
         }
+        true
     }
 
     /// Keeps the member count of `e`'s set (what decides which rules exist) in step.
