@@ -26,9 +26,9 @@ fn is_tcp(key: &ServiceKey) -> bool {
     )
 }
 
-/// The lowest bit of a [`Footprint::fingerprint`]: the Service owns all its virtual servers.
-/// One field for both keeps the footprint, which the mirror holds per Service, 8 bytes
-/// smaller; the hash keeps 63 bits.
+/// The lowest bit of a [`KernelVs::fingerprint`]: the Service owns all its virtual servers.
+/// One field for both keeps the slot, which the mirror holds per virtual server, 8 bytes
+/// smaller; the hash keeps 63 bits. A slot with no fingerprint (0) never matches.
 const OWNS_ALL: u64 = 1;
 
 fn marked(fingerprint: u64, owns_all: bool) -> u64 {
@@ -36,7 +36,7 @@ fn marked(fingerprint: u64, owns_all: bool) -> u64 {
 }
 
 /// A hash of what a target holds besides its real servers (its virtual servers' keys, its
-/// addresses and set entries), made as its footprint's is ([`Footprint::fingerprint`]).
+/// addresses and set entries), made as its footprint's is ([`KernelVs::fingerprint`]).
 fn fingerprint(target: &ServiceTarget) -> u64 {
     let mut hasher = DefaultHasher::new();
     target.virtual_servers.len().hash(&mut hasher);
@@ -52,9 +52,10 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
     /// Diffs one Service's new target against what it had, into `p`.
     ///
     /// The usual change (an endpoint's) leaves the Service's virtual servers, addresses and
-    /// set entries as they were: its footprint's fingerprint says so from the map's slot, and
-    /// only its virtual servers' real servers are compared (each found with its owner in one
-    /// lookup). At 100,000 Services each map slot and vector touched is a cache miss.
+    /// set entries as they were: the fingerprint in its first virtual server's slot says so,
+    /// and only its virtual servers' real servers are compared (each found with its owner in
+    /// one lookup), the footprint not looked up. At 100,000 Services each map slot and vector
+    /// touched is a cache miss.
     pub(super) fn diff_service(
         &mut self,
         name: &ServiceName,
@@ -63,11 +64,10 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         p: &mut Pending,
     ) {
         let fingerprint = fingerprint(&new);
-        if !new.is_empty()
-            && self
-                .services
-                .get(name)
-                .is_some_and(|old| old.fingerprint == fingerprint | OWNS_ALL)
+        if let Some((first, _)) = new.virtual_servers.first()
+            && self.kernel.get(&first.key).is_some_and(|vs| {
+                vs.fingerprint == fingerprint | OWNS_ALL && vs.owner.as_ref() == Some(name)
+            })
         {
             for (vs, reals) in &new.virtual_servers {
                 self.reconcile_virtual_server(name, vs, reals, now, p);
@@ -102,16 +102,27 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         if !same_netfilter {
             self.diff_netfilter(&old.netfilter, &new.netfilter, p);
         }
+        // The fingerprint is the first virtual server's alone: none other keeps a stale one.
+        for key in &old.keys {
+            if let Some(vs) = self.kernel.get_mut(key)
+                && vs.owner.as_ref() == Some(name)
+            {
+                vs.fingerprint = 0;
+            }
+        }
+        if let Some((first, _)) = new.virtual_servers.first()
+            && let Some(vs) = self.kernel.get_mut(&first.key)
+            && vs.owner.as_ref() == Some(name)
+        {
+            vs.fingerprint = marked(fingerprint, owns_all);
+        }
 
         if new.is_empty() {
             self.services.remove(name);
             return;
         }
         let footprint = if same_keys && same_addresses && same_netfilter {
-            Footprint {
-                fingerprint: marked(fingerprint, owns_all),
-                ..old
-            }
+            old
         } else {
             Footprint {
                 keys: new
@@ -121,7 +132,6 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                     .collect(),
                 addresses: new.addresses,
                 netfilter: new.netfilter,
-                fingerprint: marked(fingerprint, owns_all),
             }
         };
         match self.services.get_mut(name) {
@@ -259,6 +269,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                     server: vs.clone(),
                     real: RealSet::default(),
                     owner: Some(name.clone()),
+                    fingerprint: 0,
                 })
             }
         };
@@ -353,6 +364,42 @@ mod tests {
             .into_iter()
             .filter(|l| l.starts_with("-a"))
             .collect()
+    }
+
+    #[test]
+    fn a_service_whose_first_virtual_server_came_and_went_is_diffed_whole_again() {
+        let mut s = Syncer::new(
+            FakeIpvs::default(),
+            FakeAddresses::default(),
+            FakeNetfilter::default(),
+            SyncOptions::default(),
+        );
+        let now = Instant::now();
+        let a = ServiceName::new("ns", "a");
+        let one = target(&["10.244.0.1:8080"]);
+        // Another address and virtual server, first in the target's order.
+        let extra = "10.96.0.9".parse().unwrap();
+        let mut two = crate::sync::tests::bare_target(
+            ServiceKey::tcp(extra, 80),
+            extra,
+            &["10.244.0.1:8080"],
+        );
+        two.virtual_servers.extend(one.virtual_servers.clone());
+        two.addresses.extend(one.addresses.clone());
+        for t in [one.clone(), two, one] {
+            let report = s.sync(vec![(a.clone(), t)], now);
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+        }
+        // Back as it first was: the other virtual server and address are gone.
+        assert_eq!(
+            s.ipvs.save(),
+            [
+                "-A -t 10.96.0.10:80 -s rr",
+                "-a -t 10.96.0.10:80 -r 10.244.0.1:8080 -m -w 1"
+            ]
+        );
+        let vip: std::net::IpAddr = "10.96.0.10".parse().unwrap();
+        assert_eq!(s.addresses.bound.iter().collect::<Vec<_>>(), [&vip]);
     }
 
     #[test]

@@ -14,11 +14,6 @@ pub(super) struct Footprint {
     pub(super) keys: Vec<ServiceKey>,
     pub(super) addresses: Vec<IpAddr>,
     pub(super) netfilter: Vec<NetfilterEntry>,
-    /// A hash of the three above, kept inline, so that a change that leaves them as they
-    /// were (an endpoint's) is told without reading them; its lowest bit says whether every
-    /// key is this Service's (none was another's when it was last synced), so that such a
-    /// change need not compare them. See `diff`.
-    pub(super) fingerprint: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -30,6 +25,12 @@ pub(super) struct KernelVs {
     /// Service's diff finds a virtual server and its owner in one lookup, and the map's
     /// 110,000 keys at 10,000 Services are not held twice.
     pub(super) owner: Option<ServiceName>,
+    /// In the owner's first virtual server (by the target's order), a hash of the owner's
+    /// footprint (its keys, addresses and set entries), so that a change that leaves them as
+    /// they were (an endpoint's) is told from the slot it looks up anyway, without the
+    /// footprint's; its lowest bit says whether every key is the owner's (none was another's
+    /// when it was last synced). 0 in every other virtual server. See `diff`.
+    pub(super) fingerprint: u64,
 }
 
 impl KernelVs {
@@ -39,6 +40,7 @@ impl KernelVs {
             server,
             real,
             owner: None,
+            fingerprint: 0,
         }
     }
 }
