@@ -281,9 +281,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         // server, more than the rest of a one-endpoint change's diff.
         let mut wanted: Vec<SocketAddr> = reals.iter().map(|r| r.addr).collect();
         wanted.sort_unstable();
-        if entry.real.len() == 0 {
-            entry.real.reserve_exact(reals.len());
-        }
+        entry.real.reserve_exact(reals);
         // One search per real server, none written that is unchanged (an insert searches
         // again and shifts the vector twice).
         for rs in reals {
