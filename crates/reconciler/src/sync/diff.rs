@@ -285,7 +285,8 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         // One search per real server, none written that is unchanged (an insert searches
         // again and shifts the vector twice).
         for rs in reals {
-            match entry.real.get(&rs.addr) {
+            let have = entry.real.get(&rs.addr);
+            match have {
                 None => {
                     p.push(Op::AddDest(key, *rs), Some(name));
                     entry.real.insert(*rs);
@@ -298,7 +299,11 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                 }
                 Some(_) => {}
             }
-            self.draining.remove(&(key, rs.addr));
+            // Only one the mirror has at weight 0 (or not at all) can be draining: the others
+            // cost no lookup (a hash of their key and address each, a fifth of the change).
+            if have.is_none_or(|h| h.weight == 0) {
+                self.draining.remove(&(key, rs.addr));
+            }
         }
         let gone: Vec<SocketAddr> = entry
             .real
