@@ -105,7 +105,11 @@ pub struct Syncer<I, A, N> {
     /// The real servers of `kernel`, counted as they come and go: metrics read it after every
     /// sync, and a walk over the mirror would make a one-endpoint change cost the cluster.
     real_servers: usize,
-    owner: HashMap<ServiceKey, ServiceName>,
+    /// Virtual servers a Service claims that the kernel refused to add, so that they are not
+    /// in `kernel`: still that Service's until it lets them go, so that no other Service takes
+    /// them before its retry. Usually empty; every other claim is its virtual server's
+    /// ([`KernelVs::owner`]).
+    refused: HashMap<ServiceKey, ServiceName>,
     address_refs: HashMap<IpAddr, u32>,
     bound: HashSet<IpAddr>,
     set_refs: HashMap<NetfilterEntry, u32>,
@@ -181,7 +185,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             services: HashMap::new(),
             kernel: HashMap::new(),
             real_servers: 0,
-            owner: HashMap::new(),
+            refused: HashMap::new(),
             address_refs: HashMap::new(),
             bound: HashSet::new(),
             set_refs: HashMap::new(),
@@ -264,6 +268,14 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         }
     }
 
+    /// The Service that claims `key`, if any.
+    fn owner(&self, key: &ServiceKey) -> Option<&ServiceName> {
+        match self.kernel.get(key) {
+            Some(vs) => vs.owner.as_ref(),
+            None => self.refused.get(key),
+        }
+    }
+
     /// Drops a virtual server and its real servers from the mirror; says whether it was there.
     fn forget_virtual_server(&mut self, key: &ServiceKey) -> bool {
         let Some(vs) = self.kernel.remove(key) else {
@@ -341,9 +353,9 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         // mirror untouched.
         let orphans: Vec<ServiceKey> = self
             .kernel
-            .keys()
-            .filter(|k| !self.owner.contains_key(k))
-            .copied()
+            .iter()
+            .filter(|(_, vs)| vs.owner.is_none())
+            .map(|(k, _)| *k)
             .collect();
         for key in orphans {
             self.forget_virtual_server(&key);
@@ -413,12 +425,12 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                 unclaimed.insert(server.key);
             }
             let real = entry.real_servers.into_iter().map(|r| r.server).collect();
-            kernel.insert(server.key, KernelVs { server, real });
+            kernel.insert(server.key, KernelVs::read(server, real));
         }
         self.real_servers = kernel.values().map(|vs| vs.real.len()).sum();
         self.kernel = kernel;
         self.services.clear();
-        self.owner.clear();
+        self.refused.clear();
         self.address_refs.clear();
         self.set_refs.clear();
         self.set_sizes.clear();
@@ -515,7 +527,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                 Ok(r) => r,
                 Err(e) => {
                     pending.errors.push(SyncError::new(
-                        self.owner.get(&key),
+                        self.owner(&key),
                         Error::ReadRealServers { key, source: e },
                     ));
                     continue;
@@ -535,7 +547,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                         && vs.real.remove(&addr).is_some()
                     {
                         self.real_servers -= 1;
-                        pending.push(Op::DeleteDest(key, addr), self.owner.get(&key));
+                        pending.push(Op::DeleteDest(key, addr), vs.owner.as_ref());
                         report.drained += 1;
                     }
                 }

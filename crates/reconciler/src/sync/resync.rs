@@ -197,7 +197,7 @@ fn server_sink(to: SyncSender<Read>) -> ServerSink {
             return true;
         }
         let real = entry.real_servers.into_iter().map(|r| r.server).collect();
-        to.send(Read::Server(KernelVs { server, real })).is_ok()
+        to.send(Read::Server(KernelVs::read(server, real))).is_ok()
     })
 }
 
@@ -522,7 +522,7 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         let Some(vs) = self.kernel.get(&key) else {
             return;
         };
-        let owner = self.owner.get(&key);
+        let owner = vs.owner.as_ref();
         match have {
             None => p.push(Op::AddService(vs.server.clone()), owner),
             Some(have) if have.server != vs.server => {

@@ -43,7 +43,13 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
                     // The mirror assumed success; put it back so the next sync retries it.
                     match (op, undo) {
                         (Op::AddService(vs), _) => {
-                            self.forget_virtual_server(&vs.key);
+                            // Still its Service's claim, until that lets it go.
+                            if let Some(gone) = self.kernel.remove(&vs.key) {
+                                self.real_servers -= gone.real.len();
+                                if let Some(owner) = gone.owner {
+                                    self.refused.insert(vs.key, owner);
+                                }
+                            }
                             refused.insert(vs.key);
                         }
                         (Op::AddDest(key, rs), _) => {

@@ -548,6 +548,50 @@ fn a_refused_operation_is_reported_for_its_service_and_the_rest_is_applied() {
 }
 
 #[test]
+fn a_virtual_server_the_kernel_refused_stays_its_services_until_that_lets_it_go() {
+    let mut s = syncer();
+    let now = Instant::now();
+    let (vip, twos) = ("10.96.0.20", Scheduler::TwoRandomChoices);
+    let report = s.sync(
+        vec![(svc("a"), target(vip, 80, twos, &["10.244.1.5:80"]))],
+        now,
+    );
+    assert_eq!(report.errors[0].kind(), "scheduler_missing");
+    // Not in the kernel, but a's: b is refused it, and a's retry takes it.
+    let b = || (svc("b"), target(vip, 80, RR, &["10.244.9.9:80"]));
+    let report = s.sync(vec![b()], now);
+    assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+    assert_eq!(report.errors[0].service, Some(svc("b")));
+    assert!(
+        report.errors[0].to_string().contains("default/a"),
+        "{}",
+        report.errors[0]
+    );
+    assert!(s.ipvs.save().is_empty(), "{:?}", s.ipvs.save());
+    let report = s.sync(
+        vec![(svc("a"), target(vip, 80, RR, &["10.244.1.5:80"]))],
+        now,
+    );
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        s.ipvs.save()[1],
+        "-a -t 10.96.0.20:80 -r 10.244.1.5:80 -m -w 1"
+    );
+    // Refused again, then let go: b has it.
+    s.sync(
+        vec![(svc("a"), target(vip, 80, twos, &["10.244.1.5:80"]))],
+        now,
+    );
+    s.sync(vec![(svc("a"), ServiceTarget::default())], now);
+    let report = s.sync(vec![b()], now);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        s.ipvs.save()[1],
+        "-a -t 10.96.0.20:80 -r 10.244.9.9:80 -m -w 1"
+    );
+}
+
+#[test]
 fn two_services_claiming_one_virtual_server_is_reported_not_fought_over() {
     let mut s = syncer();
     let now = Instant::now();
