@@ -488,7 +488,10 @@ impl RssTrace {
             .iter()
             .map(|(s, e, _)| format!("{:.1}-{:.1}", s - origin, e - origin))
             .collect();
-        println!("  periodic reads (seconds since start): {}", reads.join(" "));
+        println!(
+            "  periodic reads (seconds since start): {}",
+            reads.join(" ")
+        );
     }
 }
 
