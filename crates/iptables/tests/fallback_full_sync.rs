@@ -9,21 +9,10 @@ use std::process::Command;
 use iptables::proxier::{Backend, KernelChains, Proxier, ProxierConfig, ServiceSpec, service_name};
 use iptables::{Family, Flavour, Protocol, Runner};
 
-/// A network namespace, deleted on drop.
-struct Netns(String);
+mod common;
+use common::{Netns, is_root};
 
 impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("ipt-full-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "ip netns add {name} (these tests need root)");
-        Netns(name)
-    }
-
     fn runner(&self, flavour: Flavour) -> Runner {
         Runner::new(flavour).in_netns(&self.0)
     }
@@ -54,19 +43,6 @@ impl Netns {
         lines.sort();
         lines
     }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
 }
 
 /// `count` ClusterIP Services of three endpoints; `moved` gives Service 0 another third one.
@@ -109,7 +85,7 @@ fn chain_of(lines: &[String], ip: &str) -> String {
 }
 
 fn drift_is_repaired_alone(flavour: Flavour) {
-    let ns = Netns::new(flavour.as_str());
+    let ns = Netns::new(&format!("ipt-full-{}", flavour.as_str()));
     let runner = ns.runner(flavour);
     let specs = services(30, false);
     let mut proxier = Proxier::new(config());
@@ -199,7 +175,7 @@ fn drift_is_repaired_alone(flavour: Flavour) {
     assert_eq!(ns.proxy_lines(flavour), changed);
 
     // What the checks and partial syncs left is what a full sync from scratch writes.
-    let fresh = Netns::new(&format!("{}-fresh", flavour.as_str()));
+    let fresh = Netns::new(&format!("ipt-full-{}-fresh", flavour.as_str()));
     Proxier::new(config())
         .sync_full(&fresh.runner(flavour), &moved)
         .unwrap();

@@ -10,21 +10,10 @@ use std::process::Command;
 use iptables::ipvs_mode::KubeSet;
 use iptables::{Family, Flavour, Protocol, Runner, SetEntry, SetHeader};
 
-/// A network namespace, deleted on drop.
-struct Netns(String);
+mod common;
+use common::{Netns, is_root};
 
 impl Netns {
-    fn new() -> Netns {
-        let name = format!("ipset-full-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "ip netns add {name} (this test needs root)");
-        Netns(name)
-    }
-
     /// `ipset ARGS` in the namespace: what it printed.
     fn ipset(&self, args: &[&str], stdin: Option<&str>) -> String {
         use std::io::Write as _;
@@ -60,19 +49,6 @@ impl Netns {
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
-}
-
 fn ip(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(10, 0, 0, last))
 }
@@ -91,7 +67,7 @@ fn a_full_write_of_the_sets_patches_what_fits_rebuilds_the_rest_and_touches_noth
         eprintln!("skipped: needs root for network namespaces");
         return;
     }
-    let ns = Netns::new();
+    let ns = Netns::new("ipset-full");
     // A previous run's state: the loop-back set with one member too many and one missing, the
     // ClusterIP set made too small for what is wanted now, a twin a killed run left, and a
     // set of someone else's.
