@@ -352,8 +352,8 @@ mod tests {
     use ipvs::ServiceKey;
 
     use crate::model::ServiceName;
-    use crate::sync::{ServiceTarget, SyncOptions, Syncer};
-    use crate::testing::{FakeAddresses, FakeIpvs, FakeNetfilter};
+    use crate::sync::ServiceTarget;
+    use crate::sync::tests::TestSyncer;
 
     fn target(backends: &[&str]) -> ServiceTarget {
         let vip = "10.96.0.10".parse().unwrap();
@@ -361,7 +361,7 @@ mod tests {
     }
 
     /// The lines of the virtual server's real servers in `ipvsadm -Sn`.
-    fn reals(s: &Syncer<FakeIpvs, FakeAddresses, FakeNetfilter>) -> Vec<String> {
+    fn reals(s: &TestSyncer) -> Vec<String> {
         s.ipvs
             .save()
             .into_iter()
@@ -371,12 +371,7 @@ mod tests {
 
     #[test]
     fn a_service_whose_first_virtual_server_came_and_went_is_diffed_whole_again() {
-        let mut s = Syncer::new(
-            FakeIpvs::default(),
-            FakeAddresses::default(),
-            FakeNetfilter::default(),
-            SyncOptions::default(),
-        );
+        let mut s = crate::sync::tests::syncer();
         let now = Instant::now();
         let a = ServiceName::new("ns", "a");
         let one = target(&["10.244.0.1:8080"]);
@@ -407,12 +402,7 @@ mod tests {
 
     #[test]
     fn an_unchanged_footprint_still_syncs_its_real_servers_and_a_conflict_is_checked_each_time() {
-        let mut s = Syncer::new(
-            FakeIpvs::default(),
-            FakeAddresses::default(),
-            FakeNetfilter::default(),
-            SyncOptions::default(),
-        );
+        let mut s = crate::sync::tests::syncer();
         let now = Instant::now();
         let (a, b) = (ServiceName::new("ns", "a"), ServiceName::new("ns", "b"));
         let report = s.sync(vec![(a.clone(), target(&["10.244.0.1:8080"]))], now);

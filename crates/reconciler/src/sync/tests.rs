@@ -15,9 +15,10 @@ use super::*;
 use crate::testing::{FakeAddresses, FakeIpvs, FakeNetfilter};
 use iptables::ipvs_mode::KubeSet;
 
-type TestSyncer = Syncer<FakeIpvs, FakeAddresses, FakeNetfilter>;
+pub(super) type TestSyncer = Syncer<FakeIpvs, FakeAddresses, FakeNetfilter>;
 
-fn syncer() -> TestSyncer {
+/// The engine over empty in-memory kernels, with the default settings.
+pub(super) fn syncer() -> TestSyncer {
     Syncer::new(
         FakeIpvs::default(),
         FakeAddresses::default(),
