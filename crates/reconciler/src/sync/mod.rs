@@ -347,6 +347,9 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
             pending.del_entries.clear();
             if pending.ops.len() >= OPS_PER_BATCH {
                 self.execute_ipvs(&mut pending, &mut report);
+                // What the batch's sending and the Services' plans freed is returned as the
+                // mirror grows, not only once it is whole (2 ms a batch in the emulator).
+                self.release_memory();
             }
         }
         // Whatever the proxy owns that no Service claimed; what it never owned leaves the
