@@ -2,8 +2,8 @@
 //! arenas, not one per thread up to eight per CPU (what a thread freed stayed in its arena;
 //! one arena made changes wait on the kernel read's threads), and blocks over 128 KiB mapped
 //! alone and free memory above it returned, instead of thresholds that grow to the largest
-//! block freed; and [`release`], which the IPVS engine calls after each full sync and read
-//! ([docs/sync.md](../docs/sync.md#where-the-bytes-go)).
+//! block freed; and [`release`], which the IPVS engine calls around and during each full sync
+//! and after each read ([docs/sync.md](../docs/sync.md#where-the-bytes-go)).
 #![allow(unsafe_code, reason = "mallopt and malloc_trim are libc calls")]
 
 /// Call first in `main`: glibc takes these only before its arenas exist.

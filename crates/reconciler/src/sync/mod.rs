@@ -71,8 +71,9 @@ pub struct SyncOptions {
     /// The cluster's NodePort range (kube-apiserver's `--service-node-port-range`): a virtual
     /// server on a node address with a port inside it is the proxy's.
     pub node_port_range: RangeInclusive<u16>,
-    /// Called once a full sync, or a periodic one's read and comparison, has dropped what it
-    /// held (the read, the batches, the restore input): the daemon hands glibc's `malloc_trim`
+    /// Called before and after a full sync, after each of its batches of operations, and once
+    /// a periodic one's read and comparison has dropped what it held: the daemon hands glibc's
+    /// `malloc_trim`
     /// here, which the crates cannot call (they forbid unsafe code), so that the freed pages
     /// go back to the kernel instead of staying in RSS until reused.
     pub release_memory: Option<fn()>,
