@@ -393,10 +393,7 @@ impl Handle {
         sockets: usize,
         run: impl Fn(&mut Handle, &[VirtualServerEntry]) -> Result<R, Error> + Sync,
     ) -> Result<Vec<R>, Error> {
-        let mut services = self.services()?;
-        // Held through the whole read (10,000 entries with their counters: 1.6 MiB), so not
-        // with the room the dump grew it to (up to twice that).
-        services.shrink_to_fit();
+        let services = self.services()?;
         let chunk = services.len().div_ceil(sockets.max(1)).max(1);
         let mut chunks = services.chunks(chunk);
         let own = chunks.next().unwrap_or_default();

@@ -181,7 +181,6 @@ fn read(
     ipvs().map_err(|e| fail(Error::ReadIpvs(e)))?;
     let mut sets = netfilter().map_err(|e| fail(Error::RestoreNetfilter(e)))?;
     sets.entries.sort_unstable();
-    sets.entries.shrink_to_fit();
     // The loop may be gone (a full sync began): nothing is left to do either way.
     let _ = to.send(Read::Sets(sets));
     Ok(())
