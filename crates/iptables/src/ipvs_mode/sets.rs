@@ -207,7 +207,10 @@ impl KubeSet {
     /// The set with its entries, sized from them (no fixed 65536 cap).
     #[must_use]
     pub fn to_ipset(self, family: Family, entries: &BTreeSet<SetEntry>) -> IpSet {
-        IpSet::new(self.name(family), self.set_type(), family, entries.clone())
+        IpSet {
+            header: self.header(family, entries.len()),
+            entries: entries.clone(),
+        }
     }
 }
 

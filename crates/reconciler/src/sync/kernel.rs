@@ -121,8 +121,8 @@ pub trait NetfilterKernel {
         rules: Option<&[RuleInput]>,
     ) -> Result<(), BackendError>;
     /// For another thread: rewrites the chains from `rules` (a few dozen rules, written there
-    /// so that no full sync holds the loop for them), then reads every set of the proxy's (`ipset save`);
-    /// `None` as [`IpvsKernel::reader`].
+    /// so that no full sync holds the loop for them), then reads the proxy's sets (`ipset
+    /// save`); `None` as [`IpvsKernel::reader`].
     fn reader(&self, _rules: Vec<RuleInput>) -> Option<Reader<SetsRead>> {
         None
     }
