@@ -119,7 +119,7 @@ impl NetfilterKernel for KernelNetfilter {
         Some(Box::new(move || {
             netfilter.write_rules(&rules)?;
             let mut entries = Vec::new();
-            let headers = netfilter.0.ipset_save_each(&mut |_, header, entry| {
+            let headers = netfilter.0.ipset_save_each(&mut |header, entry| {
                 if let Some((set, family)) = KubeSet::from_name(&header.name) {
                     entries.push(NetfilterEntry::Set { family, set, entry });
                 }

@@ -543,21 +543,40 @@ pub fn render_save<'a>(sets: impl IntoIterator<Item = &'a IpSet>) -> String {
 /// know are skipped, so a newer ipset never breaks the reading.
 #[must_use]
 pub fn parse_save(text: &str) -> Vec<IpSet> {
-    let mut parser = SaveParser::default();
-    let mut entries: Vec<BTreeSet<SetEntry>> = Vec::new();
+    let mut sets = SaveSets::default();
     for line in text.lines() {
-        if let Some((i, e)) = parser.line(line) {
-            entries.resize_with(parser.headers.len(), BTreeSet::new);
-            entries[i].insert(e);
+        sets.line(line);
+    }
+    sets.finish()
+}
+
+/// Every set of `ipset save` output with its members, read one line at a time
+/// ([`parse_save`], and the output of the tool as it prints it).
+#[derive(Debug, Default)]
+pub struct SaveSets {
+    parser: SaveParser,
+    /// The members of each set of the parser's, by its index.
+    entries: Vec<BTreeSet<SetEntry>>,
+}
+
+impl SaveSets {
+    pub fn line(&mut self, line: &str) {
+        if let Some((i, e)) = self.parser.line(line) {
+            self.entries
+                .resize_with(self.parser.headers.len(), BTreeSet::new);
+            self.entries[i].insert(e);
         }
     }
-    entries.resize_with(parser.headers.len(), BTreeSet::new);
-    parser
-        .headers
-        .into_iter()
-        .zip(entries)
-        .map(|(header, entries)| IpSet { header, entries })
-        .collect()
+
+    /// The sets read, in the order printed.
+    #[must_use]
+    pub fn finish(mut self) -> Vec<IpSet> {
+        self.entries
+            .resize_with(self.parser.headers.len(), BTreeSet::new);
+        let sets = self.parser.headers.into_iter().zip(self.entries);
+        sets.map(|(header, entries)| IpSet { header, entries })
+            .collect()
+    }
 }
 
 /// Reads `ipset save` output one line at a time, as [`parse_save`] reads it whole, so that a

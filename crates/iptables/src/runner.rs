@@ -8,14 +8,13 @@
 //! forked, once it has run [`TOOL_TIMEOUT`]: a sync that cannot finish fails, it is not
 //! waited on.
 
-use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::Error;
-use crate::ipset::{IpSet, SaveParser, SetEntry, SetHeader, SetPatch, write_between};
+use crate::ipset::{IpSet, SaveParser, SaveSets, SetEntry, SetHeader, SetPatch, write_between};
 use crate::ipvs_mode::is_proxy_set;
 use crate::process;
 use crate::ruleset::Ruleset;
@@ -360,31 +359,21 @@ impl Runner {
     /// Every ipset in the namespace with its entries (`ipset save`, read by
     /// [`crate::ipset::parse_save`]).
     pub fn ipset_save(&self) -> Result<Vec<IpSet>, Error> {
-        let mut entries: Vec<BTreeSet<SetEntry>> = Vec::new();
-        let headers = self.ipset_save_each(&mut |i, _, entry| {
-            if entries.len() <= i {
-                entries.resize_with(i + 1, BTreeSet::new);
-            }
-            entries[i].insert(entry);
-        })?;
-        entries.resize_with(headers.len(), BTreeSet::new);
-        let sets = headers.into_iter().zip(entries);
-        Ok(sets
-            .map(|(header, entries)| IpSet { header, entries })
-            .collect())
+        let mut sets = SaveSets::default();
+        self.each_line("ipset", &["save"], &mut |line| sets.line(line))?;
+        Ok(sets.finish())
     }
 
     /// `ipset save` read as it is printed, never held whole: each member of every set handed
-    /// to `each` with its set's index among the sets and header; the sets, in the order
-    /// printed.
+    /// to `each` with its set's header; the sets, in the order printed.
     pub fn ipset_save_each(
         &self,
-        each: &mut dyn FnMut(usize, &SetHeader, SetEntry),
+        each: &mut dyn FnMut(&SetHeader, SetEntry),
     ) -> Result<Vec<SetHeader>, Error> {
         let mut parser = SaveParser::default();
         self.each_line("ipset", &["save"], &mut |line| {
             if let Some((i, entry)) = parser.line(line) {
-                each(i, &parser.headers[i], entry);
+                each(&parser.headers[i], entry);
             }
         })?;
         Ok(parser.headers)
