@@ -136,7 +136,14 @@ impl ClusterState {
             .slices;
         match list.binary_search_by(|(n, _)| n.cmp(&name)) {
             Ok(at) => list[at].1 = slice,
-            Err(at) => list.insert(at, (name, slice)),
+            Err(at) => {
+                // The entry may be the Service's own, made with no room (its slices came
+                // after it): 88 bytes, not the 352 of a first push.
+                if list.is_empty() {
+                    list.reserve_exact(1);
+                }
+                list.insert(at, (name, slice));
+            }
         }
         affected.push(service);
         affected
