@@ -9,7 +9,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use reconciler::model::{
     Conditions, Endpoint, EndpointPort, EndpointSlice as SliceModel, Hints, NodeFacts, Placement,
     Protocol, SchedulerChoice, ServiceName, ServicePort, ServicePortName, ServiceType,
-    SessionAffinity, TrafficPolicy,
+    SessionAffinity, TrafficPolicy, address_list, network_list,
 };
 use reconciler::plan::{KUBE_ROUTER_SCHEDULER_ANNOTATION, SCHEDULER_ANNOTATION};
 use reconciler::state::SliceName;
@@ -61,7 +61,7 @@ pub fn service_name(svc: &Service) -> ServiceName {
 }
 
 fn parse_ips(values: &[String], what: &str, svc: &ServiceName) -> Arc<[IpAddr]> {
-    values
+    let ips: Vec<IpAddr> = values
         .iter()
         .filter_map(|v| {
             let ip = v.trim().parse::<IpAddr>().ok();
@@ -70,7 +70,8 @@ fn parse_ips(values: &[String], what: &str, svc: &ServiceName) -> Arc<[IpAddr]> 
             }
             ip
         })
-        .collect()
+        .collect();
+    address_list(ips)
 }
 
 /// One `ServicePort` per port of `svc`, or why the Service is skipped.
@@ -136,7 +137,7 @@ pub fn service_ports(svc: &Service) -> Result<Vec<ServicePort>, Skipped> {
     {
         range_strings = a.split(',').map(str::to_owned).collect();
     }
-    let load_balancer_source_ranges: Arc<[IpNet]> = range_strings
+    let load_balancer_source_ranges: Vec<IpNet> = range_strings
         .iter()
         .map(|s| s.trim())
         .filter(|s| !s.is_empty())
@@ -148,6 +149,7 @@ pub fn service_ports(svc: &Service) -> Result<Vec<ServicePort>, Skipped> {
             net
         })
         .collect();
+    let load_balancer_source_ranges = network_list(load_balancer_source_ranges);
     let policy = |p: Option<&str>| {
         if p == Some("Local") {
             TrafficPolicy::Local

@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use ipnet::IpNet;
 
@@ -115,6 +115,32 @@ impl SchedulerChoice {
     }
 }
 
+/// The one empty address list every Service without external IPs (or load-balancer ingress
+/// IPs) shares: an empty `Arc<[_]>` of its own still allocates its counts, 32 bytes a list.
+static NO_ADDRESSES: LazyLock<Arc<[IpAddr]>> = LazyLock::new(|| Arc::from([]));
+/// The same for the source ranges, which most Services leave empty.
+static NO_NETWORKS: LazyLock<Arc<[IpNet]>> = LazyLock::new(|| Arc::from([]));
+
+/// `list` as a Service's shared address list ([`NO_ADDRESSES`] when empty).
+#[must_use]
+pub fn address_list(list: Vec<IpAddr>) -> Arc<[IpAddr]> {
+    if list.is_empty() {
+        NO_ADDRESSES.clone()
+    } else {
+        list.into()
+    }
+}
+
+/// `list` as a Service's shared list of source ranges ([`NO_NETWORKS`] when empty).
+#[must_use]
+pub fn network_list(list: Vec<IpNet>) -> Arc<[IpNet]> {
+    if list.is_empty() {
+        NO_NETWORKS.clone()
+    } else {
+        list.into()
+    }
+}
+
 /// One (Service, port): everything the proxy programs for it.
 ///
 /// Address lists are per Service, shared by its ports.
@@ -152,9 +178,9 @@ impl ServicePort {
             service_type: ServiceType::ClusterIp,
             port,
             cluster_ips: cluster_ips.into(),
-            external_ips: Arc::from([]),
-            load_balancer_ips: Arc::from([]),
-            load_balancer_source_ranges: Arc::from([]),
+            external_ips: NO_ADDRESSES.clone(),
+            load_balancer_ips: NO_ADDRESSES.clone(),
+            load_balancer_source_ranges: NO_NETWORKS.clone(),
             node_port: None,
             health_check_node_port: None,
             session_affinity: SessionAffinity::None,
