@@ -45,6 +45,16 @@ pub struct TableEntry {
     pub real_servers: Vec<RealServerEntry>,
 }
 
+/// A virtual server with its real servers, without their counters: what a streamed dump
+/// ([`Handle::dump_each`]) hands over, for a caller that compares the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigEntry {
+    /// The virtual server.
+    pub server: VirtualServer,
+    /// Its real servers.
+    pub real_servers: Vec<RealServer>,
+}
+
 #[derive(Debug)]
 struct Connection {
     socket: Socket,
@@ -361,39 +371,76 @@ impl Handle {
     /// own (in this thread's network namespace, which threads inherit). Not atomic: the table
     /// may change between the dumps; a service deleted meanwhile is left out.
     pub fn dump_on(&mut self, sockets: usize) -> Result<Vec<TableEntry>, Error> {
-        let runs = self.dump_runs(sockets, |handle, services| {
+        let services = self.services()?;
+        let runs = self.dump_runs(sockets, &services, |handle, services| {
             let mut read = Vec::with_capacity(services.len());
-            handle.read_run(services, |entry| {
-                read.push(entry);
-                true
-            })?;
+            for service in services {
+                if let Some(real_servers) = handle.real_servers_of(&service.server.key)? {
+                    read.push(TableEntry {
+                        service: service.clone(),
+                        real_servers,
+                    });
+                }
+            }
             Ok(read)
         })?;
         Ok(runs.into_iter().flatten().collect())
     }
 
-    /// [`Handle::dump_on`] streamed: each entry is handed to `each` as soon as its real servers
-    /// are read, on the thread that read them, and nothing is kept, so a caller that compares
-    /// as it reads holds one entry per socket at a time. `each` returns `false` to stop the
-    /// read (its receiver went away): the call then ends with `Ok`.
+    /// [`Handle::dump_on`] streamed, without counters: each entry is handed to `each` as soon
+    /// as its real servers are read, on the thread that read them, and nothing is kept but
+    /// the virtual servers still to read (without their counters: half the room), so a caller
+    /// that compares as it reads holds one entry per socket at a time. `each` returns `false`
+    /// to stop the read (its receiver went away): the call then ends with `Ok`.
     pub fn dump_each(
         &mut self,
         sockets: usize,
-        each: impl Fn(TableEntry) -> bool + Sync,
+        each: impl Fn(ConfigEntry) -> bool + Sync,
     ) -> Result<(), Error> {
-        self.dump_runs(sockets, |handle, services| handle.read_run(services, &each))
-            .map(drop)
+        let services: Vec<VirtualServer> = self.service_configs()?;
+        self.dump_runs(sockets, &services, |handle, services| {
+            for server in services {
+                let Some(real_servers) = handle.real_servers_of(&server.key)? else {
+                    continue;
+                };
+                let real_servers = real_servers.into_iter().map(|r| r.server).collect();
+                let entry = ConfigEntry {
+                    server: server.clone(),
+                    real_servers,
+                };
+                if !each(entry) {
+                    break;
+                }
+            }
+            Ok(())
+        })
+        .map(drop)
     }
 
-    /// One dump of the services, split into `sockets` runs, each handed to `run` with a handle
-    /// of its own: this one for the first run, a new one on a thread of its own for each other.
-    /// The runs' results, in order.
-    fn dump_runs<R: Send>(
+    /// The virtual servers alone, without their counters.
+    fn service_configs(&mut self) -> Result<Vec<VirtualServer>, Error> {
+        let mut out = Vec::new();
+        self.request(
+            Expect::Dump,
+            |w, fam, flags, seq| codec::encode_simple(w, fam, flags, seq, CMD_GET_SERVICE, None),
+            |_, body| {
+                out.push(codec::decode_service(body)?.server);
+                Ok(())
+            },
+        )
+        .map_err(|f| failure(f, "-L -n".to_owned(), Target::Other))?;
+        Ok(out)
+    }
+
+    /// `services`, split into `sockets` runs, each handed to `run` with a handle of its own:
+    /// this one for the first run, a new one on a thread of its own for each other. The runs'
+    /// results, in order.
+    fn dump_runs<T: Sync, R: Send>(
         &mut self,
         sockets: usize,
-        run: impl Fn(&mut Handle, &[VirtualServerEntry]) -> Result<R, Error> + Sync,
+        services: &[T],
+        run: impl Fn(&mut Handle, &[T]) -> Result<R, Error> + Sync,
     ) -> Result<Vec<R>, Error> {
-        let services = self.services()?;
         let chunk = services.len().div_ceil(sockets.max(1)).max(1);
         let mut chunks = services.chunks(chunk);
         let own = chunks.next().unwrap_or_default();
@@ -415,34 +462,19 @@ impl Handle {
         })
     }
 
-    /// The real servers of each of `services`, in order, each entry handed to `each` until it
-    /// returns `false`.
+    /// The real servers of the virtual server `key`, or `None` if it is gone.
     ///
     /// The kernel answers a real-server dump of a missing virtual server with nothing, so a
     /// service that shows none is looked up again: one deleted since the services were read
     /// is left out, as a read taken after its deletion would have it, rather than read as a
     /// virtual server without real servers (which a resync would fill by adding real servers
     /// to a virtual server that is gone).
-    fn read_run(
-        &mut self,
-        services: &[VirtualServerEntry],
-        mut each: impl FnMut(TableEntry) -> bool,
-    ) -> Result<(), Error> {
-        for service in services {
-            let key = &service.server.key;
-            let real_servers = self.real_servers(key)?;
-            if real_servers.is_empty() && self.service(key)?.is_none() {
-                continue;
-            }
-            let entry = TableEntry {
-                service: service.clone(),
-                real_servers,
-            };
-            if !each(entry) {
-                break;
-            }
+    fn real_servers_of(&mut self, key: &ServiceKey) -> Result<Option<Vec<RealServerEntry>>, Error> {
+        let real_servers = self.real_servers(key)?;
+        if real_servers.is_empty() && self.service(key)?.is_none() {
+            return Ok(None);
         }
-        Ok(())
+        Ok(Some(real_servers))
     }
 
     /// The bound on each wait for the kernel: a reader on another thread opens its own

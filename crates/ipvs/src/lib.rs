@@ -31,7 +31,7 @@ pub use codec::wire;
 pub use config::{Info, Timeouts};
 pub use dest::{Forwarding, RealServer, RealServerEntry, Tunnel, TunnelChecksum, TunnelType};
 pub use error::Error;
-pub use handle::{DEFAULT_TIMEOUT, DUMP_SOCKETS, Handle, TableEntry};
+pub use handle::{ConfigEntry, DEFAULT_TIMEOUT, DUMP_SOCKETS, Handle, TableEntry};
 pub use op::Op;
 pub use probe::{Absent, probe_until_known};
 pub use scheduler::{Scheduler, UnknownScheduler};

@@ -389,9 +389,9 @@ fn a_streamed_dump_reads_what_ipvsadm_saves_and_stops_when_asked() {
         t.handle
             .dump_each(sockets, |entry| {
                 let mut lines = lines.lock().unwrap();
-                lines.push(entry.service.server.to_string());
+                lines.push(entry.server.to_string());
                 for rs in entry.real_servers {
-                    lines.push(rs.server.line(&entry.service.server.key).to_string());
+                    lines.push(rs.line(&entry.server.key).to_string());
                 }
                 true
             })

@@ -47,6 +47,10 @@ impl IpvsKernel for FakeIpvs {
         let table = self.snapshot();
         Some(Box::new(move || {
             for entry in table {
+                let entry = ipvs::ConfigEntry {
+                    server: entry.service.server,
+                    real_servers: entry.real_servers.into_iter().map(|r| r.server).collect(),
+                };
                 if !each(entry) {
                     break;
                 }

@@ -18,7 +18,7 @@ pub type IpvsTable = Vec<ipvs::TableEntry>;
 /// Where a periodic full sync's read hands each virtual server with its real servers as soon
 /// as they are read, on whichever thread read them; `false` when nobody wants more, and the
 /// read stops.
-pub type ServerSink = Box<dyn Fn(ipvs::TableEntry) -> bool + Send + Sync>;
+pub type ServerSink = Box<dyn Fn(ipvs::ConfigEntry) -> bool + Send + Sync>;
 
 /// A read of the kernel to run on another thread, on sockets of its own: a periodic full
 /// sync reads there while the loop goes on syncing changes.

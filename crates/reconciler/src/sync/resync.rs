@@ -191,12 +191,11 @@ fn read(
 /// never the proxy's.
 fn server_sink(to: SyncSender<Read>) -> ServerSink {
     Box::new(move |entry| {
-        let server = entry.service.server;
-        if !matches!(server.key, ServiceKey::Addr { .. }) {
+        if !matches!(entry.server.key, ServiceKey::Addr { .. }) {
             return true;
         }
-        let real = entry.real_servers.into_iter().map(|r| r.server).collect();
-        to.send(Read::Server(KernelVs::read(server, real))).is_ok()
+        let server = KernelVs::read(entry.server, entry.real_servers.into_iter().collect());
+        to.send(Read::Server(server)).is_ok()
     })
 }
 
