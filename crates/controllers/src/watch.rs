@@ -396,14 +396,16 @@ fn apply_changes<S: SourceSink>(
 fn follow<S: SourceSink>(
     mut watch: TreeWatch,
     dir: &Path,
-    files: &[PathBuf],
+    files: Vec<PathBuf>,
     tx: &S,
     stopping: &AtomicBool,
 ) {
     let mut index = DirIndex::default();
-    if index.first_read(files, tx).is_err() {
+    if index.first_read(&files, tx).is_err() {
         return;
     }
+    // The listing is the index's now (0.7 MiB at 10,000 files): not kept for the watch.
+    drop(files);
     tracing::info!(dir = %dir.display(), objects = index.object_count(), "manifests read");
     if tx.send(SourceUpdate::InitialSyncDone).is_err() {
         return;
@@ -467,7 +469,7 @@ pub async fn watch_dir<S: SourceSink + Clone>(dir: PathBuf, tx: S) -> Result<(),
     let (stopping, thread_tx, thread_dir) = (stop.stopping.clone(), tx.clone(), dir.clone());
     std::thread::Builder::new()
         .name("manifests".into())
-        .spawn(move || follow(watch, &thread_dir, &files, &thread_tx, &stopping))
+        .spawn(move || follow(watch, &thread_dir, files, &thread_tx, &stopping))
         .map_err(|source| WatchError::Watch {
             dir: dir.clone(),
             source,
