@@ -27,17 +27,21 @@ const HUGE: usize = 2 << 20;
 #[derive(Debug)]
 struct Allocator;
 
-/// Advises the pages of the block at `ptr` onto huge pages: all of its mapping, so that it
-/// stays one mapping, which glibc's `realloc` can grow with `mremap`.
+/// Advises the pages of the block at `ptr` onto huge pages: all of its mapping, from the
+/// page of its header to the end of what it may use, so that it stays one mapping, which
+/// glibc's `realloc` grows with `mremap` (a range over two mappings would make it copy, the
+/// old and the new block resident at once).
 fn advise(ptr: *mut u8, size: usize) {
     if ptr.is_null() || size < HUGE {
         return;
     }
-    let start = ptr as usize & !(4095);
-    let end = (ptr as usize + size + 4095) & !4095;
-    // SAFETY: the range lies in pages of the block just handed out, which is mapped; the
-    // advice changes how its pages are backed, never their contents. A failure (an old
-    // kernel, THP compiled out) leaves the pages as they were.
+    // SAFETY: `ptr` is a live block of glibc's malloc, just handed out.
+    let usable = unsafe { libc::malloc_usable_size(ptr.cast()) };
+    let start = ptr as usize & !4095;
+    let end = ptr as usize + usable;
+    // SAFETY: the range lies in the pages of that block, which are mapped; the advice changes
+    // how they are backed, never their contents. A failure (THP compiled out) leaves them as
+    // they were.
     unsafe {
         libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
     }
