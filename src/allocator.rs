@@ -1,9 +1,10 @@
-//! glibc's allocator, set before any thread exists (`main`, and the benchmarks' daemon): two
-//! arenas, not one per thread up to eight per CPU (what a thread freed stayed in its arena;
-//! one arena made changes wait on the kernel read's threads), and blocks over 128 KiB mapped
-//! alone and free memory above it returned, instead of thresholds that grow to the largest
-//! block freed; and [`release`], which the IPVS engine calls around and during each full sync
-//! and after each read ([docs/sync.md](../docs/sync.md#where-the-bytes-go)).
+//! glibc's allocator, set before any thread exists (`main`, the benchmarks' daemon, `bench
+//! change`): two arenas, not one per thread up to eight per CPU (what a thread freed stayed in
+//! its arena; one arena made changes wait on the kernel read's threads), and blocks over 128
+//! KiB mapped alone and free memory above it returned, instead of thresholds that grow to the
+//! largest block freed; and [`release`], which the IPVS engine calls around and during each full sync
+//! and after each read ([docs/sync.md](../docs/sync.md#where-the-bytes-go)). The global
+//! allocator is glibc's, with its blocks of 2 MiB or more on transparent huge pages.
 #![allow(
     unsafe_code,
     reason = "mallopt, malloc_trim and madvise are libc calls; a global allocator is unsafe"
@@ -20,8 +21,9 @@ static ALLOCATOR: Allocator = Allocator;
 const HUGE: usize = 2 << 20;
 
 /// `System`, and `madvise(MADV_HUGEPAGE)` on each block of [`HUGE`] or more. Such a block is
-/// its own mapping (over the mmap threshold that [`tune`] sets), so the advice reaches no
-/// other block and ends with it; only the 2 MiB pages wholly inside it can be huge, and only
+/// its own mapping (over the mmap threshold that [`tune`] sets; untuned, glibc could carve it
+/// from its heap, and the advice would take in its neighbours' pages), so the advice reaches
+/// no other block and ends with it; only the 2 MiB pages wholly inside it can be huge, and only
 /// those touched are resident, so the room a vector has not used yet stays unmapped (but for
 /// the partly used page). Where transparent huge pages are `never`, the advice is ignored.
 #[derive(Debug)]
