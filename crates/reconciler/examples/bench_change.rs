@@ -17,6 +17,9 @@
 //! range of the rounds' own ratios, then `bench change-ratio 10k/1k=… 100k/1k=…`: the median
 //! of the rounds' ratios of their medians, so a slow spell, which falls on every size of its
 //! round, cannot flip the verdict (goals ≤ 1.1 and ≤ 1.3; printed, not asserted).
+//!
+//! The allocator is the daemon's (`src/allocator.rs`, the same file): its settings, and its
+//! big blocks on transparent huge pages, are part of what a change costs.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
@@ -35,6 +38,11 @@ use reconciler::{
     Affected, ClusterState, Folded, HealthChecks, Observer, Settings, SliceName, SourceUpdate,
     SyncLoop, SyncRecord,
 };
+
+// The daemon's allocator: its global allocator, and `tune`, called first in `main`.
+#[path = "../../../src/allocator.rs"]
+#[allow(dead_code, reason = "the daemon's `release` is not called here")]
+mod allocator;
 
 const ENDPOINTS: u32 = 10;
 const NODES: u32 = 50;
@@ -341,6 +349,7 @@ struct Measured {
 }
 
 fn main() {
+    allocator::tune();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let count: u32 = std::env::var("BENCH_CHANGES")
         .ok()
