@@ -258,7 +258,7 @@ fn start_daemon(source: &Source, log_path: &Path) -> Result<Daemon> {
         ]
         .map(str::to_owned),
     );
-    Daemon::start(&flags, &log)
+    Daemon::start(&flags, &log, "info")
 }
 
 fn measure(source: &Source, n: u32) -> Result<Measured> {

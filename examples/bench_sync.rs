@@ -23,7 +23,12 @@
 //! `bench sync-change <N> ours=<median s>s p99=<ms>ms` (no read running),
 //! `bench sync-change-resync <N> ours=<median s>s floor=<median without>s ratio=… p99=…` and
 //! `bench sync-change-direct <N> ours=<median s>s floor=<the ipvs crate's>s ratio=… p99=…
-//! p99_floor=… p99_ratio=…`.
+//! p99_floor=… p99_ratio=…` and `bench sync-change-direct-from-rename <N> …`, the same with
+//! the daemon's side timed from the change complete (the rename returned, or the slice's
+//! update) instead of from before it.
+//!
+//! The daemon logs at the default level, as operators run it; `BENCH_SYNC_SPLIT=1` adds the
+//! watcher's line per change (`controllers::watch=debug`), which splits each change's time.
 //!
 //! `--source api` (first argument) serves the same cluster from the test API server (the
 //! `testapi` crate, in this process, on loopback) instead: the daemon follows it with
@@ -108,7 +113,8 @@ fn bench(args: &[String]) -> Result<()> {
             ratio(cold.during_resync.median, cold.idle.median),
             cold.during_resync.p99.as_secs_f64() * 1000.0,
         ));
-        // The daemon's change against the same netlink operations sent by the ipvs crate.
+        // The daemon's change against the same netlink operations sent by the ipvs crate,
+        // timed from before the file is written, then from the rename's return.
         summary.push(format!(
             "bench {name}-change-direct {n} ours={:.4}s floor={:.4}s ratio={:.2} p99={:.1}ms p99_floor={:.1}ms p99_ratio={:.2}",
             cold.idle.median.as_secs_f64(),
@@ -117,6 +123,15 @@ fn bench(args: &[String]) -> Result<()> {
             cold.idle.p99.as_secs_f64() * 1000.0,
             cold.direct.p99.as_secs_f64() * 1000.0,
             ratio(cold.idle.p99, cold.direct.p99),
+        ));
+        summary.push(format!(
+            "bench {name}-change-direct-from-rename {n} ours={:.4}s floor={:.4}s ratio={:.2} p99={:.1}ms p99_floor={:.1}ms p99_ratio={:.2}",
+            cold.idle_from_rename.median.as_secs_f64(),
+            cold.direct.median.as_secs_f64(),
+            ratio(cold.idle_from_rename.median, cold.direct.median),
+            cold.idle_from_rename.p99.as_secs_f64() * 1000.0,
+            cold.direct.p99.as_secs_f64() * 1000.0,
+            ratio(cold.idle_from_rename.p99, cold.direct.p99),
         ));
     }
     for line in summary {
@@ -245,6 +260,9 @@ struct Measured {
     ours: Duration,
     /// Changes while no full sync read the kernel.
     idle: Latencies,
+    /// The same, timed from the change complete (the rename returned) instead of from before
+    /// the file was written.
+    idle_from_rename: Latencies,
     /// Changes that arrived while a periodic full sync read the kernel.
     during_resync: Latencies,
     /// The same changes made with the bare `ipvs` crate, while no full sync read the kernel.
@@ -319,6 +337,17 @@ fn daemon_flags(source: &Source, n: u32) -> Vec<String> {
     flags
 }
 
+/// The daemon's log filter (`RUST_LOG` overrides it): the default level, as operators run it,
+/// or with `BENCH_SYNC_SPLIT=1` the watcher's line per change too, which splits a change's time
+/// ([`explain_changes`]) at the cost of writing that line.
+fn log_filter() -> &'static str {
+    if std::env::var_os("BENCH_SYNC_SPLIT").is_some() {
+        "info,controllers::watch=debug"
+    } else {
+        "info"
+    }
+}
+
 /// Starts the daemon with `flags` (its output to `log`): the daemon, and how long it took to
 /// its first sync.
 fn until_first_sync(
@@ -327,7 +356,7 @@ fn until_first_sync(
     log_path: &std::path::Path,
 ) -> Result<(Daemon, Duration)> {
     let started = Instant::now();
-    let daemon = Daemon::start(flags, log)?;
+    let daemon = Daemon::start(flags, log, log_filter())?;
     let name = r#"kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}"#;
     let deadline = started + Duration::from_secs(1200);
     loop {
@@ -396,8 +425,16 @@ fn cold_start(source: &Source, n: u32) -> Result<Measured> {
         println!("  (net.ipv4.vs.run_estimation=0 for the changes)");
     }
     let mut renames = Vec::with_capacity(CHANGES);
+    let mut writes = Vec::with_capacity(CHANGES);
     let mut direct = Vec::with_capacity(CHANGES);
-    let latencies = match changes(&mut handle, source, n, &mut renames, &mut direct) {
+    let changed = changes(
+        &mut handle,
+        source,
+        n,
+        (&mut renames, &mut writes),
+        &mut direct,
+    );
+    let latencies = match changed {
         Ok(l) => l,
         Err(e) => {
             print_log(&std::fs::read_to_string(&log_path).unwrap_or_default());
@@ -425,13 +462,20 @@ fn cold_start(source: &Source, n: u32) -> Result<Measured> {
     if let Some(trace) = trace {
         trace.print(start, &log);
     }
-    let (idle, during_resync, direct) = split_by_resync(&log, &renames, &latencies, &direct);
-    explain_changes(&log, &renames);
+    let from_rename: Vec<Duration> = latencies
+        .iter()
+        .zip(&writes)
+        .map(|(l, w)| l.saturating_sub(*w))
+        .collect();
+    let [idle, during_resync, direct, idle_from_rename] =
+        split_by_resync(&log, &renames, [&latencies, &from_rename], &direct);
+    explain_changes(&log, &renames, &writes);
     slowest_changes(&log, &renames, &latencies);
     print_log(&log);
     Ok(Measured {
         ours,
         idle,
+        idle_from_rename,
         during_resync,
         direct,
         peak_rss_kib,
@@ -496,13 +540,14 @@ impl RssTrace {
 }
 
 /// The daemon's changes that arrived while no periodic full sync read the kernel, those that
-/// arrived while one did (by the daemon's log), and the direct ones made while none did.
+/// arrived while one did (by the daemon's log), the direct ones made while none did, and the
+/// first again timed from the rename's return (`from_rename`).
 fn split_by_resync(
     log: &str,
     renames: &[std::time::SystemTime],
-    latencies: &[Duration],
+    [latencies, from_rename]: [&[Duration]; 2],
     direct: &[(std::time::SystemTime, Duration)],
-) -> (Latencies, Latencies, Latencies) {
+) -> [Latencies; 4] {
     let windows = resync_reads(log);
     let read_ms: Vec<Duration> = windows
         .iter()
@@ -526,16 +571,23 @@ fn split_by_resync(
         .collect();
     let (idle, during_resync) = (split(&ours, false), split(&ours, true));
     let direct = split(direct, false);
+    let ours: Vec<_> = renames
+        .iter()
+        .copied()
+        .zip(from_rename.iter().copied())
+        .collect();
+    let idle_from_rename = split(&ours, false);
     println!(
-        "  periodic full syncs that read the kernel: {} (read and compare {}; of which the comparison, on the loop's thread, {}); changes during one {}, during none {}; the same change by the ipvs crate {}",
+        "  periodic full syncs that read the kernel: {} (read and compare {}; of which the comparison, on the loop's thread, {}); changes during one {}, during none {} (from the rename's return {}); the same change by the ipvs crate {}",
         windows.len(),
         Latencies::of(read_ms).describe(),
         Latencies::of(compare_ms).describe(),
         during_resync.describe(),
         idle.describe(),
+        idle_from_rename.describe(),
         direct.describe(),
     );
-    (idle, during_resync, direct)
+    [idle, during_resync, direct, idle_from_rename]
 }
 
 /// A period that keeps a periodic full sync reading the kernel about half the time (a read
@@ -560,8 +612,10 @@ fn resync_reads(log: &str) -> Vec<(f64, f64, f64)> {
 }
 
 /// One endpoint change at a time: the last endpoint of a Service moves to a new address; how
-/// long each took from the file's rename (or the slice's update) to the new real server in the
-/// IPVS table.
+/// long each took from before the file was written (or the slice updated) to the new real
+/// server in the IPVS table. When each began goes to `renames`, how long the change itself
+/// took the benchmark (writing and renaming the file, or updating the slice: part of each
+/// latency, before the daemon can see it) to `writes`.
 ///
 /// Each is followed by the same change made directly with the `ipvs` crate (`direct`: when,
 /// and how long until polled in the table): the same two operations (the new real server
@@ -571,14 +625,11 @@ fn changes(
     handle: &mut ipvs::Handle,
     source: &Source,
     n: u32,
-    renames: &mut Vec<std::time::SystemTime>,
+    (renames, writes): (&mut Vec<std::time::SystemTime>, &mut Vec<Duration>),
     direct: &mut Vec<(std::time::SystemTime, Duration)>,
 ) -> Result<Vec<Duration>> {
     let mut latencies = Vec::with_capacity(CHANGES);
     let mut daemon_polls = Vec::with_capacity(CHANGES);
-    // How long the change itself takes the benchmark (the file written and renamed, or the
-    // slice updated): part of each latency, before the daemon can see it.
-    let mut writes = Vec::with_capacity(CHANGES);
     let mut bare = Bare::new(handle)?;
     for k in 0..CHANGES {
         let k32 = u32::try_from(k)?;
@@ -615,7 +666,7 @@ fn changes(
         "  reading the table until a change shows: the daemon's median {} reads, one read every {} (the crate's: one); making the change (writing and renaming the file, or updating the slice) {}",
         daemon_polls[daemon_polls.len() / 2],
         Latencies::of(period).describe(),
-        Latencies::of(writes).describe(),
+        Latencies::of(writes.clone()).describe(),
     );
     Ok(latencies)
 }
@@ -742,10 +793,12 @@ fn field(line: &str, name: &str) -> Option<f64> {
         .find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
 }
 
-/// Splits each change's latency, from the daemon's log (`controllers=debug` adds the watcher's
-/// lines): rename → the watcher reading the file (inotify, thread wake-ups), reading and
-/// parsing it, → the sync starting (queueing behind another sync), and the sync itself.
-fn explain_changes(log: &str, renames: &[std::time::SystemTime]) {
+/// Splits each change's latency, from the daemon's log (`BENCH_SYNC_SPLIT=1` runs the daemon
+/// with `controllers::watch=debug`, which adds the watcher's lines; without, it logs as
+/// operators run it): the benchmark writing and renaming the file, the rename's return → the
+/// watcher reading the file (inotify, thread wake-ups), reading and parsing it, → the sync
+/// starting (queueing behind another sync), and the sync itself.
+fn explain_changes(log: &str, renames: &[std::time::SystemTime], writes: &[Duration]) {
     // (start, took) of each line with `took_ms` and `what` in it.
     let spans = |what: &str| -> Vec<(f64, f64, bool)> {
         log.lines()
@@ -768,10 +821,11 @@ fn explain_changes(log: &str, renames: &[std::time::SystemTime]) {
     let mut waits = Vec::new();
     let mut tooks = Vec::new();
     let mut behind_full = 0;
-    for r in renames {
+    for (r, written) in renames.iter().zip(writes) {
         let Some(at) = clock_time(*r) else {
             continue;
         };
+        let done_at = at + written.as_secs_f64();
         let Some(&(start, took, full)) = syncs.iter().find(|(start, took, _)| start + took >= at)
         else {
             continue;
@@ -782,7 +836,7 @@ fn explain_changes(log: &str, renames: &[std::time::SystemTime]) {
         if let Some(&(read_start, read_took, _)) =
             reads.iter().find(|(s, t, _)| s + t >= at && *s <= start)
         {
-            to_read.push(Duration::from_secs_f64((read_start - at).max(0.0)));
+            to_read.push(Duration::from_secs_f64((read_start - done_at).max(0.0)));
             reading.push(Duration::from_secs_f64(read_took));
         }
     }
@@ -800,9 +854,18 @@ fn explain_changes(log: &str, renames: &[std::time::SystemTime]) {
         ms(&mut tooks, 0.5),
         ms(&mut tooks, 0.99),
     );
-    if !to_read.is_empty() {
+    let mut writes = writes.to_vec();
+    if to_read.is_empty() {
         println!(
-            "    of which rename to the watcher's read median {:.2}ms p99 {:.2}ms; read and parse median {:.2}ms p99 {:.2}ms",
+            "    of which writing and renaming the file (the benchmark) median {:.2}ms p99 {:.2}ms (BENCH_SYNC_SPLIT=1 for the watcher's share)",
+            ms(&mut writes, 0.5),
+            ms(&mut writes, 0.99),
+        );
+    } else {
+        println!(
+            "    of which writing and renaming the file (the benchmark) median {:.2}ms p99 {:.2}ms; the rename's return to the watcher's read median {:.2}ms p99 {:.2}ms; read and parse median {:.2}ms p99 {:.2}ms",
+            ms(&mut writes, 0.5),
+            ms(&mut writes, 0.99),
             ms(&mut to_read, 0.5),
             ms(&mut to_read, 0.99),
             ms(&mut reading, 0.5),

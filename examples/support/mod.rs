@@ -51,8 +51,9 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts the daemon with `flags`, its output (without colours) to `log`.
-    pub fn start(flags: &[String], log: &std::fs::File) -> anyhow::Result<Daemon> {
+    /// Starts the daemon with `flags`, its output (without colours) to `log`, logging with
+    /// `filter` (`info`: as operators run it) unless `RUST_LOG` says otherwise.
+    pub fn start(flags: &[String], log: &std::fs::File, filter: &str) -> anyhow::Result<Daemon> {
         let exe = std::env::current_exe()?;
         let profile = std::env::var_os("BENCH_HEAPTRACK");
         let mut command = match &profile {
@@ -71,7 +72,7 @@ impl Daemon {
             .env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                std::env::var("RUST_LOG").unwrap_or_else(|_| filter.into()),
             )
             .stderr(log.try_clone()?)
             .stdout(log.try_clone()?)
