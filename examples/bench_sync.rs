@@ -115,23 +115,21 @@ fn bench(args: &[String]) -> Result<()> {
         ));
         // The daemon's change against the same netlink operations sent by the ipvs crate,
         // timed from before the file is written, then from the rename's return.
-        summary.push(format!(
-            "bench {name}-change-direct {n} ours={:.4}s floor={:.4}s ratio={:.2} p99={:.1}ms p99_floor={:.1}ms p99_ratio={:.2}",
-            cold.idle.median.as_secs_f64(),
-            cold.direct.median.as_secs_f64(),
-            ratio(cold.idle.median, cold.direct.median),
-            cold.idle.p99.as_secs_f64() * 1000.0,
-            cold.direct.p99.as_secs_f64() * 1000.0,
-            ratio(cold.idle.p99, cold.direct.p99),
-        ));
-        summary.push(format!(
-            "bench {name}-change-direct-from-rename {n} ours={:.4}s floor={:.4}s ratio={:.2} p99={:.1}ms p99_floor={:.1}ms p99_ratio={:.2}",
-            cold.idle_from_rename.median.as_secs_f64(),
-            cold.direct.median.as_secs_f64(),
-            ratio(cold.idle_from_rename.median, cold.direct.median),
-            cold.idle_from_rename.p99.as_secs_f64() * 1000.0,
-            cold.direct.p99.as_secs_f64() * 1000.0,
-            ratio(cold.idle_from_rename.p99, cold.direct.p99),
+        let direct_line = |label: &str, ours: &Latencies| {
+            format!(
+                "bench {name}-{label} {n} ours={:.4}s floor={:.4}s ratio={:.2} p99={:.1}ms p99_floor={:.1}ms p99_ratio={:.2}",
+                ours.median.as_secs_f64(),
+                cold.direct.median.as_secs_f64(),
+                ratio(ours.median, cold.direct.median),
+                ours.p99.as_secs_f64() * 1000.0,
+                cold.direct.p99.as_secs_f64() * 1000.0,
+                ratio(ours.p99, cold.direct.p99),
+            )
+        };
+        summary.push(direct_line("change-direct", &cold.idle));
+        summary.push(direct_line(
+            "change-direct-from-rename",
+            &cold.idle_from_rename,
         ));
     }
     for line in summary {
