@@ -124,18 +124,19 @@ static NO_NETWORKS: LazyLock<Arc<[IpNet]>> = LazyLock::new(|| Arc::from([]));
 /// `list` as a Service's shared address list ([`NO_ADDRESSES`] when empty).
 #[must_use]
 pub fn address_list(list: Vec<IpAddr>) -> Arc<[IpAddr]> {
-    if list.is_empty() {
-        NO_ADDRESSES.clone()
-    } else {
-        list.into()
-    }
+    shared_or_empty(list, &NO_ADDRESSES)
 }
 
 /// `list` as a Service's shared list of source ranges ([`NO_NETWORKS`] when empty).
 #[must_use]
 pub fn network_list(list: Vec<IpNet>) -> Arc<[IpNet]> {
+    shared_or_empty(list, &NO_NETWORKS)
+}
+
+/// `list` as a shared list, or `empty`'s when it has nothing.
+fn shared_or_empty<T>(list: Vec<T>, empty: &LazyLock<Arc<[T]>>) -> Arc<[T]> {
     if list.is_empty() {
-        NO_NETWORKS.clone()
+        Arc::clone(empty)
     } else {
         list.into()
     }
