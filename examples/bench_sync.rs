@@ -562,19 +562,14 @@ fn split_by_resync(
         let chosen = times.iter().filter(|(t, _)| during(t) == want);
         Latencies::of(chosen.map(|(_, l)| *l).collect())
     };
-    let ours: Vec<_> = renames
-        .iter()
-        .copied()
-        .zip(latencies.iter().copied())
-        .collect();
+    // Each of the daemon's changes by when it began.
+    let timed = |took: &[Duration]| -> Vec<_> {
+        renames.iter().copied().zip(took.iter().copied()).collect()
+    };
+    let ours = timed(latencies);
     let (idle, during_resync) = (split(&ours, false), split(&ours, true));
     let direct = split(direct, false);
-    let ours: Vec<_> = renames
-        .iter()
-        .copied()
-        .zip(from_rename.iter().copied())
-        .collect();
-    let idle_from_rename = split(&ours, false);
+    let idle_from_rename = split(&timed(from_rename), false);
     println!(
         "  periodic full syncs that read the kernel: {} (read and compare {}; of which the comparison, on the loop's thread, {}); changes during one {}, during none {} (from the rename's return {}); the same change by the ipvs crate {}",
         windows.len(),
