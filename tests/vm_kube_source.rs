@@ -406,6 +406,9 @@ fn lines_of(table: &[String], vs: &str) -> Vec<String> {
 #[ignore = "needs an IPVS kernel: run cargo xtask vm-test"]
 fn kube_nothing_is_programmed_before_every_list_then_three_pods_answer() {
     const SLOW: Duration = Duration::from_secs(8);
+    // How long before the slow list can answer the checks stop: one round of them on a
+    // loaded emulator.
+    const MARGIN: Duration = Duration::from_secs(2);
     let _kernel = Kernel::take();
     let cluster = Cluster::new("ksync");
     let api = Api::start();
@@ -414,25 +417,23 @@ fn kube_nothing_is_programmed_before_every_list_then_three_pods_answer() {
     let daemon = cluster.start(&api, &[]);
     let health = daemon.healthz_addr();
 
-    // Once the slow EndpointSlice list has been asked for, watch the kernel for most of its
-    // delay (what passed before we saw the request is part of the delay, hence the margin).
-    let mut asked = None;
+    // Once every list has been asked for, watch the kernel until shortly before the slow
+    // EndpointSlice list can answer: its delay runs from the request's arrival, which the
+    // server records.
+    let mut slow_list = None;
     wait_until(
         "the daemon to ask for every list",
         || {
             let requests = api.server.requests();
-            let listed = |kind| requests.iter().any(|r| r.kind == kind && r.is_list());
-            let all = listed(Kind::Service) && listed(Kind::EndpointSlice) && listed(Kind::Node);
-            if all {
-                asked = Some(Instant::now());
-            }
-            all
+            let list = |kind| requests.iter().find(|r| r.kind == kind && r.is_list());
+            slow_list = list(Kind::EndpointSlice).map(|r| r.at);
+            slow_list.is_some() && list(Kind::Service).is_some() && list(Kind::Node).is_some()
         },
         || format!("{:#?}\n{}", api.server.requests(), daemon.log()),
     );
-    let asked = asked.expect("asked");
+    let slow_list = slow_list.expect("the EndpointSlice list was asked for");
     let mut checks = 0;
-    while asked.elapsed() < SLOW / 2 {
+    while slow_list.elapsed() + MARGIN < SLOW {
         assert_eq!(
             ipvs_lines(),
             Vec::<String>::new(),
@@ -452,7 +453,10 @@ fn kube_nothing_is_programmed_before_every_list_then_three_pods_answer() {
         checks += 1;
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(checks >= 5, "the kernel was read during the slow list");
+    assert!(
+        checks >= 3,
+        "the kernel was read {checks} times during the slow list"
+    );
     assert!(
         daemon.syncs().is_empty(),
         "no sync before the lists are complete:\n{}",
