@@ -12,6 +12,9 @@
 //!   reads run about half the time);
 //! - the same change sent directly by the `ipvs` crate (the same two operations on a virtual
 //!   server of its own), after each of the daemon's, in turns, its time read the same way;
+//! - from manifests, the same change made by a file-following floor (`support/reactor.rs`: a
+//!   thread that waits on inotify, reads and decodes the file, and sends the two operations),
+//!   in turns with the other two: what any program driven by the file pays;
 //! - the daemon's peak RSS (VmHWM).
 //!
 //! The daemon is this executable run again with `--daemon` (the examples have no path to the
@@ -25,7 +28,9 @@
 //! `bench sync-change-direct <N> ours=<median s>s floor=<the ipvs crate's>s ratio=… p99=…
 //! p99_floor=… p99_ratio=…` and `bench sync-change-direct-from-rename <N> …`, the same with
 //! the daemon's side timed from the change complete (the rename returned, or the slice's
-//! update) instead of from before it.
+//! update) instead of from before it; from manifests, `bench sync-change-file-floor <N> …`
+//! (the daemon against the reactor) and `bench sync-file-floor-direct <N> …` (the reactor
+//! against the crate), in the same form.
 //!
 //! The daemon logs at the default level, as operators run it; `BENCH_SYNC_SPLIT=1` adds the
 //! watcher's line per change (`controllers::watch=debug`), which splits each change's time.
@@ -47,6 +52,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 
+#[path = "support/reactor.rs"]
+mod reactor;
 #[path = "support/mod.rs"]
 mod support;
 use support::source::{Source, parse_args};
@@ -114,23 +121,30 @@ fn bench(args: &[String]) -> Result<()> {
             cold.during_resync.p99.as_secs_f64() * 1000.0,
         ));
         // The daemon's change against the same netlink operations sent by the ipvs crate,
-        // timed from before the file is written, then from the rename's return.
-        let direct_line = |label: &str, ours: &Latencies| {
+        // timed from before the file is written, then from the rename's return; and, from
+        // manifests, against the reactor's (a file followed, no more), and the reactor's
+        // against the crate's.
+        let paired = |label: &str, ours: &Latencies, floor: &Latencies| {
             format!(
                 "bench {name}-{label} {n} ours={:.4}s floor={:.4}s ratio={:.2} p99={:.1}ms p99_floor={:.1}ms p99_ratio={:.2}",
                 ours.median.as_secs_f64(),
-                cold.direct.median.as_secs_f64(),
-                ratio(ours.median, cold.direct.median),
+                floor.median.as_secs_f64(),
+                ratio(ours.median, floor.median),
                 ours.p99.as_secs_f64() * 1000.0,
-                cold.direct.p99.as_secs_f64() * 1000.0,
-                ratio(ours.p99, cold.direct.p99),
+                floor.p99.as_secs_f64() * 1000.0,
+                ratio(ours.p99, floor.p99),
             )
         };
-        summary.push(direct_line("change-direct", &cold.idle));
-        summary.push(direct_line(
+        summary.push(paired("change-direct", &cold.idle, &cold.direct));
+        summary.push(paired(
             "change-direct-from-rename",
             &cold.idle_from_rename,
+            &cold.direct,
         ));
+        if cold.file_floor.count > 0 {
+            summary.push(paired("change-file-floor", &cold.idle, &cold.file_floor));
+            summary.push(paired("file-floor-direct", &cold.file_floor, &cold.direct));
+        }
     }
     for line in summary {
         println!("{line}");
@@ -265,6 +279,9 @@ struct Measured {
     during_resync: Latencies,
     /// The same changes made with the bare `ipvs` crate, while no full sync read the kernel.
     direct: Latencies,
+    /// From manifests, the same changes made by the reactor ([`reactor`]: a file followed,
+    /// decoded and sent, no more), while no full sync read the kernel; none from the API.
+    file_floor: Latencies,
     peak_rss_kib: u64,
 }
 
@@ -425,12 +442,13 @@ fn cold_start(source: &Source, n: u32) -> Result<Measured> {
     let mut renames = Vec::with_capacity(CHANGES);
     let mut writes = Vec::with_capacity(CHANGES);
     let mut direct = Vec::with_capacity(CHANGES);
+    let mut file_floor = Vec::with_capacity(CHANGES);
     let changed = changes(
         &mut handle,
         source,
         n,
         (&mut renames, &mut writes),
-        &mut direct,
+        [&mut direct, &mut file_floor],
     );
     let latencies = match changed {
         Ok(l) => l,
@@ -465,8 +483,12 @@ fn cold_start(source: &Source, n: u32) -> Result<Measured> {
         .zip(&writes)
         .map(|(l, w)| l.saturating_sub(*w))
         .collect();
-    let [idle, during_resync, direct, idle_from_rename] =
-        split_by_resync(&log, &renames, [&latencies, &from_rename], &direct);
+    let [idle, during_resync, direct, idle_from_rename, file_floor] = split_by_resync(
+        &log,
+        &renames,
+        [&latencies, &from_rename],
+        [&direct, &file_floor],
+    );
     explain_changes(&log, &renames, &writes);
     slowest_changes(&log, &renames, &latencies);
     print_log(&log);
@@ -476,6 +498,7 @@ fn cold_start(source: &Source, n: u32) -> Result<Measured> {
         idle_from_rename,
         during_resync,
         direct,
+        file_floor,
         peak_rss_kib,
     })
 }
@@ -537,15 +560,19 @@ impl RssTrace {
     }
 }
 
+/// When a change began, and how long it took.
+type Began = (std::time::SystemTime, Duration);
+
 /// The daemon's changes that arrived while no periodic full sync read the kernel, those that
-/// arrived while one did (by the daemon's log), the direct ones made while none did, and the
-/// first again timed from the rename's return (`from_rename`).
+/// arrived while one did (by the daemon's log), the direct ones made while none did, the
+/// first again timed from the rename's return (`from_rename`), and the reactor's made while
+/// none did.
 fn split_by_resync(
     log: &str,
     renames: &[std::time::SystemTime],
     [latencies, from_rename]: [&[Duration]; 2],
-    direct: &[(std::time::SystemTime, Duration)],
-) -> [Latencies; 4] {
+    [direct, file_floor]: [&[Began]; 2],
+) -> [Latencies; 5] {
     let windows = resync_reads(log);
     let read_ms: Vec<Duration> = windows
         .iter()
@@ -558,7 +585,7 @@ fn split_by_resync(
     let during = |t: &std::time::SystemTime| {
         clock_time(*t).is_some_and(|at| windows.iter().any(|(s, e, _)| *s <= at && at <= *e))
     };
-    let split = |times: &[(std::time::SystemTime, Duration)], want: bool| {
+    let split = |times: &[Began], want: bool| {
         let chosen = times.iter().filter(|(t, _)| during(t) == want);
         Latencies::of(chosen.map(|(_, l)| *l).collect())
     };
@@ -569,9 +596,10 @@ fn split_by_resync(
     let ours = timed(latencies);
     let (idle, during_resync) = (split(&ours, false), split(&ours, true));
     let direct = split(direct, false);
+    let file_floor = split(file_floor, false);
     let idle_from_rename = split(&timed(from_rename), false);
     println!(
-        "  periodic full syncs that read the kernel: {} (read and compare {}; of which the comparison, on the loop's thread, {}); changes during one {}, during none {} (from the rename's return {}); the same change by the ipvs crate {}",
+        "  periodic full syncs that read the kernel: {} (read and compare {}; of which the comparison, on the loop's thread, {}); changes during one {}, during none {} (from the rename's return {}); the same change by the ipvs crate {}, by the reactor {}",
         windows.len(),
         Latencies::of(read_ms).describe(),
         Latencies::of(compare_ms).describe(),
@@ -579,8 +607,9 @@ fn split_by_resync(
         idle.describe(),
         idle_from_rename.describe(),
         direct.describe(),
+        file_floor.describe(),
     );
-    [idle, during_resync, direct, idle_from_rename]
+    [idle, during_resync, direct, idle_from_rename, file_floor]
 }
 
 /// A period that keeps a periodic full sync reading the kernel about half the time (a read
@@ -613,17 +642,29 @@ fn resync_reads(log: &str) -> Vec<(f64, f64, f64)> {
 /// Each is followed by the same change made directly with the `ipvs` crate (`direct`: when,
 /// and how long until polled in the table): the same two operations (the new real server
 /// added, the moved one set to weight 0 to drain) on a virtual server of its own, which the
-/// proxy does not own (its address is not on `kube-ipvs0`), so the two never meet.
+/// proxy does not own (its address is not on `kube-ipvs0`), so the two never meet. From
+/// manifests, then by the reactor (`file_floor`, [`reactor`]), on a virtual server of its own
+/// too, its file written and renamed as the daemon's are.
 fn changes(
     handle: &mut ipvs::Handle,
     source: &Source,
     n: u32,
     (renames, writes): (&mut Vec<std::time::SystemTime>, &mut Vec<Duration>),
-    direct: &mut Vec<(std::time::SystemTime, Duration)>,
+    [direct, file_floor]: [&mut Vec<Began>; 2],
 ) -> Result<Vec<Duration>> {
     let mut latencies = Vec::with_capacity(CHANGES);
     let mut daemon_polls = Vec::with_capacity(CHANGES);
     let mut bare = Bare::new(handle)?;
+    let reactor = match source {
+        Source::Manifests(_) => Some(reactor::Reactor::start(
+            &std::env::temp_dir().join("bench-sync-reactor"),
+            ipvs::ServiceKey::tcp(Ipv4Addr::new(10, 98, 0, 1).into(), 80),
+            n,
+        )?),
+        Source::Api(_) => None,
+    };
+    // The reactor's endpoint that its next change drains: Service n's last, at first.
+    let mut drained = support::cluster::endpoint(n, ENDPOINTS - 1);
     for k in 0..CHANGES {
         let k32 = u32::try_from(k)?;
         let i = (k32 * 7919) % n;
@@ -642,8 +683,25 @@ fn changes(
         std::thread::sleep(Duration::from_millis(20));
         direct.push(bare.change(handle, k)?);
         std::thread::sleep(Duration::from_millis(20));
+        if let Some(reactor) = &reactor {
+            let moved = Ipv4Addr::new(10, 248, u8::try_from(k / 250)?, u8::try_from(k % 250 + 1)?);
+            let at = std::time::SystemTime::now();
+            let t0 = Instant::now();
+            reactor.change(moved)?;
+            let target = SocketAddr::from((moved, 8080));
+            let (took, _) = until_seen(handle, &reactor.key, target, t0)
+                .with_context(|| format!("the reactor's change {k} not seen"))?;
+            file_floor.push((at, took));
+            // The one it drained, deleted untimed, as the crate's side deletes its own.
+            handle.delete_real_server(&reactor.key, SocketAddr::from((drained, 8080)))?;
+            drained = moved;
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     bare.remove(handle);
+    if let Some(reactor) = reactor {
+        reactor.stop()?;
+    }
     // Each side's time ends at the first read of the table that shows its change, so it
     // holds up to one period of reading after the change landed: the daemon's side is read
     // while the change is on its way (several reads), the crate's right after its
@@ -725,11 +783,7 @@ impl Bare {
     /// Moves the last real server as the daemon's change does: when it began, and how long
     /// until the new one was polled in the table. The drained one is deleted after, untimed,
     /// as the daemon deletes it after its drain check.
-    fn change(
-        &mut self,
-        handle: &mut ipvs::Handle,
-        k: usize,
-    ) -> Result<(std::time::SystemTime, Duration)> {
+    fn change(&mut self, handle: &mut ipvs::Handle, k: usize) -> Result<Began> {
         let moved = SocketAddr::from((
             Ipv4Addr::new(10, 247, u8::try_from(k / 250)?, u8::try_from(k % 250 + 1)?),
             8080,
