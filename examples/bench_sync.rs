@@ -663,8 +663,10 @@ fn changes(
         )?),
         Source::Api(_) => None,
     };
-    // The reactor's endpoint that its next change drains: Service n's last, at first.
-    let mut drained = support::cluster::endpoint(n, ENDPOINTS - 1);
+    // The reactor's last endpoint, which its next change drains (Service n's last at first),
+    // and the one its last change drained.
+    let mut last = support::cluster::endpoint(n, ENDPOINTS - 1);
+    let mut drained = None;
     for k in 0..CHANGES {
         let k32 = u32::try_from(k)?;
         let i = (k32 * 7919) % n;
@@ -684,6 +686,12 @@ fn changes(
         direct.push(bare.change(handle, k)?);
         std::thread::sleep(Duration::from_millis(20));
         if let Some(reactor) = &reactor {
+            // The one its last change drained, deleted untimed, long after that change's
+            // operations all went (deleted as soon as the new one shows, it could precede
+            // the drain's own operation), as the crate's side deletes its own.
+            if let Some(addr) = drained.take() {
+                handle.delete_real_server(&reactor.key, SocketAddr::from((addr, 8080)))?;
+            }
             let moved = Ipv4Addr::new(10, 248, u8::try_from(k / 250)?, u8::try_from(k % 250 + 1)?);
             let at = std::time::SystemTime::now();
             let t0 = Instant::now();
@@ -692,9 +700,8 @@ fn changes(
             let (took, _) = until_seen(handle, &reactor.key, target, t0)
                 .with_context(|| format!("the reactor's change {k} not seen"))?;
             file_floor.push((at, took));
-            // The one it drained, deleted untimed, as the crate's side deletes its own.
-            handle.delete_real_server(&reactor.key, SocketAddr::from((drained, 8080)))?;
-            drained = moved;
+            drained = Some(last);
+            last = moved;
             std::thread::sleep(Duration::from_millis(20));
         }
     }
