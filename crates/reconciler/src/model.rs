@@ -289,6 +289,7 @@ impl Hints {
 /// The table is never pruned: it holds each distinct list ever seen, once. Lists are few: with
 /// `trafficDistribution: PreferClose` each endpoint names its own zone (one list per zone),
 /// and topology-aware hints add the few zone combinations the EndpointSlice controller makes.
+/// Equal lists have one id; ids order by when their list was first seen, not by its names.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ZoneHints(NonZeroU32);
 
@@ -417,5 +418,17 @@ mod tests {
     #[test]
     fn an_endpoint_takes_32_bytes() {
         assert_eq!(std::mem::size_of::<Endpoint>(), 32);
+    }
+
+    #[test]
+    fn equal_zone_lists_have_one_id_that_answers_for_their_zones() {
+        let a = ZoneHints::of(["model-test-a", "model-test-b"]).unwrap();
+        assert_eq!(ZoneHints::of(["model-test-a", "model-test-b"]), Some(a));
+        assert_ne!(ZoneHints::of(["model-test-a"]), Some(a));
+        assert!(a.contains("model-test-b") && !a.contains("model-test-c"));
+        assert_eq!(ZoneHints::of([]), None, "no zones, no hints");
+        let hints = Hints::new(["model-test-a"], ["node-b", "node-a"], "node-a");
+        assert!(hints.for_nodes && hints.for_this_node && hints.any());
+        assert!(!Hints::new([], ["node-b"], "node-a").for_this_node);
     }
 }
