@@ -38,8 +38,9 @@ async fn start_source(
     tx: SourceSender,
 ) -> anyhow::Result<Option<controllers::events::EventSender>> {
     if let Some(dir) = config.manifests.clone() {
+        let node_name = config.node_name();
         tokio::spawn(async move {
-            if let Err(error) = controllers::watch::watch_dir(dir, tx).await {
+            if let Err(error) = controllers::watch::watch_dir(dir, &node_name, tx).await {
                 tracing::error!(%error, "manifest source stopped");
             }
         });

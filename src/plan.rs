@@ -39,14 +39,16 @@ pub fn source(
         }
     };
     let (kubeconfig, master) = (config.kubeconfig.as_deref(), config.master.as_deref());
+    // The objects are converted as the daemon on this node converts them (its endpoints).
+    let node_name = config.node_name();
     let events = match &config.manifests {
         Some(dir) => read_once(dir).map(|snapshot| {
             for e in &snapshot.errors {
                 let _ = writeln!(err, "warning: {e}");
             }
-            snapshot.events()
+            snapshot.events(&node_name)
         }),
-        None => list_once_blocking(kubeconfig, master, &config.node_name()).map_err(|e| {
+        None => list_once_blocking(kubeconfig, master, &node_name).map_err(|e| {
             format!(
                 "reading from the Kubernetes API: {:#}",
                 anyhow::Error::from(e)

@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     let file = Path::new("fuzz.yaml");
     let mut snap = Snapshot::default();
     controllers::manifests::parse_into(file, text, &mut snap);
-    let _ = controllers::apply_all(&mut ClusterState::default(), snap.events());
+    let _ = controllers::apply_all(&mut ClusterState::default(), snap.events("node-a"));
 
     let mut printed = String::new();
     for object in snap.objects.values() {

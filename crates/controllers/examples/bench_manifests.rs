@@ -84,7 +84,7 @@ async fn measure(dir: &Path, n: u32) -> anyhow::Result<(Duration, Duration, Vec<
     let (tx, mut rx) = mpsc::unbounded_channel();
     let cpu_before = cpu_time()?;
     let started = Instant::now();
-    let task = tokio::spawn(controllers::watch::watch_dir(dir.to_owned(), tx));
+    let task = tokio::spawn(controllers::watch::watch_dir(dir.to_owned(), "node-a", tx));
     let mut objects = 0;
     loop {
         match rx.recv().await.context("the source stopped")? {

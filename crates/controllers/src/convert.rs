@@ -7,14 +7,14 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use reconciler::model::{
-    Conditions, Endpoint, EndpointPort, EndpointSlice as SliceModel, Hints, NodeFacts, Placement,
-    Protocol, SchedulerChoice, ServiceName, ServicePort, ServicePortName, ServiceType,
-    SessionAffinity, TrafficPolicy, address_list, network_list,
+    Conditions, Endpoint, EndpointPort, EndpointSlice as SliceModel, Hints, NodeFacts, Protocol,
+    SchedulerChoice, ServiceName, ServicePort, ServicePortName, ServiceType, SessionAffinity,
+    TrafficPolicy, address_list, network_list,
 };
 use reconciler::plan::{KUBE_ROUTER_SCHEDULER_ANNOTATION, SCHEDULER_ANNOTATION};
 use reconciler::state::SliceName;
 
-use crate::intern::{intern, placement};
+use crate::intern::intern;
 
 /// Services with this label belong to another proxy (kube-proxy ignores them too).
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -266,17 +266,15 @@ pub fn slice_name(slice: &EndpointSlice) -> SliceName {
     )
 }
 
-/// An endpoint's address, conditions, placement and hints, before it is paired with a port.
-type Address = (
-    IpAddr,
-    Conditions,
-    Option<Arc<Placement>>,
-    Option<Arc<Hints>>,
-);
+/// An endpoint's address, conditions, whether it is on this node, and its hints, before it is
+/// paired with a port.
+type Address = (IpAddr, Conditions, bool, Hints);
 
-/// The model of an EndpointSlice; `None` when it names no Service or holds FQDNs.
+/// The model of an EndpointSlice as the proxy on the node named `node` sees it (which of its
+/// endpoints are local, which node hints name this node); `None` when it names no Service or
+/// holds FQDNs.
 #[must_use]
-pub fn endpoint_slice(slice: &EndpointSlice) -> Option<SliceModel> {
+pub fn endpoint_slice(slice: &EndpointSlice, node: &str) -> Option<SliceModel> {
     let service = slice
         .metadata
         .labels
@@ -290,11 +288,8 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Option<SliceModel> {
         namespace,
         name: intern(service),
     };
-    // Placements (node and zone) are shared with every other endpoint on the node, their names
-    // with every other object that names them ([`intern`]);
-    // hints are shared by the endpoints of the slice that have the same (with
-    // trafficDistribution, one set per zone or node) and by its ports.
-    let mut shared_hints: Vec<Arc<Hints>> = Vec::new();
+    // kube-proxy too decides `IsLocal` as it reads the slice, from its own node name; the
+    // endpoints' node and zone names are not kept (nothing else reads them).
     let addrs: Vec<Address> = slice
         .endpoints
         .iter()
@@ -307,32 +302,15 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Option<SliceModel> {
                 serving: c.and_then(|c| c.serving).unwrap_or(true),
                 terminating: c.and_then(|c| c.terminating).unwrap_or(false),
             };
-            let placement = placement(e.node_name.as_deref(), e.zone.as_deref());
-            let hints = e.hints.as_ref().and_then(|h| {
-                let zones = h
-                    .for_zones
-                    .iter()
-                    .flatten()
-                    .map(|z| intern(&z.name))
-                    .collect();
-                let nodes = h
-                    .for_nodes
-                    .iter()
-                    .flatten()
-                    .map(|n| intern(&n.name))
-                    .collect();
-                let hints = Hints { zones, nodes };
-                if hints.zones.is_empty() && hints.nodes.is_empty() {
-                    return None;
-                }
-                if let Some(h) = shared_hints.iter().find(|h| ***h == hints) {
-                    return Some(h.clone());
-                }
-                let h = Arc::new(hints);
-                shared_hints.push(h.clone());
-                Some(h)
+            let local = e.node_name.as_deref() == Some(node);
+            let hints = e.hints.as_ref().map_or_else(Hints::default, |h| {
+                Hints::new(
+                    h.for_zones.iter().flatten().map(|z| z.name.as_str()),
+                    h.for_nodes.iter().flatten().map(|n| n.name.as_str()),
+                    node,
+                )
             });
-            Some((ip, conditions, placement, hints))
+            Some((ip, conditions, local, hints))
         })
         .collect();
     let listed = slice.ports.as_deref().unwrap_or_default();
@@ -352,12 +330,12 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Option<SliceModel> {
             protocol,
             endpoints: addrs
                 .iter()
-                .map(|(ip, conditions, placement, hints)| Endpoint {
-                    ip: *ip,
+                .map(|&(ip, conditions, local, hints)| Endpoint {
+                    ip,
                     port,
-                    conditions: *conditions,
-                    placement: placement.clone(),
-                    hints: hints.clone(),
+                    conditions,
+                    local,
+                    hints,
                 })
                 .collect(),
         })

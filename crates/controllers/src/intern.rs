@@ -1,7 +1,6 @@
-//! One shared copy of what repeats across objects: namespaces, port names, node names and
-//! zones, and the endpoints' placements (node and zone). At 10,000 Services each object would
-//! otherwise hold its own copy of its namespace (several, counting the model's names and the
-//! manifest index's keys), and each EndpointSlice one of every node name it lists.
+//! One shared copy of what repeats across objects: namespaces, Service and port names, node
+//! names and zones. At 10,000 Services each object would otherwise hold its own copy of its
+//! namespace (several, counting the model's names and the manifest index's keys).
 //!
 //! Values no object holds any more are dropped as a set grows (a node replaced by the
 //! autoscaler does not stay for ever), so each set stays the size of what is in use.
@@ -10,8 +9,6 @@ use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::hash::Hash;
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
-
-use reconciler::model::Placement;
 
 /// The values in use, and the size at which unused ones are next dropped.
 struct Interned<T: ?Sized> {
@@ -49,26 +46,11 @@ impl<T: ?Sized + Eq + Hash> Interned<T> {
 }
 
 static STRINGS: LazyLock<Mutex<Interned<str>>> = LazyLock::new(Interned::new);
-static PLACEMENTS: LazyLock<Mutex<Interned<Placement>>> = LazyLock::new(Interned::new);
 
 /// The shared copy of `s`.
 pub fn intern(s: &str) -> Arc<str> {
     let mut strings = STRINGS.lock().unwrap_or_else(PoisonError::into_inner);
     strings.get(s, |s| Arc::from(s))
-}
-
-/// The shared placement on `node` in `zone` (their names shared too); `None` when neither is
-/// known.
-pub fn placement(node: Option<&str>, zone: Option<&str>) -> Option<Arc<Placement>> {
-    if node.is_none() && zone.is_none() {
-        return None;
-    }
-    let wanted = Placement {
-        node: node.map(intern),
-        zone: zone.map(intern),
-    };
-    let mut placements = PLACEMENTS.lock().unwrap_or_else(PoisonError::into_inner);
-    Some(placements.get(&wanted, |p| Arc::new(p.clone())))
 }
 
 #[cfg(test)]
@@ -91,22 +73,5 @@ mod tests {
             "an unused string is dropped"
         );
         assert!(strings.set.len() < 3000, "{} kept", strings.set.len());
-    }
-
-    #[test]
-    fn equal_placements_share_one_copy_with_shared_names() {
-        let a = placement(Some("intern-test-node"), Some("intern-test-zone")).unwrap();
-        let b = placement(Some("intern-test-node"), Some("intern-test-zone")).unwrap();
-        assert!(Arc::ptr_eq(&a, &b));
-        let on_node = placement(Some("intern-test-node"), None).unwrap();
-        assert!(
-            !Arc::ptr_eq(&a, &on_node),
-            "another zone, another placement"
-        );
-        assert!(Arc::ptr_eq(
-            a.node.as_ref().unwrap(),
-            on_node.node.as_ref().unwrap()
-        ));
-        assert_eq!(placement(None, None), None);
     }
 }

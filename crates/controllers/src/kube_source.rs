@@ -25,6 +25,7 @@
 use std::collections::HashSet;
 use std::fmt::Debug;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::BoxStream;
@@ -266,7 +267,10 @@ pub async fn run_with(
             Kind::EndpointSlice,
             Api::<EndpointSlice>::all(client.clone()),
             labels,
-            |o| Model::endpoint_slice(&o),
+            {
+                let node: Arc<str> = node_name.as_str().into();
+                move |o| Model::endpoint_slice(&o, &node)
+            },
             &options,
         ),
         Follower::new(
@@ -367,7 +371,7 @@ pub async fn list_once(client: kube::Client, node_name: &str) -> Result<Vec<Even
     )
     .await?
     {
-        events.push(Event::Apply(Model::endpoint_slice(&slice)));
+        events.push(Event::Apply(Model::endpoint_slice(&slice, node_name)));
     }
     let node_fields = ListParams::default().fields(&format!("metadata.name={node_name}"));
     for node in list_all(&Api::<Node>::all(client), &node_fields, Kind::Node).await? {
@@ -446,7 +450,7 @@ impl Follower {
         kind: Kind,
         api: Api<K>,
         config: watcher::Config,
-        wrap: fn(K) -> Model,
+        wrap: impl Fn(K) -> Model + Clone + Send + 'static,
         options: &Options,
     ) -> Follower
     where
@@ -462,6 +466,7 @@ impl Follower {
             } else {
                 paginated::list_watch(api.clone(), config.page_size(page_size)).boxed()
             };
+            let wrap = wrap.clone();
             events
                 .backoff(backoff)
                 // Converted as each object arrives: the API object goes at once.

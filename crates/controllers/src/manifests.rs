@@ -60,9 +60,10 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// The events that turn `previous` into `self`: deletes for objects gone, applies for
-    /// objects new or changed. Unchanged objects produce nothing.
+    /// objects new or changed, converted for the proxy on the node named `node`. Unchanged
+    /// objects produce nothing.
     #[must_use]
-    pub fn events_since(&self, previous: &Snapshot) -> Vec<Event> {
+    pub fn events_since(&self, previous: &Snapshot, node: &str) -> Vec<Event> {
         let mut events: Vec<Event> = previous
             .objects
             .keys()
@@ -73,15 +74,15 @@ impl Snapshot {
             self.objects
                 .iter()
                 .filter(|(k, o)| previous.objects.get(*k) != Some(*o))
-                .map(|(_, o)| Event::apply(o)),
+                .map(|(_, o)| Event::apply(o, node)),
         );
         events
     }
 
-    /// Every object as an apply event (a first load).
+    /// Every object as an apply event (a first load) for the proxy on the node named `node`.
     #[must_use]
-    pub fn events(&self) -> Vec<Event> {
-        self.events_since(&Snapshot::default())
+    pub fn events(&self, node: &str) -> Vec<Event> {
+        self.events_since(&Snapshot::default(), node)
     }
 }
 

@@ -98,11 +98,12 @@ impl Model {
         }
     }
 
+    /// `slice` as the proxy on the node named `node` sees it ([`endpoint_slice`]).
     #[must_use]
-    pub fn endpoint_slice(slice: &EndpointSlice) -> Model {
+    pub fn endpoint_slice(slice: &EndpointSlice, node: &str) -> Model {
         Model::EndpointSlice {
             name: slice_name(slice),
-            slice: endpoint_slice(slice),
+            slice: endpoint_slice(slice, node),
             trigger: last_change_trigger_time(slice),
         }
     }
@@ -135,14 +136,14 @@ impl Model {
             name: name.clone(),
         }
     }
-}
 
-impl From<&Object> for Model {
-    fn from(object: &Object) -> Model {
+    /// `object` converted, as the proxy on the node named `node` sees it.
+    #[must_use]
+    pub fn of(object: &Object, node: &str) -> Model {
         match object {
             Object::Service(svc) => Model::service(svc),
-            Object::EndpointSlice(slice) => Model::endpoint_slice(slice),
-            Object::Node(node) => Model::node(node),
+            Object::EndpointSlice(slice) => Model::endpoint_slice(slice, node),
+            Object::Node(n) => Model::node(n),
         }
     }
 }
@@ -157,10 +158,10 @@ pub enum Event {
 }
 
 impl Event {
-    /// `object` created or updated, converted.
+    /// `object` created or updated, converted for the proxy on the node named `node`.
     #[must_use]
-    pub fn apply(object: &Object) -> Event {
-        Event::Apply(object.into())
+    pub fn apply(object: &Object, node: &str) -> Event {
+        Event::Apply(Model::of(object, node))
     }
 }
 

@@ -33,8 +33,10 @@ struct FileEntry {
 
 /// What each file under the directory defines. Each path is held once, shared by the file's
 /// entry and the lists of the objects it defines.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DirIndex {
+    /// This node's name: the objects are converted as the proxy on it sees them.
+    node: Arc<str>,
     files: BTreeMap<Arc<Path>, FileEntry>,
     /// The files defining each object, sorted: almost always one, so a list, not a tree
     /// (whose smallest node holds eleven), and a list with room for one.
@@ -134,9 +136,20 @@ fn manifest_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 }
 
 impl DirIndex {
-    /// Reads every manifest under `dir`; returns the index and the events of a first load.
-    pub fn load(dir: &Path) -> Result<(DirIndex, Vec<Event>), DirError> {
-        let mut index = DirIndex::default();
+    /// An index of nothing yet, for the proxy on the node named `node`.
+    #[must_use]
+    pub fn new(node: &str) -> DirIndex {
+        DirIndex {
+            node: node.into(),
+            files: BTreeMap::new(),
+            owners: HashMap::new(),
+        }
+    }
+
+    /// Reads every manifest under `dir` for the proxy on the node named `node`; returns the
+    /// index and the events of a first load.
+    pub fn load(dir: &Path, node: &str) -> Result<(DirIndex, Vec<Event>), DirError> {
+        let mut index = DirIndex::new(node);
         let events = index.rescan(dir)?;
         Ok((index, events))
     }
@@ -170,8 +183,9 @@ impl DirIndex {
             files.len()
         });
         let (first, second) = std::thread::scope(|scope| {
-            let second = scope.spawn(|| read_files(second, tx));
-            let first = read_files(first, tx);
+            let node = &*self.node;
+            let second = scope.spawn(|| read_files(second, node, tx));
+            let first = read_files(first, node, tx);
             let second = second
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
@@ -298,7 +312,7 @@ impl DirIndex {
             }
         }
         let mut events: Vec<Event> = lost.into_iter().map(Event::Delete).collect();
-        events.extend(applies.values().map(Event::apply));
+        events.extend(applies.values().map(|o| Event::apply(o, &self.node)));
         events
     }
 
@@ -309,10 +323,11 @@ impl DirIndex {
     }
 }
 
-/// Reads `files` for a first read, sending their objects' events a batch of FIRST_READ_CHUNK
-/// files at a time; returns what the index keeps of each file.
+/// Reads `files` for a first read, sending their objects' events (for the proxy on `node`) a
+/// batch of FIRST_READ_CHUNK files at a time; returns what the index keeps of each file.
 fn read_files<S: SourceSink>(
     files: &[PathBuf],
+    node: &str,
     tx: &S,
 ) -> Result<Vec<(Arc<Path>, FileEntry)>, Closed> {
     let mut read = Vec::with_capacity(files.len());
@@ -326,7 +341,7 @@ fn read_files<S: SourceSink>(
             for error in &snap.errors {
                 tracing::warn!(%error, "manifest skipped");
             }
-            events.extend(snap.objects.values().map(Event::apply));
+            events.extend(snap.objects.values().map(|o| Event::apply(o, node)));
             keys.shrink_to_fit();
             let entry = FileEntry { hash, keys };
             read.push((Arc::from(file.as_path()), entry));
@@ -396,11 +411,12 @@ fn apply_changes<S: SourceSink>(
 fn follow<S: SourceSink>(
     mut watch: TreeWatch,
     dir: &Path,
+    node: &str,
     files: Vec<PathBuf>,
     tx: &S,
     stopping: &AtomicBool,
 ) {
-    let mut index = DirIndex::default();
+    let mut index = DirIndex::new(node);
     if index.first_read(&files, tx).is_err() {
         return;
     }
@@ -448,9 +464,14 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// Sends the directory's objects, then `InitialSyncDone`, then a batch per change, until the
-/// receiver is dropped. The reading is done on a thread of its own (see [`follow`]).
-pub async fn watch_dir<S: SourceSink + Clone>(dir: PathBuf, tx: S) -> Result<(), WatchError> {
+/// Sends the directory's objects, converted for the proxy on the node named `node`, then
+/// `InitialSyncDone`, then a batch per change, until the receiver is dropped. The reading is
+/// done on a thread of its own (see [`follow`]).
+pub async fn watch_dir<S: SourceSink + Clone>(
+    dir: PathBuf,
+    node: &str,
+    tx: S,
+) -> Result<(), WatchError> {
     // Watch before the first read, so a change made during it is not missed.
     let watch = TreeWatch::new(&dir).map_err(|source| WatchError::Watch {
         dir: dir.clone(),
@@ -467,9 +488,19 @@ pub async fn watch_dir<S: SourceSink + Clone>(dir: PathBuf, tx: S) -> Result<(),
         stopping: Arc::new(AtomicBool::new(false)),
     };
     let (stopping, thread_tx, thread_dir) = (stop.stopping.clone(), tx.clone(), dir.clone());
+    let thread_node = node.to_owned();
     std::thread::Builder::new()
         .name("manifests".into())
-        .spawn(move || follow(watch, &thread_dir, files, &thread_tx, &stopping))
+        .spawn(move || {
+            follow(
+                watch,
+                &thread_dir,
+                &thread_node,
+                files,
+                &thread_tx,
+                &stopping,
+            );
+        })
         .map_err(|source| WatchError::Watch {
             dir: dir.clone(),
             source,
@@ -518,7 +549,7 @@ mod tests {
         let dir = tempdir("reread");
         std::fs::write(dir.0.join("a.yaml"), SVC_A).unwrap();
         std::fs::write(dir.0.join("b.yaml"), SVC_B).unwrap();
-        let (mut index, events) = DirIndex::load(&dir.0).unwrap();
+        let (mut index, events) = DirIndex::load(&dir.0, "node-a").unwrap();
         assert_eq!(names(&events), ["apply a", "apply b"]);
         assert!(
             index.update([dir.0.join("a.yaml")]).is_empty(),
@@ -542,7 +573,7 @@ mod tests {
         };
         let path = dir.0.join("a.yaml");
         std::fs::write(&path, format!("{SVC_A}---\n{}", slice("10.244.0.1"))).unwrap();
-        let (mut index, events) = DirIndex::load(&dir.0).unwrap();
+        let (mut index, events) = DirIndex::load(&dir.0, "node-a").unwrap();
         assert_eq!(names(&events), ["apply a", "apply a-1"]);
         std::fs::write(&path, format!("{SVC_A}---\n{}", slice("10.244.0.2"))).unwrap();
         assert_eq!(names(&index.update([path.clone()])), ["apply a-1"]);
@@ -578,7 +609,7 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.0.join("b.yaml"), SVC_B).unwrap();
-        let (mut index, _) = DirIndex::load(&dir.0).unwrap();
+        let (mut index, _) = DirIndex::load(&dir.0, "node-a").unwrap();
         std::fs::remove_file(dir.0.join("b.yaml")).unwrap();
         let events = index.update([dir.0.join("b.yaml")]);
         assert!(
@@ -597,7 +628,7 @@ mod tests {
     fn an_edit_that_breaks_a_file_keeps_its_objects_until_it_is_fixed() {
         let dir = tempdir("broken-edit");
         std::fs::write(dir.0.join("ab.yaml"), format!("{SVC_A}---\n{SVC_B}")).unwrap();
-        let (mut index, _) = DirIndex::load(&dir.0).unwrap();
+        let (mut index, _) = DirIndex::load(&dir.0, "node-a").unwrap();
         std::fs::write(
             dir.0.join("ab.yaml"),
             format!("{SVC_A}---\nkind: Service\nmetadata: [oops\n"),
@@ -617,7 +648,7 @@ mod tests {
     fn a_malformed_file_is_reported_and_the_rest_keeps_its_objects() {
         let dir = tempdir("malformed");
         std::fs::write(dir.0.join("a.yaml"), SVC_A).unwrap();
-        let (mut index, _) = DirIndex::load(&dir.0).unwrap();
+        let (mut index, _) = DirIndex::load(&dir.0, "node-a").unwrap();
         std::fs::write(
             dir.0.join("broken.yaml"),
             "kind: Service\nmetadata: [oops\n",
@@ -633,7 +664,7 @@ mod tests {
         std::fs::write(dir.0.join("a.yaml"), SVC_A).unwrap();
         let mut watch = TreeWatch::new(&dir.0).unwrap();
         // What the index does on every change: read the files.
-        let (_index, _) = DirIndex::load(&dir.0).unwrap();
+        let (_index, _) = DirIndex::load(&dir.0, "node-a").unwrap();
         std::thread::sleep(Duration::from_millis(100));
         let mut changes = Changes::default();
         assert!(
@@ -677,7 +708,7 @@ mod tests {
         let dir = tempdir("watch");
         std::fs::write(dir.0.join("a.yaml"), SVC_A).unwrap();
         let (tx, mut rx) = channel(None);
-        let task = tokio::spawn(watch_dir(dir.0.clone(), tx));
+        let task = tokio::spawn(watch_dir(dir.0.clone(), "node-a", tx));
         assert!(matches!(next(&mut rx).await, SourceUpdate::Events(e) if names(&e) == ["apply a"]));
         assert_eq!(next(&mut rx).await, SourceUpdate::InitialSyncDone);
         std::fs::write(dir.0.join("b.yaml"), SVC_B).unwrap();
@@ -701,7 +732,7 @@ mod tests {
         )
         .unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let task = tokio::spawn(watch_dir(dir.0.clone(), tx));
+        let task = tokio::spawn(watch_dir(dir.0.clone(), "node-a", tx));
         let mut last_a = None;
         let mut applied = BTreeSet::new();
         loop {
@@ -816,7 +847,7 @@ mod tests {
         let outside = tempdir("subdirs-outside");
         std::fs::write(dir.0.join("a.yaml"), SVC_A).unwrap();
         let (tx, mut rx) = channel(None);
-        let task = tokio::spawn(watch_dir(dir.0.clone(), tx));
+        let task = tokio::spawn(watch_dir(dir.0.clone(), "node-a", tx));
         assert!(matches!(next(&mut rx).await, SourceUpdate::Events(e) if names(&e) == ["apply a"]));
         assert_eq!(next(&mut rx).await, SourceUpdate::InitialSyncDone);
         std::fs::create_dir(outside.0.join("team")).unwrap();
@@ -854,7 +885,7 @@ mod tests {
         std::os::unix::fs::symlink("..v1", dir.0.join("..data")).unwrap();
         std::os::unix::fs::symlink("..data/a.yaml", dir.0.join("a.yaml")).unwrap();
         let (tx, mut rx) = channel(None);
-        let task = tokio::spawn(watch_dir(dir.0.clone(), tx));
+        let task = tokio::spawn(watch_dir(dir.0.clone(), "node-a", tx));
         assert!(matches!(next(&mut rx).await, SourceUpdate::Events(e) if names(&e) == ["apply a"]));
         assert_eq!(next(&mut rx).await, SourceUpdate::InitialSyncDone);
         std::fs::create_dir(dir.0.join("..v2")).unwrap();

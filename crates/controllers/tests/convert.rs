@@ -15,11 +15,19 @@ fn parse(text: &str) -> Snapshot {
     snap
 }
 
+/// The node the tests' proxy runs on.
+const NODE: &str = "node-a";
+
 fn state(text: &str) -> ClusterState {
+    state_on(text, NODE)
+}
+
+/// The state of the proxy on `node`.
+fn state_on(text: &str, node: &str) -> ClusterState {
     let snap = parse(text);
     assert!(snap.errors.is_empty(), "{:?}", snap.errors);
     let mut st = ClusterState::new();
-    controllers::apply_all(&mut st, snap.events());
+    controllers::apply_all(&mut st, snap.events(node));
     st
 }
 
@@ -164,9 +172,24 @@ endpoints:
     assert_eq!(eps.len(), 2);
     assert_eq!(eps[0].port, 5353);
     assert!(eps[0].conditions.ready && !eps[0].conditions.terminating);
-    assert!(eps[0].is_local("node-a"));
-    assert_eq!(eps[0].zone(), Some("z1"));
+    assert!(eps[0].local, "on node-a, this node");
     assert!(!eps[1].conditions.ready && eps[1].conditions.terminating);
+    assert!(!eps[1].local, "on no node");
+    let elsewhere = state_on(
+        r"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: dns, port: 5353, protocol: UDP}]
+endpoints: [{addresses: [10.244.1.5], nodeName: node-a, zone: z1}]
+",
+        "node-b",
+    );
+    assert!(
+        !elsewhere.endpoints(&port)[0].local,
+        "node-a's, seen from node-b"
+    );
     let wrong_protocol = ServicePortName {
         protocol: Protocol::Tcp,
         ..port
@@ -205,26 +228,44 @@ endpoints:
 ";
 
 #[test]
-fn endpoint_hints_are_read_and_shared() {
-    let st = state(HINTED);
+fn endpoint_hints_are_read_against_this_node() {
     let port = |name: &str| ServicePortName {
         service: ServiceName::new("shop", "web"),
         port: name.into(),
         protocol: Protocol::Tcp,
     };
+    let st = state(HINTED);
     let (http, alt) = (st.endpoints(&port("http")), st.endpoints(&port("alt")));
-    let zones = |i: usize| -> Vec<&str> { http[i].zone_hints().iter().map(|z| &**z).collect() };
-    let nodes = |i: usize| -> Vec<&str> { http[i].node_hints().iter().map(|n| &**n).collect() };
+    let zones = |i: usize| -> Vec<String> {
+        let list = http[i].hints.zones.map(|z| z.zones().to_vec());
+        list.unwrap_or_default()
+            .into_iter()
+            .map(String::from)
+            .collect()
+    };
     assert_eq!(zones(0), ["zone-a"]);
     assert_eq!(zones(1), ["zone-b"]);
-    assert_eq!((zones(2), nodes(2)), (vec!["zone-a"], vec!["node-d"]));
-    assert!(nodes(0).is_empty());
-    assert!(http[4].hints.is_none(), "empty hints are no hints");
-    let same = |a: &reconciler::Endpoint, b: &reconciler::Endpoint| {
-        std::sync::Arc::ptr_eq(a.hints.as_ref().unwrap(), b.hints.as_ref().unwrap())
-    };
-    assert!(same(&http[0], &alt[0]), "one copy for the slice's ports");
-    assert!(same(&http[0], &http[3]), "one copy for equal hints");
+    assert_eq!(zones(2), ["zone-a"]);
+    assert!(!http[0].hints.for_nodes);
+    let d = http[2].hints;
+    assert!(
+        d.for_nodes && !d.for_this_node,
+        "node-d's hint, seen from node-a"
+    );
+    assert!(!http[4].hints.any(), "empty hints are no hints");
+    assert_eq!(
+        http[0].hints, alt[0].hints,
+        "the same for the slice's ports"
+    );
+    assert_eq!(
+        http[0].hints.zones, http[3].hints.zones,
+        "one id for equal lists"
+    );
+    assert_ne!(http[0].hints.zones, http[1].hints.zones);
+
+    let on_d = state_on(HINTED, "node-d").endpoints(&port("http"));
+    assert!(on_d[2].hints.for_this_node && on_d[2].local, "node-d's own");
+    assert!(!on_d[0].hints.for_this_node && !on_d[0].local);
 }
 
 #[test]
@@ -376,7 +417,7 @@ fn rereading_yields_only_the_differences_as_events() {
     let after = parse(
         "apiVersion: v1\nkind: Node\nmetadata: {name: b, labels: {x: y}}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: c}\n",
     );
-    let events = after.events_since(&before);
+    let events = after.events_since(&before, NODE);
     assert_eq!(events.len(), 3);
     assert!(matches!(&events[0], Event::Delete(k) if &*k.name == "a"));
     assert!(
@@ -384,7 +425,7 @@ fn rereading_yields_only_the_differences_as_events() {
             .iter()
             .all(|e| matches!(e, Event::Apply(Model::Node { .. })))
     );
-    assert!(after.events_since(&after).is_empty());
+    assert!(after.events_since(&after, NODE).is_empty());
 }
 
 #[test]
@@ -395,7 +436,7 @@ fn service_that_becomes_headless_is_removed_from_the_state() {
     let headless = parse(
         "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: None, ports: [{port: 80}]}\n",
     );
-    let affected = controllers::apply_all(&mut st, headless.events());
+    let affected = controllers::apply_all(&mut st, headless.events(NODE));
     assert_eq!(affected.services, [ServiceName::new("default", "s")]);
     assert_eq!(st.service_count(), 0);
 }
@@ -521,7 +562,10 @@ fn a_service_over_the_virtual_server_cap_is_rejected_and_one_at_it_loads() {
         "2 VIPs × 501 ports are 1002 virtual servers, more than the 1000 a Service may have"
     );
     let mut st = ClusterState::new();
-    controllers::apply_all(&mut st, [Event::apply(&Object::Service(Box::new(over)))]);
+    controllers::apply_all(
+        &mut st,
+        [Event::apply(&Object::Service(Box::new(over)), NODE)],
+    );
     assert!(
         st.service(&ServiceName::new("default", "big")).is_none(),
         "held as absent"
@@ -542,7 +586,7 @@ fn odd_service_and_slice_fields_convert_without_panicking() {
          ports: [{port: -1}, {}]\nendpoints: [{addresses: []}, {addresses: ['::x']}]\n",
     )
     .unwrap();
-    let model = controllers::convert::endpoint_slice(&slice).unwrap();
+    let model = controllers::convert::endpoint_slice(&slice, NODE).unwrap();
     assert!(model.ports.is_empty());
 }
 
@@ -579,7 +623,7 @@ endpoints: [{addresses: [10.244.1.7]}]
 ",
     );
     assert!(snap.errors.is_empty(), "{:?}", snap.errors);
-    let mut events = snap.events();
+    let mut events = snap.events(NODE);
     events.push(Event::Delete(controllers::source::ObjectKey {
         kind: Kind::EndpointSlice,
         namespace: "shop".into(),

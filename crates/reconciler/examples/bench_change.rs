@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use reconciler::engine::IpvsEngine;
 use reconciler::model::{
-    Conditions, Endpoint, EndpointPort, EndpointSlice, Placement, Protocol, SchedulerChoice,
+    Conditions, Endpoint, EndpointPort, EndpointSlice, Hints, Protocol, SchedulerChoice,
     ServiceName, ServicePort, ServicePortName, ServiceType, SessionAffinity, TrafficPolicy,
 };
 use reconciler::sync::{Counts, SyncError, SyncOptions, Syncer};
@@ -60,13 +60,11 @@ fn v4(n: u32) -> IpAddr {
 }
 
 /// The strings the daemon's sources share between objects (`controllers::intern`: namespaces,
-/// Service, port and node names), made once, so that a change's objects hold the same copies
+/// Service and port names), made once, so that a change's objects hold the same copies
 /// as the state, as the daemon's do (it interns them on the source's thread, outside the loop).
 struct Names {
     services: Vec<ServiceName>,
     port: Arc<str>,
-    /// Each node's placement (node and zone), shared as the sources share it.
-    nodes: Vec<Option<Arc<Placement>>>,
 }
 
 impl Names {
@@ -80,9 +78,6 @@ impl Names {
                 })
                 .collect(),
             port: "http".into(),
-            nodes: (0..NODES)
-                .map(|n| Placement::of(Some(&format!("node-{n}")), None))
-                .collect(),
         }
     }
 }
@@ -133,8 +128,9 @@ fn slice(names: &Names, i: u32, flipped: bool) -> Change {
             } else {
                 Conditions::default()
             },
-            placement: names.nodes[((i + e) % NODES) as usize].clone(),
-            hints: None,
+            // On node-0, this node, for one in NODES.
+            local: (i + e).is_multiple_of(NODES),
+            hints: Hints::default(),
         })
         .collect();
     Change::Slice(

@@ -20,7 +20,7 @@ use inet::Family;
 use reconciler::ClusterState;
 use reconciler::conntrack::{Frontends, reconcile};
 use reconciler::model::{
-    Conditions, Endpoint, EndpointPort, EndpointSlice, Protocol, ServiceName, ServicePort,
+    Conditions, Endpoint, EndpointPort, EndpointSlice, Hints, Protocol, ServiceName, ServicePort,
     ServicePortName,
 };
 
@@ -60,8 +60,8 @@ fn state(endpoint: &str) -> ClusterState {
         ip: endpoint.parse().unwrap(),
         port: 5353,
         conditions: Conditions::default(),
-        placement: None,
-        hints: None,
+        local: false,
+        hints: Hints::default(),
     };
     let slice = EndpointSlice {
         service,

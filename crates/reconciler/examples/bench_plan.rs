@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use iptables::Family;
 use reconciler::model::{
-    Conditions, Endpoint, EndpointPort, EndpointSlice, Placement, Protocol, SchedulerChoice,
+    Conditions, Endpoint, EndpointPort, EndpointSlice, Hints, Protocol, SchedulerChoice,
     ServiceName, ServicePort, ServicePortName, ServiceType, SessionAffinity, TrafficPolicy,
 };
 use reconciler::{ClusterState, PlanConfig, Planner};
@@ -24,9 +24,6 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(10_000);
-    let nodes: Vec<Option<Arc<Placement>>> = (0..50)
-        .map(|i| Placement::of(Some(&format!("node-{i}")), None))
-        .collect();
     let mut state = ClusterState::new();
     for i in 0..services {
         let name = ServiceName::new("bench", &format!("svc-{i}"));
@@ -59,8 +56,9 @@ fn main() {
                 ip: v4(0x0af4_0000 + i * 10 + e),
                 port: 8080,
                 conditions: Conditions::default(),
-                placement: nodes[((i + e) % 50) as usize].clone(),
-                hints: None,
+                // On node-0, this node, for one in 50.
+                local: (i + e).is_multiple_of(50),
+                hints: Hints::default(),
             })
             .collect();
         state.upsert_slice(

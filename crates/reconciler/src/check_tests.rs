@@ -8,8 +8,8 @@ use ipvs::{Protocol as IpvsProtocol, RealServer, ServiceKey, VirtualServer};
 
 use super::*;
 use crate::model::{
-    Conditions, Endpoint, EndpointPort, EndpointSlice, Placement, Protocol, ServiceName,
-    ServicePort, ServicePortName,
+    Conditions, Endpoint, EndpointPort, EndpointSlice, Hints, Protocol, ServiceName, ServicePort,
+    ServicePortName,
 };
 use crate::plan::Planner;
 use crate::state::ClusterState;
@@ -44,8 +44,9 @@ fn plan() -> Plan {
             serving: true,
             terminating: false,
         },
-        placement: Placement::of(Some("node-b"), None),
-        hints: None,
+        // On node-b, not this node (node-a).
+        local: false,
+        hints: Hints::default(),
     };
     let mut state = ClusterState::new();
     state.upsert_slice(

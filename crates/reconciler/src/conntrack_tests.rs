@@ -8,7 +8,7 @@ use conntrack::Tuple;
 
 use super::*;
 use crate::model::{
-    Conditions, Endpoint, EndpointPort, EndpointSlice, ServiceName, ServicePortName,
+    Conditions, Endpoint, EndpointPort, EndpointSlice, Hints, ServiceName, ServicePortName,
 };
 
 const CLUSTER_IP: &str = "10.96.0.10";
@@ -53,8 +53,8 @@ fn state(protocol: Protocol, endpoints: &[(&str, bool)]) -> ClusterState {
                     serving: *serving,
                     terminating: !serving,
                 },
-                placement: None,
-                hints: None,
+                local: false,
+                hints: Hints::default(),
             })
             .collect();
         let slice_value = EndpointSlice {

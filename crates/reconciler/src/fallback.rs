@@ -16,7 +16,7 @@ use crate::state::ClusterState;
 
 /// The model's service ports, with their endpoints, as the iptables proxier takes them, for
 /// a full sync: every Service's [`service_specs_of`], sorted by name and protocol.
-/// `node` is this node's name (for `local`).
+/// `node` is this node's name (for its zone, which the topology hints are read against).
 #[must_use]
 pub fn service_specs(state: &ClusterState, node: &str) -> Vec<ServiceSpec> {
     let mut specs: Vec<ServiceSpec> = state
@@ -84,7 +84,7 @@ fn port_spec(state: &ClusterState, sp: &ServicePort, node: &str) -> ServiceSpec 
     let endpoints = state.endpoints(&sp.name);
     let topology = |family: Family| {
         let of_family = endpoints.iter().filter(|e| Family::of(e.ip) == family);
-        Topology::from_hints(of_family, node, zone)
+        Topology::from_hints(of_family, zone)
     };
     let (v4, v6) = (topology(Family::V4), topology(Family::V6));
     let backends = endpoints
@@ -94,12 +94,12 @@ fn port_spec(state: &ClusterState, sp: &ServicePort, node: &str) -> ServiceSpec 
             ready: e.conditions.ready,
             serving: e.conditions.serving,
             terminating: e.conditions.terminating,
-            local: e.is_local(node),
+            local: e.local,
             in_topology: match Family::of(e.ip) {
                 Family::V4 => v4,
                 Family::V6 => v6,
             }
-            .admits(e, node, zone),
+            .admits(e, zone),
         })
         .collect();
     ServiceSpec {
@@ -214,9 +214,7 @@ mod tests {
     /// 10.244.1.5 (node-b) and 10.244.2.5 (node-a) are hinted for zone-a and zone-b when
     /// `hinted`.
     fn zoned(zone: Option<&str>, hinted: bool, etp: TrafficPolicy) -> ClusterState {
-        use crate::model::{
-            Conditions, Endpoint, EndpointPort, EndpointSlice, Hints, NodeFacts, Placement,
-        };
+        use crate::model::{Conditions, Endpoint, EndpointPort, EndpointSlice, Hints, NodeFacts};
         let mut state = ClusterState::new();
         state.upsert_node(NodeFacts {
             name: "node-a".into(),
@@ -228,13 +226,12 @@ mod tests {
             ip: ip.parse().unwrap(),
             port: 8080,
             conditions: Conditions::default(),
-            placement: Placement::of(Some(node), Some(zone)),
-            hints: hinted.then(|| {
-                std::sync::Arc::new(Hints {
-                    zones: Box::new([zone.into()]),
-                    nodes: Box::new([]),
-                })
-            }),
+            local: node == "node-a",
+            hints: if hinted {
+                Hints::new([zone], [], "node-a")
+            } else {
+                Hints::default()
+            },
         };
         let web = ServiceName::new("ns", "web");
         state.upsert_slice(

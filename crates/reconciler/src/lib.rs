@@ -38,6 +38,7 @@ pub use error::Error;
 pub use model::{
     Conditions, Endpoint, EndpointPort, EndpointSlice, Hints, NodeFacts, Protocol, SchedulerChoice,
     ServiceName, ServicePort, ServicePortName, ServiceType, SessionAffinity, TrafficPolicy,
+    ZoneHints,
 };
 pub use plan::{
     DetectLocal, NodePortFilter, Plan, PlanConfig, PlanWarning, PlannedVirtualServer, Planner,

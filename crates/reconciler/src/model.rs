@@ -5,9 +5,11 @@
 //! Strings are shared (`Arc<str>`) and per-Service address lists are shared between the ports
 //! of one Service (`Arc<[..]>`), so 10,000 Services × 10 endpoints stay a few megabytes.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::{Arc, LazyLock};
+use std::num::NonZeroU32;
+use std::sync::{Arc, LazyLock, PoisonError, RwLock};
 
 use ipnet::IpNet;
 
@@ -236,93 +238,145 @@ impl Default for Conditions {
     }
 }
 
-/// `endpoints[].hints`: the zones and nodes the EndpointSlice controller meant an endpoint for
-/// (it sets them for `trafficDistribution` and the `topology-mode` annotation; the proxy reads
-/// only the hints, as kube-proxy does).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+/// `endpoints[].hints`, as this node reads them: the zones and nodes the EndpointSlice
+/// controller meant an endpoint for (it sets them for `trafficDistribution` and the
+/// `topology-mode` annotation; the proxy reads only the hints, as kube-proxy does).
+///
+/// No pointers: the node hints are reduced where the slice is converted, against this node's
+/// name (fixed for the process), and the zone hints are an id ([`ZoneHints`]), because this
+/// node's zone can change while the proxy runs (a Node label update).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Hints {
-    /// `forZones[].name`.
-    pub zones: Box<[Arc<str>]>,
-    /// `forNodes[].name` (`trafficDistribution: PreferSameNode`).
-    pub nodes: Box<[Arc<str>]>,
+    /// `forZones[].name`; `None` when it lists none.
+    pub zones: Option<ZoneHints>,
+    /// Whether `forNodes` lists any node (`trafficDistribution: PreferSameNode`).
+    pub for_nodes: bool,
+    /// Whether one of the nodes it lists is this node.
+    pub for_this_node: bool,
 }
 
-/// Where an endpoint runs: `endpoints[].nodeName` and `endpoints[].zone`. A cluster has about
-/// as many pairs as nodes, so the sources keep one shared copy of each
-/// (`controllers::intern`), and an endpoint one pointer for both.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct Placement {
-    pub node: Option<Arc<str>>,
-    pub zone: Option<Arc<str>>,
-}
-
-impl Placement {
-    /// A placement of its own on `node` in `zone` (the sources share theirs); `None` when
-    /// neither is known.
+impl Hints {
+    /// The hints of an endpoint hinted for `zones` and `nodes`, as the proxy on `this_node`
+    /// reads them.
     #[must_use]
-    pub fn of(node: Option<&str>, zone: Option<&str>) -> Option<Arc<Placement>> {
-        (node.is_some() || zone.is_some()).then(|| {
-            Arc::new(Placement {
-                node: node.map(Into::into),
-                zone: zone.map(Into::into),
-            })
-        })
+    pub fn new<'a>(
+        zones: impl IntoIterator<Item = &'a str>,
+        nodes: impl IntoIterator<Item = &'a str>,
+        this_node: &str,
+    ) -> Hints {
+        let (mut for_nodes, mut for_this_node) = (false, false);
+        for node in nodes {
+            for_nodes = true;
+            for_this_node |= node == this_node;
+        }
+        Hints {
+            zones: ZoneHints::of(zones),
+            for_nodes,
+            for_this_node,
+        }
+    }
+
+    /// Whether it lists any zone or node.
+    #[must_use]
+    pub fn any(&self) -> bool {
+        self.zones.is_some() || self.for_nodes
+    }
+}
+
+/// One `forZones` list, as an id in the process's table of the distinct lists seen, so that
+/// an endpoint holds no pointer and a slice's endpoints are freed without being read.
+///
+/// The table is never pruned: it holds each distinct list ever seen, once. Lists are few: with
+/// `trafficDistribution: PreferClose` each endpoint names its own zone (one list per zone),
+/// and topology-aware hints add the few zone combinations the EndpointSlice controller makes.
+/// Equal lists have one id; ids order by when their list was first seen, not by its names.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ZoneHints(NonZeroU32);
+
+/// The distinct zone lists, by id (id 1 is the first), and the id of each.
+#[derive(Default)]
+struct ZoneLists {
+    lists: Vec<Arc<[Box<str>]>>,
+    ids: HashMap<Arc<[Box<str>]>, ZoneHints>,
+}
+
+static ZONE_LISTS: LazyLock<RwLock<ZoneLists>> = LazyLock::new(RwLock::default);
+
+impl ZoneHints {
+    /// The id of the list `zones`; `None` when it is empty.
+    #[must_use]
+    pub fn of<'a>(zones: impl IntoIterator<Item = &'a str>) -> Option<ZoneHints> {
+        let zones: Box<[Box<str>]> = zones.into_iter().map(Box::from).collect();
+        if zones.is_empty() {
+            return None;
+        }
+        let known = |table: &ZoneLists| table.ids.get(&zones[..]).copied();
+        if let Some(id) = known(&ZONE_LISTS.read().unwrap_or_else(PoisonError::into_inner)) {
+            return Some(id);
+        }
+        let mut table = ZONE_LISTS.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(id) = known(&table) {
+            return Some(id);
+        }
+        // Past 2³² − 1 distinct lists (never), an endpoint would read as hinted for no zone.
+        let id = ZoneHints(NonZeroU32::new(u32::try_from(table.lists.len() + 1).ok()?)?);
+        let list: Arc<[Box<str>]> = zones.into();
+        table.lists.push(list.clone());
+        table.ids.insert(list, id);
+        Some(id)
+    }
+
+    /// The zones it lists.
+    #[must_use]
+    pub fn zones(self) -> Arc<[Box<str>]> {
+        let table = ZONE_LISTS.read().unwrap_or_else(PoisonError::into_inner);
+        table.lists[self.index()].clone()
+    }
+
+    /// Whether it lists `zone`.
+    #[must_use]
+    pub fn contains(self, zone: &str) -> bool {
+        let table = ZONE_LISTS.read().unwrap_or_else(PoisonError::into_inner);
+        table.lists[self.index()].iter().any(|z| **z == *zone)
+    }
+
+    fn index(self) -> usize {
+        // Made by `of`, so in the table; u32 fits in usize on every target the proxy runs on.
+        self.0.get() as usize - 1
+    }
+}
+
+impl fmt::Debug for ZoneHints {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.zones().iter()).finish()
     }
 }
 
 /// One backend address of one port: kube-proxy's `Endpoint`.
 ///
-/// 40 bytes: at 10,000 Services × 10 endpoints the model holds 100,000 of them, and a change
-/// reads and drops a slice's worth.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// 32 bytes and nothing to drop: at 10,000 Services × 10 endpoints the model holds 100,000 of
+/// them, and a change reads a slice's worth and frees the old slice's without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Endpoint {
     pub ip: IpAddr,
     pub port: u16,
     pub conditions: Conditions,
-    /// Its node, which decides whether the endpoint is local to this node, and its zone;
-    /// `None` when the slice names neither.
-    pub placement: Option<Arc<Placement>>,
-    /// Its topology hints; `None` without any (most endpoints, and no allocation for them).
-    /// Shared by the endpoints of a slice that have the same hints, and by the slice's ports.
-    pub hints: Option<Arc<Hints>>,
+    /// Whether it runs on this node: its `endpoints[].nodeName` is this node's name, as the
+    /// source that converted it knows it (kube-proxy's `IsLocal`, from its hostname). The
+    /// endpoint's node and zone are not kept: nothing else reads them.
+    pub local: bool,
+    /// Its topology hints (none for most endpoints).
+    pub hints: Hints,
 }
 
+const _: () = assert!(!std::mem::needs_drop::<Endpoint>());
+
 impl Endpoint {
-    /// `endpoints[].nodeName`.
+    /// Whether it runs on this node and is ready: what kube-proxy counts as a local endpoint
+    /// for its health checks and its no-local-endpoints metric.
     #[must_use]
-    pub fn node_name(&self) -> Option<&str> {
-        self.placement.as_deref()?.node.as_deref()
-    }
-
-    /// `endpoints[].zone`.
-    #[must_use]
-    pub fn zone(&self) -> Option<&str> {
-        self.placement.as_deref()?.zone.as_deref()
-    }
-
-    /// Whether it runs on the node named `node`.
-    #[must_use]
-    pub fn is_local(&self, node: &str) -> bool {
-        self.node_name() == Some(node)
-    }
-
-    /// Whether it runs on `node` and is ready: what kube-proxy counts as a local endpoint for
-    /// its health checks and its no-local-endpoints metric.
-    #[must_use]
-    pub fn is_local_and_ready(&self, node: &str) -> bool {
-        self.is_local(node) && self.conditions.ready
-    }
-
-    /// `hints.forZones`; empty without hints.
-    #[must_use]
-    pub fn zone_hints(&self) -> &[Arc<str>] {
-        self.hints.as_deref().map_or(&[], |h| &h.zones)
-    }
-
-    /// `hints.forNodes`; empty without hints.
-    #[must_use]
-    pub fn node_hints(&self) -> &[Arc<str>] {
-        self.hints.as_deref().map_or(&[], |h| &h.nodes)
+    pub fn is_local_and_ready(&self) -> bool {
+        self.local && self.conditions.ready
     }
 }
 
@@ -362,7 +416,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_endpoint_takes_40_bytes() {
-        assert_eq!(std::mem::size_of::<Endpoint>(), 40);
+    fn an_endpoint_takes_32_bytes() {
+        assert_eq!(std::mem::size_of::<Endpoint>(), 32);
+    }
+
+    #[test]
+    fn equal_zone_lists_have_one_id_that_answers_for_their_zones() {
+        let a = ZoneHints::of(["model-test-a", "model-test-b"]).unwrap();
+        assert_eq!(ZoneHints::of(["model-test-a", "model-test-b"]), Some(a));
+        assert_ne!(ZoneHints::of(["model-test-a"]), Some(a));
+        assert!(a.contains("model-test-b") && !a.contains("model-test-c"));
+        assert_eq!(ZoneHints::of([]), None, "no zones, no hints");
+        let hints = Hints::new(["model-test-a"], ["node-b", "node-a"], "node-a");
+        assert!(hints.for_nodes && hints.for_this_node && hints.any());
+        assert!(!Hints::new([], ["node-b"], "node-a").for_this_node);
     }
 }

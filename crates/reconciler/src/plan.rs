@@ -17,8 +17,8 @@ use iptables::{Family, LocalDetector, SetEntry};
 use ipvs::{RealServer, ServiceFlags, ServiceKey, VirtualServer};
 
 use crate::model::{
-    Endpoint, Protocol, Scheduler, SchedulerChoice, ServiceName, ServicePort, ServicePortName,
-    SessionAffinity,
+    Endpoint, Hints, Protocol, Scheduler, SchedulerChoice, ServiceName, ServicePort,
+    ServicePortName, SessionAffinity,
 };
 use crate::state::ClusterState;
 
@@ -416,20 +416,21 @@ impl Topology {
     /// every ready endpoint has some and one names this node's zone (so the zone must be
     /// known); else none. Only the hints count, not the Service's `trafficDistribution` or
     /// annotation: the EndpointSlice controller sets hints only when those ask for them.
+    /// Whether a hint names this node was settled when the slice was converted ([`Hints`]).
     #[must_use]
     pub fn from_hints<'a>(
         endpoints: impl IntoIterator<Item = &'a Endpoint>,
-        node: &str,
         zone: Option<&str>,
     ) -> Topology {
         let (mut any_ready, mut all_nodes, mut for_node, mut all_zones, mut for_zone) =
             (false, true, false, true, false);
         for e in endpoints.into_iter().filter(|e| e.conditions.ready) {
             any_ready = true;
-            all_nodes &= !e.node_hints().is_empty();
-            for_node |= e.node_hints().iter().any(|n| **n == *node);
-            all_zones &= !e.zone_hints().is_empty();
-            for_zone |= zone.is_some_and(|z| e.zone_hints().iter().any(|h| **h == *z));
+            let hints = e.hints;
+            all_nodes &= hints.for_nodes;
+            for_node |= hints.for_this_node;
+            all_zones &= hints.zones.is_some();
+            for_zone = for_zone || admits_zone(hints, zone);
         }
         if any_ready && all_nodes && for_node {
             Topology::SameNode
@@ -442,15 +443,21 @@ impl Topology {
 
     /// Whether `endpoint` may serve this node (kube-proxy's `availableForTopology`).
     #[must_use]
-    pub fn admits(self, endpoint: &Endpoint, node: &str, zone: Option<&str>) -> bool {
+    pub fn admits(self, endpoint: &Endpoint, zone: Option<&str>) -> bool {
         match self {
             Topology::All => true,
-            Topology::SameNode => endpoint.node_hints().iter().any(|n| **n == *node),
-            Topology::SameZone => {
-                zone.is_some_and(|z| endpoint.zone_hints().iter().any(|h| **h == *z))
-            }
+            Topology::SameNode => endpoint.hints.for_this_node,
+            Topology::SameZone => admits_zone(endpoint.hints, zone),
         }
     }
+}
+
+/// Whether `hints` name `zone`, this node's zone (`None` when its Node has no zone label).
+fn admits_zone(hints: Hints, zone: Option<&str>) -> bool {
+    hints
+        .zones
+        .zip(zone)
+        .is_some_and(|(hinted, z)| hinted.contains(z))
 }
 
 /// Which endpoints serve a virtual server: kube-proxy's `CategorizeEndpoints`.
@@ -465,21 +472,21 @@ struct EndpointChoice<'a> {
 }
 
 impl<'a> EndpointChoice<'a> {
-    /// The choice for `port` among `eps` (the endpoints of one family) on node `node` in
+    /// The choice for `port` among `eps` (the endpoints of one family) on this node, in
     /// `zone`.
-    fn new(port: &ServicePort, eps: &[&'a Endpoint], node: &str, zone: Option<&str>) -> Self {
+    fn new(port: &ServicePort, eps: &[&'a Endpoint], zone: Option<&str>) -> Self {
         let internal_local = port.internal_policy_local();
         let external_local = port.external_policy_local();
         let uses_cluster = !internal_local || (port.externally_accessible() && !external_local);
         let uses_local = internal_local || external_local;
         let cluster = if uses_cluster {
-            let topology = Topology::from_hints(eps.iter().copied(), node, zone);
-            usable(eps, |e| topology.admits(e, node, zone))
+            let topology = Topology::from_hints(eps.iter().copied(), zone);
+            usable(eps, |e| topology.admits(e, zone))
         } else {
             Vec::new()
         };
         let local = if uses_local {
-            let local: Vec<&Endpoint> = eps.iter().copied().filter(|e| e.is_local(node)).collect();
+            let local: Vec<&Endpoint> = eps.iter().copied().filter(|e| e.local).collect();
             usable(&local, |_| true)
         } else {
             Vec::new()
@@ -592,13 +599,12 @@ impl Planner {
         let Some(&cluster_ip) = port.cluster_ips.iter().find(of_family) else {
             return;
         };
-        let node = &*self.config.node_name;
         let proto = port.name.protocol;
         let mut fam_eps: Vec<&Endpoint> = Vec::with_capacity(eps.len());
         fam_eps.extend(eps.iter().filter(|e| Family::of(e.ip) == family));
 
         // Hairpin: a local endpoint reaching its own Service is masqueraded.
-        for e in fam_eps.iter().filter(|e| e.is_local(node)) {
+        for e in fam_eps.iter().filter(|e| e.local) {
             out.set_entries.insert((
                 family,
                 KubeSet::LoopBack,
@@ -608,7 +614,7 @@ impl Planner {
 
         let internal_local = port.internal_policy_local();
         let external_local = port.external_policy_local();
-        let choice = EndpointChoice::new(port, &fam_eps, node, self.config.node_zone.as_deref());
+        let choice = EndpointChoice::new(port, &fam_eps, self.config.node_zone.as_deref());
 
         let virtual_server = |address: IpAddr, vport: u16| {
             let key = ServiceKey::Addr {

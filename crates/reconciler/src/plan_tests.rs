@@ -10,8 +10,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::model::{
-    Conditions, EndpointPort, EndpointSlice, Hints, Placement, ServiceType, SessionAffinity,
-    TrafficPolicy,
+    Conditions, EndpointPort, EndpointSlice, Hints, ServiceType, SessionAffinity, TrafficPolicy,
 };
 
 const NODE: &str = "node-a";
@@ -40,8 +39,8 @@ fn ep(addr: &str, ready: bool, serving: bool, terminating: bool, node: &str) -> 
             serving,
             terminating,
         },
-        placement: Placement::of(Some(node), None),
-        hints: None,
+        local: node == NODE,
+        hints: Hints::default(),
     }
 }
 
@@ -816,16 +815,11 @@ fn planned_virtual_servers_print_as_ipvsadm_save() {
     );
 }
 
-/// A ready endpoint on `node` with the given zone and node hints (none of either: no hints).
+/// A ready endpoint on `node` with the given zone and node hints (none of either: no hints),
+/// as the proxy on NODE reads them.
 fn hinted(addr: &str, node: &str, zones: &[&str], nodes: &[&str]) -> Endpoint {
-    let names = |v: &[&str]| v.iter().map(|s| Arc::<str>::from(*s)).collect();
     Endpoint {
-        hints: (!zones.is_empty() || !nodes.is_empty()).then(|| {
-            Arc::new(Hints {
-                zones: names(zones),
-                nodes: names(nodes),
-            })
-        }),
+        hints: Hints::new(zones.iter().copied(), nodes.iter().copied(), NODE),
         ..ready(addr, node)
     }
 }
@@ -878,7 +872,7 @@ fn endpoint_choice_applies_topology_hints_as_kube_proxys_categorize_endpoints() 
             zone: Some("zone-a"),
             endpoints: {
                 let mut e = four(["zone-a", "zone-b", "zone-c", "zone-a"]);
-                e[2].hints = None;
+                e[2].hints = Hints::default();
                 e
             },
             cluster: all4.clone(),
@@ -906,7 +900,7 @@ fn endpoint_choice_applies_topology_hints_as_kube_proxys_categorize_endpoints() 
             zone: Some("zone-a"),
             endpoints: {
                 let mut e = four(["zone-a", "zone-b", "zone-c", "zone-a"]);
-                e[3] = with(e[3].clone(), false, false, false);
+                e[3] = with(e[3], false, false, false);
                 e
             },
             cluster: vec!["10.1.2.3"],
@@ -930,8 +924,8 @@ fn endpoint_choice_applies_topology_hints_as_kube_proxys_categorize_endpoints() 
             zone: Some("zone-a"),
             endpoints: {
                 let mut e = four(["zone-a", "zone-b", "zone-c", "zone-a"]);
-                e[0] = with(e[0].clone(), false, false, false);
-                e[3] = with(e[3].clone(), false, false, false);
+                e[0] = with(e[0], false, false, false);
+                e[3] = with(e[3], false, false, false);
                 e
             },
             cluster: vec!["10.1.2.4", "10.1.2.5"],
@@ -1067,7 +1061,7 @@ fn endpoint_choice_applies_topology_hints_as_kube_proxys_categorize_endpoints() 
             port.node_port = Some(30080);
         }
         let eps: Vec<&Endpoint> = case.endpoints.iter().collect();
-        let choice = EndpointChoice::new(&port, &eps, NODE, case.zone);
+        let choice = EndpointChoice::new(&port, &eps, case.zone);
         let addrs = |v: &[&Endpoint]| -> Vec<String> {
             let mut a: Vec<String> = v.iter().map(|e| e.ip.to_string()).collect();
             a.sort();

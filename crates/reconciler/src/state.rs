@@ -288,7 +288,7 @@ impl ClusterState {
             Vec::with_capacity(matching().map(|p| p.endpoints.len()).sum());
         for ep in matching().flat_map(|p| p.endpoints.iter()) {
             if !out.iter().any(|o| o.ip == ep.ip && o.port == ep.port) {
-                out.push(ep.clone());
+                out.push(*ep);
             }
         }
         out
@@ -310,8 +310,8 @@ mod tests {
                     ip: ip.parse().unwrap(),
                     port: 8080,
                     conditions: Conditions::default(),
-                    placement: None,
-                    hints: None,
+                    local: false,
+                    hints: crate::model::Hints::default(),
                 }]
                 .into(),
             }],

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use crate::conntrack::{ConntrackKernel, Frontends, Reconciled, Reconciler};
 use crate::engine::Engine;
-use crate::model::{ServiceName, ServiceType, TrafficPolicy};
+use crate::model::{Endpoint, ServiceName, ServiceType, TrafficPolicy};
 use crate::pending::{self, Keyed};
 use crate::plan::{DetectLocal, PlanWarning, Planner};
 use crate::retries::Retries;
@@ -778,7 +778,6 @@ impl<E> SyncLoop<E> {
 
     /// kube-proxy's `NeedsHealthCheck` and `LocalReadyEndpoints` for one Service.
     fn service_health(&self, name: &ServiceName) -> ServiceHealth {
-        let node = &*self.planner.config.node_name;
         let ports = self.state.service(name).unwrap_or_default();
         let port = ports
             .iter()
@@ -791,7 +790,7 @@ impl<E> SyncLoop<E> {
                 let mut ips: Vec<IpAddr> = ports
                     .iter()
                     .flat_map(|p| self.state.endpoints(&p.name))
-                    .filter(|e| e.is_local_and_ready(node))
+                    .filter(Endpoint::is_local_and_ready)
                     .map(|e| e.ip)
                     .collect();
                 ips.sort_unstable();
@@ -808,7 +807,6 @@ impl<E> SyncLoop<E> {
     /// Service ports with a ClusterIP of `family`, a Local policy and no endpoint of `family`
     /// on this node.
     fn no_local_endpoints(&self, family: Family) -> (u64, u64) {
-        let node = &*self.planner.config.node_name;
         let (mut internal, mut external) = (0, 0);
         for (_, ports) in self.state.services_any_order() {
             for port in ports {
@@ -822,7 +820,7 @@ impl<E> SyncLoop<E> {
                     .state
                     .endpoints(&port.name)
                     .iter()
-                    .any(|e| Family::of(e.ip) == family && e.is_local_and_ready(node));
+                    .any(|e| Family::of(e.ip) == family && e.is_local_and_ready());
                 if !has_local {
                     internal += u64::from(int_local);
                     external += u64::from(ext_local);

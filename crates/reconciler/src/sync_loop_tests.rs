@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::*;
 use crate::engine::Engine;
 use crate::model::{
-    Conditions, Endpoint, EndpointPort, EndpointSlice, NodeFacts, Placement, Protocol, ServicePort,
+    Conditions, Endpoint, EndpointPort, EndpointSlice, Hints, NodeFacts, Protocol, ServicePort,
     ServicePortName, ServiceType, TrafficPolicy,
 };
 use crate::plan::{DetectLocal, NodePortFilter, PlanConfig};
@@ -266,8 +266,9 @@ fn slice(name: &str, endpoints: &[(&str, &str, bool)]) -> EndpointSlice {
             ready: *ready,
             ..Conditions::default()
         },
-        placement: Placement::of(Some(*node), None),
-        hints: None,
+        // node-a is this node (the settings' node name).
+        local: *node == "node-a",
+        hints: Hints::default(),
     });
     EndpointSlice {
         service: ServiceName::new("ns", name),
