@@ -767,23 +767,16 @@ struct Bare {
 impl Bare {
     fn new(handle: &mut ipvs::Handle) -> Result<Bare> {
         let key = ipvs::ServiceKey::tcp(Ipv4Addr::new(10, 99, 0, 1).into(), 80);
-        let reals: Vec<ipvs::RealServer> = (0..ENDPOINTS)
+        let reals: Vec<SocketAddr> = (0..ENDPOINTS)
             .map(|j| {
                 let ip = Ipv4Addr::new(10, 246, 0, u8::try_from(j + 1).unwrap_or(1));
-                ipvs::RealServer::masquerade(SocketAddr::from((ip, 8080)))
+                SocketAddr::from((ip, 8080))
             })
             .collect();
-        let mut ops = vec![ipvs::Op::AddService(ipvs::VirtualServer::new(
-            key,
-            ipvs::Scheduler::RoundRobin,
-        ))];
-        ops.extend(reals.iter().map(|r| ipvs::Op::AddDest(key, *r)));
-        for result in handle.apply(&ops) {
-            result?;
-        }
+        reactor::add_virtual_server(handle, key, reals.iter().copied())?;
         Ok(Bare {
             key,
-            last: reals[reals.len() - 1],
+            last: ipvs::RealServer::masquerade(reals[reals.len() - 1]),
         })
     }
 

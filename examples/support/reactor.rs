@@ -34,17 +34,8 @@ impl Reactor {
     pub fn start(dir: &Path, key: ipvs::ServiceKey, service: u32) -> Result<Reactor> {
         std::fs::create_dir_all(dir)?;
         let mut handle = ipvs::Handle::new().context("the reactor's netlink socket")?;
-        let mut ops = vec![ipvs::Op::AddService(ipvs::VirtualServer::new(
-            key,
-            ipvs::Scheduler::RoundRobin,
-        ))];
-        ops.extend((0..ENDPOINTS).map(|j| {
-            let addr = SocketAddr::from((endpoint(service, j), 8080));
-            ipvs::Op::AddDest(key, ipvs::RealServer::masquerade(addr))
-        }));
-        for result in handle.apply(&ops) {
-            result?;
-        }
+        let reals = (0..ENDPOINTS).map(|j| SocketAddr::from((endpoint(service, j), 8080)));
+        add_virtual_server(&mut handle, key, reals)?;
         let mut inotify = Inotify::init()?;
         inotify.watches().add(dir, WatchMask::MOVED_TO)?;
         let path = dir.join(FILE);
@@ -93,6 +84,27 @@ impl Drop for Reactor {
         let _ = self.stop_thread();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Adds virtual server `key` (round-robin) with a masqueraded real server on each of `reals`.
+pub fn add_virtual_server(
+    handle: &mut ipvs::Handle,
+    key: ipvs::ServiceKey,
+    reals: impl IntoIterator<Item = SocketAddr>,
+) -> Result<()> {
+    let mut ops = vec![ipvs::Op::AddService(ipvs::VirtualServer::new(
+        key,
+        ipvs::Scheduler::RoundRobin,
+    ))];
+    ops.extend(
+        reals
+            .into_iter()
+            .map(|addr| ipvs::Op::AddDest(key, ipvs::RealServer::masquerade(addr))),
+    );
+    for result in handle.apply(&ops) {
+        result?;
+    }
+    Ok(())
 }
 
 /// The reactor's loop: each rename of [`FILE`] into the directory is decoded and its last
