@@ -59,6 +59,9 @@ pub fn run(options: &vm::VmOptions, host: bool, name: &str, args: &[String]) -> 
         .context("cargo built no benchmark executable")?;
 
     if host {
+        // The kernel tools a host benchmark's daemon runs (iptables-legacy-restore for the
+        // fallback's floor, ipset, conntrack), as the host tests use them.
+        vm::ensure_packages()?;
         if let Some((_, packages)) = HOST_PACKAGES.iter().find(|(b, _)| *b == example) {
             vm::ensure(packages)?;
         }
