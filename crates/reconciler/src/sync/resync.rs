@@ -167,6 +167,31 @@ impl Slice {
 
 /// Runs the reads, sending what each found; on the reader's thread. A send fails only when
 /// the loop dropped the read (a full sync began meanwhile): the IPVS read then stops early.
+/// How much nicer than the loop's thread the read's is.
+const READ_NICENESS: libc::c_int = 10;
+
+/// Lowers the calling thread's priority by [`READ_NICENESS`] (to at most 19), and with it
+/// that of the threads and processes it starts (the IPVS dump's threads, `ipset save`),
+/// which inherit it: where the CPUs are busy (two of them, the read's threads and `ipset`
+/// on both), a change that arrives while the kernel is read runs first, at the CPU share of
+/// the loop's thread, instead of waiting its turn behind the read's; an idle CPU still runs
+/// the read at full speed. A refusal leaves the priority as it was.
+#[allow(unsafe_code, reason = "getpriority(2) and setpriority(2) have no safe wrapper in std")]
+fn yield_to_the_loop() {
+    // SAFETY: gettid takes nothing and returns this thread's id; on Linux PRIO_PROCESS with a
+    // thread's id reads and sets that one thread's nice value. No memory is passed. errno
+    // is cleared first, as getpriority's -1 can be a value.
+    unsafe {
+        let tid = libc::id_t::try_from(libc::gettid()).unwrap_or(0);
+        *libc::__errno_location() = 0;
+        let nice = libc::getpriority(libc::PRIO_PROCESS, tid);
+        if nice == -1 && *libc::__errno_location() != 0 {
+            return;
+        }
+        libc::setpriority(libc::PRIO_PROCESS, tid, (nice + READ_NICENESS).min(19));
+    }
+}
+
 fn read(
     ipvs: Reader<(), ipvs::Error>,
     addresses: Reader<BTreeSet<IpAddr>>,
@@ -222,7 +247,10 @@ impl<I: IpvsKernel, A: AddressKernel, N: NetfilterKernel> Syncer<I, A, N> {
         };
         let spawned = std::thread::Builder::new()
             .name("kernel-read".into())
-            .spawn(move || read(ipvs, addresses, netfilter, &to));
+            .spawn(move || {
+                yield_to_the_loop();
+                read(ipvs, addresses, netfilter, &to)
+            });
         match spawned {
             Ok(thread) => {
                 tracing::debug!("full sync: reading the kernel off the loop's thread");

@@ -1298,3 +1298,53 @@ fn virtual_servers_are_compared_as_they_are_read_and_missing_ones_once_the_read_
     assert_eq!(s.ipvs.fake.save(), programmed);
     assert_eq!(report.ipvs_ops, 4, "{:?}", s.ipvs.fake.log);
 }
+
+/// The nice value in a thread's `stat` file: field 19 (field 3, the state, follows "pid (comm) ").
+fn nice_in(stat: &std::path::Path) -> Option<i64> {
+    let stat = std::fs::read_to_string(stat).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split(' ').nth(16)?.parse().ok()
+}
+
+/// The nice value of this process's thread named `name`.
+fn nice_of_thread(name: &str) -> Option<i64> {
+    std::fs::read_dir("/proc/self/task").ok()?.find_map(|task| {
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+        (comm.trim_end() == name).then(|| nice_in(&dir.join("stat")))?
+    })
+}
+
+#[test]
+fn the_kernel_read_runs_nicer_than_the_loop_so_a_change_during_it_gets_the_cpu_first() {
+    let release = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let ipvs = HeldIpvs {
+        fake: FakeIpvs::default(),
+        release: release.clone(),
+    };
+    let mut s = Syncer::new(
+        ipvs,
+        FakeAddresses::default(),
+        FakeNetfilter::default(),
+        SyncOptions::default(),
+    );
+    let now = Instant::now();
+    s.full_sync(two_services(), now);
+    let ours = nice_in("/proc/thread-self/stat".as_ref()).expect("this thread's nice value");
+    let nicer = (ours + 10).min(19);
+    assert!(s.start_resync(now));
+    // The thread lowers its own priority as it starts: read until it has, or 10 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut read = nice_of_thread("kernel-read");
+    while read != Some(nicer) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+        read = nice_of_thread("kernel-read");
+    }
+    release.wait();
+    assert_eq!(read, Some(nicer), "the read's nice value (the loop's is {ours})");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.finish_resync(now).is_none() {
+        assert!(Instant::now() < deadline, "the read never ended");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
