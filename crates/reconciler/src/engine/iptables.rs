@@ -139,6 +139,7 @@ impl IptablesEngine {
             let thread = std::thread::Builder::new()
                 .name("iptables-save".into())
                 .spawn(move || {
+                    crate::sync::yield_to_the_loop();
                     let before = runner.nft_generation();
                     let kernels = families
                         .into_iter()

@@ -53,6 +53,7 @@ use self::mirror::{Footprint, KernelVs};
 pub use self::report::{Counts, IptablesRules, SyncError, SyncReport};
 use self::resync::Resync;
 pub use self::target::ServiceTarget;
+pub(crate) use self::resync::yield_to_the_loop;
 use crate::error::Error;
 use crate::model::{Protocol, ServiceName};
 use crate::plan::PlanConfig;

@@ -171,13 +171,14 @@ impl Slice {
 const READ_NICENESS: libc::c_int = 10;
 
 /// Lowers the calling thread's priority by [`READ_NICENESS`] (to at most 19), and with it
-/// that of the threads and processes it starts (the IPVS dump's threads, `ipset save`),
-/// which inherit it: where the CPUs are busy (two of them, the read's threads and `ipset`
-/// on both), a change that arrives while the kernel is read runs first, at the CPU share of
-/// the loop's thread, instead of waiting its turn behind the read's; an idle CPU still runs
-/// the read at full speed. A refusal leaves the priority as it was.
+/// that of the threads and processes it starts, which inherit it: called first on the
+/// threads that read the kernel for a periodic full sync (here, with the IPVS dump's
+/// threads and `ipset save`; the fallback's, with `iptables-save`). Where the CPUs are busy
+/// (two of them, the read's threads and tools on both), a change that arrives during the
+/// read runs first, at the loop's CPU share, instead of waiting its turn behind the read;
+/// an idle CPU still runs the read at full speed. A refusal leaves the priority as it was.
 #[allow(unsafe_code, reason = "getpriority(2) and setpriority(2) have no safe wrapper in std")]
-fn yield_to_the_loop() {
+pub(crate) fn yield_to_the_loop() {
     // SAFETY: gettid takes nothing and returns this thread's id; on Linux PRIO_PROCESS with a
     // thread's id reads and sets that one thread's nice value. No memory is passed. errno
     // is cleared first, as getpriority's -1 can be a value.
