@@ -52,7 +52,8 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts the daemon with `flags`, its output (without colours) to `log`, logging with
-    /// `filter` (`info`: as operators run it) unless `RUST_LOG` says otherwise.
+    /// `filter` (`info`: as operators run it) unless `RUST_LOG` says otherwise, and with the
+    /// image's glibc tunables unless `GLIBC_TUNABLES` is set (empty: glibc's defaults).
     pub fn start(flags: &[String], log: &std::fs::File, filter: &str) -> anyhow::Result<Daemon> {
         let exe = std::env::current_exe()?;
         let profile = std::env::var_os("BENCH_HEAPTRACK");
@@ -70,6 +71,12 @@ impl Daemon {
             .arg("--daemon")
             .args(flags)
             .env("NO_COLOR", "1")
+            // The heap as the image runs the daemon's, unless this run says otherwise.
+            .env(
+                "GLIBC_TUNABLES",
+                std::env::var("GLIBC_TUNABLES")
+                    .unwrap_or_else(|_| ipvs_proxy::allocator::GLIBC_TUNABLES.into()),
+            )
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| filter.into()),

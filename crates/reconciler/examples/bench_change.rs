@@ -18,8 +18,10 @@
 //! of the rounds' ratios of their medians, so a slow spell, which falls on every size of its
 //! round, cannot flip the verdict (goals ≤ 1.1 and ≤ 1.3; printed, not asserted).
 //!
-//! The allocator is the daemon's (`src/allocator.rs`, the same file): its settings, and its
-//! big blocks on transparent huge pages, are part of what a change costs.
+//! The allocator is the daemon's (`src/allocator.rs`, the same file), with the glibc tunables
+//! the image runs it with (this program starts again with them, unless `GLIBC_TUNABLES` is
+//! set: empty, glibc's defaults): its settings, and its heaps and big blocks on transparent
+//! huge pages, are part of what a change costs. The first line says which.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
@@ -345,6 +347,18 @@ struct Measured {
 }
 
 fn main() {
+    // The heap as the image runs the daemon's (`allocator::GLIBC_TUNABLES`): only set before a
+    // process starts, so this one starts again with it. A `GLIBC_TUNABLES` already set is
+    // kept (empty: glibc's defaults, to compare).
+    if std::env::var_os("GLIBC_TUNABLES").is_none() {
+        use std::os::unix::process::CommandExt as _;
+        let exe = std::env::current_exe().expect("this executable");
+        let error = Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env("GLIBC_TUNABLES", allocator::GLIBC_TUNABLES)
+            .exec();
+        panic!("running this benchmark again with GLIBC_TUNABLES: {error}");
+    }
     allocator::tune();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let count: u32 = std::env::var("BENCH_CHANGES")
@@ -364,6 +378,10 @@ fn main() {
             .map(|a| a.parse().expect("SIZE: a number"))
             .collect()
     };
+    println!(
+        "GLIBC_TUNABLES={:?}",
+        std::env::var("GLIBC_TUNABLES").unwrap_or_default()
+    );
     // Each cluster with its CPU times, round by round.
     let mut clusters: Vec<(Cluster, Vec<Vec<f64>>)> = sizes
         .iter()
