@@ -52,8 +52,8 @@ pub use self::kernel::{
 use self::mirror::{Footprint, KernelVs};
 pub use self::report::{Counts, IptablesRules, SyncError, SyncReport};
 use self::resync::Resync;
-pub use self::target::ServiceTarget;
 pub(crate) use self::resync::yield_to_the_loop;
+pub use self::target::ServiceTarget;
 use crate::error::Error;
 use crate::model::{Protocol, ServiceName};
 use crate::plan::PlanConfig;

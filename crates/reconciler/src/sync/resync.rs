@@ -177,7 +177,10 @@ const READ_NICENESS: libc::c_int = 10;
 /// (two of them, the read's threads and tools on both), a change that arrives during the
 /// read runs first, at the loop's CPU share, instead of waiting its turn behind the read;
 /// an idle CPU still runs the read at full speed. A refusal leaves the priority as it was.
-#[allow(unsafe_code, reason = "getpriority(2) and setpriority(2) have no safe wrapper in std")]
+#[allow(
+    unsafe_code,
+    reason = "getpriority(2) and setpriority(2) have no safe wrapper in std"
+)]
 pub(crate) fn yield_to_the_loop() {
     // SAFETY: gettid takes nothing and returns this thread's id; on Linux PRIO_PROCESS with a
     // thread's id reads and sets that one thread's nice value. No memory is passed. errno

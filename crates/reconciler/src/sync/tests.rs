@@ -1248,8 +1248,12 @@ impl IpvsKernel for HeldIpvs {
     }
 }
 
-#[test]
-fn virtual_servers_are_compared_as_they_are_read_and_missing_ones_once_the_read_ends() {
+/// A syncer over [`HeldIpvs`] after its first full sync of [`two_services`], and the barrier
+/// its periodic read waits at.
+fn held_after_full_sync() -> (
+    Syncer<HeldIpvs, FakeAddresses, FakeNetfilter>,
+    std::sync::Arc<std::sync::Barrier>,
+) {
     let release = std::sync::Arc::new(std::sync::Barrier::new(2));
     let ipvs = HeldIpvs {
         fake: FakeIpvs::default(),
@@ -1261,8 +1265,14 @@ fn virtual_servers_are_compared_as_they_are_read_and_missing_ones_once_the_read_
         FakeNetfilter::default(),
         SyncOptions::default(),
     );
+    s.full_sync(two_services(), Instant::now());
+    (s, release)
+}
+
+#[test]
+fn virtual_servers_are_compared_as_they_are_read_and_missing_ones_once_the_read_ends() {
+    let (mut s, release) = held_after_full_sync();
     let now = Instant::now();
-    s.full_sync(two_services(), now);
     let programmed = s.ipvs.fake.save();
     s.ipvs.fake.log.clear();
     // Drift: a real server of api deleted, web's virtual server deleted.
@@ -1317,19 +1327,8 @@ fn nice_of_thread(name: &str) -> Option<i64> {
 
 #[test]
 fn the_kernel_read_runs_nicer_than_the_loop_so_a_change_during_it_gets_the_cpu_first() {
-    let release = std::sync::Arc::new(std::sync::Barrier::new(2));
-    let ipvs = HeldIpvs {
-        fake: FakeIpvs::default(),
-        release: release.clone(),
-    };
-    let mut s = Syncer::new(
-        ipvs,
-        FakeAddresses::default(),
-        FakeNetfilter::default(),
-        SyncOptions::default(),
-    );
+    let (mut s, release) = held_after_full_sync();
     let now = Instant::now();
-    s.full_sync(two_services(), now);
     let ours = nice_in("/proc/thread-self/stat".as_ref()).expect("this thread's nice value");
     let nicer = (ours + 10).min(19);
     assert!(s.start_resync(now));
@@ -1341,7 +1340,11 @@ fn the_kernel_read_runs_nicer_than_the_loop_so_a_change_during_it_gets_the_cpu_f
         read = nice_of_thread("kernel-read");
     }
     release.wait();
-    assert_eq!(read, Some(nicer), "the read's nice value (the loop's is {ours})");
+    assert_eq!(
+        read,
+        Some(nicer),
+        "the read's nice value (the loop's is {ours})"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while s.finish_resync(now).is_none() {
         assert!(Instant::now() < deadline, "the read never ended");
