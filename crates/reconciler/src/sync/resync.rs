@@ -165,8 +165,6 @@ impl Slice {
     }
 }
 
-/// Runs the reads, sending what each found; on the reader's thread. A send fails only when
-/// the loop dropped the read (a full sync began meanwhile): the IPVS read then stops early.
 /// How much nicer than the loop's thread the read's is.
 const READ_NICENESS: libc::c_int = 10;
 
@@ -196,6 +194,8 @@ pub(crate) fn yield_to_the_loop() {
     }
 }
 
+/// Runs the reads, sending what each found; on the reader's thread. A send fails only when
+/// the loop dropped the read (a full sync began meanwhile): the IPVS read then stops early.
 fn read(
     ipvs: Reader<(), ipvs::Error>,
     addresses: Reader<BTreeSet<IpAddr>>,
