@@ -180,17 +180,16 @@ const READ_NICENESS: libc::c_int = 10;
     reason = "getpriority(2) and setpriority(2) have no safe wrapper in std"
 )]
 pub(crate) fn yield_to_the_loop() {
-    // SAFETY: gettid takes nothing and returns this thread's id; on Linux PRIO_PROCESS with a
-    // thread's id reads and sets that one thread's nice value. No memory is passed. errno
-    // is cleared first, as getpriority's -1 can be a value.
+    // SAFETY: on Linux PRIO_PROCESS with `who` 0 reads and sets the calling thread's nice
+    // value (the kernel's `current`), not the process's. No memory is passed. errno is
+    // cleared first, as getpriority's -1 can be a value.
     unsafe {
-        let tid = libc::id_t::try_from(libc::gettid()).unwrap_or(0);
         *libc::__errno_location() = 0;
-        let nice = libc::getpriority(libc::PRIO_PROCESS, tid);
+        let nice = libc::getpriority(libc::PRIO_PROCESS, 0);
         if nice == -1 && *libc::__errno_location() != 0 {
             return;
         }
-        libc::setpriority(libc::PRIO_PROCESS, tid, (nice + READ_NICENESS).min(19));
+        libc::setpriority(libc::PRIO_PROCESS, 0, (nice + READ_NICENESS).min(19));
     }
 }
 
