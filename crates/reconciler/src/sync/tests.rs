@@ -946,7 +946,10 @@ mod properties {
 }
 
 /// Waits for the periodic full sync's read (on its own thread) and what it repaired.
-fn finish_resync(s: &mut TestSyncer, now: Instant) -> SyncReport {
+fn finish_resync<I: IpvsKernel>(
+    s: &mut Syncer<I, FakeAddresses, FakeNetfilter>,
+    now: Instant,
+) -> SyncReport {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(report) = s.finish_resync(now) {
@@ -1296,14 +1299,7 @@ fn virtual_servers_are_compared_as_they_are_read_and_missing_ones_once_the_read_
         "api is repaired while the read runs; web's absence is known only at its end"
     );
     release.wait();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let report = loop {
-        if let Some(report) = s.finish_resync(now) {
-            break report;
-        }
-        assert!(Instant::now() < deadline, "the comparison never ended");
-        std::thread::sleep(Duration::from_millis(1));
-    };
+    let report = finish_resync(&mut s, now);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(s.ipvs.fake.save(), programmed);
     assert_eq!(report.ipvs_ops, 4, "{:?}", s.ipvs.fake.log);
@@ -1345,9 +1341,5 @@ fn the_kernel_read_runs_nicer_than_the_loop_so_a_change_during_it_gets_the_cpu_f
         Some(nicer),
         "the read's nice value (the loop's is {ours})"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while s.finish_resync(now).is_none() {
-        assert!(Instant::now() < deadline, "the read never ended");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    finish_resync(&mut s, now);
 }
